@@ -1,0 +1,187 @@
+//! The CPU reference backend: f32 everywhere, rayon over samples, im2col + GEMM for the convolution.
+//! It is the reference every other backend is tested against, and a usable trainer in its own right.
+
+pub mod conv;
+pub mod ops;
+
+use super::{AdamWStep, Backend, ConvShape, Dropout};
+use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
+use anyhow::{ensure, Result};
+
+/// The CPU backend. Threads come from rayon's global pool (`--threads` sizes it).
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn fits(what: &str, have: usize, need: usize) -> Result<()> {
+    ensure!(have >= need, "cpu backend: {what} buffer holds {have} values, the op needs {need}");
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Labels = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn write(&self, dst: &mut Vec<f32>, data: &[f32]) -> Result<()> {
+        fits("destination", dst.len(), data.len())?;
+        dst[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read(&self, src: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        fits("source", src.len(), len)?;
+        Ok(src[..len].to_vec())
+    }
+
+    fn labels(&self, labels: &[u32]) -> Result<Vec<u32>> {
+        Ok(labels.to_vec())
+    }
+
+    fn write_labels(&self, dst: &mut Vec<u32>, labels: &[u32]) -> Result<()> {
+        dst.clear();
+        dst.extend_from_slice(labels);
+        Ok(())
+    }
+
+    fn conv_goodness_fwd(
+        &self,
+        s: &ConvShape,
+        grid: &PatchGrid,
+        reduce: GoodnessReduce,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        y: &mut Vec<f32>,
+        g: &mut Vec<f32>,
+    ) -> Result<()> {
+        fits("x", x.len(), s.x_len())?;
+        fits("conv weight", w.len(), s.w_len())?;
+        fits("conv bias", b.len(), s.c_out)?;
+        fits("y", y.len(), s.y_len())?;
+        fits("goodness", g.len(), s.batch * s.c_out * grid.cells())?;
+        conv::conv_goodness_fwd(s, grid, reduce, x, w, b, y, g);
+        Ok(())
+    }
+
+    fn goodness_loss(
+        &self,
+        batch: usize,
+        dim: usize,
+        classes: usize,
+        g: &Vec<f32>,
+        proj_w: &Vec<f32>,
+        proj_b: &Vec<f32>,
+        labels: &Vec<u32>,
+        logits: &mut Vec<f32>,
+        dg: Option<&mut Vec<f32>>,
+        stats: &mut Vec<f32>,
+    ) -> Result<()> {
+        fits("goodness", g.len(), batch * dim)?;
+        fits("projection", proj_w.len(), dim * classes)?;
+        fits("logits", logits.len(), batch * classes)?;
+        if let Some(dg) = &dg {
+            fits("dL/dg", dg.len(), batch * dim)?;
+        }
+        ops::goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
+    }
+
+    fn conv_goodness_wgrad(
+        &self,
+        s: &ConvShape,
+        grid: &PatchGrid,
+        reduce: GoodnessReduce,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        dg: &Vec<f32>,
+        dw: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+    ) -> Result<()> {
+        fits("x", x.len(), s.x_len())?;
+        fits("y", y.len(), s.y_len())?;
+        fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
+        fits("dL/dW", dw.len(), s.w_len())?;
+        fits("dL/db", db.len(), s.c_out)?;
+        conv::conv_goodness_wgrad(s, grid, reduce, x, y, dg, dw, db);
+        Ok(())
+    }
+
+    fn layer_output(
+        &self,
+        batch: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        pool: Option<PoolKind>,
+        dropout: Option<Dropout>,
+        y: &Vec<f32>,
+        out: &mut Vec<f32>,
+        gap: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
+        fits("y", y.len(), batch * c * h * w)?;
+        fits("layer output", out.len(), batch * c * ho * wo)?;
+        if let Some(gap) = &gap {
+            fits("pooled features", gap.len(), batch * c)?;
+        }
+        ops::layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
+        Ok(())
+    }
+
+    fn fusion_heads(
+        &self,
+        batch: usize,
+        classes: usize,
+        feats: &[(&Vec<f32>, usize)],
+        heads: &[(&Vec<f32>, &Vec<f32>)],
+        labels: &Vec<u32>,
+        logits: &mut Vec<f32>,
+        grads: Option<&mut [(&mut Vec<f32>, &mut Vec<f32>)]>,
+        stats: &mut Vec<f32>,
+    ) -> Result<()> {
+        for (&(f, c), &(w, b)) in feats.iter().zip(heads) {
+            fits("head features", f.len(), batch * c)?;
+            fits("head weight", w.len(), classes * c)?;
+            fits("head bias", b.len(), classes)?;
+        }
+        let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
+        let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();
+        let mut grads: Option<Vec<(&mut [f32], &mut [f32])>> =
+            grads.map(|g| g.iter_mut().map(|(w, b)| (w.as_mut_slice(), b.as_mut_slice())).collect());
+        ops::fusion_heads(batch, classes, &feats, &heads, labels, logits, grads.as_deref_mut(), stats)
+    }
+
+    fn adamw(
+        &self,
+        len: usize,
+        p: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        h: &AdamWStep,
+    ) -> Result<()> {
+        for (what, n) in
+            [("parameter", p.len()), ("gradient", grad.len()), ("exp_avg", m.len()), ("exp_avg_sq", v.len())]
+        {
+            fits(what, n, len)?;
+        }
+        ops::adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], h);
+        Ok(())
+    }
+}

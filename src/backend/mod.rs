@@ -1,0 +1,167 @@
+//! The backend trait: the fused ops the method needs, cut at the level a GPU runs them.
+//!
+//! Each op has one CPU reference ([`cpu::CpuBackend`]), and a parity test for every other backend.
+//! Layouts are PyTorch's: activations `[B, C, H, W]`, conv weights `[C_out, C_in, 3, 3]`, goodness
+//! `[B, C * P * P]` flattened channel-major (`c * P^2 + i * P + j`), projections `[D, N]`, heads `[N, C]`.
+//! No op computes an input gradient: a layer's input is a constant to it.
+
+pub mod cpu;
+
+use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
+use anyhow::Result;
+
+/// The shape of one 3x3 / stride 1 / padding 1 convolution over a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl ConvShape {
+    pub fn x_len(&self) -> usize {
+        self.batch * self.c_in * self.h * self.w
+    }
+    pub fn y_len(&self) -> usize {
+        self.batch * self.c_out * self.h * self.w
+    }
+    pub fn w_len(&self) -> usize {
+        self.c_out * self.c_in * 9
+    }
+}
+
+/// Dropout on a layer's output: element `i` (flat index in `[B, C, H', W']`) is kept when
+/// `rng::uniform_f32(key, i) >= p`, and kept values are scaled by `1 / (1 - p)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub key: u64,
+}
+
+/// One AdamW step's hyperparameters (PyTorch semantics: decoupled decay `p *= 1 - lr * wd`, then Adam with
+/// bias correction; `step` counts from 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub step: u64,
+}
+
+/// Running loss and accuracy of a loss op: `[loss_sum, correct]`, added to by every call.
+pub const STATS_LEN: usize = 2;
+
+/// The ops of one ASGE training step. `Buf` is a device buffer of f32; lengths are given by the shapes, so a
+/// buffer may be longer than an op needs (buffers are sized for the largest batch, the last batch is smaller).
+pub trait Backend: Send + Sync {
+    type Buf: Send + Sync;
+    type Labels: Send + Sync;
+
+    /// A short description, e.g. `cpu (2 threads)`.
+    fn name(&self) -> String;
+
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Copy `data` into the first `data.len()` elements of `dst`.
+    fn write(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()>;
+    /// The first `len` elements of `src`.
+    fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
+    fn labels(&self, labels: &[u32]) -> Result<Self::Labels>;
+    fn write_labels(&self, dst: &mut Self::Labels, labels: &[u32]) -> Result<()>;
+
+    /// `y = relu(conv3x3(x, W) + b)` and the patch goodness
+    /// `g[b, c*P^2 + i*P + j] = reduce_{(h,w) in bin_ij} y[b,c,h,w]^2` (mean or sum over the bin).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_goodness_fwd(
+        &self,
+        s: &ConvShape,
+        grid: &PatchGrid,
+        reduce: GoodnessReduce,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        g: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `a = g R + r`, softmax cross-entropy against `labels`, written logits `a` `[B, N]`,
+    /// `dL/dg = (softmax(a) - onehot(y)) R^T / B` when `dg` is given, and `[loss_sum, correct]` added to `stats`.
+    #[allow(clippy::too_many_arguments)]
+    fn goodness_loss(
+        &self,
+        batch: usize,
+        dim: usize,
+        classes: usize,
+        g: &Self::Buf,
+        proj_w: &Self::Buf,
+        proj_b: &Self::Buf,
+        labels: &Self::Labels,
+        logits: &mut Self::Buf,
+        dg: Option<&mut Self::Buf>,
+        stats: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `dL/dW`, `dL/db` of the conv from `x`, `y` and `dL/dg`, with
+    /// `dL/dz[b,c,h,w] = 1[y > 0] * 2 y * sum_{bins (i,j) containing (h,w)} dL/dg[b,c,i,j] / |bin_ij|`
+    /// (no `/ |bin|` for the sum reduction) produced on the fly. Overwrites `dw` and `db`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_goodness_wgrad(
+        &self,
+        s: &ConvShape,
+        grid: &PatchGrid,
+        reduce: GoodnessReduce,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dg: &Self::Buf,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// The layer's output from `y` `[B, C, H, W]`: optional 2x2 pool (floor, like `AvgPool2d(2)`), optional
+    /// dropout, then the per-sample RMS norm `o / (sqrt(mean_{c,h,w} o^2) + e^-50)`, into `out`. When `gap` is
+    /// given, it receives the global average pool of `out`, `[B, C]` (the fusion heads' features).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_output(
+        &self,
+        batch: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        pool: Option<PoolKind>,
+        dropout: Option<Dropout>,
+        y: &Self::Buf,
+        out: &mut Self::Buf,
+        gap: Option<&mut Self::Buf>,
+    ) -> Result<()>;
+
+    /// Fusion heads: `s = sum_k feats[k] W_k^T + b_k` into `logits` `[B, N]`, softmax CE into `stats`, and when
+    /// `grads` is given, `dL/dW_k`, `dL/db_k` (overwritten) for every head `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn fusion_heads(
+        &self,
+        batch: usize,
+        classes: usize,
+        feats: &[(&Self::Buf, usize)],
+        heads: &[(&Self::Buf, &Self::Buf)],
+        labels: &Self::Labels,
+        logits: &mut Self::Buf,
+        grads: Option<&mut [(&mut Self::Buf, &mut Self::Buf)]>,
+        stats: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// One AdamW step on the first `len` elements: `p *= 1 - lr wd`; `m = lerp(m, g, 1 - b1)`;
+    /// `v = b2 v + (1 - b2) g^2`; `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+    fn adamw(
+        &self,
+        len: usize,
+        p: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        h: &AdamWStep,
+    ) -> Result<()>;
+}

@@ -1,0 +1,173 @@
+//! Training augmentations of the released recipe (spec section 3), on f32 CHW images in [0, 1]:
+//! Fashion-MNIST a horizontal flip; CIFAR RandomCrop(32, padding=4), RandomHorizontalFlip,
+//! ColorJitter(0.4, 0.4, 0.4, 0.1) with its four parts in random order, RandomGrayscale(p=0.2).
+
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    None,
+    Flip,
+    Cifar,
+}
+
+/// Applies `aug` to one image `[C, S, S]` in place, drawing from `rng`.
+pub fn apply(aug: Augment, img: &mut [f32], channels: usize, size: usize, rng: &mut Rng) {
+    match aug {
+        Augment::None => {}
+        Augment::Flip => {
+            if rng.next_f64() < 0.5 {
+                hflip(img, channels, size);
+            }
+        }
+        Augment::Cifar => {
+            random_crop(img, channels, size, 4, rng);
+            if rng.next_f64() < 0.5 {
+                hflip(img, channels, size);
+            }
+            if channels == 3 {
+                color_jitter(img, size * size, rng);
+                if rng.next_f64() < 0.2 {
+                    grayscale(img, size * size);
+                }
+            }
+        }
+    }
+}
+
+fn hflip(img: &mut [f32], channels: usize, size: usize) {
+    for row in img[..channels * size * size].chunks_exact_mut(size) {
+        row.reverse();
+    }
+}
+
+fn random_crop(img: &mut [f32], channels: usize, size: usize, pad: usize, rng: &mut Rng) {
+    let top = rng.below(2 * pad as u64 + 1) as isize - pad as isize;
+    let left = rng.below(2 * pad as u64 + 1) as isize - pad as isize;
+    let src = img.to_vec();
+    for c in 0..channels {
+        for i in 0..size {
+            for j in 0..size {
+                let (si, sj) = (i as isize + top, j as isize + left);
+                let inside = si >= 0 && sj >= 0 && (si as usize) < size && (sj as usize) < size;
+                img[(c * size + i) * size + j] =
+                    if inside { src[(c * size + si as usize) * size + sj as usize] } else { 0.0 };
+            }
+        }
+    }
+}
+
+fn gray(r: f32, g: f32, b: f32) -> f32 {
+    0.299 * r + 0.587 * g + 0.114 * b
+}
+
+fn grayscale(img: &mut [f32], hw: usize) {
+    for p in 0..hw {
+        let v = gray(img[p], img[hw + p], img[2 * hw + p]);
+        img[p] = v;
+        img[hw + p] = v;
+        img[2 * hw + p] = v;
+    }
+}
+
+fn blend(img: &mut [f32], other: impl Fn(usize) -> f32, factor: f32, hw: usize) {
+    for c in 0..3 {
+        for p in 0..hw {
+            let v = &mut img[c * hw + p];
+            *v = (factor * *v + (1.0 - factor) * other(p)).clamp(0.0, 1.0);
+        }
+    }
+}
+
+/// torchvision's ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1).
+fn color_jitter(img: &mut [f32], hw: usize, rng: &mut Rng) {
+    let mut order = [0usize, 1, 2, 3];
+    rng.shuffle(&mut order);
+    let b = rng.uniform(0.6, 1.4) as f32;
+    let c = rng.uniform(0.6, 1.4) as f32;
+    let s = rng.uniform(0.6, 1.4) as f32;
+    let h = rng.uniform(-0.1, 0.1) as f32;
+    for op in order {
+        match op {
+            0 => blend(img, |_| 0.0, b, hw),
+            1 => {
+                let mean = (0..hw).map(|p| gray(img[p], img[hw + p], img[2 * hw + p])).sum::<f32>() / hw as f32;
+                blend(img, |_| mean, c, hw);
+            }
+            2 => {
+                let g: Vec<f32> = (0..hw).map(|p| gray(img[p], img[hw + p], img[2 * hw + p])).collect();
+                blend(img, |p| g[p], s, hw);
+            }
+            _ => hue_shift(img, hw, h),
+        }
+    }
+}
+
+fn hue_shift(img: &mut [f32], hw: usize, shift: f32) {
+    for p in 0..hw {
+        let (r, g, b) = (img[p], img[hw + p], img[2 * hw + p]);
+        let max = r.max(g).max(b);
+        let min = r.min(g).min(b);
+        let d = max - min;
+        let v = max;
+        let s = if max > 0.0 { d / max } else { 0.0 };
+        let mut hue = if d == 0.0 {
+            0.0
+        } else if max == r {
+            ((g - b) / d).rem_euclid(6.0) / 6.0
+        } else if max == g {
+            ((b - r) / d + 2.0) / 6.0
+        } else {
+            ((r - g) / d + 4.0) / 6.0
+        };
+        hue = (hue + shift).rem_euclid(1.0);
+        let i = (hue * 6.0).floor();
+        let f = hue * 6.0 - i;
+        let (pp, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+        let (r2, g2, b2) = match i as i32 % 6 {
+            0 => (v, t, pp),
+            1 => (q, v, pp),
+            2 => (pp, v, t),
+            3 => (pp, q, v),
+            4 => (t, pp, v),
+            _ => (v, pp, q),
+        };
+        img[p] = r2;
+        img[hw + p] = g2;
+        img[2 * hw + p] = b2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flip_twice_is_identity_and_crop_keeps_shape() {
+        let img: Vec<f32> = (0..3 * 32 * 32).map(|i| (i % 97) as f32 / 97.0).collect();
+        let mut a = img.clone();
+        hflip(&mut a, 3, 32);
+        assert_ne!(a, img);
+        hflip(&mut a, 3, 32);
+        assert_eq!(a, img);
+        let mut rng = Rng::new(1);
+        for _ in 0..20 {
+            let mut b = img.clone();
+            apply(Augment::Cifar, &mut b, 3, 32, &mut rng);
+            assert_eq!(b.len(), img.len());
+            assert!(b.iter().all(|v| (0.0..=1.0).contains(v)));
+        }
+    }
+
+    #[test]
+    fn hue_shift_of_zero_is_identity() {
+        let mut img: Vec<f32> = (0..3 * 16).map(|i| (i * 7 % 16) as f32 / 16.0).collect();
+        let orig = img.clone();
+        hue_shift(&mut img, 16, 0.0);
+        for (a, b) in img.iter().zip(&orig) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+}

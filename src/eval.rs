@@ -1,0 +1,167 @@
+//! Prediction strategies and top-k accuracy (spec section 4):
+//! - `last`: `argmax a_L`, the last layer's goodness through its fixed projection;
+//! - `best`: `argmax a_{l*}`, the single layer with the best validation accuracy (later layers can be dropped);
+//! - `fusion`: the trained linear heads on the pooled features of layers 2..L, logits summed.
+
+use crate::backend::Backend;
+use crate::data::augment::Augment;
+use crate::data::loader::Prefetch;
+use crate::data::Dataset;
+use crate::train::Net;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Last,
+    Best,
+    Fusion,
+    All,
+}
+
+/// Top-1 / top-5 hit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopK {
+    pub top1: usize,
+    pub top5: usize,
+    pub total: usize,
+}
+
+impl TopK {
+    /// Adds the rows of `logits` `[B, N]` against `labels`. A tie counts against the label: the label is in the
+    /// top k when fewer than k classes score strictly higher and no earlier class ties it beyond k.
+    pub fn add(&mut self, logits: &[f32], labels: &[u32], classes: usize) {
+        for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+            let target = row[label as usize];
+            // Rank = classes that beat the label (strictly higher, or equal with a smaller index: argmax order).
+            let rank =
+                row.iter().enumerate().filter(|&(i, &v)| v > target || (v == target && i < label as usize)).count();
+            self.top1 += (rank < 1) as usize;
+            self.top5 += (rank < 5) as usize;
+            self.total += 1;
+        }
+    }
+    pub fn top1_acc(&self) -> f64 {
+        self.top1 as f64 / self.total.max(1) as f64
+    }
+    pub fn top5_acc(&self) -> f64 {
+        self.top5 as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Accuracy of every layer's projection and of the fusion heads over a dataset.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub layers: Vec<TopK>,
+    pub fusion: TopK,
+}
+
+impl EvalResult {
+    /// The layer with the best top-1 (the first on ties).
+    pub fn best_layer(&self) -> usize {
+        self.layers.iter().enumerate().fold(0, |best, (i, t)| if t.top1 > self.layers[best].top1 { i } else { best })
+    }
+    pub fn layer_acc(&self) -> Vec<f64> {
+        self.layers.iter().map(TopK::top1_acc).collect()
+    }
+}
+
+/// Runs the evaluation forward over `indices` of `data` (no dropout). `aug` is applied with `key` (the released
+/// code's validation images receive the training augmentations; test images never do).
+pub fn evaluate<B: Backend>(
+    net: &mut Net<B>,
+    data: &Arc<Dataset>,
+    indices: Vec<usize>,
+    aug: Augment,
+    key: u64,
+) -> Result<EvalResult> {
+    let classes = net.spec.classes;
+    let mut res = EvalResult { layers: vec![TopK::default(); net.layers.len()], fusion: TopK::default() };
+    for batch in Prefetch::new(data.clone(), indices, net.max_batch(), aug, key, 2) {
+        let logits = net.eval_logits(&batch.x, &batch.labels)?;
+        for (acc, l) in res.layers.iter_mut().zip(&logits.layers) {
+            acc.add(l, &batch.labels, classes);
+        }
+        res.fusion.add(&logits.fusion, &batch.labels, classes);
+    }
+    Ok(res)
+}
+
+/// One row of a result table: strategy name, the layer it reads, top-1, top-5.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StrategyResult {
+    pub strategy: String,
+    /// 1-based layer whose projection predicts (`last`, `best`); absent for `fusion`.
+    pub layer: Option<usize>,
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// The strategies asked for, from an evaluation and the best layer picked on validation.
+pub fn strategies(res: &EvalResult, which: Strategy, best_layer: usize) -> Vec<StrategyResult> {
+    let last = res.layers.len() - 1;
+    let row = |name: &str, layer: Option<usize>, t: &TopK| StrategyResult {
+        strategy: name.to_string(),
+        layer: layer.map(|l| l + 1),
+        top1: t.top1_acc(),
+        top5: t.top5_acc(),
+    };
+    let mut out = Vec::new();
+    if matches!(which, Strategy::Last | Strategy::All) {
+        out.push(row("last", Some(last), &res.layers[last]));
+    }
+    if matches!(which, Strategy::Best | Strategy::All) {
+        out.push(row("best", Some(best_layer), &res.layers[best_layer.min(last)]));
+    }
+    if matches!(which, Strategy::Fusion | Strategy::All) {
+        out.push(row("fusion", None, &res.fusion));
+    }
+    out
+}
+
+/// A plain-text table of strategy results and per-layer accuracies.
+pub fn format_table(title: &str, rows: &[StrategyResult], res: &EvalResult) -> String {
+    let mut s = format!("{title}\n  strategy  layer   top-1    top-5\n");
+    for r in rows {
+        let layer = r.layer.map(|l| l.to_string()).unwrap_or_else(|| "2..L".into());
+        s += &format!("  {:<8}  {:>5}  {:>6.2}%  {:>6.2}%\n", r.strategy, layer, 100.0 * r.top1, 100.0 * r.top5);
+    }
+    s += "  per layer (top-1): ";
+    s += &res
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{}:{:.2}%", i + 1, 100.0 * t.top1_acc()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_counts() {
+        let mut t = TopK::default();
+        // label 2 is the argmax; label 0 ranks 3rd of 6; label 5 ranks last.
+        let logits = [
+            0.1, 0.5, 0.9, 0.0, 0.2, 0.3, /**/ 0.3, 0.5, 0.9, 0.0, 0.2, 0.1, /**/ 0.6, 0.5, 0.9, 0.8, 0.7,
+            0.0,
+        ];
+        t.add(&logits, &[2, 0, 5], 6);
+        assert_eq!(t, TopK { top1: 1, top5: 2, total: 3 });
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_index_like_argmax() {
+        let mut t = TopK::default();
+        t.add(&[1.0, 1.0, 0.0], &[1], 3);
+        assert_eq!(t.top1, 0);
+        t.add(&[1.0, 1.0, 0.0], &[0], 3);
+        assert_eq!(t.top1, 1);
+    }
+}

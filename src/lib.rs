@@ -1,0 +1,22 @@
+//! asge: Adaptive Spatial Goodness Encoding (arXiv 2509.12394), forward-only training of CNNs.
+//!
+//! Every conv layer learns from its own local loss: the squared activations of its feature map, pooled over
+//! a `P_l x P_l` grid of spatial patches (the *goodness*), go through a fixed random projection to class
+//! scores and a softmax cross-entropy. No gradient crosses a layer, so one training step is a forward
+//! sweep plus a weight-gradient-only update per layer.
+//!
+//! - [`model`]: architecture specs (vgg8, vgg11, JSON), the patch grid, parameter shapes and init.
+//! - [`backend`]: the [`backend::Backend`] trait (the fused ops the method needs) and its CPU reference.
+//! - [`train`]: the layer step written once against the trait, AdamW, the schedule, checkpoints, metrics.
+//! - [`data`]: dataset readers, the exact Pillow resize, augmentation, the prefetching loader.
+//! - [`eval`]: the prediction strategies (last, best, fusion) and top-k accuracy.
+
+pub mod backend;
+pub mod data;
+pub mod eval;
+pub mod model;
+pub mod rng;
+pub mod train;
+
+/// `exp(-50)`: the epsilon of the per-sample RMS norm, added *outside* the square root (released code).
+pub const RMS_EPS: f32 = 1.928_749_8e-22;

@@ -1,0 +1,214 @@
+//! The `asge` command line: thin; it parses, builds a config and calls the library.
+
+use anyhow::{Context, Result};
+use asge::data::DatasetKind;
+use asge::eval::{self, Strategy};
+use asge::model::{GoodnessReduce, PoolKind};
+use asge::train::run::{self, AugmentChoice, RunOptions, TrainConfig};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "asge", version, about = "Adaptive Spatial Goodness Encoding: forward-only, layer-local CNN training")]
+struct Cli {
+    /// Worker threads for the CPU backend and the data loader (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model; writes config.json, metrics.jsonl, best/last.safetensors and summary.json to --out.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on a dataset's test file: top-1/top-5 per strategy and per layer.
+    Eval(EvalArgs),
+    /// Describe this build: backends, threads, the models' shapes.
+    Info,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long, value_enum)]
+    dataset: Option<DatasetKind>,
+    /// The dataset's folder of files, or its parent.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// vgg8, vgg11, or an architecture JSON file.
+    #[arg(long, default_value = "vgg8")]
+    model: String,
+    /// Channel multiplier (channels rounded to a multiple of 8, at least 8).
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Initial learning rate, cosine-annealed per epoch to --lr-min.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    lr_min: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The run folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep the first N images of the training file.
+    #[arg(long)]
+    limit_train: Option<usize>,
+    /// Keep the first N images of the test file.
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// Validation images split from the training file (default: the released split, 1/6 or 1/10; 0: none).
+    #[arg(long)]
+    val: Option<usize>,
+    /// Batches in file order (no per-epoch shuffle).
+    #[arg(long)]
+    no_shuffle: bool,
+    #[arg(long, value_enum, default_value = "default")]
+    augment: AugmentChoice,
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f32,
+    /// Start from the weights (and fixed projections) in this safetensors file.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue the run in this folder from its last.safetensors (all other options come from its config.json).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Downsampling pool: avg (released code) or rms (the paper's text).
+    #[arg(long, value_enum, default_value = "avg")]
+    pool: PoolKind,
+    /// Patch goodness: mean of squares (released code) or sum.
+    #[arg(long, value_enum, default_value = "mean")]
+    goodness: GoodnessReduce,
+    /// Patch-grid granularity: P_l = alpha * C_L / C_l.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// No progress bar or per-epoch lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, value_enum)]
+    dataset: DatasetKind,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "all")]
+    strategy: Strategy,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// Where to write the JSON result (default: eval.json beside the checkpoint).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run_cli(cli) {
+        // One clear line: the outermost context, then its causes.
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n > 0, "--threads 0: at least one thread is needed");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
+    }
+    match cli.cmd {
+        Cmd::Train(a) => train(a),
+        Cmd::Eval(a) => eval_cmd(a),
+        Cmd::Info => {
+            info();
+            Ok(())
+        }
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let opts = RunOptions { quiet: a.quiet };
+    if let Some(dir) = &a.resume {
+        let cfg = run::load_run_config(dir)?;
+        run::train(&cfg, dir, true, opts)?;
+        return Ok(());
+    }
+    let dataset = a.dataset.context("--dataset is required (mnist, fashion-mnist, cifar10, cifar100, idx)")?;
+    let data = a.data.context("--data DIR is required (the dataset's folder or its parent)")?;
+    let out = a.out.context("--out RUN_DIR is required")?;
+    let cfg = TrainConfig {
+        dataset,
+        data,
+        model: a.model,
+        width: a.width,
+        alpha: a.alpha,
+        goodness: a.goodness,
+        pool: a.pool,
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        lr_min: a.lr_min,
+        weight_decay: a.weight_decay,
+        dropout: a.dropout,
+        seed: a.seed,
+        val: a.val,
+        shuffle: !a.no_shuffle,
+        augment: a.augment,
+        limit_train: a.limit_train,
+        limit_test: a.limit_test,
+        init: a.init,
+        device: a.device,
+    };
+    run::train(&cfg, &out, false, opts)?;
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
+    let (rows, res, test) = run::eval_checkpoint(&a.checkpoint, a.dataset, &a.data, a.strategy, a.batch, a.limit_test)?;
+    let title = format!("{} on {} test ({} images)", a.checkpoint.display(), a.dataset.name(), test.len());
+    println!("{}", eval::format_table(&title, &rows, &res));
+    let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
+    let body = serde_json::json!({
+        "checkpoint": a.checkpoint,
+        "dataset": a.dataset.name(),
+        "images": test.len(),
+        "strategies": rows,
+        "layer_top1": res.layer_acc(),
+        "layer_top5": res.layers.iter().map(|t| t.top5_acc()).collect::<Vec<_>>(),
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&body)?)
+        .with_context(|| format!("{}: cannot write", json_path.display()))?;
+    eprintln!("wrote {}", json_path.display());
+    Ok(())
+}
+
+fn info() {
+    println!("asge {}", env!("CARGO_PKG_VERSION"));
+    println!("backends: cpu ({} threads, f32, im2col + gemm); cuda: not in this build", rayon::current_num_threads());
+    for (name, ch, classes) in [("vgg8", 1, 10), ("vgg8", 3, 10), ("vgg11", 3, 10), ("vgg11", 3, 100)] {
+        if let Ok(spec) = asge::model::resolve(name, ch, 32, classes, &Default::default()) {
+            println!(
+                "{name:>6} {ch}x32x32 N={classes:<3}: {} conv layers, conv params {}, heads {}, D = {:?}, {:.2} GMAC/image forward",
+                spec.layers.len(),
+                spec.conv_params(),
+                spec.head_params(),
+                spec.goodness_dims(),
+                spec.conv_macs() as f64 / 1e9
+            );
+        }
+    }
+}

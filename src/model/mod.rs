@@ -1,0 +1,426 @@
+//! Architecture specs: the released VGG8 and VGG11, a width multiplier, custom JSON architectures, the
+//! adaptive patch grid `P_l = alpha * C_L / C_l`, parameter shapes and Kaiming initialisation.
+//! Pure data and arithmetic; no backend code.
+
+pub mod grid;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub use grid::PatchGrid;
+
+/// How a patch's squared activations reduce to one goodness value (ambiguity A1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GoodnessReduce {
+    /// `mean_{bin} y^2` (released code, default).
+    Mean,
+    /// `sum_{bin} y^2` (the paper's text, as the blog reads it).
+    Sum,
+}
+
+/// The 2x2 downsampling pool after a pooling layer (ambiguity A2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// `AvgPool2d(2)` (released code, default).
+    Avg,
+    /// `sqrt(mean_{2x2} y^2)` (the paper's "RMS pooling").
+    Rms,
+}
+
+/// One conv layer: 3x3, stride 1, padding 1, bias, ReLU, then goodness, optional 2x2 pool, dropout, RMS norm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    pub c_in: usize,
+    pub c_out: usize,
+    /// Spatial size of the input and of the conv output (padding 1 keeps it).
+    pub h: usize,
+    pub w: usize,
+    /// Patches per axis, `P_l`.
+    pub p: usize,
+    /// 2x2 pool after the goodness branch.
+    pub pool: bool,
+}
+
+impl LayerSpec {
+    /// Goodness length `D_l = C_l * P_l^2`.
+    pub fn goodness_dim(&self) -> usize {
+        self.c_out * self.p * self.p
+    }
+    /// Spatial size after the optional pool.
+    pub fn out_hw(&self) -> (usize, usize) {
+        if self.pool {
+            (self.h / 2, self.w / 2)
+        } else {
+            (self.h, self.w)
+        }
+    }
+    pub fn weight_len(&self) -> usize {
+        self.c_out * self.c_in * 9
+    }
+    pub fn grid(&self) -> PatchGrid {
+        PatchGrid::new(self.p, self.h, self.w)
+    }
+    /// Multiply-accumulates of the forward conv per image.
+    pub fn conv_macs(&self) -> usize {
+        self.h * self.w * self.c_out * self.c_in * 9
+    }
+}
+
+/// A whole network plus the method's switches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub arch: String,
+    pub width: f64,
+    pub in_channels: usize,
+    pub image_size: usize,
+    pub classes: usize,
+    pub alpha: f64,
+    pub goodness: GoodnessReduce,
+    pub pool_kind: PoolKind,
+    pub layers: Vec<LayerSpec>,
+}
+
+/// Architecture before it meets a dataset: base channel counts and where to pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArchSpec {
+    pub name: String,
+    pub layers: Vec<ArchLayer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchLayer {
+    pub channels: usize,
+    #[serde(default)]
+    pub pool: bool,
+}
+
+/// The released `VGG8.py`: 7 conv layers, pools after layers 2, 4, 5, 6 (1-based).
+pub fn vgg8() -> ArchSpec {
+    let ch = [128, 256, 256, 512, 512, 512, 512];
+    let pool = [false, true, false, true, true, true, false];
+    arch("vgg8", &ch, &pool)
+}
+
+/// The released `VGG11.py`: 10 conv layers, pools after layers 2, 4, 6, 8 (1-based).
+pub fn vgg11() -> ArchSpec {
+    let ch = [128, 256, 256, 512, 512, 512, 512, 512, 512, 512];
+    let pool = [false, true, false, true, false, true, false, true, false, false];
+    arch("vgg11", &ch, &pool)
+}
+
+fn arch(name: &str, ch: &[usize], pool: &[bool]) -> ArchSpec {
+    ArchSpec {
+        name: name.to_string(),
+        layers: ch.iter().zip(pool).map(|(&channels, &pool)| ArchLayer { channels, pool }).collect(),
+    }
+}
+
+/// `vgg8`, `vgg11`, or a path to a JSON file `{"name": ..., "layers": [{"channels": 64, "pool": false}, ...]}`.
+pub fn arch_by_name(name: &str) -> Result<ArchSpec> {
+    match name {
+        "vgg8" => Ok(vgg8()),
+        "vgg11" => Ok(vgg11()),
+        path if path.ends_with(".json") => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--model {path}: cannot read"))?;
+            let spec: ArchSpec =
+                serde_json::from_str(&text).with_context(|| format!("--model {path}: not an architecture JSON"))?;
+            if spec.layers.is_empty() {
+                bail!("--model {path}: the architecture has no layers");
+            }
+            for (i, l) in spec.layers.iter().enumerate() {
+                if l.channels == 0 {
+                    bail!("--model {path}: layer {i} has 0 channels");
+                }
+            }
+            Ok(spec)
+        }
+        other => bail!("--model: unknown model '{other}' (expected vgg8, vgg11 or a .json file)"),
+    }
+}
+
+/// Scale a channel count by `width`, rounded to a multiple of 8 and at least 8.
+pub fn scale_channels(c: usize, width: f64, layer: usize) -> Result<usize> {
+    if !(width.is_finite() && width > 0.0) {
+        bail!("--width {width}: must be a positive number");
+    }
+    let scaled = c as f64 * width;
+    if scaled < 1.0 {
+        bail!("--width {width} leaves layer {layer} with no channels ({c} x {width} = {scaled:.3} < 1)");
+    }
+    Ok((((scaled / 8.0).round() as usize) * 8).max(8))
+}
+
+/// `P_l = alpha * C_L / C_l`, rounded and clamped to `[1, min(H_l, W_l)]` (spec 1.4, A4).
+pub fn patch_grid_size(alpha: f64, c_last: usize, c_l: usize, h: usize, w: usize) -> usize {
+    let p = (alpha * c_last as f64 / c_l as f64).round();
+    (p.max(1.0) as usize).min(h.min(w)).max(1)
+}
+
+/// Everything a [`ModelSpec`] needs beyond the architecture.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub width: f64,
+    pub alpha: f64,
+    pub goodness: GoodnessReduce,
+    pub pool_kind: PoolKind,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions { width: 1.0, alpha: 1.0, goodness: GoodnessReduce::Mean, pool_kind: PoolKind::Avg }
+    }
+}
+
+impl ModelSpec {
+    /// Resolve an architecture for a dataset's input channels, image size and class count.
+    pub fn build(
+        arch: &ArchSpec,
+        in_channels: usize,
+        image_size: usize,
+        classes: usize,
+        opt: &ModelOptions,
+    ) -> Result<Self> {
+        if !(opt.alpha.is_finite() && opt.alpha > 0.0) {
+            bail!("--alpha {}: must be a positive number", opt.alpha);
+        }
+        if classes < 2 {
+            bail!("the dataset has {classes} class(es); at least 2 are needed");
+        }
+        let channels: Vec<usize> = arch
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| scale_channels(l.channels, opt.width, i))
+            .collect::<Result<_>>()?;
+        let c_last = *channels.last().context("architecture has no layers")?;
+        let mut layers = Vec::with_capacity(channels.len());
+        let (mut c_in, mut h, mut w) = (in_channels, image_size, image_size);
+        for (i, (l, &c_out)) in arch.layers.iter().zip(&channels).enumerate() {
+            if h == 0 || w == 0 {
+                bail!("model {}: layer {i} gets an empty {h}x{w} input (too many pools for {image_size}px)", arch.name);
+            }
+            if l.pool && (h < 2 || w < 2) {
+                bail!("model {}: layer {i} pools a {h}x{w} map", arch.name);
+            }
+            let p = patch_grid_size(opt.alpha, c_last, c_out, h, w);
+            let spec = LayerSpec { c_in, c_out, h, w, p, pool: l.pool };
+            (h, w) = spec.out_hw();
+            c_in = c_out;
+            layers.push(spec);
+        }
+        Ok(ModelSpec {
+            arch: arch.name.clone(),
+            width: opt.width,
+            in_channels,
+            image_size,
+            classes,
+            alpha: opt.alpha,
+            goodness: opt.goodness,
+            pool_kind: opt.pool_kind,
+            layers,
+        })
+    }
+
+    /// Goodness sizes `D_l` per layer.
+    pub fn goodness_dims(&self) -> Vec<usize> {
+        self.layers.iter().map(LayerSpec::goodness_dim).collect()
+    }
+
+    /// Trainable conv parameters (weights + biases).
+    pub fn conv_params(&self) -> usize {
+        self.layers.iter().map(|l| l.weight_len() + l.c_out).sum()
+    }
+
+    /// Layers with a fusion head: 1..L (0-based), as in the released code (none on the first layer).
+    pub fn head_layers(&self) -> std::ops::Range<usize> {
+        1..self.layers.len()
+    }
+
+    /// Trainable fusion-head parameters.
+    pub fn head_params(&self) -> usize {
+        self.head_layers().map(|i| (self.layers[i].c_out + 1) * self.classes).sum()
+    }
+
+    /// Fixed projection parameters (never trained).
+    pub fn projection_params(&self) -> usize {
+        self.layers.iter().map(|l| (l.goodness_dim() + 1) * self.classes).sum()
+    }
+
+    /// Forward multiply-accumulates per image (convs only; the goodness and heads are negligible).
+    pub fn conv_macs(&self) -> usize {
+        self.layers.iter().map(LayerSpec::conv_macs).sum()
+    }
+}
+
+/// Parameters of a model, host side, f32, in PyTorch layouts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    pub layers: Vec<LayerParams>,
+    /// `heads[k]` belongs to layer `k + 1`.
+    pub heads: Vec<HeadParams>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerParams {
+    /// `[C_out, C_in, 3, 3]`.
+    pub conv_w: Vec<f32>,
+    pub conv_b: Vec<f32>,
+    /// `[D_l, N]`, fixed.
+    pub proj_w: Vec<f32>,
+    /// `[N]`, fixed.
+    pub proj_b: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadParams {
+    /// `[N, C_l]`.
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl Params {
+    /// Kaiming-normal (fan_in, ReLU gain: std = sqrt(2 / fan_in)) for every conv and head, zero biases,
+    /// and the fixed projection and its bias drawn N(0, 1/N) (released code).
+    pub fn init(spec: &ModelSpec, seed: u64) -> Params {
+        let n = spec.classes;
+        let proj_std = 1.0 / (n as f64).sqrt();
+        let layers = spec
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let key = crate::rng::derive(seed, 1000 + i as u64);
+                let mut rng = crate::rng::Rng::new(key);
+                let std = (2.0 / (l.c_in * 9) as f64).sqrt();
+                let conv_w = (0..l.weight_len()).map(|_| (rng.normal() * std) as f32).collect();
+                let mut prng = crate::rng::Rng::new(crate::rng::derive(key, 1));
+                let proj_w = (0..l.goodness_dim() * n).map(|_| (prng.normal() * proj_std) as f32).collect();
+                let proj_b = (0..n).map(|_| (prng.normal() * proj_std) as f32).collect();
+                LayerParams { conv_w, conv_b: vec![0.0; l.c_out], proj_w, proj_b }
+            })
+            .collect();
+        let heads = spec
+            .head_layers()
+            .map(|i| {
+                let c = spec.layers[i].c_out;
+                let mut rng = crate::rng::Rng::new(crate::rng::derive(seed, 2000 + i as u64));
+                let std = (2.0 / c as f64).sqrt();
+                HeadParams { w: (0..n * c).map(|_| (rng.normal() * std) as f32).collect(), b: vec![0.0; n] }
+            })
+            .collect();
+        Params { layers, heads }
+    }
+}
+
+/// Reads the `--model` argument and resolves it against a dataset's shape.
+pub fn resolve(
+    model: &str,
+    in_channels: usize,
+    image_size: usize,
+    classes: usize,
+    opt: &ModelOptions,
+) -> Result<ModelSpec> {
+    let arch = arch_by_name(model)?;
+    ModelSpec::build(&arch, in_channels, image_size, classes, opt)
+}
+
+/// Convenience for callers that have a path.
+pub fn load_arch_file(path: &Path) -> Result<ArchSpec> {
+    arch_by_name(&path.to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vgg8_mnist() -> ModelSpec {
+        ModelSpec::build(&vgg8(), 1, 32, 10, &ModelOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn vgg8_goodness_sizes_and_params_match_spec() {
+        let m = vgg8_mnist();
+        assert_eq!(m.goodness_dims(), vec![2048, 1024, 1024, 512, 512, 512, 512]);
+        assert_eq!(m.layers.iter().map(|l| l.p).collect::<Vec<_>>(), vec![4, 2, 2, 1, 1, 1, 1]);
+        assert_eq!(m.conv_params(), 9_146_112);
+        assert_eq!(m.head_params(), 25_660);
+        assert_eq!(m.projection_params(), 61_510);
+        let out: Vec<_> = m.layers.iter().map(|l| l.out_hw().0).collect();
+        assert_eq!(out, vec![32, 16, 16, 8, 4, 2, 2]);
+    }
+
+    #[test]
+    fn vgg8_rgb_and_cifar100_params_match_spec() {
+        let m = ModelSpec::build(&vgg8(), 3, 32, 10, &ModelOptions::default()).unwrap();
+        assert_eq!(m.conv_params(), 9_148_416);
+        let m = ModelSpec::build(&vgg8(), 3, 32, 100, &ModelOptions::default()).unwrap();
+        assert_eq!(m.head_params(), 256_600);
+        assert_eq!(m.projection_params(), 615_100);
+    }
+
+    #[test]
+    fn vgg11_params_match_spec() {
+        let m = ModelSpec::build(&vgg11(), 3, 32, 10, &ModelOptions::default()).unwrap();
+        assert_eq!(m.conv_params(), 16_227_840);
+        assert_eq!(m.head_params(), 41_050);
+        assert_eq!(m.conv_params() + m.head_params(), 16_268_890);
+        let m = ModelSpec::build(&vgg11(), 3, 32, 100, &ModelOptions::default()).unwrap();
+        assert_eq!(m.conv_params() + m.head_params(), 16_638_340);
+        assert_eq!(m.layers.last().unwrap().h, 2);
+    }
+
+    #[test]
+    fn width_scales_to_multiples_of_eight() {
+        let opt = ModelOptions { width: 0.125, ..Default::default() };
+        let m = ModelSpec::build(&vgg8(), 1, 32, 10, &opt).unwrap();
+        let ch: Vec<_> = m.layers.iter().map(|l| l.c_out).collect();
+        assert_eq!(ch, vec![16, 32, 32, 64, 64, 64, 64]);
+        // The grid follows the channel ratio, as in the fixture: P = 4, 2, 2, 1, ...
+        assert_eq!(m.layers.iter().map(|l| l.p).collect::<Vec<_>>(), vec![4, 2, 2, 1, 1, 1, 1]);
+        assert_eq!(scale_channels(128, 0.3, 0).unwrap(), 40);
+        assert_eq!(scale_channels(128, 0.01, 0).unwrap(), 8);
+        assert!(scale_channels(128, 0.001, 3).unwrap_err().to_string().contains("layer 3"));
+        assert!(scale_channels(128, 0.0, 0).is_err());
+    }
+
+    #[test]
+    fn grid_formula_clamps_and_follows_alpha() {
+        assert_eq!(patch_grid_size(1.0, 512, 64, 32, 32), 8);
+        assert_eq!(patch_grid_size(1.0, 512, 512, 2, 2), 1);
+        assert_eq!(patch_grid_size(2.0, 512, 128, 32, 32), 8);
+        assert_eq!(patch_grid_size(4.0, 512, 128, 4, 4), 4); // clamped to H
+        assert_eq!(patch_grid_size(0.25, 512, 512, 8, 8), 1); // rounded up to 1
+    }
+
+    #[test]
+    fn init_statistics() {
+        let m = vgg8_mnist();
+        let p = Params::init(&m, 42);
+        // Projection std ~ 1/sqrt(N).
+        let w = &p.layers[0].proj_w;
+        let std = (w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((std - 1.0 / 10f64.sqrt()).abs() < 0.01, "projection std {std}");
+        // Kaiming: 512->512 3x3 has std 0.020833.
+        let w = &p.layers[6].conv_w;
+        let std = (w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((std - 0.020833).abs() < 2e-4, "kaiming std {std}");
+        assert!(p.layers.iter().all(|l| l.conv_b.iter().all(|&b| b == 0.0)));
+        assert_eq!(p.heads.len(), 6);
+        assert_eq!(Params::init(&m, 42), p);
+        assert_ne!(Params::init(&m, 43).layers[0].conv_w, p.layers[0].conv_w);
+    }
+
+    #[test]
+    fn bad_models_are_clear_errors() {
+        assert!(arch_by_name("resnet").unwrap_err().to_string().contains("unknown model"));
+        assert!(arch_by_name("/nonexistent/x.json").unwrap_err().to_string().contains("/nonexistent/x.json"));
+        // Too many pools for the input size.
+        let deep = arch("deep", &[8; 7], &[true; 7]);
+        let e = ModelSpec::build(&deep, 1, 32, 10, &ModelOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("layer"), "{e}");
+    }
+}

@@ -1,0 +1,125 @@
+//! Counter-based random numbers.
+//!
+//! Every random draw in the engine (initialisation, the split, shuffling, augmentation, dropout) is a pure
+//! function of `(seed, stream, counter)`, so a run repeats exactly, a resumed run draws what the
+//! uninterrupted run would have drawn, and a GPU kernel can reproduce the CPU's dropout mask bit for bit.
+//! The mixer is SplitMix64's finaliser, whose output passes BigCrush when fed a counter.
+
+/// SplitMix64's finaliser: a bijective 64-bit mixer.
+#[inline]
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Derives an independent stream key from a parent key and a label (layer index, epoch, ...).
+#[inline]
+pub fn derive(key: u64, label: u64) -> u64 {
+    mix64(key ^ mix64(label.wrapping_add(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// The `i`-th uniform in [0, 1) of stream `key`, with 24 bits of resolution (exact in f32).
+#[inline]
+pub fn uniform_f32(key: u64, i: u64) -> f32 {
+    (mix64(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// A sequential generator over one stream: `next_u64` walks the counter.
+#[derive(Clone, Debug)]
+pub struct Rng {
+    key: u64,
+    counter: u64,
+}
+
+impl Rng {
+    pub fn new(key: u64) -> Self {
+        Rng { key: mix64(key), counter: 0 }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.counter += 1;
+        mix64(self.key.wrapping_add(self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+    }
+
+    /// Uniform in [0, 1) with 53 bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.next_f64()
+    }
+
+    /// Uniform integer in [0, n), without modulo bias (Lemire's method).
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0, "Rng::below(0)");
+        loop {
+            let m = (self.next_u64() as u128) * (n as u128);
+            let low = m as u64;
+            if low >= n.wrapping_neg() % n {
+                return (m >> 64) as u64;
+            }
+        }
+    }
+
+    /// Standard normal by Box-Muller (one of the pair is used; simplicity over speed, init only).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64(); // (0, 1]
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_has_unit_moments() {
+        let mut r = Rng::new(7);
+        let n = 200_000;
+        let xs: Vec<f64> = (0..n).map(|_| r.normal()).collect();
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.01, "var {var}");
+    }
+
+    #[test]
+    fn uniform_f32_is_in_range_and_balanced() {
+        let n = 100_000u64;
+        let mut below_half = 0;
+        for i in 0..n {
+            let u = uniform_f32(42, i);
+            assert!((0.0..1.0).contains(&u));
+            if u < 0.5 {
+                below_half += 1;
+            }
+        }
+        let frac = below_half as f64 / n as f64;
+        assert!((frac - 0.5).abs() < 0.01, "{frac}");
+    }
+
+    #[test]
+    fn shuffle_is_a_permutation_and_seeded() {
+        let mut a: Vec<u32> = (0..1000).collect();
+        let mut b = a.clone();
+        Rng::new(3).shuffle(&mut a);
+        Rng::new(3).shuffle(&mut b);
+        assert_eq!(a, b);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_ne!(a, sorted);
+    }
+}

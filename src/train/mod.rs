@@ -1,0 +1,9 @@
+//! Training: the layer step written once against the backend ([`net`]), the schedule, checkpoints,
+//! metrics and the run loop ([`run`]).
+
+pub mod checkpoint;
+pub mod net;
+pub mod run;
+pub mod schedule;
+
+pub use net::{AdamW, Net, StepStats};

@@ -1,0 +1,374 @@
+//! A model living on a backend: parameters, optimizer state and workspace, and the two passes written once
+//! against [`Backend`]: the training step (forward sweep with every layer's local update) and the
+//! evaluation forward.
+
+use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, STATS_LEN};
+use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid};
+use anyhow::Result;
+
+/// AdamW hyperparameters shared by every optimizer of a run (spec 1.12).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamW {
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+/// One trained tensor with its Adam moments and gradient.
+pub struct Param<B: Backend> {
+    pub value: B::Buf,
+    pub grad: B::Buf,
+    pub exp_avg: B::Buf,
+    pub exp_avg_sq: B::Buf,
+    pub len: usize,
+}
+
+impl<B: Backend> Param<B> {
+    fn new(be: &B, host: &[f32]) -> Result<Self> {
+        Ok(Param {
+            value: be.upload(host)?,
+            grad: be.zeros(host.len())?,
+            exp_avg: be.zeros(host.len())?,
+            exp_avg_sq: be.zeros(host.len())?,
+            len: host.len(),
+        })
+    }
+
+    fn step(&mut self, be: &B, h: &AdamWStep) -> Result<()> {
+        be.adamw(self.len, &mut self.value, &self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, h)
+    }
+}
+
+pub struct Layer<B: Backend> {
+    pub conv_w: Param<B>,
+    pub conv_b: Param<B>,
+    pub proj_w: B::Buf,
+    pub proj_b: B::Buf,
+    grid: PatchGrid,
+}
+
+pub struct Head<B: Backend> {
+    pub w: Param<B>,
+    pub b: Param<B>,
+}
+
+/// Per-step losses and accuracy counts: one entry per layer, plus the fusion heads.
+#[derive(Clone, Debug, Default)]
+pub struct StepStats {
+    pub batch: usize,
+    pub layer_loss: Vec<f64>,
+    pub layer_correct: Vec<usize>,
+    pub head_loss: f64,
+    pub head_correct: usize,
+}
+
+/// Logits of one evaluation batch: `[B, N]` per layer (fixed projection) and for the fusion heads.
+pub struct EvalLogits {
+    pub layers: Vec<Vec<f32>>,
+    pub fusion: Vec<f32>,
+}
+
+struct Workspace<B: Backend> {
+    x: B::Buf,
+    x_next: B::Buf,
+    y: B::Buf,
+    g: B::Buf,
+    dg: B::Buf,
+    logits: B::Buf,
+    gap: Vec<B::Buf>,
+    labels: B::Labels,
+    stats: B::Buf,
+    max_batch: usize,
+}
+
+/// The model on a backend.
+pub struct Net<B: Backend> {
+    pub spec: ModelSpec,
+    pub layers: Vec<Layer<B>>,
+    pub heads: Vec<Head<B>>,
+    pub adamw: AdamW,
+    ws: Workspace<B>,
+    be: B,
+}
+
+impl<B: Backend> Net<B> {
+    /// Puts `params` on the backend with fresh (zero) optimizer state and a workspace for `max_batch`.
+    pub fn new(be: B, spec: ModelSpec, params: &Params, adamw: AdamW, max_batch: usize) -> Result<Self> {
+        let layers = spec
+            .layers
+            .iter()
+            .zip(&params.layers)
+            .map(|(l, p)| {
+                Ok(Layer {
+                    conv_w: Param::new(&be, &p.conv_w)?,
+                    conv_b: Param::new(&be, &p.conv_b)?,
+                    proj_w: be.upload(&p.proj_w)?,
+                    proj_b: be.upload(&p.proj_b)?,
+                    grid: l.grid(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let heads = params
+            .heads
+            .iter()
+            .map(|h| Ok(Head { w: Param::new(&be, &h.w)?, b: Param::new(&be, &h.b)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let n = spec.classes;
+        let max_act = spec
+            .layers
+            .iter()
+            .map(|l| l.c_in * l.h * l.w)
+            .chain(spec.layers.iter().map(|l| l.c_out * l.h * l.w))
+            .max()
+            .unwrap_or(0);
+        let max_d = spec.goodness_dims().into_iter().max().unwrap_or(0);
+        let ws = Workspace {
+            x: be.zeros(max_batch * max_act)?,
+            x_next: be.zeros(max_batch * max_act)?,
+            y: be.zeros(max_batch * max_act)?,
+            g: be.zeros(max_batch * max_d)?,
+            dg: be.zeros(max_batch * max_d)?,
+            logits: be.zeros(max_batch * n)?,
+            gap: spec.layers.iter().map(|l| be.zeros(max_batch * l.c_out)).collect::<Result<_>>()?,
+            labels: be.labels(&[])?,
+            stats: be.zeros(STATS_LEN)?,
+            max_batch,
+        };
+        Ok(Net { spec, layers, heads, adamw, ws, be })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.ws.max_batch
+    }
+
+    fn take_stats(&mut self) -> Result<(f64, usize)> {
+        let s = self.be.read(&self.ws.stats, STATS_LEN)?;
+        self.be.write(&mut self.ws.stats, &[0.0; STATS_LEN])?;
+        Ok((s[0] as f64, s[1].round() as usize))
+    }
+
+    fn load_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {
+        let batch = labels.len();
+        anyhow::ensure!(
+            batch > 0 && batch <= self.ws.max_batch,
+            "batch of {batch} (workspace holds {})",
+            self.ws.max_batch
+        );
+        let l0 = &self.spec.layers[0];
+        anyhow::ensure!(
+            x.len() == batch * l0.c_in * l0.h * l0.w,
+            "input of {} values for a batch of {batch} {}x{}x{} images",
+            x.len(),
+            l0.c_in,
+            l0.h,
+            l0.w
+        );
+        self.be.write(&mut self.ws.x, x)?;
+        self.be.write_labels(&mut self.ws.labels, labels)?;
+        self.be.write(&mut self.ws.stats, &[0.0; STATS_LEN])?;
+        Ok(batch)
+    }
+
+    /// One training step on a batch of normalised inputs `[B, C, S, S]` (spec 1.10): every layer's forward,
+    /// local loss, weight gradient and AdamW step, its output from the pre-step activations; then the fusion
+    /// heads on the detached features. `dropout_key` seeds the dropout masks (one stream per layer).
+    pub fn train_step(
+        &mut self,
+        x: &[f32],
+        labels: &[u32],
+        lr: f64,
+        step: u64,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<StepStats> {
+        let batch = self.load_batch(x, labels)?;
+        let h = AdamWStep {
+            lr,
+            weight_decay: self.adamw.weight_decay,
+            beta1: self.adamw.beta1,
+            beta2: self.adamw.beta2,
+            eps: self.adamw.eps,
+            step,
+        };
+        let mut stats = StepStats { batch, ..Default::default() };
+        let n = self.spec.classes;
+        for li in 0..self.layers.len() {
+            let spec = self.spec.layers[li].clone();
+            let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
+            let d = spec.goodness_dim();
+            let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
+            be.conv_goodness_fwd(
+                &s,
+                &layer.grid,
+                self.spec.goodness,
+                &ws.x,
+                &layer.conv_w.value,
+                &layer.conv_b.value,
+                &mut ws.y,
+                &mut ws.g,
+            )?;
+            be.goodness_loss(
+                batch,
+                d,
+                n,
+                &ws.g,
+                &layer.proj_w,
+                &layer.proj_b,
+                &ws.labels,
+                &mut ws.logits,
+                Some(&mut ws.dg),
+                &mut ws.stats,
+            )?;
+            be.conv_goodness_wgrad(
+                &s,
+                &layer.grid,
+                self.spec.goodness,
+                &ws.x,
+                &ws.y,
+                &ws.dg,
+                &mut layer.conv_w.grad,
+                &mut layer.conv_b.grad,
+            )?;
+            layer.conv_w.step(be, &h)?;
+            layer.conv_b.step(be, &h)?;
+            let pool = spec.pool.then_some(self.spec.pool_kind);
+            let drop =
+                dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) });
+            let gap = (li >= 1).then_some(&mut ws.gap[li]);
+            be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, drop, &ws.y, &mut ws.x_next, gap)?;
+            std::mem::swap(&mut ws.x, &mut ws.x_next);
+            let (loss, correct) = self.take_stats()?;
+            stats.layer_loss.push(loss / batch as f64);
+            stats.layer_correct.push(correct);
+        }
+        self.heads_pass(batch, true)?;
+        for head in &mut self.heads {
+            head.w.step(&self.be, &h)?;
+            head.b.step(&self.be, &h)?;
+        }
+        let (loss, correct) = self.take_stats()?;
+        stats.head_loss = loss / batch as f64;
+        stats.head_correct = correct;
+        Ok(stats)
+    }
+
+    fn heads_pass(&mut self, batch: usize, with_grads: bool) -> Result<()> {
+        let ws = &mut self.ws;
+        let feats: Vec<(&B::Buf, usize)> =
+            self.spec.head_layers().map(|i| (&ws.gap[i], self.spec.layers[i].c_out)).collect();
+        let mut heads = Vec::with_capacity(self.heads.len());
+        let mut grads = Vec::with_capacity(self.heads.len());
+        for Head { w, b } in self.heads.iter_mut() {
+            heads.push((&w.value, &b.value));
+            grads.push((&mut w.grad, &mut b.grad));
+        }
+        let grads = if with_grads { Some(&mut grads[..]) } else { None };
+        self.be.fusion_heads(batch, self.spec.classes, &feats, &heads, &ws.labels, &mut ws.logits, grads, &mut ws.stats)
+    }
+
+    /// Evaluation forward (no dropout, no updates): every layer's projection logits and the fusion logits.
+    pub fn eval_logits(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalLogits> {
+        let batch = self.load_batch(x, labels)?;
+        let n = self.spec.classes;
+        let mut out = EvalLogits { layers: Vec::with_capacity(self.layers.len()), fusion: Vec::new() };
+        for li in 0..self.layers.len() {
+            let spec = self.spec.layers[li].clone();
+            let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
+            let (be, ws, layer) = (&self.be, &mut self.ws, &self.layers[li]);
+            be.conv_goodness_fwd(
+                &s,
+                &layer.grid,
+                self.spec.goodness,
+                &ws.x,
+                &layer.conv_w.value,
+                &layer.conv_b.value,
+                &mut ws.y,
+                &mut ws.g,
+            )?;
+            be.goodness_loss(
+                batch,
+                spec.goodness_dim(),
+                n,
+                &ws.g,
+                &layer.proj_w,
+                &layer.proj_b,
+                &ws.labels,
+                &mut ws.logits,
+                None,
+                &mut ws.stats,
+            )?;
+            out.layers.push(be.read(&ws.logits, batch * n)?);
+            let pool = spec.pool.then_some(self.spec.pool_kind);
+            let gap = (li >= 1).then_some(&mut ws.gap[li]);
+            be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, None, &ws.y, &mut ws.x_next, gap)?;
+            std::mem::swap(&mut ws.x, &mut ws.x_next);
+        }
+        self.heads_pass(batch, false)?;
+        out.fusion = self.be.read(&self.ws.logits, batch * n)?;
+        Ok(out)
+    }
+
+    /// The parameters, host side.
+    pub fn params(&self) -> Result<Params> {
+        let be = &self.be;
+        Ok(Params {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(LayerParams {
+                        conv_w: be.read(&l.conv_w.value, l.conv_w.len)?,
+                        conv_b: be.read(&l.conv_b.value, l.conv_b.len)?,
+                        proj_w: be.read(&l.proj_w, self.spec.classes * l.grid.cells() * l.conv_b.len)?,
+                        proj_b: be.read(&l.proj_b, self.spec.classes)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            heads: self
+                .heads
+                .iter()
+                .map(|h| Ok(HeadParams { w: be.read(&h.w.value, h.w.len)?, b: be.read(&h.b.value, h.b.len)? }))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Every trained tensor with a name (`layers.0.conv.weight`, `heads.1.bias`, ...), for the optimizer state.
+    pub fn named_params(&self) -> Vec<(String, &Param<B>)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            v.push((format!("layers.{i}.conv.weight"), &l.conv_w));
+            v.push((format!("layers.{i}.conv.bias"), &l.conv_b));
+        }
+        for (k, h) in self.heads.iter().enumerate() {
+            let i = k + 1;
+            v.push((format!("heads.{i}.weight"), &h.w));
+            v.push((format!("heads.{i}.bias"), &h.b));
+        }
+        v
+    }
+
+    /// Calls `f` on every trained tensor with its name, mutably, with the backend at hand.
+    pub fn for_each_param_mut(&mut self, mut f: impl FnMut(&B, &str, &mut Param<B>) -> Result<()>) -> Result<()> {
+        let be = &self.be;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            f(be, &format!("layers.{i}.conv.weight"), &mut l.conv_w)?;
+            f(be, &format!("layers.{i}.conv.bias"), &mut l.conv_b)?;
+        }
+        for (k, h) in self.heads.iter_mut().enumerate() {
+            let i = k + 1;
+            f(be, &format!("heads.{i}.weight"), &mut h.w)?;
+            f(be, &format!("heads.{i}.bias"), &mut h.b)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,482 @@
+//! The run loop: data, model, epochs with validation and checkpoints, the final test evaluation, and the
+//! run folder (`config.json`, `metrics.jsonl`, `best.safetensors`, `last.safetensors`, `summary.json`).
+
+use super::checkpoint::{self, TrainState};
+use super::net::{AdamW, Net};
+use super::schedule::cosine_lr;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::data::augment::Augment;
+use crate::data::loader::Prefetch;
+use crate::data::{self, Dataset, DatasetKind};
+use crate::eval::{self, EvalResult, Strategy, StrategyResult};
+use crate::model::{self, GoodnessReduce, ModelOptions, ModelSpec, Params, PoolKind};
+use crate::rng::{self, Rng};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// `--augment`: the dataset's released-recipe augmentation, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AugmentChoice {
+    Default,
+    None,
+}
+
+/// Everything that defines a run; saved as `config.json` and in every checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub dataset: DatasetKind,
+    pub data: PathBuf,
+    pub model: String,
+    pub width: f64,
+    pub alpha: f64,
+    pub goodness: GoodnessReduce,
+    pub pool: PoolKind,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub lr_min: f64,
+    pub weight_decay: f64,
+    pub dropout: f32,
+    pub seed: u64,
+    /// Validation images taken from the training file; `None`: the released split's share.
+    pub val: Option<usize>,
+    pub shuffle: bool,
+    pub augment: AugmentChoice,
+    pub limit_train: Option<usize>,
+    pub limit_test: Option<usize>,
+    pub init: Option<PathBuf>,
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            dataset: DatasetKind::Mnist,
+            data: PathBuf::from("data"),
+            model: "vgg8".into(),
+            width: 1.0,
+            alpha: 1.0,
+            goodness: GoodnessReduce::Mean,
+            pool: PoolKind::Avg,
+            epochs: 100,
+            batch: 128,
+            lr: 2e-4,
+            lr_min: 1e-5,
+            weight_decay: 1e-3,
+            dropout: 0.1,
+            seed: 42,
+            val: None,
+            shuffle: true,
+            augment: AugmentChoice::Default,
+            limit_train: None,
+            limit_test: None,
+            init: None,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            bail!("--batch 0: the batch needs at least one image");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("--dropout {}: must be in [0, 1)", self.dropout);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr {}: must be a positive number", self.lr);
+        }
+        if !(self.lr_min.is_finite() && self.lr_min >= 0.0) {
+            bail!("--lr-min {}: must be a non-negative number", self.lr_min);
+        }
+        Ok(())
+    }
+
+    fn augmentation(&self) -> Augment {
+        match (self.augment, self.dataset) {
+            (AugmentChoice::None, _) => Augment::None,
+            (_, DatasetKind::FashionMnist) => Augment::Flip,
+            (_, DatasetKind::Cifar10 | DatasetKind::Cifar100) => Augment::Cifar,
+            _ => Augment::None,
+        }
+    }
+
+    fn model_options(&self) -> ModelOptions {
+        ModelOptions { width: self.width, alpha: self.alpha, goodness: self.goodness, pool_kind: self.pool }
+    }
+}
+
+/// Stream labels for the run's random draws.
+const SHUFFLE: u64 = 1;
+const AUGMENT: u64 = 2;
+const DROPOUT: u64 = 3;
+const VAL_AUGMENT: u64 = 4;
+
+/// Per-epoch metrics, one JSON line in `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_layer_loss: Vec<f64>,
+    pub train_layer_acc: Vec<f64>,
+    pub train_fusion_loss: f64,
+    pub train_fusion_acc: f64,
+    pub val_layer_acc: Option<Vec<f64>>,
+    pub val_fusion_acc: Option<f64>,
+    pub images_per_s: f64,
+    pub seconds: f64,
+}
+
+/// `summary.json`: the test result of the best checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub dataset: String,
+    pub model: String,
+    pub params_trainable: usize,
+    pub epochs: usize,
+    pub best_epoch: usize,
+    pub best_val: Option<f64>,
+    pub test: Vec<StrategyResult>,
+    pub test_layer_top1: Vec<f64>,
+    pub test_images: usize,
+    pub train_seconds: f64,
+    pub train_images_per_s: f64,
+}
+
+/// Output options that do not change the numbers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub quiet: bool,
+}
+
+fn say(opts: RunOptions, msg: impl AsRef<str>) {
+    if !opts.quiet {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
+/// A backend by `--device` name.
+pub fn cpu_backend(device: &str) -> Result<CpuBackend> {
+    match device {
+        "cpu" => Ok(CpuBackend::new()),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            bail!("--device {d}: this build has no CUDA backend yet; use --device cpu")
+        }
+        d => bail!("--device {d}: unknown device (expected cpu)"),
+    }
+}
+
+/// Loads the data and resolves the model of a config.
+pub fn prepare(cfg: &TrainConfig) -> Result<(data::Splits, ModelSpec)> {
+    cfg.validate()?;
+    let splits = data::load(cfg.dataset, &cfg.data, cfg.limit_train, cfg.limit_test)?;
+    if splits.train.is_empty() {
+        bail!("--data {}: the training set is empty (--limit-train 0?)", cfg.data.display());
+    }
+    let t = &splits.train;
+    let spec = model::resolve(&cfg.model, t.channels, t.size, t.classes, &cfg.model_options())?;
+    Ok((splits, spec))
+}
+
+/// Trains a fresh run (or resumes one when `resume` is set) in `out`, then evaluates the best checkpoint on
+/// the test set. Returns the summary that is also written to `out/summary.json`.
+pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> Result<Summary> {
+    let (splits, spec) = prepare(cfg)?;
+    let be = cpu_backend(&cfg.device)?;
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
+    let last_path = out.join("last.safetensors");
+    let best_path = out.join("best.safetensors");
+    let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
+
+    let (params, state, ckpt) = if resume {
+        let ck = checkpoint::load(&last_path).context("--resume: the run has no usable last.safetensors")?;
+        let state =
+            ck.state.clone().with_context(|| format!("{}: no training state in the metadata", last_path.display()))?;
+        (ck.params_for(&last_path, &spec)?, state, Some(ck))
+    } else if let Some(init) = &cfg.init {
+        let ck = checkpoint::load(init).with_context(|| format!("--init {}", init.display()))?;
+        (ck.params_for(init, &spec)?, TrainState::default(), None)
+    } else {
+        (Params::init(&spec, cfg.seed), TrainState::default(), None)
+    };
+    let mut state = state;
+    let mut net = Net::new(be, spec.clone(), &params, adamw, cfg.batch)?;
+    if let Some(ck) = &ckpt {
+        ck.restore_optimizer(&last_path, &mut net)?;
+    }
+
+    let train_data = Arc::new(splits.train);
+    let n = train_data.len();
+    let val = cfg.val.unwrap_or_else(|| (n as f64 * cfg.dataset.default_val_fraction()).round() as usize);
+    let (train_idx, val_idx) = data::split(n, val, cfg.seed)?;
+    let mut resolved = cfg.clone();
+    resolved.val = Some(val);
+    let config_json = serde_json::json!({ "train": resolved, "model": spec });
+    if !resume {
+        checkpoint::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+        std::fs::write(out.join("metrics.jsonl"), b"")
+            .with_context(|| format!("{}: cannot write metrics", out.display()))?;
+    } else {
+        truncate_metrics(&out.join("metrics.jsonl"), state.epochs_done)?;
+    }
+    say(
+        opts,
+        format!(
+            "asge: {} on {} ({} train / {} val / {} test), {} layers, {:.2}M trainable params, {} epochs, batch {}, {}",
+            spec.arch,
+            cfg.dataset.name(),
+            train_idx.len(),
+            val_idx.len(),
+            splits.test.len(),
+            spec.layers.len(),
+            (spec.conv_params() + spec.head_params()) as f64 / 1e6,
+            cfg.epochs,
+            cfg.batch,
+            net.backend().name()
+        ),
+    );
+    if resume {
+        say(opts, format!("asge: resuming after epoch {} (step {})", state.epochs_done, state.step));
+    }
+
+    let aug = cfg.augmentation();
+    let mut train_seconds = 0.0;
+    let mut train_images = 0usize;
+    for epoch in state.epochs_done..cfg.epochs {
+        let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
+        let mut order = train_idx.clone();
+        if cfg.shuffle {
+            Rng::new(rng::derive(rng::derive(cfg.seed, SHUFFLE), epoch as u64)).shuffle(&mut order);
+        }
+        let n_batches = order.len().div_ceil(cfg.batch);
+        let pb = progress(opts, n_batches as u64, format!("epoch {}/{}", epoch + 1, cfg.epochs));
+        let t0 = Instant::now();
+        let mut sums = EpochSums::new(spec.layers.len());
+        let aug_key = rng::derive(rng::derive(cfg.seed, AUGMENT), epoch as u64);
+        for batch in Prefetch::new(train_data.clone(), order, cfg.batch, aug, aug_key, 3) {
+            state.step += 1;
+            let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), state.step);
+            let s = net.train_step(&batch.x, &batch.labels, lr, state.step, Some((cfg.dropout, drop_key)))?;
+            if !s.layer_loss.iter().all(|l| l.is_finite()) || !s.head_loss.is_finite() {
+                bail!("epoch {}: the loss became non-finite at step {} ({:?})", epoch + 1, state.step, s.layer_loss);
+            }
+            sums.add(&s);
+            pb.inc(1);
+            pb.set_message(format!(
+                "{:.0} img/s  loss {:.3}  acc L{} {:.2}%  fusion {:.2}%",
+                sums.images as f64 / t0.elapsed().as_secs_f64(),
+                sums.layer_loss.last().unwrap() / sums.images as f64,
+                spec.layers.len(),
+                100.0 * *sums.layer_correct.last().unwrap() as f64 / sums.images as f64,
+                100.0 * sums.head_correct as f64 / sums.images as f64
+            ));
+        }
+        pb.finish_and_clear();
+        let seconds = t0.elapsed().as_secs_f64();
+        train_seconds += seconds;
+        train_images += sums.images;
+        let val_res = if val_idx.is_empty() {
+            None
+        } else {
+            let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
+            Some(eval::evaluate(&mut net, &train_data, val_idx.clone(), aug, key)?)
+        };
+        let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
+        append_metrics(&out.join("metrics.jsonl"), &m)?;
+        say(opts, epoch_line(&m));
+
+        // Model selection: best validation accuracy of the fusion prediction (released code); without
+        // validation, the latest epoch.
+        let score = val_res.as_ref().map(|r| r.fusion.top1_acc());
+        let improved = match (score, state.best_val) {
+            (Some(s), Some(b)) => s > b,
+            _ => true,
+        };
+        state.epochs_done = epoch + 1;
+        if improved {
+            let layer_acc = val_res.as_ref().map(EvalResult::layer_acc).unwrap_or_else(|| m.train_layer_acc.clone());
+            state.best_val = score;
+            state.best_epoch = epoch + 1;
+            state.best_layer = layer_acc.iter().enumerate().fold(0, |b, (i, &a)| if a > layer_acc[b] { i } else { b });
+            state.best_layer_acc = layer_acc;
+            checkpoint::save(&best_path, &net, &state, &config_json)?;
+        }
+        checkpoint::save(&last_path, &net, &state, &config_json)?;
+    }
+
+    // Test: reload the best checkpoint.
+    let best = checkpoint::load(&best_path).context("the run has no best.safetensors")?;
+    let best_state = best.state.clone().unwrap_or_default();
+    let params = best.params_for(&best_path, &spec)?;
+    let mut net = Net::new(cpu_backend(&cfg.device)?, spec.clone(), &params, adamw, cfg.batch)?;
+    let test = Arc::new(splits.test);
+    let res = eval::evaluate(&mut net, &test, (0..test.len()).collect(), Augment::None, 0)?;
+    let rows = eval::strategies(&res, Strategy::All, best_state.best_layer);
+    let title = format!("test ({} images), best epoch {} of {}", test.len(), best_state.best_epoch, cfg.epochs);
+    println!("{}", eval::format_table(&title, &rows, &res));
+    let summary = Summary {
+        dataset: cfg.dataset.name().into(),
+        model: spec.arch.clone(),
+        params_trainable: spec.conv_params() + spec.head_params(),
+        epochs: cfg.epochs,
+        best_epoch: best_state.best_epoch,
+        best_val: best_state.best_val,
+        test: rows,
+        test_layer_top1: res.layer_acc(),
+        test_images: test.len(),
+        train_seconds,
+        train_images_per_s: if train_seconds > 0.0 { train_images as f64 / train_seconds } else { 0.0 },
+    };
+    checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
+}
+
+/// Reads a run folder's config for `--resume`.
+pub fn load_run_config(dir: &Path) -> Result<TrainConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--resume {}: no config.json", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    serde_json::from_value(v.get("train").cloned().unwrap_or_default())
+        .with_context(|| format!("{}: not an asge run config", path.display()))
+}
+
+fn progress(opts: RunOptions, len: u64, prefix: String) -> ProgressBar {
+    if opts.quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
+struct EpochSums {
+    images: usize,
+    layer_loss: Vec<f64>,
+    layer_correct: Vec<usize>,
+    head_loss: f64,
+    head_correct: usize,
+}
+
+impl EpochSums {
+    fn new(layers: usize) -> Self {
+        EpochSums {
+            images: 0,
+            layer_loss: vec![0.0; layers],
+            layer_correct: vec![0; layers],
+            head_loss: 0.0,
+            head_correct: 0,
+        }
+    }
+    fn add(&mut self, s: &super::StepStats) {
+        self.images += s.batch;
+        for (i, (&l, &c)) in s.layer_loss.iter().zip(&s.layer_correct).enumerate() {
+            self.layer_loss[i] += l * s.batch as f64;
+            self.layer_correct[i] += c;
+        }
+        self.head_loss += s.head_loss * s.batch as f64;
+        self.head_correct += s.head_correct;
+    }
+    fn metrics(&self, epoch: usize, lr: f64, seconds: f64, val: Option<&EvalResult>) -> EpochMetrics {
+        let n = self.images.max(1) as f64;
+        EpochMetrics {
+            epoch,
+            lr,
+            train_layer_loss: self.layer_loss.iter().map(|l| l / n).collect(),
+            train_layer_acc: self.layer_correct.iter().map(|&c| c as f64 / n).collect(),
+            train_fusion_loss: self.head_loss / n,
+            train_fusion_acc: self.head_correct as f64 / n,
+            val_layer_acc: val.map(EvalResult::layer_acc),
+            val_fusion_acc: val.map(|v| v.fusion.top1_acc()),
+            images_per_s: self.images as f64 / seconds,
+            seconds,
+        }
+    }
+}
+
+fn epoch_line(m: &EpochMetrics) -> String {
+    let pct = |v: &[f64]| v.iter().map(|a| format!("{:.1}", 100.0 * a)).collect::<Vec<_>>().join(" ");
+    let mut s = format!(
+        "epoch {:>3}  lr {:.3e}  {:.0} img/s  {:.1}s  train acc [{}] fusion {:.2}%",
+        m.epoch,
+        m.lr,
+        m.images_per_s,
+        m.seconds,
+        pct(&m.train_layer_acc),
+        100.0 * m.train_fusion_acc
+    );
+    if let (Some(l), Some(f)) = (&m.val_layer_acc, m.val_fusion_acc) {
+        s += &format!("  val [{}] fusion {:.2}%", pct(l), 100.0 * f);
+    }
+    s
+}
+
+fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot append", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(m)?)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+/// Drops metric lines of epochs past the checkpoint (an interrupted epoch may have logged before dying).
+fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<EpochMetrics>(l).map(|m| m.epoch <= epochs_done).unwrap_or(false))
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    checkpoint::write_atomic(path, body.as_bytes())
+}
+
+/// `asge eval`: evaluates a checkpoint on a dataset's test file.
+pub fn eval_checkpoint(
+    path: &Path,
+    dataset: DatasetKind,
+    data_dir: &Path,
+    strategy: Strategy,
+    batch: usize,
+    limit_test: Option<usize>,
+) -> Result<(Vec<StrategyResult>, EvalResult, Arc<Dataset>)> {
+    let ck = checkpoint::load(path)?;
+    let spec = ck.spec.clone().with_context(|| {
+        format!("{}: no asge.model metadata (not written by asge); train with --init to use it", path.display())
+    })?;
+    let splits = data::load(dataset, data_dir, Some(0), limit_test)?;
+    let test = Arc::new(splits.test);
+    if test.channels != spec.in_channels || test.classes != spec.classes {
+        bail!(
+            "{}: the model takes {} channel(s) and {} classes; --dataset {} has {} and {}",
+            path.display(),
+            spec.in_channels,
+            spec.classes,
+            dataset.name(),
+            test.channels,
+            test.classes
+        );
+    }
+    let params = ck.params_for(path, &spec)?;
+    let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
+    let mut net = Net::new(CpuBackend::new(), spec, &params, AdamW::default(), batch)?;
+    let res = eval::evaluate(&mut net, &test, (0..test.len()).collect(), Augment::None, 0)?;
+    Ok((eval::strategies(&res, strategy, best_layer), res, test))
+}
