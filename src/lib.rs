@@ -12,6 +12,7 @@
 //! - [`eval`]: the prediction strategies (last, best, fusion) and top-k accuracy.
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod model;

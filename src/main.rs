@@ -26,6 +26,31 @@ enum Cmd {
     Eval(EvalArgs),
     /// Describe this build: backends, threads, the models' shapes.
     Info,
+    /// Time every op of a training step and the whole step against ceilings measured on the spot.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "vgg8")]
+    model: String,
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Input channels (1: MNIST-like, 3: CIFAR-like).
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Timed repetitions per op; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +157,7 @@ fn run_cli(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval_cmd(a),
+        Cmd::Bench(a) => bench(a),
         Cmd::Info => {
             info();
             Ok(())
@@ -193,6 +219,26 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&body)?)
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
     eprintln!("wrote {}", json_path.display());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.device == "cpu", "--device {}: this build benchmarks the cpu backend only", a.device);
+    anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
+    let o = asge::bench::BenchOptions {
+        model: a.model,
+        width: a.width,
+        batch: a.batch,
+        channels: a.channels,
+        classes: a.classes,
+        reps: a.reps,
+    };
+    let r = asge::bench::run_cpu(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", asge::bench::format_report(&r));
+    }
     Ok(())
 }
 

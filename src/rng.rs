@@ -25,6 +25,26 @@ pub fn uniform_f32(key: u64, i: u64) -> f32 {
     (mix64(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// Chris Wellons' `lowbias32`: a 32-bit integer hash with near-ideal avalanche, cheap on SIMD lanes and GPUs.
+#[inline(always)]
+pub fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// The per-element uniform in [0, 1) of the dropout masks: two rounds of [`lowbias32`] keyed by the two halves
+/// of `key`. 32-bit so that it vectorises on the CPU and costs a few instructions in a CUDA kernel; the element
+/// index of one layer's output fits in 32 bits for any realistic batch.
+#[inline(always)]
+pub fn dropout_uniform(key: u64, i: u32) -> f32 {
+    let x = lowbias32(lowbias32(i ^ key as u32) ^ (key >> 32) as u32);
+    (x >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
 /// A sequential generator over one stream: `next_u64` walks the counter.
 #[derive(Clone, Debug)]
 pub struct Rng {

@@ -181,7 +181,8 @@ fn conv_wgrad_matches_finite_differences_of_the_layer_loss() {
         let mut g = vec![0.0; s.batch * dim];
         conv::conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g);
         let (mut logits, mut dg, mut stats) = (vec![0.0; s.batch * classes], vec![0.0; s.batch * dim], vec![0.0; 2]);
-        ops::goodness_loss(s.batch, dim, classes, &g, &pw, &pb, &labels, &mut logits, Some(&mut dg), &mut stats).unwrap();
+        ops::goodness_loss(s.batch, dim, classes, &g, &pw, &pb, &labels, &mut logits, Some(&mut dg), &mut stats)
+            .unwrap();
         let (mut dw, mut db) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.c_out]);
         conv::conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y, &dg, &mut dw, &mut db);
 
@@ -230,7 +231,8 @@ fn wgrad_is_independent_of_chunking_and_batch_split() {
     let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; 16]);
     conv::conv_goodness_wgrad(&s, &grid, GoodnessReduce::Mean, &x, &y, &dg, &mut dw, &mut db);
     let half = ConvShape { batch: 10, ..s };
-    let (mut dw1, mut db1, mut dw2, mut db2) = (vec![0.0; s.w_len()], vec![0.0; 16], vec![0.0; s.w_len()], vec![0.0; 16]);
+    let (mut dw1, mut db1, mut dw2, mut db2) =
+        (vec![0.0; s.w_len()], vec![0.0; 16], vec![0.0; s.w_len()], vec![0.0; 16]);
     let (xh, yh, gh) = (s.x_len() / 2, s.y_len() / 2, 10 * 64);
     conv::conv_goodness_wgrad(&half, &grid, GoodnessReduce::Mean, &x[..xh], &y[..yh], &dg[..gh], &mut dw1, &mut db1);
     conv::conv_goodness_wgrad(&half, &grid, GoodnessReduce::Mean, &x[xh..], &y[yh..], &dg[gh..], &mut dw2, &mut db2);
@@ -260,7 +262,10 @@ fn layer_output_pools_drops_and_normalises() {
                             o[(ch * ho + i) * wo + j] = match pool {
                                 None => at(i, j),
                                 Some(PoolKind::Avg) => {
-                                    (at(2 * i, 2 * j) + at(2 * i, 2 * j + 1) + at(2 * i + 1, 2 * j) + at(2 * i + 1, 2 * j + 1))
+                                    (at(2 * i, 2 * j)
+                                        + at(2 * i, 2 * j + 1)
+                                        + at(2 * i + 1, 2 * j)
+                                        + at(2 * i + 1, 2 * j + 1))
                                         / 4.0
                                 }
                                 Some(PoolKind::Rms) => ((at(2 * i, 2 * j).powi(2)
@@ -275,7 +280,7 @@ fn layer_output_pools_drops_and_normalises() {
                 }
                 if let Some(d) = dropout {
                     for (k, v) in o.iter_mut().enumerate() {
-                        let keep = asge::rng::uniform_f32(d.key, (b * per + k) as u64) >= d.p;
+                        let keep = asge::rng::dropout_uniform(d.key, (b * per + k) as u32) >= d.p;
                         *v = if keep { *v / (1.0 - d.p as f64) } else { 0.0 };
                     }
                     zeros += o.iter().filter(|&&v| v == 0.0).count();
@@ -284,7 +289,8 @@ fn layer_output_pools_drops_and_normalises() {
                 let want: Vec<f64> = o.iter().map(|v| v / rms).collect();
                 assert_close(&format!("{pool:?} {dropout:?} sample {b}"), &out[b * per..][..per], &want, 1e-5, 1e-6);
                 // Per-sample RMS of the output is 1.
-                let got_rms = (out[b * per..][..per].iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / per as f64).sqrt();
+                let got_rms =
+                    (out[b * per..][..per].iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / per as f64).sqrt();
                 assert!((got_rms - 1.0).abs() < 1e-5, "rms {got_rms}");
                 for ch in 0..c {
                     let m = want[ch * ho * wo..][..ho * wo].iter().sum::<f64>() / (ho * wo) as f64;
@@ -314,7 +320,10 @@ fn fusion_heads_match_finite_differences() {
                 .map(|n| {
                     (0..2)
                         .map(|k| {
-                            bs[k][n] + (0..dims[k]).map(|j| ws[k][n * dims[k] + j] * feats[k][b * dims[k] + j] as f64).sum::<f64>()
+                            bs[k][n]
+                                + (0..dims[k])
+                                    .map(|j| ws[k][n * dims[k] + j] * feats[k][b * dims[k] + j] as f64)
+                                    .sum::<f64>()
                         })
                         .sum()
                 })

@@ -33,7 +33,7 @@ impl ConvShape {
 }
 
 /// Dropout on a layer's output: element `i` (flat index in `[B, C, H', W']`) is kept when
-/// `rng::uniform_f32(key, i) >= p`, and kept values are scaled by `1 / (1 - p)`.
+/// `rng::dropout_uniform(key, i) >= p`, and kept values are scaled by `1 / (1 - p)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     pub p: f32,

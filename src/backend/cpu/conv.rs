@@ -38,10 +38,12 @@ fn with_scratch<R>(a_len: usize, b_len: usize, f: impl FnOnce(&mut [f32], &mut [
     })
 }
 
-/// Samples per chunk for a batch of `batch` maps of `hw` pixels.
-pub fn samples_per_chunk(batch: usize, hw: usize) -> usize {
+/// Samples per chunk for a batch of `batch` maps of `hw` pixels, cut into at least `min_chunks` chunks when
+/// the batch allows. The forward asks for 8 (load balance, no reduction); the weight gradient for 2, since its
+/// GEMMs contract over the chunk and a short contraction spends its time re-reading the `dW` partial.
+pub fn samples_per_chunk(batch: usize, hw: usize, min_chunks: usize) -> usize {
     let by_cols = TARGET_COLS.div_ceil(hw);
-    let by_parallelism = batch.div_ceil(8);
+    let by_parallelism = batch.div_ceil(min_chunks);
     by_cols.min(by_parallelism).clamp(1, batch.max(1))
 }
 
@@ -76,6 +78,38 @@ pub fn im2col(x: &[f32], n_samples: usize, c_in: usize, h: usize, w: usize, col:
                                 dst[w - 1] = 0.0;
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transposed lowering for the weight gradient: `col_t[s*H*W + oh*W + ow, ci*9 + kh*3 + kw] =
+/// x[s, ci, oh + kh - 1, ow + kw - 1]`, one contiguous row of `C_in*9` taps per output pixel, so that
+/// `dW = dz col_t` is a GEMM over two row-major operands.
+pub fn im2col_t(x: &[f32], n_samples: usize, c_in: usize, h: usize, w: usize, col_t: &mut [f32]) {
+    let hw = h * w;
+    let k = c_in * 9;
+    debug_assert!(x.len() >= n_samples * c_in * hw && col_t.len() >= n_samples * hw * k);
+    for s in 0..n_samples {
+        let xs = &x[s * c_in * hw..][..c_in * hw];
+        for oh in 0..h {
+            for ow in 0..w {
+                let dst = &mut col_t[(s * hw + oh * w + ow) * k..][..k];
+                for ci in 0..c_in {
+                    let map = &xs[ci * hw..][..hw];
+                    for kh in 0..3 {
+                        let taps = &mut dst[ci * 9 + kh * 3..][..3];
+                        let ih = oh + kh;
+                        if ih == 0 || ih > h {
+                            taps.fill(0.0);
+                            continue;
+                        }
+                        let row = &map[(ih - 1) * w..][..w];
+                        taps[0] = if ow > 0 { row[ow - 1] } else { 0.0 };
+                        taps[1] = row[ow];
+                        taps[2] = if ow + 1 < w { row[ow + 1] } else { 0.0 };
                     }
                 }
             }
@@ -136,9 +170,7 @@ pub fn patch_goodness(ymap: &[f32], grid: &PatchGrid, reduce: GoodnessReduce, g:
         for (j, &(c0, c1)) in grid.cols.iter().enumerate() {
             let mut acc = 0.0f32;
             for r in r0..r1 {
-                for &v in &ymap[r * w + c0..r * w + c1] {
-                    acc += v * v;
-                }
+                acc += super::ops::sum_squares(&ymap[r * w + c0..r * w + c1]);
             }
             g[i * p + j] = match reduce {
                 GoodnessReduce::Mean => acc / grid.area(i, j) as f32,
@@ -194,7 +226,7 @@ pub fn conv_goodness_fwd(
     let hw = s.h * s.w;
     let k = s.c_in * 9;
     let d = s.c_out * grid.cells();
-    let spc = samples_per_chunk(s.batch, hw);
+    let spc = samples_per_chunk(s.batch, hw, 8);
     let (x, w, b) = (&x[..s.x_len()], &w[..s.w_len()], &b[..s.c_out]);
     y[..s.y_len()]
         .par_chunks_mut(spc * s.c_out * hw)
@@ -238,7 +270,7 @@ pub fn conv_goodness_wgrad(
     let hw = s.h * s.w;
     let k = s.c_in * 9;
     let d = s.c_out * grid.cells();
-    let spc = samples_per_chunk(s.batch, hw);
+    let spc = samples_per_chunk(s.batch, hw, 2);
     let n_chunks = s.batch.div_ceil(spc);
     let groups = n_chunks.min(WGRAD_GROUPS);
     let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..groups)
@@ -252,18 +284,18 @@ pub fn conv_goodness_wgrad(
                 let n_s = spc.min(s.batch - s0);
                 let n = n_s * hw;
                 with_scratch(k * n, s.c_out * n, |col, dz| {
-                    im2col(&x[s0 * s.c_in * hw..][..n_s * s.c_in * hw], n_s, s.c_in, s.h, s.w, col);
+                    im2col_t(&x[s0 * s.c_in * hw..][..n_s * s.c_in * hw], n_s, s.c_in, s.h, s.w, col);
                     for si in 0..n_s {
                         for c in 0..s.c_out {
                             let ymap = &y[((s0 + si) * s.c_out + c) * hw..][..hw];
                             let dgc = &dg[(s0 + si) * d + c * grid.cells()..][..grid.cells()];
                             let dzr = &mut dz[c * n + si * hw..][..hw];
                             goodness_dz(ymap, dgc, grid, reduce, dzr);
-                            db_acc[c] += dzr.iter().sum::<f32>();
+                            db_acc[c] += super::ops::sum(dzr);
                         }
                     }
-                    // dW[c, kk] += sum_n dz[c, n] * col[kk, n]
-                    sgemm(s.c_out, k, n, &mut dw_acc, k, true, dz, n, 1, col, 1, n);
+                    // dW[c, kk] += sum_n dz[c, n] * col_t[n, kk]
+                    sgemm(s.c_out, k, n, &mut dw_acc, k, true, dz, n, 1, col, k, 1);
                 });
             }
             (dw_acc, db_acc)

@@ -8,6 +8,33 @@ use crate::rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
+/// `sum v^2` with 16 independent accumulators, so the compiler can keep it in vector registers (a single
+/// f32 accumulator is a serial chain of adds that no compiler may reorder).
+pub fn sum_squares(v: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x * x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().map(|&x| x * x).sum::<f32>()
+}
+
+/// `sum v`, vectorised like [`sum_squares`].
+pub fn sum(v: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
 /// Softmax cross-entropy of one row of logits: returns (loss, argmax == label) and writes
 /// `da = (softmax(a) - onehot(label)) * scale` when asked.
 pub fn softmax_ce(a: &[f32], label: usize, scale: f32, da: Option<&mut [f32]>) -> (f64, bool) {
@@ -135,20 +162,20 @@ pub fn layer_output(
         }
         if let Some(Dropout { p, key }) = dropout {
             let keep_scale = 1.0 / (1.0 - p);
-            let base = (b * per_out) as u64;
+            let base = (b * per_out) as u32;
             for (i, v) in o.iter_mut().enumerate() {
-                *v = if rng::uniform_f32(key, base + i as u64) >= p { *v * keep_scale } else { 0.0 };
+                let keep = rng::dropout_uniform(key, base.wrapping_add(i as u32)) >= p;
+                *v = if keep { *v * keep_scale } else { 0.0 };
             }
         }
-        let ms = o.iter().map(|&v| v * v).sum::<f32>() / per_out as f32;
-        let denom = ms.sqrt() + crate::RMS_EPS;
+        let denom = (sum_squares(o) / per_out as f32).sqrt() + crate::RMS_EPS;
         for v in o.iter_mut() {
             *v /= denom;
         }
         if let Some(gap_row) = gap_row {
             let hw = ho * wo;
             for (ch, gv) in gap_row.iter_mut().enumerate() {
-                *gv = o[ch * hw..][..hw].iter().sum::<f32>() / hw as f32;
+                *gv = sum(&o[ch * hw..][..hw]) / hw as f32;
             }
         }
     };

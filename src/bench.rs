@@ -1,0 +1,252 @@
+//! `asge bench`: every op of a training step at a model's layer shapes, and the whole step, timed on this
+//! machine and compared with ceilings measured on the spot (a large GEMM through the same GEMM library the
+//! backend uses, all threads; a large memory copy).
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use crate::model::{self, ModelOptions, Params};
+use crate::rng::Rng;
+use crate::train::{AdamW, Net};
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub model: String,
+    pub width: f64,
+    pub batch: usize,
+    pub channels: usize,
+    pub classes: usize,
+    /// Timed repetitions per op (the median is reported).
+    pub reps: usize,
+}
+
+/// One row: what ran, its median time, and its rate against the matching ceiling.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub op: String,
+    pub layer: Option<usize>,
+    pub ms: f64,
+    /// FLOP/s (compute-bound ops) or bytes/s (memory-bound ops), per `unit`.
+    pub rate: f64,
+    pub unit: &'static str,
+    pub pct_of_ceiling: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub model: String,
+    pub width: f64,
+    pub batch: usize,
+    pub gemm_ceiling_gflops: f64,
+    pub copy_ceiling_gbs: f64,
+    pub rows: Vec<BenchRow>,
+    pub step_ms: f64,
+    pub images_per_s: f64,
+    /// Forward + weight-gradient FLOPs per image (the convs; everything else is < 1%).
+    pub flop_per_image: f64,
+}
+
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up: page faults, caches, lazy allocation
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[t.len() / 2]
+}
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+/// Best GFLOP/s of a square f32 GEMM on all threads, through `gemm` (the backend's GEMM).
+pub fn gemm_ceiling_gflops() -> f64 {
+    let n = 1536;
+    let a = randn(n * n, 1);
+    let b = randn(n * n, 2);
+    let mut c = vec![0.0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let ms = (0..4)
+        .map(|_| {
+            let t0 = Instant::now();
+            // SAFETY: three distinct n x n row-major buffers.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    n,
+                    n,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    n as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            };
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min);
+    std::hint::black_box(&c);
+    2.0 * (n * n * n) as f64 / (ms * 1e-3) / 1e9
+}
+
+/// Best GB/s (read + write) of copying 256 MiB, split over all threads.
+pub fn copy_ceiling_gbs() -> f64 {
+    use rayon::prelude::*;
+    let n = 64 << 20;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let ms = (0..4)
+        .map(|_| {
+            let t0 = Instant::now();
+            dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min);
+    std::hint::black_box(&dst);
+    (2 * 4 * n) as f64 / (ms * 1e-3) / 1e9
+}
+
+/// Times every op at the model's layer shapes on the CPU backend, then the whole training step.
+pub fn run_cpu(o: &BenchOptions) -> Result<BenchReport> {
+    let be = CpuBackend::new();
+    let spec =
+        model::resolve(&o.model, o.channels, 32, o.classes, &ModelOptions { width: o.width, ..Default::default() })?;
+    let gemm_peak = gemm_ceiling_gflops();
+    let copy_peak = copy_ceiling_gbs();
+    let b = o.batch;
+    let n = o.classes;
+    let labels: Vec<u32> = (0..b as u32).map(|i| i % n as u32).collect();
+    let mut rows = Vec::new();
+    let mut flop_per_image = 0.0;
+    let compute = |op: &str, layer, ms: f64, flop: f64| BenchRow {
+        op: op.into(),
+        layer: Some(layer),
+        ms,
+        rate: flop / (ms * 1e-3),
+        unit: "FLOP/s",
+        pct_of_ceiling: 100.0 * flop / (ms * 1e-3) / (gemm_peak * 1e9),
+    };
+    let memory = |op: &str, layer, ms: f64, bytes: f64| BenchRow {
+        op: op.into(),
+        layer: Some(layer),
+        ms,
+        rate: bytes / (ms * 1e-3),
+        unit: "B/s",
+        pct_of_ceiling: 100.0 * bytes / (ms * 1e-3) / (copy_peak * 1e9),
+    };
+    for (i, l) in spec.layers.iter().enumerate() {
+        let s = ConvShape { batch: b, c_in: l.c_in, c_out: l.c_out, h: l.h, w: l.w };
+        let grid = l.grid();
+        let d = l.goodness_dim();
+        let x = randn(s.x_len(), 10 + i as u64);
+        let mut w = randn(s.w_len(), 20 + i as u64);
+        let bias = vec![0.01f32; l.c_out];
+        let proj = randn(d * n, 30 + i as u64);
+        let proj_b = vec![0.0f32; n];
+        let (mut y, mut g, mut dg) = (vec![0.0; s.y_len()], vec![0.0; b * d], vec![0.0; b * d]);
+        let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; l.c_out]);
+        let (mut logits, mut stats) = (vec![0.0; b * n], vec![0.0; 2]);
+        let flop = 2.0 * (l.conv_macs() * b) as f64;
+        flop_per_image += 2.0 * flop / b as f64;
+        let ms = median_ms(o.reps, || {
+            be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w, &bias, &mut y, &mut g).unwrap()
+        });
+        rows.push(compute("conv_goodness_fwd", i + 1, ms, flop));
+        let ms = median_ms(o.reps, || {
+            be.goodness_loss(b, d, n, &g, &proj, &proj_b, &labels, &mut logits, Some(&mut dg), &mut stats).unwrap()
+        });
+        rows.push(memory("goodness_loss", i + 1, ms, 4.0 * (2 * b * d + d * n) as f64));
+        let ms = median_ms(o.reps, || {
+            be.conv_goodness_wgrad(&s, &grid, spec.goodness, &x, &y, &dg, &mut dw, &mut db).unwrap()
+        });
+        rows.push(compute("conv_goodness_wgrad", i + 1, ms, flop));
+        let (mut m, mut v) = (vec![0.0; s.w_len()], vec![0.0; s.w_len()]);
+        let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
+        let ms = median_ms(o.reps, || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h).unwrap());
+        rows.push(memory("adamw", i + 1, ms, 4.0 * 7.0 * s.w_len() as f64));
+        let (ho, wo) = l.out_hw();
+        let mut out = vec![0.0; b * l.c_out * ho * wo];
+        let mut gap = vec![0.0; b * l.c_out];
+        let pool = l.pool.then_some(spec.pool_kind);
+        let ms = median_ms(o.reps, || {
+            let drop = Some(Dropout { p: 0.1, key: 7 });
+            be.layer_output(b, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap)).unwrap()
+        });
+        rows.push(memory("layer_output", i + 1, ms, 4.0 * (s.y_len() + out.len()) as f64));
+    }
+    let params = Params::init(&spec, 1);
+    let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), b)?;
+    let x = randn(b * o.channels * 32 * 32, 99);
+    let mut step = 0;
+    let step_ms = median_ms(o.reps, || {
+        step += 1;
+        net.train_step(&x, &labels, 1e-4, step, Some((0.1, step))).unwrap();
+    });
+    Ok(BenchReport {
+        device: net.backend().name(),
+        model: format!("{} width {} ({}x32x32, N={})", spec.arch, o.width, o.channels, n),
+        width: o.width,
+        batch: b,
+        gemm_ceiling_gflops: gemm_peak,
+        copy_ceiling_gbs: copy_peak,
+        rows,
+        step_ms,
+        images_per_s: b as f64 / (step_ms * 1e-3),
+        flop_per_image,
+    })
+}
+
+/// The report as a table.
+pub fn format_report(r: &BenchReport) -> String {
+    let mut s = format!(
+        "asge bench: {} on {}, batch {}\nceilings (measured now): GEMM {:.1} GFLOP/s (gemm crate, all threads), copy {:.1} GB/s\n\n",
+        r.model, r.device, r.batch, r.gemm_ceiling_gflops, r.copy_ceiling_gbs
+    );
+    s += &format!("{:<22} {:>5} {:>10} {:>14} {:>9}\n", "op", "layer", "ms", "rate", "% ceil");
+    for row in &r.rows {
+        let rate = if row.unit == "FLOP/s" {
+            format!("{:.1} GFLOP/s", row.rate / 1e9)
+        } else {
+            format!("{:.1} GB/s", row.rate / 1e9)
+        };
+        s += &format!(
+            "{:<22} {:>5} {:>10.3} {:>14} {:>8.1}%\n",
+            row.op,
+            row.layer.map(|l| l.to_string()).unwrap_or_default(),
+            row.ms,
+            rate,
+            row.pct_of_ceiling
+        );
+    }
+    let per_op: f64 = r.rows.iter().map(|x| x.ms).sum();
+    let achieved = r.flop_per_image * r.images_per_s / 1e9;
+    s += &format!(
+        "\ntrain step: {:.2} ms ({:.0} images/s; sum of the ops above {:.2} ms)\nconv FLOPs (forward + weight gradient): {:.3} GFLOP/image -> {:.1} GFLOP/s, {:.1}% of the GEMM ceiling\n",
+        r.step_ms,
+        r.images_per_s,
+        per_op,
+        r.flop_per_image / 1e9,
+        achieved,
+        100.0 * achieved / r.gemm_ceiling_gflops
+    );
+    s
+}
