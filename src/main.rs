@@ -118,6 +118,9 @@ struct TrainArgs {
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
+    /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
+    #[arg(long)]
+    stop_after: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -166,7 +169,7 @@ fn run_cli(cli: Cli) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let opts = RunOptions { quiet: a.quiet };
+    let opts = RunOptions { quiet: a.quiet, stop_after: a.stop_after };
     if let Some(dir) = &a.resume {
         let cfg = run::load_run_config(dir)?;
         run::train(&cfg, dir, true, opts)?;

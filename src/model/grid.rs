@@ -47,7 +47,7 @@ impl PatchGrid {
 
     /// True when every pixel lies in exactly one cell (P divides H and W).
     pub fn is_partition(&self) -> bool {
-        self.h % self.p == 0 && self.w % self.p == 0
+        self.h.is_multiple_of(self.p) && self.w.is_multiple_of(self.p)
     }
 }
 

@@ -151,10 +151,13 @@ pub struct Summary {
     pub train_images_per_s: f64,
 }
 
-/// Output options that do not change the numbers.
+/// Options that do not change the numbers.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
     pub quiet: bool,
+    /// Stop (with a checkpoint, before the test evaluation) once this many epochs of the schedule are done;
+    /// `--resume` continues. One epoch of a 100-epoch schedule is `--epochs 100 --stop-after 1`.
+    pub stop_after: Option<usize>,
 }
 
 fn say(opts: RunOptions, msg: impl AsRef<str>) {
@@ -187,8 +190,9 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(data::Splits, ModelSpec)> {
 }
 
 /// Trains a fresh run (or resumes one when `resume` is set) in `out`, then evaluates the best checkpoint on
-/// the test set. Returns the summary that is also written to `out/summary.json`.
-pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> Result<Summary> {
+/// the test set. Returns the summary that is also written to `out/summary.json` (none when `stop_after` ended
+/// the run early).
+pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> Result<Option<Summary>> {
     let (splits, spec) = prepare(cfg)?;
     let be = cpu_backend(&cfg.device)?;
     std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
@@ -250,7 +254,8 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> R
     let aug = cfg.augmentation();
     let mut train_seconds = 0.0;
     let mut train_images = 0usize;
-    for epoch in state.epochs_done..cfg.epochs {
+    let end = opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
+    for epoch in state.epochs_done..end {
         let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
         let mut order = train_idx.clone();
         if cfg.shuffle {
@@ -312,6 +317,14 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> R
         checkpoint::save(&last_path, &net, &state, &config_json)?;
     }
 
+    if end < cfg.epochs {
+        say(
+            opts,
+            format!("asge: stopped after epoch {end} of {}; continue with --resume {}", cfg.epochs, out.display()),
+        );
+        return Ok(None);
+    }
+
     // Test: reload the best checkpoint.
     let best = checkpoint::load(&best_path).context("the run has no best.safetensors")?;
     let best_state = best.state.clone().unwrap_or_default();
@@ -336,7 +349,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> R
         train_images_per_s: if train_seconds > 0.0 { train_images as f64 / train_seconds } else { 0.0 },
     };
     checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// Reads a run folder's config for `--resume`.
