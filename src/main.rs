@@ -51,6 +51,9 @@ struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// Time only the whole training step.
+    #[arg(long)]
+    step_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +238,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         channels: a.channels,
         classes: a.classes,
         reps: a.reps,
+        step_only: a.step_only,
     };
     let r = asge::bench::run_cpu(&o)?;
     if a.json {

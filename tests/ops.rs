@@ -393,3 +393,21 @@ fn adamw_matches_pytorch_formula_in_f64() {
     ops::adamw(&mut q, &[3.0], &mut [0.0], &mut [0.0], &h);
     assert!((q[0] - 0.499).abs() < 1e-6, "{}", q[0]);
 }
+
+#[test]
+fn goodness_is_flattened_channel_major() {
+    // One bright pixel in channel 2 at (5, 1) of an 8x8 map with P = 4 lands in cell (i, j) = (2, 0):
+    // flat index c * P^2 + i * P + j = 2 * 16 + 8 + 0 = 40, and nowhere else.
+    let s = ConvShape { batch: 1, c_in: 1, c_out: 3, h: 8, w: 8 };
+    let grid = PatchGrid::new(4, 8, 8);
+    let mut x = vec![0.0f32; 64];
+    x[5 * 8 + 1] = 1.0;
+    // Only channel 2's centre tap is non-zero, so y is x copied into channel 2.
+    let mut w = vec![0.0f32; s.w_len()];
+    w[2 * 9 + 4] = 2.0;
+    let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; 48]);
+    conv::conv_goodness_fwd(&s, &grid, GoodnessReduce::Mean, &x, &w, &[0.0; 3], &mut y, &mut g);
+    let nonzero: Vec<usize> = g.iter().enumerate().filter(|(_, &v)| v != 0.0).map(|(i, _)| i).collect();
+    assert_eq!(nonzero, vec![40]);
+    assert_eq!(g[40], 4.0 / 4.0); // y = 2 -> y^2 = 4, over a 2x2 bin
+}

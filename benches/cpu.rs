@@ -1,0 +1,128 @@
+//! Criterion benchmarks of the CPU backend: every op at the VGG8 layer shapes (batch 128, 32x32 inputs,
+//! width 0.25 and 1.0), and the whole training step. Throughput is FLOP/s for the convolutions
+//! (`Throughput::Elements` = FLOPs: read criterion's "elem/s" as FLOP/s) and bytes/s for the memory-bound ops.
+//! Inputs rotate over several buffers so the caches do not flatter the numbers.
+//!
+//! `cargo bench --bench cpu` (all), `cargo bench --bench cpu -- 'w0.25/layer2'` (a subset),
+//! `cargo test --benches` (each once, as CI does).
+
+use asge::backend::cpu::CpuBackend;
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::model::{self, ModelOptions, Params};
+use asge::rng::Rng;
+use asge::train::{AdamW, Net};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+use std::time::Duration;
+
+const BATCH: usize = 128;
+const ROTATE: usize = 3;
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+fn ops(c: &mut Criterion) {
+    let be = CpuBackend::new();
+    for width in [0.25, 1.0] {
+        let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions { width, ..Default::default() }).unwrap();
+        let mut g = c.benchmark_group(format!("vgg8-w{width}"));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+        let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+        for (i, l) in spec.layers.iter().enumerate() {
+            let s = ConvShape { batch: BATCH, c_in: l.c_in, c_out: l.c_out, h: l.h, w: l.w };
+            let grid = l.grid();
+            let d = l.goodness_dim();
+            let xs: Vec<Vec<f32>> = (0..ROTATE).map(|r| randn(s.x_len(), (i * 10 + r) as u64)).collect();
+            let w = randn(s.w_len(), 100 + i as u64);
+            let bias = vec![0.01f32; l.c_out];
+            let (mut y, mut gd, mut dg) = (vec![0.0; s.y_len()], vec![0.0; BATCH * d], vec![0.0; BATCH * d]);
+            let flop = 2 * l.conv_macs() as u64 * BATCH as u64;
+            let layer = format!("layer{}", i + 1);
+
+            g.throughput(Throughput::Elements(flop));
+            let mut r = 0;
+            g.bench_function(BenchmarkId::new("conv_goodness_fwd", &layer), |b| {
+                b.iter(|| {
+                    r = (r + 1) % ROTATE;
+                    be.conv_goodness_fwd(&s, &grid, spec.goodness, &xs[r], &w, &bias, &mut y, &mut gd).unwrap();
+                })
+            });
+            let proj = randn(d * 10, 7);
+            let (mut logits, mut stats) = (vec![0.0; BATCH * 10], vec![0.0; 2]);
+            be.goodness_loss(
+                BATCH,
+                d,
+                10,
+                &gd,
+                &proj,
+                &[0.0; 10].to_vec(),
+                &labels,
+                &mut logits,
+                Some(&mut dg),
+                &mut stats,
+            )
+            .unwrap();
+            let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; l.c_out]);
+            g.bench_function(BenchmarkId::new("conv_goodness_wgrad", &layer), |b| {
+                b.iter(|| be.conv_goodness_wgrad(&s, &grid, spec.goodness, &xs[0], &y, &dg, &mut dw, &mut db).unwrap())
+            });
+
+            g.throughput(Throughput::Bytes(4 * (2 * BATCH * d + d * 10) as u64));
+            let pb = vec![0.0f32; 10];
+            g.bench_function(BenchmarkId::new("goodness_loss", &layer), |b| {
+                b.iter(|| {
+                    be.goodness_loss(BATCH, d, 10, &gd, &proj, &pb, &labels, &mut logits, Some(&mut dg), &mut stats)
+                        .unwrap()
+                })
+            });
+            let (ho, wo) = l.out_hw();
+            let mut out = vec![0.0; BATCH * l.c_out * ho * wo];
+            let mut gap = vec![0.0; BATCH * l.c_out];
+            let pool = l.pool.then_some(spec.pool_kind);
+            g.throughput(Throughput::Bytes(4 * (s.y_len() + out.len()) as u64));
+            g.bench_function(BenchmarkId::new("layer_output", &layer), |b| {
+                b.iter(|| {
+                    let drop = Some(Dropout { p: 0.1, key: 3 });
+                    be.layer_output(BATCH, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap)).unwrap()
+                })
+            });
+            let mut p = w.clone();
+            let (mut m, mut v) = (vec![0.0; s.w_len()], vec![0.0; s.w_len()]);
+            let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
+            g.throughput(Throughput::Bytes(4 * 7 * s.w_len() as u64));
+            g.bench_function(BenchmarkId::new("adamw", &layer), |b| {
+                b.iter(|| be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h).unwrap())
+            });
+            black_box((&y, &gd, &out));
+        }
+        g.finish();
+    }
+}
+
+fn train_step(c: &mut Criterion) {
+    for width in [0.25, 1.0] {
+        let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions { width, ..Default::default() }).unwrap();
+        let params = Params::init(&spec, 1);
+        let mut net = Net::new(CpuBackend::new(), spec.clone(), &params, AdamW::default(), BATCH).unwrap();
+        let xs: Vec<Vec<f32>> = (0..ROTATE).map(|r| randn(BATCH * 3 * 32 * 32, 50 + r as u64)).collect();
+        let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+        let mut g = c.benchmark_group("train_step");
+        g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+        // Forward + weight-gradient FLOPs of the convolutions; the rest of the step is < 1% of the FLOPs.
+        g.throughput(Throughput::Elements(4 * spec.conv_macs() as u64 * BATCH as u64));
+        let mut step = 0u64;
+        g.bench_function(BenchmarkId::new("vgg8", format!("w{width}-b{BATCH}")), |b| {
+            b.iter(|| {
+                step += 1;
+                let x = &xs[step as usize % ROTATE];
+                net.train_step(x, &labels, 1e-4, step, Some((0.1, step))).unwrap()
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, ops, train_step);
+criterion_main!(benches);
