@@ -143,6 +143,9 @@ struct EvalArgs {
     /// Where to write the JSON result (default: eval.json beside the checkpoint).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() {
@@ -210,7 +213,8 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
-    let (rows, res, test) = run::eval_checkpoint(&a.checkpoint, a.dataset, &a.data, a.strategy, a.batch, a.limit_test)?;
+    let (rows, res, test) =
+        run::eval_checkpoint(&a.checkpoint, a.dataset, &a.data, a.strategy, a.batch, a.limit_test, &a.device)?;
     let title = format!("{} on {} test ({} images)", a.checkpoint.display(), a.dataset.name(), test.len());
     println!("{}", eval::format_table(&title, &rows, &res));
     let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
@@ -226,6 +230,53 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
     eprintln!("wrote {}", json_path.display());
     Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_info() {
+    println!("cuda: not in this build (the `cuda` feature is off)");
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_info() {
+    use asge::backend::cuda::{self, nvrtc};
+    let mut archs = vec!["sm_80".to_string(), "sm_90".to_string()];
+    match cuda::probe() {
+        Ok(n) => {
+            for i in 0..n {
+                match cudarc::driver::CudaContext::new(i) {
+                    Ok(ctx) => {
+                        let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
+                        println!("cuda:{i}: {} (sm_{ma}{mi})", ctx.name().unwrap_or_default());
+                        archs.push(format!("sm_{ma}{mi}"));
+                    }
+                    Err(e) => println!("cuda:{i}: cannot open ({e:?})"),
+                }
+            }
+        }
+        Err(e) => println!("cuda: unavailable: {e:#}"),
+    }
+    if !nvrtc::available() {
+        println!("nvrtc: unavailable (libnvrtc.so.13 not on the loader path): kernels not compiled");
+        return;
+    }
+    let (mut ma, mut mi) = (0i32, 0i32);
+    // SAFETY: the library is present (checked above); nvrtcVersion writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut ma, &mut mi) };
+    println!("nvrtc: {ma}.{mi}");
+    archs.sort();
+    archs.dedup();
+    for arch in archs {
+        for (module, r) in nvrtc::compile_all(&arch) {
+            match r {
+                Ok(()) => println!("kernel {module:<22} {arch}: ok"),
+                Err(e) => println!(
+                    "kernel {module:<22} {arch}: FAILED {}",
+                    format!("{e:#}").lines().take(3).collect::<Vec<_>>().join(" | ")
+                ),
+            }
+        }
+    }
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
@@ -251,7 +302,8 @@ fn bench(a: BenchArgs) -> Result<()> {
 
 fn info() {
     println!("asge {}", env!("CARGO_PKG_VERSION"));
-    println!("backends: cpu ({} threads, f32, im2col + gemm); cuda: not in this build", rayon::current_num_threads());
+    println!("cpu: {} threads, f32, im2col + gemm", rayon::current_num_threads());
+    cuda_info();
     for (name, ch, classes) in [("vgg8", 1, 10), ("vgg8", 3, 10), ("vgg11", 3, 10), ("vgg11", 3, 100)] {
         if let Ok(spec) = asge::model::resolve(name, ch, 32, classes, &Default::default()) {
             println!(

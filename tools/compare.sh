@@ -24,7 +24,8 @@ export PYTHONPATH=${ASGE_TORCH:-$HOME/.cache/asge-torch}${PYTHONPATH:+:$PYTHONPA
 python3 -c "import torch" 2>/dev/null || { echo "compare.sh: PyTorch is not importable (run tools/install-torch.sh)" >&2; exit 1; }
 cargo build --release --quiet
 ASGE=${CARGO_TARGET_DIR:-target}/release/asge
-field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])['images_per_s'])"; }
+# images_per_s from a JSON document on stdin (asge prints one pretty JSON object, torch_step.py one line).
+field() { python3 -c "import json,sys; t=sys.stdin.read(); print(json.loads(t[t.index('{'):])['images_per_s'])"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); threads $THREADS; batch $BATCH; vgg8, $CH input channels"
 echo "torch: $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)"

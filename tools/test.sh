@@ -5,4 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export ASGE_DATA=${ASGE_DATA:-$PWD/data}
 tools/fetch-datasets.sh "$ASGE_DATA" mnist fashion-mnist cifar10
+# The real NVRTC (the PyPI wheel of the CUDA 13.0 toolkit's, as on the GPU machines): every kernel must compile.
+NVRTC=${ASGE_NVRTC:-$HOME/.cache/asge-nvrtc}
+if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$NVRTC" \
+    nvidia-cuda-nvrtc==13.0.88
+fi
+export LD_LIBRARY_PATH=$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cargo test --release --all-targets

@@ -6,6 +6,8 @@
 //! No op computes an input gradient: a layer's input is a constant to it.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::Result;

@@ -166,15 +166,42 @@ fn say(opts: RunOptions, msg: impl AsRef<str>) {
     }
 }
 
-/// A backend by `--device` name.
-pub fn cpu_backend(device: &str) -> Result<CpuBackend> {
-    match device {
-        "cpu" => Ok(CpuBackend::new()),
+/// Which backend a `--device` names.
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
         d if d == "cuda" || d.starts_with("cuda:") => {
-            bail!("--device {d}: this build has no CUDA backend yet; use --device cpu")
+            #[cfg(feature = "cuda")]
+            return Ok(Device::Cuda(crate::backend::cuda::parse_device(d)?));
+            #[cfg(not(feature = "cuda"))]
+            bail!("--device {d}: this build has no CUDA backend (build with the `cuda` feature)")
         }
-        d => bail!("--device {d}: unknown device (expected cpu)"),
+        d => bail!("--device {d}: unknown device (expected cpu, cuda or cuda:N)"),
     }
+}
+
+/// Calls `$body` with `$be` bound to the backend `--device` names (the trainer is generic over backends).
+macro_rules! with_backend {
+    ($device:expr, |$be:ident| $body:expr) => {
+        match device($device)? {
+            Device::Cpu => {
+                let $be = || -> Result<CpuBackend> { Ok(CpuBackend::new()) };
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let $be = || crate::backend::cuda::CudaBackend::new(n);
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!(),
+        }
+    };
 }
 
 /// Loads the data and resolves the model of a config.
@@ -193,8 +220,18 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(data::Splits, ModelSpec)> {
 /// the test set. Returns the summary that is also written to `out/summary.json` (none when `stop_after` ended
 /// the run early).
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> Result<Option<Summary>> {
+    with_backend!(&cfg.device, |make| train_on(cfg, out, resume, opts, make))
+}
+
+fn train_on<B: Backend>(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    opts: RunOptions,
+    make_backend: impl Fn() -> Result<B>,
+) -> Result<Option<Summary>> {
+    let be = make_backend()?;
     let (splits, spec) = prepare(cfg)?;
-    let be = cpu_backend(&cfg.device)?;
     std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
     let last_path = out.join("last.safetensors");
     let best_path = out.join("best.safetensors");
@@ -329,7 +366,8 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> R
     let best = checkpoint::load(&best_path).context("the run has no best.safetensors")?;
     let best_state = best.state.clone().unwrap_or_default();
     let params = best.params_for(&best_path, &spec)?;
-    let mut net = Net::new(cpu_backend(&cfg.device)?, spec.clone(), &params, adamw, cfg.batch)?;
+    drop(net);
+    let mut net = Net::new(make_backend()?, spec.clone(), &params, adamw, cfg.batch)?;
     let test = Arc::new(splits.test);
     let res = eval::evaluate(&mut net, &test, (0..test.len()).collect(), Augment::None, 0)?;
     let rows = eval::strategies(&res, Strategy::All, best_state.best_layer);
@@ -469,6 +507,19 @@ pub fn eval_checkpoint(
     strategy: Strategy,
     batch: usize,
     limit_test: Option<usize>,
+    device_name: &str,
+) -> Result<(Vec<StrategyResult>, EvalResult, Arc<Dataset>)> {
+    with_backend!(device_name, |make| eval_on(path, dataset, data_dir, strategy, batch, limit_test, make()?))
+}
+
+fn eval_on<B: Backend>(
+    path: &Path,
+    dataset: DatasetKind,
+    data_dir: &Path,
+    strategy: Strategy,
+    batch: usize,
+    limit_test: Option<usize>,
+    be: B,
 ) -> Result<(Vec<StrategyResult>, EvalResult, Arc<Dataset>)> {
     let ck = checkpoint::load(path)?;
     let spec = ck.spec.clone().with_context(|| {
@@ -489,7 +540,7 @@ pub fn eval_checkpoint(
     }
     let params = ck.params_for(path, &spec)?;
     let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
-    let mut net = Net::new(CpuBackend::new(), spec, &params, AdamW::default(), batch)?;
+    let mut net = Net::new(be, spec, &params, AdamW::default(), batch)?;
     let res = eval::evaluate(&mut net, &test, (0..test.len()).collect(), Augment::None, 0)?;
     Ok((eval::strategies(&res, strategy, best_layer), res, test))
 }

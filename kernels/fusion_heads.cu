@@ -1,0 +1,55 @@
+// The fusion heads: logits s = sum_k f_k W_k^T + b_k, softmax CE, and each head's gradient.
+//
+// heads_logits_f32: one thread per (sample, class); adds one head's f W^T + b into s (s zeroed first; heads run
+//   one after another on the stream, so no two threads write one element at a time).
+// heads_softmax_f32: one thread per sample: CE into stats, ds = (softmax(s) - onehot) / B.
+// heads_grad_f32: one thread per (class, feature) of one head: dW[n, j] = sum_b ds[b, n] f[b, j]; the threads of
+//   feature 0 also write db[n] = sum_b ds[b, n]. Deterministic: every element is one thread's ordered sum.
+extern "C" __global__ void heads_logits_f32(
+    const float* __restrict__ f, const float* __restrict__ w, const float* __restrict__ bias,
+    float* __restrict__ s, int B, int N, int C)
+{
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= B * N) return;
+    int b = t / N, n = t % N;
+    float acc = bias[n];
+    for (int j = 0; j < C; ++j) acc = fmaf(f[(long)b * C + j], w[(long)n * C + j], acc);
+    s[t] += acc;
+}
+
+extern "C" __global__ void heads_softmax_f32(
+    const float* __restrict__ s, const unsigned int* __restrict__ labels, float* __restrict__ ds,
+    float* __restrict__ stats, int B, int N)
+{
+    int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const float* a = s + (long)b * N;
+    int label = (int)labels[b];
+    float mx = a[0];
+    int arg = 0;
+    for (int n = 1; n < N; ++n)
+        if (a[n] > mx) { mx = a[n]; arg = n; }
+    float sum = 0.0f;
+    for (int n = 0; n < N; ++n) sum += expf(a[n] - mx);
+    float lse = mx + logf(sum);
+    for (int n = 0; n < N; ++n) ds[(long)b * N + n] = (expf(a[n] - lse) - (n == label ? 1.0f : 0.0f)) / (float)B;
+    atomicAdd(&stats[0], lse - a[label]);
+    atomicAdd(&stats[1], arg == label ? 1.0f : 0.0f);
+}
+
+extern "C" __global__ void heads_grad_f32(
+    const float* __restrict__ f, const float* __restrict__ ds, float* __restrict__ dw, float* __restrict__ db,
+    int B, int N, int C)
+{
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N * C) return;
+    int n = t / C, j = t % C;
+    float acc = 0.0f, bacc = 0.0f;
+    for (int b = 0; b < B; ++b) {
+        float d = ds[(long)b * N + n];
+        acc = fmaf(d, f[(long)b * C + j], acc);
+        bacc += d;
+    }
+    dw[t] = acc;
+    if (j == 0) db[n] = bacc;
+}

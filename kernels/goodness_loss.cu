@@ -1,0 +1,49 @@
+// goodness_loss_f32: a = g R + r, softmax cross-entropy, [loss, correct] added to stats, and
+// dg = (softmax(a) - onehot(label)) R^T / B when with_grad.
+//
+// Work split: one block of 256 threads per sample. Each class's logit is a block reduction over the D goodness
+// values (N reductions; N is 10 or 100 here); thread 0 does the softmax and the loss; then the block writes
+// the D entries of dg. Dynamic shared memory: 2 * N floats (logits, dL/da). The loss and the count are added
+// to `stats` with atomics.
+extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
+    const float* __restrict__ g, const float* __restrict__ pw, const float* __restrict__ pb,
+    const unsigned int* __restrict__ labels, float* __restrict__ logits, float* __restrict__ dg,
+    float* __restrict__ stats, int B, int D, int N, int with_grad)
+{
+    extern __shared__ float sh[];
+    float* a = sh;
+    float* da = sh + N;
+    __shared__ float scratch[32];
+    const int b = blockIdx.x;
+    const float* gb = g + (long)b * D;
+    for (int n = 0; n < N; ++n) {
+        float part = 0.0f;
+        for (int k = threadIdx.x; k < D; k += blockDim.x) part = fmaf(gb[k], pw[(long)k * N + n], part);
+        float s = block_sum(part, scratch);
+        if (threadIdx.x == 0) a[n] = s + pb[n];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int label = (int)labels[b];
+        float mx = a[0];
+        int arg = 0;
+        for (int n = 1; n < N; ++n)
+            if (a[n] > mx) { mx = a[n]; arg = n; }
+        float sum = 0.0f;
+        for (int n = 0; n < N; ++n) sum += expf(a[n] - mx);
+        float lse = mx + logf(sum);
+        for (int n = 0; n < N; ++n) {
+            logits[(long)b * N + n] = a[n];
+            da[n] = (expf(a[n] - lse) - (n == label ? 1.0f : 0.0f)) / (float)B;
+        }
+        atomicAdd(&stats[0], lse - a[label]);
+        atomicAdd(&stats[1], arg == label ? 1.0f : 0.0f);
+    }
+    __syncthreads();
+    if (with_grad)
+        for (int k = threadIdx.x; k < D; k += blockDim.x) {
+            float s = 0.0f;
+            for (int n = 0; n < N; ++n) s = fmaf(pw[(long)k * N + n], da[n], s);
+            dg[(long)b * D + k] = s;
+        }
+}

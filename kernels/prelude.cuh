@@ -1,0 +1,66 @@
+// Shared device helpers, prepended to every kernel source before NVRTC compiles it (NVRTC has no include
+// path, so kernels include no CUDA headers). fp16 is carried as raw bits, converted with PTX.
+typedef unsigned short f16_bits;
+
+__device__ __forceinline__ float h2f(f16_bits h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ f16_bits f2h(float f) {
+    f16_bits h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Chris Wellons' lowbias32, as src/rng.rs: the dropout masks are bit-identical to the CPU backend's.
+__device__ __forceinline__ unsigned int lowbias32(unsigned int x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+__device__ __forceinline__ float dropout_uniform(unsigned long long key, unsigned int i) {
+    unsigned int x = lowbias32(lowbias32(i ^ (unsigned int)key) ^ (unsigned int)(key >> 32));
+    return (float)(x >> 8) * (1.0f / 16777216.0f);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 floats. blockDim.x % 32 == 0.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    v = scratch[0];
+    __syncthreads();
+    return v;
+}
+
+// PyTorch adaptive_avg_pool2d bins: bin i of p over n covers [floor(i*n/p), ceil((i+1)*n/p)).
+__device__ __forceinline__ int bin_start(int i, int n, int p) { return (i * n) / p; }
+__device__ __forceinline__ int bin_end(int i, int n, int p) { return ((i + 1) * n + p - 1) / p; }
+
+// The bins along an axis of length n (p bins) that contain coordinate c: [*lo, *hi] (at most 2, they overlap
+// only when p does not divide n).
+__device__ __forceinline__ void bins_of(int c, int n, int p, int* lo, int* hi) {
+    int i = (c * p) / n;
+    int a = i > 0 ? i - 1 : 0, b = i < p - 1 ? i + 1 : p - 1;
+    while (a < b && !(bin_start(a, n, p) <= c && c < bin_end(a, n, p))) a++;
+    while (b > a && !(bin_start(b, n, p) <= c && c < bin_end(b, n, p))) b--;
+    *lo = a;
+    *hi = b;
+}

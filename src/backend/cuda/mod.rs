@@ -1,0 +1,443 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`) compiled at run time by NVRTC for the device's
+//! architecture, launched through cudarc on one stream. Every library is opened at run time
+//! (`dynamic-loading`), and [`CudaBackend::new`] probes for the driver, NVRTC and a device before the first
+//! cudarc call, so a machine without them gets one clear error instead of cudarc's panic.
+//!
+//! Precision: this is the fp32 path; every op has a parity test against the CPU reference (`tests/cuda.rs`,
+//! ignored without a GPU). The fp16 tensor-core path is the next step of the CUDA issue.
+
+pub mod nvrtc;
+
+use super::{AdamWStep, Backend, ConvShape, Dropout, STATS_LEN};
+use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
+use anyhow::{bail, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Why CUDA cannot be used here, or `Ok(n)` devices. Never panics.
+pub fn probe() -> Result<usize> {
+    // SAFETY: is_culib_present only tries to dlopen the library; it calls no CUDA function.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("no CUDA driver (libcuda.so) on this machine");
+    }
+    if !nvrtc::available() {
+        bail!("no NVRTC library (libnvrtc.so.13); put the CUDA toolkit's lib64 on LD_LIBRARY_PATH");
+    }
+    let n = CudaContext::device_count().map_err(|e| anyhow::anyhow!("the CUDA driver reports no device ({e:?})"))?;
+    if n <= 0 {
+        bail!("the CUDA driver reports no device");
+    }
+    Ok(n as usize)
+}
+
+/// Parses `cuda` or `cuda:N`.
+pub fn parse_device(device: &str) -> Result<usize> {
+    match device {
+        "cuda" => Ok(0),
+        d => d
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("--device {d}: expected cuda or cuda:N")),
+    }
+}
+
+pub struct CudaBackend {
+    ordinal: usize,
+    name: String,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    /// The fusion heads' `dL/ds`, grown on demand.
+    head_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// The weight gradient's per-slice partial sums, grown on demand.
+    wgrad_scratch: Mutex<Option<CudaSlice<f32>>>,
+}
+
+/// A scratch buffer of at least `len` floats, reallocated when too small.
+fn scratch<'a>(be: &CudaBackend, slot: &'a mut Option<CudaSlice<f32>>, len: usize) -> Result<&'a mut CudaSlice<f32>> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = Some(be.zeros(len)?);
+    }
+    Ok(slot.as_mut().unwrap())
+}
+
+const THREADS: u32 = 256;
+
+fn grid1(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles (or loads from the disk cache) every kernel for its architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let n = probe().with_context(|| format!("--device cuda:{ordinal}"))?;
+        if ordinal >= n {
+            bail!("--device cuda:{ordinal}: this machine has {n} CUDA device(s)");
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a context ({e:?})"))?;
+        let (major, minor) =
+            ctx.compute_capability().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: compute capability ({e:?})"))?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let stream = ctx.default_stream();
+        let mut funcs = HashMap::new();
+        for (module, source, hash) in nvrtc::KERNELS {
+            let ptx = nvrtc::compile_cached(module, source, *hash, &arch)?;
+            let m = ctx.load_module(ptx).map_err(|e| anyhow::anyhow!("kernel module {module}: cannot load ({e:?})"))?;
+            for f in nvrtc::entry_points(source) {
+                let func = m.load_function(f).map_err(|e| anyhow::anyhow!("kernel {f}: not found ({e:?})"))?;
+                funcs.insert(f, func);
+            }
+        }
+        Ok(CudaBackend {
+            ordinal,
+            name: format!("cuda:{ordinal} ({name}, {arch}, fp32)"),
+            stream,
+            funcs,
+            head_scratch: Mutex::new(None),
+            wgrad_scratch: Mutex::new(None),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))
+    }
+
+    fn f(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs.get(name).with_context(|| format!("kernel {name} is not loaded"))
+    }
+
+    fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
+        if len > 0 {
+            self.stream.memset_zeros(&mut buf.slice_mut(0..len)).map_err(|e| anyhow::anyhow!("cuda memset: {e:?}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn fits(what: &str, have: usize, need: usize) -> Result<()> {
+    anyhow::ensure!(have >= need, "cuda backend: {what} buffer holds {have} values, the op needs {need}");
+    Ok(())
+}
+
+fn drv<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T> {
+    r.map_err(|e| anyhow::anyhow!("cuda: {what}: {e:?}"))
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type Labels = CudaSlice<u32>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        drv(self.stream.alloc_zeros::<f32>(len.max(1)), "alloc")
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
+        let mut b = self.zeros(data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    fn write(&self, dst: &mut CudaSlice<f32>, data: &[f32]) -> Result<()> {
+        fits("destination", dst.len(), data.len())?;
+        if !data.is_empty() {
+            drv(self.stream.memcpy_htod(data, &mut dst.slice_mut(0..data.len())), "copy to device")?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, src: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>> {
+        fits("source", src.len(), len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        drv(self.stream.clone_dtoh(&src.slice(0..len)), "copy to host")
+    }
+
+    fn labels(&self, labels: &[u32]) -> Result<CudaSlice<u32>> {
+        let mut b = drv(self.stream.alloc_zeros::<u32>(labels.len().max(1)), "alloc")?;
+        if !labels.is_empty() {
+            drv(self.stream.memcpy_htod(labels, &mut b.slice_mut(0..labels.len())), "copy labels")?;
+        }
+        Ok(b)
+    }
+
+    fn write_labels(&self, dst: &mut CudaSlice<u32>, labels: &[u32]) -> Result<()> {
+        if dst.len() < labels.len() {
+            *dst = self.labels(labels)?;
+        } else if !labels.is_empty() {
+            drv(self.stream.memcpy_htod(labels, &mut dst.slice_mut(0..labels.len())), "copy labels")?;
+        }
+        Ok(())
+    }
+
+    fn conv_goodness_fwd(
+        &self,
+        s: &ConvShape,
+        grid: &PatchGrid,
+        reduce: GoodnessReduce,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let g_len = s.batch * s.c_out * grid.cells();
+        fits("x", x.len(), s.x_len())?;
+        fits("conv weight", w.len(), s.w_len())?;
+        fits("y", y.len(), s.y_len())?;
+        fits("goodness", g.len(), g_len)?;
+        let n = s.batch * s.h * s.w;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(64), (s.c_out as u32).div_ceil(64), 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (bb, ci, co, h, ww, p) =
+            (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
+        let mean = (reduce == GoodnessReduce::Mean) as i32;
+        let mut l = self.stream.launch_builder(self.f("conv_goodness_fwd_f32")?);
+        l.arg(x).arg(w).arg(b).arg(&mut *y).arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
+        // SAFETY: argument order and types match the kernel signature; the fits() checks bound every index.
+        drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f32")?;
+        let mut l = self.stream.launch_builder(self.f("patch_goodness_f32")?);
+        l.arg(&*y).arg(g).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
+        // SAFETY: matches patch_goodness_f32; one thread per goodness cell.
+        drv(unsafe { l.launch(grid1(g_len)) }, "patch_goodness_f32").map(|_| ())
+    }
+
+    fn goodness_loss(
+        &self,
+        batch: usize,
+        dim: usize,
+        classes: usize,
+        g: &CudaSlice<f32>,
+        proj_w: &CudaSlice<f32>,
+        proj_b: &CudaSlice<f32>,
+        labels: &CudaSlice<u32>,
+        logits: &mut CudaSlice<f32>,
+        dg: Option<&mut CudaSlice<f32>>,
+        stats: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        fits("goodness", g.len(), batch * dim)?;
+        fits("projection", proj_w.len(), dim * classes)?;
+        fits("logits", logits.len(), batch * classes)?;
+        fits("labels", labels.len(), batch)?;
+        fits("stats", stats.len(), STATS_LEN)?;
+        let cfg = LaunchConfig {
+            grid_dim: (batch as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (2 * classes * 4) as u32,
+        };
+        let (b, d, n) = (batch as i32, dim as i32, classes as i32);
+        let with_grad = dg.is_some() as i32;
+        // Without a gradient the kernel never writes dg; the logits buffer stands in as a valid pointer.
+        let mut l = self.stream.launch_builder(self.f("goodness_loss_f32")?);
+        l.arg(g).arg(proj_w).arg(proj_b).arg(labels);
+        let mut dummy;
+        match dg {
+            Some(dg) => {
+                fits("dL/dg", dg.len(), batch * dim)?;
+                l.arg(logits).arg(dg);
+            }
+            None => {
+                dummy = self.zeros(1)?;
+                l.arg(logits).arg(&mut dummy);
+            }
+        }
+        l.arg(stats).arg(&b).arg(&d).arg(&n).arg(&with_grad);
+        // SAFETY: matches goodness_loss_f32's signature; shared memory holds 2 * N floats.
+        drv(unsafe { l.launch(cfg) }, "goodness_loss_f32").map(|_| ())
+    }
+
+    fn conv_goodness_wgrad(
+        &self,
+        s: &ConvShape,
+        grid: &PatchGrid,
+        reduce: GoodnessReduce,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        dg: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        fits("x", x.len(), s.x_len())?;
+        fits("y", y.len(), s.y_len())?;
+        fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
+        fits("dL/dW", dw.len(), s.w_len())?;
+        fits("dL/db", db.len(), s.c_out)?;
+        let n = s.batch * s.h * s.w;
+        let k = s.c_in * 9;
+        let (gx, gy) = (k.div_ceil(64) as u32, s.c_out.div_ceil(64) as u32);
+        // Split the reduction over pixels so that at least ~512 blocks run.
+        let want_z = (512 / (gx * gy) as usize).max(1);
+        let chunk = n.div_ceil(want_z).next_multiple_of(16).max(256);
+        let gz = n.div_ceil(chunk);
+        let cfg = LaunchConfig { grid_dim: (gx, gy, gz as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (bb, ci, co, h, ww, p) =
+            (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
+        let mean = (reduce == GoodnessReduce::Mean) as i32;
+        let chunk = chunk as i32;
+        let mk = s.w_len();
+        let mut slot = self.wgrad_scratch.lock().unwrap();
+        let part = scratch(self, &mut slot, gz * (mk + s.c_out))?;
+        let (mut part_w, mut part_b) = part.split_at_mut(gz * mk);
+        let mut l = self.stream.launch_builder(self.f("conv_goodness_wgrad_f32")?);
+        l.arg(x).arg(y).arg(dg).arg(&mut part_w).arg(&mut part_b);
+        l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk);
+        // SAFETY: matches conv_goodness_wgrad_f32's signature; part holds gz * (M*K + M) floats.
+        drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f32")?;
+        let (mk_i, m_i, z_i) = (mk as i32, s.c_out as i32, gz as i32);
+        let mut l = self.stream.launch_builder(self.f("wgrad_reduce_f32")?);
+        l.arg(&mut part_w).arg(&mut part_b).arg(dw).arg(db).arg(&mk_i).arg(&m_i).arg(&z_i);
+        // SAFETY: matches wgrad_reduce_f32; one thread per weight (M*K >= M).
+        drv(unsafe { l.launch(grid1(mk)) }, "wgrad_reduce_f32").map(|_| ())
+    }
+
+    fn layer_output(
+        &self,
+        batch: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        pool: Option<PoolKind>,
+        dropout: Option<Dropout>,
+        y: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        gap: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
+        fits("y", y.len(), batch * c * h * w)?;
+        fits("layer output", out.len(), batch * c * ho * wo)?;
+        let pool_i: i32 = match pool {
+            None => 0,
+            Some(PoolKind::Avg) => 1,
+            Some(PoolKind::Rms) => 2,
+        };
+        let (p, key, use_drop) = match dropout {
+            Some(d) => (d.p, d.key, 1i32),
+            None => (0.0f32, 0u64, 0i32),
+        };
+        let (ci, hi, wi) = (c as i32, h as i32, w as i32);
+        let cfg = LaunchConfig { grid_dim: (batch as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(self.f("layer_output_f32")?);
+        let mut dummy;
+        let use_gap;
+        l.arg(y).arg(out);
+        match gap {
+            Some(gap) => {
+                fits("pooled features", gap.len(), batch * c)?;
+                use_gap = 1i32;
+                l.arg(gap);
+            }
+            None => {
+                dummy = self.zeros(1)?;
+                use_gap = 0i32;
+                l.arg(&mut dummy);
+            }
+        }
+        l.arg(&ci).arg(&hi).arg(&wi).arg(&pool_i).arg(&p).arg(&key).arg(&use_drop).arg(&use_gap);
+        // SAFETY: matches layer_output_f32's signature; fits() bounds every index.
+        drv(unsafe { l.launch(cfg) }, "layer_output_f32").map(|_| ())
+    }
+
+    fn fusion_heads(
+        &self,
+        batch: usize,
+        classes: usize,
+        feats: &[(&CudaSlice<f32>, usize)],
+        heads: &[(&CudaSlice<f32>, &CudaSlice<f32>)],
+        labels: &CudaSlice<u32>,
+        logits: &mut CudaSlice<f32>,
+        grads: Option<&mut [(&mut CudaSlice<f32>, &mut CudaSlice<f32>)]>,
+        stats: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        anyhow::ensure!(feats.len() == heads.len(), "{} feature sets for {} fusion heads", feats.len(), heads.len());
+        fits("logits", logits.len(), batch * classes)?;
+        self.zero(logits, batch * classes)?;
+        let (b, n) = (batch as i32, classes as i32);
+        for (&(f, c), &(w, bias)) in feats.iter().zip(heads) {
+            fits("head features", f.len(), batch * c)?;
+            fits("head weight", w.len(), classes * c)?;
+            let ci = c as i32;
+            let mut l = self.stream.launch_builder(self.f("heads_logits_f32")?);
+            l.arg(f).arg(w).arg(bias).arg(&mut *logits).arg(&b).arg(&n).arg(&ci);
+            // SAFETY: matches heads_logits_f32; one thread per (sample, class).
+            drv(unsafe { l.launch(grid1(batch * classes)) }, "heads_logits_f32")?;
+        }
+        let mut scratch = self.head_scratch.lock().unwrap();
+        if scratch.as_ref().is_none_or(|s| s.len() < batch * classes) {
+            *scratch = Some(self.zeros(batch * classes)?);
+        }
+        let ds = scratch.as_mut().unwrap();
+        let mut l = self.stream.launch_builder(self.f("heads_softmax_f32")?);
+        l.arg(&*logits).arg(labels).arg(&mut *ds).arg(stats).arg(&b).arg(&n);
+        // SAFETY: matches heads_softmax_f32; one thread per sample.
+        drv(unsafe { l.launch(grid1(batch)) }, "heads_softmax_f32")?;
+        if let Some(grads) = grads {
+            for ((gw, gb), &(f, c)) in grads.iter_mut().zip(feats) {
+                let ci = c as i32;
+                let mut l = self.stream.launch_builder(self.f("heads_grad_f32")?);
+                l.arg(f).arg(&*ds).arg(&mut **gw).arg(&mut **gb).arg(&b).arg(&n).arg(&ci);
+                // SAFETY: matches heads_grad_f32; one thread per (class, feature).
+                drv(unsafe { l.launch(grid1(classes * c)) }, "heads_grad_f32")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        len: usize,
+        p: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        h: &AdamWStep,
+    ) -> Result<()> {
+        for (what, n) in
+            [("parameter", p.len()), ("gradient", grad.len()), ("exp_avg", m.len()), ("exp_avg_sq", v.len())]
+        {
+            fits(what, n, len)?;
+        }
+        let t = h.step as i32;
+        let decay = (1.0 - h.lr * h.weight_decay) as f32;
+        let step_size = (h.lr / (1.0 - h.beta1.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - h.beta2.powi(t)).sqrt() as f32;
+        let (w1, b2, w2, eps) = ((1.0 - h.beta1) as f32, h.beta2 as f32, (1.0 - h.beta2) as f32, h.eps as f32);
+        let n = len as i32;
+        let cfg = LaunchConfig {
+            grid_dim: ((len as u32).div_ceil(THREADS).clamp(1, 4096), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(self.f("adamw_f32")?);
+        l.arg(p)
+            .arg(grad)
+            .arg(m)
+            .arg(v)
+            .arg(&n)
+            .arg(&decay)
+            .arg(&w1)
+            .arg(&b2)
+            .arg(&w2)
+            .arg(&step_size)
+            .arg(&bc2_sqrt)
+            .arg(&eps);
+        // SAFETY: matches adamw_f32; grid-stride loop over len elements, all four buffers hold len.
+        drv(unsafe { l.launch(cfg) }, "adamw_f32").map(|_| ())
+    }
+}

@@ -1,0 +1,272 @@
+//! The CUDA backend. In CI (no GPU): every kernel compiles with the real NVRTC for sm_80 and sm_90, and asking
+//! for a GPU that is not there is an error, not a panic. On a GPU (`cargo test -- --ignored`, or
+//! tools/gpu-check.sh): every op against the CPU reference on fresh random inputs with awkward shapes, outputs
+//! poisoned before each launch; a whole VGG8 training step against the CPU step; three steps twice, equal.
+//!
+//! Tolerances (`|gpu - cpu| <= atol + rtol * |cpu|`): both sides compute in f32 and differ only in summation
+//! order. A dot product of K terms of magnitude ~1 carries an error of ~sqrt(K) * 6e-8 relative to its terms'
+//! scale; K <= 4608 here, so 1e-4 relative with an absolute floor of 1e-5 times the output's largest magnitude
+//! is ~100x the expected difference and far below a semantic error (a wrong bin, mask or scale is >= 1e-2).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use asge::backend::cpu::CpuBackend;
+use asge::backend::cuda::{self, nvrtc, CudaBackend};
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::model::{self, GoodnessReduce, ModelOptions, Params, PatchGrid, PoolKind};
+use asge::rng::Rng;
+use asge::train::{AdamW, Net};
+
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    assert!(
+        nvrtc::available(),
+        "NVRTC cannot be loaded: install it (tools/test.sh does: pip install nvidia-cuda-nvrtc==13.0.88) and put its \\
+         lib folder on LD_LIBRARY_PATH"
+    );
+    let mut names = Vec::new();
+    for arch in ["sm_80", "sm_90"] {
+        for (module, result) in nvrtc::compile_all(arch) {
+            if let Err(e) = result {
+                panic!("{module} for {arch}: {e:#}");
+            }
+        }
+    }
+    for (_, src, _) in nvrtc::KERNELS {
+        names.extend(nvrtc::entry_points(src));
+    }
+    for f in [
+        "conv_goodness_fwd_f32",
+        "patch_goodness_f32",
+        "conv_goodness_wgrad_f32",
+        "wgrad_reduce_f32",
+        "goodness_loss_f32",
+        "layer_output_f32",
+        "heads_logits_f32",
+        "heads_softmax_f32",
+        "heads_grad_f32",
+        "adamw_f32",
+    ] {
+        assert!(names.contains(&f), "no kernel {f} in kernels/ (found {names:?})");
+    }
+}
+
+#[test]
+fn a_missing_gpu_is_an_error_not_a_panic() {
+    match cuda::probe() {
+        Err(e) => {
+            let err = CudaBackend::new(0).err().expect("CudaBackend::new succeeded although probe() failed");
+            assert!(format!("{err:#}").contains("cuda:0"), "{err:#} (probe: {e})");
+        }
+        Ok(n) => {
+            let err = CudaBackend::new(n + 7).err().expect("a device past the last one opened");
+            assert!(format!("{err:#}").contains("device"), "{err:#}");
+        }
+    }
+    assert!(cuda::parse_device("cuda:x").is_err());
+    assert_eq!(cuda::parse_device("cuda:1").unwrap(), 1);
+}
+
+fn gpu() -> CudaBackend {
+    let n = cuda::probe().expect("this test needs a CUDA GPU");
+    assert!(n > 0);
+    CudaBackend::new(0).unwrap()
+}
+
+fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| (r.normal() * std) as f32).collect()
+}
+
+/// Uploads `host`, or a NaN-poisoned buffer of `len` when `host` is empty (outputs must be fully written).
+fn dev(be: &CudaBackend, host: &[f32], len: usize) -> cudarc::driver::CudaSlice<f32> {
+    if host.is_empty() {
+        be.upload(&vec![f32::NAN; len]).unwrap()
+    } else {
+        be.upload(host).unwrap()
+    }
+}
+
+fn close(what: &str, gpu: &[f32], cpu: &[f32], rtol: f32, atol_rel: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    let scale = cpu.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let atol = atol_rel * scale;
+    let mut bad = Vec::new();
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        // Written so that a NaN (an output the kernel never wrote) fails.
+        let ok = (g - c).abs() <= atol + rtol * c.abs();
+        if !ok {
+            bad.push(format!("[{i}] gpu {g} cpu {c}"));
+        }
+    }
+    assert!(bad.is_empty(), "{what}: {} of {} differ, first: {:?}", bad.len(), cpu.len(), &bad[..bad.len().min(5)]);
+}
+
+struct Case {
+    s: ConvShape,
+    p: usize,
+    reduce: GoodnessReduce,
+}
+
+fn cases() -> Vec<Case> {
+    let c = |batch, c_in, c_out, h, p, reduce| Case { s: ConvShape { batch, c_in, c_out, h, w: h }, p, reduce };
+    vec![
+        c(1, 1, 8, 32, 4, GoodnessReduce::Mean),
+        c(3, 3, 70, 28, 8, GoodnessReduce::Mean), // channels not a multiple of the tile, H not divisible by P
+        c(3, 67, 129, 7, 2, GoodnessReduce::Sum), // overlapping bins, odd everything
+        c(128, 32, 64, 16, 2, GoodnessReduce::Mean), // a VGG8-like layer
+        c(5, 96, 40, 2, 1, GoodnessReduce::Mean),
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn conv_fwd_and_wgrad_match_cpu() {
+    let g = gpu();
+    let c = CpuBackend::new();
+    for (i, case) in cases().into_iter().enumerate() {
+        let s = case.s;
+        let grid = PatchGrid::new(case.p, s.h, s.w);
+        let d = s.c_out * grid.cells();
+        let x = randn(s.x_len(), 1.0, 10 + i as u64);
+        let w = randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64);
+        let b = randn(s.c_out, 0.1, 30 + i as u64);
+        let (mut y, mut gd) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
+        c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut gd).unwrap();
+        let (xd, wd, bd) = (dev(&g, &x, 0), dev(&g, &w, 0), dev(&g, &b, 0));
+        let (mut yd, mut gdd) = (dev(&g, &[], s.y_len()), dev(&g, &[], s.batch * d));
+        g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gdd).unwrap();
+        close(&format!("case {i} y"), &g.read(&yd, s.y_len()).unwrap(), &y, 1e-4, 1e-5);
+        close(&format!("case {i} goodness"), &g.read(&gdd, s.batch * d).unwrap(), &gd, 1e-4, 1e-5);
+
+        let dg = randn(s.batch * d, 1.0, 40 + i as u64);
+        let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
+        c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y, &dg, &mut dw, &mut db).unwrap();
+        // The GPU reads its own y (already checked above), as in training.
+        let dgd = dev(&g, &dg, 0);
+        let (mut dwd, mut dbd) = (dev(&g, &[], s.w_len()), dev(&g, &[], s.c_out));
+        g.conv_goodness_wgrad(&s, &grid, case.reduce, &xd, &yd, &dgd, &mut dwd, &mut dbd).unwrap();
+        // The reduction runs over B*H*W (up to 32k) pixels: roundoff grows with sqrt(N); 1e-3 relative.
+        close(&format!("case {i} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
+        close(&format!("case {i} db"), &g.read(&dbd, s.c_out).unwrap(), &db, 1e-3, 1e-4);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn loss_output_heads_adamw_match_cpu() {
+    let g = gpu();
+    let c = CpuBackend::new();
+    for (batch, dim, classes) in [(1, 16, 10), (3, 1000, 10), (33, 512, 100)] {
+        let gin: Vec<f32> = randn(batch * dim, 1.0, 1).iter().map(|v| v.abs()).collect();
+        let pw = randn(dim * classes, 1.0 / (classes as f64).sqrt(), 2);
+        let pb = randn(classes, 1.0 / (classes as f64).sqrt(), 3);
+        let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % classes as u32).collect();
+        let (mut lg, mut dg, mut st) = (vec![0.0; batch * classes], vec![0.0; batch * dim], vec![0.0; 2]);
+        c.goodness_loss(batch, dim, classes, &gin, &pw, &pb, &labels, &mut lg, Some(&mut dg), &mut st).unwrap();
+        let (gd, pwd, pbd) = (dev(&g, &gin, 0), dev(&g, &pw, 0), dev(&g, &pb, 0));
+        let ld = g.labels(&labels).unwrap();
+        let (mut lgd, mut dgd, mut std_) =
+            (dev(&g, &[], batch * classes), dev(&g, &[], batch * dim), g.zeros(2).unwrap());
+        g.goodness_loss(batch, dim, classes, &gd, &pwd, &pbd, &ld, &mut lgd, Some(&mut dgd), &mut std_).unwrap();
+        close("logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
+        close("dL/dg", &g.read(&dgd, batch * dim).unwrap(), &dg, 1e-4, 1e-5);
+        let sg = g.read(&std_, 2).unwrap();
+        close("loss", &sg[..1], &st[..1], 1e-4, 0.0);
+        assert_eq!(sg[1], st[1], "correct count");
+    }
+    for (batch, ch, h, pool, drop) in
+        [(3, 5, 7, None, None), (2, 70, 16, Some(PoolKind::Avg), Some(0.1)), (4, 9, 9, Some(PoolKind::Rms), Some(0.5))]
+    {
+        let y: Vec<f32> = randn(batch * ch * h * h, 1.0, 5).iter().map(|v| v.max(0.0)).collect();
+        let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
+        let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
+        let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
+        c.layer_output(batch, ch, h, h, pool, dropout, &y, &mut out, Some(&mut gap)).unwrap();
+        let yd = dev(&g, &y, 0);
+        let (mut od, mut gd) = (dev(&g, &[], out.len()), dev(&g, &[], gap.len()));
+        g.layer_output(batch, ch, h, h, pool, dropout, &yd, &mut od, Some(&mut gd)).unwrap();
+        // Same dropout mask bit for bit; the RMS is a reduction over <= 18k values.
+        close("layer output", &g.read(&od, out.len()).unwrap(), &out, 1e-4, 1e-6);
+        close("gap", &g.read(&gd, gap.len()).unwrap(), &gap, 1e-4, 1e-6);
+    }
+    let (batch, classes, dims) = (5, 10, [32usize, 64]);
+    let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
+    let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
+    let bs: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes, 0.2, 200 + c as u64)).collect();
+    let labels: Vec<u32> = vec![0, 3, 9, 1, 1];
+    let mut cg: Vec<(Vec<f32>, Vec<f32>)> =
+        dims.iter().map(|&c| (vec![0.0; classes * c], vec![0.0; classes])).collect();
+    let (mut lg, mut st) = (vec![0.0; batch * classes], vec![0.0; 2]);
+    {
+        let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
+        let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
+        let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = cg.iter_mut().map(|(a, b)| (a, b)).collect();
+        c.fusion_heads(batch, classes, &f, &h, &labels, &mut lg, Some(&mut gr), &mut st).unwrap();
+    }
+    let fd: Vec<_> = feats.iter().map(|f| dev(&g, f, 0)).collect();
+    let wd: Vec<_> = ws.iter().map(|w| dev(&g, w, 0)).collect();
+    let bd: Vec<_> = bs.iter().map(|b| dev(&g, b, 0)).collect();
+    let mut gg: Vec<_> = dims.iter().map(|&c| (dev(&g, &[], classes * c), dev(&g, &[], classes))).collect();
+    let (mut lgd, mut std_) = (dev(&g, &[], batch * classes), g.zeros(2).unwrap());
+    {
+        let f: Vec<_> = fd.iter().zip(dims).collect();
+        let h: Vec<_> = wd.iter().zip(&bd).collect();
+        let mut gr: Vec<_> = gg.iter_mut().map(|(a, b)| (a, b)).collect();
+        g.fusion_heads(batch, classes, &f, &h, &g.labels(&labels).unwrap(), &mut lgd, Some(&mut gr), &mut std_)
+            .unwrap();
+    }
+    close("head logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
+    for (k, ((gw, gb), (cw, cb))) in gg.iter().zip(&cg).enumerate() {
+        close(&format!("head {k} dW"), &g.read(gw, cw.len()).unwrap(), cw, 1e-4, 1e-5);
+        close(&format!("head {k} db"), &g.read(gb, cb.len()).unwrap(), cb, 1e-4, 1e-5);
+    }
+    let n = 100_003;
+    let (p0, gr) = (randn(n, 0.1, 7), randn(n, 0.01, 8));
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
+    let (mut pd, grd, mut md, mut vd) = (dev(&g, &p0, 0), dev(&g, &gr, 0), g.zeros(n).unwrap(), g.zeros(n).unwrap());
+    for t in 1..=3 {
+        let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
+        c.adamw(n, &mut p, &gr, &mut m, &mut v, &h).unwrap();
+        g.adamw(n, &mut pd, &grd, &mut md, &mut vd, &h).unwrap();
+    }
+    // Elementwise and the same formula: equal to an ulp or two of the 0.1-sized weights.
+    close("adamw", &g.read(&pd, n).unwrap(), &p, 0.0, 1e-6);
+}
+
+fn vgg8_steps<B: Backend>(be: B, steps: u64) -> (Vec<Vec<f64>>, Params) {
+    let spec = model::resolve("vgg8", 1, 32, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+    let params = Params::init(&spec, 5);
+    let mut net = Net::new(be, spec, &params, AdamW::default(), 64).unwrap();
+    let mut losses = Vec::new();
+    for t in 1..=steps {
+        let x = randn(64 * 32 * 32, 1.0, 900 + t).iter().map(|v| v.abs()).collect::<Vec<f32>>();
+        let labels: Vec<u32> = (0..64u32).map(|i| (i * 3 + t as u32) % 10).collect();
+        let s = net.train_step(&x, &labels, 2e-4, t, Some((0.1, 77 + t))).unwrap();
+        losses.push(s.layer_loss.iter().copied().chain([s.head_loss]).collect());
+    }
+    (losses, net.params().unwrap())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_vgg8_training_step_matches_cpu_and_repeats() {
+    let (cpu_losses, cpu_params) = vgg8_steps(CpuBackend::new(), 1);
+    let (gpu_losses, gpu_params) = vgg8_steps(gpu(), 1);
+    for (l, (a, b)) in cpu_losses[0].iter().zip(&gpu_losses[0]).enumerate() {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "loss {l}: cpu {a} gpu {b}");
+    }
+    // One Adam step moves a weight by ~lr = 2e-4 whatever the gradient's size: a weight whose gradient is
+    // near zero can move differently on the two sides, so compare with an absolute 2e-5 (10% of a step).
+    for (i, (c, g)) in cpu_params.layers.iter().zip(&gpu_params.layers).enumerate() {
+        let worst = c.conv_w.iter().zip(&g.conv_w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 2e-5, "layer {i}: weights after a step differ by up to {worst}");
+    }
+    let (l1, p1) = vgg8_steps(gpu(), 3);
+    let (l2, p2) = vgg8_steps(gpu(), 3);
+    assert_eq!(p1, p2, "three steps of one seed differ between two runs");
+    for (a, b) in l1.iter().flatten().zip(l2.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "losses differ: {a} vs {b}");
+    }
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One prepared command for a GPU machine that has no Rust toolchain and no network.
+#
+# Here (with Rust):   tools/gpu-check.sh build     -> gpu-bundle/ (release test binaries, asge, MNIST; < 60 MB)
+# There (the device): tools/gpu-check.sh run       -> GPU parity tests, a one-epoch MNIST training on the GPU
+#                                                     and on the CPU for comparison, asge bench; a short table
+#                                                     last; full logs under $OUT (or gpu-bundle/out)
+# The device tool: run(command="tools/gpu-check.sh run", carry=["gpu-bundle"]).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=gpu-bundle
+
+build() {
+  set -e
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/bin" "$BUNDLE/data/mnist"
+  cargo build --release --bin asge
+  # The test binary of tests/cuda.rs (its path is printed by cargo as an executable artifact).
+  local exe
+  exe=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
+    | python3 -c "import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] == 'cuda':
+        print(m['executable'])")
+  cp "$exe" "$BUNDLE/bin/cuda-tests"
+  cp "${CARGO_TARGET_DIR:-target}/release/asge" "$BUNDLE/bin/asge"
+  local data=${ASGE_DATA:-data}
+  [ -f "$data/mnist/train-images-idx3-ubyte" ] || tools/fetch-datasets.sh "$data" mnist
+  gzip -c "$data/mnist/train-images-idx3-ubyte" > "$BUNDLE/data/mnist/train-images-idx3-ubyte.gz"
+  gzip -c "$data/mnist/t10k-images-idx3-ubyte" > "$BUNDLE/data/mnist/t10k-images-idx3-ubyte.gz"
+  cp "$data/mnist/train-labels-idx1-ubyte" "$data/mnist/t10k-labels-idx1-ubyte" "$BUNDLE/data/mnist/"
+  strip "$BUNDLE/bin/"* 2>/dev/null || true
+  du -sh "$BUNDLE"
+}
+
+run() {
+  local out=${OUT:-$BUNDLE/out}
+  mkdir -p "$out"
+  # NVRTC and the driver from the machine's CUDA toolkit.
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  done
+  export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$out/kernel-cache
+  local B=$BUNDLE/bin rows=()
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+  "$B/asge" info > "$out/info.txt" 2>&1
+  "$B/cuda-tests" --include-ignored --test-threads 1 > "$out/parity.txt" 2>&1
+  rows+=("parity tests: $(grep -E '^test result' "$out/parity.txt" || echo 'did not finish')")
+  for dev in cuda cpu; do
+    local lim=""; [ $dev = cpu ] && lim="--limit-train 12000"
+    /usr/bin/time -f "%e s" "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
+      --device $dev $lim --out "$out/mnist-$dev" --quiet > "$out/train-$dev.txt" 2>&1
+    rows+=("mnist 1 epoch $dev: $(grep -E '^  (last|best|fusion)' "$out/train-$dev.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
+           "   $(python3 -c "import json; m=json.load(open('$out/mnist-$dev/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null)")
+  done
+  "$B/asge" bench --width 1 --batch 128 > "$out/bench-cpu.txt" 2>&1
+  rows+=("bench cpu w1: $(grep 'train step' "$out/bench-cpu.txt")")
+  printf '\n== gpu-check summary (%s) ==\n' "$(head -1 "$out/gpu.txt")"
+  printf '%s\n' "${rows[@]}" | tee "$out/summary.txt"
+}
+
+case ${1:-} in
+  build) build ;;
+  run) run ;;
+  *) echo "usage: tools/gpu-check.sh build|run" >&2; exit 2 ;;
+esac
