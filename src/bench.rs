@@ -70,45 +70,61 @@ fn randn(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.normal() as f32).collect()
 }
 
-/// Best GFLOP/s of a square f32 GEMM on all threads, through `gemm` (the backend's GEMM).
+/// Best GFLOP/s of f32 GEMM through `gemm` (the backend's GEMM library) on all threads: the larger of one big
+/// square product split by the library across the threads, and one conv-shaped product (256 x 1152 x 1024) per
+/// thread, all threads at once (how the backend uses it).
 pub fn gemm_ceiling_gflops() -> f64 {
-    let n = 1536;
-    let a = randn(n * n, 1);
-    let b = randn(n * n, 2);
-    let mut c = vec![0.0f32; n * n];
+    use rayon::prelude::*;
     let threads = rayon::current_num_threads();
-    let ms = (0..4)
-        .map(|_| {
-            let t0 = Instant::now();
-            // SAFETY: three distinct n x n row-major buffers.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    n,
-                    n,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    n as isize,
-                    b.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(threads),
-                )
-            };
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min);
-    std::hint::black_box(&c);
-    2.0 * (n * n * n) as f64 / (ms * 1e-3) / 1e9
+    let run = |m: usize, n: usize, k: usize, par: gemm::Parallelism, a: &[f32], b: &[f32], c: &mut [f32]| {
+        // SAFETY: a is m x k, b is k x n, c is m x n, all row-major and distinct.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    let best_ms = |f: &mut dyn FnMut()| {
+        (0..4)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let n = 1536;
+    let (a, b, mut c) = (randn(n * n, 1), randn(n * n, 2), vec![0.0f32; n * n]);
+    let square = best_ms(&mut || run(n, n, n, gemm::Parallelism::Rayon(threads), &a, &b, &mut c));
+    let square = 2.0 * (n * n * n) as f64 / (square * 1e-3) / 1e9;
+    let (m, nn, k) = (256, 1024, 1152);
+    let lhs = randn(m * k, 3);
+    let rhs = randn(k * nn, 4);
+    let mut outs: Vec<Vec<f32>> = (0..threads).map(|_| vec![0.0f32; m * nn]).collect();
+    let per_thread = best_ms(&mut || {
+        outs.par_iter_mut().for_each(|o| run(m, nn, k, gemm::Parallelism::None, &lhs, &rhs, o));
+    });
+    let per_thread = 2.0 * (threads * m * nn * k) as f64 / (per_thread * 1e-3) / 1e9;
+    std::hint::black_box((&c, &outs));
+    square.max(per_thread)
 }
 
 /// Best GB/s (read + write) of copying 256 MiB, split over all threads.
