@@ -146,14 +146,30 @@ pub fn copy_ceiling_gbs() -> f64 {
 
 /// Times every op at the model's layer shapes on the CPU backend, then the whole training step.
 pub fn run_cpu(o: &BenchOptions) -> Result<BenchReport> {
-    let be = CpuBackend::new();
+    run(CpuBackend::new(), o, !o.step_only)
+}
+
+/// Times every op at the model's layer shapes on `be`, then the whole training step. `ceilings`: measure and
+/// report the CPU ceilings (GEMM, copy); a GPU's ceilings are not measured yet.
+pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: bool) -> Result<BenchReport> {
     let spec =
         model::resolve(&o.model, o.channels, 32, o.classes, &ModelOptions { width: o.width, ..Default::default() })?;
     let (gemm_peak, copy_peak) =
-        if o.step_only { (f64::NAN, f64::NAN) } else { (gemm_ceiling_gflops(), copy_ceiling_gbs()) };
+        if ceilings { (gemm_ceiling_gflops(), copy_ceiling_gbs()) } else { (f64::NAN, f64::NAN) };
     let b = o.batch;
     let n = o.classes;
     let labels: Vec<u32> = (0..b as u32).map(|i| i % n as u32).collect();
+    let labels_dev = be.labels(&labels)?;
+    // Every timed call ends with a synchronize, so a GPU's queued work is inside the timing.
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut err = None;
+        let ms = median_ms(o.reps, || {
+            if let Err(e) = f().and_then(|_| be.synchronize()) {
+                err = Some(e);
+            }
+        });
+        err.map_or(Ok(ms), Err)
+    };
     let mut rows = Vec::new();
     let mut flop_per_image = 0.0;
     let compute = |op: &str, layer, ms: f64, flop: f64| BenchRow {
@@ -180,40 +196,37 @@ pub fn run_cpu(o: &BenchOptions) -> Result<BenchReport> {
         let s = ConvShape { batch: b, c_in: l.c_in, c_out: l.c_out, h: l.h, w: l.w };
         let grid = l.grid();
         let d = l.goodness_dim();
-        let x = randn(s.x_len(), 10 + i as u64);
-        let mut w = randn(s.w_len(), 20 + i as u64);
-        let bias = vec![0.01f32; l.c_out];
-        let proj = randn(d * n, 30 + i as u64);
-        let proj_b = vec![0.0f32; n];
-        let (mut y, mut g, mut dg) = (vec![0.0; s.y_len()], vec![0.0; b * d], vec![0.0; b * d]);
-        let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; l.c_out]);
-        let (mut logits, mut stats) = (vec![0.0; b * n], vec![0.0; 2]);
+        let x = be.upload(&randn(s.x_len(), 10 + i as u64))?;
+        let mut w = be.upload(&randn(s.w_len(), 20 + i as u64))?;
+        let bias = be.upload(&vec![0.01f32; l.c_out])?;
+        let proj = be.upload(&randn(d * n, 30 + i as u64))?;
+        let proj_b = be.zeros(n)?;
+        let (mut y, mut g, mut dg) = (be.zeros(s.y_len())?, be.zeros(b * d)?, be.zeros(b * d)?);
+        let (mut dw, mut db) = (be.zeros(s.w_len())?, be.zeros(l.c_out)?);
+        let (mut logits, mut stats) = (be.zeros(b * n)?, be.zeros(2)?);
         let flop = 2.0 * (l.conv_macs() * b) as f64;
-        let ms = median_ms(o.reps, || {
-            be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w, &bias, &mut y, &mut g).unwrap()
-        });
+        let ms = timed(&mut || be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w, &bias, &mut y, &mut g))?;
         rows.push(compute("conv_goodness_fwd", i + 1, ms, flop));
-        let ms = median_ms(o.reps, || {
-            be.goodness_loss(b, d, n, &g, &proj, &proj_b, &labels, &mut logits, Some(&mut dg), &mut stats).unwrap()
-        });
+        let ms = timed(&mut || {
+            be.goodness_loss(b, d, n, &g, &proj, &proj_b, &labels_dev, &mut logits, Some(&mut dg), &mut stats)
+        })?;
         rows.push(memory("goodness_loss", i + 1, ms, 4.0 * (2 * b * d + d * n) as f64));
-        let ms = median_ms(o.reps, || {
-            be.conv_goodness_wgrad(&s, &grid, spec.goodness, &x, &y, &dg, &mut dw, &mut db).unwrap()
-        });
+        let ms = timed(&mut || be.conv_goodness_wgrad(&s, &grid, spec.goodness, &x, &y, &dg, &mut dw, &mut db))?;
         rows.push(compute("conv_goodness_wgrad", i + 1, ms, flop));
-        let (mut m, mut v) = (vec![0.0; s.w_len()], vec![0.0; s.w_len()]);
+        let (mut m, mut v) = (be.zeros(s.w_len())?, be.zeros(s.w_len())?);
         let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
-        let ms = median_ms(o.reps, || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h).unwrap());
+        let ms = timed(&mut || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h))?;
         rows.push(memory("adamw", i + 1, ms, 4.0 * 7.0 * s.w_len() as f64));
         let (ho, wo) = l.out_hw();
-        let mut out = vec![0.0; b * l.c_out * ho * wo];
-        let mut gap = vec![0.0; b * l.c_out];
+        let out_len = b * l.c_out * ho * wo;
+        let mut out = be.zeros(out_len)?;
+        let mut gap = be.zeros(b * l.c_out)?;
         let pool = l.pool.then_some(spec.pool_kind);
-        let ms = median_ms(o.reps, || {
+        let ms = timed(&mut || {
             let drop = Some(Dropout { p: 0.1, key: 7 });
-            be.layer_output(b, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap)).unwrap()
-        });
-        rows.push(memory("layer_output", i + 1, ms, 4.0 * (s.y_len() + out.len()) as f64));
+            be.layer_output(b, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap))
+        })?;
+        rows.push(memory("layer_output", i + 1, ms, 4.0 * (s.y_len() + out_len) as f64));
     }
     let params = Params::init(&spec, 1);
     let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), b)?;
@@ -228,8 +241,8 @@ pub fn run_cpu(o: &BenchOptions) -> Result<BenchReport> {
         model: format!("{} width {} ({}x32x32, N={})", spec.arch, o.width, o.channels, n),
         width: o.width,
         batch: b,
-        gemm_ceiling_gflops: (!o.step_only).then_some(gemm_peak),
-        copy_ceiling_gbs: (!o.step_only).then_some(copy_peak),
+        gemm_ceiling_gflops: ceilings.then_some(gemm_peak),
+        copy_ceiling_gbs: ceilings.then_some(copy_peak),
         rows,
         step_ms,
         images_per_s: b as f64 / (step_ms * 1e-3),
@@ -252,6 +265,16 @@ pub fn format_report(r: &BenchReport) -> String {
         } else {
             format!("{:.1} GB/s", row.rate / 1e9)
         };
+        if r.gemm_ceiling_gflops.is_none() {
+            s += &format!(
+                "{:<22} {:>5} {:>10.3} {:>14}\n",
+                row.op,
+                row.layer.map(|l| l.to_string()).unwrap_or_default(),
+                row.ms,
+                rate
+            );
+            continue;
+        }
         s += &format!(
             "{:<22} {:>5} {:>10.3} {:>14} {:>8.1}%\n",
             row.op,

@@ -280,7 +280,6 @@ fn cuda_info() {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    anyhow::ensure!(a.device == "cpu", "--device {}: this build benchmarks the cpu backend only", a.device);
     anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
     let o = asge::bench::BenchOptions {
         model: a.model,
@@ -291,7 +290,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         reps: a.reps,
         step_only: a.step_only,
     };
-    let r = asge::bench::run_cpu(&o)?;
+    let r = match a.device.as_str() {
+        "cpu" => asge::bench::run_cpu(&o)?,
+        #[cfg(feature = "cuda")]
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let be = asge::backend::cuda::CudaBackend::new(asge::backend::cuda::parse_device(d)?)?;
+            asge::bench::run(be, &o, false)?
+        }
+        d => anyhow::bail!("--device {d}: unknown device (expected cpu, cuda or cuda:N)"),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

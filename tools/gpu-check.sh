@@ -53,8 +53,12 @@ run() {
     rows+=("mnist 1 epoch $dev: $(grep -E '^  (last|best|fusion)' "$out/train-$dev.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
            "   $(python3 -c "import json; m=json.load(open('$out/mnist-$dev/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null)")
   done
-  "$B/asge" bench --width 1 --batch 128 > "$out/bench-cpu.txt" 2>&1
-  rows+=("bench cpu w1: $(grep 'train step' "$out/bench-cpu.txt")")
+  for w in 1 0.25; do
+    "$B/asge" bench --device cuda --width $w --batch 128 > "$out/bench-cuda-w$w.txt" 2>&1
+    rows+=("bench cuda fp32 w$w: $(grep 'train step' "$out/bench-cuda-w$w.txt" || tail -1 "$out/bench-cuda-w$w.txt")")
+  done
+  "$B/asge" bench --width 1 --batch 128 --step-only > "$out/bench-cpu.txt" 2>&1
+  rows+=("bench cpu w1 (this host): $(grep 'train step' "$out/bench-cpu.txt")")
   printf '\n== gpu-check summary (%s) ==\n' "$(head -1 "$out/gpu.txt")"
   printf '%s\n' "${rows[@]}" | tee "$out/summary.txt"
 }

@@ -66,6 +66,11 @@ pub trait Backend: Send + Sync {
     /// A short description, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
 
+    /// Waits until every op queued so far has finished (a no-op where ops run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Copy `data` into the first `data.len()` elements of `dst`.

@@ -108,10 +108,6 @@ impl CudaBackend {
         self.ordinal
     }
 
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))
-    }
-
     fn f(&self, name: &str) -> Result<&CudaFunction> {
         self.funcs.get(name).with_context(|| format!("kernel {name} is not loaded"))
     }
@@ -139,6 +135,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
