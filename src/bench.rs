@@ -45,6 +45,7 @@ pub struct BenchReport {
     /// Measured ceilings (absent with `step_only`).
     pub gemm_ceiling_gflops: Option<f64>,
     pub copy_ceiling_gbs: Option<f64>,
+    pub ceiling_source: Option<String>,
     pub rows: Vec<BenchRow>,
     pub step_ms: f64,
     pub images_per_s: f64,
@@ -146,16 +147,44 @@ pub fn copy_ceiling_gbs() -> f64 {
 
 /// Times every op at the model's layer shapes on the CPU backend, then the whole training step.
 pub fn run_cpu(o: &BenchOptions) -> Result<BenchReport> {
-    run(CpuBackend::new(), o, !o.step_only)
+    let ceilings = (!o.step_only).then(|| Ceilings {
+        gemm_gflops: gemm_ceiling_gflops(),
+        gemm_source: "gemm crate, all threads".into(),
+        copy_gbs: copy_ceiling_gbs(),
+    });
+    run(CpuBackend::new(), o, ceilings)
 }
 
-/// Times every op at the model's layer shapes on `be`, then the whole training step. `ceilings`: measure and
-/// report the CPU ceilings (GEMM, copy); a GPU's ceilings are not measured yet.
-pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: bool) -> Result<BenchReport> {
+/// Times every op of a step on the CUDA backend (synchronised wall time per op; the criterion benches time with
+/// events), against cuBLAS SGEMM and a device copy measured now.
+#[cfg(feature = "cuda")]
+pub fn run_cuda(be: crate::backend::cuda::CudaBackend, o: &BenchOptions) -> Result<BenchReport> {
+    let ceilings = if o.step_only {
+        None
+    } else {
+        let c = be.ceilings()?;
+        Some(Ceilings {
+            gemm_gflops: c.sgemm_gflops,
+            gemm_source: format!("cuBLAS SGEMM 4096^3; HGEMM (fp16 tensor cores) {:.0} GFLOP/s", c.hgemm_gflops),
+            copy_gbs: c.copy_gbs,
+        })
+    };
+    run(be, o, ceilings)
+}
+
+/// The rates an op is compared with.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceilings {
+    pub gemm_gflops: f64,
+    pub gemm_source: String,
+    pub copy_gbs: f64,
+}
+
+/// Times every op at the model's layer shapes on `be`, then the whole training step.
+pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> Result<BenchReport> {
     let spec =
         model::resolve(&o.model, o.channels, 32, o.classes, &ModelOptions { width: o.width, ..Default::default() })?;
-    let (gemm_peak, copy_peak) =
-        if ceilings { (gemm_ceiling_gflops(), copy_ceiling_gbs()) } else { (f64::NAN, f64::NAN) };
+    let (gemm_peak, copy_peak) = ceilings.as_ref().map_or((f64::NAN, f64::NAN), |c| (c.gemm_gflops, c.copy_gbs));
     let b = o.batch;
     let n = o.classes;
     let labels: Vec<u32> = (0..b as u32).map(|i| i % n as u32).collect();
@@ -241,8 +270,9 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: bool) -> Result<BenchR
         model: format!("{} width {} ({}x32x32, N={})", spec.arch, o.width, o.channels, n),
         width: o.width,
         batch: b,
-        gemm_ceiling_gflops: ceilings.then_some(gemm_peak),
-        copy_ceiling_gbs: ceilings.then_some(copy_peak),
+        gemm_ceiling_gflops: ceilings.as_ref().map(|c| c.gemm_gflops),
+        copy_ceiling_gbs: ceilings.as_ref().map(|c| c.copy_gbs),
+        ceiling_source: ceilings.map(|c| c.gemm_source),
         rows,
         step_ms,
         images_per_s: b as f64 / (step_ms * 1e-3),

@@ -295,7 +295,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         #[cfg(feature = "cuda")]
         d if d == "cuda" || d.starts_with("cuda:") => {
             let be = asge::backend::cuda::CudaBackend::new(asge::backend::cuda::parse_device(d)?)?;
-            asge::bench::run(be, &o, false)?
+            asge::bench::run_cuda(be, &o)?
         }
         d => anyhow::bail!("--device {d}: unknown device (expected cpu, cuda or cuda:N)"),
     };

@@ -42,6 +42,14 @@ pub fn parse_device(device: &str) -> Result<usize> {
     }
 }
 
+/// What the GPU reaches through vendor libraries (see [`CudaBackend::ceilings`]).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct GpuCeilings {
+    pub sgemm_gflops: f64,
+    pub hgemm_gflops: f64,
+    pub copy_gbs: f64,
+}
+
 pub struct CudaBackend {
     ordinal: usize,
     name: String,
@@ -106,6 +114,90 @@ impl CudaBackend {
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// The stream every op is launched on (for event timing in benchmarks).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Milliseconds per call of `f` on the GPU, timed with CUDA events around `reps` calls after `warmup`.
+    pub fn time_ms(&self, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        for _ in 0..warmup {
+            f()?;
+        }
+        drv(self.stream.synchronize(), "synchronize")?;
+        let t0 = drv(self.stream.record_event(Some(CU_EVENT_DEFAULT)), "event")?;
+        for _ in 0..reps.max(1) {
+            f()?;
+        }
+        let t1 = drv(self.stream.record_event(Some(CU_EVENT_DEFAULT)), "event")?;
+        Ok(drv(t0.elapsed_ms(&t1), "event timing")? as f64 / reps.max(1) as f64)
+    }
+
+    /// The ceilings this GPU reaches through vendor libraries, measured now: cuBLAS SGEMM (fp32, no TF32) and
+    /// HGEMM (fp16 in, fp32 accumulate: the tensor cores) on 4096^3, and a 1 GiB device-to-device copy.
+    pub fn ceilings(&self) -> Result<GpuCeilings> {
+        use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+        use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+        // SAFETY: only tries to dlopen libcublas.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            bail!("cuBLAS (libcublas.so.13) cannot be loaded: no GEMM ceiling");
+        }
+        let blas = CudaBlas::new(self.stream.clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e:?}"))?;
+        let n = 4096usize;
+        let flop = 2.0 * (n * n * n) as f64;
+        let ni = n as i32;
+        let (a, b) = (self.zeros(n * n)?, self.zeros(n * n)?);
+        let mut c = self.zeros(n * n)?;
+        let cfg = GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_N,
+            m: ni,
+            n: ni,
+            k: ni,
+            alpha: 1.0f32,
+            lda: ni,
+            ldb: ni,
+            beta: 0.0f32,
+            ldc: ni,
+        };
+        // SAFETY: three n x n buffers; column-major n x n GEMM.
+        let sgemm = self.time_ms(2, 10, || {
+            unsafe { blas.gemm(cfg, &a, &b, &mut c) }.map_err(|e| anyhow::anyhow!("cuBLAS sgemm: {e:?}"))
+        })?;
+        let zero = half::f16::ZERO;
+        let (ah, bh) = (
+            drv(self.stream.alloc_zeros::<half::f16>(n * n), "alloc")?,
+            drv(self.stream.alloc_zeros::<half::f16>(n * n), "alloc")?,
+        );
+        let mut ch = drv(self.stream.alloc_zeros::<half::f16>(n * n), "alloc")?;
+        let hcfg = GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_N,
+            m: ni,
+            n: ni,
+            k: ni,
+            alpha: half::f16::ONE,
+            lda: ni,
+            ldb: ni,
+            beta: zero,
+            ldc: ni,
+        };
+        // SAFETY: three n x n half buffers.
+        let hgemm = self.time_ms(2, 10, || {
+            unsafe { blas.gemm(hcfg, &ah, &bh, &mut ch) }.map_err(|e| anyhow::anyhow!("cuBLAS hgemm: {e:?}"))
+        })?;
+        let words = 256usize << 20;
+        let src = self.zeros(words)?;
+        let mut dst = self.zeros(words)?;
+        let copy = self.time_ms(1, 5, || drv(self.stream.memcpy_dtod(&src, &mut dst), "copy"))?;
+        Ok(GpuCeilings {
+            sgemm_gflops: flop / (sgemm * 1e-3) / 1e9,
+            hgemm_gflops: flop / (hgemm * 1e-3) / 1e9,
+            copy_gbs: (2 * 4 * words) as f64 / (copy * 1e-3) / 1e9,
+        })
     }
 
     fn f(&self, name: &str) -> Result<&CudaFunction> {

@@ -1,0 +1,107 @@
+//! Criterion benchmarks of the CUDA backend: the convolutions at every VGG8 layer (batch 128, 32x32, width 1)
+//! and the whole training step, timed with CUDA events around the launches after a warm-up, inputs rotated
+//! over several buffers so that the 50-60 MB L2 does not flatter the numbers. Throughput is FLOPs
+//! (`Throughput::Elements`: read "elem/s" as FLOP/s). Without a GPU every bench is skipped with a message.
+//!
+//! `cargo bench --bench cuda` on a GPU machine; tools/gpu-check.sh runs `asge bench --device cuda` instead
+//! (the GPU machines have no Rust toolchain).
+
+use asge::backend::cuda::{self, CudaBackend};
+use asge::backend::{Backend, ConvShape};
+use asge::model::{self, ModelOptions, Params};
+use asge::rng::Rng;
+use asge::train::{AdamW, Net};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::time::Duration;
+
+const BATCH: usize = 128;
+const ROTATE: usize = 4;
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+fn gpu() -> Option<CudaBackend> {
+    match cuda::probe().and_then(|_| CudaBackend::new(0)) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            eprintln!("CUDA benches skipped: {e:#}");
+            None
+        }
+    }
+}
+
+/// criterion's `iter_custom` with CUDA event timing.
+fn event_time(be: &CudaBackend, iters: u64, mut f: impl FnMut(u64)) -> Duration {
+    let mut i = 0;
+    let ms = be
+        .time_ms(0, iters as usize, || {
+            f(i);
+            i += 1;
+            Ok(())
+        })
+        .unwrap();
+    Duration::from_secs_f64(ms * iters as f64 * 1e-3)
+}
+
+fn convs(c: &mut Criterion) {
+    let Some(be) = gpu() else { return };
+    let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions::default()).unwrap();
+    let mut g = c.benchmark_group("cuda-vgg8-w1");
+    g.sample_size(20).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(3));
+    for (i, l) in spec.layers.iter().enumerate() {
+        let s = ConvShape { batch: BATCH, c_in: l.c_in, c_out: l.c_out, h: l.h, w: l.w };
+        let grid = l.grid();
+        let d = l.goodness_dim();
+        let xs: Vec<_> = (0..ROTATE).map(|r| be.upload(&randn(s.x_len(), (10 * i + r) as u64)).unwrap()).collect();
+        let w = be.upload(&randn(s.w_len(), 7)).unwrap();
+        let bias = be.zeros(l.c_out).unwrap();
+        let (mut y, mut gd) = (be.zeros(s.y_len()).unwrap(), be.zeros(BATCH * d).unwrap());
+        let dg = be.upload(&randn(BATCH * d, 9)).unwrap();
+        let (mut dw, mut db) = (be.zeros(s.w_len()).unwrap(), be.zeros(l.c_out).unwrap());
+        g.throughput(Throughput::Elements(2 * l.conv_macs() as u64 * BATCH as u64));
+        let layer = format!("layer{}", i + 1);
+        g.bench_function(BenchmarkId::new("conv_goodness_fwd_f32", &layer), |b| {
+            b.iter_custom(|iters| {
+                event_time(&be, iters, |k| {
+                    let x = &xs[k as usize % ROTATE];
+                    be.conv_goodness_fwd(&s, &grid, spec.goodness, x, &w, &bias, &mut y, &mut gd).unwrap()
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("conv_goodness_wgrad_f32", &layer), |b| {
+            b.iter_custom(|iters| {
+                event_time(&be, iters, |k| {
+                    let x = &xs[k as usize % ROTATE];
+                    be.conv_goodness_wgrad(&s, &grid, spec.goodness, x, &y, &dg, &mut dw, &mut db).unwrap()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn train_step(c: &mut Criterion) {
+    let Some(be) = gpu() else { return };
+    let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions::default()).unwrap();
+    let params = Params::init(&spec, 1);
+    let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), BATCH).unwrap();
+    let xs: Vec<Vec<f32>> = (0..ROTATE).map(|r| randn(BATCH * 3 * 32 * 32, 50 + r as u64)).collect();
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let mut g = c.benchmark_group("cuda-train_step");
+    g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(4 * spec.conv_macs() as u64 * BATCH as u64));
+    let mut step = 0u64;
+    // Wall time: the step includes the host-to-device batch copy and the per-layer loss read-back.
+    g.bench_function(BenchmarkId::new("vgg8-fp32", format!("w1-b{BATCH}")), |b| {
+        b.iter(|| {
+            step += 1;
+            net.train_step(&xs[step as usize % ROTATE], &labels, 1e-4, step, Some((0.1, step))).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, convs, train_step);
+criterion_main!(benches);
