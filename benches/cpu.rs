@@ -125,4 +125,45 @@ fn train_step(c: &mut Criterion) {
 }
 
 criterion_group!(benches, ops, train_step);
-criterion_main!(benches);
+
+/// The ImageNet loader: augmented 64x64 batches (random resized crop + flip + RMS norm) gathered from
+/// memory-mapped 72x72 shards in the page cache. Throughput in images.
+fn loader(c: &mut Criterion) {
+    use asge::data::augment::Augment;
+    use asge::data::imagefolder::ResizeMode;
+    use asge::data::shard::{write_shards, ShardOptions, ShardSet};
+    let dir = std::env::temp_dir().join(format!("asge-bench-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let input = dir.join("in");
+    let mut rng = Rng::new(5);
+    for class in 0..4 {
+        let d = input.join(format!("c{class}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for k in 0..64 {
+            let img =
+                image::RgbImage::from_fn(96, 80, |_, _| image::Rgb([rng.below(256) as u8, rng.below(256) as u8, 90]));
+            img.save(d.join(format!("{k}.png"))).unwrap();
+        }
+    }
+    let o = ShardOptions { size: 72, resize: ResizeMode::ShortSide, shard_bytes: 1 << 30, quiet: true };
+    write_shards(&input, &dir.join("shards"), &o).unwrap();
+    let set = ShardSet::open(&dir.join("shards")).unwrap();
+    let mut g = c.benchmark_group("loader");
+    g.sample_size(20).measurement_time(Duration::from_secs(3));
+    let batch = 256;
+    g.throughput(Throughput::Elements(batch as u64));
+    let mut order: Vec<usize> = (0..batch).map(|i| (i * 97) % asge::data::ImageSource::len(&set)).collect();
+    let mut step = 0u64;
+    g.bench_function("imagenet-64px-resized-crop-b256", |b| {
+        b.iter(|| {
+            step += 1;
+            order.rotate_left(1);
+            black_box(asge::data::loader::make_batch(&set, &order, Augment::ResizedCrop(64), step, 0))
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(loader_benches, loader);
+criterion_main!(benches, loader_benches);

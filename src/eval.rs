@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::data::augment::Augment;
 use crate::data::loader::Prefetch;
-use crate::data::Dataset;
+use crate::data::ImageSource;
 use crate::train::Net;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -72,7 +72,7 @@ impl EvalResult {
 /// code's validation images receive the training augmentations; test images never do).
 pub fn evaluate<B: Backend>(
     net: &mut Net<B>,
-    data: &Arc<Dataset>,
+    data: &Arc<dyn ImageSource>,
     indices: Vec<usize>,
     aug: Augment,
     key: u64,

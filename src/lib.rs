@@ -17,6 +17,7 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod rng;
+pub mod trace;
 pub mod train;
 
 /// `exp(-50)`: the epsilon of the per-sample RMS norm, added *outside* the square root (released code).

@@ -28,6 +28,31 @@ enum Cmd {
     Info,
     /// Time every op of a training step and the whole step against ceilings measured on the spot.
     Bench(BenchArgs),
+    /// Decode an ImageFolder (one sub-folder of JPEG/PNG images per class) into memory-mappable shards.
+    Shard(ShardArgs),
+}
+
+#[derive(clap::Args)]
+struct ShardArgs {
+    /// The ImageFolder: one sub-folder per class.
+    #[arg(long)]
+    input: PathBuf,
+    /// The shard folder (index.json, labels.u16, shard-NNNNN.bin).
+    #[arg(long)]
+    out: PathBuf,
+    /// Side of the stored square images.
+    #[arg(long)]
+    size: usize,
+    #[arg(long, value_enum, default_value = "short-side")]
+    resize: asge::data::imagefolder::ResizeMode,
+    /// Decoding threads (default: every core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Largest shard file, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    shard_mb: usize,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +149,13 @@ struct TrainArgs {
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Write a Chrome trace (JSON, opens in Perfetto) of the loader and every layer per batch.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// --dataset imagenet: the side the model sees (random-resized crops for training, centre crops for
+    /// evaluation; default: the shards' size).
+    #[arg(long)]
+    image_size: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +199,20 @@ fn run_cli(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval_cmd(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Shard(a) => {
+            let o = asge::data::shard::ShardOptions {
+                size: a.size,
+                resize: a.resize,
+                shard_bytes: a.shard_mb.saturating_mul(1 << 20),
+                quiet: a.quiet,
+            };
+            let work = || asge::data::shard::write_shards(&a.input, &a.out, &o).map(|_| ());
+            match a.workers {
+                Some(0) => anyhow::bail!("--workers 0: at least one worker is needed"),
+                Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build().context("--workers")?.install(work),
+                None => work(),
+            }
+        }
         Cmd::Info => {
             info();
             Ok(())
@@ -176,6 +222,9 @@ fn run_cli(cli: Cli) -> Result<()> {
 
 fn train(a: TrainArgs) -> Result<()> {
     let opts = RunOptions { quiet: a.quiet, stop_after: a.stop_after };
+    if let Some(path) = &a.trace {
+        asge::trace::enable(path);
+    }
     if let Some(dir) = &a.resume {
         let cfg = run::load_run_config(dir)?;
         run::train(&cfg, dir, true, opts)?;
@@ -206,6 +255,7 @@ fn train(a: TrainArgs) -> Result<()> {
         limit_test: a.limit_test,
         init: a.init,
         device: a.device,
+        image_size: a.image_size,
     };
     run::train(&cfg, &out, false, opts)?;
     Ok(())
@@ -213,15 +263,15 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
-    let (rows, res, test) =
+    let (rows, res, n_test) =
         run::eval_checkpoint(&a.checkpoint, a.dataset, &a.data, a.strategy, a.batch, a.limit_test, &a.device)?;
-    let title = format!("{} on {} test ({} images)", a.checkpoint.display(), a.dataset.name(), test.len());
+    let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), a.dataset.name());
     println!("{}", eval::format_table(&title, &rows, &res));
     let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
     let body = serde_json::json!({
         "checkpoint": a.checkpoint,
         "dataset": a.dataset.name(),
-        "images": test.len(),
+        "images": n_test,
         "strategies": rows,
         "layer_top1": res.layer_acc(),
         "layer_top5": res.layers.iter().map(|t| t.top5_acc()).collect::<Vec<_>>(),

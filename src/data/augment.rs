@@ -11,12 +11,95 @@ pub enum Augment {
     None,
     Flip,
     Cifar,
+    /// ImageNet training: RandomResizedCrop(T, scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.
+    ResizedCrop(usize),
+    /// ImageNet evaluation: resize to T / 0.875, centre crop T.
+    CenterCrop(usize),
+}
+
+impl Augment {
+    /// The side of the output when it differs from the stored image.
+    pub fn output_size(self) -> Option<usize> {
+        match self {
+            Augment::ResizedCrop(t) | Augment::CenterCrop(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Bilinear sample of the source square `[y0, y0 + ch) x [x0, x0 + cw)` of a u8 CHW `s x s` image into an f32
+/// `t x t` output in [0, 1] (pixel centres aligned, edges clamped), flipped horizontally when asked.
+fn sample(
+    img: &[u8],
+    c: usize,
+    s: usize,
+    t: usize,
+    (y0, x0, ch, cw): (f64, f64, f64, f64),
+    flip: bool,
+    out: &mut [f32],
+) {
+    let (sy, sx) = (ch / t as f64, cw / t as f64);
+    let cols: Vec<(usize, usize, f32)> = (0..t)
+        .map(|j| {
+            let jj = if flip { t - 1 - j } else { j };
+            let x = (x0 + (jj as f64 + 0.5) * sx - 0.5).clamp(0.0, (s - 1) as f64);
+            let xi = x.floor() as usize;
+            (xi, (xi + 1).min(s - 1), (x - xi as f64) as f32)
+        })
+        .collect();
+    for i in 0..t {
+        let y = (y0 + (i as f64 + 0.5) * sy - 0.5).clamp(0.0, (s - 1) as f64);
+        let yi = y.floor() as usize;
+        let (y1, fy) = ((yi + 1).min(s - 1), (y - yi as f64) as f32);
+        for ch_i in 0..c {
+            let plane = &img[ch_i * s * s..][..s * s];
+            let (r0, r1) = (&plane[yi * s..][..s], &plane[y1 * s..][..s]);
+            let o = &mut out[(ch_i * t + i) * t..][..t];
+            for (v, &(xa, xb, fx)) in o.iter_mut().zip(&cols) {
+                let top = r0[xa] as f32 + (r0[xb] as f32 - r0[xa] as f32) * fx;
+                let bot = r1[xa] as f32 + (r1[xb] as f32 - r1[xa] as f32) * fx;
+                *v = (top + (bot - top) * fy) / 255.0;
+            }
+        }
+    }
+}
+
+/// The ImageNet augmentations: from a u8 CHW `s x s` image to an f32 CHW `t x t` image in [0, 1].
+pub fn crop_resize(aug: Augment, img: &[u8], c: usize, s: usize, t: usize, out: &mut [f32], rng: &mut Rng) {
+    let sf = s as f64;
+    match aug {
+        Augment::ResizedCrop(_) => {
+            // torchvision's RandomResizedCrop: 10 tries at a random area and aspect ratio, else the whole image.
+            let area = sf * sf;
+            let mut region = (0.0, 0.0, sf, sf);
+            for _ in 0..10 {
+                let target = area * rng.uniform(0.08, 1.0);
+                let ratio = rng.uniform((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln()).exp();
+                let w = (target * ratio).sqrt().round();
+                let h = (target / ratio).sqrt().round();
+                if w > 0.0 && h > 0.0 && w <= sf && h <= sf {
+                    let y0 = rng.below((sf - h) as u64 + 1) as f64;
+                    let x0 = rng.below((sf - w) as u64 + 1) as f64;
+                    region = (y0, x0, h, w);
+                    break;
+                }
+            }
+            let flip = rng.next_f64() < 0.5;
+            sample(img, c, s, t, region, flip, out);
+        }
+        _ => {
+            // Resize to t / 0.875 then centre-crop t: the crop covers 0.875 of the stored image.
+            let side = sf * 0.875;
+            let off = (sf - side) / 2.0;
+            sample(img, c, s, t, (off, off, side, side), false, out);
+        }
+    }
 }
 
 /// Applies `aug` to one image `[C, S, S]` in place, drawing from `rng`.
 pub fn apply(aug: Augment, img: &mut [f32], channels: usize, size: usize, rng: &mut Rng) {
     match aug {
-        Augment::None => {}
+        Augment::None | Augment::ResizedCrop(_) | Augment::CenterCrop(_) => {}
         Augment::Flip => {
             if rng.next_f64() < 0.5 {
                 hflip(img, channels, size);

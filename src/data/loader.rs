@@ -3,7 +3,7 @@
 //! batch's content does not depend on timing, thread count, or whether the run was resumed.
 
 use super::augment::{self, Augment};
-use super::Dataset;
+use super::ImageSource;
 use crate::rng::{self, Rng};
 use rayon::prelude::*;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -26,22 +26,28 @@ impl Batch {
     }
 }
 
-/// Builds the batch of `indices` (positions `first..` in the epoch's order).
-pub fn make_batch(data: &Dataset, indices: &[usize], aug: Augment, key: u64, first: usize) -> Batch {
-    let px = data.pixels();
+/// Builds the batch of `indices` (positions `first..` in the epoch's order). The output side is the crop size
+/// for the ImageNet augmentations and the stored size otherwise.
+pub fn make_batch(data: &dyn ImageSource, indices: &[usize], aug: Augment, key: u64, first: usize) -> Batch {
+    let (c, s) = (data.channels(), data.size());
+    let t = aug.output_size().unwrap_or(s);
+    let px = c * t * t;
     let mut x = vec![0.0f32; indices.len() * px];
     x.par_chunks_mut(px).zip(indices).enumerate().for_each(|(i, (out, &idx))| {
         let img = data.image(idx);
-        for (o, &p) in out.iter_mut().zip(img) {
-            *o = p as f32 / 255.0;
-        }
-        if aug != Augment::None {
-            let mut r = Rng::new(rng::derive(key, (first + i) as u64));
-            augment::apply(aug, out, data.channels, data.size, &mut r);
+        let mut r = Rng::new(rng::derive(key, (first + i) as u64));
+        match aug {
+            Augment::ResizedCrop(_) | Augment::CenterCrop(_) => augment::crop_resize(aug, img, c, s, t, out, &mut r),
+            _ => {
+                for (o, &p) in out.iter_mut().zip(img) {
+                    *o = p as f32 / 255.0;
+                }
+                augment::apply(aug, out, c, s, &mut r);
+            }
         }
         super::rms_normalize(out);
     });
-    Batch { x, labels: indices.iter().map(|&i| data.labels[i]).collect() }
+    Batch { x, labels: indices.iter().map(|&i| data.label(i)).collect() }
 }
 
 /// Batches of one pass over `order`, prepared ahead on a worker thread.
@@ -52,13 +58,22 @@ pub struct Prefetch {
 
 impl Prefetch {
     /// `depth` batches are prepared ahead (bounded memory). The last batch may be smaller (not dropped).
-    pub fn new(data: Arc<Dataset>, order: Vec<usize>, batch: usize, aug: Augment, key: u64, depth: usize) -> Self {
+    pub fn new(
+        data: Arc<dyn ImageSource>,
+        order: Vec<usize>,
+        batch: usize,
+        aug: Augment,
+        key: u64,
+        depth: usize,
+    ) -> Self {
         let (tx, rx) = sync_channel(depth.max(1));
         let worker = std::thread::Builder::new()
             .name("asge-loader".into())
             .spawn(move || {
                 for (i, chunk) in order.chunks(batch).enumerate() {
-                    let b = make_batch(&data, chunk, aug, key, i * batch);
+                    let span = crate::trace::span("prepare batch", crate::trace::LOADER, i as u64);
+                    let b = make_batch(data.as_ref(), chunk, aug, key, i * batch);
+                    drop(span);
                     if tx.send(b).is_err() {
                         return; // the trainer stopped early
                     }

@@ -4,8 +4,10 @@
 pub mod augment;
 pub mod cifar;
 pub mod idx;
+pub mod imagefolder;
 pub mod loader;
 pub mod resize;
+pub mod shard;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,8 @@ pub enum DatasetKind {
     Cifar100,
     /// Any IDX pair named like MNIST's (`train-*`, `t10k-*`, raw or .gz), resized to 32x32.
     Idx,
+    /// Shards made by `asge shard`: `DIR/train` and `DIR/val` (or `DIR/test`).
+    Imagenet,
 }
 
 impl DatasetKind {
@@ -33,6 +37,7 @@ impl DatasetKind {
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
             DatasetKind::Idx => "idx",
+            DatasetKind::Imagenet => "imagenet",
         }
     }
 
@@ -40,8 +45,44 @@ impl DatasetKind {
     pub fn default_val_fraction(self) -> f64 {
         match self {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => 0.1,
+            DatasetKind::Imagenet => 0.0,
             _ => 1.0 / 6.0,
         }
+    }
+}
+
+/// Where a loader reads images: u8 CHW `[C, S, S]` records with labels, in memory or memory-mapped.
+pub trait ImageSource: Send + Sync {
+    fn len(&self) -> usize;
+    fn channels(&self) -> usize;
+    /// Side of the stored square images.
+    fn size(&self) -> usize;
+    fn classes(&self) -> usize;
+    fn label(&self, i: usize) -> u32;
+    fn image(&self, i: usize) -> &[u8];
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ImageSource for Dataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn channels(&self) -> usize {
+        self.channels
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn classes(&self) -> usize {
+        self.classes
+    }
+    fn label(&self, i: usize) -> u32 {
+        self.labels[i]
+    }
+    fn image(&self, i: usize) -> &[u8] {
+        Dataset::image(self, i)
     }
 }
 
@@ -92,6 +133,7 @@ pub fn load(kind: DatasetKind, dir: &Path, limit_train: Option<usize>, limit_tes
         );
     }
     let (mut train, mut test) = match kind {
+        DatasetKind::Imagenet => bail!("--dataset imagenet reads shards (asge shard), not an in-memory dataset"),
         DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Idx => load_idx_pair(kind, dir)?,
         DatasetKind::Cifar10 => load_cifar(dir, &["cifar-10-batches-bin", "cifar10/cifar-10-batches-bin"], 10)?,
         DatasetKind::Cifar100 => load_cifar(dir, &["cifar-100-binary", "cifar100/cifar-100-binary"], 100)?,

@@ -112,6 +112,15 @@ pub fn vgg11() -> ArchSpec {
     arch("vgg11", &ch, &pool)
 }
 
+/// `vgg-imagenet`: torchvision's VGG-11 feature stack (8 conv layers, 64-128-256-256-512-512-512-512, a pool
+/// after layers 1, 2, 4, 6 and 8), so that `P_l` follows the released 64/128/256/512 -> 8/4/2/1 table. At 64x64
+/// the last layer outputs 2x2, at 224x224 7x7.
+pub fn vgg_imagenet() -> ArchSpec {
+    let ch = [64, 128, 256, 256, 512, 512, 512, 512];
+    let pool = [true, true, false, true, false, true, false, true];
+    arch("vgg-imagenet", &ch, &pool)
+}
+
 fn arch(name: &str, ch: &[usize], pool: &[bool]) -> ArchSpec {
     ArchSpec {
         name: name.to_string(),
@@ -124,6 +133,7 @@ pub fn arch_by_name(name: &str) -> Result<ArchSpec> {
     match name {
         "vgg8" => Ok(vgg8()),
         "vgg11" => Ok(vgg11()),
+        "vgg-imagenet" => Ok(vgg_imagenet()),
         path if path.ends_with(".json") => {
             let text = std::fs::read_to_string(path).with_context(|| format!("--model {path}: cannot read"))?;
             let spec: ArchSpec =
@@ -138,7 +148,7 @@ pub fn arch_by_name(name: &str) -> Result<ArchSpec> {
             }
             Ok(spec)
         }
-        other => bail!("--model: unknown model '{other}' (expected vgg8, vgg11 or a .json file)"),
+        other => bail!("--model: unknown model '{other}' (expected vgg8, vgg11, vgg-imagenet or a .json file)"),
     }
 }
 
@@ -371,6 +381,16 @@ mod tests {
         let m = ModelSpec::build(&vgg11(), 3, 32, 100, &ModelOptions::default()).unwrap();
         assert_eq!(m.conv_params() + m.head_params(), 16_638_340);
         assert_eq!(m.layers.last().unwrap().h, 2);
+    }
+
+    #[test]
+    fn vgg_imagenet_follows_the_released_grid_table() {
+        for (size, last_hw) in [(64, 2), (224, 7)] {
+            let m = ModelSpec::build(&vgg_imagenet(), 3, size, 1000, &ModelOptions::default()).unwrap();
+            assert_eq!(m.layers.iter().map(|l| l.p).collect::<Vec<_>>(), vec![8, 4, 2, 2, 1, 1, 1, 1]);
+            assert_eq!(m.goodness_dims(), vec![4096, 2048, 1024, 1024, 512, 512, 512, 512]);
+            assert_eq!(m.layers.last().unwrap().out_hw(), (last_hw, last_hw));
+        }
     }
 
     #[test]

@@ -207,6 +207,8 @@ impl<B: Backend> Net<B> {
             let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
             let d = spec.goodness_dim();
             let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
+            let track = crate::trace::layer(li);
+            let span = crate::trace::span("conv_goodness_fwd", track, step);
             be.conv_goodness_fwd(
                 &s,
                 &layer.grid,
@@ -217,6 +219,8 @@ impl<B: Backend> Net<B> {
                 &mut ws.y,
                 &mut ws.g,
             )?;
+            std::mem::drop(span);
+            let span = crate::trace::span("goodness_loss", track, step);
             be.goodness_loss(
                 batch,
                 d,
@@ -229,6 +233,8 @@ impl<B: Backend> Net<B> {
                 Some(&mut ws.dg),
                 &mut ws.stats,
             )?;
+            std::mem::drop(span);
+            let span = crate::trace::span("conv_goodness_wgrad", track, step);
             be.conv_goodness_wgrad(
                 &s,
                 &layer.grid,
@@ -239,23 +245,29 @@ impl<B: Backend> Net<B> {
                 &mut layer.conv_w.grad,
                 &mut layer.conv_b.grad,
             )?;
+            std::mem::drop(span);
+            let span = crate::trace::span("adamw", track, step);
             layer.conv_w.step(be, &h)?;
             layer.conv_b.step(be, &h)?;
+            std::mem::drop(span);
+            let _span = crate::trace::span("layer_output", track, step);
             let pool = spec.pool.then_some(self.spec.pool_kind);
-            let drop =
+            let layer_dropout =
                 dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) });
             let gap = (li >= 1).then_some(&mut ws.gap[li]);
-            be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, drop, &ws.y, &mut ws.x_next, gap)?;
+            be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, layer_dropout, &ws.y, &mut ws.x_next, gap)?;
             std::mem::swap(&mut ws.x, &mut ws.x_next);
             let (loss, correct) = self.take_stats()?;
             stats.layer_loss.push(loss / batch as f64);
             stats.layer_correct.push(correct);
         }
+        let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
         self.heads_pass(batch, true)?;
         for head in &mut self.heads {
             head.w.step(&self.be, &h)?;
             head.b.step(&self.be, &h)?;
         }
+        std::mem::drop(span);
         let (loss, correct) = self.take_stats()?;
         stats.head_loss = loss / batch as f64;
         stats.head_correct = correct;

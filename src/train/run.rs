@@ -8,7 +8,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::data::augment::Augment;
 use crate::data::loader::Prefetch;
-use crate::data::{self, Dataset, DatasetKind};
+use crate::data::shard::ShardSet;
+use crate::data::{self, DatasetKind, ImageSource};
 use crate::eval::{self, EvalResult, Strategy, StrategyResult};
 use crate::model::{self, GoodnessReduce, ModelOptions, ModelSpec, Params, PoolKind};
 use crate::rng::{self, Rng};
@@ -53,6 +54,9 @@ pub struct TrainConfig {
     pub limit_test: Option<usize>,
     pub init: Option<PathBuf>,
     pub device: String,
+    /// Training and evaluation image side for `--dataset imagenet` (default: the shards' size).
+    #[serde(default)]
+    pub image_size: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +83,7 @@ impl Default for TrainConfig {
             limit_test: None,
             init: None,
             device: "cpu".into(),
+            image_size: None,
         }
     }
 }
@@ -100,8 +105,10 @@ impl TrainConfig {
         Ok(())
     }
 
-    fn augmentation(&self) -> Augment {
+    fn augmentation(&self, input_size: usize) -> Augment {
         match (self.augment, self.dataset) {
+            (AugmentChoice::Default, DatasetKind::Imagenet) => Augment::ResizedCrop(input_size),
+            (_, DatasetKind::Imagenet) => Augment::CenterCrop(input_size),
             (AugmentChoice::None, _) => Augment::None,
             (_, DatasetKind::FashionMnist) => Augment::Flip,
             (_, DatasetKind::Cifar10 | DatasetKind::Cifar100) => Augment::Cifar,
@@ -204,16 +211,64 @@ macro_rules! with_backend {
     };
 }
 
+/// A run's data: the training and test sources, the input side the model sees, and the evaluation transform.
+pub struct Sources {
+    pub train: Arc<dyn ImageSource>,
+    pub test: Arc<dyn ImageSource>,
+    pub input_size: usize,
+    pub eval_aug: Augment,
+}
+
+/// Opens `--dataset imagenet`'s shard folders: `DIR/train` and `DIR/val` (or `DIR/test`).
+fn open_shards(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
+    let train =
+        ShardSet::open(&dir.join("train")).with_context(|| format!("--data {}: the training shards", dir.display()))?;
+    let test_dir =
+        ["val", "test"].iter().map(|d| dir.join(d)).find(|d| d.join("index.json").is_file()).with_context(|| {
+            format!(
+                "--data {}: no val/ or test/ shard folder beside train/ (asge shard --input VAL_DIR --out {}/val)",
+                dir.display(),
+                dir.display()
+            )
+        })?;
+    let test = ShardSet::open(&test_dir)?;
+    if test.index.classes != train.index.classes {
+        bail!("{}: its classes differ from {}'s", test_dir.display(), dir.join("train").display());
+    }
+    Ok((Arc::new(train), Arc::new(test)))
+}
+
 /// Loads the data and resolves the model of a config.
-pub fn prepare(cfg: &TrainConfig) -> Result<(data::Splits, ModelSpec)> {
+pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
     cfg.validate()?;
-    let splits = data::load(cfg.dataset, &cfg.data, cfg.limit_train, cfg.limit_test)?;
-    if splits.train.is_empty() {
+    let sources = if cfg.dataset == DatasetKind::Imagenet {
+        let (train, test) = open_shards(&cfg.data)?;
+        let t = cfg.image_size.unwrap_or(train.size());
+        if t == 0 {
+            bail!("--image-size 0: images need at least one pixel");
+        }
+        let train: Arc<dyn ImageSource> = train;
+        let test: Arc<dyn ImageSource> = test;
+        Sources { train, test, input_size: t, eval_aug: Augment::CenterCrop(t) }
+    } else {
+        if cfg.image_size.is_some_and(|s| s != data::IMAGE_SIZE) {
+            bail!("--image-size: only --dataset imagenet takes another size; {} is 32x32", cfg.dataset.name());
+        }
+        let splits = data::load(cfg.dataset, &cfg.data, cfg.limit_train, cfg.limit_test)?;
+        let size = splits.train.size;
+        Sources {
+            train: Arc::new(splits.train),
+            test: Arc::new(splits.test),
+            input_size: size,
+            eval_aug: Augment::None,
+        }
+    };
+    if sources.train.is_empty() {
         bail!("--data {}: the training set is empty (--limit-train 0?)", cfg.data.display());
     }
-    let t = &splits.train;
-    let spec = model::resolve(&cfg.model, t.channels, t.size, t.classes, &cfg.model_options())?;
-    Ok((splits, spec))
+    let t = &sources.train;
+    let spec = model::resolve(&cfg.model, t.channels(), sources.input_size, t.classes(), &cfg.model_options())?;
+    Ok((sources, spec))
 }
 
 /// Trains a fresh run (or resumes one when `resume` is set) in `out`, then evaluates the best checkpoint on
@@ -231,7 +286,7 @@ fn train_on<B: Backend>(
     make_backend: impl Fn() -> Result<B>,
 ) -> Result<Option<Summary>> {
     let be = make_backend()?;
-    let (splits, spec) = prepare(cfg)?;
+    let (sources, spec) = prepare(cfg)?;
     std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
     let last_path = out.join("last.safetensors");
     let best_path = out.join("best.safetensors");
@@ -254,8 +309,10 @@ fn train_on<B: Backend>(
         ck.restore_optimizer(&last_path, &mut net)?;
     }
 
-    let train_data = Arc::new(splits.train);
-    let n = train_data.len();
+    let train_data = sources.train.clone();
+    // The in-memory readers applied the limits already; the shards apply them here (the first N records).
+    let n = train_data.len().min(cfg.limit_train.unwrap_or(usize::MAX));
+    let n_test = sources.test.len().min(cfg.limit_test.unwrap_or(usize::MAX));
     let val = cfg.val.unwrap_or_else(|| (n as f64 * cfg.dataset.default_val_fraction()).round() as usize);
     let (train_idx, val_idx) = data::split(n, val, cfg.seed)?;
     let mut resolved = cfg.clone();
@@ -276,7 +333,7 @@ fn train_on<B: Backend>(
             cfg.dataset.name(),
             train_idx.len(),
             val_idx.len(),
-            splits.test.len(),
+            n_test,
             spec.layers.len(),
             (spec.conv_params() + spec.head_params()) as f64 / 1e6,
             cfg.epochs,
@@ -288,7 +345,10 @@ fn train_on<B: Backend>(
         say(opts, format!("asge: resuming after epoch {} (step {})", state.epochs_done, state.step));
     }
 
-    let aug = cfg.augmentation();
+    let aug = cfg.augmentation(sources.input_size);
+    // Validation images get the training augmentation, as in the released code, except on ImageNet shards,
+    // where validation is the evaluation transform.
+    let val_aug = if cfg.dataset == DatasetKind::Imagenet { sources.eval_aug } else { aug };
     let mut train_seconds = 0.0;
     let mut train_images = 0usize;
     let end = opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
@@ -329,7 +389,7 @@ fn train_on<B: Backend>(
             None
         } else {
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
-            Some(eval::evaluate(&mut net, &train_data, val_idx.clone(), aug, key)?)
+            Some(eval::evaluate(&mut net, &train_data, val_idx.clone(), val_aug, key)?)
         };
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
         append_metrics(&out.join("metrics.jsonl"), &m)?;
@@ -352,6 +412,7 @@ fn train_on<B: Backend>(
             checkpoint::save(&best_path, &net, &state, &config_json)?;
         }
         checkpoint::save(&last_path, &net, &state, &config_json)?;
+        crate::trace::flush(spec.layers.len())?;
     }
 
     if end < cfg.epochs {
@@ -368,10 +429,10 @@ fn train_on<B: Backend>(
     let params = best.params_for(&best_path, &spec)?;
     drop(net);
     let mut net = Net::new(make_backend()?, spec.clone(), &params, adamw, cfg.batch)?;
-    let test = Arc::new(splits.test);
-    let res = eval::evaluate(&mut net, &test, (0..test.len()).collect(), Augment::None, 0)?;
+    let test = sources.test.clone();
+    let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), sources.eval_aug, 0)?;
     let rows = eval::strategies(&res, Strategy::All, best_state.best_layer);
-    let title = format!("test ({} images), best epoch {} of {}", test.len(), best_state.best_epoch, cfg.epochs);
+    let title = format!("test ({n_test} images), best epoch {} of {}", best_state.best_epoch, cfg.epochs);
     println!("{}", eval::format_table(&title, &rows, &res));
     let summary = Summary {
         dataset: cfg.dataset.name().into(),
@@ -382,7 +443,7 @@ fn train_on<B: Backend>(
         best_val: best_state.best_val,
         test: rows,
         test_layer_top1: res.layer_acc(),
-        test_images: test.len(),
+        test_images: n_test,
         train_seconds,
         train_images_per_s: if train_seconds > 0.0 { train_images as f64 / train_seconds } else { 0.0 },
     };
@@ -508,7 +569,7 @@ pub fn eval_checkpoint(
     batch: usize,
     limit_test: Option<usize>,
     device_name: &str,
-) -> Result<(Vec<StrategyResult>, EvalResult, Arc<Dataset>)> {
+) -> Result<(Vec<StrategyResult>, EvalResult, usize)> {
     with_backend!(device_name, |make| eval_on(path, dataset, data_dir, strategy, batch, limit_test, make()?))
 }
 
@@ -520,27 +581,31 @@ fn eval_on<B: Backend>(
     batch: usize,
     limit_test: Option<usize>,
     be: B,
-) -> Result<(Vec<StrategyResult>, EvalResult, Arc<Dataset>)> {
+) -> Result<(Vec<StrategyResult>, EvalResult, usize)> {
     let ck = checkpoint::load(path)?;
     let spec = ck.spec.clone().with_context(|| {
         format!("{}: no asge.model metadata (not written by asge); train with --init to use it", path.display())
     })?;
-    let splits = data::load(dataset, data_dir, Some(0), limit_test)?;
-    let test = Arc::new(splits.test);
-    if test.channels != spec.in_channels || test.classes != spec.classes {
+    let (test, eval_aug): (Arc<dyn ImageSource>, Augment) = if dataset == DatasetKind::Imagenet {
+        (open_shards(data_dir)?.1, Augment::CenterCrop(spec.image_size))
+    } else {
+        (Arc::new(data::load(dataset, data_dir, Some(0), limit_test)?.test), Augment::None)
+    };
+    let n_test = test.len().min(limit_test.unwrap_or(usize::MAX));
+    if test.channels() != spec.in_channels || test.classes() != spec.classes {
         bail!(
             "{}: the model takes {} channel(s) and {} classes; --dataset {} has {} and {}",
             path.display(),
             spec.in_channels,
             spec.classes,
             dataset.name(),
-            test.channels,
-            test.classes
+            test.channels(),
+            test.classes()
         );
     }
     let params = ck.params_for(path, &spec)?;
     let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
     let mut net = Net::new(be, spec, &params, AdamW::default(), batch)?;
-    let res = eval::evaluate(&mut net, &test, (0..test.len()).collect(), Augment::None, 0)?;
-    Ok((eval::strategies(&res, strategy, best_layer), res, test))
+    let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), eval_aug, 0)?;
+    Ok((eval::strategies(&res, strategy, best_layer), res, n_test))
 }

@@ -1,0 +1,98 @@
+//! `--trace FILE`: a Chrome trace (JSON; opens in Perfetto or chrome://tracing) of what the loader and every
+//! layer did per batch. Off by default; when on, every span costs one clock read and one short lock.
+
+use serde::Serialize;
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Serialize)]
+struct Event {
+    name: &'static str,
+    cat: &'static str,
+    ph: &'static str,
+    ts: f64,
+    dur: f64,
+    pid: u32,
+    tid: u32,
+    args: serde_json::Value,
+}
+
+struct Tracer {
+    t0: Instant,
+    events: Vec<Event>,
+    path: std::path::PathBuf,
+}
+
+static TRACER: Mutex<Option<Tracer>> = Mutex::new(None);
+
+/// At most this many events are kept (about 100 MB of JSON); later spans are dropped.
+const MAX_EVENTS: usize = 1_000_000;
+
+/// Track ids: 0 is the loader, 1 the fusion heads, `10 + l` layer `l`.
+pub const LOADER: u32 = 0;
+pub const HEADS: u32 = 1;
+pub fn layer(l: usize) -> u32 {
+    10 + l as u32
+}
+
+/// Turns tracing on; [`flush`] writes to `path`.
+pub fn enable(path: &std::path::Path) {
+    *TRACER.lock().unwrap() = Some(Tracer { t0: Instant::now(), events: Vec::new(), path: path.to_path_buf() });
+}
+
+pub fn enabled() -> bool {
+    TRACER.lock().unwrap().is_some()
+}
+
+/// A span that ends when dropped.
+pub struct Span {
+    start: Option<Instant>,
+    name: &'static str,
+    tid: u32,
+    step: u64,
+}
+
+/// Starts a span on track `tid` (nothing is recorded unless tracing is on).
+pub fn span(name: &'static str, tid: u32, step: u64) -> Span {
+    let on = TRACER.lock().unwrap().is_some();
+    Span { start: on.then(Instant::now), name, tid, step }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        let Some(start) = self.start else { return };
+        let end = Instant::now();
+        if let Some(t) = TRACER.lock().unwrap().as_mut() {
+            if t.events.len() < MAX_EVENTS {
+                t.events.push(Event {
+                    name: self.name,
+                    cat: if self.tid == LOADER { "loader" } else { "compute" },
+                    ph: "X",
+                    ts: start.duration_since(t.t0).as_secs_f64() * 1e6,
+                    dur: end.duration_since(start).as_secs_f64() * 1e6,
+                    pid: 1,
+                    tid: self.tid,
+                    args: serde_json::json!({ "batch": self.step }),
+                });
+            }
+        }
+    }
+}
+
+/// Writes the trace so far (atomically) to the file given to [`enable`], with track names; a no-op when off.
+pub fn flush(layers: usize) -> anyhow::Result<()> {
+    let guard = TRACER.lock().unwrap();
+    let Some(t) = guard.as_ref() else { return Ok(()) };
+    let path = &t.path;
+    let mut names = vec![(LOADER, "loader".to_string()), (HEADS, "fusion heads".to_string())];
+    names.extend((0..layers).map(|l| (layer(l), format!("layer {}", l + 1))));
+    let mut events: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(
+            |(tid, n)| serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": n}}),
+        )
+        .collect();
+    events.extend(t.events.iter().map(|e| serde_json::to_value(e).unwrap()));
+    let body = serde_json::to_vec(&serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" }))?;
+    crate::train::checkpoint::write_atomic(path, &body)
+}
