@@ -56,7 +56,7 @@ fn short_mnist_run_learns() {
     assert!(get("fusion").top1 > 0.25, "fusion test top-1 {}", get("fusion").top1);
     assert!(get("last").top5 > 0.95);
     // The run folder holds what the README promises.
-    for f in ["config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "summary.json"] {
+    for f in ["config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "summary.json", "curves.svg"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
@@ -64,6 +64,8 @@ fn short_mnist_run_learns() {
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert_eq!(last["epoch"], 3);
     assert_eq!(last["train_layer_acc"].as_array().unwrap().len(), 7);
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("layer 7") && svg.contains("fusion"));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod net;
+pub mod plot;
 pub mod run;
 pub mod schedule;
 

@@ -393,6 +393,7 @@ fn train_on<B: Backend>(
         };
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
         append_metrics(&out.join("metrics.jsonl"), &m)?;
+        write_curves(out, &format!("{} on {}", spec.arch, cfg.dataset.name()))?;
         say(opts, epoch_line(&m));
 
         // Model selection: best validation accuracy of the fusion prediction (released code); without
@@ -544,6 +545,13 @@ fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
     writeln!(f, "{}", serde_json::to_string(m)?)?;
     f.sync_data()?;
     Ok(())
+}
+
+/// Redraws `curves.svg` from `metrics.jsonl`.
+fn write_curves(out: &Path, title: &str) -> Result<()> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let metrics: Vec<EpochMetrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    checkpoint::write_atomic(&out.join("curves.svg"), super::plot::curves_svg(&metrics, title).as_bytes())
 }
 
 /// Drops metric lines of epochs past the checkpoint (an interrupted epoch may have logged before dying).
