@@ -36,15 +36,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
         }
         for (int i = tid; i < FWD_TK * FWD_TN; i += 256) {
             int kk = i / FWD_TN, nn = i % FWD_TN;
-            int k = k0 + kk, n = n0 + nn;
-            float v = 0.0f;
-            if (k < K && n < N) {
-                int ci = k / 9, r = k % 9;
-                int b = n / HW, p = n % HW;
-                int ih = p / W + r / 3 - 1, iw = p % W + r % 3 - 1;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = x[(((long)b * Cin + ci) * H + ih) * W + iw];
-            }
-            Bs[kk][nn] = v;
+            Bs[kk][nn] = im2col_at(x, k0 + kk, n0 + nn, K, N, Cin, H, W);
         }
         __syncthreads();
 #pragma unroll

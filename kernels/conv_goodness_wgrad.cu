@@ -59,15 +59,8 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f32(
         }
         for (int i = tid; i < WG_TN * WG_TK; i += 256) {
             int nn = i / WG_TK, kk = i % WG_TK;
-            int n = n0 + nn, k = k0 + kk;
-            float v = 0.0f;
-            if (n < nend && k < K) {
-                int ci = k / 9, r = k % 9;
-                int b = n / HW, p = n % HW;
-                int ih = p / W + r / 3 - 1, iw = p % W + r % 3 - 1;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = x[(((long)b * Cin + ci) * H + ih) * W + iw];
-            }
-            Bs[nn][kk] = v;
+            int n = n0 + nn;
+            Bs[nn][kk] = im2col_at(x, k0 + kk, n < nend ? n : N, K, N, Cin, H, W);
         }
         __syncthreads();
         if (bias_block && tid < WG_TM)

@@ -23,18 +23,7 @@ extern "C" __global__ void heads_softmax_f32(
 {
     int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
-    const float* a = s + (long)b * N;
-    int label = (int)labels[b];
-    float mx = a[0];
-    int arg = 0;
-    for (int n = 1; n < N; ++n)
-        if (a[n] > mx) { mx = a[n]; arg = n; }
-    float sum = 0.0f;
-    for (int n = 0; n < N; ++n) sum += expf(a[n] - mx);
-    float lse = mx + logf(sum);
-    for (int n = 0; n < N; ++n) ds[(long)b * N + n] = (expf(a[n] - lse) - (n == label ? 1.0f : 0.0f)) / (float)B;
-    atomicAdd(&stats[0], lse - a[label]);
-    atomicAdd(&stats[1], arg == label ? 1.0f : 0.0f);
+    softmax_ce_row(s + (long)b * N, N, (int)labels[b], 1.0f / (float)B, ds + (long)b * N, stats);
 }
 
 extern "C" __global__ void heads_grad_f32(

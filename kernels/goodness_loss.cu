@@ -24,20 +24,8 @@ extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        int label = (int)labels[b];
-        float mx = a[0];
-        int arg = 0;
-        for (int n = 1; n < N; ++n)
-            if (a[n] > mx) { mx = a[n]; arg = n; }
-        float sum = 0.0f;
-        for (int n = 0; n < N; ++n) sum += expf(a[n] - mx);
-        float lse = mx + logf(sum);
-        for (int n = 0; n < N; ++n) {
-            logits[(long)b * N + n] = a[n];
-            da[n] = (expf(a[n] - lse) - (n == label ? 1.0f : 0.0f)) / (float)B;
-        }
-        atomicAdd(&stats[0], lse - a[label]);
-        atomicAdd(&stats[1], arg == label ? 1.0f : 0.0f);
+        for (int n = 0; n < N; ++n) logits[(long)b * N + n] = a[n];
+        softmax_ce_row(a, N, (int)labels[b], 1.0f / (float)B, da, stats);
     }
     __syncthreads();
     if (with_grad)

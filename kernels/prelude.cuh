@@ -64,3 +64,29 @@ __device__ __forceinline__ void bins_of(int c, int n, int p, int* lo, int* hi) {
     *lo = a;
     *hi = b;
 }
+
+// The implicit im2col: col[k, n] = x[b, ci, oh + kh - 1, ow + kw - 1] (zero outside the map), with
+// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow, for k < K and n < N (else 0).
+__device__ __forceinline__ float im2col_at(const float* __restrict__ x, int k, int n, int K, int N, int Cin, int H, int W) {
+    if (k >= K || n >= N) return 0.0f;
+    int ci = k / 9, r = k % 9;
+    int HW = H * W, b = n / HW, p = n % HW;
+    int ih = p / W + r / 3 - 1, iw = p % W + r % 3 - 1;
+    if (ih < 0 || ih >= H || iw < 0 || iw >= W) return 0.0f;
+    return x[(((long)b * Cin + ci) * H + ih) * W + iw];
+}
+
+// Softmax cross-entropy of one row of N logits against `label`: writes da = (softmax(a) - onehot) * scale,
+// adds the loss and the hit (argmax, first on ties) to stats[0], stats[1].
+__device__ __forceinline__ void softmax_ce_row(const float* a, int N, int label, float scale, float* da, float* stats) {
+    float mx = a[0];
+    int arg = 0;
+    for (int n = 1; n < N; ++n)
+        if (a[n] > mx) { mx = a[n]; arg = n; }
+    float sum = 0.0f;
+    for (int n = 0; n < N; ++n) sum += expf(a[n] - mx);
+    float lse = mx + logf(sum);
+    for (int n = 0; n < N; ++n) da[n] = (expf(a[n] - lse) - (n == label ? 1.0f : 0.0f)) * scale;
+    atomicAdd(&stats[0], lse - a[label]);
+    atomicAdd(&stats[1], arg == label ? 1.0f : 0.0f);
+}

@@ -182,7 +182,7 @@ impl<B: Backend> Net<B> {
 
     /// One training step on a batch of normalised inputs `[B, C, S, S]` (spec 1.10): every layer's forward,
     /// local loss, weight gradient and AdamW step, its output from the pre-step activations; then the fusion
-    /// heads on the detached features. `dropout_key` seeds the dropout masks (one stream per layer).
+    /// heads on the detached features. `dropout` is `(p, key)`: the masks are drawn per layer from `key`.
     pub fn train_step(
         &mut self,
         x: &[f32],
@@ -201,62 +201,10 @@ impl<B: Backend> Net<B> {
             step,
         };
         let mut stats = StepStats { batch, ..Default::default() };
-        let n = self.spec.classes;
         for li in 0..self.layers.len() {
-            let spec = self.spec.layers[li].clone();
-            let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
-            let d = spec.goodness_dim();
-            let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
-            let track = crate::trace::layer(li);
-            let span = crate::trace::span("conv_goodness_fwd", track, step);
-            be.conv_goodness_fwd(
-                &s,
-                &layer.grid,
-                self.spec.goodness,
-                &ws.x,
-                &layer.conv_w.value,
-                &layer.conv_b.value,
-                &mut ws.y,
-                &mut ws.g,
-            )?;
-            std::mem::drop(span);
-            let span = crate::trace::span("goodness_loss", track, step);
-            be.goodness_loss(
-                batch,
-                d,
-                n,
-                &ws.g,
-                &layer.proj_w,
-                &layer.proj_b,
-                &ws.labels,
-                &mut ws.logits,
-                Some(&mut ws.dg),
-                &mut ws.stats,
-            )?;
-            std::mem::drop(span);
-            let span = crate::trace::span("conv_goodness_wgrad", track, step);
-            be.conv_goodness_wgrad(
-                &s,
-                &layer.grid,
-                self.spec.goodness,
-                &ws.x,
-                &ws.y,
-                &ws.dg,
-                &mut layer.conv_w.grad,
-                &mut layer.conv_b.grad,
-            )?;
-            std::mem::drop(span);
-            let span = crate::trace::span("adamw", track, step);
-            layer.conv_w.step(be, &h)?;
-            layer.conv_b.step(be, &h)?;
-            std::mem::drop(span);
-            let _span = crate::trace::span("layer_output", track, step);
-            let pool = spec.pool.then_some(self.spec.pool_kind);
             let layer_dropout =
                 dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) });
-            let gap = (li >= 1).then_some(&mut ws.gap[li]);
-            be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, layer_dropout, &ws.y, &mut ws.x_next, gap)?;
-            std::mem::swap(&mut ws.x, &mut ws.x_next);
+            self.layer_pass(li, batch, step, Some((&h, layer_dropout)))?;
             let (loss, correct) = self.take_stats()?;
             stats.layer_loss.push(loss / batch as f64);
             stats.layer_correct.push(correct);
@@ -272,6 +220,68 @@ impl<B: Backend> Net<B> {
         stats.head_loss = loss / batch as f64;
         stats.head_correct = correct;
         Ok(stats)
+    }
+
+    /// Layer `li` on the batch in the workspace: forward with the fused goodness, the projection logits and
+    /// loss; when training, the weight gradient and the AdamW step (after the forward, so the layer's output
+    /// comes from the pre-step weights); then the layer output, which becomes the next layer's input.
+    fn layer_pass(
+        &mut self,
+        li: usize,
+        batch: usize,
+        step: u64,
+        train: Option<(&AdamWStep, Option<Dropout>)>,
+    ) -> Result<()> {
+        let spec = &self.spec.layers[li];
+        let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
+        let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
+        let reduce = self.spec.goodness;
+        let track = crate::trace::layer(li);
+        let span = crate::trace::span("conv_goodness_fwd", track, step);
+        be.conv_goodness_fwd(
+            &s,
+            &layer.grid,
+            reduce,
+            &ws.x,
+            &layer.conv_w.value,
+            &layer.conv_b.value,
+            &mut ws.y,
+            &mut ws.g,
+        )?;
+        std::mem::drop(span);
+        let span = crate::trace::span("goodness_loss", track, step);
+        let dg = train.is_some().then_some(&mut ws.dg);
+        let (d, n) = (spec.goodness_dim(), self.spec.classes);
+        be.goodness_loss(
+            batch,
+            d,
+            n,
+            &ws.g,
+            &layer.proj_w,
+            &layer.proj_b,
+            &ws.labels,
+            &mut ws.logits,
+            dg,
+            &mut ws.stats,
+        )?;
+        std::mem::drop(span);
+        let mut dropout = None;
+        if let Some((h, drop)) = train {
+            dropout = drop;
+            let span = crate::trace::span("conv_goodness_wgrad", track, step);
+            let (dw, db) = (&mut layer.conv_w.grad, &mut layer.conv_b.grad);
+            be.conv_goodness_wgrad(&s, &layer.grid, reduce, &ws.x, &ws.y, &ws.dg, dw, db)?;
+            std::mem::drop(span);
+            let _span = crate::trace::span("adamw", track, step);
+            layer.conv_w.step(be, h)?;
+            layer.conv_b.step(be, h)?;
+        }
+        let _span = crate::trace::span("layer_output", track, step);
+        let pool = spec.pool.then_some(self.spec.pool_kind);
+        let gap = (li >= 1).then_some(&mut ws.gap[li]);
+        be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, dropout, &ws.y, &mut ws.x_next, gap)?;
+        std::mem::swap(&mut ws.x, &mut ws.x_next);
+        Ok(())
     }
 
     fn heads_pass(&mut self, batch: usize, with_grads: bool) -> Result<()> {
@@ -294,36 +304,8 @@ impl<B: Backend> Net<B> {
         let n = self.spec.classes;
         let mut out = EvalLogits { layers: Vec::with_capacity(self.layers.len()), fusion: Vec::new() };
         for li in 0..self.layers.len() {
-            let spec = self.spec.layers[li].clone();
-            let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
-            let (be, ws, layer) = (&self.be, &mut self.ws, &self.layers[li]);
-            be.conv_goodness_fwd(
-                &s,
-                &layer.grid,
-                self.spec.goodness,
-                &ws.x,
-                &layer.conv_w.value,
-                &layer.conv_b.value,
-                &mut ws.y,
-                &mut ws.g,
-            )?;
-            be.goodness_loss(
-                batch,
-                spec.goodness_dim(),
-                n,
-                &ws.g,
-                &layer.proj_w,
-                &layer.proj_b,
-                &ws.labels,
-                &mut ws.logits,
-                None,
-                &mut ws.stats,
-            )?;
-            out.layers.push(be.read(&ws.logits, batch * n)?);
-            let pool = spec.pool.then_some(self.spec.pool_kind);
-            let gap = (li >= 1).then_some(&mut ws.gap[li]);
-            be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, None, &ws.y, &mut ws.x_next, gap)?;
-            std::mem::swap(&mut ws.x, &mut ws.x_next);
+            self.layer_pass(li, batch, 0, None)?;
+            out.layers.push(self.be.read(&self.ws.logits, batch * n)?);
         }
         self.heads_pass(batch, false)?;
         out.fusion = self.be.read(&self.ws.logits, batch * n)?;
