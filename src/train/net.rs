@@ -84,7 +84,9 @@ struct Workspace<B: Backend> {
     logits: B::Buf,
     gap: Vec<B::Buf>,
     labels: B::Labels,
-    stats: B::Buf,
+    /// `[loss_sum, correct]` per layer, and the fusion heads' last: read once per step, after all its work is
+    /// queued, so a GPU runs the whole step without a host round trip.
+    stats: Vec<B::Buf>,
     max_batch: usize,
 }
 
@@ -138,7 +140,7 @@ impl<B: Backend> Net<B> {
             logits: be.zeros(max_batch * n)?,
             gap: spec.layers.iter().map(|l| be.zeros(max_batch * l.c_out)).collect::<Result<_>>()?,
             labels: be.labels(&[])?,
-            stats: be.zeros(STATS_LEN)?,
+            stats: (0..=spec.layers.len()).map(|_| be.zeros(STATS_LEN)).collect::<Result<_>>()?,
             max_batch,
         };
         Ok(Net { spec, layers, heads, adamw, ws, be })
@@ -152,10 +154,15 @@ impl<B: Backend> Net<B> {
         self.ws.max_batch
     }
 
-    fn take_stats(&mut self) -> Result<(f64, usize)> {
-        let s = self.be.read(&self.ws.stats, STATS_LEN)?;
-        self.be.write(&mut self.ws.stats, &[0.0; STATS_LEN])?;
-        Ok((s[0] as f64, s[1].round() as usize))
+    /// Reads and clears every stats slot: `(loss_sum, correct)` per layer, then the heads'.
+    fn take_stats(&mut self) -> Result<Vec<(f64, usize)>> {
+        let mut out = Vec::with_capacity(self.ws.stats.len());
+        for slot in &mut self.ws.stats {
+            let s = self.be.read(slot, STATS_LEN)?;
+            self.be.write(slot, &[0.0; STATS_LEN])?;
+            out.push((s[0] as f64, s[1].round() as usize));
+        }
+        Ok(out)
     }
 
     fn load_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {
@@ -176,7 +183,9 @@ impl<B: Backend> Net<B> {
         );
         self.be.write(&mut self.ws.x, x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
-        self.be.write(&mut self.ws.stats, &[0.0; STATS_LEN])?;
+        for slot in &mut self.ws.stats {
+            self.be.write(slot, &[0.0; STATS_LEN])?;
+        }
         Ok(batch)
     }
 
@@ -205,9 +214,6 @@ impl<B: Backend> Net<B> {
             let layer_dropout =
                 dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) });
             self.layer_pass(li, batch, step, Some((&h, layer_dropout)))?;
-            let (loss, correct) = self.take_stats()?;
-            stats.layer_loss.push(loss / batch as f64);
-            stats.layer_correct.push(correct);
         }
         let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
         self.heads_pass(batch, true)?;
@@ -216,9 +222,12 @@ impl<B: Backend> Net<B> {
             head.b.step(&self.be, &h)?;
         }
         std::mem::drop(span);
-        let (loss, correct) = self.take_stats()?;
+        let mut taken = self.take_stats()?;
+        let (loss, correct) = taken.pop().expect("the heads' stats slot");
         stats.head_loss = loss / batch as f64;
         stats.head_correct = correct;
+        stats.layer_loss = taken.iter().map(|t| t.0 / batch as f64).collect();
+        stats.layer_correct = taken.iter().map(|t| t.1).collect();
         Ok(stats)
     }
 
@@ -262,7 +271,7 @@ impl<B: Backend> Net<B> {
             &ws.labels,
             &mut ws.logits,
             dg,
-            &mut ws.stats,
+            &mut ws.stats[li],
         )?;
         std::mem::drop(span);
         let mut dropout = None;
@@ -295,7 +304,16 @@ impl<B: Backend> Net<B> {
             grads.push((&mut w.grad, &mut b.grad));
         }
         let grads = if with_grads { Some(&mut grads[..]) } else { None };
-        self.be.fusion_heads(batch, self.spec.classes, &feats, &heads, &ws.labels, &mut ws.logits, grads, &mut ws.stats)
+        self.be.fusion_heads(
+            batch,
+            self.spec.classes,
+            &feats,
+            &heads,
+            &ws.labels,
+            &mut ws.logits,
+            grads,
+            ws.stats.last_mut().expect("the heads' stats slot"),
+        )
     }
 
     /// Evaluation forward (no dropout, no updates): every layer's projection logits and the fusion logits.
