@@ -79,7 +79,7 @@ pub fn evaluate<B: Backend>(
 ) -> Result<EvalResult> {
     let classes = net.spec.classes;
     let mut res = EvalResult { layers: vec![TopK::default(); net.layers.len()], fusion: TopK::default() };
-    for batch in Prefetch::new(data.clone(), indices, net.max_batch(), aug, key, 2) {
+    for batch in Prefetch::new(data.clone(), indices, 0, net.max_batch(), aug, key, 2) {
         let logits = net.eval_logits(&batch.x, &batch.labels)?;
         for (acc, l) in res.layers.iter_mut().zip(&logits.layers) {
             acc.add(l, &batch.labels, classes);

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a model; writes config.json, metrics.jsonl, best/last.safetensors and summary.json to --out.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint on a dataset's test file: top-1/top-5 per strategy and per layer.
     Eval(EvalArgs),
     /// Describe this build: backends, threads, the models' shapes.
@@ -149,6 +149,9 @@ struct TrainArgs {
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Also checkpoint every N steps inside an epoch (an interrupted run then resumes from there).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
     /// Write a Chrome trace (JSON, opens in Perfetto) of the loader and every layer per batch.
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -196,7 +199,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.cmd {
-        Cmd::Train(a) => train(a),
+        Cmd::Train(a) => train(*a),
         Cmd::Eval(a) => eval_cmd(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Shard(a) => {
@@ -221,7 +224,12 @@ fn run_cli(cli: Cli) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let opts = RunOptions { quiet: a.quiet, stop_after: a.stop_after };
+    let opts = RunOptions {
+        quiet: a.quiet,
+        stop_after: a.stop_after,
+        checkpoint_every: a.checkpoint_every,
+        stop_at_step: None,
+    };
     if let Some(path) = &a.trace {
         asge::trace::enable(path);
     }

@@ -168,7 +168,7 @@ fn vgg_imagenet_trains_from_shards_with_a_trace() {
     };
     let out = common::temp_dir("sh-train-run");
     asge::trace::enable(&out.join("trace.json"));
-    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, stop_after: None }).unwrap().unwrap();
+    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     assert_eq!(s.test_images, 24);
     assert_eq!(s.test_layer_top1.len(), 8);
     let fusion = s.test.iter().find(|r| r.strategy == "fusion").unwrap();

@@ -49,7 +49,7 @@ fn short_mnist_run_learns() {
         ..Default::default()
     };
     let out = common::temp_dir("learns");
-    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, stop_after: None }).unwrap().unwrap();
+    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     let get = |name: &str| s.test.iter().find(|r| r.strategy == name).unwrap().clone();
     assert!(get("last").top1 > 0.70, "last-layer test top-1 {}", get("last").top1);
     assert!(get("best").top1 > 0.70, "best-layer test top-1 {}", get("best").top1);
@@ -71,7 +71,7 @@ fn short_mnist_run_learns() {
 #[test]
 fn seeded_runs_repeat_and_resume_exactly() {
     let (cfg, a) = tiny("straight");
-    let quiet = RunOptions { quiet: true, stop_after: None };
+    let quiet = RunOptions { quiet: true, ..Default::default() };
     run::train(&cfg, &a, false, quiet).unwrap();
     // Same seed again: the same bits.
     let (_, a2) = tiny("straight-again");
@@ -79,7 +79,8 @@ fn seeded_runs_repeat_and_resume_exactly() {
     assert_eq!(tensors(&a.join("last.safetensors")), tensors(&a2.join("last.safetensors")));
     // Interrupted after epoch 1, resumed: the same bits as the straight run.
     let (_, b) = tiny("resumed");
-    let stopped = run::train(&cfg, &b, false, RunOptions { quiet: true, stop_after: Some(1) }).unwrap();
+    let stopped =
+        run::train(&cfg, &b, false, RunOptions { quiet: true, stop_after: Some(1), ..Default::default() }).unwrap();
     assert!(stopped.is_none());
     assert_ne!(tensors(&a.join("last.safetensors")), tensors(&b.join("last.safetensors")));
     let cfg_b = run::load_run_config(&b).unwrap();
@@ -87,6 +88,29 @@ fn seeded_runs_repeat_and_resume_exactly() {
     assert_eq!(tensors(&a.join("last.safetensors")), tensors(&b.join("last.safetensors")));
     let lines = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines(&b), 2);
+    // Interrupted mid-epoch (steps 5 and 11 of 16; periodic checkpoints every 3 steps in between), resumed twice:
+    // the same bits, and the same metrics (but for the timings).
+    let (_, m) = tiny("mid-epoch");
+    let stop =
+        |step| RunOptions { quiet: true, stop_at_step: Some(step), checkpoint_every: Some(3), ..Default::default() };
+    assert!(run::train(&cfg, &m, false, stop(5)).unwrap().is_none());
+    assert!(run::train(&cfg, &m, true, stop(11)).unwrap().is_none());
+    let state = checkpoint::load(&m.join("last.safetensors")).unwrap().state.unwrap();
+    assert_eq!((state.epochs_done, state.batches_done, state.step), (1, 3, 11));
+    run::train(&cfg, &m, true, quiet).unwrap();
+    assert_eq!(tensors(&a.join("last.safetensors")), tensors(&m.join("last.safetensors")));
+    let metrics = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().retain(|k, _| k != "seconds" && k != "images_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(metrics(&a), metrics(&m));
     // Another seed draws other weights.
     let (mut cfg_c, c) = tiny("other-seed");
     cfg_c.seed = 7;
@@ -136,7 +160,7 @@ fn vgg11_on_cifar10_with_augmentation_runs() {
         ..Default::default()
     };
     let out = common::temp_dir("vgg11");
-    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, stop_after: None }).unwrap().unwrap();
+    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     assert_eq!(s.test_layer_top1.len(), 10);
     assert_eq!(s.test_images, 64);
     let config: serde_json::Value =

@@ -58,9 +58,12 @@ pub struct Prefetch {
 
 impl Prefetch {
     /// `depth` batches are prepared ahead (bounded memory). The last batch may be smaller (not dropped).
+    /// `order` starts at position `start` of the epoch (non-zero when a run resumes mid-epoch): the random
+    /// draws are keyed by the position in the epoch, so a resumed epoch sees the same batches.
     pub fn new(
         data: Arc<dyn ImageSource>,
         order: Vec<usize>,
+        start: usize,
         batch: usize,
         aug: Augment,
         key: u64,
@@ -72,7 +75,7 @@ impl Prefetch {
             .spawn(move || {
                 for (i, chunk) in order.chunks(batch).enumerate() {
                     let span = crate::trace::span("prepare batch", crate::trace::LOADER, i as u64);
-                    let b = make_batch(data.as_ref(), chunk, aug, key, i * batch);
+                    let b = make_batch(data.as_ref(), chunk, aug, key, start + i * batch);
                     drop(span);
                     if tx.send(b).is_err() {
                         return; // the trainer stopped early

@@ -29,6 +29,12 @@ pub struct TrainState {
     pub best_layer: usize,
     /// Per-layer validation (or, without validation, training) accuracy at the best epoch.
     pub best_layer_acc: Vec<f64>,
+    /// Batches of epoch `epochs_done` (0-based) already trained: non-zero only in a mid-epoch checkpoint.
+    #[serde(default)]
+    pub batches_done: usize,
+    /// The running sums of that unfinished epoch's metrics.
+    #[serde(default)]
+    pub partial_epoch: Option<serde_json::Value>,
 }
 
 /// Everything a checkpoint file holds.

@@ -165,6 +165,11 @@ pub struct RunOptions {
     /// Stop (with a checkpoint, before the test evaluation) once this many epochs of the schedule are done;
     /// `--resume` continues. One epoch of a 100-epoch schedule is `--epochs 100 --stop-after 1`.
     pub stop_after: Option<usize>,
+    /// Also write `last.safetensors` every this many steps inside an epoch, so that an interrupted run resumes
+    /// from the last such step instead of the last epoch (long ImageNet epochs).
+    pub checkpoint_every: Option<u64>,
+    /// Stop with a mid-epoch checkpoint once this many steps are done (tests the resume; not a CLI option).
+    pub stop_at_step: Option<u64>,
 }
 
 fn say(opts: RunOptions, msg: impl AsRef<str>) {
@@ -359,11 +364,20 @@ fn train_on<B: Backend>(
             Rng::new(rng::derive(rng::derive(cfg.seed, SHUFFLE), epoch as u64)).shuffle(&mut order);
         }
         let n_batches = order.len().div_ceil(cfg.batch);
+        // A mid-epoch checkpoint resumes at its batch, with the epoch's sums so far.
+        let skip = state.batches_done.min(n_batches);
+        let mut sums = match (skip, state.partial_epoch.take()) {
+            (1.., Some(v)) => serde_json::from_value(v).context("the checkpoint's partial-epoch metrics")?,
+            _ => EpochSums::new(spec.layers.len()),
+        };
         let pb = progress(opts, n_batches as u64, format!("epoch {}/{}", epoch + 1, cfg.epochs));
+        pb.set_position(skip as u64);
         let t0 = Instant::now();
-        let mut sums = EpochSums::new(spec.layers.len());
+        let seconds_before = sums.seconds;
         let aug_key = rng::derive(rng::derive(cfg.seed, AUGMENT), epoch as u64);
-        for batch in Prefetch::new(train_data.clone(), order, cfg.batch, aug, aug_key, 3) {
+        let start = skip * cfg.batch;
+        let rest = order[start.min(order.len())..].to_vec();
+        for batch in Prefetch::new(train_data.clone(), rest, start, cfg.batch, aug, aug_key, 3) {
             state.step += 1;
             let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), state.step);
             let s = net.train_step(&batch.x, &batch.labels, lr, state.step, Some((cfg.dropout, drop_key)))?;
@@ -371,7 +385,24 @@ fn train_on<B: Backend>(
                 bail!("epoch {}: the loss became non-finite at step {} ({:?})", epoch + 1, state.step, s.layer_loss);
             }
             sums.add(&s);
+            state.batches_done += 1;
             pb.inc(1);
+            let periodic = opts.checkpoint_every.is_some_and(|k| k > 0 && state.step % k == 0);
+            let stop = opts.stop_at_step == Some(state.step);
+            if (periodic || stop) && state.batches_done < n_batches {
+                sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
+                state.partial_epoch = Some(serde_json::to_value(&sums)?);
+                checkpoint::save(&last_path, &net, &state, &config_json)?;
+                state.partial_epoch = None;
+                if stop {
+                    pb.finish_and_clear();
+                    say(
+                        opts,
+                        format!("asge: stopped at step {}; continue with --resume {}", state.step, out.display()),
+                    );
+                    return Ok(None);
+                }
+            }
             pb.set_message(format!(
                 "{:.0} img/s  loss {:.3}  acc L{} {:.2}%  fusion {:.2}%",
                 sums.images as f64 / t0.elapsed().as_secs_f64(),
@@ -382,7 +413,8 @@ fn train_on<B: Backend>(
             ));
         }
         pb.finish_and_clear();
-        let seconds = t0.elapsed().as_secs_f64();
+        state.batches_done = 0;
+        let seconds = seconds_before + t0.elapsed().as_secs_f64();
         train_seconds += seconds;
         train_images += sums.images;
         let val_res = if val_idx.is_empty() {
@@ -475,12 +507,16 @@ fn progress(opts: RunOptions, len: u64, prefix: String) -> ProgressBar {
     pb
 }
 
+#[derive(Serialize, Deserialize)]
 struct EpochSums {
     images: usize,
     layer_loss: Vec<f64>,
     layer_correct: Vec<usize>,
     head_loss: f64,
     head_correct: usize,
+    /// Training seconds of the epoch's earlier part (before a resume).
+    #[serde(default)]
+    seconds: f64,
 }
 
 impl EpochSums {
@@ -491,6 +527,7 @@ impl EpochSums {
             layer_correct: vec![0; layers],
             head_loss: 0.0,
             head_correct: 0,
+            seconds: 0.0,
         }
     }
     fn add(&mut self, s: &super::StepStats) {
