@@ -185,7 +185,11 @@ struct EvalArgs {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run_cli(cli) {
+    let result = run_cli(cli);
+    if run::was_interrupted() {
+        std::process::exit(130);
+    }
+    if let Err(e) = result {
         // One clear line: the outermost context, then its causes.
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
         eprintln!("error: {}", chain.join(": "));
@@ -233,6 +237,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(path) = &a.trace {
         asge::trace::enable(path);
     }
+    run::install_interrupt_handler()?;
     if let Some(dir) = &a.resume {
         let cfg = run::load_run_config(dir)?;
         run::train(&cfg, dir, true, opts)?;

@@ -130,3 +130,56 @@ fn train_then_eval_from_the_command_line() {
     assert_ne!(code, 0);
     assert!(err.contains("channel"), "{err}");
 }
+
+#[test]
+fn ctrl_c_writes_a_mid_epoch_checkpoint_and_resume_finishes() {
+    let data = common::data_dir();
+    let out = common::temp_dir("cli-sigint");
+    let run = out.join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_asge"))
+        .args([
+            "train",
+            "--dataset",
+            "mnist",
+            "--data",
+            data.to_str().unwrap(),
+            "--width",
+            "0.125",
+            "--epochs",
+            "1",
+            "--batch",
+            "16",
+            "--limit-train",
+            "4000",
+            "--val",
+            "0",
+            "--limit-test",
+            "100",
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (config.json exists and a few steps ran), then interrupt.
+    for _ in 0..200 {
+        if run.join("config.json").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out_child = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out_child.stderr);
+    assert_eq!(out_child.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted") && !err.contains("panicked"), "{err}");
+    let ck = asge::train::checkpoint::load(&run.join("last.safetensors")).unwrap();
+    let state = ck.state.unwrap();
+    assert!(state.batches_done > 0 && state.epochs_done == 0, "{state:?}");
+    let (code, stdout, err) = asge(&["train", "--resume", run.to_str().unwrap(), "--quiet"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("fusion"), "{stdout}");
+}

@@ -158,6 +158,27 @@ pub struct Summary {
     pub train_images_per_s: f64,
 }
 
+/// Set by Ctrl-C / SIGTERM (see [`install_interrupt_handler`]): the run stops after the current step with a
+/// mid-epoch checkpoint.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes Ctrl-C and SIGTERM stop a training run cleanly after its current step, checkpointed (a second
+/// Ctrl-C exits at once).
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nasge: interrupted; finishing this step and writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+/// True once Ctrl-C or SIGTERM arrived.
+pub fn was_interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Options that do not change the numbers.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
@@ -388,7 +409,8 @@ fn train_on<B: Backend>(
             state.batches_done += 1;
             pb.inc(1);
             let periodic = opts.checkpoint_every.is_some_and(|k| k > 0 && state.step % k == 0);
-            let stop = opts.stop_at_step == Some(state.step);
+            let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+            let stop = opts.stop_at_step == Some(state.step) || interrupted;
             if (periodic || stop) && state.batches_done < n_batches {
                 sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
                 state.partial_epoch = Some(serde_json::to_value(&sums)?);
