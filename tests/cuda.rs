@@ -270,3 +270,17 @@ fn a_vgg8_training_step_matches_cpu_and_repeats() {
         assert!((a - b).abs() <= 1e-6 * a.abs(), "losses differ: {a} vs {b}");
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn layers_on_separate_streams_equal_the_sequential_schedule() {
+    // Every kernel is deterministic and cudarc orders the streams by the buffers they share, so one stream per
+    // layer must give exactly the numbers of one stream for everything.
+    assert!(cuda::probe().expect("this test needs a CUDA GPU") > 0);
+    let (l1, p1) = vgg8_steps(CudaBackend::with_lanes(0, 1).unwrap(), 3);
+    let (l8, p8) = vgg8_steps(CudaBackend::with_lanes(0, 8).unwrap(), 3);
+    assert_eq!(p1, p8, "weights after three steps differ between 1 and 8 streams");
+    for (a, b) in l1.iter().flatten().zip(l8.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "losses differ: {a} vs {b}");
+    }
+}

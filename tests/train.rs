@@ -169,3 +169,34 @@ fn vgg11_on_cifar10_with_augmentation_runs() {
     assert_eq!(config["train"]["val"], 32);
     assert_eq!(config["model"]["layers"].as_array().unwrap().len(), 10);
 }
+
+#[test]
+fn the_concurrent_lanes_schedule_equals_the_sequential_one() {
+    // The buffer layout and op order the trainer uses when a backend has several lanes (CUDA streams: one per
+    // layer, double-buffered activations, each layer's output issued before its update), run here on the CPU,
+    // must give exactly the sequential schedule's numbers.
+    use asge::backend::cpu::CpuBackend;
+    use asge::rng::Rng;
+    use asge::train::{AdamW, Net};
+    let spec = model::resolve("vgg8", 1, 32, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+    let params = Params::init(&spec, 11);
+    let run = |be: CpuBackend| {
+        let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), 32).unwrap();
+        let mut losses = Vec::new();
+        let mut r = Rng::new(3);
+        for step in 1..=3u64 {
+            let x: Vec<f32> = (0..32 * 32 * 32).map(|_| r.normal().abs() as f32).collect();
+            let labels: Vec<u32> = (0..32).map(|i| (i + step as u32) % 10).collect();
+            let s = net.train_step(&x, &labels, 1e-3, step, Some((0.1, step))).unwrap();
+            losses.push((s.layer_loss, s.head_loss));
+        }
+        let x: Vec<f32> = (0..7 * 32 * 32).map(|_| r.normal().abs() as f32).collect();
+        let eval = net.eval_logits(&x, &[1, 2, 3, 4, 5, 6, 7]).unwrap();
+        (losses, net.params().unwrap(), eval.layers, eval.fusion)
+    };
+    let sequential = run(CpuBackend::new());
+    let lanes = run(CpuBackend::with_lanes(4));
+    assert_eq!(sequential.0, lanes.0, "losses");
+    assert_eq!(sequential.1, lanes.1, "weights after three steps");
+    assert_eq!((sequential.2, sequential.3), (lanes.2, lanes.3), "evaluation logits");
+}

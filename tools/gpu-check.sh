@@ -56,7 +56,13 @@ run() {
   for w in 1 0.25; do
     "$B/asge" bench --device cuda --width $w --batch 128 > "$out/bench-cuda-w$w.txt" 2>&1
     rows+=("bench cuda fp32 w$w: $(grep 'train step' "$out/bench-cuda-w$w.txt" || tail -1 "$out/bench-cuda-w$w.txt")")
+    # The same step with one stream per layer (sequential above): the overlap's gain.
+    ASGE_CUDA_LANES=8 "$B/asge" bench --device cuda --width $w --batch 128 --step-only > "$out/bench-cuda-w$w-lanes8.txt" 2>&1
+    rows+=("bench cuda fp32 w$w, 8 streams: $(grep 'train step' "$out/bench-cuda-w$w-lanes8.txt" || tail -1 "$out/bench-cuda-w$w-lanes8.txt")")
   done
+  ASGE_CUDA_LANES=8 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --limit-train 2560 \
+    --device cuda --out "$out/trace-run" --trace "$out/trace-lanes8.json" --quiet > "$out/trace-run.txt" 2>&1
+  rows+=("trace (8 streams): $out/trace-lanes8.json")
   "$B/asge" bench --width 1 --batch 128 --step-only > "$out/bench-cpu.txt" 2>&1
   rows+=("bench cpu w1 (this host): $(grep 'train step' "$out/bench-cpu.txt")")
   printf '\n== gpu-check summary (%s) ==\n' "$(head -1 "$out/gpu.txt")"

@@ -71,6 +71,18 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Independent execution lanes (CUDA streams) the trainer may spread its layers over; 1 means every op
+    /// runs in the order it was issued. With more than one, the trainer gives every layer its own buffers and
+    /// double-buffers the activations between layers, and the backend orders the lanes by the buffers they share.
+    fn lanes(&self) -> usize {
+        1
+    }
+
+    /// Directs the ops issued next to lane `lane % lanes()`.
+    fn set_lane(&self, _lane: usize) -> Result<()> {
+        Ok(())
+    }
+
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Copy `data` into the first `data.len()` elements of `dst`.

@@ -75,19 +75,62 @@ pub struct EvalLogits {
     pub fusion: Vec<f32>,
 }
 
-struct Workspace<B: Backend> {
-    x: B::Buf,
-    x_next: B::Buf,
+/// One layer's scratch: its conv output, goodness, goodness gradient and projection logits.
+struct Scratch<B: Backend> {
     y: B::Buf,
     g: B::Buf,
     dg: B::Buf,
     logits: B::Buf,
+}
+
+struct Workspace<B: Backend> {
+    /// Activations between layers. In order (one lane): two buffers taken in turn, layer `l` reads
+    /// `acts[l % 2]`. With several lanes: two slots per layer boundary, alternating by step, so that batch
+    /// `t + 1` never overwrites an input that batch `t`'s weight gradient still reads.
+    acts: Vec<B::Buf>,
+    /// One scratch shared by every layer (one lane), or one per layer.
+    scratch: Vec<Scratch<B>>,
+    concurrent: bool,
+    /// The step's slot of the double buffer (with several lanes).
+    parity: usize,
     gap: Vec<B::Buf>,
+    head_logits: B::Buf,
     labels: B::Labels,
     /// `[loss_sum, correct]` per layer, and the fusion heads' last: read once per step, after all its work is
     /// queued, so a GPU runs the whole step without a host round trip.
     stats: Vec<B::Buf>,
     max_batch: usize,
+}
+
+impl<B: Backend> Workspace<B> {
+    /// The index in `acts` of the activations entering layer `boundary` (`boundary = L`: the last output).
+    fn act(&self, boundary: usize) -> usize {
+        if self.concurrent {
+            2 * boundary + self.parity
+        } else {
+            boundary % 2
+        }
+    }
+
+    fn scratch_of(&self, layer: usize) -> usize {
+        if self.concurrent {
+            layer
+        } else {
+            0
+        }
+    }
+}
+
+/// `(&v[i], &mut v[j])` for `i != j`.
+fn pair<T>(v: &mut [T], i: usize, j: usize) -> (&T, &mut T) {
+    assert_ne!(i, j);
+    if i < j {
+        let (a, b) = v.split_at_mut(j);
+        (&a[i], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(i);
+        (&b[0], &mut a[j])
+    }
 }
 
 /// The model on a backend.
@@ -123,22 +166,39 @@ impl<B: Backend> Net<B> {
             .map(|h| Ok(Head { w: Param::new(&be, &h.w)?, b: Param::new(&be, &h.b)? }))
             .collect::<Result<Vec<_>>>()?;
         let n = spec.classes;
-        let max_act = spec
+        let b = max_batch;
+        let concurrent = be.lanes() > 1;
+        // Sizes of the activations entering each layer boundary, and of each layer's scratch.
+        let boundary: Vec<usize> = spec
             .layers
             .iter()
             .map(|l| l.c_in * l.h * l.w)
-            .chain(spec.layers.iter().map(|l| l.c_out * l.h * l.w))
-            .max()
-            .unwrap_or(0);
-        let max_d = spec.goodness_dims().into_iter().max().unwrap_or(0);
+            .chain(spec.layers.last().map(|l| l.c_out * l.out_hw().0 * l.out_hw().1))
+            .collect();
+        let scratch_of = |l: &crate::model::LayerSpec| (l.c_out * l.h * l.w, l.goodness_dim());
+        let (acts, scratch) = if concurrent {
+            let acts = boundary.iter().flat_map(|&a| [a, a]).map(|a| be.zeros(b * a)).collect::<Result<_>>()?;
+            let scratch = spec.layers.iter().map(scratch_of).collect::<Vec<_>>();
+            (acts, scratch)
+        } else {
+            let max_act = boundary.iter().copied().max().unwrap_or(0);
+            let acts = vec![be.zeros(b * max_act)?, be.zeros(b * max_act)?];
+            let (y, d) = spec.layers.iter().map(scratch_of).fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+            (acts, vec![(y, d)])
+        };
+        let scratch = scratch
+            .into_iter()
+            .map(|(y, d)| {
+                Ok(Scratch { y: be.zeros(b * y)?, g: be.zeros(b * d)?, dg: be.zeros(b * d)?, logits: be.zeros(b * n)? })
+            })
+            .collect::<Result<_>>()?;
         let ws = Workspace {
-            x: be.zeros(max_batch * max_act)?,
-            x_next: be.zeros(max_batch * max_act)?,
-            y: be.zeros(max_batch * max_act)?,
-            g: be.zeros(max_batch * max_d)?,
-            dg: be.zeros(max_batch * max_d)?,
-            logits: be.zeros(max_batch * n)?,
-            gap: spec.layers.iter().map(|l| be.zeros(max_batch * l.c_out)).collect::<Result<_>>()?,
+            acts,
+            scratch,
+            concurrent,
+            parity: 0,
+            gap: spec.layers.iter().map(|l| be.zeros(b * l.c_out)).collect::<Result<_>>()?,
+            head_logits: be.zeros(b * n)?,
             labels: be.labels(&[])?,
             stats: (0..=spec.layers.len()).map(|_| be.zeros(STATS_LEN)).collect::<Result<_>>()?,
             max_batch,
@@ -181,7 +241,9 @@ impl<B: Backend> Net<B> {
             l0.h,
             l0.w
         );
-        self.be.write(&mut self.ws.x, x)?;
+        self.be.set_lane(0)?;
+        let a0 = self.ws.act(0);
+        self.be.write(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
         for slot in &mut self.ws.stats {
             self.be.write(slot, &[0.0; STATS_LEN])?;
@@ -200,6 +262,7 @@ impl<B: Backend> Net<B> {
         step: u64,
         dropout: Option<(f32, u64)>,
     ) -> Result<StepStats> {
+        self.ws.parity = (step % 2) as usize;
         let batch = self.load_batch(x, labels)?;
         let h = AdamWStep {
             lr,
@@ -216,6 +279,7 @@ impl<B: Backend> Net<B> {
             self.layer_pass(li, batch, step, Some((&h, layer_dropout)))?;
         }
         let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
+        self.be.set_lane(self.layers.len())?;
         self.heads_pass(batch, true)?;
         for head in &mut self.heads {
             head.w.step(&self.be, &h)?;
@@ -244,52 +308,38 @@ impl<B: Backend> Net<B> {
         let spec = &self.spec.layers[li];
         let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
         let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
+        be.set_lane(li)?;
+        let (a_in, a_out, k) = (ws.act(li), ws.act(li + 1), ws.scratch_of(li));
+        let (x, x_next) = pair(&mut ws.acts, a_in, a_out);
+        let sc = &mut ws.scratch[k];
         let reduce = self.spec.goodness;
         let track = crate::trace::layer(li);
         let span = crate::trace::span("conv_goodness_fwd", track, step);
-        be.conv_goodness_fwd(
-            &s,
-            &layer.grid,
-            reduce,
-            &ws.x,
-            &layer.conv_w.value,
-            &layer.conv_b.value,
-            &mut ws.y,
-            &mut ws.g,
-        )?;
+        let (w, b) = (&layer.conv_w.value, &layer.conv_b.value);
+        be.conv_goodness_fwd(&s, &layer.grid, reduce, x, w, b, &mut sc.y, &mut sc.g)?;
         std::mem::drop(span);
         let span = crate::trace::span("goodness_loss", track, step);
-        let dg = train.is_some().then_some(&mut ws.dg);
+        let dg = train.is_some().then_some(&mut sc.dg);
         let (d, n) = (spec.goodness_dim(), self.spec.classes);
-        be.goodness_loss(
-            batch,
-            d,
-            n,
-            &ws.g,
-            &layer.proj_w,
-            &layer.proj_b,
-            &ws.labels,
-            &mut ws.logits,
-            dg,
-            &mut ws.stats[li],
-        )?;
+        let (pw, pb) = (&layer.proj_w, &layer.proj_b);
+        be.goodness_loss(batch, d, n, &sc.g, pw, pb, &ws.labels, &mut sc.logits, dg, &mut ws.stats[li])?;
         std::mem::drop(span);
-        let mut dropout = None;
-        if let Some((h, drop)) = train {
-            dropout = drop;
+        // The output first: on a GPU the next layer's lane can start while this one computes its update.
+        let span = crate::trace::span("layer_output", track, step);
+        let pool = spec.pool.then_some(self.spec.pool_kind);
+        let gap = (li >= 1).then_some(&mut ws.gap[li]);
+        let dropout = train.and_then(|t| t.1);
+        be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, dropout, &sc.y, x_next, gap)?;
+        std::mem::drop(span);
+        if let Some((h, _)) = train {
             let span = crate::trace::span("conv_goodness_wgrad", track, step);
             let (dw, db) = (&mut layer.conv_w.grad, &mut layer.conv_b.grad);
-            be.conv_goodness_wgrad(&s, &layer.grid, reduce, &ws.x, &ws.y, &ws.dg, dw, db)?;
+            be.conv_goodness_wgrad(&s, &layer.grid, reduce, x, &sc.y, &sc.dg, dw, db)?;
             std::mem::drop(span);
             let _span = crate::trace::span("adamw", track, step);
             layer.conv_w.step(be, h)?;
             layer.conv_b.step(be, h)?;
         }
-        let _span = crate::trace::span("layer_output", track, step);
-        let pool = spec.pool.then_some(self.spec.pool_kind);
-        let gap = (li >= 1).then_some(&mut ws.gap[li]);
-        be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, dropout, &ws.y, &mut ws.x_next, gap)?;
-        std::mem::swap(&mut ws.x, &mut ws.x_next);
         Ok(())
     }
 
@@ -310,7 +360,7 @@ impl<B: Backend> Net<B> {
             &feats,
             &heads,
             &ws.labels,
-            &mut ws.logits,
+            &mut ws.head_logits,
             grads,
             ws.stats.last_mut().expect("the heads' stats slot"),
         )
@@ -323,10 +373,12 @@ impl<B: Backend> Net<B> {
         let mut out = EvalLogits { layers: Vec::with_capacity(self.layers.len()), fusion: Vec::new() };
         for li in 0..self.layers.len() {
             self.layer_pass(li, batch, 0, None)?;
-            out.layers.push(self.be.read(&self.ws.logits, batch * n)?);
+            let k = self.ws.scratch_of(li);
+            out.layers.push(self.be.read(&self.ws.scratch[k].logits, batch * n)?);
         }
+        self.be.set_lane(self.layers.len())?;
         self.heads_pass(batch, false)?;
-        out.fusion = self.be.read(&self.ws.logits, batch * n)?;
+        out.fusion = self.be.read(&self.ws.head_logits, batch * n)?;
         Ok(out)
     }
 

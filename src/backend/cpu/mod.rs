@@ -9,12 +9,27 @@ use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::{ensure, Result};
 
 /// The CPU backend. Threads come from rayon's global pool (`--threads` sizes it).
-#[derive(Clone, Debug, Default)]
-pub struct CpuBackend;
+#[derive(Clone, Debug)]
+pub struct CpuBackend {
+    lanes: usize,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend { lanes: 1 }
+    }
+}
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        Self::default()
+    }
+
+    /// A CPU backend that reports `lanes` lanes, so that the trainer uses its concurrent-lanes buffer layout
+    /// (per-layer buffers, double-buffered activations). Ops still run in order: this is how the tests check
+    /// that the GPU's schedule computes exactly what the sequential one does.
+    pub fn with_lanes(lanes: usize) -> Self {
+        CpuBackend { lanes: lanes.max(1) }
     }
 }
 
@@ -29,6 +44,10 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn lanes(&self) -> usize {
+        self.lanes
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {

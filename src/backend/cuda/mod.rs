@@ -53,12 +53,14 @@ pub struct GpuCeilings {
 pub struct CudaBackend {
     ordinal: usize,
     name: String,
-    stream: Arc<CudaStream>,
+    /// One stream per lane; lane 0 is the context's default stream.
+    streams: Vec<Arc<CudaStream>>,
+    lane: std::sync::atomic::AtomicUsize,
     funcs: HashMap<&'static str, CudaFunction>,
     /// The fusion heads' `dL/ds`, grown on demand.
     head_scratch: Mutex<Option<CudaSlice<f32>>>,
-    /// The weight gradient's per-slice partial sums, grown on demand.
-    wgrad_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// The weight gradient's per-slice partial sums, one per lane (so lanes do not serialise on it).
+    wgrad_scratch: Vec<Mutex<Option<CudaSlice<f32>>>>,
 }
 
 /// A scratch buffer of at least `len` floats, reallocated when too small.
@@ -80,8 +82,23 @@ fn grid1(n: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal`, compiles (or loads from the disk cache) every kernel for its architecture.
+    /// Opens device `ordinal` with `$ASGE_CUDA_LANES` lanes (default 1: every op on one stream, in order).
     pub fn new(ordinal: usize) -> Result<Self> {
+        let lanes = match std::env::var("ASGE_CUDA_LANES") {
+            Ok(v) => v
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n >= 1)
+                .with_context(|| format!("ASGE_CUDA_LANES={v}: expected a count >= 1"))?,
+            Err(_) => 1,
+        };
+        Self::with_lanes(ordinal, lanes)
+    }
+
+    /// Opens device `ordinal`, compiles (or loads from the disk cache) every kernel for its architecture, and
+    /// creates `lanes` streams. With several lanes, layers run on their own streams; cudarc's per-buffer events
+    /// order the streams wherever they share a buffer.
+    pub fn with_lanes(ordinal: usize, lanes: usize) -> Result<Self> {
         let n = probe().with_context(|| format!("--device cuda:{ordinal}"))?;
         if ordinal >= n {
             bail!("--device cuda:{ordinal}: this machine has {n} CUDA device(s)");
@@ -92,7 +109,11 @@ impl CudaBackend {
             ctx.compute_capability().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: compute capability ({e:?})"))?;
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let stream = ctx.default_stream();
+        let mut streams = vec![ctx.default_stream()];
+        for _ in 1..lanes.max(1) {
+            streams
+                .push(ctx.new_stream().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a stream ({e:?})"))?);
+        }
         let mut funcs = HashMap::new();
         for (module, source, hash) in nvrtc::KERNELS {
             let ptx = nvrtc::compile_cached(module, source, *hash, &arch)?;
@@ -104,11 +125,12 @@ impl CudaBackend {
         }
         Ok(CudaBackend {
             ordinal,
-            name: format!("cuda:{ordinal} ({name}, {arch}, fp32)"),
-            stream,
+            name: format!("cuda:{ordinal} ({name}, {arch}, fp32, {} lane(s))", streams.len()),
+            wgrad_scratch: (0..streams.len()).map(|_| Mutex::new(None)).collect(),
+            streams,
+            lane: std::sync::atomic::AtomicUsize::new(0),
             funcs,
             head_scratch: Mutex::new(None),
-            wgrad_scratch: Mutex::new(None),
         })
     }
 
@@ -116,9 +138,13 @@ impl CudaBackend {
         self.ordinal
     }
 
-    /// The stream every op is launched on (for event timing in benchmarks).
+    fn lane_index(&self) -> usize {
+        self.lane.load(std::sync::atomic::Ordering::Relaxed) % self.streams.len()
+    }
+
+    /// The stream of the current lane: the ops issued now are launched on it.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.streams[self.lane_index()]
     }
 
     /// Milliseconds per call of `f` on the GPU, timed with CUDA events around `reps` calls after `warmup`.
@@ -127,12 +153,14 @@ impl CudaBackend {
         for _ in 0..warmup {
             f()?;
         }
-        drv(self.stream.synchronize(), "synchronize")?;
-        let t0 = drv(self.stream.record_event(Some(CU_EVENT_DEFAULT)), "event")?;
+        for s in &self.streams {
+            drv(s.synchronize(), "synchronize")?;
+        }
+        let t0 = drv(self.stream().record_event(Some(CU_EVENT_DEFAULT)), "event")?;
         for _ in 0..reps.max(1) {
             f()?;
         }
-        let t1 = drv(self.stream.record_event(Some(CU_EVENT_DEFAULT)), "event")?;
+        let t1 = drv(self.stream().record_event(Some(CU_EVENT_DEFAULT)), "event")?;
         Ok(drv(t0.elapsed_ms(&t1), "event timing")? as f64 / reps.max(1) as f64)
     }
 
@@ -145,7 +173,7 @@ impl CudaBackend {
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             bail!("cuBLAS (libcublas.so.13) cannot be loaded: no GEMM ceiling");
         }
-        let blas = CudaBlas::new(self.stream.clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e:?}"))?;
+        let blas = CudaBlas::new(self.stream().clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e:?}"))?;
         let n = 4096usize;
         let flop = 2.0 * (n * n * n) as f64;
         let ni = n as i32;
@@ -169,10 +197,10 @@ impl CudaBackend {
         })?;
         let zero = half::f16::ZERO;
         let (ah, bh) = (
-            drv(self.stream.alloc_zeros::<half::f16>(n * n), "alloc")?,
-            drv(self.stream.alloc_zeros::<half::f16>(n * n), "alloc")?,
+            drv(self.stream().alloc_zeros::<half::f16>(n * n), "alloc")?,
+            drv(self.stream().alloc_zeros::<half::f16>(n * n), "alloc")?,
         );
-        let mut ch = drv(self.stream.alloc_zeros::<half::f16>(n * n), "alloc")?;
+        let mut ch = drv(self.stream().alloc_zeros::<half::f16>(n * n), "alloc")?;
         let hcfg = GemmConfig {
             transa: CUBLAS_OP_N,
             transb: CUBLAS_OP_N,
@@ -192,7 +220,7 @@ impl CudaBackend {
         let words = 256usize << 20;
         let src = self.zeros(words)?;
         let mut dst = self.zeros(words)?;
-        let copy = self.time_ms(1, 5, || drv(self.stream.memcpy_dtod(&src, &mut dst), "copy"))?;
+        let copy = self.time_ms(1, 5, || drv(self.stream().memcpy_dtod(&src, &mut dst), "copy"))?;
         Ok(GpuCeilings {
             sgemm_gflops: flop / (sgemm * 1e-3) / 1e9,
             hgemm_gflops: flop / (hgemm * 1e-3) / 1e9,
@@ -206,7 +234,9 @@ impl CudaBackend {
 
     fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
         if len > 0 {
-            self.stream.memset_zeros(&mut buf.slice_mut(0..len)).map_err(|e| anyhow::anyhow!("cuda memset: {e:?}"))?;
+            self.stream()
+                .memset_zeros(&mut buf.slice_mut(0..len))
+                .map_err(|e| anyhow::anyhow!("cuda memset: {e:?}"))?;
         }
         Ok(())
     }
@@ -230,11 +260,23 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))
+        for s in &self.streams {
+            s.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))?;
+        }
+        Ok(())
+    }
+
+    fn lanes(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn set_lane(&self, lane: usize) -> Result<()> {
+        self.lane.store(lane, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        drv(self.stream.alloc_zeros::<f32>(len.max(1)), "alloc")
+        drv(self.stream().alloc_zeros::<f32>(len.max(1)), "alloc")
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
@@ -246,7 +288,7 @@ impl Backend for CudaBackend {
     fn write(&self, dst: &mut CudaSlice<f32>, data: &[f32]) -> Result<()> {
         fits("destination", dst.len(), data.len())?;
         if !data.is_empty() {
-            drv(self.stream.memcpy_htod(data, &mut dst.slice_mut(0..data.len())), "copy to device")?;
+            drv(self.stream().memcpy_htod(data, &mut dst.slice_mut(0..data.len())), "copy to device")?;
         }
         Ok(())
     }
@@ -256,13 +298,13 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        drv(self.stream.clone_dtoh(&src.slice(0..len)), "copy to host")
+        drv(self.stream().clone_dtoh(&src.slice(0..len)), "copy to host")
     }
 
     fn labels(&self, labels: &[u32]) -> Result<CudaSlice<u32>> {
-        let mut b = drv(self.stream.alloc_zeros::<u32>(labels.len().max(1)), "alloc")?;
+        let mut b = drv(self.stream().alloc_zeros::<u32>(labels.len().max(1)), "alloc")?;
         if !labels.is_empty() {
-            drv(self.stream.memcpy_htod(labels, &mut b.slice_mut(0..labels.len())), "copy labels")?;
+            drv(self.stream().memcpy_htod(labels, &mut b.slice_mut(0..labels.len())), "copy labels")?;
         }
         Ok(b)
     }
@@ -271,7 +313,7 @@ impl Backend for CudaBackend {
         if dst.len() < labels.len() {
             *dst = self.labels(labels)?;
         } else if !labels.is_empty() {
-            drv(self.stream.memcpy_htod(labels, &mut dst.slice_mut(0..labels.len())), "copy labels")?;
+            drv(self.stream().memcpy_htod(labels, &mut dst.slice_mut(0..labels.len())), "copy labels")?;
         }
         Ok(())
     }
@@ -301,11 +343,11 @@ impl Backend for CudaBackend {
         let (bb, ci, co, h, ww, p) =
             (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
         let mean = (reduce == GoodnessReduce::Mean) as i32;
-        let mut l = self.stream.launch_builder(self.f("conv_goodness_fwd_f32")?);
+        let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f32")?);
         l.arg(x).arg(w).arg(b).arg(&mut *y).arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
         // SAFETY: argument order and types match the kernel signature; the fits() checks bound every index.
         drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f32")?;
-        let mut l = self.stream.launch_builder(self.f("patch_goodness_f32")?);
+        let mut l = self.stream().launch_builder(self.f("patch_goodness_f32")?);
         l.arg(&*y).arg(g).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
         // SAFETY: matches patch_goodness_f32; one thread per goodness cell.
         drv(unsafe { l.launch(grid1(g_len)) }, "patch_goodness_f32").map(|_| ())
@@ -337,7 +379,7 @@ impl Backend for CudaBackend {
         let (b, d, n) = (batch as i32, dim as i32, classes as i32);
         let with_grad = dg.is_some() as i32;
         // Without a gradient the kernel never writes dg; the logits buffer stands in as a valid pointer.
-        let mut l = self.stream.launch_builder(self.f("goodness_loss_f32")?);
+        let mut l = self.stream().launch_builder(self.f("goodness_loss_f32")?);
         l.arg(g).arg(proj_w).arg(proj_b).arg(labels);
         let mut dummy;
         match dg {
@@ -384,16 +426,16 @@ impl Backend for CudaBackend {
         let mean = (reduce == GoodnessReduce::Mean) as i32;
         let chunk = chunk as i32;
         let mk = s.w_len();
-        let mut slot = self.wgrad_scratch.lock().unwrap();
+        let mut slot = self.wgrad_scratch[self.lane_index()].lock().unwrap();
         let part = scratch(self, &mut slot, gz * (mk + s.c_out))?;
         let (mut part_w, mut part_b) = part.split_at_mut(gz * mk);
-        let mut l = self.stream.launch_builder(self.f("conv_goodness_wgrad_f32")?);
+        let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f32")?);
         l.arg(x).arg(y).arg(dg).arg(&mut part_w).arg(&mut part_b);
         l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk);
         // SAFETY: matches conv_goodness_wgrad_f32's signature; part holds gz * (M*K + M) floats.
         drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f32")?;
         let (mk_i, m_i, z_i) = (mk as i32, s.c_out as i32, gz as i32);
-        let mut l = self.stream.launch_builder(self.f("wgrad_reduce_f32")?);
+        let mut l = self.stream().launch_builder(self.f("wgrad_reduce_f32")?);
         l.arg(&mut part_w).arg(&mut part_b).arg(dw).arg(db).arg(&mk_i).arg(&m_i).arg(&z_i);
         // SAFETY: matches wgrad_reduce_f32; one thread per weight (M*K >= M).
         drv(unsafe { l.launch(grid1(mk)) }, "wgrad_reduce_f32").map(|_| ())
@@ -425,7 +467,7 @@ impl Backend for CudaBackend {
         };
         let (ci, hi, wi) = (c as i32, h as i32, w as i32);
         let cfg = LaunchConfig { grid_dim: (batch as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(self.f("layer_output_f32")?);
+        let mut l = self.stream().launch_builder(self.f("layer_output_f32")?);
         let mut dummy;
         let use_gap;
         l.arg(y).arg(out);
@@ -465,7 +507,7 @@ impl Backend for CudaBackend {
             fits("head features", f.len(), batch * c)?;
             fits("head weight", w.len(), classes * c)?;
             let ci = c as i32;
-            let mut l = self.stream.launch_builder(self.f("heads_logits_f32")?);
+            let mut l = self.stream().launch_builder(self.f("heads_logits_f32")?);
             l.arg(f).arg(w).arg(bias).arg(&mut *logits).arg(&b).arg(&n).arg(&ci);
             // SAFETY: matches heads_logits_f32; one thread per (sample, class).
             drv(unsafe { l.launch(grid1(batch * classes)) }, "heads_logits_f32")?;
@@ -475,14 +517,14 @@ impl Backend for CudaBackend {
             *scratch = Some(self.zeros(batch * classes)?);
         }
         let ds = scratch.as_mut().unwrap();
-        let mut l = self.stream.launch_builder(self.f("heads_softmax_f32")?);
+        let mut l = self.stream().launch_builder(self.f("heads_softmax_f32")?);
         l.arg(&*logits).arg(labels).arg(&mut *ds).arg(stats).arg(&b).arg(&n);
         // SAFETY: matches heads_softmax_f32; one thread per sample.
         drv(unsafe { l.launch(grid1(batch)) }, "heads_softmax_f32")?;
         if let Some(grads) = grads {
             for ((gw, gb), &(f, c)) in grads.iter_mut().zip(feats) {
                 let ci = c as i32;
-                let mut l = self.stream.launch_builder(self.f("heads_grad_f32")?);
+                let mut l = self.stream().launch_builder(self.f("heads_grad_f32")?);
                 l.arg(f).arg(&*ds).arg(&mut **gw).arg(&mut **gb).arg(&b).arg(&n).arg(&ci);
                 // SAFETY: matches heads_grad_f32; one thread per (class, feature).
                 drv(unsafe { l.launch(grid1(classes * c)) }, "heads_grad_f32")?;
@@ -516,7 +558,7 @@ impl Backend for CudaBackend {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(self.f("adamw_f32")?);
+        let mut l = self.stream().launch_builder(self.f("adamw_f32")?);
         l.arg(p)
             .arg(grad)
             .arg(m)
