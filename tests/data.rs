@@ -160,3 +160,27 @@ fn split_is_seeded_and_disjoint() {
     assert_ne!(data::split(1000, 100, 43).unwrap().1, v);
     assert!(data::split(10, 10, 1).is_err());
 }
+
+#[test]
+fn cifar100_binary_uses_the_fine_label() {
+    // CIFAR-100 is in no reachable registry: a synthetic cifar-100-binary folder in the official record layout
+    // (coarse label, fine label, 3072 pixels).
+    let root = common::temp_dir("cifar100");
+    let dir = root.join("cifar-100-binary");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = |coarse: u8, fine: u8, px: u8| {
+        let mut r = vec![coarse, fine];
+        r.extend(std::iter::repeat_n(px, 3072));
+        r
+    };
+    write(&dir.join("train.bin"), &[rec(3, 99, 10), rec(19, 0, 20)].concat());
+    write(&dir.join("test.bin"), &rec(7, 42, 30));
+    let s = data::load(DatasetKind::Cifar100, &root, None, None).unwrap();
+    assert_eq!((s.train.len(), s.test.len(), s.train.classes), (2, 1, 100));
+    assert_eq!(s.train.labels, vec![99, 0]);
+    assert_eq!(s.test.labels, vec![42]);
+    assert!(s.train.image(1).iter().all(|&p| p == 20));
+    write(&dir.join("test.bin"), &rec(7, 100, 30));
+    let e = format!("{:#}", data::load(DatasetKind::Cifar100, &root, None, None).err().unwrap());
+    assert!(e.contains("label 100"), "{e}");
+}
