@@ -88,12 +88,13 @@ struct TrainArgs {
     /// The dataset's folder of files, or its parent.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// vgg8, vgg11, or an architecture JSON file.
+    /// vgg8, vgg11, vgg-imagenet, or an architecture JSON file.
     #[arg(long, default_value = "vgg8")]
     model: String,
     /// Channel multiplier (channels rounded to a multiple of 8, at least 8).
     #[arg(long, default_value_t = 1.0)]
     width: f64,
+    /// Epochs, and the cosine schedule's length.
     #[arg(long, default_value_t = 100)]
     epochs: usize,
     #[arg(long, default_value_t = 128)]
@@ -105,8 +106,10 @@ struct TrainArgs {
     lr_min: f64,
     #[arg(long, default_value_t = 1e-3)]
     weight_decay: f64,
+    /// Seeds every random draw: init, projection, split, order, augmentation, dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// cpu, cuda or cuda:N (ASGE_CUDA_LANES=N puts every layer on its own CUDA stream).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The run folder.
