@@ -19,12 +19,6 @@ pub fn derive(key: u64, label: u64) -> u64 {
     mix64(key ^ mix64(label.wrapping_add(0x9e37_79b9_7f4a_7c15)))
 }
 
-/// The `i`-th uniform in [0, 1) of stream `key`, with 24 bits of resolution (exact in f32).
-#[inline]
-pub fn uniform_f32(key: u64, i: u64) -> f32 {
-    (mix64(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32 * (1.0 / 16_777_216.0)
-}
-
 /// Chris Wellons' `lowbias32`: a 32-bit integer hash with near-ideal avalanche, cheap on SIMD lanes and GPUs.
 #[inline(always)]
 pub fn lowbias32(mut x: u32) -> u32 {
@@ -116,11 +110,11 @@ mod tests {
     }
 
     #[test]
-    fn uniform_f32_is_in_range_and_balanced() {
-        let n = 100_000u64;
+    fn dropout_uniform_is_in_range_and_balanced() {
+        let n = 100_000u32;
         let mut below_half = 0;
         for i in 0..n {
-            let u = uniform_f32(42, i);
+            let u = dropout_uniform(0x1234_5678_9abc_def0, i);
             assert!((0.0..1.0).contains(&u));
             if u < 0.5 {
                 below_half += 1;
@@ -128,6 +122,9 @@ mod tests {
         }
         let frac = below_half as f64 / n as f64;
         assert!((frac - 0.5).abs() < 0.01, "{frac}");
+        // Another key, another mask.
+        let same = (0..1000u32).filter(|&i| (dropout_uniform(1, i) < 0.5) == (dropout_uniform(2, i) < 0.5)).count();
+        assert!((400..600).contains(&same), "{same} of 1000 agree");
     }
 
     #[test]

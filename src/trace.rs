@@ -40,10 +40,6 @@ pub fn enable(path: &std::path::Path) {
     *TRACER.lock().unwrap() = Some(Tracer { t0: Instant::now(), events: Vec::new(), path: path.to_path_buf() });
 }
 
-pub fn enabled() -> bool {
-    TRACER.lock().unwrap().is_some()
-}
-
 /// A span that ends when dropped.
 pub struct Span {
     start: Option<Instant>,

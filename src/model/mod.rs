@@ -6,7 +6,6 @@ pub mod grid;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 pub use grid::PatchGrid;
 
@@ -336,11 +335,6 @@ pub fn resolve(
 ) -> Result<ModelSpec> {
     let arch = arch_by_name(model)?;
     ModelSpec::build(&arch, in_channels, image_size, classes, opt)
-}
-
-/// Convenience for callers that have a path.
-pub fn load_arch_file(path: &Path) -> Result<ArchSpec> {
-    arch_by_name(&path.to_string_lossy())
 }
 
 #[cfg(test)]
