@@ -46,6 +46,8 @@ run() {
   "$B/asge" info > "$out/info.txt" 2>&1
   "$B/cuda-tests" --include-ignored --test-threads 1 > "$out/parity.txt" 2>&1
   rows+=("parity tests: $(grep -E '^test result' "$out/parity.txt" || echo 'did not finish')")
+  # The first lines of every failure, so the summary alone says what to fix.
+  while IFS= read -r line; do rows+=("  $line"); done < <(grep -E "^test .* FAILED$|panicked at|^  *(left|right):|differ" "$out/parity.txt" | head -20)
   for dev in cuda cpu; do
     local lim=""; [ $dev = cpu ] && lim="--limit-train 12000"
     /usr/bin/time -f "%e s" "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
