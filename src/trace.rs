@@ -40,6 +40,32 @@ pub fn enable(path: &std::path::Path) {
     *TRACER.lock().unwrap() = Some(Tracer { t0: Instant::now(), events: Vec::new(), path: path.to_path_buf() });
 }
 
+/// True while tracing is on (backends use it to decide whether to time their kernels).
+pub fn is_on() -> bool {
+    TRACER.lock().unwrap().is_some()
+}
+
+/// Adds kernels timed on a device (CUDA events): one track per lane (stream), on their own clock.
+pub fn add_device_spans(spans: &[crate::backend::DeviceSpan]) {
+    if let Some(t) = TRACER.lock().unwrap().as_mut() {
+        for s in spans {
+            if t.events.len() >= MAX_EVENTS {
+                break;
+            }
+            t.events.push(Event {
+                name: s.name,
+                cat: "device",
+                ph: "X",
+                ts: s.start_us,
+                dur: s.dur_us,
+                pid: 2,
+                tid: s.lane as u32,
+                args: serde_json::json!({}),
+            });
+        }
+    }
+}
+
 /// A span that ends when dropped.
 pub struct Span {
     start: Option<Instant>,

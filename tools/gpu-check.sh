@@ -64,7 +64,18 @@ run() {
   done
   ASGE_CUDA_LANES=8 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --limit-train 2560 \
     --device cuda --out "$out/trace-run" --trace "$out/trace-lanes8.json" --quiet > "$out/trace-run.txt" 2>&1
-  rows+=("trace (8 streams): $out/trace-lanes8.json")
+  rows+=("trace (8 streams): $out/trace-lanes8.json; $(python3 -c "
+import json, sys
+ev = [e for e in json.load(open(sys.argv[1]))['traceEvents'] if e.get('pid') == 2 and e.get('ph') == 'X']
+if not ev: print('no GPU spans'); sys.exit()
+pts = sorted([(e['ts'], 1) for e in ev] + [(e['ts'] + e['dur'], -1) for e in ev])
+busy = multi = 0.0; depth = 0; last = pts[0][0]
+for t, d in pts:
+    if depth >= 1: busy += t - last
+    if depth >= 2: multi += t - last
+    depth += d; last = t
+print(f'{len(ev)} GPU spans on {len(set(e[\"tid\"] for e in ev))} streams; 2+ streams busy {100 * multi / max(busy, 1e-9):.0f}% of the busy time')
+" "$out/trace-lanes8.json" 2>&1)")
   "$B/asge" bench --width 1 --batch 128 --step-only > "$out/bench-cpu.txt" 2>&1
   rows+=("bench cpu w1 (this host): $(grep 'train step' "$out/bench-cpu.txt")")
   printf '\n== gpu-check summary (%s) ==\n' "$(head -1 "$out/gpu.txt")"

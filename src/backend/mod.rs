@@ -54,6 +54,16 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
+/// A kernel timed on the device: its op, the lane (stream) it ran on, start and duration in microseconds on
+/// the device's own clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSpan {
+    pub name: &'static str,
+    pub lane: usize,
+    pub start_us: f64,
+    pub dur_us: f64,
+}
+
 /// Running loss and accuracy of a loss op: `[loss_sum, correct]`, added to by every call.
 pub const STATS_LEN: usize = 2;
 
@@ -81,6 +91,12 @@ pub trait Backend: Send + Sync {
     /// Directs the ops issued next to lane `lane % lanes()`.
     fn set_lane(&self, _lane: usize) -> Result<()> {
         Ok(())
+    }
+
+    /// The kernels timed on the device since the last call, while `--trace` is on (none on the CPU, whose ops
+    /// the host-side trace already times).
+    fn take_device_spans(&self) -> Result<Vec<DeviceSpan>> {
+        Ok(Vec::new())
     }
 
     fn zeros(&self, len: usize) -> Result<Self::Buf>;

@@ -467,6 +467,9 @@ fn train_on<B: Backend>(
             checkpoint::save(&best_path, &net, &state, &config_json)?;
         }
         checkpoint::save(&last_path, &net, &state, &config_json)?;
+        if crate::trace::is_on() {
+            crate::trace::add_device_spans(&net.backend().take_device_spans()?);
+        }
         crate::trace::flush(spec.layers.len())?;
     }
 

@@ -8,7 +8,7 @@
 
 pub mod nvrtc;
 
-use super::{AdamWStep, Backend, ConvShape, Dropout, STATS_LEN};
+use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, STATS_LEN};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -61,6 +61,34 @@ pub struct CudaBackend {
     head_scratch: Mutex<Option<CudaSlice<f32>>>,
     /// The weight gradient's per-slice partial sums, one per lane (so lanes do not serialise on it).
     wgrad_scratch: Vec<Mutex<Option<CudaSlice<f32>>>>,
+    /// With `--trace`: every op's start and end events, and the event all times are measured from.
+    timed: Mutex<TimedOps>,
+}
+
+#[derive(Default)]
+struct TimedOps {
+    origin: Option<cudarc::driver::CudaEvent>,
+    ops: Vec<(&'static str, usize, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+}
+
+/// At most this many ops are timed between two [`Backend::take_device_spans`] calls (events are a resource).
+const MAX_TIMED_OPS: usize = 20_000;
+
+/// Records an op's end event when dropped (see [`CudaBackend::time_op`]).
+struct OpTimer<'a> {
+    be: &'a CudaBackend,
+    start: Option<(cudarc::driver::CudaEvent, &'static str, usize)>,
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        if let Some((start, name, lane)) = self.start.take() {
+            if let Ok(end) = self.be.streams[lane].record_event(Some(CU_EVENT_DEFAULT)) {
+                self.be.timed.lock().unwrap().ops.push((name, lane, start, end));
+            }
+        }
+    }
 }
 
 /// A scratch buffer of at least `len` floats, reallocated when too small.
@@ -131,11 +159,32 @@ impl CudaBackend {
             lane: std::sync::atomic::AtomicUsize::new(0),
             funcs,
             head_scratch: Mutex::new(None),
+            timed: Mutex::new(TimedOps::default()),
         })
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// Times the op issued until the returned guard drops, with CUDA events on the current lane's stream,
+    /// when `--trace` is on (a no-op otherwise).
+    fn time_op(&self, name: &'static str) -> OpTimer<'_> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        if !crate::trace::is_on() {
+            return OpTimer { be: self, start: None };
+        }
+        let lane = self.lane_index();
+        let mut timed = self.timed.lock().unwrap();
+        if timed.ops.len() >= MAX_TIMED_OPS {
+            return OpTimer { be: self, start: None };
+        }
+        if timed.origin.is_none() {
+            timed.origin = self.streams[0].record_event(Some(CU_EVENT_DEFAULT)).ok();
+        }
+        drop(timed);
+        let start = self.streams[lane].record_event(Some(CU_EVENT_DEFAULT)).ok().map(|e| (e, name, lane));
+        OpTimer { be: self, start }
     }
 
     fn lane_index(&self) -> usize {
@@ -275,6 +324,23 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn take_device_spans(&self) -> Result<Vec<DeviceSpan>> {
+        self.synchronize()?;
+        let mut timed = self.timed.lock().unwrap();
+        let ops = std::mem::take(&mut timed.ops);
+        let Some(origin) = timed.origin.as_ref() else { return Ok(Vec::new()) };
+        ops.into_iter()
+            .map(|(name, lane, start, end)| {
+                Ok(DeviceSpan {
+                    name,
+                    lane,
+                    start_us: drv(origin.elapsed_ms(&start), "event timing")? as f64 * 1e3,
+                    dur_us: drv(start.elapsed_ms(&end), "event timing")? as f64 * 1e3,
+                })
+            })
+            .collect()
+    }
+
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
         drv(self.stream().alloc_zeros::<f32>(len.max(1)), "alloc")
     }
@@ -329,6 +395,7 @@ impl Backend for CudaBackend {
         y: &mut CudaSlice<f32>,
         g: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _timer = self.time_op("conv_goodness_fwd");
         let g_len = s.batch * s.c_out * grid.cells();
         fits("x", x.len(), s.x_len())?;
         fits("conv weight", w.len(), s.w_len())?;
@@ -366,6 +433,7 @@ impl Backend for CudaBackend {
         dg: Option<&mut CudaSlice<f32>>,
         stats: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _timer = self.time_op("goodness_loss");
         fits("goodness", g.len(), batch * dim)?;
         fits("projection", proj_w.len(), dim * classes)?;
         fits("logits", logits.len(), batch * classes)?;
@@ -408,6 +476,7 @@ impl Backend for CudaBackend {
         dw: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _timer = self.time_op("conv_goodness_wgrad");
         fits("x", x.len(), s.x_len())?;
         fits("y", y.len(), s.y_len())?;
         fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
@@ -453,6 +522,7 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         gap: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
+        let _timer = self.time_op("layer_output");
         let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
         fits("y", y.len(), batch * c * h * w)?;
         fits("layer output", out.len(), batch * c * ho * wo)?;
@@ -499,6 +569,7 @@ impl Backend for CudaBackend {
         grads: Option<&mut [(&mut CudaSlice<f32>, &mut CudaSlice<f32>)]>,
         stats: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let _timer = self.time_op("fusion_heads");
         anyhow::ensure!(feats.len() == heads.len(), "{} feature sets for {} fusion heads", feats.len(), heads.len());
         fits("logits", logits.len(), batch * classes)?;
         self.zero(logits, batch * classes)?;
@@ -542,6 +613,7 @@ impl Backend for CudaBackend {
         v: &mut CudaSlice<f32>,
         h: &AdamWStep,
     ) -> Result<()> {
+        let _timer = self.time_op("adamw");
         for (what, n) in
             [("parameter", p.len()), ("gradient", grad.len()), ("exp_avg", m.len()), ("exp_avg_sq", v.len())]
         {
