@@ -202,6 +202,7 @@ fn say(opts: RunOptions, msg: impl AsRef<str>) {
 /// Which backend a `--device` names.
 enum Device {
     Cpu,
+    #[cfg(feature = "cuda")]
     Cuda(usize),
 }
 
@@ -231,8 +232,6 @@ macro_rules! with_backend {
                 let $be = || crate::backend::cuda::CudaBackend::new(n);
                 $body
             }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable!(),
         }
     };
 }
