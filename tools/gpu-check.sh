@@ -50,7 +50,7 @@ run() {
   while IFS= read -r line; do rows+=("  $line"); done < <(grep -E "^test .* FAILED$|panicked at|^  *(left|right):|differ" "$out/parity.txt" | head -20)
   for dev in cuda cpu; do
     local lim=""; [ $dev = cpu ] && lim="--limit-train 12000"
-    /usr/bin/time -f "%e s" "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
+    "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
       --device $dev $lim --out "$out/mnist-$dev" --quiet > "$out/train-$dev.txt" 2>&1
     rows+=("mnist 1 epoch $dev: $(grep -E '^  (last|best|fusion)' "$out/train-$dev.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
            "   $(python3 -c "import json; m=json.load(open('$out/mnist-$dev/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null)")
