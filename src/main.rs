@@ -168,10 +168,12 @@ struct TrainArgs {
 struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
+    /// Default: the dataset the checkpoint was trained on (from its metadata).
     #[arg(long, value_enum)]
-    dataset: DatasetKind,
+    dataset: Option<DatasetKind>,
+    /// Default: the data folder the checkpoint was trained from (from its metadata).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "all")]
     strategy: Strategy,
     #[arg(long, default_value_t = 256)]
@@ -279,14 +281,36 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
+    let (dataset, data) = match (a.dataset, a.data.clone()) {
+        (Some(d), Some(p)) => (d, p),
+        (d, p) => {
+            // Fill what is missing from the run config stored in the checkpoint.
+            let trained = asge::train::checkpoint::load(&a.checkpoint)?
+                .config
+                .and_then(|c| serde_json::from_value::<TrainConfig>(c.get("train")?.clone()).ok());
+            let why =
+                || format!("{}: no run config in the metadata; give --dataset and --data", a.checkpoint.display());
+            let t = || trained.clone().with_context(why);
+            (
+                match d {
+                    Some(d) => d,
+                    None => t()?.dataset,
+                },
+                match p {
+                    Some(p) => p,
+                    None => t()?.data,
+                },
+            )
+        }
+    };
     let (rows, res, n_test) =
-        run::eval_checkpoint(&a.checkpoint, a.dataset, &a.data, a.strategy, a.batch, a.limit_test, &a.device)?;
-    let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), a.dataset.name());
+        run::eval_checkpoint(&a.checkpoint, dataset, &data, a.strategy, a.batch, a.limit_test, &a.device)?;
+    let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), dataset.name());
     println!("{}", eval::format_table(&title, &rows, &res));
     let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
     let body = serde_json::json!({
         "checkpoint": a.checkpoint,
-        "dataset": a.dataset.name(),
+        "dataset": dataset.name(),
         "images": n_test,
         "strategies": rows,
         "layer_top1": res.layer_acc(),

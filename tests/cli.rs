@@ -52,6 +52,7 @@ fn bad_input_is_a_clear_error() {
         &["eval", "--checkpoint", "/no/such.safetensors", "--dataset", "mnist", "--data", d],
         "/no/such.safetensors",
     );
+    expect_error(&["eval", "--checkpoint", fx.to_str().unwrap()], "give --dataset and --data");
     let bad_arch = out.join("arch.json");
     std::fs::write(&bad_arch, r#"{"name": "x", "layers": [{"channels": 0}]}"#).unwrap();
     expect_error(&with(&["--model", bad_arch.to_str().unwrap()]), "0 channels");
@@ -117,6 +118,11 @@ fn train_then_eval_from_the_command_line() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["test"][0]["top1"], v["strategies"][0]["top1"]);
+    // Without --dataset and --data, eval takes them from the checkpoint's run config.
+    let (code, stdout, err) =
+        asge(&["eval", "--checkpoint", ck.to_str().unwrap(), "--limit-test", "256", "--json", json.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("mnist test (256 images)"), "{stdout}");
     // A checkpoint of a 1-channel model does not evaluate on 3-channel CIFAR.
     let (code, _, err) = asge(&[
         "eval",
