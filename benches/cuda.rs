@@ -1,13 +1,13 @@
-//! Criterion benchmarks of the CUDA backend: the convolutions at every VGG8 layer (batch 128, 32x32, width 1)
-//! and the whole training step, timed with CUDA events around the launches after a warm-up, inputs rotated
+//! Criterion benchmarks of the CUDA backend: every op at every VGG8 layer (batch 128, 32x32, width 1) and the
+//! whole training step, timed with CUDA events around the launches after a warm-up, inputs rotated
 //! over several buffers so that the 50-60 MB L2 does not flatter the numbers. Throughput is FLOPs
-//! (`Throughput::Elements`: read "elem/s" as FLOP/s). Without a GPU every bench is skipped with a message.
+//! for the convolutions (`Throughput::Elements`: read "elem/s" as FLOP/s), bytes for the memory-bound ops. Without a GPU every bench is skipped with a message.
 //!
 //! `cargo bench --bench cuda` on a GPU machine; tools/gpu-check.sh runs `asge bench --device cuda` instead
 //! (the GPU machines have no Rust toolchain).
 
 use asge::backend::cuda::{self, CudaBackend};
-use asge::backend::{Backend, ConvShape};
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
 use asge::model::{self, ModelOptions, Params};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -75,6 +75,55 @@ fn convs(c: &mut Criterion) {
                 event_time(&be, iters, |k| {
                     let x = &xs[k as usize % ROTATE];
                     be.conv_goodness_wgrad(&s, &grid, spec.goodness, x, &y, &dg, &mut dw, &mut db).unwrap()
+                })
+            })
+        });
+        // The memory-bound ops: bytes read + written.
+        let labels = be.labels(&(0..BATCH as u32).map(|i| i % 10).collect::<Vec<_>>()).unwrap();
+        let (proj, proj_b) = (be.upload(&randn(d * 10, 3)).unwrap(), be.zeros(10).unwrap());
+        let (mut logits, mut dgo, mut stats) =
+            (be.zeros(BATCH * 10).unwrap(), be.zeros(BATCH * d).unwrap(), be.zeros(2).unwrap());
+        g.throughput(Throughput::Bytes(4 * (2 * BATCH * d + d * 10) as u64));
+        g.bench_function(BenchmarkId::new("goodness_loss_f32", &layer), |b| {
+            b.iter_custom(|iters| {
+                event_time(&be, iters, |_| {
+                    be.goodness_loss(
+                        BATCH,
+                        d,
+                        10,
+                        &gd,
+                        &proj,
+                        &proj_b,
+                        &labels,
+                        &mut logits,
+                        Some(&mut dgo),
+                        &mut stats,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        let (ho, wo) = l.out_hw();
+        let (mut out, mut gap) = (be.zeros(BATCH * l.c_out * ho * wo).unwrap(), be.zeros(BATCH * l.c_out).unwrap());
+        let pool = l.pool.then_some(spec.pool_kind);
+        g.throughput(Throughput::Bytes(4 * (s.y_len() + BATCH * l.c_out * ho * wo) as u64));
+        g.bench_function(BenchmarkId::new("layer_output_f32", &layer), |b| {
+            b.iter_custom(|iters| {
+                event_time(&be, iters, |k| {
+                    let drop = Some(Dropout { p: 0.1, key: k });
+                    be.layer_output(BATCH, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap)).unwrap()
+                })
+            })
+        });
+        let mut p = be.upload(&randn(s.w_len(), 4)).unwrap();
+        let (mut m, mut v) = (be.zeros(s.w_len()).unwrap(), be.zeros(s.w_len()).unwrap());
+        g.throughput(Throughput::Bytes(4 * 7 * s.w_len() as u64));
+        g.bench_function(BenchmarkId::new("adamw_f32", &layer), |b| {
+            b.iter_custom(|iters| {
+                event_time(&be, iters, |k| {
+                    let h =
+                        AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: k + 1 };
+                    be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h).unwrap()
                 })
             })
         });

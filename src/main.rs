@@ -73,12 +73,29 @@ struct BenchArgs {
     /// Timed repetitions per op; the median is reported.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: Precision,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
     /// Time only the whole training step.
     #[arg(long)]
     step_only: bool,
+}
+
+/// Storage precision of activations and weight copies (sums are always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    Fp32,
+    Fp16,
+}
+
+fn check_precision(p: Precision) -> Result<()> {
+    anyhow::ensure!(
+        p == Precision::Fp32,
+        "--precision fp16: the fp16 (tensor-core) CUDA path is not built yet; every backend runs fp32"
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -149,6 +166,8 @@ struct TrainArgs {
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: Precision,
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
     #[arg(long)]
     stop_after: Option<usize>,
@@ -233,6 +252,7 @@ fn run_cli(cli: Cli) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    check_precision(a.precision)?;
     let opts = RunOptions {
         quiet: a.quiet,
         stop_after: a.stop_after,
@@ -370,6 +390,7 @@ fn cuda_info() {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    check_precision(a.precision)?;
     anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
     let o = asge::bench::BenchOptions {
         model: a.model,
