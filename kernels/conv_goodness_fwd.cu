@@ -41,13 +41,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < FWD_TK; ++kk) {
-            float a[4], bb[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) { a[i] = As[kk][tm + i]; bb[i] = Bs[kk][tn + i]; }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bb[j], acc[i][j]);
+            fma_outer4(acc, &As[kk][tm], &Bs[kk][tn]);
         }
         __syncthreads();
     }

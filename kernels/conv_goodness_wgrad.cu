@@ -67,13 +67,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f32(
             for (int nn = 0; nn < WG_TN; ++nn) db_acc += As[nn][tid];
 #pragma unroll
         for (int nn = 0; nn < WG_TN; ++nn) {
-            float a[4], bb[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) { a[i] = As[nn][tm + i]; bb[i] = Bs[nn][tk + i]; }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bb[j], acc[i][j]);
+            fma_outer4(acc, &As[nn][tm], &Bs[nn][tk]);
         }
         __syncthreads();
     }

@@ -90,3 +90,15 @@ __device__ __forceinline__ void softmax_ce_row(const float* a, int N, int label,
     atomicAdd(&stats[0], lse - a[label]);
     atomicAdd(&stats[1], arg == label ? 1.0f : 0.0f);
 }
+
+// The register tile of the GEMM kernels: acc[i][j] += a[i] * b[j] for 4 x 4, with a = a_row[0..4], b = b_row[0..4]
+// (two rows of shared-memory tiles).
+__device__ __forceinline__ void fma_outer4(float acc[4][4], const float* a_row, const float* b_row) {
+    float a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { a[i] = a_row[i]; b[i] = b_row[i]; }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+}

@@ -207,22 +207,17 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
     };
     let mut rows = Vec::new();
     let mut flop_per_image = 0.0;
-    let compute = |op: &str, layer, ms: f64, flop: f64| BenchRow {
+    // A rate against its ceiling: FLOP/s against the GEMM's, bytes/s against the copy's.
+    let row = |op: &str, layer, ms: f64, amount: f64, unit: &'static str, peak_g: f64| BenchRow {
         op: op.into(),
         layer: Some(layer),
         ms,
-        rate: flop / (ms * 1e-3),
-        unit: "FLOP/s",
-        pct_of_ceiling: 100.0 * flop / (ms * 1e-3) / (gemm_peak * 1e9),
+        rate: amount / (ms * 1e-3),
+        unit,
+        pct_of_ceiling: 100.0 * amount / (ms * 1e-3) / (peak_g * 1e9),
     };
-    let memory = |op: &str, layer, ms: f64, bytes: f64| BenchRow {
-        op: op.into(),
-        layer: Some(layer),
-        ms,
-        rate: bytes / (ms * 1e-3),
-        unit: "B/s",
-        pct_of_ceiling: 100.0 * bytes / (ms * 1e-3) / (copy_peak * 1e9),
-    };
+    let compute = |op: &str, layer, ms: f64, flop: f64| row(op, layer, ms, flop, "FLOP/s", gemm_peak);
+    let memory = |op: &str, layer, ms: f64, bytes: f64| row(op, layer, ms, bytes, "B/s", copy_peak);
     for (i, l) in spec.layers.iter().enumerate() {
         flop_per_image += 4.0 * l.conv_macs() as f64;
         if o.step_only {

@@ -58,11 +58,12 @@ pub struct EvalResult {
     pub fusion: TopK,
 }
 
+/// The index of the largest value, the first on ties (as `argmax`).
+pub fn argmax(v: &[f64]) -> usize {
+    v.iter().enumerate().fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
+}
+
 impl EvalResult {
-    /// The layer with the best top-1 (the first on ties).
-    pub fn best_layer(&self) -> usize {
-        self.layers.iter().enumerate().fold(0, |best, (i, t)| if t.top1 > self.layers[best].top1 { i } else { best })
-    }
     pub fn layer_acc(&self) -> Vec<f64> {
         self.layers.iter().map(TopK::top1_acc).collect()
     }

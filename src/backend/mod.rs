@@ -64,6 +64,43 @@ pub struct DeviceSpan {
     pub dur_us: f64,
 }
 
+/// The buffer-size check every backend makes before an op: `what` must hold at least `need` values.
+pub(crate) fn check_len(backend: &str, what: &str, have: usize, need: usize) -> Result<()> {
+    anyhow::ensure!(have >= need, "{backend} backend: {what} buffer holds {have} values, the op needs {need}");
+    Ok(())
+}
+
+/// The f32 scalars of one AdamW step, computed in f64 as PyTorch computes them in Python.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 - lr * wd`.
+    pub decay: f32,
+    /// `lr / (1 - b1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - b2^t)`.
+    pub bc2_sqrt: f32,
+    /// `1 - b1`, `b2`, `1 - b2`, `eps`.
+    pub w1: f32,
+    pub b2: f32,
+    pub w2: f32,
+    pub eps: f32,
+}
+
+impl AdamWStep {
+    pub fn scalars(&self) -> AdamWScalars {
+        let t = self.step as i32;
+        AdamWScalars {
+            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            step_size: (self.lr / (1.0 - self.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+            w1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            w2: (1.0 - self.beta2) as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
 /// Running loss and accuracy of a loss op: `[loss_sum, correct]`, added to by every call.
 pub const STATS_LEN: usize = 2;
 

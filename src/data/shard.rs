@@ -8,6 +8,7 @@
 
 use super::imagefolder::{self, ResizeMode};
 use super::ImageSource;
+use crate::train::checkpoint::write_atomic;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
@@ -58,10 +59,6 @@ pub struct ShardOptions {
     pub resize: ResizeMode,
     pub shard_bytes: usize,
     pub quiet: bool,
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::train::checkpoint::write_atomic(path, bytes)
 }
 
 /// Streams records into size-bounded shard files (`.tmp` until complete).

@@ -152,25 +152,19 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         params.insert(name, (view.shape().to_vec(), data));
     }
-    let parse = |key: &str| -> Result<Option<String>> { Ok(metadata.get(key).cloned()) };
-    let spec = match parse("asge.model")? {
-        Some(s) => {
-            Some(serde_json::from_str(&s).with_context(|| format!("{}: bad asge.model metadata", path.display()))?)
-        }
-        None => None,
-    };
-    let state = match parse("asge.state")? {
-        Some(s) => {
-            Some(serde_json::from_str(&s).with_context(|| format!("{}: bad asge.state metadata", path.display()))?)
-        }
-        None => None,
-    };
-    let config = match parse("asge.config")? {
-        Some(s) => {
-            Some(serde_json::from_str(&s).with_context(|| format!("{}: bad asge.config metadata", path.display()))?)
-        }
-        None => None,
-    };
+    // The three JSON documents asge keeps in the metadata; absent in files written elsewhere.
+    fn json<T: serde::de::DeserializeOwned>(
+        meta: &HashMap<String, String>,
+        key: &str,
+        path: &Path,
+    ) -> Result<Option<T>> {
+        meta.get(key)
+            .map(|s| serde_json::from_str(s).with_context(|| format!("{}: bad {key} metadata", path.display())))
+            .transpose()
+    }
+    let spec = json(&metadata, "asge.model", path)?;
+    let state = json(&metadata, "asge.state", path)?;
+    let config = json(&metadata, "asge.config", path)?;
     Ok(Checkpoint { spec, params, state, config, metadata })
 }
 

@@ -214,15 +214,16 @@ impl<B: Backend> Net<B> {
         self.ws.max_batch
     }
 
-    /// Reads and clears every stats slot: `(loss_sum, correct)` per layer, then the heads'.
-    fn take_stats(&mut self) -> Result<Vec<(f64, usize)>> {
-        let mut out = Vec::with_capacity(self.ws.stats.len());
-        for slot in &mut self.ws.stats {
-            let s = self.be.read(slot, STATS_LEN)?;
-            self.be.write(slot, &[0.0; STATS_LEN])?;
-            out.push((s[0] as f64, s[1].round() as usize));
-        }
-        Ok(out)
+    /// Reads every stats slot (`load_batch` zeroes them): `(loss_sum, correct)` per layer, then the heads'.
+    fn take_stats(&self) -> Result<Vec<(f64, usize)>> {
+        self.ws
+            .stats
+            .iter()
+            .map(|slot| {
+                let s = self.be.read(slot, STATS_LEN)?;
+                Ok((s[0] as f64, s[1].round() as usize))
+            })
+            .collect()
     }
 
     fn load_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {

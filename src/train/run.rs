@@ -317,7 +317,7 @@ fn train_on<B: Backend>(
     let best_path = out.join("best.safetensors");
     let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
 
-    let (params, state, ckpt) = if resume {
+    let (params, mut state, ckpt) = if resume {
         let ck = checkpoint::load(&last_path).context("--resume: the run has no usable last.safetensors")?;
         let state =
             ck.state.clone().with_context(|| format!("{}: no training state in the metadata", last_path.display()))?;
@@ -328,7 +328,6 @@ fn train_on<B: Backend>(
     } else {
         (Params::init(&spec, cfg.seed), TrainState::default(), None)
     };
-    let mut state = state;
     let mut net = Net::new(be, spec.clone(), &params, adamw, cfg.batch)?;
     if let Some(ck) = &ckpt {
         ck.restore_optimizer(&last_path, &mut net)?;
@@ -461,7 +460,7 @@ fn train_on<B: Backend>(
             let layer_acc = val_res.as_ref().map(EvalResult::layer_acc).unwrap_or_else(|| m.train_layer_acc.clone());
             state.best_val = score;
             state.best_epoch = epoch + 1;
-            state.best_layer = layer_acc.iter().enumerate().fold(0, |b, (i, &a)| if a > layer_acc[b] { i } else { b });
+            state.best_layer = eval::argmax(&layer_acc);
             state.best_layer_acc = layer_acc;
             checkpoint::save(&best_path, &net, &state, &config_json)?;
         }

@@ -6,7 +6,7 @@ pub mod ops;
 
 use super::{AdamWStep, Backend, ConvShape, Dropout};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 /// The CPU backend. Threads come from rayon's global pool (`--threads` sizes it).
 #[derive(Clone, Debug)]
@@ -34,8 +34,7 @@ impl CpuBackend {
 }
 
 fn fits(what: &str, have: usize, need: usize) -> Result<()> {
-    ensure!(have >= need, "cpu backend: {what} buffer holds {have} values, the op needs {need}");
-    Ok(())
+    super::check_len("cpu", what, have, need)
 }
 
 impl Backend for CpuBackend {

@@ -247,13 +247,7 @@ pub fn fusion_heads(
 
 /// AdamW, PyTorch's single-tensor algorithm, elementwise.
 pub fn adamw(p: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
-    let t = h.step as i32;
-    let bc1 = 1.0 - h.beta1.powi(t);
-    let bc2 = 1.0 - h.beta2.powi(t);
-    let decay = (1.0 - h.lr * h.weight_decay) as f32;
-    let step_size = (h.lr / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let (w1, b2, w2, eps) = ((1.0 - h.beta1) as f32, h.beta2 as f32, (1.0 - h.beta2) as f32, h.eps as f32);
+    let crate::backend::AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
     const CHUNK: usize = 16 * 1024;
     p.par_chunks_mut(CHUNK)
         .zip(grad.par_chunks(CHUNK))

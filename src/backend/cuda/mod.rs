@@ -292,8 +292,7 @@ impl CudaBackend {
 }
 
 fn fits(what: &str, have: usize, need: usize) -> Result<()> {
-    anyhow::ensure!(have >= need, "cuda backend: {what} buffer holds {have} values, the op needs {need}");
-    Ok(())
+    super::check_len("cuda", what, have, need)
 }
 
 fn drv<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T> {
@@ -583,11 +582,8 @@ impl Backend for CudaBackend {
             // SAFETY: matches heads_logits_f32; one thread per (sample, class).
             drv(unsafe { l.launch(grid1(batch * classes)) }, "heads_logits_f32")?;
         }
-        let mut scratch = self.head_scratch.lock().unwrap();
-        if scratch.as_ref().is_none_or(|s| s.len() < batch * classes) {
-            *scratch = Some(self.zeros(batch * classes)?);
-        }
-        let ds = scratch.as_mut().unwrap();
+        let mut slot = self.head_scratch.lock().unwrap();
+        let ds = scratch(self, &mut slot, batch * classes)?;
         let mut l = self.stream().launch_builder(self.f("heads_softmax_f32")?);
         l.arg(&*logits).arg(labels).arg(&mut *ds).arg(stats).arg(&b).arg(&n);
         // SAFETY: matches heads_softmax_f32; one thread per sample.
@@ -619,11 +615,7 @@ impl Backend for CudaBackend {
         {
             fits(what, n, len)?;
         }
-        let t = h.step as i32;
-        let decay = (1.0 - h.lr * h.weight_decay) as f32;
-        let step_size = (h.lr / (1.0 - h.beta1.powi(t))) as f32;
-        let bc2_sqrt = (1.0 - h.beta2.powi(t)).sqrt() as f32;
-        let (w1, b2, w2, eps) = ((1.0 - h.beta1) as f32, h.beta2 as f32, (1.0 - h.beta2) as f32, h.eps as f32);
+        let super::AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
         let n = len as i32;
         let cfg = LaunchConfig {
             grid_dim: ((len as u32).div_ceil(THREADS).clamp(1, 4096), 1, 1),
