@@ -93,7 +93,7 @@ fn ops(c: &mut Criterion) {
             let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
             g.throughput(Throughput::Bytes(4 * 7 * s.w_len() as u64));
             g.bench_function(BenchmarkId::new("adamw", &layer), |b| {
-                b.iter(|| be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h).unwrap())
+                b.iter(|| be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h, None).unwrap())
             });
             black_box((&y, &gd, &out));
         }

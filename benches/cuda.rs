@@ -123,7 +123,7 @@ fn convs(c: &mut Criterion) {
                 event_time(&be, iters, |k| {
                     let h =
                         AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: k + 1 };
-                    be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h).unwrap()
+                    be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h, None).unwrap()
                 })
             })
         });

@@ -1,9 +1,12 @@
 // adamw_f32: one AdamW step, PyTorch's single-tensor algorithm, one thread per element (grid-stride):
 // p *= 1 - lr*wd; m += (1-b1)(g - m); v = b2 v + (1-b2) g^2; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps),
 // with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) computed on the host in double precision.
+// The f32 master p, m and v stay f32; when `copy` is not null, the new p is also stored there in fp16 (the
+// weights the fp16 convolution reads), in the same pass.
 extern "C" __global__ void adamw_f32(
     float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-    int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt, float eps)
+    f16_bits* __restrict__ copy, int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt,
+    float eps)
 {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         float gi = g[i];
@@ -11,8 +14,10 @@ extern "C" __global__ void adamw_f32(
         float mi = m[i] + w1 * (gi - m[i]);
         float vi = v[i] * b2 + w2 * gi * gi;
         float denom = sqrtf(vi) / bc2_sqrt + eps;
-        p[i] = pi + (-step_size) * (mi / denom);
+        pi = pi + (-step_size) * (mi / denom);
+        p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+        if (copy) copy[i] = f2h(pi);
     }
 }

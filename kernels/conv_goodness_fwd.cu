@@ -1,4 +1,5 @@
-// conv_goodness_fwd_f32: y = relu(conv3x3(x, W) + b); patch_goodness_f32: g = mean (or sum) of y^2 per cell.
+// conv_goodness_fwd_{f32,f16}: y = relu(conv3x3(x, W) + b); patch_goodness_{f32,f16}: g = mean (or sum) of y^2
+// per cell, summed in f32.
 //
 // Work split: an implicit GEMM out[M = C_out, N = B*H*W] = W[M, K = C_in*9] * col[K, N], where the column
 // operand is gathered from x while the tile is loaded (no im2col buffer exists). A block of 256 threads owns a
@@ -7,7 +8,14 @@
 //
 // patch_goodness_f32 then reduces y^2 over each cell: one thread per (sample, channel, cell), each an ordered
 // sum, so the goodness is deterministic (atomics in the GEMM epilogue would make two runs of one seed differ in
-// the last bits). It re-reads y once; fusing it needs a tile that owns whole maps (the fp16 path's layout).
+// the last bits). It re-reads y once (in fp16, 2 bytes a value: 17 MB for VGG8's first layer at batch 128,
+// ~6 us at H100 bandwidth, against ~100 us for the convolution). Fusing it deterministically needs per-tile
+// partial sums for the cells a tile cuts, reduced in order by a second pass: the same traffic saved, more code.
+//
+// conv_goodness_fwd_f16 is the same implicit GEMM on the tensor cores: x and W in fp16, fp32 accumulators
+// (mma.sync m16n8k16, see tc_step in the prelude), block tile TC_M = 64 channels x TC_N = 128 pixels, K walked
+// in steps of TC_K = 32 through shared memory; the epilogue adds the bias in f32, applies ReLU and stores y in
+// fp16 (round to nearest even). Grid = (ceil(N/128), ceil(C_out/64)).
 #define FWD_TM 64
 #define FWD_TN 64
 #define FWD_TK 16
@@ -60,17 +68,80 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
     }
 }
 
-extern "C" __global__ void patch_goodness_f32(
-    const float* __restrict__ y, float* __restrict__ g, int B, int C, int H, int W, int P, int reduce_mean)
+// f16 forward. Each thread loads 8 weights of one row of the A tile (k contiguous in W) and 16 column values of
+// one pixel (the pixel's coordinates are fixed for the thread; the taps vary), so consecutive threads read
+// consecutive pixels of x.
+extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
+    f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+{
+    __shared__ __align__(16) f16_bits As[TC_M][TC_LD];
+    __shared__ __align__(16) f16_bits Bs[TC_N][TC_LD];
+    const int K = Cin * 9, HW = H * W, N = B * HW;
+    const int m0 = blockIdx.y * TC_M, n0 = blockIdx.x * TC_N;
+    const int tid = threadIdx.x;
+    const int am = tid >> 2, ak = (tid & 3) * 8;       // A tile: row am, columns ak..ak+7
+    const int bn = tid % TC_N, bk = tid / TC_N;        // B tile: pixel bn, taps bk, bk+2, ..., bk+30
+    float acc[2][4][4];
+    tc_zero(acc);
+
+    for (int k0 = 0; k0 < K; k0 += TC_K) {
+        const int m = m0 + am;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int k = k0 + ak + j;
+            As[am][ak + j] = (m < Cout && k < K) ? w[(long)m * K + k] : (f16_bits)0;
+        }
+#pragma unroll
+        for (int j = 0; j < TC_K / 2; ++j) {
+            const int kk = bk + 2 * j;
+            Bs[bn][kk] = im2col_at_h(x, k0 + kk, n0 + bn, K, N, Cin, H, W);
+        }
+        __syncthreads();
+        tc_step(acc, As, Bs);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int m = m0 + tc_row(mi, r), n = n0 + tc_col(ni, r);
+                if (m >= Cout || n >= N) continue;
+                const int b = n / HW, p = n % HW;
+                y[((long)b * Cout + m) * HW + p] = f2h(fmaxf(acc[mi][ni][r] + bias[m], 0.0f));
+            }
+}
+
+template <typename T>
+__device__ __forceinline__ void patch_goodness(
+    const T* __restrict__ y, float* __restrict__ g, int B, int C, int H, int W, int P, int reduce_mean)
 {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= B * C * P * P) return;
     int cell = t % (P * P), map = t / (P * P);
     int i = cell / P, j = cell % P;
     int r0 = bin_start(i, H, P), r1 = bin_end(i, H, P), c0 = bin_start(j, W, P), c1 = bin_end(j, W, P);
-    const float* m = y + (long)map * H * W;
+    const T* m = y + (long)map * H * W;
     float acc = 0.0f;
     for (int r = r0; r < r1; ++r)
-        for (int c = c0; c < c1; ++c) acc = fmaf(m[r * W + c], m[r * W + c], acc);
+        for (int c = c0; c < c1; ++c) {
+            float v = ld(&m[r * W + c]);
+            acc = fmaf(v, v, acc);
+        }
     g[t] = reduce_mean ? acc / (float)((r1 - r0) * (c1 - c0)) : acc;
+}
+
+extern "C" __global__ void patch_goodness_f32(
+    const float* __restrict__ y, float* __restrict__ g, int B, int C, int H, int W, int P, int reduce_mean)
+{
+    patch_goodness(y, g, B, C, H, W, P, reduce_mean);
+}
+
+extern "C" __global__ void patch_goodness_f16(
+    const f16_bits* __restrict__ y, float* __restrict__ g, int B, int C, int H, int W, int P, int reduce_mean)
+{
+    patch_goodness(y, g, B, C, H, W, P, reduce_mean);
 }

@@ -1,5 +1,6 @@
 // conv_goodness_wgrad_f32: dW = dz * col^T and db = sum dz, where
 // dz[b,c,h,w] = 1[y > 0] * 2 y * sum_{cells (i,j) containing (h,w)} dg[b, c*P^2 + i*P + j] (/ |bin_ij| for mean).
+// conv_goodness_wgrad_f16 is the same product on the tensor cores (below).
 //
 // Work split: an implicit GEMM dW[M = C_out, K = C_in*9] = sum over n < B*H*W of dz[m, n] * col[k, n]. A block of
 // 256 threads owns a 64 x 64 tile of dW and a slice of the reduction (blockIdx.z: `chunk` pixels), walked in
@@ -37,23 +38,10 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f32(
             int n = n0 + nn, m = m0 + mm;
             float dz = 0.0f;
             if (n < nend && m < Cout) {
-                int b = n / HW, p = n % HW, oh = p / W, ow = p % W;
+                int b = n / HW, p = n % HW;
                 long map = (long)b * Cout + m;
                 float yv = y[map * HW + p];
-                if (yv > 0.0f) {
-                    int r0, r1, c0, c1;
-                    bins_of(oh, H, P, &r0, &r1);
-                    bins_of(ow, W, P, &c0, &c1);
-                    float s = 0.0f;
-                    for (int bi = r0; bi <= r1; ++bi)
-                        for (int bj = c0; bj <= c1; ++bj) {
-                            float d = dg[map * P * P + bi * P + bj];
-                            if (reduce_mean)
-                                d /= (float)((bin_end(bi, H, P) - bin_start(bi, H, P)) * (bin_end(bj, W, P) - bin_start(bj, W, P)));
-                            s += d;
-                        }
-                    dz = s * (2.0f * yv);
-                }
+                if (yv > 0.0f) dz = cells_dg(dg + map * P * P, p / W, p % W, H, W, P, reduce_mean) * (2.0f * yv);
             }
             As[nn][mm] = dz;
         }
@@ -80,6 +68,78 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f32(
         }
     }
     if (bias_block && tid < WG_TM && m0 + tid < Cout) part_db[(long)blockIdx.z * Cout + m0 + tid] = db_acc;
+}
+
+// conv_goodness_wgrad_f16: dW[M = C_out, K = C_in*9] = sum_n dz[m, n] col[k, n] with x and y in fp16, on the
+// tensor cores (tc_step: block tile TC_M = 64 channels x TC_N = 128 taps, pixels walked TC_K = 32 at a time, a
+// slice of `chunk` pixels per blockIdx.z, partials reduced in order by wgrad_reduce_f32 as in the f32 path).
+//
+// Scaling: dz is computed in f32 from the fp16 y and the f32 dg, then multiplied by `scale` and rounded to fp16
+// for the product; the f32 partial is multiplied by `inv_scale` on the way out. dz = 2 y dg / |bin| with
+// dg = (softmax - onehot) R^T / B is ~3e-4 |softmax - onehot| for CIFAR shapes at batch 128 and ~3e-7 times it
+// at ImageNet scale: in or under fp16's subnormal range (below 6.1e-5 a value keeps few bits; below 3e-8 it is
+// zero). The host passes scale = B * max|bin| (mean; B for sum) rounded to a power of two (src/backend/mod.rs,
+// dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both scalings exact. The bias
+// gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
+// fixed shuffles: deterministic.
+extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f16(
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ dg,
+    float* __restrict__ part, float* __restrict__ part_db,
+    int B, int Cin, int Cout, int H, int W, int P, int reduce_mean, int chunk, float scale, float inv_scale)
+{
+    __shared__ __align__(16) f16_bits As[TC_M][TC_LD];  // scaled dz, [channel][pixel]
+    __shared__ __align__(16) f16_bits Bs[TC_N][TC_LD];  // col, [tap][pixel]
+    const int K = Cin * 9, HW = H * W, N = B * HW;
+    const int m0 = blockIdx.y * TC_M, k0 = blockIdx.x * TC_N;
+    const int nbeg = blockIdx.z * chunk, nend = min(N, nbeg + chunk);
+    const int tid = threadIdx.x;
+    const int am = tid >> 2, an = (tid & 3) * 8;  // dz tile: channel am, pixels an..an+7
+    const int bn = tid % TC_K, bk = tid / TC_K;   // col tile: pixel bn, taps bk, bk+8, ..., bk+120
+    const bool bias_block = blockIdx.x == 0;
+    const int m = m0 + am;
+    float acc[2][4][4];
+    tc_zero(acc);
+    float db_acc = 0.0f;
+
+    for (int n0 = nbeg; n0 < nend; n0 += TC_K) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int n = n0 + an + j;
+            float dz = 0.0f;
+            if (n < nend && m < Cout) {
+                const int b = n / HW, p = n % HW;
+                const long map = (long)b * Cout + m;
+                const float yv = h2f(y[map * HW + p]);
+                if (yv > 0.0f) dz = cells_dg(dg + map * P * P, p / W, p % W, H, W, P, reduce_mean) * (2.0f * yv);
+            }
+            db_acc += dz;
+            As[am][an + j] = f2h(dz * scale);
+        }
+        const int n = n0 + bn;
+#pragma unroll
+        for (int j = 0; j < TC_N / 8; ++j) {
+            const int kk = bk + 8 * j;
+            Bs[kk][bn] = n < nend ? im2col_at_h(x, k0 + kk, n, K, N, Cin, H, W) : (f16_bits)0;
+        }
+        __syncthreads();
+        tc_step(acc, As, Bs);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int mm = m0 + tc_row(mi, r), k = k0 + tc_col(ni, r);
+                if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = acc[mi][ni][r] * inv_scale;
+            }
+    if (bias_block) {
+        db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 1);
+        db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 2);
+        if ((tid & 3) == 0 && m < Cout) part_db[(long)blockIdx.z * Cout + m] = db_acc;
+    }
 }
 
 // dw[i] = sum_z part[z][i] (i < M*K), db[m] = sum_z part_db[z][m]: one thread per element, z in order.

@@ -66,14 +66,49 @@ __device__ __forceinline__ void bins_of(int c, int n, int p, int* lo, int* hi) {
 }
 
 // The implicit im2col: col[k, n] = x[b, ci, oh + kh - 1, ow + kw - 1] (zero outside the map), with
-// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow, for k < K and n < N (else 0).
-__device__ __forceinline__ float im2col_at(const float* __restrict__ x, int k, int n, int K, int N, int Cin, int H, int W) {
-    if (k >= K || n >= N) return 0.0f;
+// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow, for k < K and n < N (else 0). im2col_index gives the offset
+// into x, or -1 for a zero.
+__device__ __forceinline__ long im2col_index(int k, int n, int K, int N, int Cin, int H, int W) {
+    if (k >= K || n >= N) return -1;
     int ci = k / 9, r = k % 9;
     int HW = H * W, b = n / HW, p = n % HW;
     int ih = p / W + r / 3 - 1, iw = p % W + r % 3 - 1;
-    if (ih < 0 || ih >= H || iw < 0 || iw >= W) return 0.0f;
-    return x[(((long)b * Cin + ci) * H + ih) * W + iw];
+    if (ih < 0 || ih >= H || iw < 0 || iw >= W) return -1;
+    return (((long)b * Cin + ci) * H + ih) * W + iw;
+}
+
+__device__ __forceinline__ float im2col_at(const float* __restrict__ x, int k, int n, int K, int N, int Cin, int H, int W) {
+    long i = im2col_index(k, n, K, N, Cin, H, W);
+    return i < 0 ? 0.0f : x[i];
+}
+
+__device__ __forceinline__ f16_bits im2col_at_h(const f16_bits* __restrict__ x, int k, int n, int K, int N, int Cin, int H, int W) {
+    long i = im2col_index(k, n, K, N, Cin, H, W);
+    return i < 0 ? (f16_bits)0 : x[i];
+}
+
+// Loads and stores that widen from / narrow to the storage type (round to nearest even), so that one template
+// body serves the f32 and the f16 kernels.
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const f16_bits* p) { return h2f(*p); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(f16_bits* p, float v) { *p = f2h(v); }
+
+// The sum over the cells (i, j) containing pixel (oh, ow) of dg[i*P + j] (divided by the cell's area for the
+// mean reduction): dL/dz / (2 y) at that pixel for one map's goodness gradient `dg`.
+__device__ __forceinline__ float cells_dg(const float* __restrict__ dg, int oh, int ow, int H, int W, int P, int reduce_mean) {
+    int r0, r1, c0, c1;
+    bins_of(oh, H, P, &r0, &r1);
+    bins_of(ow, W, P, &c0, &c1);
+    float s = 0.0f;
+    for (int bi = r0; bi <= r1; ++bi)
+        for (int bj = c0; bj <= c1; ++bj) {
+            float d = dg[bi * P + bj];
+            if (reduce_mean)
+                d /= (float)((bin_end(bi, H, P) - bin_start(bi, H, P)) * (bin_end(bj, W, P) - bin_start(bj, W, P)));
+            s += d;
+        }
+    return s;
 }
 
 // Softmax cross-entropy of one row of N logits against `label`: writes da = (softmax(a) - onehot) * scale,
@@ -101,4 +136,74 @@ __device__ __forceinline__ void fma_outer4(float acc[4][4], const float* a_row, 
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+}
+
+// ---- Tensor cores (sm_80+): mma.sync.m16n8k16, fp16 inputs, fp32 accumulators. ----
+//
+// Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
+//   A 16x16 (row-major): reg 0 = A[g][2t..2t+1], reg 1 = A[g+8][2t..2t+1], reg 2 = A[g][2t+8..2t+9],
+//                        reg 3 = A[g+8][2t+8..2t+9] (the lower index in the low half);
+//   B 16x8 (k x n):      reg 0 = B[2t..2t+1][g], reg 1 = B[2t+8..2t+9][g];
+//   C 16x8 (fp32):       c0, c1 = C[g][2t], C[g][2t+1]; c2, c3 = C[g+8][2t], C[g+8][2t+1].
+__device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The block tile of the fp16 GEMM kernels: OUT[TC_M x TC_N] += A[TC_M x TC_K] * B[TC_K x TC_N] per step, both
+// operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed),
+// rows padded to TC_LD halves (80 bytes) so that the 32-bit fragment loads of a warp hit 32 distinct banks.
+// 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 32 x 32 of the tile: 2 x 4 mma tiles,
+// acc[mi][ni][r] holding row warp_m*32 + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2).
+#define TC_M 64
+#define TC_N 128
+#define TC_K 32
+#define TC_LD (TC_K + 8)
+
+__device__ __forceinline__ void tc_zero(float acc[2][4][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+}
+
+__device__ __forceinline__ void tc_step(float acc[2][4][4], const f16_bits (*As)[TC_LD], const f16_bits (*Bs)[TC_LD]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < TC_K; kk += 16) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const int r = wm * 32 + mi * 16 + g;
+            a[mi][0] = *(const unsigned*)&As[r][kk + 2 * t];
+            a[mi][1] = *(const unsigned*)&As[r + 8][kk + 2 * t];
+            a[mi][2] = *(const unsigned*)&As[r][kk + 2 * t + 8];
+            a[mi][3] = *(const unsigned*)&As[r + 8][kk + 2 * t + 8];
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int c = wn * 32 + ni * 8 + g;
+            b[ni][0] = *(const unsigned*)&Bs[c][kk + 2 * t];
+            b[ni][1] = *(const unsigned*)&Bs[c][kk + 2 * t + 8];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+// The tile row and column of accumulator acc[mi][ni][r] for the calling thread.
+__device__ __forceinline__ int tc_row(int mi, int r) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    return (warp >> 2) * 32 + mi * 16 + (lane >> 2) + 8 * (r >> 1);
+}
+__device__ __forceinline__ int tc_col(int ni, int r) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    return (warp & 3) * 32 + ni * 8 + 2 * (lane & 3) + (r & 1);
 }

@@ -3,7 +3,7 @@
 //! backend uses, all threads; a large memory copy).
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
 use crate::model::{self, ModelOptions, Params};
 use crate::rng::Rng;
 use crate::train::{AdamW, Net};
@@ -22,6 +22,8 @@ pub struct BenchOptions {
     pub reps: usize,
     /// Time only the whole training step (no per-op table, no ceilings).
     pub step_only: bool,
+    /// The conv operands' precision.
+    pub precision: Precision,
 }
 
 /// One row: what ran, its median time, and its rate against the matching ceiling.
@@ -152,21 +154,35 @@ pub fn run_cpu(o: &BenchOptions) -> Result<BenchReport> {
         gemm_source: "gemm crate, all threads".into(),
         copy_gbs: copy_ceiling_gbs(),
     });
-    run(CpuBackend::new(), o, ceilings)
+    run(CpuBackend::new().with_precision(o.precision), o, ceilings)
 }
 
 /// Times every op of a step on the CUDA backend (synchronised wall time per op; the criterion benches time with
-/// events), against cuBLAS SGEMM and a device copy measured now.
+/// events), against cuBLAS (SGEMM for fp32, HGEMM on the tensor cores for fp16) and a device copy measured now.
 #[cfg(feature = "cuda")]
 pub fn run_cuda(be: crate::backend::cuda::CudaBackend, o: &BenchOptions) -> Result<BenchReport> {
+    let be = be.with_precision(o.precision);
     let ceilings = if o.step_only {
         None
     } else {
         match be.ceilings() {
-            Ok(c) => Some(Ceilings {
-                gemm_gflops: c.sgemm_gflops,
-                gemm_source: format!("cuBLAS SGEMM 4096^3; HGEMM (fp16 tensor cores) {:.0} GFLOP/s", c.hgemm_gflops),
-                copy_gbs: c.copy_gbs,
+            Ok(c) => Some(match o.precision {
+                Precision::F32 => Ceilings {
+                    gemm_gflops: c.sgemm_gflops,
+                    gemm_source: format!(
+                        "cuBLAS SGEMM 4096^3 (HGEMM on the tensor cores: {:.0} GFLOP/s)",
+                        c.hgemm_gflops
+                    ),
+                    copy_gbs: c.copy_gbs,
+                },
+                Precision::F16 => Ceilings {
+                    gemm_gflops: c.hgemm_gflops,
+                    gemm_source: format!(
+                        "cuBLAS HGEMM 4096^3, fp16 tensor cores (SGEMM: {:.0} GFLOP/s)",
+                        c.sgemm_gflops
+                    ),
+                    copy_gbs: c.copy_gbs,
+                },
             }),
             // The ops are still worth timing without the vendor ceilings.
             Err(e) => {
@@ -226,16 +242,22 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         let s = ConvShape { batch: b, c_in: l.c_in, c_out: l.c_out, h: l.h, w: l.w };
         let grid = l.grid();
         let d = l.goodness_dim();
-        let x = be.upload(&randn(s.x_len(), 10 + i as u64))?;
-        let mut w = be.upload(&randn(s.w_len(), 20 + i as u64))?;
+        // Bytes per stored operand value (x, y, the layer output, the weights' copy).
+        let ob = match be.precision() {
+            Precision::F32 => 4.0,
+            Precision::F16 => 2.0,
+        };
+        let x = be.upload_operand(&randn(s.x_len(), 10 + i as u64))?;
+        let w0 = randn(s.w_len(), 20 + i as u64);
+        let (mut w, mut w_op) = (be.upload(&w0)?, be.upload_operand(&w0)?);
         let bias = be.upload(&vec![0.01f32; l.c_out])?;
         let proj = be.upload(&randn(d * n, 30 + i as u64))?;
         let proj_b = be.zeros(n)?;
-        let (mut y, mut g, mut dg) = (be.zeros(s.y_len())?, be.zeros(b * d)?, be.zeros(b * d)?);
+        let (mut y, mut g, mut dg) = (be.operand_zeros(s.y_len())?, be.zeros(b * d)?, be.zeros(b * d)?);
         let (mut dw, mut db) = (be.zeros(s.w_len())?, be.zeros(l.c_out)?);
         let (mut logits, mut stats) = (be.zeros(b * n)?, be.zeros(2)?);
         let flop = 2.0 * (l.conv_macs() * b) as f64;
-        let ms = timed(&mut || be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w, &bias, &mut y, &mut g))?;
+        let ms = timed(&mut || be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w_op, &bias, &mut y, &mut g))?;
         rows.push(compute("conv_goodness_fwd", i + 1, ms, flop));
         let ms = timed(&mut || {
             be.goodness_loss(b, d, n, &g, &proj, &proj_b, &labels_dev, &mut logits, Some(&mut dg), &mut stats)
@@ -245,18 +267,24 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         rows.push(compute("conv_goodness_wgrad", i + 1, ms, flop));
         let (mut m, mut v) = (be.zeros(s.w_len())?, be.zeros(s.w_len())?);
         let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
-        let ms = timed(&mut || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h))?;
-        rows.push(memory("adamw", i + 1, ms, 4.0 * 7.0 * s.w_len() as f64));
+        // The fp16 path also writes the weights' fp16 copy; the f32 path has none.
+        let (copy, copy_bytes) = match be.precision() {
+            Precision::F32 => (None, 0.0),
+            Precision::F16 => (Some(&mut w_op), 2.0),
+        };
+        let mut copy = copy;
+        let ms = timed(&mut || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h, copy.as_deref_mut()))?;
+        rows.push(memory("adamw", i + 1, ms, (4.0 * 7.0 + copy_bytes) * s.w_len() as f64));
         let (ho, wo) = l.out_hw();
         let out_len = b * l.c_out * ho * wo;
-        let mut out = be.zeros(out_len)?;
+        let mut out = be.operand_zeros(out_len)?;
         let mut gap = be.zeros(b * l.c_out)?;
         let pool = l.pool.then_some(spec.pool_kind);
         let ms = timed(&mut || {
             let drop = Some(Dropout { p: 0.1, key: 7 });
             be.layer_output(b, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap))
         })?;
-        rows.push(memory("layer_output", i + 1, ms, 4.0 * (s.y_len() + out_len) as f64));
+        rows.push(memory("layer_output", i + 1, ms, ob * (s.y_len() + out_len) as f64 + 4.0 * (b * l.c_out) as f64));
     }
     let params = Params::init(&spec, 1);
     let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), b)?;

@@ -39,8 +39,8 @@ fn bad_input_is_a_clear_error() {
     expect_error(&with(&["--width=-1"]), "--width");
     expect_error(&with(&["--device", "cuda"]), "--device cuda");
     expect_error(&with(&["--device", "tpu"]), "unknown device");
-    expect_error(&with(&["--precision", "fp16"]), "fp16");
-    expect_error(&["bench", "--precision", "fp16"], "not built yet");
+    expect_error(&with(&["--precision", "double"]), "double");
+    expect_error(&with(&["--precision", "fp16", "--device", "cuda:x"]), "--device cuda:x");
     expect_error(&with(&["--batch", "0"]), "--batch 0");
     expect_error(&with(&["--dropout", "1.5"]), "--dropout");
     expect_error(&with(&["--val", "300"]), "--val 300");

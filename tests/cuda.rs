@@ -7,13 +7,19 @@
 //! order. A dot product of K terms of magnitude ~1 carries an error of ~sqrt(K) * 6e-8 relative to its terms'
 //! scale; K <= 4608 here, so 1e-4 relative with an absolute floor of 1e-5 times the output's largest magnitude
 //! is ~100x the expected difference and far below a semantic error (a wrong bin, mask or scale is >= 1e-2).
+//!
+//! fp16 is compared with the CPU backend's fp16 emulation, which rounds exactly where the GPU stores fp16. The
+//! products of two fp16 values are exact in f32, so the sums again differ only in order; but a value stored in
+//! fp16 can then round to the neighbouring fp16 number, one ulp = 2^-11 (4.9e-4) relative, 2^-10 just above a
+//! power of two. Stored fp16 outputs get rtol 1.1e-3 (one ulp, whichever side of a power of two) and whatever
+//! is summed from them (goodness, loss) the same; a wrong scale, tile or fragment index is off by far more.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use asge::backend::cpu::CpuBackend;
-use asge::backend::cuda::{self, nvrtc, CudaBackend};
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::backend::cuda::{self, nvrtc, CudaBackend, CudaBuf};
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
 use asge::model::{self, GoodnessReduce, ModelOptions, Params, PatchGrid, PoolKind};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -38,11 +44,15 @@ fn every_kernel_compiles_with_nvrtc() {
     }
     for f in [
         "conv_goodness_fwd_f32",
+        "conv_goodness_fwd_f16",
         "patch_goodness_f32",
+        "patch_goodness_f16",
         "conv_goodness_wgrad_f32",
+        "conv_goodness_wgrad_f16",
         "wgrad_reduce_f32",
         "goodness_loss_f32",
         "layer_output_f32",
+        "layer_output_f16",
         "heads_logits_f32",
         "heads_softmax_f32",
         "heads_grad_f32",
@@ -74,17 +84,28 @@ fn gpu() -> CudaBackend {
     CudaBackend::new(0).unwrap()
 }
 
+const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::F16];
+
 fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
     (0..n).map(|_| (r.normal() * std) as f32).collect()
 }
 
 /// Uploads `host`, or a NaN-poisoned buffer of `len` when `host` is empty (outputs must be fully written).
-fn dev(be: &CudaBackend, host: &[f32], len: usize) -> cudarc::driver::CudaSlice<f32> {
+fn dev(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
     if host.is_empty() {
         be.upload(&vec![f32::NAN; len]).unwrap()
     } else {
         be.upload(host).unwrap()
+    }
+}
+
+/// [`dev`] for a conv operand: stored in the backend's precision.
+fn operand(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
+    if host.is_empty() {
+        be.upload_operand(&vec![f32::NAN; len]).unwrap()
+    } else {
+        be.upload_operand(host).unwrap()
     }
 }
 
@@ -123,33 +144,42 @@ fn cases() -> Vec<Case> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn conv_fwd_and_wgrad_match_cpu() {
-    let g = gpu();
-    let c = CpuBackend::new();
-    for (i, case) in cases().into_iter().enumerate() {
-        let s = case.s;
-        let grid = PatchGrid::new(case.p, s.h, s.w);
-        let d = s.c_out * grid.cells();
-        let x = randn(s.x_len(), 1.0, 10 + i as u64);
-        let w = randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64);
-        let b = randn(s.c_out, 0.1, 30 + i as u64);
-        let (mut y, mut gd) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
-        c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut gd).unwrap();
-        let (xd, wd, bd) = (dev(&g, &x, 0), dev(&g, &w, 0), dev(&g, &b, 0));
-        let (mut yd, mut gdd) = (dev(&g, &[], s.y_len()), dev(&g, &[], s.batch * d));
-        g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gdd).unwrap();
-        close(&format!("case {i} y"), &g.read(&yd, s.y_len()).unwrap(), &y, 1e-4, 1e-5);
-        close(&format!("case {i} goodness"), &g.read(&gdd, s.batch * d).unwrap(), &gd, 1e-4, 1e-5);
+    for precision in PRECISIONS {
+        let g = gpu().with_precision(precision);
+        let c = CpuBackend::new().with_precision(precision);
+        // A stored fp16 value may sit one ulp from the emulation's (see the module notes).
+        let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
+        for (i, case) in cases().into_iter().enumerate() {
+            let what = format!("{} case {i}", precision.as_str());
+            let s = case.s;
+            let grid = PatchGrid::new(case.p, s.h, s.w);
+            let d = s.c_out * grid.cells();
+            let x = randn(s.x_len(), 1.0, 10 + i as u64);
+            let w = randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64);
+            let b = randn(s.c_out, 0.1, 30 + i as u64);
+            let (mut y, mut gd) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
+            c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut gd).unwrap();
+            let (xd, wd, bd) = (operand(&g, &x, 0), operand(&g, &w, 0), dev(&g, &b, 0));
+            let (mut yd, mut gdd) = (operand(&g, &[], s.y_len()), dev(&g, &[], s.batch * d));
+            g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gdd).unwrap();
+            let y_gpu = g.read(&yd, s.y_len()).unwrap();
+            close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);
+            close(&format!("{what} goodness"), &g.read(&gdd, s.batch * d).unwrap(), &gd, store_rtol, 1e-5);
 
-        let dg = randn(s.batch * d, 1.0, 40 + i as u64);
-        let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
-        c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y, &dg, &mut dw, &mut db).unwrap();
-        // The GPU reads its own y (already checked above), as in training.
-        let dgd = dev(&g, &dg, 0);
-        let (mut dwd, mut dbd) = (dev(&g, &[], s.w_len()), dev(&g, &[], s.c_out));
-        g.conv_goodness_wgrad(&s, &grid, case.reduce, &xd, &yd, &dgd, &mut dwd, &mut dbd).unwrap();
-        // The reduction runs over B*H*W (up to 32k) pixels: roundoff grows with sqrt(N); 1e-3 relative.
-        close(&format!("case {i} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
-        close(&format!("case {i} db"), &g.read(&dbd, s.c_out).unwrap(), &db, 1e-3, 1e-4);
+            // Realistic dL/dg sizes (~1/B, like the loss makes them), so that fp16 underflow would show.
+            let dg = randn(s.batch * d, 1.0 / s.batch as f64, 40 + i as u64);
+            let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
+            // Both sides read the GPU's y (checked above), as the GPU does in training.
+            c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y_gpu, &dg, &mut dw, &mut db).unwrap();
+            let dgd = dev(&g, &dg, 0);
+            let (mut dwd, mut dbd) = (dev(&g, &[], s.w_len()), dev(&g, &[], s.c_out));
+            g.conv_goodness_wgrad(&s, &grid, case.reduce, &xd, &yd, &dgd, &mut dwd, &mut dbd).unwrap();
+            // The reduction runs over B*H*W (up to 32k) pixels: roundoff grows with sqrt(N); 1e-3 relative. In
+            // fp16 the scaled dz rounds identically on both sides except where the f32 dz differs in its last
+            // bit and straddles an fp16 rounding boundary (~2^-13 of the terms, each off by one fp16 ulp).
+            close(&format!("{what} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
+            close(&format!("{what} db"), &g.read(&dbd, s.c_out).unwrap(), &db, 1e-3, 1e-4);
+        }
     }
 }
 
@@ -176,21 +206,34 @@ fn loss_output_heads_adamw_match_cpu() {
         close("loss", &sg[..1], &st[..1], 1e-4, 0.0);
         assert_eq!(sg[1], st[1], "correct count");
     }
-    for (batch, ch, h, pool, drop) in
-        [(3, 5, 7, None, None), (2, 70, 16, Some(PoolKind::Avg), Some(0.1)), (4, 9, 9, Some(PoolKind::Rms), Some(0.5))]
-    {
-        let y: Vec<f32> = randn(batch * ch * h * h, 1.0, 5).iter().map(|v| v.max(0.0)).collect();
-        let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
-        let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
-        let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
-        c.layer_output(batch, ch, h, h, pool, dropout, &y, &mut out, Some(&mut gap)).unwrap();
-        let yd = dev(&g, &y, 0);
-        let (mut od, mut gd) = (dev(&g, &[], out.len()), dev(&g, &[], gap.len()));
-        g.layer_output(batch, ch, h, h, pool, dropout, &yd, &mut od, Some(&mut gd)).unwrap();
-        // Same dropout mask bit for bit; the RMS is a reduction over <= 18k values.
-        close("layer output", &g.read(&od, out.len()).unwrap(), &out, 1e-4, 1e-6);
-        close("gap", &g.read(&gd, gap.len()).unwrap(), &gap, 1e-4, 1e-6);
+    for precision in PRECISIONS {
+        let (g, c) = (gpu().with_precision(precision), CpuBackend::new().with_precision(precision));
+        let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
+        for (batch, ch, h, pool, drop) in [
+            (3, 5, 7, None, None),
+            (2, 70, 16, Some(PoolKind::Avg), Some(0.1)),
+            (4, 9, 9, Some(PoolKind::Rms), Some(0.5)),
+        ] {
+            let what = format!("{} layer output {batch}x{ch}x{h}", precision.as_str());
+            // y as the conv stores it: non-negative, and fp16-representable in the fp16 path.
+            let y: Vec<f32> = randn(batch * ch * h * h, 1.0, 5)
+                .iter()
+                .map(|v| if precision == Precision::F16 { asge::backend::round_f16(v.max(0.0)) } else { v.max(0.0) })
+                .collect();
+            let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
+            let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
+            let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
+            c.layer_output(batch, ch, h, h, pool, dropout, &y, &mut out, Some(&mut gap)).unwrap();
+            let yd = operand(&g, &y, 0);
+            let (mut od, mut gd) = (operand(&g, &[], out.len()), dev(&g, &[], gap.len()));
+            g.layer_output(batch, ch, h, h, pool, dropout, &yd, &mut od, Some(&mut gd)).unwrap();
+            // Same dropout mask bit for bit; the RMS is a reduction over <= 18k values; the pooled features are
+            // f32 in both precisions.
+            close(&what, &g.read(&od, out.len()).unwrap(), &out, store_rtol, 1e-6);
+            close(&format!("{what} gap"), &g.read(&gd, gap.len()).unwrap(), &gap, 1e-4, 1e-6);
+        }
     }
+    let (g, c) = (gpu(), CpuBackend::new());
     let (batch, classes, dims) = (5, 10, [32usize, 64]);
     let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
     let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
@@ -226,13 +269,17 @@ fn loss_output_heads_adamw_match_cpu() {
     let (p0, gr) = (randn(n, 0.1, 7), randn(n, 0.01, 8));
     let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
     let (mut pd, grd, mut md, mut vd) = (dev(&g, &p0, 0), dev(&g, &gr, 0), g.zeros(n).unwrap(), g.zeros(n).unwrap());
+    let (c16, g16) = (CpuBackend::new().with_precision(Precision::F16), gpu().with_precision(Precision::F16));
+    let (mut copy, mut copyd) = (vec![0.0; n], operand(&g16, &[], n));
     for t in 1..=3 {
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
-        c.adamw(n, &mut p, &gr, &mut m, &mut v, &h).unwrap();
-        g.adamw(n, &mut pd, &grd, &mut md, &mut vd, &h).unwrap();
+        c16.adamw(n, &mut p, &gr, &mut m, &mut v, &h, Some(&mut copy)).unwrap();
+        g.adamw(n, &mut pd, &grd, &mut md, &mut vd, &h, Some(&mut copyd)).unwrap();
     }
-    // Elementwise and the same formula: equal to an ulp or two of the 0.1-sized weights.
+    // Elementwise and the same formula: equal to an ulp or two of the 0.1-sized weights; the fp16 copy to one
+    // fp16 ulp.
     close("adamw", &g.read(&pd, n).unwrap(), &p, 0.0, 1e-6);
+    close("adamw fp16 copy", &g16.read(&copyd, n).unwrap(), &copy, 1.1e-3, 0.0);
 }
 
 fn vgg8_steps<B: Backend>(be: B, steps: u64) -> (Vec<Vec<f64>>, Params) {
@@ -252,22 +299,27 @@ fn vgg8_steps<B: Backend>(be: B, steps: u64) -> (Vec<Vec<f64>>, Params) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_vgg8_training_step_matches_cpu_and_repeats() {
-    let (cpu_losses, cpu_params) = vgg8_steps(CpuBackend::new(), 1);
-    let (gpu_losses, gpu_params) = vgg8_steps(gpu(), 1);
-    for (l, (a, b)) in cpu_losses[0].iter().zip(&gpu_losses[0]).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * a.abs(), "loss {l}: cpu {a} gpu {b}");
-    }
-    // One Adam step moves a weight by ~lr = 2e-4 whatever the gradient's size: a weight whose gradient is
-    // near zero can move differently on the two sides, so compare with an absolute 2e-5 (10% of a step).
-    for (i, (c, g)) in cpu_params.layers.iter().zip(&gpu_params.layers).enumerate() {
-        let worst = c.conv_w.iter().zip(&g.conv_w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(worst <= 2e-5, "layer {i}: weights after a step differ by up to {worst}");
-    }
-    let (l1, p1) = vgg8_steps(gpu(), 3);
-    let (l2, p2) = vgg8_steps(gpu(), 3);
-    assert_eq!(p1, p2, "three steps of one seed differ between two runs");
-    for (a, b) in l1.iter().flatten().zip(l2.iter().flatten()) {
-        assert!((a - b).abs() <= 1e-6 * a.abs(), "losses differ: {a} vs {b}");
+    for precision in PRECISIONS {
+        let p = precision.as_str();
+        let (cpu_losses, cpu_params) = vgg8_steps(CpuBackend::new().with_precision(precision), 1);
+        let (gpu_losses, gpu_params) = vgg8_steps(gpu().with_precision(precision), 1);
+        // fp16: the goodness sums stored values that may each sit one fp16 ulp apart (module notes).
+        let loss_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
+        for (l, (a, b)) in cpu_losses[0].iter().zip(&gpu_losses[0]).enumerate() {
+            assert!((a - b).abs() <= loss_rtol * a.abs(), "{p} loss {l}: cpu {a} gpu {b}");
+        }
+        // One Adam step moves a weight by ~lr = 2e-4 whatever the gradient's size: a weight whose gradient is
+        // near zero can move differently on the two sides, so compare with an absolute 2e-5 (10% of a step).
+        for (i, (c, g)) in cpu_params.layers.iter().zip(&gpu_params.layers).enumerate() {
+            let worst = c.conv_w.iter().zip(&g.conv_w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 2e-5, "{p} layer {i}: weights after a step differ by up to {worst}");
+        }
+        let (l1, p1) = vgg8_steps(gpu().with_precision(precision), 3);
+        let (l2, p2) = vgg8_steps(gpu().with_precision(precision), 3);
+        assert_eq!(p1, p2, "{p}: three steps of one seed differ between two runs");
+        for (a, b) in l1.iter().flatten().zip(l2.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{p}: losses differ: {a} vs {b}");
+        }
     }
 }
 
@@ -277,10 +329,14 @@ fn layers_on_separate_streams_equal_the_sequential_schedule() {
     // Every kernel is deterministic and cudarc orders the streams by the buffers they share, so one stream per
     // layer must give exactly the numbers of one stream for everything.
     assert!(cuda::probe().expect("this test needs a CUDA GPU") > 0);
-    let (l1, p1) = vgg8_steps(CudaBackend::with_lanes(0, 1).unwrap(), 3);
-    let (l8, p8) = vgg8_steps(CudaBackend::with_lanes(0, 8).unwrap(), 3);
-    assert_eq!(p1, p8, "weights after three steps differ between 1 and 8 streams");
-    for (a, b) in l1.iter().flatten().zip(l8.iter().flatten()) {
-        assert!((a - b).abs() <= 1e-6 * a.abs(), "losses differ: {a} vs {b}");
+    for precision in PRECISIONS {
+        let lanes = |n| CudaBackend::with_lanes(0, n).unwrap().with_precision(precision);
+        let (l1, p1) = vgg8_steps(lanes(1), 3);
+        let (l8, p8) = vgg8_steps(lanes(8), 3);
+        let p = precision.as_str();
+        assert_eq!(p1, p8, "{p}: weights after three steps differ between 1 and 8 streams");
+        for (a, b) in l1.iter().flatten().zip(l8.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{p}: losses differ: {a} vs {b}");
+        }
     }
 }

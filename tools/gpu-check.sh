@@ -2,9 +2,12 @@
 # One prepared command for a GPU machine that has no Rust toolchain and no network.
 #
 # Here (with Rust):   tools/gpu-check.sh build     -> gpu-bundle/ (release test binaries, asge, MNIST; < 60 MB)
-# There (the device): tools/gpu-check.sh run       -> GPU parity tests, a one-epoch MNIST training on the GPU
-#                                                     and on the CPU for comparison, asge bench; a short table
-#                                                     last; full logs under $OUT (or gpu-bundle/out)
+# There (the device): tools/gpu-check.sh run       -> GPU parity tests (fp32 and fp16), one-epoch MNIST
+#                                                     trainings on the GPU in fp32 and fp16 and on the CPU for
+#                                                     comparison, asge bench in both precisions beside the
+#                                                     PyTorch recipe (when the machine has torch), a traced
+#                                                     8-stream run; a short table last; full logs under $OUT
+#                                                     (or gpu-bundle/out)
 # The device tool: run(command="tools/gpu-check.sh run", carry=["gpu-bundle"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,22 +51,39 @@ run() {
   rows+=("parity tests: $(grep -E '^test result' "$out/parity.txt" || echo 'did not finish')")
   # The first lines of every failure, so the summary alone says what to fix.
   while IFS= read -r line; do rows+=("  $line"); done < <(grep -E "^test .* FAILED$|panicked at|^  *(left|right):|differ" "$out/parity.txt" | head -20)
-  for dev in cuda cpu; do
-    local lim=""; [ $dev = cpu ] && lim="--limit-train 12000"
-    "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
-      --device $dev $lim --out "$out/mnist-$dev" --quiet > "$out/train-$dev.txt" 2>&1
-    rows+=("mnist 1 epoch $dev: $(grep -E '^  (last|best|fusion)' "$out/train-$dev.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
-           "   $(python3 -c "import json; m=json.load(open('$out/mnist-$dev/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null)")
+  for run in cuda:fp32 cuda:fp16 cpu:fp32; do
+    local dev=${run%%:*} prec=${run##*:} lim=""
+    [ $dev = cpu ] && lim="--limit-train 12000"
+    "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --precision $prec \
+      --device $dev $lim --out "$out/mnist-$dev-$prec" --quiet > "$out/train-$dev-$prec.txt" 2>&1
+    rows+=("mnist 1 epoch $dev $prec: $(grep -E '^  (last|best|fusion)' "$out/train-$dev-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
+           "   $(python3 -c "import json; m=json.load(open('$out/mnist-$dev-$prec/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null || tail -1 "$out/train-$dev-$prec.txt")")
   done
   for w in 1 0.25; do
-    "$B/asge" bench --device cuda --width $w --batch 128 > "$out/bench-cuda-w$w.txt" 2>&1
-    rows+=("bench cuda fp32 w$w: $(grep 'train step' "$out/bench-cuda-w$w.txt" || tail -1 "$out/bench-cuda-w$w.txt")")
-    # The same step with one stream per layer (sequential above): the overlap's gain.
-    ASGE_CUDA_LANES=8 "$B/asge" bench --device cuda --width $w --batch 128 --step-only > "$out/bench-cuda-w$w-lanes8.txt" 2>&1
-    rows+=("bench cuda fp32 w$w, 8 streams: $(grep 'train step' "$out/bench-cuda-w$w-lanes8.txt" || tail -1 "$out/bench-cuda-w$w-lanes8.txt")")
+    for prec in fp32 fp16; do
+      "$B/asge" bench --device cuda --precision $prec --width $w --batch 128 > "$out/bench-cuda-$prec-w$w.txt" 2>&1
+      rows+=("bench cuda $prec w$w: $(grep 'train step' "$out/bench-cuda-$prec-w$w.txt" || tail -1 "$out/bench-cuda-$prec-w$w.txt")")
+      # The same step with one stream per layer (sequential above): the overlap's gain.
+      ASGE_CUDA_LANES=8 "$B/asge" bench --device cuda --precision $prec --width $w --batch 128 --step-only \
+        > "$out/bench-cuda-$prec-w$w-lanes8.txt" 2>&1
+      rows+=("bench cuda $prec w$w, 8 streams: $(grep 'train step' "$out/bench-cuda-$prec-w$w-lanes8.txt" || tail -1 "$out/bench-cuda-$prec-w$w-lanes8.txt")")
+    done
+    # The fp16 forward's share of the tensor-core ceiling, layer by layer (the issue's 50% target).
+    rows+=("  fp16 conv fwd % of HGEMM: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $NF}' | tr '\n' ' ')")
+    # The authors' recipe in PyTorch on the same card (eager fp32, and channels-last + fp16 autocast).
+    if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+      for variant in "" --channels-last-fp16; do
+        python3 tools/torch_step.py --device cuda --width $w --batch 128 $variant \
+          > "$out/torch-w$w${variant:+-cl-fp16}.txt" 2>&1
+        rows+=("pytorch w$w ${variant:-eager fp32}: $(tail -1 "$out/torch-w$w${variant:+-cl-fp16}.txt")")
+      done
+    else
+      rows+=("pytorch w$w: no torch with CUDA on this machine")
+    fi
   done
   ASGE_CUDA_LANES=8 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --limit-train 2560 \
-    --device cuda --out "$out/trace-run" --trace "$out/trace-lanes8.json" --quiet > "$out/trace-run.txt" 2>&1
+    --device cuda --precision fp16 --out "$out/trace-run" --trace "$out/trace-lanes8.json" --quiet \
+    > "$out/trace-run.txt" 2>&1
   rows+=("trace (8 streams): $out/trace-lanes8.json; $(python3 -c "
 import json, sys
 ev = [e for e in json.load(open(sys.argv[1]))['traceEvents'] if e.get('pid') == 2 and e.get('ph') == 'X']

@@ -12,6 +12,54 @@ pub mod cuda;
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::Result;
 
+/// Where the conv operands live: layer inputs, conv outputs and the weights' compute copy. Every sum (GEMM
+/// accumulators, goodness, loss, optimizer state, master weights) is f32 in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Precision {
+    #[default]
+    #[serde(rename = "fp32")]
+    F32,
+    /// Operands stored in IEEE binary16 (round to nearest even) and multiplied on the tensor cores with f32
+    /// accumulation; the weight gradient's `dL/dz` is scaled by [`dz_scale`] before it is rounded.
+    #[serde(rename = "fp16")]
+    F16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "fp32",
+            Precision::F16 => "fp16",
+        }
+    }
+}
+
+/// `v` rounded to the nearest binary16 value (ties to even), back in f32: what an fp16 store keeps.
+#[inline]
+pub fn round_f16(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
+/// The power of two that `dL/dz` is multiplied by before the fp16 weight gradient rounds it (and the f32
+/// result divided by after), so that it stays in fp16's normal range. `dL/dz = 2 y dL/dg / |bin|` and
+/// `dL/dg = (softmax - onehot) R^T / B`, so it is about `2 |y| |R| |softmax - onehot| / (B |bin|)`: with CIFAR's
+/// 16-pixel cells, 10 classes (`|R|` ~ 0.3) and batch 128, ~3e-4 times `|softmax - onehot|`, which reaches
+/// fp16's subnormals (< 6.1e-5, a few significant bits) once a layer is confident; at ImageNet scale (cells of
+/// up to 784 pixels at 224 px, 1000 classes, `|R|` ~ 0.03, batch 256), ~3e-7 times it, subnormal from the
+/// start and zero below 3e-8. Scaling by `B * max|bin|` (mean) or `B` (sum), rounded to a power of two so that
+/// the scaling is exact, brings it to ~`|y| |R|`, far from the overflow at 65504 for the RMS-normalised inputs
+/// every layer sees.
+pub fn dz_scale(batch: usize, grid: &PatchGrid, reduce: GoodnessReduce) -> f32 {
+    let bin = match reduce {
+        GoodnessReduce::Mean => {
+            (0..grid.p).flat_map(|i| (0..grid.p).map(move |j| (i, j))).map(|(i, j)| grid.area(i, j)).max().unwrap_or(1)
+        }
+        GoodnessReduce::Sum => 1,
+    };
+    let s = (batch.max(1) * bin.max(1)) as f32;
+    2f32.powi(s.log2().round() as i32)
+}
+
 /// The shape of one 3x3 / stride 1 / padding 1 convolution over a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvShape {
@@ -136,7 +184,24 @@ pub trait Backend: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// The precision of the conv operands (see [`Precision`]).
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A zeroed buffer for a conv operand (a layer input, a conv output `y`, a weights' compute copy), stored
+    /// in [`Backend::precision`]. [`Backend::write`] rounds into it and [`Backend::read`] widens from it.
+    fn operand_zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+
+    /// [`Backend::operand_zeros`] holding `data` (rounded to the operand precision).
+    fn upload_operand(&self, data: &[f32]) -> Result<Self::Buf> {
+        let mut b = self.operand_zeros(data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Copy `data` into the first `data.len()` elements of `dst`.
     fn write(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()>;
@@ -226,7 +291,9 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// One AdamW step on the first `len` elements: `p *= 1 - lr wd`; `m = lerp(m, g, 1 - b1)`;
-    /// `v = b2 v + (1 - b2) g^2`; `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+    /// `v = b2 v + (1 - b2) g^2`; `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`; and, when
+    /// `copy` is given (an [`Backend::operand_zeros`] buffer), the new `p` stored into it in the same pass.
+    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         len: usize,
@@ -235,5 +302,6 @@ pub trait Backend: Send + Sync {
         m: &mut Self::Buf,
         v: &mut Self::Buf,
         h: &AdamWStep,
+        copy: Option<&mut Self::Buf>,
     ) -> Result<()>;
 }

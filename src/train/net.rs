@@ -2,7 +2,7 @@
 //! against [`Backend`]: the training step (forward sweep with every layer's local update) and the
 //! evaluation forward.
 
-use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, STATS_LEN};
+use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision, STATS_LEN};
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid};
 use anyhow::Result;
 
@@ -21,9 +21,11 @@ impl Default for AdamW {
     }
 }
 
-/// One trained tensor with its Adam moments and gradient.
+/// One trained tensor with its Adam moments and gradient: `value` is the f32 master copy, and a conv weight
+/// in fp16 also has `compute`, the operand copy the convolution reads, rewritten by every AdamW step.
 pub struct Param<B: Backend> {
     pub value: B::Buf,
+    pub compute: Option<B::Buf>,
     pub grad: B::Buf,
     pub exp_avg: B::Buf,
     pub exp_avg_sq: B::Buf,
@@ -31,9 +33,12 @@ pub struct Param<B: Backend> {
 }
 
 impl<B: Backend> Param<B> {
-    fn new(be: &B, host: &[f32]) -> Result<Self> {
+    /// A parameter; `operand` marks a conv weight, which gets a compute copy when the backend is not f32.
+    fn new(be: &B, host: &[f32], operand: bool) -> Result<Self> {
+        let compute = if operand && be.precision() != Precision::F32 { Some(be.upload_operand(host)?) } else { None };
         Ok(Param {
             value: be.upload(host)?,
+            compute,
             grad: be.zeros(host.len())?,
             exp_avg: be.zeros(host.len())?,
             exp_avg_sq: be.zeros(host.len())?,
@@ -41,8 +46,22 @@ impl<B: Backend> Param<B> {
         })
     }
 
+    /// What an op that multiplies by this parameter reads: the compute copy when there is one.
+    fn operand(&self) -> &B::Buf {
+        self.compute.as_ref().unwrap_or(&self.value)
+    }
+
     fn step(&mut self, be: &B, h: &AdamWStep) -> Result<()> {
-        be.adamw(self.len, &mut self.value, &self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, h)
+        let copy = self.compute.as_mut();
+        be.adamw(self.len, &mut self.value, &self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, h, copy)
+    }
+
+    /// Rewrites the compute copy from the master value (after the value was written directly).
+    fn refresh(&mut self, be: &B) -> Result<()> {
+        if let Some(c) = &mut self.compute {
+            be.write(c, &be.read(&self.value, self.len)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -152,8 +171,8 @@ impl<B: Backend> Net<B> {
             .zip(&params.layers)
             .map(|(l, p)| {
                 Ok(Layer {
-                    conv_w: Param::new(&be, &p.conv_w)?,
-                    conv_b: Param::new(&be, &p.conv_b)?,
+                    conv_w: Param::new(&be, &p.conv_w, true)?,
+                    conv_b: Param::new(&be, &p.conv_b, false)?,
                     proj_w: be.upload(&p.proj_w)?,
                     proj_b: be.upload(&p.proj_b)?,
                     grid: l.grid(),
@@ -163,7 +182,7 @@ impl<B: Backend> Net<B> {
         let heads = params
             .heads
             .iter()
-            .map(|h| Ok(Head { w: Param::new(&be, &h.w)?, b: Param::new(&be, &h.b)? }))
+            .map(|h| Ok(Head { w: Param::new(&be, &h.w, false)?, b: Param::new(&be, &h.b, false)? }))
             .collect::<Result<Vec<_>>>()?;
         let n = spec.classes;
         let b = max_batch;
@@ -177,19 +196,24 @@ impl<B: Backend> Net<B> {
             .collect();
         let scratch_of = |l: &crate::model::LayerSpec| (l.c_out * l.h * l.w, l.goodness_dim());
         let (acts, scratch) = if concurrent {
-            let acts = boundary.iter().flat_map(|&a| [a, a]).map(|a| be.zeros(b * a)).collect::<Result<_>>()?;
+            let acts = boundary.iter().flat_map(|&a| [a, a]).map(|a| be.operand_zeros(b * a)).collect::<Result<_>>()?;
             let scratch = spec.layers.iter().map(scratch_of).collect::<Vec<_>>();
             (acts, scratch)
         } else {
             let max_act = boundary.iter().copied().max().unwrap_or(0);
-            let acts = vec![be.zeros(b * max_act)?, be.zeros(b * max_act)?];
+            let acts = vec![be.operand_zeros(b * max_act)?, be.operand_zeros(b * max_act)?];
             let (y, d) = spec.layers.iter().map(scratch_of).fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
             (acts, vec![(y, d)])
         };
         let scratch = scratch
             .into_iter()
             .map(|(y, d)| {
-                Ok(Scratch { y: be.zeros(b * y)?, g: be.zeros(b * d)?, dg: be.zeros(b * d)?, logits: be.zeros(b * n)? })
+                Ok(Scratch {
+                    y: be.operand_zeros(b * y)?,
+                    g: be.zeros(b * d)?,
+                    dg: be.zeros(b * d)?,
+                    logits: be.zeros(b * n)?,
+                })
             })
             .collect::<Result<_>>()?;
         let ws = Workspace {
@@ -316,7 +340,7 @@ impl<B: Backend> Net<B> {
         let reduce = self.spec.goodness;
         let track = crate::trace::layer(li);
         let span = crate::trace::span("conv_goodness_fwd", track, step);
-        let (w, b) = (&layer.conv_w.value, &layer.conv_b.value);
+        let (w, b) = (layer.conv_w.operand(), &layer.conv_b.value);
         be.conv_goodness_fwd(&s, &layer.grid, reduce, x, w, b, &mut sc.y, &mut sc.g)?;
         std::mem::drop(span);
         let span = crate::trace::span("goodness_loss", track, step);
@@ -422,11 +446,13 @@ impl<B: Backend> Net<B> {
         v
     }
 
-    /// Calls `f` on every trained tensor with its name, mutably, with the backend at hand.
+    /// Calls `f` on every trained tensor with its name, mutably, with the backend at hand (a conv weight's
+    /// compute copy is rewritten from its value afterwards).
     pub fn for_each_param_mut(&mut self, mut f: impl FnMut(&B, &str, &mut Param<B>) -> Result<()>) -> Result<()> {
         let be = &self.be;
         for (i, l) in self.layers.iter_mut().enumerate() {
             f(be, &format!("layers.{i}.conv.weight"), &mut l.conv_w)?;
+            l.conv_w.refresh(be)?;
             f(be, &format!("layers.{i}.conv.bias"), &mut l.conv_b)?;
         }
         for (k, h) in self.heads.iter_mut().enumerate() {

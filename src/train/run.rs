@@ -5,7 +5,7 @@ use super::checkpoint::{self, TrainState};
 use super::net::{AdamW, Net};
 use super::schedule::cosine_lr;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::data::augment::Augment;
 use crate::data::loader::Prefetch;
 use crate::data::shard::ShardSet;
@@ -57,6 +57,9 @@ pub struct TrainConfig {
     /// Training and evaluation image side for `--dataset imagenet` (default: the shards' size).
     #[serde(default)]
     pub image_size: Option<usize>,
+    /// Storage precision of the conv operands (fp16: the tensor-core path; on the CPU, its emulation).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +87,7 @@ impl Default for TrainConfig {
             init: None,
             device: "cpu".into(),
             image_size: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -219,17 +223,18 @@ fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// Calls `$body` with `$be` bound to the backend `--device` names (the trainer is generic over backends).
+/// Calls `$body` with `$be` bound to a maker of the backend `--device` names, in `precision` (the trainer is
+/// generic over backends).
 macro_rules! with_backend {
-    ($device:expr, |$be:ident| $body:expr) => {
+    ($device:expr, $precision:expr, |$be:ident| $body:expr) => {
         match device($device)? {
             Device::Cpu => {
-                let $be = || -> Result<CpuBackend> { Ok(CpuBackend::new()) };
+                let $be = || -> Result<CpuBackend> { Ok(CpuBackend::new().with_precision($precision)) };
                 $body
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
-                let $be = || crate::backend::cuda::CudaBackend::new(n);
+                let $be = || crate::backend::cuda::CudaBackend::new(n).map(|b| b.with_precision($precision));
                 $body
             }
         }
@@ -300,7 +305,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
 /// the test set. Returns the summary that is also written to `out/summary.json` (none when `stop_after` ended
 /// the run early).
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> Result<Option<Summary>> {
-    with_backend!(&cfg.device, |make| train_on(cfg, out, resume, opts, make))
+    with_backend!(&cfg.device, cfg.precision, |make| train_on(cfg, out, resume, opts, make))
 }
 
 fn train_on<B: Backend>(
@@ -629,6 +634,7 @@ fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
 }
 
 /// `asge eval`: evaluates a checkpoint on a dataset's test file.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_checkpoint(
     path: &Path,
     dataset: DatasetKind,
@@ -637,8 +643,11 @@ pub fn eval_checkpoint(
     batch: usize,
     limit_test: Option<usize>,
     device_name: &str,
+    precision: Precision,
 ) -> Result<(Vec<StrategyResult>, EvalResult, usize)> {
-    with_backend!(device_name, |make| eval_on(path, dataset, data_dir, strategy, batch, limit_test, make()?))
+    with_backend!(device_name, precision, |make| {
+        eval_on(path, dataset, data_dir, strategy, batch, limit_test, make()?)
+    })
 }
 
 fn eval_on<B: Backend>(

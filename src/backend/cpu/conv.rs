@@ -211,7 +211,8 @@ pub fn goodness_dz(ymap: &[f32], dg: &[f32], grid: &PatchGrid, reduce: GoodnessR
     }
 }
 
-/// Forward: `y = relu(conv3x3(x, W) + b)`, `g` = patch goodness of `y`.
+/// Forward: `y = relu(conv3x3(x, W) + b)`, `g` = patch goodness of `y`. With `round_y`, `y` is stored rounded
+/// to binary16 and the goodness summed from the stored values (the fp16 path).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_goodness_fwd(
     s: &ConvShape,
@@ -222,6 +223,7 @@ pub fn conv_goodness_fwd(
     b: &[f32],
     y: &mut [f32],
     g: &mut [f32],
+    round_y: bool,
 ) {
     let hw = s.h * s.w;
     let k = s.c_in * 9;
@@ -248,6 +250,9 @@ pub fn conv_goodness_fwd(
                         for (o, &v) in dst.iter_mut().zip(src) {
                             *o = (v + bias).max(0.0);
                         }
+                        if round_y {
+                            dst.iter_mut().for_each(|o| *o = crate::backend::round_f16(*o));
+                        }
                         patch_goodness(dst, grid, reduce, &mut g_chunk[si * d + c * grid.cells()..][..grid.cells()]);
                     }
                 }
@@ -255,7 +260,9 @@ pub fn conv_goodness_fwd(
         });
 }
 
-/// Weight gradient: `dW = dz x_col^T`, `db = sum dz`, with `dz` from [`goodness_dz`] chunk by chunk.
+/// Weight gradient: `dW = dz x_col^T`, `db = sum dz`, with `dz` from [`goodness_dz`] chunk by chunk. With
+/// `dz_scale = Some(S)` (the fp16 path), the GEMM multiplies `round_f16(dz * S)` and `dW` is divided by `S`;
+/// `db` sums the unrounded `dz`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_goodness_wgrad(
     s: &ConvShape,
@@ -266,6 +273,7 @@ pub fn conv_goodness_wgrad(
     dg: &[f32],
     dw: &mut [f32],
     db: &mut [f32],
+    dz_scale: Option<f32>,
 ) {
     let hw = s.h * s.w;
     let k = s.c_in * 9;
@@ -292,6 +300,9 @@ pub fn conv_goodness_wgrad(
                             let dzr = &mut dz[c * n + si * hw..][..hw];
                             goodness_dz(ymap, dgc, grid, reduce, dzr);
                             db_acc[c] += super::ops::sum(dzr);
+                            if let Some(scale) = dz_scale {
+                                dzr.iter_mut().for_each(|d| *d = crate::backend::round_f16(*d * scale));
+                            }
                         }
                     }
                     // dW[c, kk] += sum_n dz[c, n] * col_t[n, kk]
@@ -311,5 +322,9 @@ pub fn conv_goodness_wgrad(
         for (a, &v) in db.iter_mut().zip(pb) {
             *a += v;
         }
+    }
+    if let Some(scale) = dz_scale {
+        let inv = 1.0 / scale;
+        dw.iter_mut().for_each(|a| *a *= inv);
     }
 }

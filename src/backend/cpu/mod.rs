@@ -1,10 +1,16 @@
 //! The CPU reference backend: f32 everywhere, rayon over samples, im2col + GEMM for the convolution.
 //! It is the reference every other backend is tested against, and a usable trainer in its own right.
+//!
+//! With [`Precision::F16`] it emulates the GPU's fp16 path exactly where it rounds: the conv reads its input
+//! and weights rounded to binary16, stores `y` rounded (the goodness is summed from the stored values), the
+//! layer output is stored rounded (its pooled features are not), the weight gradient multiplies
+//! `round(dz * S)` ([`super::dz_scale`]) by the rounded input and divides by `S`, and AdamW's copy is rounded.
+//! Buffers stay f32 vectors: a value that went through an fp16 store is simply a representable one.
 
 pub mod conv;
 pub mod ops;
 
-use super::{AdamWStep, Backend, ConvShape, Dropout};
+use super::{round_f16, AdamWStep, Backend, ConvShape, Dropout, Precision};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::Result;
 
@@ -12,11 +18,12 @@ use anyhow::Result;
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     lanes: usize,
+    precision: Precision,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { lanes: 1 }
+        CpuBackend { lanes: 1, precision: Precision::F32 }
     }
 }
 
@@ -29,8 +36,22 @@ impl CpuBackend {
     /// (per-layer buffers, double-buffered activations). Ops still run in order: this is how the tests check
     /// that the GPU's schedule computes exactly what the sequential one does.
     pub fn with_lanes(lanes: usize) -> Self {
-        CpuBackend { lanes: lanes.max(1) }
+        CpuBackend { lanes: lanes.max(1), ..Self::default() }
     }
+
+    /// This backend with its conv operands in `precision` (see the module notes on what fp16 emulates).
+    pub fn with_precision(self, precision: Precision) -> Self {
+        CpuBackend { precision, ..self }
+    }
+
+    fn f16(&self) -> bool {
+        self.precision == Precision::F16
+    }
+}
+
+/// `v` with every value rounded to binary16 (what an fp16 operand holds).
+fn rounded(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| round_f16(x)).collect()
 }
 
 fn fits(what: &str, have: usize, need: usize) -> Result<()> {
@@ -42,7 +63,14 @@ impl Backend for CpuBackend {
     type Labels = Vec<u32>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match self.precision {
+            Precision::F32 => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Precision::F16 => format!("cpu ({} threads, fp16 emulated)", rayon::current_num_threads()),
+        }
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn lanes(&self) -> usize {
@@ -94,7 +122,12 @@ impl Backend for CpuBackend {
         fits("conv bias", b.len(), s.c_out)?;
         fits("y", y.len(), s.y_len())?;
         fits("goodness", g.len(), s.batch * s.c_out * grid.cells())?;
-        conv::conv_goodness_fwd(s, grid, reduce, x, w, b, y, g);
+        if self.f16() {
+            let (x, w) = (rounded(&x[..s.x_len()]), rounded(&w[..s.w_len()]));
+            conv::conv_goodness_fwd(s, grid, reduce, &x, &w, b, y, g, true);
+        } else {
+            conv::conv_goodness_fwd(s, grid, reduce, x, w, b, y, g, false);
+        }
         Ok(())
     }
 
@@ -136,7 +169,13 @@ impl Backend for CpuBackend {
         fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
         fits("dL/dW", dw.len(), s.w_len())?;
         fits("dL/db", db.len(), s.c_out)?;
-        conv::conv_goodness_wgrad(s, grid, reduce, x, y, dg, dw, db);
+        if self.f16() {
+            let x = rounded(&x[..s.x_len()]);
+            let scale = super::dz_scale(s.batch, grid, reduce);
+            conv::conv_goodness_wgrad(s, grid, reduce, &x, y, dg, dw, db, Some(scale));
+        } else {
+            conv::conv_goodness_wgrad(s, grid, reduce, x, y, dg, dw, db, None);
+        }
         Ok(())
     }
 
@@ -159,6 +198,9 @@ impl Backend for CpuBackend {
             fits("pooled features", gap.len(), batch * c)?;
         }
         ops::layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
+        if self.f16() {
+            out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));
+        }
         Ok(())
     }
 
@@ -193,6 +235,7 @@ impl Backend for CpuBackend {
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
         h: &AdamWStep,
+        copy: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         for (what, n) in
             [("parameter", p.len()), ("gradient", grad.len()), ("exp_avg", m.len()), ("exp_avg_sq", v.len())]
@@ -200,6 +243,13 @@ impl Backend for CpuBackend {
             fits(what, n, len)?;
         }
         ops::adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], h);
+        if let Some(copy) = copy {
+            fits("weight copy", copy.len(), len)?;
+            let f16 = self.f16();
+            for (c, &v) in copy[..len].iter_mut().zip(&p[..len]) {
+                *c = if f16 { round_f16(v) } else { v };
+            }
+        }
         Ok(())
     }
 }

@@ -3,12 +3,14 @@
 //! (`dynamic-loading`), and [`CudaBackend::new`] probes for the driver, NVRTC and a device before the first
 //! cudarc call, so a machine without them gets one clear error instead of cudarc's panic.
 //!
-//! Precision: this is the fp32 path; every op has a parity test against the CPU reference (`tests/cuda.rs`,
-//! ignored without a GPU). The fp16 tensor-core path is the next step of the CUDA issue.
+//! Precision: buffers are [`CudaBuf`]s, f32 or fp16. [`CudaBackend::with_precision`] decides what
+//! [`Backend::operand_zeros`] allocates; the conv ops and the layer output pick their kernel by the dtype of the
+//! buffers they are given (`*_f32`, or `*_f16` on the tensor cores), and every other op is f32. Every op has a
+//! parity test against the CPU reference in both precisions (`tests/cuda.rs`, ignored without a GPU).
 
 pub mod nvrtc;
 
-use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, STATS_LEN};
+use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision, STATS_LEN};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -50,8 +52,63 @@ pub struct GpuCeilings {
     pub copy_gbs: f64,
 }
 
+/// A device buffer: f32, or fp16 (a conv operand in the fp16 path).
+pub enum CudaBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<half::f16>),
+}
+
+impl CudaBuf {
+    pub fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn precision(&self) -> Precision {
+        match self {
+            CudaBuf::F32(_) => Precision::F32,
+            CudaBuf::F16(_) => Precision::F16,
+        }
+    }
+
+    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match self {
+            CudaBuf::F32(s) => Ok(s),
+            CudaBuf::F16(_) => bail!("cuda backend: {what} is an fp16 buffer where the op reads f32"),
+        }
+    }
+
+    fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
+        match self {
+            CudaBuf::F32(s) => Ok(s),
+            CudaBuf::F16(_) => bail!("cuda backend: {what} is an fp16 buffer where the op writes f32"),
+        }
+    }
+
+    fn f16(&self, what: &str) -> Result<&CudaSlice<half::f16>> {
+        match self {
+            CudaBuf::F16(s) => Ok(s),
+            CudaBuf::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op reads fp16"),
+        }
+    }
+
+    fn f16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<half::f16>> {
+        match self {
+            CudaBuf::F16(s) => Ok(s),
+            CudaBuf::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op writes fp16"),
+        }
+    }
+}
+
 pub struct CudaBackend {
     ordinal: usize,
+    precision: Precision,
     name: String,
     /// One stream per lane; lane 0 is the context's default stream.
     streams: Vec<Arc<CudaStream>>,
@@ -94,7 +151,7 @@ impl Drop for OpTimer<'_> {
 /// A scratch buffer of at least `len` floats, reallocated when too small.
 fn scratch<'a>(be: &CudaBackend, slot: &'a mut Option<CudaSlice<f32>>, len: usize) -> Result<&'a mut CudaSlice<f32>> {
     if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = Some(be.zeros(len)?);
+        *slot = Some(be.alloc_f32(len)?);
     }
     Ok(slot.as_mut().unwrap())
 }
@@ -153,7 +210,8 @@ impl CudaBackend {
         }
         Ok(CudaBackend {
             ordinal,
-            name: format!("cuda:{ordinal} ({name}, {arch}, fp32, {} lane(s))", streams.len()),
+            precision: Precision::F32,
+            name: format!("cuda:{ordinal} ({name}, {arch}, {} lane(s))", streams.len()),
             wgrad_scratch: (0..streams.len()).map(|_| Mutex::new(None)).collect(),
             streams,
             lane: std::sync::atomic::AtomicUsize::new(0),
@@ -165,6 +223,15 @@ impl CudaBackend {
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// This backend with its conv operands (layer inputs, conv outputs, weight copies) in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        CudaBackend { precision, ..self }
+    }
+
+    fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
+        drv(self.stream().alloc_zeros::<f32>(len.max(1)), "alloc")
     }
 
     /// Times the op issued until the returned guard drops, with CUDA events on the current lane's stream,
@@ -226,8 +293,8 @@ impl CudaBackend {
         let n = 4096usize;
         let flop = 2.0 * (n * n * n) as f64;
         let ni = n as i32;
-        let (a, b) = (self.zeros(n * n)?, self.zeros(n * n)?);
-        let mut c = self.zeros(n * n)?;
+        let (a, b) = (self.alloc_f32(n * n)?, self.alloc_f32(n * n)?);
+        let mut c = self.alloc_f32(n * n)?;
         let cfg = GemmConfig {
             transa: CUBLAS_OP_N,
             transb: CUBLAS_OP_N,
@@ -267,8 +334,8 @@ impl CudaBackend {
             unsafe { blas.gemm(hcfg, &ah, &bh, &mut ch) }.map_err(|e| anyhow::anyhow!("cuBLAS hgemm: {e:?}"))
         })?;
         let words = 256usize << 20;
-        let src = self.zeros(words)?;
-        let mut dst = self.zeros(words)?;
+        let src = self.alloc_f32(words)?;
+        let mut dst = self.alloc_f32(words)?;
         let copy = self.time_ms(1, 5, || drv(self.stream().memcpy_dtod(&src, &mut dst), "copy"))?;
         Ok(GpuCeilings {
             sgemm_gflops: flop / (sgemm * 1e-3) / 1e9,
@@ -282,6 +349,7 @@ impl CudaBackend {
     }
 
     fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
+        // (f32 scratch only: logits before the heads accumulate into them.)
         if len > 0 {
             self.stream()
                 .memset_zeros(&mut buf.slice_mut(0..len))
@@ -299,12 +367,32 @@ fn drv<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("cuda: {what}: {e:?}"))
 }
 
+/// The dtype the conv operands `(x, w, y)` agree on, or an error naming the odd one out.
+fn operand_precision(parts: &[(&str, &CudaBuf)]) -> Result<Precision> {
+    let p = parts[0].1.precision();
+    for (what, b) in parts {
+        if b.precision() != p {
+            bail!(
+                "cuda backend: {what} is {} but {} is {}; the conv operands share one precision",
+                b.precision().as_str(),
+                parts[0].0,
+                p.as_str()
+            );
+        }
+    }
+    Ok(p)
+}
+
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type Labels = CudaSlice<u32>;
 
     fn name(&self) -> String {
-        self.name.clone()
+        format!("{} {}", self.name, self.precision.as_str())
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -340,30 +428,51 @@ impl Backend for CudaBackend {
             .collect()
     }
 
-    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        drv(self.stream().alloc_zeros::<f32>(len.max(1)), "alloc")
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc_f32(len).map(CudaBuf::F32)
     }
 
-    fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
+    fn operand_zeros(&self, len: usize) -> Result<CudaBuf> {
+        match self.precision {
+            Precision::F32 => self.zeros(len),
+            Precision::F16 => drv(self.stream().alloc_zeros::<half::f16>(len.max(1)), "alloc").map(CudaBuf::F16),
+        }
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
         let mut b = self.zeros(data.len())?;
         self.write(&mut b, data)?;
         Ok(b)
     }
 
-    fn write(&self, dst: &mut CudaSlice<f32>, data: &[f32]) -> Result<()> {
+    fn write(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
         fits("destination", dst.len(), data.len())?;
-        if !data.is_empty() {
-            drv(self.stream().memcpy_htod(data, &mut dst.slice_mut(0..data.len())), "copy to device")?;
+        if data.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        match dst {
+            CudaBuf::F32(d) => drv(self.stream().memcpy_htod(data, &mut d.slice_mut(0..data.len())), "copy to device"),
+            CudaBuf::F16(d) => {
+                use half::slice::HalfFloatSliceExt;
+                let mut h = vec![half::f16::ZERO; data.len()];
+                h.convert_from_f32_slice(data);
+                drv(self.stream().memcpy_htod(&h, &mut d.slice_mut(0..data.len())), "copy to device")
+            }
+        }
     }
 
-    fn read(&self, src: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>> {
+    fn read(&self, src: &CudaBuf, len: usize) -> Result<Vec<f32>> {
         fits("source", src.len(), len)?;
         if len == 0 {
             return Ok(Vec::new());
         }
-        drv(self.stream().clone_dtoh(&src.slice(0..len)), "copy to host")
+        match src {
+            CudaBuf::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host"),
+            CudaBuf::F16(s) => {
+                use half::slice::HalfFloatSliceExt;
+                Ok(drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec())
+            }
+        }
     }
 
     fn labels(&self, labels: &[u32]) -> Result<CudaSlice<u32>> {
@@ -388,35 +497,62 @@ impl Backend for CudaBackend {
         s: &ConvShape,
         grid: &PatchGrid,
         reduce: GoodnessReduce,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        g: &mut CudaSlice<f32>,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        b: &CudaBuf,
+        y: &mut CudaBuf,
+        g: &mut CudaBuf,
     ) -> Result<()> {
         let _timer = self.time_op("conv_goodness_fwd");
         let g_len = s.batch * s.c_out * grid.cells();
         fits("x", x.len(), s.x_len())?;
         fits("conv weight", w.len(), s.w_len())?;
+        fits("conv bias", b.len(), s.c_out)?;
         fits("y", y.len(), s.y_len())?;
         fits("goodness", g.len(), g_len)?;
+        let precision = operand_precision(&[("x", x), ("conv weight", w), ("y", &*y)])?;
         let n = s.batch * s.h * s.w;
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(64), (s.c_out as u32).div_ceil(64), 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (bb, ci, co, h, ww, p) =
             (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
         let mean = (reduce == GoodnessReduce::Mean) as i32;
-        let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f32")?);
-        l.arg(x).arg(w).arg(b).arg(&mut *y).arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
-        // SAFETY: argument order and types match the kernel signature; the fits() checks bound every index.
-        drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f32")?;
-        let mut l = self.stream().launch_builder(self.f("patch_goodness_f32")?);
-        l.arg(&*y).arg(g).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
-        // SAFETY: matches patch_goodness_f32; one thread per goodness cell.
-        drv(unsafe { l.launch(grid1(g_len)) }, "patch_goodness_f32").map(|_| ())
+        let (bs, gs) = (b.f32("conv bias")?, g.f32_mut("goodness")?);
+        match precision {
+            Precision::F32 => {
+                let cfg = LaunchConfig {
+                    grid_dim: ((n as u32).div_ceil(64), (s.c_out as u32).div_ceil(64), 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let ys = y.f32_mut("y")?;
+                let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f32")?);
+                l.arg(x.f32("x")?).arg(w.f32("w")?).arg(bs).arg(&mut *ys);
+                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
+                // SAFETY: argument order and types match the kernel signature; the fits() checks bound every index.
+                drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f32")?;
+                let mut l = self.stream().launch_builder(self.f("patch_goodness_f32")?);
+                l.arg(&*ys).arg(gs).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
+                // SAFETY: matches patch_goodness_f32; one thread per goodness cell.
+                drv(unsafe { l.launch(grid1(g_len)) }, "patch_goodness_f32").map(|_| ())
+            }
+            Precision::F16 => {
+                // Block tile 64 channels x 128 pixels (TC_M x TC_N in kernels/prelude.cuh).
+                let cfg = LaunchConfig {
+                    grid_dim: ((n as u32).div_ceil(128), (s.c_out as u32).div_ceil(64), 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let ys = y.f16_mut("y")?;
+                let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f16")?);
+                l.arg(x.f16("x")?).arg(w.f16("w")?).arg(bs).arg(&mut *ys);
+                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
+                // SAFETY: matches conv_goodness_fwd_f16 (fp16 x, w, y; f32 bias); fits() bounds every index.
+                drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f16")?;
+                let mut l = self.stream().launch_builder(self.f("patch_goodness_f16")?);
+                l.arg(&*ys).arg(gs).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
+                // SAFETY: matches patch_goodness_f16; one thread per goodness cell.
+                drv(unsafe { l.launch(grid1(g_len)) }, "patch_goodness_f16").map(|_| ())
+            }
+        }
     }
 
     fn goodness_loss(
@@ -424,13 +560,13 @@ impl Backend for CudaBackend {
         batch: usize,
         dim: usize,
         classes: usize,
-        g: &CudaSlice<f32>,
-        proj_w: &CudaSlice<f32>,
-        proj_b: &CudaSlice<f32>,
+        g: &CudaBuf,
+        proj_w: &CudaBuf,
+        proj_b: &CudaBuf,
         labels: &CudaSlice<u32>,
-        logits: &mut CudaSlice<f32>,
-        dg: Option<&mut CudaSlice<f32>>,
-        stats: &mut CudaSlice<f32>,
+        logits: &mut CudaBuf,
+        dg: Option<&mut CudaBuf>,
+        stats: &mut CudaBuf,
     ) -> Result<()> {
         let _timer = self.time_op("goodness_loss");
         fits("goodness", g.len(), batch * dim)?;
@@ -445,21 +581,21 @@ impl Backend for CudaBackend {
         };
         let (b, d, n) = (batch as i32, dim as i32, classes as i32);
         let with_grad = dg.is_some() as i32;
-        // Without a gradient the kernel never writes dg; the logits buffer stands in as a valid pointer.
         let mut l = self.stream().launch_builder(self.f("goodness_loss_f32")?);
-        l.arg(g).arg(proj_w).arg(proj_b).arg(labels);
+        l.arg(g.f32("goodness")?).arg(proj_w.f32("projection")?).arg(proj_b.f32("projection bias")?).arg(labels);
+        // Without a gradient the kernel never writes dg; a one-float buffer stands in as a valid pointer.
         let mut dummy;
         match dg {
             Some(dg) => {
                 fits("dL/dg", dg.len(), batch * dim)?;
-                l.arg(logits).arg(dg);
+                l.arg(logits.f32_mut("logits")?).arg(dg.f32_mut("dL/dg")?);
             }
             None => {
-                dummy = self.zeros(1)?;
-                l.arg(logits).arg(&mut dummy);
+                dummy = self.alloc_f32(1)?;
+                l.arg(logits.f32_mut("logits")?).arg(&mut dummy);
             }
         }
-        l.arg(stats).arg(&b).arg(&d).arg(&n).arg(&with_grad);
+        l.arg(stats.f32_mut("stats")?).arg(&b).arg(&d).arg(&n).arg(&with_grad);
         // SAFETY: matches goodness_loss_f32's signature; shared memory holds 2 * N floats.
         drv(unsafe { l.launch(cfg) }, "goodness_loss_f32").map(|_| ())
     }
@@ -469,11 +605,11 @@ impl Backend for CudaBackend {
         s: &ConvShape,
         grid: &PatchGrid,
         reduce: GoodnessReduce,
-        x: &CudaSlice<f32>,
-        y: &CudaSlice<f32>,
-        dg: &CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
-        db: &mut CudaSlice<f32>,
+        x: &CudaBuf,
+        y: &CudaBuf,
+        dg: &CudaBuf,
+        dw: &mut CudaBuf,
+        db: &mut CudaBuf,
     ) -> Result<()> {
         let _timer = self.time_op("conv_goodness_wgrad");
         fits("x", x.len(), s.x_len())?;
@@ -481,12 +617,18 @@ impl Backend for CudaBackend {
         fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
         fits("dL/dW", dw.len(), s.w_len())?;
         fits("dL/db", db.len(), s.c_out)?;
+        let precision = operand_precision(&[("x", x), ("y", y)])?;
         let n = s.batch * s.h * s.w;
         let k = s.c_in * 9;
-        let (gx, gy) = (k.div_ceil(64) as u32, s.c_out.div_ceil(64) as u32);
+        // Block tiles: 64 channels x 64 taps (f32), 64 x 128 (f16); pixel slices multiples of 16 / 32.
+        let (tile_k, step) = match precision {
+            Precision::F32 => (64, 16),
+            Precision::F16 => (128, 32),
+        };
+        let (gx, gy) = (k.div_ceil(tile_k) as u32, s.c_out.div_ceil(64) as u32);
         // Split the reduction over pixels so that at least ~512 blocks run.
         let want_z = (512 / (gx * gy) as usize).max(1);
-        let chunk = n.div_ceil(want_z).next_multiple_of(16).max(256);
+        let chunk = n.div_ceil(want_z).next_multiple_of(step).max(256);
         let gz = n.div_ceil(chunk);
         let cfg = LaunchConfig { grid_dim: (gx, gy, gz as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (bb, ci, co, h, ww, p) =
@@ -497,14 +639,29 @@ impl Backend for CudaBackend {
         let mut slot = self.wgrad_scratch[self.lane_index()].lock().unwrap();
         let part = scratch(self, &mut slot, gz * (mk + s.c_out))?;
         let (mut part_w, mut part_b) = part.split_at_mut(gz * mk);
-        let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f32")?);
-        l.arg(x).arg(y).arg(dg).arg(&mut part_w).arg(&mut part_b);
-        l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk);
-        // SAFETY: matches conv_goodness_wgrad_f32's signature; part holds gz * (M*K + M) floats.
-        drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f32")?;
+        let dgs = dg.f32("dL/dg")?;
+        match precision {
+            Precision::F32 => {
+                let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f32")?);
+                l.arg(x.f32("x")?).arg(y.f32("y")?).arg(dgs).arg(&mut part_w).arg(&mut part_b);
+                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk);
+                // SAFETY: matches conv_goodness_wgrad_f32's signature; part holds gz * (M*K + M) floats.
+                drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f32")?;
+            }
+            Precision::F16 => {
+                let scale = super::dz_scale(s.batch, grid, reduce);
+                let inv = 1.0 / scale;
+                let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f16")?);
+                l.arg(x.f16("x")?).arg(y.f16("y")?).arg(dgs).arg(&mut part_w).arg(&mut part_b);
+                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk).arg(&scale).arg(&inv);
+                // SAFETY: matches conv_goodness_wgrad_f16's signature; part holds gz * (M*K + M) floats.
+                drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f16")?;
+            }
+        }
         let (mk_i, m_i, z_i) = (mk as i32, s.c_out as i32, gz as i32);
         let mut l = self.stream().launch_builder(self.f("wgrad_reduce_f32")?);
-        l.arg(&mut part_w).arg(&mut part_b).arg(dw).arg(db).arg(&mk_i).arg(&m_i).arg(&z_i);
+        l.arg(&mut part_w).arg(&mut part_b).arg(dw.f32_mut("dL/dW")?).arg(db.f32_mut("dL/db")?);
+        l.arg(&mk_i).arg(&m_i).arg(&z_i);
         // SAFETY: matches wgrad_reduce_f32; one thread per weight (M*K >= M).
         drv(unsafe { l.launch(grid1(mk)) }, "wgrad_reduce_f32").map(|_| ())
     }
@@ -517,14 +674,15 @@ impl Backend for CudaBackend {
         w: usize,
         pool: Option<PoolKind>,
         dropout: Option<Dropout>,
-        y: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        gap: Option<&mut CudaSlice<f32>>,
+        y: &CudaBuf,
+        out: &mut CudaBuf,
+        gap: Option<&mut CudaBuf>,
     ) -> Result<()> {
         let _timer = self.time_op("layer_output");
         let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
         fits("y", y.len(), batch * c * h * w)?;
         fits("layer output", out.len(), batch * c * ho * wo)?;
+        let precision = operand_precision(&[("y", y), ("layer output", &*out)])?;
         let pool_i: i32 = match pool {
             None => 0,
             Some(PoolKind::Avg) => 1,
@@ -536,63 +694,78 @@ impl Backend for CudaBackend {
         };
         let (ci, hi, wi) = (c as i32, h as i32, w as i32);
         let cfg = LaunchConfig { grid_dim: (batch as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream().launch_builder(self.f("layer_output_f32")?);
+        let kernel = match precision {
+            Precision::F32 => "layer_output_f32",
+            Precision::F16 => "layer_output_f16",
+        };
+        let mut l = self.stream().launch_builder(self.f(kernel)?);
+        match precision {
+            Precision::F32 => l.arg(y.f32("y")?).arg(out.f32_mut("layer output")?),
+            Precision::F16 => l.arg(y.f16("y")?).arg(out.f16_mut("layer output")?),
+        };
         let mut dummy;
         let use_gap;
-        l.arg(y).arg(out);
         match gap {
             Some(gap) => {
                 fits("pooled features", gap.len(), batch * c)?;
                 use_gap = 1i32;
-                l.arg(gap);
+                l.arg(gap.f32_mut("pooled features")?);
             }
             None => {
-                dummy = self.zeros(1)?;
+                dummy = self.alloc_f32(1)?;
                 use_gap = 0i32;
                 l.arg(&mut dummy);
             }
         }
         l.arg(&ci).arg(&hi).arg(&wi).arg(&pool_i).arg(&p).arg(&key).arg(&use_drop).arg(&use_gap);
-        // SAFETY: matches layer_output_f32's signature; fits() bounds every index.
-        drv(unsafe { l.launch(cfg) }, "layer_output_f32").map(|_| ())
+        // SAFETY: matches layer_output_{f32,f16}'s signature (y and out of the kernel's dtype, gap f32); fits()
+        // bounds every index.
+        drv(unsafe { l.launch(cfg) }, kernel).map(|_| ())
     }
 
     fn fusion_heads(
         &self,
         batch: usize,
         classes: usize,
-        feats: &[(&CudaSlice<f32>, usize)],
-        heads: &[(&CudaSlice<f32>, &CudaSlice<f32>)],
+        feats: &[(&CudaBuf, usize)],
+        heads: &[(&CudaBuf, &CudaBuf)],
         labels: &CudaSlice<u32>,
-        logits: &mut CudaSlice<f32>,
-        grads: Option<&mut [(&mut CudaSlice<f32>, &mut CudaSlice<f32>)]>,
-        stats: &mut CudaSlice<f32>,
+        logits: &mut CudaBuf,
+        grads: Option<&mut [(&mut CudaBuf, &mut CudaBuf)]>,
+        stats: &mut CudaBuf,
     ) -> Result<()> {
         let _timer = self.time_op("fusion_heads");
         anyhow::ensure!(feats.len() == heads.len(), "{} feature sets for {} fusion heads", feats.len(), heads.len());
         fits("logits", logits.len(), batch * classes)?;
+        let logits = logits.f32_mut("head logits")?;
         self.zero(logits, batch * classes)?;
         let (b, n) = (batch as i32, classes as i32);
         for (&(f, c), &(w, bias)) in feats.iter().zip(heads) {
             fits("head features", f.len(), batch * c)?;
             fits("head weight", w.len(), classes * c)?;
+            fits("head bias", bias.len(), classes)?;
             let ci = c as i32;
             let mut l = self.stream().launch_builder(self.f("heads_logits_f32")?);
-            l.arg(f).arg(w).arg(bias).arg(&mut *logits).arg(&b).arg(&n).arg(&ci);
+            l.arg(f.f32("head features")?).arg(w.f32("head weight")?).arg(bias.f32("head bias")?);
+            l.arg(&mut *logits).arg(&b).arg(&n).arg(&ci);
             // SAFETY: matches heads_logits_f32; one thread per (sample, class).
             drv(unsafe { l.launch(grid1(batch * classes)) }, "heads_logits_f32")?;
         }
         let mut slot = self.head_scratch.lock().unwrap();
         let ds = scratch(self, &mut slot, batch * classes)?;
         let mut l = self.stream().launch_builder(self.f("heads_softmax_f32")?);
-        l.arg(&*logits).arg(labels).arg(&mut *ds).arg(stats).arg(&b).arg(&n);
+        l.arg(&*logits).arg(labels).arg(&mut *ds).arg(stats.f32_mut("stats")?).arg(&b).arg(&n);
         // SAFETY: matches heads_softmax_f32; one thread per sample.
         drv(unsafe { l.launch(grid1(batch)) }, "heads_softmax_f32")?;
         if let Some(grads) = grads {
             for ((gw, gb), &(f, c)) in grads.iter_mut().zip(feats) {
+                fits("head weight gradient", gw.len(), classes * c)?;
+                fits("head bias gradient", gb.len(), classes)?;
                 let ci = c as i32;
                 let mut l = self.stream().launch_builder(self.f("heads_grad_f32")?);
-                l.arg(f).arg(&*ds).arg(&mut **gw).arg(&mut **gb).arg(&b).arg(&n).arg(&ci);
+                l.arg(f.f32("head features")?).arg(&*ds);
+                l.arg(gw.f32_mut("head weight gradient")?).arg(gb.f32_mut("head bias gradient")?);
+                l.arg(&b).arg(&n).arg(&ci);
                 // SAFETY: matches heads_grad_f32; one thread per (class, feature).
                 drv(unsafe { l.launch(grid1(classes * c)) }, "heads_grad_f32")?;
             }
@@ -603,17 +776,21 @@ impl Backend for CudaBackend {
     fn adamw(
         &self,
         len: usize,
-        p: &mut CudaSlice<f32>,
-        grad: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        p: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
         h: &AdamWStep,
+        copy: Option<&mut CudaBuf>,
     ) -> Result<()> {
         let _timer = self.time_op("adamw");
         for (what, n) in
             [("parameter", p.len()), ("gradient", grad.len()), ("exp_avg", m.len()), ("exp_avg_sq", v.len())]
         {
             fits(what, n, len)?;
+        }
+        if let Some(c) = &copy {
+            fits("weight copy", c.len(), len)?;
         }
         let super::AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
         let n = len as i32;
@@ -622,20 +799,31 @@ impl Backend for CudaBackend {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let ps = p.f32_mut("parameter")?;
         let mut l = self.stream().launch_builder(self.f("adamw_f32")?);
-        l.arg(p)
-            .arg(grad)
-            .arg(m)
-            .arg(v)
-            .arg(&n)
-            .arg(&decay)
-            .arg(&w1)
-            .arg(&b2)
-            .arg(&w2)
-            .arg(&step_size)
-            .arg(&bc2_sqrt)
-            .arg(&eps);
-        // SAFETY: matches adamw_f32; grid-stride loop over len elements, all four buffers hold len.
-        drv(unsafe { l.launch(cfg) }, "adamw_f32").map(|_| ())
+        l.arg(&mut *ps).arg(grad.f32("gradient")?).arg(m.f32_mut("exp_avg")?).arg(v.f32_mut("exp_avg_sq")?);
+        // The fp16 copy is written by the kernel; an f32 copy (an f32 backend's operand) is a device copy after.
+        let null: u64 = 0;
+        let mut f32_copy = None;
+        match copy {
+            Some(CudaBuf::F16(c)) => {
+                l.arg(c);
+            }
+            Some(CudaBuf::F32(c)) => {
+                f32_copy = Some(c);
+                l.arg(&null);
+            }
+            None => {
+                l.arg(&null);
+            }
+        }
+        l.arg(&n).arg(&decay).arg(&w1).arg(&b2).arg(&w2).arg(&step_size).arg(&bc2_sqrt).arg(&eps);
+        // SAFETY: matches adamw_f32 (copy is an fp16 buffer of >= len or a null pointer the kernel checks);
+        // grid-stride loop over len elements, all buffers hold len.
+        drv(unsafe { l.launch(cfg) }, "adamw_f32")?;
+        if let Some(c) = f32_copy {
+            drv(self.stream().memcpy_dtod(&ps.slice(0..len), &mut c.slice_mut(0..len)), "copy weights")?;
+        }
+        Ok(())
     }
 }
