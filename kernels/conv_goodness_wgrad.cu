@@ -12,7 +12,7 @@
 #define WG_TK 64
 #define WG_TN 16
 
-extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f32(
+extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
     const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dg,
     float* __restrict__ part, float* __restrict__ part_db,
     int B, int Cin, int Cout, int H, int W, int P, int reduce_mean, int chunk)
@@ -81,8 +81,10 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f32(
 // zero). The host passes scale = B * max|bin| (mean; B for sum) rounded to a power of two (src/backend/mod.rs,
 // dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both scalings exact. The bias
 // gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
-// fixed shuffles: deterministic.
-extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f16(
+// fixed shuffles: deterministic. Launch bounds (256, 2): ptxas then keeps the kernel at 84 registers without
+// spills (left to itself it chose 64 registers and spilled); the dz loop is not unrolled (its cell loops are
+// data-dependent) and the column gather is unrolled 4x, to the same end.
+extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ dg,
     float* __restrict__ part, float* __restrict__ part_db,
     int B, int Cin, int Cout, int H, int W, int P, int reduce_mean, int chunk, float scale, float inv_scale)
@@ -102,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f16(
     float db_acc = 0.0f;
 
     for (int n0 = nbeg; n0 < nend; n0 += TC_K) {
-#pragma unroll
+#pragma unroll 1
         for (int j = 0; j < 8; ++j) {
             const int n = n0 + an + j;
             float dz = 0.0f;
@@ -116,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_wgrad_f16(
             As[am][an + j] = f2h(dz * scale);
         }
         const int n = n0 + bn;
-#pragma unroll
+#pragma unroll 4
         for (int j = 0; j < TC_N / 8; ++j) {
             const int kk = bk + 8 * j;
             Bs[kk][bn] = n < nend ? im2col_at_h(x, k0 + kk, n, K, N, Cin, H, W) : (f16_bits)0;

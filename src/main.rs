@@ -383,10 +383,8 @@ fn cuda_info() {
         println!("nvrtc: unavailable (libnvrtc.so.13 not on the loader path): kernels not compiled");
         return;
     }
-    let (mut ma, mut mi) = (0i32, 0i32);
-    // SAFETY: the library is present (checked above); nvrtcVersion writes two ints.
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut ma, &mut mi) };
-    println!("nvrtc: {ma}.{mi}");
+    let v = nvrtc::version().unwrap_or(0);
+    println!("nvrtc: {}.{}", v / 1000, (v % 1000) / 10);
     archs.sort();
     archs.dedup();
     for arch in archs {
@@ -398,6 +396,18 @@ fn cuda_info() {
                     format!("{e:#}").lines().take(3).collect::<Vec<_>>().join(" | ")
                 ),
             }
+        }
+        // ptxas' report for the device's architecture: registers per thread, spills, static shared memory.
+        match nvrtc::resources(&arch) {
+            Ok(r) => {
+                for k in r {
+                    println!(
+                        "  {:<26} {arch}: {:>3} registers, {:>5} B shared, {} B spilled",
+                        k.kernel, k.registers, k.shared_bytes, k.spill_bytes
+                    );
+                }
+            }
+            Err(e) => println!("  ptxas report for {arch}: {}", format!("{e:#}").lines().next().unwrap_or_default()),
         }
     }
 }

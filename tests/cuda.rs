@@ -63,6 +63,53 @@ fn every_kernel_compiles_with_nvrtc() {
 }
 
 #[test]
+fn every_kernel_assembles_to_cubin_for_old_drivers() {
+    // The path taken when the driver is older than NVRTC: machine code, no driver JIT. NVRTC assembles it
+    // without a GPU, so CI checks it: every module is an ELF image, and the on-disk cache hands back the same
+    // bytes (the second call reads the file).
+    assert!(nvrtc::available(), "NVRTC cannot be loaded (see every_kernel_compiles_with_nvrtc)");
+    let cache = common::temp_dir("cubin-cache");
+    std::env::set_var("ASGE_KERNEL_CACHE", &cache);
+    for (module, src, hash) in nvrtc::KERNELS {
+        let cubin = nvrtc::compile_cubin(module, src, "sm_90").unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{module}: not an ELF image");
+        let first = nvrtc::compile_cached(module, src, *hash, "sm_80", nvrtc::Format::Cubin).unwrap();
+        let again = nvrtc::compile_cached(module, src, *hash, "sm_80", nvrtc::Format::Cubin).unwrap();
+        assert_eq!(first.as_bytes(), again.as_bytes(), "{module}: the cached CUBIN differs");
+        assert!(std::fs::read_dir(&cache).unwrap().any(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.starts_with(module) && n.ends_with("-sm_80.cubin")
+        }));
+    }
+    std::env::set_var("ASGE_KERNEL_FORMAT", "elf");
+    assert!(format!("{:#}", nvrtc::format_for(13000).unwrap_err()).contains("ASGE_KERNEL_FORMAT=elf"));
+    std::env::remove_var("ASGE_KERNEL_FORMAT");
+    // A driver older than NVRTC gets CUBIN; a current one PTX.
+    assert_eq!(nvrtc::format_for(1000).unwrap(), nvrtc::Format::Cubin);
+    assert_eq!(nvrtc::format_for(nvrtc::version().unwrap()).unwrap(), nvrtc::Format::Ptx);
+}
+
+#[test]
+fn no_kernel_spills_registers() {
+    // ptxas' own report through NVRTC (no GPU needed): a spill means local-memory traffic in an inner loop, a
+    // performance bug. The tensor-core kernels are the ones at risk (32 accumulators and fragments per thread).
+    assert!(nvrtc::available(), "NVRTC cannot be loaded (see every_kernel_compiles_with_nvrtc)");
+    for arch in ["sm_80", "sm_90"] {
+        let r = nvrtc::resources(arch).unwrap_or_else(|e| panic!("{e:#}"));
+        let names: Vec<&str> = r.iter().map(|k| k.kernel.as_str()).collect();
+        assert!(names.contains(&"conv_goodness_wgrad_f16"), "{arch}: ptxas report lists {names:?}");
+        for k in &r {
+            assert!(k.registers > 0, "{arch} {}: no register count parsed", k.kernel);
+            assert_eq!(
+                k.spill_bytes, 0,
+                "{arch} {}: {} bytes of spills ({} registers)",
+                k.kernel, k.spill_bytes, k.registers
+            );
+        }
+    }
+}
+
+#[test]
 fn a_missing_gpu_is_an_error_not_a_panic() {
     match cuda::probe() {
         Err(e) => {

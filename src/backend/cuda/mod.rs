@@ -199,9 +199,13 @@ impl CudaBackend {
             streams
                 .push(ctx.new_stream().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a stream ({e:?})"))?);
         }
+        let mut driver = 0;
+        // SAFETY: one out-parameter; the driver library is present (probe).
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+        let format = nvrtc::format_for(driver)?;
         let mut funcs = HashMap::new();
         for (module, source, hash) in nvrtc::KERNELS {
-            let ptx = nvrtc::compile_cached(module, source, *hash, &arch)?;
+            let ptx = nvrtc::compile_cached(module, source, *hash, &arch, format)?;
             let m = ctx.load_module(ptx).map_err(|e| anyhow::anyhow!("kernel module {module}: cannot load ({e:?})"))?;
             for f in nvrtc::entry_points(source) {
                 let func = m.load_function(f).map_err(|e| anyhow::anyhow!("kernel {f}: not found ({e:?})"))?;
@@ -211,7 +215,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             ordinal,
             precision: Precision::F32,
-            name: format!("cuda:{ordinal} ({name}, {arch}, {} lane(s))", streams.len()),
+            name: format!("cuda:{ordinal} ({name}, {arch}, {format:?}, {} lane(s))", streams.len()),
             wgrad_scratch: (0..streams.len()).map(|_| Mutex::new(None)).collect(),
             streams,
             lane: std::sync::atomic::AtomicUsize::new(0),

@@ -1,6 +1,10 @@
 //! The NVRTC module cache: sources embedded by build.rs, compiled once per (content hash, architecture,
-//! options) and kept on disk (`$ASGE_KERNEL_CACHE`, default `~/.cache/asge/kernels`) as PTX, with the compile
+//! options, format) and kept on disk (`$ASGE_KERNEL_CACHE`, default `~/.cache/asge/kernels`), with the compile
 //! log in the error when a kernel does not compile.
+//!
+//! Format: PTX, which the driver JIT-compiles when the module loads, unless the driver is older than NVRTC
+//! (its JIT then rejects NVRTC's newer PTX ISA): then CUBIN, machine code NVRTC assembles for the exact
+//! architecture, which needs no JIT. `ASGE_KERNEL_FORMAT=ptx|cubin` forces one.
 
 use anyhow::{bail, Context, Result};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
@@ -24,13 +28,152 @@ pub fn entry_points(source: &'static str) -> Vec<&'static str> {
     while let Some(i) = rest.find("__global__ void") {
         rest = &rest[i + "__global__ void".len()..];
         let tail = rest.trim_start();
-        let tail = tail.strip_prefix("__launch_bounds__(256)").map(str::trim_start).unwrap_or(tail);
+        // Skip `__launch_bounds__(...)` whatever its arguments.
+        let tail = match tail.strip_prefix("__launch_bounds__(") {
+            Some(t) => t.find(')').map_or(t, |i| t[i + 1..].trim_start()),
+            None => tail,
+        };
         let end = tail.find('(').unwrap_or(0);
         let name = tail[..end].trim();
         if !name.is_empty() {
             out.push(name);
         }
     }
+    out
+}
+
+/// What NVRTC hands the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Ptx,
+    Cubin,
+}
+
+impl Format {
+    fn ext(self) -> &'static str {
+        match self {
+            Format::Ptx => "ptx",
+            Format::Cubin => "cubin",
+        }
+    }
+}
+
+/// NVRTC's version as `major * 1000 + minor * 10` (the driver's encoding), or None when it cannot be loaded.
+pub fn version() -> Option<i32> {
+    if !available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters; the library is present.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some(major * 1000 + minor * 10)
+}
+
+/// The format for a driver of CUDA version `driver` (e.g. 13000): `$ASGE_KERNEL_FORMAT`, else CUBIN when the
+/// driver is older than NVRTC, else PTX.
+pub fn format_for(driver: i32) -> Result<Format> {
+    match std::env::var("ASGE_KERNEL_FORMAT").as_deref() {
+        Ok("ptx") => Ok(Format::Ptx),
+        Ok("cubin") => Ok(Format::Cubin),
+        Ok(other) => bail!("ASGE_KERNEL_FORMAT={other}: expected ptx or cubin"),
+        Err(_) => Ok(if version().is_some_and(|v| driver < v) { Format::Cubin } else { Format::Ptx }),
+    }
+}
+
+/// Compiles one module for `arch` (e.g. `sm_90`) to CUBIN with NVRTC: machine code for that architecture.
+pub fn compile_cubin(module: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
+    compile_cubin_with(module, source, arch, &[]).map(|(cubin, _)| cubin)
+}
+
+/// What ptxas reports for one kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    pub spill_bytes: u32,
+    pub shared_bytes: u32,
+}
+
+/// Registers, spills and shared memory of every kernel of every module for `arch`, from ptxas' verbose report
+/// (NVRTC assembles the CUBIN, so no GPU is needed).
+pub fn resources(arch: &str) -> Result<Vec<KernelResources>> {
+    let mut out = Vec::new();
+    for (module, source, _) in KERNELS {
+        let (_, log) = compile_cubin_with(module, source, arch, &["--ptxas-options=-v"])?;
+        let mut cur: Option<KernelResources> = None;
+        for line in log.lines() {
+            let num_before = |key: &str| {
+                line.find(key).and_then(|i| line[..i].split_whitespace().last()).and_then(|n| n.parse::<u32>().ok())
+            };
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                out.extend(cur.take());
+                let kernel = rest.split('\'').next().unwrap_or_default().to_string();
+                cur = Some(KernelResources { kernel, registers: 0, spill_bytes: 0, shared_bytes: 0 });
+            } else if let Some(k) = cur.as_mut() {
+                if let Some(n) = num_before("bytes spill stores") {
+                    k.spill_bytes += n;
+                }
+                if let Some(n) = num_before("bytes spill loads") {
+                    k.spill_bytes += n;
+                }
+                if let Some(n) = num_before("registers") {
+                    k.registers = n;
+                }
+                if let Some(n) = num_before("bytes smem") {
+                    k.shared_bytes = n;
+                }
+            }
+        }
+        out.extend(cur);
+    }
+    Ok(out)
+}
+
+/// [`compile_cubin`] with extra NVRTC options; also returns the program log.
+fn compile_cubin_with(module: &str, source: &str, arch: &str, extra: &[&str]) -> Result<(Vec<u8>, String)> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{CStr, CString};
+    if !available() {
+        bail!("NVRTC (libnvrtc.so) cannot be loaded");
+    }
+    let src = CString::new(source).context("kernel source holds a NUL byte")?;
+    let name = CString::new(format!("{module}.cu")).context("kernel name")?;
+    let prog = result::create_program(&src, Some(&name))
+        .map_err(|e| anyhow::anyhow!("kernel {module}.cu: NVRTC cannot create a program: {e:?}"))?;
+    let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    // A real architecture (sm_XX, not compute_XX) makes NVRTC assemble machine code.
+    options.push(format!("--gpu-architecture={arch}"));
+    options.extend(extra.iter().map(|s| s.to_string()));
+    // SAFETY: prog was just created and is destroyed exactly once below; the out-buffers are sized by the
+    // matching size queries.
+    let out = unsafe {
+        let r = match result::compile_program(prog, &options) {
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!("kernel {module}.cu does not compile for {arch} ({e:?}):\n{log}"))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                let mut ok = sys::nvrtcGetCUBINSize(prog, &mut size) == sys::nvrtcResult::NVRTC_SUCCESS;
+                let mut cubin = vec![0u8; size];
+                ok = ok
+                    && size > 0
+                    && sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) == sys::nvrtcResult::NVRTC_SUCCESS;
+                let log = result::get_program_log(prog)
+                    .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if ok {
+                    Ok((cubin, log))
+                } else {
+                    Err(anyhow::anyhow!("kernel {module}.cu: NVRTC produced no CUBIN for {arch}"))
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        r
+    };
     out
 }
 
@@ -58,23 +201,39 @@ fn cache_dir() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/asge/kernels")))
 }
 
-/// [`compile`], through the disk cache keyed by content hash, architecture and options.
-pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str) -> Result<Ptx> {
+/// [`compile`] or [`compile_cubin`], through the disk cache keyed by content hash, architecture, options and
+/// format.
+pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format: Format) -> Result<Ptx> {
     let opts_hash = OPTIONS.join(" ").bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    let file = cache_dir().map(|d| d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}.ptx")));
+    let file = cache_dir().map(|d| d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}.{}", format.ext())));
     if let Some(f) = &file {
-        if let Ok(text) = std::fs::read_to_string(f) {
-            return Ok(Ptx::from_src(text));
+        match format {
+            Format::Ptx => {
+                if let Ok(text) = std::fs::read_to_string(f) {
+                    return Ok(Ptx::from_src(text));
+                }
+            }
+            Format::Cubin => {
+                if let Ok(bytes) = std::fs::read(f) {
+                    return Ok(Ptx::from_binary(bytes));
+                }
+            }
         }
     }
-    let ptx = compile(module, source, arch)?;
+    let bytes = match format {
+        Format::Ptx => compile(module, source, arch)?.to_src().into_bytes(),
+        Format::Cubin => compile_cubin(module, source, arch)?,
+    };
     if let Some(f) = &file {
-        // A failed cache write only costs a recompile next time.
+        // A failed cache write only costs a recompile next time; the rename makes a half-written file impossible.
         let _ = std::fs::create_dir_all(f.parent().unwrap())
-            .and_then(|_| std::fs::write(f.with_extension("tmp"), ptx.to_src()))
+            .and_then(|_| std::fs::write(f.with_extension("tmp"), &bytes))
             .and_then(|_| std::fs::rename(f.with_extension("tmp"), f));
     }
-    Ok(ptx)
+    Ok(match format {
+        Format::Ptx => Ptx::from_src(String::from_utf8(bytes).context("NVRTC's PTX is not UTF-8")?),
+        Format::Cubin => Ptx::from_binary(bytes),
+    })
 }
 
 /// Compiles every kernel for `arch`: (module, Ok or the error), for `asge info` and the CI test.
