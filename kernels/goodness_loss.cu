@@ -3,14 +3,15 @@
 //
 // Work split: one block of 256 threads per sample. Each class's logit is a block reduction over the D goodness
 // values (N reductions; N is 10 or 100 here); thread 0 does the softmax and the loss; then the block writes
-// the D entries of dg. Dynamic shared memory: 2 * N floats (logits, dL/da). The loss and the count are added
-// to `stats` with atomics.
+// the D entries of dg. Shared memory: 2 * N floats (logits, dL/da), N <= MAX_CLASSES (the host checks). The
+// loss and the count are added to `stats` with atomics.
+#define MAX_CLASSES 4096
 extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
     const float* __restrict__ g, const float* __restrict__ pw, const float* __restrict__ pb,
     const unsigned int* __restrict__ labels, float* __restrict__ logits, float* __restrict__ dg,
     float* __restrict__ stats, int B, int D, int N, int with_grad)
 {
-    extern __shared__ float sh[];
+    __shared__ float sh[2 * MAX_CLASSES];
     float* a = sh;
     float* da = sh + N;
     __shared__ float scratch[32];

@@ -1,7 +1,11 @@
 // Shared device helpers, prepended to every kernel source before NVRTC compiles it (NVRTC has no include
 // path, so kernels include no CUDA headers). fp16 is carried as raw bits, converted with PTX.
+//
+// The few helpers written in PTX are skipped under ASGE_HOST_EMU, where tests/emu/cuda_emu.h supplies host
+// versions to run these sources on the CPU (tests/kernel_emulation.rs).
 typedef unsigned short f16_bits;
 
+#ifndef ASGE_HOST_EMU
 __device__ __forceinline__ float h2f(f16_bits h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -13,6 +17,7 @@ __device__ __forceinline__ f16_bits f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 // Chris Wellons' lowbias32, as src/rng.rs: the dropout masks are bit-identical to the CPU backend's.
 __device__ __forceinline__ unsigned int lowbias32(unsigned int x) {
@@ -145,12 +150,14 @@ __device__ __forceinline__ void fma_outer4(float acc[4][4], const float* a_row, 
 //                        reg 3 = A[g+8][2t+8..2t+9] (the lower index in the low half);
 //   B 16x8 (k x n):      reg 0 = B[2t..2t+1][g], reg 1 = B[2t+8..2t+9][g];
 //   C 16x8 (fp32):       c0, c1 = C[g][2t], C[g][2t+1]; c2, c3 = C[g+8][2t], C[g+8][2t+1].
+#ifndef ASGE_HOST_EMU
 __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 // The block tile of the fp16 GEMM kernels: OUT[TC_M x TC_N] += A[TC_M x TC_K] * B[TC_K x TC_N] per step, both
 // operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed),

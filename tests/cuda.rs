@@ -19,10 +19,10 @@ mod common;
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::{self, nvrtc, CudaBackend, CudaBuf};
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
-use asge::model::{self, GoodnessReduce, ModelOptions, Params, PatchGrid, PoolKind};
-use asge::rng::Rng;
+use asge::backend::{AdamWStep, Backend, Dropout, Precision};
+use asge::model::{self, ModelOptions, Params, PatchGrid, PoolKind};
 use asge::train::{AdamW, Net};
+use common::{close, conv_cases, randn};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
@@ -133,11 +133,6 @@ fn gpu() -> CudaBackend {
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::F16];
 
-fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| (r.normal() * std) as f32).collect()
-}
-
 /// Uploads `host`, or a NaN-poisoned buffer of `len` when `host` is empty (outputs must be fully written).
 fn dev(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
     if host.is_empty() {
@@ -156,38 +151,6 @@ fn operand(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
     }
 }
 
-fn close(what: &str, gpu: &[f32], cpu: &[f32], rtol: f32, atol_rel: f32) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
-    let scale = cpu.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
-    let atol = atol_rel * scale;
-    let mut bad = Vec::new();
-    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        // Written so that a NaN (an output the kernel never wrote) fails.
-        let ok = (g - c).abs() <= atol + rtol * c.abs();
-        if !ok {
-            bad.push(format!("[{i}] gpu {g} cpu {c}"));
-        }
-    }
-    assert!(bad.is_empty(), "{what}: {} of {} differ, first: {:?}", bad.len(), cpu.len(), &bad[..bad.len().min(5)]);
-}
-
-struct Case {
-    s: ConvShape,
-    p: usize,
-    reduce: GoodnessReduce,
-}
-
-fn cases() -> Vec<Case> {
-    let c = |batch, c_in, c_out, h, p, reduce| Case { s: ConvShape { batch, c_in, c_out, h, w: h }, p, reduce };
-    vec![
-        c(1, 1, 8, 32, 4, GoodnessReduce::Mean),
-        c(3, 3, 70, 28, 8, GoodnessReduce::Mean), // channels not a multiple of the tile, H not divisible by P
-        c(3, 67, 129, 7, 2, GoodnessReduce::Sum), // overlapping bins, odd everything
-        c(128, 32, 64, 16, 2, GoodnessReduce::Mean), // a VGG8-like layer
-        c(5, 96, 40, 2, 1, GoodnessReduce::Mean),
-    ]
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn conv_fwd_and_wgrad_match_cpu() {
@@ -196,7 +159,7 @@ fn conv_fwd_and_wgrad_match_cpu() {
         let c = CpuBackend::new().with_precision(precision);
         // A stored fp16 value may sit one ulp from the emulation's (see the module notes).
         let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
-        for (i, case) in cases().into_iter().enumerate() {
+        for (i, case) in conv_cases(128).into_iter().enumerate() {
             let what = format!("{} case {i}", precision.as_str());
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);

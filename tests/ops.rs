@@ -4,15 +4,12 @@
 //! thousand terms, so 1e-4 relative (+ a small absolute floor) is ~100x the expected roundoff and far below any
 //! semantic error (a wrong bin, a missed ReLU mask or a wrong scale shows up at 1e-1 or worse).
 
+mod common;
+
 use asge::backend::cpu::{conv, ops};
 use asge::backend::{AdamWStep, ConvShape, Dropout};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
-use asge::rng::Rng;
-
-fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| (r.normal() * std) as f32).collect()
-}
+use common::randn;
 
 fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");

@@ -156,14 +156,66 @@ fn scratch<'a>(be: &CudaBackend, slot: &'a mut Option<CudaSlice<f32>>, len: usiz
     Ok(slot.as_mut().unwrap())
 }
 
-const THREADS: u32 = 256;
+/// Launch geometry of every kernel, as pure functions of the shapes: the backend launches with them, and the
+/// host emulation of the kernels (tests/kernel_emulation.rs) runs the same grids.
+pub mod geometry {
+    use crate::backend::{ConvShape, Precision};
+
+    /// Threads per block of every kernel.
+    pub const THREADS: u32 = 256;
+
+    /// One thread per element.
+    pub fn grid1(n: usize) -> (u32, u32, u32) {
+        ((n as u32).div_ceil(THREADS).max(1), 1, 1)
+    }
+
+    /// The conv forward: one block per 64 channels x 64 (f32) or 128 (f16, TC_N) pixels.
+    pub fn conv_fwd(s: &ConvShape, p: Precision) -> (u32, u32, u32) {
+        let n = (s.batch * s.h * s.w) as u32;
+        let tile_n = match p {
+            Precision::F32 => 64,
+            Precision::F16 => 128,
+        };
+        (n.div_ceil(tile_n), (s.c_out as u32).div_ceil(64), 1)
+    }
+
+    /// The weight gradient's split: blocks of 64 channels x 64 (f32) or 128 (f16) taps, and the pixels cut into
+    /// `slices` slices of `chunk` (a multiple of the kernel's pixel step) so that at least ~512 blocks run.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct WgradSplit {
+        pub grid: (u32, u32, u32),
+        pub chunk: usize,
+        pub slices: usize,
+    }
+
+    pub fn wgrad(s: &ConvShape, p: Precision) -> WgradSplit {
+        let n = s.batch * s.h * s.w;
+        let k = s.c_in * 9;
+        let (tile_k, step) = match p {
+            Precision::F32 => (64, 16),
+            Precision::F16 => (128, 32),
+        };
+        let (gx, gy) = (k.div_ceil(tile_k) as u32, s.c_out.div_ceil(64) as u32);
+        let want_z = (512 / (gx * gy) as usize).max(1);
+        let chunk = n.div_ceil(want_z).next_multiple_of(step).max(256);
+        let slices = n.div_ceil(chunk);
+        WgradSplit { grid: (gx, gy, slices as u32), chunk, slices }
+    }
+
+    /// AdamW: a grid-stride loop over at most 4096 blocks.
+    pub fn adamw(len: usize) -> (u32, u32, u32) {
+        ((len as u32).div_ceil(THREADS).clamp(1, 4096), 1, 1)
+    }
+}
+
+use geometry::THREADS;
+
+fn cfg(grid_dim: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
 
 fn grid1(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    cfg(geometry::grid1(n))
 }
 
 impl CudaBackend {
@@ -515,18 +567,13 @@ impl Backend for CudaBackend {
         fits("y", y.len(), s.y_len())?;
         fits("goodness", g.len(), g_len)?;
         let precision = operand_precision(&[("x", x), ("conv weight", w), ("y", &*y)])?;
-        let n = s.batch * s.h * s.w;
         let (bb, ci, co, h, ww, p) =
             (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
         let mean = (reduce == GoodnessReduce::Mean) as i32;
         let (bs, gs) = (b.f32("conv bias")?, g.f32_mut("goodness")?);
+        let cfg = cfg(geometry::conv_fwd(s, precision));
         match precision {
             Precision::F32 => {
-                let cfg = LaunchConfig {
-                    grid_dim: ((n as u32).div_ceil(64), (s.c_out as u32).div_ceil(64), 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
                 let ys = y.f32_mut("y")?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f32")?);
                 l.arg(x.f32("x")?).arg(w.f32("w")?).arg(bs).arg(&mut *ys);
@@ -539,12 +586,6 @@ impl Backend for CudaBackend {
                 drv(unsafe { l.launch(grid1(g_len)) }, "patch_goodness_f32").map(|_| ())
             }
             Precision::F16 => {
-                // Block tile 64 channels x 128 pixels (TC_M x TC_N in kernels/prelude.cuh).
-                let cfg = LaunchConfig {
-                    grid_dim: ((n as u32).div_ceil(128), (s.c_out as u32).div_ceil(64), 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
                 let ys = y.f16_mut("y")?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f16")?);
                 l.arg(x.f16("x")?).arg(w.f16("w")?).arg(bs).arg(&mut *ys);
@@ -578,11 +619,9 @@ impl Backend for CudaBackend {
         fits("logits", logits.len(), batch * classes)?;
         fits("labels", labels.len(), batch)?;
         fits("stats", stats.len(), STATS_LEN)?;
-        let cfg = LaunchConfig {
-            grid_dim: (batch as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (2 * classes * 4) as u32,
-        };
+        // kernels/goodness_loss.cu keeps the logits and dL/da of one sample in 2 * MAX_CLASSES floats of shared memory.
+        anyhow::ensure!(classes <= 4096, "cuda backend: {classes} classes; the loss kernel takes at most 4096");
+        let cfg = cfg((batch as u32, 1, 1));
         let (b, d, n) = (batch as i32, dim as i32, classes as i32);
         let with_grad = dg.is_some() as i32;
         let mut l = self.stream().launch_builder(self.f("goodness_loss_f32")?);
@@ -622,19 +661,9 @@ impl Backend for CudaBackend {
         fits("dL/dW", dw.len(), s.w_len())?;
         fits("dL/db", db.len(), s.c_out)?;
         let precision = operand_precision(&[("x", x), ("y", y)])?;
-        let n = s.batch * s.h * s.w;
-        let k = s.c_in * 9;
-        // Block tiles: 64 channels x 64 taps (f32), 64 x 128 (f16); pixel slices multiples of 16 / 32.
-        let (tile_k, step) = match precision {
-            Precision::F32 => (64, 16),
-            Precision::F16 => (128, 32),
-        };
-        let (gx, gy) = (k.div_ceil(tile_k) as u32, s.c_out.div_ceil(64) as u32);
-        // Split the reduction over pixels so that at least ~512 blocks run.
-        let want_z = (512 / (gx * gy) as usize).max(1);
-        let chunk = n.div_ceil(want_z).next_multiple_of(step).max(256);
-        let gz = n.div_ceil(chunk);
-        let cfg = LaunchConfig { grid_dim: (gx, gy, gz as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let split = geometry::wgrad(s, precision);
+        let (chunk, gz) = (split.chunk, split.slices);
+        let cfg = cfg(split.grid);
         let (bb, ci, co, h, ww, p) =
             (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
         let mean = (reduce == GoodnessReduce::Mean) as i32;
@@ -697,7 +726,7 @@ impl Backend for CudaBackend {
             None => (0.0f32, 0u64, 0i32),
         };
         let (ci, hi, wi) = (c as i32, h as i32, w as i32);
-        let cfg = LaunchConfig { grid_dim: (batch as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = cfg((batch as u32, 1, 1));
         let kernel = match precision {
             Precision::F32 => "layer_output_f32",
             Precision::F16 => "layer_output_f16",
@@ -798,11 +827,7 @@ impl Backend for CudaBackend {
         }
         let super::AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
         let n = len as i32;
-        let cfg = LaunchConfig {
-            grid_dim: ((len as u32).div_ceil(THREADS).clamp(1, 4096), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = cfg(geometry::adamw(len));
         let ps = p.f32_mut("parameter")?;
         let mut l = self.stream().launch_builder(self.f("adamw_f32")?);
         l.arg(&mut *ps).arg(grad.f32("gradient")?).arg(m.f32_mut("exp_avg")?).arg(v.f32_mut("exp_avg_sq")?);

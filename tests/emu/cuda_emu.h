@@ -1,0 +1,185 @@
+// A CUDA execution model on the host, for running the real kernel sources in tests without a GPU.
+//
+// Each block runs as blockDim.x fibers (ucontext) on one OS thread, scheduled round-robin: __syncthreads()
+// parks a fiber until every live fiber of the block has arrived, the warp collectives (__shfl_xor_sync and the
+// tensor-core mma) park it until its 32 lanes have. `__shared__` variables become function statics, which is
+// right because blocks run one after another. fp16 is GCC's _Float16 (IEEE binary16, round to nearest even, as
+// cvt.rn.f16.f32). mma.sync.m16n8k16 is computed from the fragment layout the PTX ISA documents (the same
+// table kernels/prelude.cuh states): the emulation checks everything around it (tile loads, bounds, im2col,
+// epilogues, scaling, reductions) and the layout as documented, not the hardware's reading of it.
+#pragma once
+#define ASGE_HOST_EMU 1
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+#include <ucontext.h>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint3_ { unsigned x, y, z; };
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static uint3_ threadIdx, blockIdx, blockDim, gridDim;
+
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
+
+namespace emu {
+enum State { RUNNABLE, BLOCK_WAIT, WARP_WAIT, DONE };
+constexpr size_t STACK = 256 * 1024;
+struct Fiber { ucontext_t ctx; std::vector<char> stack; State state; };
+static ucontext_t sched;
+static std::vector<Fiber> fibers;
+static int cur = -1;
+static std::function<void()>* body = nullptr;
+// Warp exchange areas (per warp): one float per lane for shuffles; whole fragments for mma.
+static float shfl_buf[32][32];
+static unsigned mma_a[32][32][4], mma_b[32][32][2];
+static float mma_c[32][32][4];
+
+inline void park(State s) {
+    fibers[cur].state = s;
+    swapcontext(&fibers[cur].ctx, &sched);
+}
+inline void warp_sync() { park(WARP_WAIT); }
+
+static void entry() {
+    (*body)();
+    fibers[cur].state = DONE;
+}  // returns to sched through uc_link
+
+// Runs one block of `threads` fibers to completion.
+inline void run_block(int threads) {
+    if ((int)fibers.size() < threads) fibers.resize(threads);
+    for (int i = 0; i < threads; ++i) {
+        Fiber& f = fibers[i];
+        if (f.stack.empty()) f.stack.resize(STACK);
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &sched;
+        makecontext(&f.ctx, entry, 0);
+        f.state = RUNNABLE;
+    }
+    for (;;) {
+        bool ran = false;
+        for (int i = 0; i < threads; ++i) {
+            if (fibers[i].state != RUNNABLE) continue;
+            cur = i;
+            threadIdx = {(unsigned)i, 0, 0};
+            swapcontext(&sched, &fibers[i].ctx);
+            ran = true;
+        }
+        int live = 0, at_block = 0;
+        for (int i = 0; i < threads; ++i) {
+            live += fibers[i].state != DONE;
+            at_block += fibers[i].state == BLOCK_WAIT;
+        }
+        if (live == 0) break;
+        bool released = false;
+        if (at_block == live) {
+            for (int i = 0; i < threads; ++i)
+                if (fibers[i].state == BLOCK_WAIT) fibers[i].state = RUNNABLE;
+            released = true;
+        }
+        for (int w = 0; w * 32 < threads; ++w) {
+            int wl = 0, ww = 0;
+            for (int i = w * 32; i < w * 32 + 32 && i < threads; ++i) {
+                wl += fibers[i].state != DONE;
+                ww += fibers[i].state == WARP_WAIT;
+            }
+            if (wl > 0 && ww == wl) {
+                for (int i = w * 32; i < w * 32 + 32 && i < threads; ++i)
+                    if (fibers[i].state == WARP_WAIT) fibers[i].state = RUNNABLE;
+                released = true;
+            }
+        }
+        if (!ran && !released) {
+            std::fprintf(stderr, "cuda_emu: deadlock (a barrier some live threads never reach)\n");
+            std::abort();
+        }
+    }
+}
+
+template <class F>
+void launch(dim3 grid, unsigned threads, F f) {
+    std::function<void()> fn = f;
+    body = &fn;
+    gridDim = {grid.x, grid.y, grid.z};
+    blockDim = {threads, 1, 1};
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = {x, y, z};
+                run_block((int)threads);
+            }
+    body = nullptr;
+}
+}  // namespace emu
+
+static inline void __syncthreads() { emu::park(emu::BLOCK_WAIT); }
+
+static inline float __shfl_xor_sync(unsigned, float v, int o) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    emu::shfl_buf[warp][lane] = v;
+    emu::warp_sync();
+    float r = emu::shfl_buf[warp][lane ^ o];
+    emu::warp_sync();
+    return r;
+}
+
+typedef unsigned short f16_bits;
+
+static inline float h2f(f16_bits h) {
+    _Float16 v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+static inline f16_bits f2h(float f) {
+    _Float16 v = (_Float16)f;
+    f16_bits h;
+    std::memcpy(&h, &v, 2);
+    return h;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A B + C, from the documented fragment layout.
+static inline void mma_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = 0; i < 4; ++i) emu::mma_a[warp][lane][i] = a[i];
+    for (int i = 0; i < 2; ++i) emu::mma_b[warp][lane][i] = b[i];
+    emu::warp_sync();
+    auto lo = [](unsigned r) { return h2f((f16_bits)(r & 0xffffu)); };
+    auto hi = [](unsigned r) { return h2f((f16_bits)(r >> 16)); };
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        const unsigned* ra = emu::mma_a[warp][l];
+        A[g][2 * t] = lo(ra[0]);      A[g][2 * t + 1] = hi(ra[0]);
+        A[g + 8][2 * t] = lo(ra[1]);  A[g + 8][2 * t + 1] = hi(ra[1]);
+        A[g][2 * t + 8] = lo(ra[2]);  A[g][2 * t + 9] = hi(ra[2]);
+        A[g + 8][2 * t + 8] = lo(ra[3]); A[g + 8][2 * t + 9] = hi(ra[3]);
+        const unsigned* rb = emu::mma_b[warp][l];
+        B[2 * t][g] = lo(rb[0]);      B[2 * t + 1][g] = hi(rb[0]);
+        B[2 * t + 8][g] = lo(rb[1]);  B[2 * t + 9][g] = hi(rb[1]);
+    }
+    const int g = lane >> 2, t = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; ++i) {
+        float s = c[i];
+        for (int k = 0; k < 16; ++k) s = std::fma(A[rows[i]][k], B[k][cols[i]], s);
+        emu::mma_c[warp][lane][i] = s;
+    }
+    emu::warp_sync();
+    for (int i = 0; i < 4; ++i) c[i] = emu::mma_c[warp][lane][i];
+}

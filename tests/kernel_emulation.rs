@@ -1,0 +1,461 @@
+//! The CUDA kernels run on the CPU: kernels/*.cu compiled by the host C++ compiler through tests/emu/cuda_emu.h
+//! (fibers for threads, barriers for __syncthreads and the warp collectives, _Float16 for fp16, the documented
+//! mma.sync fragment layout), launched over the very grids the CUDA backend computes (`cuda::geometry`), and
+//! checked against the CPU reference in both precisions, with the GPU parity tests' tolerances (tests/cuda.rs).
+//!
+//! This runs in CI, where there is no GPU: it proves the kernels' indexing, bounds, tiling, im2col gathers,
+//! epilogues, fp16 rounding points, dL/dz scaling and deterministic reductions before a GPU ever runs them.
+//! It cannot prove what only hardware shows (the mma fragment layout as the tensor cores read it, memory-model
+//! races between blocks, speed): the GPU parity tests do that.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use asge::backend::cpu::CpuBackend;
+use asge::backend::cuda::geometry;
+use asge::backend::{round_f16, AdamWStep, Backend, ConvShape, Dropout, Precision};
+use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
+use common::{close, conv_cases, randn};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The host build of the kernels, compiled once per test run.
+fn lib() -> &'static libloading::Library {
+    static LIB: OnceLock<libloading::Library> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("asge-kernels-emu-{}.so", std::process::id()));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = std::process::Command::new(&cxx)
+            .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", "-o"])
+            .arg(&out)
+            .arg(root.join("tests/emu/launch.cpp"))
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}` (set CXX): {e}"));
+        assert!(status.success(), "the host build of kernels/*.cu failed (see the compiler output above)");
+        // SAFETY: the library is the one just built from tests/emu/launch.cpp; it has no initialisers that race.
+        let lib = unsafe { libloading::Library::new(&out) }.expect("load the host build of the kernels");
+        // Loaded (mapped) stays loaded; the file need not pile up in the target folder.
+        let _ = std::fs::remove_file(&out);
+        lib
+    })
+}
+
+type Grid = (u32, u32, u32);
+
+/// The emulator is single-threaded (one scheduler, shared statics as `__shared__`): one launch at a time.
+static EMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Calls `emu_<name>` with the grid and the kernel's arguments. The signature must match tests/emu/launch.cpp.
+macro_rules! launch {
+    ($name:literal, $grid:expr, fn($($t:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
+        let grid: Grid = $grid;
+        let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the symbol is the C wrapper of that kernel with exactly these argument types; every pointer
+        // is to a live buffer at least as long as the kernel indexes (the same shapes the GPU backend checks).
+        unsafe {
+            let f: libloading::Symbol<unsafe extern "C" fn(u32, u32, u32, $($t),*)> =
+                lib().get(concat!("emu_", $name, "\0").as_bytes()).expect($name);
+            f(grid.0, grid.1, grid.2, $($arg),*)
+        }
+    }};
+}
+
+fn to_f16(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()
+}
+
+fn from_f16(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect()
+}
+
+const NAN16: u16 = 0x7e00;
+
+/// The conv forward, patch goodness and weight gradient of the CUDA backend, in `p`, on the host: (y, g, dW, dB).
+#[allow(clippy::too_many_arguments)]
+fn gpu_conv(
+    p: Precision,
+    s: &ConvShape,
+    grid: &PatchGrid,
+    reduce: GoodnessReduce,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dg: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (bb, ci, co, h, ww, pp) =
+        (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
+    let mean = (reduce == GoodnessReduce::Mean) as i32;
+    let g_len = s.batch * s.c_out * grid.cells();
+    let mut g = vec![f32::NAN; g_len];
+    let split = geometry::wgrad(s, p);
+    let mk = s.w_len();
+    let mut part = vec![f32::NAN; split.slices * mk];
+    let mut part_db = vec![f32::NAN; split.slices * s.c_out];
+    let (mut dw, mut db) = (vec![f32::NAN; mk], vec![f32::NAN; s.c_out]);
+    let chunk = split.chunk as i32;
+    let y = match p {
+        Precision::F32 => {
+            let mut y = vec![f32::NAN; s.y_len()];
+            launch!(
+                "conv_goodness_fwd_f32",
+                geometry::conv_fwd(s, p),
+                fn(*const f32, *const f32, *const f32, *mut f32, i32, i32, i32, i32, i32),
+                x.as_ptr(),
+                w.as_ptr(),
+                b.as_ptr(),
+                y.as_mut_ptr(),
+                bb,
+                ci,
+                co,
+                h,
+                ww
+            );
+            launch!(
+                "patch_goodness_f32",
+                geometry::grid1(g_len),
+                fn(*const f32, *mut f32, i32, i32, i32, i32, i32, i32),
+                y.as_ptr(),
+                g.as_mut_ptr(),
+                bb,
+                co,
+                h,
+                ww,
+                pp,
+                mean
+            );
+            launch!(
+                "conv_goodness_wgrad_f32",
+                split.grid,
+                fn(*const f32, *const f32, *const f32, *mut f32, *mut f32, i32, i32, i32, i32, i32, i32, i32, i32),
+                x.as_ptr(),
+                y.as_ptr(),
+                dg.as_ptr(),
+                part.as_mut_ptr(),
+                part_db.as_mut_ptr(),
+                bb,
+                ci,
+                co,
+                h,
+                ww,
+                pp,
+                mean,
+                chunk
+            );
+            y
+        }
+        Precision::F16 => {
+            let (x16, w16) = (to_f16(x), to_f16(w));
+            let mut y16 = vec![NAN16; s.y_len()];
+            launch!(
+                "conv_goodness_fwd_f16",
+                geometry::conv_fwd(s, p),
+                fn(*const u16, *const u16, *const f32, *mut u16, i32, i32, i32, i32, i32),
+                x16.as_ptr(),
+                w16.as_ptr(),
+                b.as_ptr(),
+                y16.as_mut_ptr(),
+                bb,
+                ci,
+                co,
+                h,
+                ww
+            );
+            launch!(
+                "patch_goodness_f16",
+                geometry::grid1(g_len),
+                fn(*const u16, *mut f32, i32, i32, i32, i32, i32, i32),
+                y16.as_ptr(),
+                g.as_mut_ptr(),
+                bb,
+                co,
+                h,
+                ww,
+                pp,
+                mean
+            );
+            let scale = asge::backend::dz_scale(s.batch, grid, reduce);
+            launch!(
+                "conv_goodness_wgrad_f16",
+                split.grid,
+                fn(
+                    *const u16,
+                    *const u16,
+                    *const f32,
+                    *mut f32,
+                    *mut f32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    f32,
+                    f32,
+                ),
+                x16.as_ptr(),
+                y16.as_ptr(),
+                dg.as_ptr(),
+                part.as_mut_ptr(),
+                part_db.as_mut_ptr(),
+                bb,
+                ci,
+                co,
+                h,
+                ww,
+                pp,
+                mean,
+                chunk,
+                scale,
+                1.0 / scale
+            );
+            from_f16(&y16)
+        }
+    };
+    // Only the first K-tile's blocks write the bias partials; the reduce reads all of them.
+    launch!(
+        "wgrad_reduce_f32",
+        geometry::grid1(mk),
+        fn(*const f32, *const f32, *mut f32, *mut f32, i32, i32, i32),
+        part.as_ptr(),
+        part_db.as_ptr(),
+        dw.as_mut_ptr(),
+        db.as_mut_ptr(),
+        mk as i32,
+        co,
+        split.slices as i32
+    );
+    (y, g, dw, db)
+}
+
+#[test]
+fn conv_kernels_match_the_cpu_reference() {
+    for p in [Precision::F32, Precision::F16] {
+        let c = CpuBackend::new().with_precision(p);
+        let store_rtol = if p == Precision::F16 { 1.1e-3 } else { 1e-4 };
+        // The VGG8-like case at batch 2: the emulation runs every thread of every block on one core.
+        for (i, case) in conv_cases(2).into_iter().enumerate() {
+            let what = format!("{} case {i}", p.as_str());
+            let s = case.s;
+            let grid = PatchGrid::new(case.p, s.h, s.w);
+            let d = s.c_out * grid.cells();
+            let x = randn(s.x_len(), 1.0, 10 + i as u64);
+            let w = randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64);
+            let b = randn(s.c_out, 0.1, 30 + i as u64);
+            let dg = randn(s.batch * d, 1.0 / s.batch as f64, 40 + i as u64);
+            let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, &s, &grid, case.reduce, &x, &w, &b, &dg);
+            let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
+            c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g).unwrap();
+            close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);
+            close(&format!("{what} goodness"), &g_gpu, &g, store_rtol, 1e-5);
+            let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
+            c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y_gpu, &dg, &mut dw, &mut db).unwrap();
+            close(&format!("{what} dW"), &dw_gpu, &dw, 1e-3, 1e-4);
+            close(&format!("{what} db"), &db_gpu, &db, 1e-3, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
+    let c = CpuBackend::new();
+    for (batch, dim, classes) in [(1, 16, 10), (3, 1000, 10), (5, 512, 100)] {
+        let g: Vec<f32> = randn(batch * dim, 1.0, 1).iter().map(|v| v.abs()).collect();
+        let pw = randn(dim * classes, 1.0 / (classes as f64).sqrt(), 2);
+        let pb = randn(classes, 1.0 / (classes as f64).sqrt(), 3);
+        let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % classes as u32).collect();
+        let (mut lg, mut dg, mut st) = (vec![0.0; batch * classes], vec![0.0; batch * dim], vec![0.0; 2]);
+        c.goodness_loss(batch, dim, classes, &g, &pw, &pb, &labels, &mut lg, Some(&mut dg), &mut st).unwrap();
+        let (mut lg2, mut dg2, mut st2) = (vec![f32::NAN; lg.len()], vec![f32::NAN; dg.len()], vec![0.0f32; 2]);
+        launch!(
+            "goodness_loss_f32",
+            (batch as u32, 1, 1),
+            fn(*const f32, *const f32, *const f32, *const u32, *mut f32, *mut f32, *mut f32, i32, i32, i32, i32),
+            g.as_ptr(),
+            pw.as_ptr(),
+            pb.as_ptr(),
+            labels.as_ptr(),
+            lg2.as_mut_ptr(),
+            dg2.as_mut_ptr(),
+            st2.as_mut_ptr(),
+            batch as i32,
+            dim as i32,
+            classes as i32,
+            1
+        );
+        close("logits", &lg2, &lg, 1e-4, 1e-5);
+        close("dL/dg", &dg2, &dg, 1e-4, 1e-5);
+        close("loss", &st2[..1], &st[..1], 1e-4, 0.0);
+        assert_eq!(st2[1], st[1], "correct count");
+    }
+    for p in [Precision::F32, Precision::F16] {
+        let c = CpuBackend::new().with_precision(p);
+        let store_rtol = if p == Precision::F16 { 1.1e-3 } else { 1e-4 };
+        for (batch, ch, h, pool, drop) in [
+            (3, 5, 7, None, None),
+            (2, 70, 16, Some(PoolKind::Avg), Some(0.1)),
+            (4, 9, 9, Some(PoolKind::Rms), Some(0.5)),
+        ] {
+            let what = format!("{} layer output {batch}x{ch}x{h}", p.as_str());
+            let y: Vec<f32> = randn(batch * ch * h * h, 1.0, 5)
+                .iter()
+                .map(|v| if p == Precision::F16 { round_f16(v.max(0.0)) } else { v.max(0.0) })
+                .collect();
+            let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
+            let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
+            let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
+            c.layer_output(batch, ch, h, h, pool, dropout, &y, &mut out, Some(&mut gap)).unwrap();
+            let pool_i = match pool {
+                None => 0,
+                Some(PoolKind::Avg) => 1,
+                Some(PoolKind::Rms) => 2,
+            };
+            let (pd, key) = dropout.map_or((0.0, 0), |d| (d.p, d.key));
+            let use_drop = dropout.is_some() as i32;
+            let mut gap2 = vec![f32::NAN; gap.len()];
+            let args = (ch as i32, h as i32, h as i32, pool_i, pd, key, use_drop, 1i32);
+            let out2 = match p {
+                Precision::F32 => {
+                    let mut o = vec![f32::NAN; out.len()];
+                    launch!(
+                        "layer_output_f32",
+                        (batch as u32, 1, 1),
+                        fn(*const f32, *mut f32, *mut f32, i32, i32, i32, i32, f32, u64, i32, i32),
+                        y.as_ptr(),
+                        o.as_mut_ptr(),
+                        gap2.as_mut_ptr(),
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                        args.7
+                    );
+                    o
+                }
+                Precision::F16 => {
+                    let y16 = to_f16(&y);
+                    let mut o = vec![NAN16; out.len()];
+                    launch!(
+                        "layer_output_f16",
+                        (batch as u32, 1, 1),
+                        fn(*const u16, *mut u16, *mut f32, i32, i32, i32, i32, f32, u64, i32, i32),
+                        y16.as_ptr(),
+                        o.as_mut_ptr(),
+                        gap2.as_mut_ptr(),
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                        args.7
+                    );
+                    from_f16(&o)
+                }
+            };
+            close(&what, &out2, &out, store_rtol, 1e-6);
+            close(&format!("{what} gap"), &gap2, &gap, 1e-4, 1e-6);
+        }
+    }
+    // Fusion heads: two heads into one set of logits, softmax CE, each head's gradient.
+    let (batch, classes, dims) = (5usize, 10usize, [32usize, 64]);
+    let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
+    let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
+    let bs: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes, 0.2, 200 + c as u64)).collect();
+    let labels: Vec<u32> = vec![0, 3, 9, 1, 1];
+    let mut cg: Vec<(Vec<f32>, Vec<f32>)> =
+        dims.iter().map(|&c| (vec![0.0; classes * c], vec![0.0; classes])).collect();
+    let (mut lg, mut st) = (vec![0.0; batch * classes], vec![0.0; 2]);
+    {
+        let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
+        let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
+        let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = cg.iter_mut().map(|(a, b)| (a, b)).collect();
+        c.fusion_heads(batch, classes, &f, &h, &labels, &mut lg, Some(&mut gr), &mut st).unwrap();
+    }
+    let (bi, ni) = (batch as i32, classes as i32);
+    let mut s = vec![0.0f32; batch * classes];
+    for (k, &cdim) in dims.iter().enumerate() {
+        launch!(
+            "heads_logits_f32",
+            geometry::grid1(batch * classes),
+            fn(*const f32, *const f32, *const f32, *mut f32, i32, i32, i32),
+            feats[k].as_ptr(),
+            ws[k].as_ptr(),
+            bs[k].as_ptr(),
+            s.as_mut_ptr(),
+            bi,
+            ni,
+            cdim as i32
+        );
+    }
+    let (mut ds, mut st2) = (vec![f32::NAN; batch * classes], vec![0.0f32; 2]);
+    launch!(
+        "heads_softmax_f32",
+        geometry::grid1(batch),
+        fn(*const f32, *const u32, *mut f32, *mut f32, i32, i32),
+        s.as_ptr(),
+        labels.as_ptr(),
+        ds.as_mut_ptr(),
+        st2.as_mut_ptr(),
+        bi,
+        ni
+    );
+    close("head logits", &s, &lg, 1e-4, 1e-5);
+    close("head loss", &st2[..1], &st[..1], 1e-4, 0.0);
+    assert_eq!(st2[1], st[1], "head correct count");
+    for (k, &cdim) in dims.iter().enumerate() {
+        let (mut gw, mut gb) = (vec![f32::NAN; classes * cdim], vec![f32::NAN; classes]);
+        launch!(
+            "heads_grad_f32",
+            geometry::grid1(classes * cdim),
+            fn(*const f32, *const f32, *mut f32, *mut f32, i32, i32, i32),
+            feats[k].as_ptr(),
+            ds.as_ptr(),
+            gw.as_mut_ptr(),
+            gb.as_mut_ptr(),
+            bi,
+            ni,
+            cdim as i32
+        );
+        close(&format!("head {k} dW"), &gw, &cg[k].0, 1e-4, 1e-5);
+        close(&format!("head {k} db"), &gb, &cg[k].1, 1e-4, 1e-5);
+    }
+    // AdamW, three steps, with the fp16 copy written in the same pass.
+    let n = 10_007;
+    let (p0, gr) = (randn(n, 0.1, 7), randn(n, 0.01, 8));
+    let c16 = CpuBackend::new().with_precision(Precision::F16);
+    let (mut p, mut m, mut v, mut copy) = (p0.clone(), vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let (mut p2, mut m2, mut v2, mut copy2) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n], vec![NAN16; n]);
+    for t in 1..=3 {
+        let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
+        c16.adamw(n, &mut p, &gr, &mut m, &mut v, &h, Some(&mut copy)).unwrap();
+        let k = h.scalars();
+        launch!(
+            "adamw_f32",
+            geometry::adamw(n),
+            fn(*mut f32, *const f32, *mut f32, *mut f32, *mut u16, i32, f32, f32, f32, f32, f32, f32, f32),
+            p2.as_mut_ptr(),
+            gr.as_ptr(),
+            m2.as_mut_ptr(),
+            v2.as_mut_ptr(),
+            copy2.as_mut_ptr(),
+            n as i32,
+            k.decay,
+            k.w1,
+            k.b2,
+            k.w2,
+            k.step_size,
+            k.bc2_sqrt,
+            k.eps
+        );
+    }
+    close("adamw", &p2, &p, 0.0, 1e-6);
+    close("adamw fp16 copy", &from_f16(&copy2), &copy, 1.1e-3, 0.0);
+}
