@@ -207,6 +207,11 @@ pub trait Backend: Send + Sync {
     fn write(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()>;
     /// The first `len` elements of `src`.
     fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
+    /// [`Backend::write`] for a batch's input, which the ops issued next read: a GPU stages it through pinned
+    /// host memory and copies it on its own stream, so the upload overlaps the compute still queued.
+    fn write_input(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()> {
+        self.write(dst, data)
+    }
     fn labels(&self, labels: &[u32]) -> Result<Self::Labels>;
     fn write_labels(&self, dst: &mut Self::Labels, labels: &[u32]) -> Result<()>;
 

@@ -268,7 +268,7 @@ impl<B: Backend> Net<B> {
         );
         self.be.set_lane(0)?;
         let a0 = self.ws.act(0);
-        self.be.write(&mut self.ws.acts[a0], x)?;
+        self.be.write_input(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
         for slot in &mut self.ws.stats {
             self.be.write(slot, &[0.0; STATS_LEN])?;

@@ -1,5 +1,6 @@
 //! The CUDA backend: hand-written kernels (`kernels/*.cu`) compiled at run time by NVRTC for the device's
-//! architecture, launched through cudarc on one stream. Every library is opened at run time
+//! architecture, launched through cudarc on one stream per lane (`ASGE_CUDA_LANES`), with the batch's input
+//! staged through pinned host memory and copied on a stream of its own. Every library is opened at run time
 //! (`dynamic-loading`), and [`CudaBackend::new`] probes for the driver, NVRTC and a device before the first
 //! cudarc call, so a machine without them gets one clear error instead of cudarc's panic.
 //!
@@ -13,7 +14,7 @@ pub mod nvrtc;
 use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision, STATS_LEN};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -110,8 +111,13 @@ pub struct CudaBackend {
     ordinal: usize,
     precision: Precision,
     name: String,
+    ctx: Arc<CudaContext>,
     /// One stream per lane; lane 0 is the context's default stream.
     streams: Vec<Arc<CudaStream>>,
+    /// The input uploads' stream, and their two pinned staging buffers (the host fills one while the other's
+    /// copy may still run); cudarc's per-buffer events order the copy before the kernels that read its target.
+    copy_stream: Arc<CudaStream>,
+    staging: Mutex<Staging>,
     lane: std::sync::atomic::AtomicUsize,
     funcs: HashMap<&'static str, CudaFunction>,
     /// The fusion heads' `dL/ds`, grown on demand.
@@ -120,6 +126,27 @@ pub struct CudaBackend {
     wgrad_scratch: Vec<Mutex<Option<CudaSlice<f32>>>>,
     /// With `--trace`: every op's start and end events, and the event all times are measured from.
     timed: Mutex<TimedOps>,
+}
+
+#[derive(Default)]
+struct Staging {
+    f32: [Option<PinnedHostSlice<f32>>; 2],
+    f16: [Option<PinnedHostSlice<half::f16>>; 2],
+    next: usize,
+}
+
+/// `slot`, reallocated as `len` pinned values when it holds another length.
+fn pinned<'a, T: cudarc::driver::DeviceRepr>(
+    ctx: &Arc<CudaContext>,
+    slot: &'a mut Option<PinnedHostSlice<T>>,
+    len: usize,
+) -> Result<&'a mut PinnedHostSlice<T>> {
+    if slot.as_ref().is_none_or(|p| p.len() != len) {
+        *slot = None;
+        // SAFETY: the buffer is filled completely before its only use (one copy of `len` values).
+        *slot = Some(drv(unsafe { ctx.alloc_pinned::<T>(len) }, "pinned host allocation")?);
+    }
+    Ok(slot.as_mut().unwrap())
 }
 
 #[derive(Default)]
@@ -246,6 +273,8 @@ impl CudaBackend {
             ctx.compute_capability().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: compute capability ({e:?})"))?;
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let copy_stream =
+            ctx.new_stream().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a stream ({e:?})"))?;
         let mut streams = vec![ctx.default_stream()];
         for _ in 1..lanes.max(1) {
             streams
@@ -270,6 +299,9 @@ impl CudaBackend {
             name: format!("cuda:{ordinal} ({name}, {arch}, {format:?}, {} lane(s))", streams.len()),
             wgrad_scratch: (0..streams.len()).map(|_| Mutex::new(None)).collect(),
             streams,
+            ctx,
+            copy_stream,
+            staging: Mutex::new(Staging::default()),
             lane: std::sync::atomic::AtomicUsize::new(0),
             funcs,
             head_scratch: Mutex::new(None),
@@ -452,7 +484,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        for s in &self.streams {
+        for s in self.streams.iter().chain([&self.copy_stream]) {
             s.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))?;
         }
         Ok(())
@@ -527,6 +559,31 @@ impl Backend for CudaBackend {
             CudaBuf::F16(s) => {
                 use half::slice::HalfFloatSliceExt;
                 Ok(drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec())
+            }
+        }
+    }
+
+    fn write_input(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
+        fits("destination", dst.len(), data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.staging.lock().unwrap();
+        let i = st.next;
+        st.next ^= 1;
+        let n = data.len();
+        // as_mut_slice waits for this staging buffer's previous copy (two batches ago) to finish.
+        match dst {
+            CudaBuf::F32(d) => {
+                let p = pinned(&self.ctx, &mut st.f32[i], n)?;
+                drv(p.as_mut_slice(), "pinned buffer")?.copy_from_slice(data);
+                drv(self.copy_stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")
+            }
+            CudaBuf::F16(d) => {
+                use half::slice::HalfFloatSliceExt;
+                let p = pinned(&self.ctx, &mut st.f16[i], n)?;
+                drv(p.as_mut_slice(), "pinned buffer")?.convert_from_f32_slice(data);
+                drv(self.copy_stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")
             }
         }
     }
