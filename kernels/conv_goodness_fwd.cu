@@ -30,6 +30,11 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
     const int m0 = blockIdx.y * FWD_TM, n0 = blockIdx.x * FWD_TN;
     const int tid = threadIdx.x;
     const int tm = (tid / 16) * 4, tn = (tid % 16) * 4;
+    // B tile: the thread's pixel (tid % 64) is the same for every tap it loads and every K step: locate it once.
+    const int bn = tid % FWD_TN, n = n0 + bn;
+    const bool n_ok = n < N;
+    const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
+    const float* xb = x + (long)pb * Cin * HW;
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -42,10 +47,8 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
             int m = m0 + mm, k = k0 + kk;
             As[kk][mm] = (m < Cout && k < K) ? w[(long)m * K + k] : 0.0f;
         }
-        for (int i = tid; i < FWD_TK * FWD_TN; i += 256) {
-            int kk = i / FWD_TN, nn = i % FWD_TN;
-            Bs[kk][nn] = im2col_at(x, k0 + kk, n0 + nn, K, N, Cin, H, W);
-        }
+        for (int kk = tid / FWD_TN; kk < FWD_TK; kk += 256 / FWD_TN)
+            Bs[kk][bn] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : 0.0f;
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < FWD_TK; ++kk) {
@@ -82,6 +85,11 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
     const int tid = threadIdx.x;
     const int am = tid >> 2, ak = (tid & 3) * 8;       // A tile: row am, columns ak..ak+7
     const int bn = tid % TC_N, bk = tid / TC_N;        // B tile: pixel bn, taps bk, bk+2, ..., bk+30
+    // The thread's pixel is the same for the whole K loop: locate it once.
+    const int n = n0 + bn;
+    const bool n_ok = n < N;
+    const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
+    const f16_bits* xb = x + (long)pb * Cin * HW;
     float acc[2][4][4];
     tc_zero(acc);
 
@@ -95,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
 #pragma unroll
         for (int j = 0; j < TC_K / 2; ++j) {
             const int kk = bk + 2 * j;
-            Bs[bn][kk] = im2col_at_h(x, k0 + kk, n0 + bn, K, N, Cin, H, W);
+            Bs[bn][kk] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : (f16_bits)0;
         }
         __syncthreads();
         tc_step(acc, As, Bs);

@@ -45,10 +45,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
             }
             As[nn][mm] = dz;
         }
-        for (int i = tid; i < WG_TN * WG_TK; i += 256) {
-            int nn = i / WG_TK, kk = i % WG_TK;
-            int n = n0 + nn;
-            Bs[nn][kk] = im2col_at(x, k0 + kk, n < nend ? n : N, K, N, Cin, H, W);
+        {
+            // The thread's pixel (tid % 16) is fixed for its 4 taps of this step: locate it once.
+            const int nn = tid % WG_TN, n = n0 + nn;
+            const bool n_ok = n < nend;
+            const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
+            const float* xb = x + (long)pb * Cin * HW;
+            for (int kk = tid / WG_TN; kk < WG_TK; kk += 256 / WG_TN)
+                Bs[nn][kk] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : 0.0f;
         }
         __syncthreads();
         if (bias_block && tid < WG_TM)
@@ -117,11 +121,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
             db_acc += dz;
             As[am][an + j] = f2h(dz * scale);
         }
+        // The thread's pixel for this step, located once for its 16 taps.
         const int n = n0 + bn;
+        const bool n_ok = n < nend;
+        const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
+        const f16_bits* xb = x + (long)pb * Cin * HW;
 #pragma unroll 4
         for (int j = 0; j < TC_N / 8; ++j) {
             const int kk = bk + 8 * j;
-            Bs[kk][bn] = n < nend ? im2col_at_h(x, k0 + kk, n, K, N, Cin, H, W) : (f16_bits)0;
+            Bs[kk][bn] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : (f16_bits)0;
         }
         __syncthreads();
         tc_step(acc, As, Bs);

@@ -71,25 +71,16 @@ __device__ __forceinline__ void bins_of(int c, int n, int p, int* lo, int* hi) {
 }
 
 // The implicit im2col: col[k, n] = x[b, ci, oh + kh - 1, ow + kw - 1] (zero outside the map), with
-// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow, for k < K and n < N (else 0). im2col_index gives the offset
-// into x, or -1 for a zero.
-__device__ __forceinline__ long im2col_index(int k, int n, int K, int N, int Cin, int H, int W) {
-    if (k >= K || n >= N) return -1;
-    int ci = k / 9, r = k % 9;
-    int HW = H * W, b = n / HW, p = n % HW;
-    int ih = p / W + r / 3 - 1, iw = p % W + r % 3 - 1;
-    if (ih < 0 || ih >= H || iw < 0 || iw >= W) return -1;
-    return (((long)b * Cin + ci) * H + ih) * W + iw;
-}
-
-__device__ __forceinline__ float im2col_at(const float* __restrict__ x, int k, int n, int K, int N, int Cin, int H, int W) {
-    long i = im2col_index(k, n, K, N, Cin, H, W);
-    return i < 0 ? 0.0f : x[i];
-}
-
-__device__ __forceinline__ f16_bits im2col_at_h(const f16_bits* __restrict__ x, int k, int n, int K, int N, int Cin, int H, int W) {
-    long i = im2col_index(k, n, K, N, Cin, H, W);
-    return i < 0 ? (f16_bits)0 : x[i];
+// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow. tap_at gives tap k (< K, else 0) of one output pixel (oh, ow)
+// whose sample starts at xb. The GEMM kernels fix each thread's pixel across its loads, so the pixel's
+// divisions happen once per tile step and the tap's are by the constants 9 and 3.
+template <typename T>
+__device__ __forceinline__ T tap_at(const T* __restrict__ xb, int k, int K, int oh, int ow, int H, int W) {
+    if (k >= K) return (T)0;
+    int ci = k / 9, r = k - ci * 9;
+    int ih = oh + r / 3 - 1, iw = ow + r % 3 - 1;
+    if (ih < 0 || ih >= H || iw < 0 || iw >= W) return (T)0;
+    return xb[((long)ci * H + ih) * W + iw];
 }
 
 // Loads and stores that widen from / narrow to the storage type (round to nearest even), so that one template
