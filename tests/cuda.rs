@@ -20,9 +20,9 @@ mod common;
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::{self, nvrtc, CudaBackend, CudaBuf};
 use asge::backend::{AdamWStep, Backend, Dropout, Precision};
-use asge::model::{self, ModelOptions, Params, PatchGrid, PoolKind};
+use asge::model::{self, ModelOptions, Params, PatchGrid};
 use asge::train::{AdamW, Net};
-use common::{close, conv_cases, randn};
+use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
@@ -164,9 +164,7 @@ fn conv_fwd_and_wgrad_match_cpu() {
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);
             let d = s.c_out * grid.cells();
-            let x = randn(s.x_len(), 1.0, 10 + i as u64);
-            let w = randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64);
-            let b = randn(s.c_out, 0.1, 30 + i as u64);
+            let (x, w, b, dg) = conv_inputs(&case, i);
             let (mut y, mut gd) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
             c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut gd).unwrap();
             let (xd, wd, bd) = (operand(&g, &x, 0), operand(&g, &w, 0), dev(&g, &b, 0));
@@ -176,8 +174,6 @@ fn conv_fwd_and_wgrad_match_cpu() {
             close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);
             close(&format!("{what} goodness"), &g.read(&gdd, s.batch * d).unwrap(), &gd, store_rtol, 1e-5);
 
-            // Realistic dL/dg sizes (~1/B, like the loss makes them), so that fp16 underflow would show.
-            let dg = randn(s.batch * d, 1.0 / s.batch as f64, 40 + i as u64);
             let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
             // Both sides read the GPU's y (checked above), as the GPU does in training.
             c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y_gpu, &dg, &mut dw, &mut db).unwrap();
@@ -219,17 +215,9 @@ fn loss_output_heads_adamw_match_cpu() {
     for precision in PRECISIONS {
         let (g, c) = (gpu().with_precision(precision), CpuBackend::new().with_precision(precision));
         let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
-        for (batch, ch, h, pool, drop) in [
-            (3, 5, 7, None, None),
-            (2, 70, 16, Some(PoolKind::Avg), Some(0.1)),
-            (4, 9, 9, Some(PoolKind::Rms), Some(0.5)),
-        ] {
+        for (batch, ch, h, pool, drop) in output_cases() {
             let what = format!("{} layer output {batch}x{ch}x{h}", precision.as_str());
-            // y as the conv stores it: non-negative, and fp16-representable in the fp16 path.
-            let y: Vec<f32> = randn(batch * ch * h * h, 1.0, 5)
-                .iter()
-                .map(|v| if precision == Precision::F16 { asge::backend::round_f16(v.max(0.0)) } else { v.max(0.0) })
-                .collect();
+            let y = conv_output(batch * ch * h * h, precision);
             let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
             let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
             let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
@@ -243,21 +231,8 @@ fn loss_output_heads_adamw_match_cpu() {
             close(&format!("{what} gap"), &g.read(&gd, gap.len()).unwrap(), &gap, 1e-4, 1e-6);
         }
     }
-    let (g, c) = (gpu(), CpuBackend::new());
-    let (batch, classes, dims) = (5, 10, [32usize, 64]);
-    let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
-    let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
-    let bs: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes, 0.2, 200 + c as u64)).collect();
-    let labels: Vec<u32> = vec![0, 3, 9, 1, 1];
-    let mut cg: Vec<(Vec<f32>, Vec<f32>)> =
-        dims.iter().map(|&c| (vec![0.0; classes * c], vec![0.0; classes])).collect();
-    let (mut lg, mut st) = (vec![0.0; batch * classes], vec![0.0; 2]);
-    {
-        let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
-        let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
-        let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = cg.iter_mut().map(|(a, b)| (a, b)).collect();
-        c.fusion_heads(batch, classes, &f, &h, &labels, &mut lg, Some(&mut gr), &mut st).unwrap();
-    }
+    let g = gpu();
+    let HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits: lg, stats: st, grads: cg } = heads_case();
     let fd: Vec<_> = feats.iter().map(|f| dev(&g, f, 0)).collect();
     let wd: Vec<_> = ws.iter().map(|w| dev(&g, w, 0)).collect();
     let bd: Vec<_> = bs.iter().map(|b| dev(&g, b, 0)).collect();
@@ -271,6 +246,9 @@ fn loss_output_heads_adamw_match_cpu() {
             .unwrap();
     }
     close("head logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
+    let sg = g.read(&std_, 2).unwrap();
+    close("head loss", &sg[..1], &st[..1], 1e-4, 0.0);
+    assert_eq!(sg[1], st[1], "head correct count");
     for (k, ((gw, gb), (cw, cb))) in gg.iter().zip(&cg).enumerate() {
         close(&format!("head {k} dW"), &g.read(gw, cw.len()).unwrap(), cw, 1e-4, 1e-5);
         close(&format!("head {k} db"), &g.read(gb, cb.len()).unwrap(), cb, 1e-4, 1e-5);

@@ -13,9 +13,9 @@ mod common;
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::geometry;
-use asge::backend::{round_f16, AdamWStep, Backend, ConvShape, Dropout, Precision};
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
-use common::{close, conv_cases, randn};
+use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -242,10 +242,7 @@ fn conv_kernels_match_the_cpu_reference() {
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);
             let d = s.c_out * grid.cells();
-            let x = randn(s.x_len(), 1.0, 10 + i as u64);
-            let w = randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64);
-            let b = randn(s.c_out, 0.1, 30 + i as u64);
-            let dg = randn(s.batch * d, 1.0 / s.batch as f64, 40 + i as u64);
+            let (x, w, b, dg) = conv_inputs(&case, i);
             let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, &s, &grid, case.reduce, &x, &w, &b, &dg);
             let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
             c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g).unwrap();
@@ -294,16 +291,9 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
     for p in [Precision::F32, Precision::F16] {
         let c = CpuBackend::new().with_precision(p);
         let store_rtol = if p == Precision::F16 { 1.1e-3 } else { 1e-4 };
-        for (batch, ch, h, pool, drop) in [
-            (3, 5, 7, None, None),
-            (2, 70, 16, Some(PoolKind::Avg), Some(0.1)),
-            (4, 9, 9, Some(PoolKind::Rms), Some(0.5)),
-        ] {
+        for (batch, ch, h, pool, drop) in output_cases() {
             let what = format!("{} layer output {batch}x{ch}x{h}", p.as_str());
-            let y: Vec<f32> = randn(batch * ch * h * h, 1.0, 5)
-                .iter()
-                .map(|v| if p == Precision::F16 { round_f16(v.max(0.0)) } else { v.max(0.0) })
-                .collect();
+            let y = conv_output(batch * ch * h * h, p);
             let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
             let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
             let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
@@ -365,20 +355,7 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
         }
     }
     // Fusion heads: two heads into one set of logits, softmax CE, each head's gradient.
-    let (batch, classes, dims) = (5usize, 10usize, [32usize, 64]);
-    let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
-    let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
-    let bs: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes, 0.2, 200 + c as u64)).collect();
-    let labels: Vec<u32> = vec![0, 3, 9, 1, 1];
-    let mut cg: Vec<(Vec<f32>, Vec<f32>)> =
-        dims.iter().map(|&c| (vec![0.0; classes * c], vec![0.0; classes])).collect();
-    let (mut lg, mut st) = (vec![0.0; batch * classes], vec![0.0; 2]);
-    {
-        let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
-        let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
-        let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = cg.iter_mut().map(|(a, b)| (a, b)).collect();
-        c.fusion_heads(batch, classes, &f, &h, &labels, &mut lg, Some(&mut gr), &mut st).unwrap();
-    }
+    let HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits: lg, stats: st, grads: cg } = heads_case();
     let (bi, ni) = (batch as i32, classes as i32);
     let mut s = vec![0.0f32; batch * classes];
     for (k, &cdim) in dims.iter().enumerate() {

@@ -25,6 +25,22 @@ fn tiny(out_tag: &str) -> (TrainConfig, std::path::PathBuf) {
     (cfg, common::temp_dir(out_tag))
 }
 
+/// VGG8 at width 0.125 on 6,000 MNIST images, 3 epochs at lr 1e-3, tested on 2,000.
+fn mnist_6000() -> TrainConfig {
+    TrainConfig {
+        dataset: DatasetKind::Mnist,
+        data: common::data_dir(),
+        width: 0.125,
+        epochs: 3,
+        batch: 64,
+        lr: 1e-3,
+        limit_train: Some(6000),
+        limit_test: Some(2000),
+        val: Some(0),
+        ..Default::default()
+    }
+}
+
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let ck = checkpoint::load(path).unwrap();
     let mut v: Vec<(String, Vec<f32>)> = ck.params.into_iter().map(|(k, (_, d))| (k, d)).collect();
@@ -36,18 +52,7 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 fn short_mnist_run_learns() {
     // VGG8 at width 0.125 on 6,000 MNIST images, 3 epochs at lr 1e-3: ~80% test top-1 from the last layer.
     // An untrained network scores ~10%; a wrong gradient sign, scale or mask does not get past ~20%.
-    let cfg = TrainConfig {
-        dataset: DatasetKind::Mnist,
-        data: common::data_dir(),
-        width: 0.125,
-        epochs: 3,
-        batch: 64,
-        lr: 1e-3,
-        limit_train: Some(6000),
-        limit_test: Some(2000),
-        val: Some(0),
-        ..Default::default()
-    };
+    let cfg = mnist_6000();
     let out = common::temp_dir("learns");
     let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     let get = |name: &str| s.test.iter().find(|r| r.strategy == name).unwrap().clone();
@@ -73,18 +78,7 @@ fn fp16_emulation_trains_like_fp32() {
     // The fp16 path's numerics (operands stored in fp16, dL/dz scaled, f32 sums and master weights), emulated
     // on the CPU where the GPU rounds, must reach the fp32 run's accuracy: same data, seed and schedule as
     // short_mnist_run_learns, both precisions; the test top-1 of the last and best layers within 2 points.
-    let cfg = TrainConfig {
-        dataset: DatasetKind::Mnist,
-        data: common::data_dir(),
-        width: 0.125,
-        epochs: 3,
-        batch: 64,
-        lr: 1e-3,
-        limit_train: Some(6000),
-        limit_test: Some(2000),
-        val: Some(0),
-        ..Default::default()
-    };
+    let cfg = mnist_6000();
     let quiet = RunOptions { quiet: true, ..Default::default() };
     let out = common::temp_dir("fp16");
     let s32 = run::train(&cfg, &out.join("fp32"), false, quiet).unwrap().unwrap();

@@ -59,6 +59,19 @@ pub struct ConvCase {
     pub reduce: asge::model::GoodnessReduce,
 }
 
+/// Inputs for case `i`: x ~ N(0, 1), Kaiming-scaled weights, small biases, and a dL/dg of the size the loss
+/// makes (~1/B), so that fp16 underflow would show.
+pub fn conv_inputs(case: &ConvCase, i: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let s = &case.s;
+    let d = s.c_out * case.p * case.p;
+    (
+        randn(s.x_len(), 1.0, 10 + i as u64),
+        randn(s.w_len(), (2.0 / (s.c_in * 9) as f64).sqrt(), 20 + i as u64),
+        randn(s.c_out, 0.1, 30 + i as u64),
+        randn(s.batch * d, 1.0 / s.batch as f64, 40 + i as u64),
+    )
+}
+
 /// The awkward shapes every conv kernel is checked on: batch 1 and 3, channels not a multiple of the tiles,
 /// H not divisible by P (overlapping cells), 1x1 cells; `batch` scales the VGG8-like case.
 pub fn conv_cases(vgg_batch: usize) -> Vec<ConvCase> {
@@ -75,4 +88,59 @@ pub fn conv_cases(vgg_batch: usize) -> Vec<ConvCase> {
         c(vgg_batch, 32, 64, 16, 2, Mean), // a VGG8-like layer
         c(5, 96, 40, 2, 1, Mean),
     ]
+}
+
+/// The layer-output cases: (batch, channels, side, pool, dropout p): no pool, avg pool with dropout, rms pool
+/// on an odd side with heavy dropout.
+#[allow(clippy::type_complexity)]
+pub fn output_cases() -> Vec<(usize, usize, usize, Option<asge::model::PoolKind>, Option<f32>)> {
+    use asge::model::PoolKind::{Avg, Rms};
+    vec![(3, 5, 7, None, None), (2, 70, 16, Some(Avg), Some(0.1)), (4, 9, 9, Some(Rms), Some(0.5))]
+}
+
+/// A layer output's input as the conv stores it: non-negative, and fp16-representable in the fp16 path.
+pub fn conv_output(len: usize, precision: asge::backend::Precision) -> Vec<f32> {
+    randn(len, 1.0, 5)
+        .iter()
+        .map(|v| match precision {
+            asge::backend::Precision::F32 => v.max(0.0),
+            asge::backend::Precision::F16 => asge::backend::round_f16(v.max(0.0)),
+        })
+        .collect()
+}
+
+/// Two fusion heads (32 and 64 features, batch 5, 10 classes) and the CPU reference's results on them.
+pub struct HeadsCase {
+    pub batch: usize,
+    pub classes: usize,
+    pub dims: [usize; 2],
+    pub feats: Vec<Vec<f32>>,
+    pub ws: Vec<Vec<f32>>,
+    pub bs: Vec<Vec<f32>>,
+    pub labels: Vec<u32>,
+    pub logits: Vec<f32>,
+    pub stats: Vec<f32>,
+    /// `(dW, db)` per head.
+    pub grads: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+pub fn heads_case() -> HeadsCase {
+    use asge::backend::Backend;
+    let (batch, classes, dims) = (5, 10, [32usize, 64]);
+    let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
+    let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
+    let bs: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes, 0.2, 200 + c as u64)).collect();
+    let labels: Vec<u32> = vec![0, 3, 9, 1, 1];
+    let mut grads: Vec<(Vec<f32>, Vec<f32>)> =
+        dims.iter().map(|&c| (vec![0.0; classes * c], vec![0.0; classes])).collect();
+    let (mut logits, mut stats) = (vec![0.0; batch * classes], vec![0.0; 2]);
+    {
+        let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
+        let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
+        let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = grads.iter_mut().map(|(a, b)| (a, b)).collect();
+        asge::backend::cpu::CpuBackend::new()
+            .fusion_heads(batch, classes, &f, &h, &labels, &mut logits, Some(&mut gr), &mut stats)
+            .unwrap();
+    }
+    HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits, stats, grads }
 }
