@@ -74,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
 
 // f16 forward. Each thread loads 8 weights of one row of the A tile (k contiguous in W) and 16 column values of
 // one pixel (the pixel's coordinates are fixed for the thread; the taps vary), so consecutive threads read
-// consecutive pixels of x.
+// consecutive pixels of x; the loads for step k+1 are issued before the MMAs of step k.
 extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
     f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
@@ -94,19 +94,28 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
     float acc[2][4][4];
     tc_zero(acc);
 
-    for (int k0 = 0; k0 < K; k0 += TC_K) {
-        const int m = m0 + am;
+    // Register prefetch: the next step's 8 + 16 values are loaded from global memory while the tensor cores
+    // work on the current step's tile (one shared buffer, written between the two barriers).
+    const int m = m0 + am;
+    const f16_bits* wrow = w + (long)m * K;
+    f16_bits ra[8], rb[TC_K / 2];
+    auto load = [&](int k0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int k = k0 + ak + j;
-            As[am][ak + j] = (m < Cout && k < K) ? w[(long)m * K + k] : (f16_bits)0;
+            ra[j] = (m < Cout && k < K) ? wrow[k] : (f16_bits)0;
         }
 #pragma unroll
-        for (int j = 0; j < TC_K / 2; ++j) {
-            const int kk = bk + 2 * j;
-            Bs[bn][kk] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : (f16_bits)0;
-        }
+        for (int j = 0; j < TC_K / 2; ++j) rb[j] = n_ok ? tap_at(xb, k0 + bk + 2 * j, K, oh, ow, H, W) : (f16_bits)0;
+    };
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += TC_K) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) As[am][ak + j] = ra[j];
+#pragma unroll
+        for (int j = 0; j < TC_K / 2; ++j) Bs[bn][bk + 2 * j] = rb[j];
         __syncthreads();
+        if (k0 + TC_K < K) load(k0 + TC_K);
         tc_step(acc, As, Bs);
         __syncthreads();
     }
