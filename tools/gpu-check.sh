@@ -39,9 +39,16 @@ for l in sys.stdin:
 run() {
   local out=${OUT:-$BUNDLE/out}
   mkdir -p "$out"
-  # NVRTC and the driver from the machine's CUDA toolkit.
-  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  # NVRTC 13 and cuBLAS 13: from the CUDA toolkit if the machine has one, else from the Python wheels beside
+  # PyTorch (nvidia-cuda-nvrtc, nvidia-cublas); the folders found are named in the summary.
+  local libdirs=""
+  local pydirs
+  pydirs=$(python3 -c "import nvidia; print(' '.join(nvidia.__path__))" 2>/dev/null || true)
+  for lib in libnvrtc.so.13 libcublas.so.13; do
+    local found
+    found=$(find /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda*/lib64 $pydirs \
+      -maxdepth 4 -name "$lib" 2>/dev/null | head -1)
+    [ -n "$found" ] && libdirs="$libdirs $(dirname "$found")" && export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   done
   export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$out/kernel-cache
   local B=$BUNDLE/bin
@@ -53,6 +60,7 @@ run() {
   lim() { timeout --kill-after=5 "$@"; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
   row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ)) =="
+  row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13 found: every CUDA step will fail)}"
   lim 60 "$B/asge" info > "$out/info.txt" 2>&1
   lim 240 "$B/cuda-tests" --include-ignored --test-threads 1 > "$out/parity.txt" 2>&1
   row "parity tests: $(grep -E '^test result' "$out/parity.txt" || echo "did not finish (rc $?)")"
