@@ -1,5 +1,5 @@
-//! Criterion benchmarks of the CUDA backend: every op at every VGG8 layer (batch 128, 32x32, width 1) and the
-//! whole training step, timed with CUDA events around the launches after a warm-up, inputs rotated
+//! Criterion benchmarks of the CUDA backend, in fp32 and in fp16: every op at every VGG8 layer (batch 128, 32x32,
+//! width 1) and the whole training step, timed with CUDA events around the launches after a warm-up, inputs rotated
 //! over several buffers so that the 50-60 MB L2 does not flatter the numbers. Throughput is FLOPs
 //! for the convolutions (`Throughput::Elements`: read "elem/s" as FLOP/s), bytes for the memory-bound ops. Without a GPU every bench is skipped with a message.
 //!
@@ -7,7 +7,7 @@
 //! (the GPU machines have no Rust toolchain).
 
 use asge::backend::cuda::{self, CudaBackend};
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
 use asge::model::{self, ModelOptions, Params};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -46,23 +46,34 @@ fn event_time(be: &CudaBackend, iters: u64, mut f: impl FnMut(u64)) -> Duration 
 }
 
 fn convs(c: &mut Criterion) {
-    let Some(be) = gpu() else { return };
+    for precision in [Precision::F32, Precision::F16] {
+        let Some(be) = gpu() else { return };
+        ops(c, be.with_precision(precision));
+    }
+}
+
+/// Every op at every VGG8 layer in the backend's precision (the conv operands fp16 or f32; the rest f32).
+fn ops(c: &mut Criterion, be: CudaBackend) {
+    let p = be.precision().as_str();
+    // Bytes per stored conv operand.
+    let ob = if be.precision() == Precision::F16 { 2 } else { 4 };
     let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions::default()).unwrap();
-    let mut g = c.benchmark_group("cuda-vgg8-w1");
+    let mut g = c.benchmark_group(format!("cuda-vgg8-w1-{p}"));
     g.sample_size(20).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(3));
     for (i, l) in spec.layers.iter().enumerate() {
         let s = ConvShape { batch: BATCH, c_in: l.c_in, c_out: l.c_out, h: l.h, w: l.w };
         let grid = l.grid();
         let d = l.goodness_dim();
-        let xs: Vec<_> = (0..ROTATE).map(|r| be.upload(&randn(s.x_len(), (10 * i + r) as u64)).unwrap()).collect();
-        let w = be.upload(&randn(s.w_len(), 7)).unwrap();
+        let xs: Vec<_> =
+            (0..ROTATE).map(|r| be.upload_operand(&randn(s.x_len(), (10 * i + r) as u64)).unwrap()).collect();
+        let w = be.upload_operand(&randn(s.w_len(), 7)).unwrap();
         let bias = be.zeros(l.c_out).unwrap();
-        let (mut y, mut gd) = (be.zeros(s.y_len()).unwrap(), be.zeros(BATCH * d).unwrap());
+        let (mut y, mut gd) = (be.operand_zeros(s.y_len()).unwrap(), be.zeros(BATCH * d).unwrap());
         let dg = be.upload(&randn(BATCH * d, 9)).unwrap();
         let (mut dw, mut db) = (be.zeros(s.w_len()).unwrap(), be.zeros(l.c_out).unwrap());
         g.throughput(Throughput::Elements(2 * l.conv_macs() as u64 * BATCH as u64));
         let layer = format!("layer{}", i + 1);
-        g.bench_function(BenchmarkId::new("conv_goodness_fwd_f32", &layer), |b| {
+        g.bench_function(BenchmarkId::new(format!("conv_goodness_fwd_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let x = &xs[k as usize % ROTATE];
@@ -70,7 +81,7 @@ fn convs(c: &mut Criterion) {
                 })
             })
         });
-        g.bench_function(BenchmarkId::new("conv_goodness_wgrad_f32", &layer), |b| {
+        g.bench_function(BenchmarkId::new(format!("conv_goodness_wgrad_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let x = &xs[k as usize % ROTATE];
@@ -84,7 +95,7 @@ fn convs(c: &mut Criterion) {
         let (mut logits, mut dgo, mut stats) =
             (be.zeros(BATCH * 10).unwrap(), be.zeros(BATCH * d).unwrap(), be.zeros(2).unwrap());
         g.throughput(Throughput::Bytes(4 * (2 * BATCH * d + d * 10) as u64));
-        g.bench_function(BenchmarkId::new("goodness_loss_f32", &layer), |b| {
+        g.bench_function(BenchmarkId::new(format!("goodness_loss_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |_| {
                     be.goodness_loss(
@@ -104,10 +115,11 @@ fn convs(c: &mut Criterion) {
             })
         });
         let (ho, wo) = l.out_hw();
-        let (mut out, mut gap) = (be.zeros(BATCH * l.c_out * ho * wo).unwrap(), be.zeros(BATCH * l.c_out).unwrap());
+        let (mut out, mut gap) =
+            (be.operand_zeros(BATCH * l.c_out * ho * wo).unwrap(), be.zeros(BATCH * l.c_out).unwrap());
         let pool = l.pool.then_some(spec.pool_kind);
-        g.throughput(Throughput::Bytes(4 * (s.y_len() + BATCH * l.c_out * ho * wo) as u64));
-        g.bench_function(BenchmarkId::new("layer_output_f32", &layer), |b| {
+        g.throughput(Throughput::Bytes(ob * (s.y_len() + BATCH * l.c_out * ho * wo) as u64));
+        g.bench_function(BenchmarkId::new(format!("layer_output_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let drop = Some(Dropout { p: 0.1, key: k });
@@ -115,15 +127,18 @@ fn convs(c: &mut Criterion) {
                 })
             })
         });
-        let mut p = be.upload(&randn(s.w_len(), 4)).unwrap();
+        let mut master = be.upload(&randn(s.w_len(), 4)).unwrap();
         let (mut m, mut v) = (be.zeros(s.w_len()).unwrap(), be.zeros(s.w_len()).unwrap());
-        g.throughput(Throughput::Bytes(4 * 7 * s.w_len() as u64));
-        g.bench_function(BenchmarkId::new("adamw_f32", &layer), |b| {
+        // The fp16 path also writes the weights' fp16 copy in the same pass.
+        let mut copy = (be.precision() == Precision::F16).then(|| be.operand_zeros(s.w_len()).unwrap());
+        let copy_bytes = if copy.is_some() { 2 } else { 0 };
+        g.throughput(Throughput::Bytes((4 * 7 + copy_bytes) * s.w_len() as u64));
+        g.bench_function(BenchmarkId::new(format!("adamw_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let h =
                         AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: k + 1 };
-                    be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h, None).unwrap()
+                    be.adamw(s.w_len(), &mut master, &dw, &mut m, &mut v, &h, copy.as_mut()).unwrap()
                 })
             })
         });
@@ -132,7 +147,14 @@ fn convs(c: &mut Criterion) {
 }
 
 fn train_step(c: &mut Criterion) {
-    let Some(be) = gpu() else { return };
+    for precision in [Precision::F32, Precision::F16] {
+        let Some(be) = gpu() else { return };
+        step_bench(c, be.with_precision(precision));
+    }
+}
+
+fn step_bench(c: &mut Criterion, be: CudaBackend) {
+    let p = be.precision().as_str();
     let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions::default()).unwrap();
     let params = Params::init(&spec, 1);
     let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), BATCH).unwrap();
@@ -143,7 +165,7 @@ fn train_step(c: &mut Criterion) {
     g.throughput(Throughput::Elements(4 * spec.conv_macs() as u64 * BATCH as u64));
     let mut step = 0u64;
     // Wall time: the step includes the host-to-device batch copy and the per-layer loss read-back.
-    g.bench_function(BenchmarkId::new("vgg8-fp32", format!("w1-b{BATCH}")), |b| {
+    g.bench_function(BenchmarkId::new(format!("vgg8-{p}"), format!("w1-b{BATCH}")), |b| {
         b.iter(|| {
             step += 1;
             net.train_step(&xs[step as usize % ROTATE], &labels, 1e-4, step, Some((0.1, step))).unwrap()
