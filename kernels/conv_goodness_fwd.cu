@@ -120,17 +120,12 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
         __syncthreads();
     }
 
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int m = m0 + tc_row(mi, r), n = n0 + tc_col(ni, r);
-                if (m >= Cout || n >= N) continue;
-                const int b = n / HW, p = n % HW;
-                y[((long)b * Cout + m) * HW + p] = f2h(fmaxf(acc[mi][ni][r] + bias[m], 0.0f));
-            }
+    tc_for_each(acc, [&](int row, int col, float v) {
+        const int m = m0 + row, n = n0 + col;
+        if (m >= Cout || n >= N) return;
+        const int b = n / HW, p = n % HW;
+        y[((long)b * Cout + m) * HW + p] = f2h(fmaxf(v + bias[m], 0.0f));
+    });
 }
 
 template <typename T>

@@ -85,7 +85,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 // zero). The host passes scale = B * max|bin| (mean; B for sum) rounded to a power of two (src/backend/mod.rs,
 // dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both scalings exact. The bias
 // gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
-// fixed shuffles: deterministic. Launch bounds (256, 2): ptxas then keeps the kernel at 84 registers without
+// fixed shuffles: deterministic. Launch bounds (256, 2): ptxas then keeps the kernel at 83 registers without
 // spills (left to itself it chose 64 registers and spilled); the dz loop is not unrolled (its cell loops are
 // data-dependent) and the column gather is unrolled 4x, to the same end.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
@@ -136,15 +136,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
         __syncthreads();
     }
 
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int mm = m0 + tc_row(mi, r), k = k0 + tc_col(ni, r);
-                if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = acc[mi][ni][r] * inv_scale;
-            }
+    tc_for_each(acc, [&](int row, int col, float v) {
+        const int mm = m0 + row, k = k0 + col;
+        if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = v * inv_scale;
+    });
     if (bias_block) {
         db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 1);
         db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 2);

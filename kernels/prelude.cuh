@@ -154,7 +154,7 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 // operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed),
 // rows padded to TC_LD halves (80 bytes) so that the 32-bit fragment loads of a warp hit 32 distinct banks.
 // 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 32 x 32 of the tile: 2 x 4 mma tiles,
-// acc[mi][ni][r] holding row warp_m*32 + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2).
+// acc[mi][ni][r] holding row warp_m*32 + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2) (tc_for_each).
 #define TC_M 64
 #define TC_N 128
 #define TC_K 32
@@ -196,12 +196,16 @@ __device__ __forceinline__ void tc_step(float acc[2][4][4], const f16_bits (*As)
     }
 }
 
-// The tile row and column of accumulator acc[mi][ni][r] for the calling thread.
-__device__ __forceinline__ int tc_row(int mi, int r) {
+// Calls f(row, col, value) for each of the calling thread's 32 accumulators, with the row and column in the
+// block tile (the epilogue of both tensor-core kernels).
+template <typename F>
+__device__ __forceinline__ void tc_for_each(const float acc[2][4][4], F f) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    return (warp >> 2) * 32 + mi * 16 + (lane >> 2) + 8 * (r >> 1);
-}
-__device__ __forceinline__ int tc_col(int ni, int r) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    return (warp & 3) * 32 + ni * 8 + 2 * (lane & 3) + (r & 1);
+    const int row0 = (warp >> 2) * 32 + (lane >> 2), col0 = (warp & 3) * 32 + 2 * (lane & 3);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) f(row0 + mi * 16 + 8 * (r >> 1), col0 + ni * 8 + (r & 1), acc[mi][ni][r]);
 }

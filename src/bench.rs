@@ -268,11 +268,10 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         let (mut m, mut v) = (be.zeros(s.w_len())?, be.zeros(s.w_len())?);
         let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
         // The fp16 path also writes the weights' fp16 copy; the f32 path has none.
-        let (copy, copy_bytes) = match be.precision() {
+        let (mut copy, copy_bytes) = match be.precision() {
             Precision::F32 => (None, 0.0),
             Precision::F16 => (Some(&mut w_op), 2.0),
         };
-        let mut copy = copy;
         let ms = timed(&mut || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h, copy.as_deref_mut()))?;
         rows.push(memory("adamw", i + 1, ms, (4.0 * 7.0 + copy_bytes) * s.w_len() as f64));
         let (ho, wo) = l.out_hw();

@@ -1,6 +1,7 @@
 //! The `asge` command line: thin; it parses, builds a config and calls the library.
 
 use anyhow::{Context, Result};
+use asge::backend::Precision;
 use asge::data::DatasetKind;
 use asge::eval::{self, Strategy};
 use asge::model::{GoodnessReduce, PoolKind};
@@ -73,6 +74,9 @@ struct BenchArgs {
     /// Timed repetitions per op; the median is reported.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
+    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
+    /// (slower) emulation on the CPU.
     #[arg(long, value_enum, default_value = "fp32")]
     precision: Precision,
     /// Print JSON instead of the table.
@@ -81,24 +85,6 @@ struct BenchArgs {
     /// Time only the whole training step.
     #[arg(long)]
     step_only: bool,
-}
-
-/// Storage precision of the conv operands: layer inputs, conv outputs, the weights' compute copy (every sum,
-/// the master weights and the optimizer state are f32 in both). fp16 runs on the tensor cores on CUDA; on the
-/// CPU it is an exact emulation of where the GPU rounds (slower than fp32, for checking the numerics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Precision {
-    Fp32,
-    Fp16,
-}
-
-impl From<Precision> for asge::backend::Precision {
-    fn from(p: Precision) -> Self {
-        match p {
-            Precision::Fp32 => asge::backend::Precision::F32,
-            Precision::Fp16 => asge::backend::Precision::F16,
-        }
-    }
 }
 
 #[derive(clap::Args)]
@@ -169,6 +155,9 @@ struct TrainArgs {
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
+    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
+    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
+    /// (slower) emulation on the CPU.
     #[arg(long, value_enum, default_value = "fp32")]
     precision: Precision,
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
@@ -208,6 +197,9 @@ struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
+    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
+    /// (slower) emulation on the CPU.
     #[arg(long, value_enum, default_value = "fp32")]
     precision: Precision,
 }
@@ -298,7 +290,7 @@ fn train(a: TrainArgs) -> Result<()> {
         init: a.init,
         device: a.device,
         image_size: a.image_size,
-        precision: a.precision.into(),
+        precision: a.precision,
     };
     run::train(&cfg, &out, false, opts)?;
     Ok(())
@@ -328,16 +320,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             )
         }
     };
-    let (rows, res, n_test) = run::eval_checkpoint(
-        &a.checkpoint,
-        dataset,
-        &data,
-        a.strategy,
-        a.batch,
-        a.limit_test,
-        &a.device,
-        a.precision.into(),
-    )?;
+    let (rows, res, n_test) =
+        run::eval_checkpoint(&a.checkpoint, dataset, &data, a.strategy, a.batch, a.limit_test, &a.device, a.precision)?;
     let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), dataset.name());
     println!("{}", eval::format_table(&title, &rows, &res));
     let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
@@ -427,7 +411,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         classes: a.classes,
         reps: a.reps,
         step_only: a.step_only,
-        precision: a.precision.into(),
+        precision: a.precision,
     };
     let r = match a.device.as_str() {
         "cpu" => asge::bench::run_cpu(&o)?,

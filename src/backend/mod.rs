@@ -14,14 +14,16 @@ use anyhow::Result;
 
 /// Where the conv operands live: layer inputs, conv outputs and the weights' compute copy. Every sum (GEMM
 /// accumulators, goodness, loss, optimizer state, master weights) is f32 in both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 pub enum Precision {
     #[default]
     #[serde(rename = "fp32")]
+    #[value(name = "fp32")]
     F32,
     /// Operands stored in IEEE binary16 (round to nearest even) and multiplied on the tensor cores with f32
     /// accumulation; the weight gradient's `dL/dz` is scaled by [`dz_scale`] before it is rounded.
     #[serde(rename = "fp16")]
+    #[value(name = "fp16")]
     F16,
 }
 

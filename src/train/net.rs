@@ -55,14 +55,6 @@ impl<B: Backend> Param<B> {
         let copy = self.compute.as_mut();
         be.adamw(self.len, &mut self.value, &self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, h, copy)
     }
-
-    /// Rewrites the compute copy from the master value (after the value was written directly).
-    fn refresh(&mut self, be: &B) -> Result<()> {
-        if let Some(c) = &mut self.compute {
-            be.write(c, &be.read(&self.value, self.len)?)?;
-        }
-        Ok(())
-    }
 }
 
 pub struct Layer<B: Backend> {
@@ -446,13 +438,12 @@ impl<B: Backend> Net<B> {
         v
     }
 
-    /// Calls `f` on every trained tensor with its name, mutably, with the backend at hand (a conv weight's
-    /// compute copy is rewritten from its value afterwards).
+    /// Calls `f` on every trained tensor with its name, mutably, with the backend at hand, for its optimizer
+    /// state (the values come from [`Net::new`], which also writes the conv weights' compute copies).
     pub fn for_each_param_mut(&mut self, mut f: impl FnMut(&B, &str, &mut Param<B>) -> Result<()>) -> Result<()> {
         let be = &self.be;
         for (i, l) in self.layers.iter_mut().enumerate() {
             f(be, &format!("layers.{i}.conv.weight"), &mut l.conv_w)?;
-            l.conv_w.refresh(be)?;
             f(be, &format!("layers.{i}.conv.bias"), &mut l.conv_b)?;
         }
         for (k, h) in self.heads.iter_mut().enumerate() {

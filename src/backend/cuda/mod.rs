@@ -237,6 +237,9 @@ pub mod geometry {
 
 use geometry::THREADS;
 
+/// A null device pointer, for a kernel argument the kernel is told (by a flag) not to touch.
+const NULL: u64 = 0;
+
 fn cfg(grid_dim: (u32, u32, u32)) -> LaunchConfig {
     LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
@@ -436,8 +439,8 @@ impl CudaBackend {
         self.funcs.get(name).with_context(|| format!("kernel {name} is not loaded"))
     }
 
+    /// Zeroes the first `len` values (the head logits, which the heads accumulate into).
     fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
-        // (f32 scratch only: logits before the heads accumulate into them.)
         if len > 0 {
             self.stream()
                 .memset_zeros(&mut buf.slice_mut(0..len))
@@ -683,16 +686,15 @@ impl Backend for CudaBackend {
         let with_grad = dg.is_some() as i32;
         let mut l = self.stream().launch_builder(self.f("goodness_loss_f32")?);
         l.arg(g.f32("goodness")?).arg(proj_w.f32("projection")?).arg(proj_b.f32("projection bias")?).arg(labels);
-        // Without a gradient the kernel never writes dg; a one-float buffer stands in as a valid pointer.
-        let mut dummy;
+        // Without a gradient the kernel never touches dg: a null pointer stands in (no allocation per call).
+        l.arg(logits.f32_mut("logits")?);
         match dg {
             Some(dg) => {
                 fits("dL/dg", dg.len(), batch * dim)?;
-                l.arg(logits.f32_mut("logits")?).arg(dg.f32_mut("dL/dg")?);
+                l.arg(dg.f32_mut("dL/dg")?);
             }
             None => {
-                dummy = self.alloc_f32(1)?;
-                l.arg(logits.f32_mut("logits")?).arg(&mut dummy);
+                l.arg(&NULL);
             }
         }
         l.arg(stats.f32_mut("stats")?).arg(&b).arg(&d).arg(&n).arg(&with_grad);
@@ -793,18 +795,16 @@ impl Backend for CudaBackend {
             Precision::F32 => l.arg(y.f32("y")?).arg(out.f32_mut("layer output")?),
             Precision::F16 => l.arg(y.f16("y")?).arg(out.f16_mut("layer output")?),
         };
-        let mut dummy;
-        let use_gap;
+        // Without pooled features the kernel never touches gap: a null pointer (layer 0, every step, allocates
+        // nothing).
+        let use_gap = gap.is_some() as i32;
         match gap {
             Some(gap) => {
                 fits("pooled features", gap.len(), batch * c)?;
-                use_gap = 1i32;
                 l.arg(gap.f32_mut("pooled features")?);
             }
             None => {
-                dummy = self.alloc_f32(1)?;
-                use_gap = 0i32;
-                l.arg(&mut dummy);
+                l.arg(&NULL);
             }
         }
         l.arg(&ci).arg(&hi).arg(&wi).arg(&pool_i).arg(&p).arg(&key).arg(&use_drop).arg(&use_gap);
@@ -889,7 +889,6 @@ impl Backend for CudaBackend {
         let mut l = self.stream().launch_builder(self.f("adamw_f32")?);
         l.arg(&mut *ps).arg(grad.f32("gradient")?).arg(m.f32_mut("exp_avg")?).arg(v.f32_mut("exp_avg_sq")?);
         // The fp16 copy is written by the kernel; an f32 copy (an f32 backend's operand) is a device copy after.
-        let null: u64 = 0;
         let mut f32_copy = None;
         match copy {
             Some(CudaBuf::F16(c)) => {
@@ -897,10 +896,10 @@ impl Backend for CudaBackend {
             }
             Some(CudaBuf::F32(c)) => {
                 f32_copy = Some(c);
-                l.arg(&null);
+                l.arg(&NULL);
             }
             None => {
-                l.arg(&null);
+                l.arg(&NULL);
             }
         }
         l.arg(&n).arg(&decay).arg(&w1).arg(&b2).arg(&w2).arg(&step_size).arg(&bc2_sqrt).arg(&eps);
