@@ -75,8 +75,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 }
 
 // conv_goodness_wgrad_f16: dW[M = C_out, K = C_in*9] = sum_n dz[m, n] col[k, n] with x and y in fp16, on the
-// tensor cores (tc_step: block tile TC_M = 64 channels x TC_N = 128 taps, pixels walked TC_K = 32 at a time, a
-// slice of `chunk` pixels per blockIdx.z, partials reduced in order by wgrad_reduce_f32 as in the f32 path).
+// tensor cores (tc_step: block tile TC_M = 64 channels x TC_N = 128 taps, pixels walked TC_K = 32 at a time
+// through two shared stages, a slice of `chunk` pixels per blockIdx.z, partials reduced in order by
+// wgrad_reduce_f32 as in the f32 path).
+//
+// Per step each thread computes dz for one channel and 8 consecutive pixels (the pixels' cells from the layer's
+// cell table, `cells` and `div`, instead of locating them by division; stored as one 16-byte row segment) and
+// gathers 16 taps of one pixel: its taps are fixed for the whole kernel (taps bk, bk + 8, ..., of the block's
+// 128), so their table entries are read once, and per step only the pixel's window origin and in-map mask change.
+// The next step's tile is built in the other stage before this step's MMAs, so a step costs one barrier.
 //
 // Scaling: dz is computed in f32 from the fp16 y and the f32 dg, then multiplied by `scale` and rounded to fp16
 // for the product; the f32 partial is multiplied by `inv_scale` on the way out. dz = 2 y dg / |bin| with
@@ -85,17 +92,16 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 // zero). The host passes scale = B * max|bin| (mean; B for sum) rounded to a power of two (src/backend/mod.rs,
 // dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both scalings exact. The bias
 // gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
-// fixed shuffles: deterministic. Launch bounds (256, 2): ptxas then keeps the kernel at 83 registers without
-// spills (left to itself it chose 64 registers and spilled); the dz loop is not unrolled (its cell loops are
-// data-dependent) and the column gather is unrolled 4x, to the same end.
+// fixed shuffles: deterministic. Launch bounds (256, 2) hold the kernel to 128 registers, so two blocks share an SM.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ dg,
+    const int* __restrict__ taps, const int* __restrict__ cells, const float* __restrict__ div,
     float* __restrict__ part, float* __restrict__ part_db,
-    int B, int Cin, int Cout, int H, int W, int P, int reduce_mean, int chunk, float scale, float inv_scale)
+    int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
 {
-    __shared__ __align__(16) f16_bits As[TC_M][TC_LD];  // scaled dz, [channel][pixel]
-    __shared__ __align__(16) f16_bits Bs[TC_N][TC_LD];  // col, [tap][pixel]
-    const int K = Cin * 9, HW = H * W, N = B * HW;
+    __shared__ __align__(16) f16_bits As[2][TC_M][TC_LD];  // scaled dz, [channel][pixel]
+    __shared__ __align__(16) f16_bits Bs[2][TC_N][TC_LD];  // col, [tap][pixel]
+    const int K = Cin * 9, HW = H * W, N = B * HW, PP = P * P;
     const int m0 = blockIdx.y * TC_M, k0 = blockIdx.x * TC_N;
     const int nbeg = blockIdx.z * chunk, nend = min(N, nbeg + chunk);
     const int tid = threadIdx.x;
@@ -103,36 +109,50 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
     const int bn = tid % TC_K, bk = tid / TC_K;   // col tile: pixel bn, taps bk, bk+8, ..., bk+120
     const bool bias_block = blockIdx.x == 0;
     const int m = m0 + am;
+    const bool m_ok = m < Cout;
+    // The table holds K rounded up to TC_N entries, so k0 + bk + 120 is inside it.
+    unsigned tk[TC_N / 8];
+#pragma unroll
+    for (int j = 0; j < TC_N / 8; ++j) tk[j] = (unsigned)taps[k0 + bk + 8 * j];
     float acc[2][4][4];
     tc_zero(acc);
     float db_acc = 0.0f;
 
-    for (int n0 = nbeg; n0 < nend; n0 += TC_K) {
-#pragma unroll 1
-        for (int j = 0; j < 8; ++j) {
-            const int n = n0 + an + j;
+    auto fill = [&](int n0, int st) {
+        // dz for channel m at pixels n0 + an .. + 7: pixel p of sample b, at yo in y and go in dg (32-bit
+        // indices: the host keeps y under 2^31 values), advanced together.
+        int n = n0 + an, p = n % HW, map = (n / HW) * Cout + m, yo = map * HW + p, go = map * PP;
+        f16_bits h[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j, ++n) {
             float dz = 0.0f;
-            if (n < nend && m < Cout) {
-                const int b = n / HW, p = n % HW;
-                const long map = (long)b * Cout + m;
-                const float yv = h2f(y[map * HW + p]);
-                if (yv > 0.0f) dz = cells_dg(dg + map * P * P, p / W, p % W, H, W, P, reduce_mean) * (2.0f * yv);
+            if (n < nend && m_ok) {
+                const float yv = h2f(y[yo]);
+                if (yv > 0.0f) dz = cells_dg_table(dg + go, cells[p], div, P) * (2.0f * yv);
             }
             db_acc += dz;
-            As[am][an + j] = f2h(dz * scale);
+            h[j] = f2h(dz * scale);
+            ++yo;
+            if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
         }
-        // The thread's pixel for this step, located once for its 16 taps.
-        const int n = n0 + bn;
-        const bool n_ok = n < nend;
-        const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
-        const f16_bits* xb = x + (long)pb * Cin * HW;
-#pragma unroll 4
-        for (int j = 0; j < TC_N / 8; ++j) {
-            const int kk = bk + 8 * j;
-            Bs[kk][bn] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : (f16_bits)0;
-        }
-        __syncthreads();
-        tc_step(acc, As, Bs);
+        st16(&As[st][am][an], u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
+        // Taps of the thread's pixel n0 + bn.
+        const int nc = n0 + bn;
+        const bool n_ok = nc < nend;
+        const int pb = n_ok ? nc / HW : 0, pp = n_ok ? nc - pb * HW : 0, oh = pp / W, ow = pp - oh * W;
+        const int mask = n_ok ? tap_mask(oh, ow, H, W) : 0, xo = pb * Cin * HW + (oh - 1) * W + (ow - 1);
+#pragma unroll
+        for (int j = 0; j < TC_N / 8; ++j) Bs[st][bk + 8 * j][bn] = tap_fetch(x, xo, mask, tk[j]);
+    };
+
+    fill(nbeg, 0);
+    __syncthreads();
+    int st = 0;
+    for (int n0 = nbeg; n0 < nend; n0 += TC_K, st ^= 1) {
+        // The other stage was last read by the previous step's MMAs, which every thread finished before the last
+        // barrier.
+        if (n0 + TC_K < nend) fill(n0 + TC_K, st ^ 1);
+        tc_step(acc, As[st], Bs[st]);
         __syncthreads();
     }
 
@@ -143,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
     if (bias_block) {
         db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 1);
         db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 2);
-        if ((tid & 3) == 0 && m < Cout) part_db[(long)blockIdx.z * Cout + m] = db_acc;
+        if ((tid & 3) == 0 && m_ok) part_db[(long)blockIdx.z * Cout + m] = db_acc;
     }
 }
 

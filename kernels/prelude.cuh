@@ -83,6 +83,71 @@ __device__ __forceinline__ T tap_at(const T* __restrict__ xb, int k, int K, int 
     return xb[((long)ci * H + ih) * W + iw];
 }
 
+// The fp16 GEMMs' im2col through a tap table (built on the host: src/backend/cuda/mod.rs, geometry::tap_table):
+// entry k of a layer with C_in maps of H x W is t = (ci*H*W + kh*W + kw) << 9 | 1 << r with k = ci*9 + r,
+// r = kh*3 + kw (t = 0 past K: no tap). A pixel (oh, ow) of sample b carries the index xo = b*C_in*H*W +
+// (oh-1)*W + (ow-1) of its 3x3 window's origin in x (32 bits: the host keeps x under 2^31 values) and a mask of
+// the window's taps inside the map (bit r), so a tap costs a test, a shift-add, a 32-bit index and the load, where
+// tap_at divides and compares.
+__device__ __forceinline__ int tap_mask(int oh, int ow, int H, int W) {
+    int mask = 0;
+#pragma unroll
+    for (int r = 0; r < 9; ++r) {
+        const int ih = oh + r / 3 - 1, iw = ow + r % 3 - 1;
+        if (ih >= 0 && ih < H && iw >= 0 && iw < W) mask |= 1 << r;
+    }
+    return mask;
+}
+
+__device__ __forceinline__ f16_bits tap_fetch(const f16_bits* __restrict__ x, int xo, int mask, unsigned t) {
+    return (t & (unsigned)mask) ? x[xo + (int)(t >> 9)] : (f16_bits)0;
+}
+
+// 16-byte vectors of fp16 pairs (lower index in the low half), for 128-bit global and shared accesses. The
+// address must be 16-byte aligned (the host emulation checks).
+struct __align__(16) u32x4 { unsigned x, y, z, w; };
+
+__device__ __forceinline__ unsigned pack2(f16_bits lo, f16_bits hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+#ifndef ASGE_HOST_EMU
+__device__ __forceinline__ u32x4 ld16(const void* p) { return *(const u32x4*)p; }
+__device__ __forceinline__ void st16(void* p, u32x4 v) { *(u32x4*)p = v; }
+#else
+__device__ __forceinline__ u32x4 ld16(const void* p) { check_align16(p, "16-byte load"); return *(const u32x4*)p; }
+__device__ __forceinline__ void st16(void* p, u32x4 v) { check_align16(p, "16-byte store"); *(u32x4*)p = v; }
+#endif
+
+#ifndef ASGE_HOST_EMU
+
+// ldmatrix.x4: the four 8x8 fp16 matrices whose rows lanes 0-7, 8-15, 16-23, 24-31 address; r[q] is the calling
+// lane's pair (row lane / 4, columns 2 (lane % 4), +1) of matrix q: exactly an mma.m16n8k16 fragment register.
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+#endif
+
+// The weight gradients' goodness term through a cell table (host-built: geometry::cell_table): cells[p] packs the
+// bins holding pixel p, r0 | r1 << 8 | c0 << 16 | c1 << 24, and div[i*P + j] is the divisor of cell (i, j)'s
+// gradient (its area for the mean, 1 for the sum). Same sum, same order, same division as cells_dg. A pixel in
+// several cells (P does not divide H or W) takes the out-of-line loop, so the common case stays short.
+__device__ __noinline__ float cells_dg_overlap(const float* __restrict__ dg, int cell, const float* __restrict__ div, int P) {
+    const int r0 = cell & 255, r1 = (cell >> 8) & 255, c0 = (cell >> 16) & 255, c1 = (cell >> 24) & 255;
+    float s = 0.0f;
+    for (int bi = r0; bi <= r1; ++bi)
+        for (int bj = c0; bj <= c1; ++bj) s += dg[bi * P + bj] / div[bi * P + bj];
+    return s;
+}
+
+__device__ __forceinline__ float cells_dg_table(const float* __restrict__ dg, int cell, const float* __restrict__ div, int P) {
+    const int r0 = cell & 255, c0 = (cell >> 16) & 255;
+    if ((cell & 0x00ff00ff) == ((cell >> 8) & 0x00ff00ff)) return dg[r0 * P + c0] / div[r0 * P + c0];
+    return cells_dg_overlap(dg, cell, div, P);
+}
+
 // Loads and stores that widen from / narrow to the storage type (round to nearest even), so that one template
 // body serves the f32 and the f16 kernels.
 __device__ __forceinline__ float ld(const float* p) { return *p; }
@@ -152,7 +217,9 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 
 // The block tile of the fp16 GEMM kernels: OUT[TC_M x TC_N] += A[TC_M x TC_K] * B[TC_K x TC_N] per step, both
 // operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed),
-// rows padded to TC_LD halves (80 bytes) so that the 32-bit fragment loads of a warp hit 32 distinct banks.
+// rows padded to TC_LD halves (80 bytes) so that the eight 16-byte rows each ldmatrix phase reads hit 32 distinct
+// banks (as do the 16-byte stores of one column in eight consecutive rows). Fragments come in by ldmatrix.x4:
+// two for A and two for B per 16-deep slice, for 8 MMAs a warp.
 // 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 32 x 32 of the tile: 2 x 4 mma tiles,
 // acc[mi][ni][r] holding row warp_m*32 + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2) (tc_for_each).
 #define TC_M 64
@@ -171,23 +238,22 @@ __device__ __forceinline__ void tc_zero(float acc[2][4][4]) {
 
 __device__ __forceinline__ void tc_step(float acc[2][4][4], const f16_bits (*As)[TC_LD], const f16_bits (*Bs)[TC_LD]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t = lane & 3;
+    const int wm = warp >> 2, wn = warp & 3;
 #pragma unroll
     for (int kk = 0; kk < TC_K; kk += 16) {
         unsigned a[2][4], b[4][2];
+        // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-            const int r = wm * 32 + mi * 16 + g;
-            a[mi][0] = *(const unsigned*)&As[r][kk + 2 * t];
-            a[mi][1] = *(const unsigned*)&As[r + 8][kk + 2 * t];
-            a[mi][2] = *(const unsigned*)&As[r][kk + 2 * t + 8];
-            a[mi][3] = *(const unsigned*)&As[r + 8][kk + 2 * t + 8];
-        }
+        for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], &As[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+        // B (stored [n][k]): matrices (n tile ni, k 0-7), (ni, k 8-15), (ni + 1, k 0-7), (ni + 1, k 8-15).
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-            const int c = wn * 32 + ni * 8 + g;
-            b[ni][0] = *(const unsigned*)&Bs[c][kk + 2 * t];
-            b[ni][1] = *(const unsigned*)&Bs[c][kk + 2 * t + 8];
+        for (int ni = 0; ni < 4; ni += 2) {
+            unsigned r[4];
+            ldsm_x4(r, &Bs[wn * 32 + (ni + (lane >> 4)) * 8 + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
+            b[ni][0] = r[0];
+            b[ni][1] = r[1];
+            b[ni + 1][0] = r[2];
+            b[ni + 1][1] = r[3];
         }
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)

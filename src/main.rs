@@ -386,13 +386,14 @@ fn cuda_info() {
                 ),
             }
         }
-        // ptxas' report for the device's architecture: registers per thread, spills, static shared memory.
+        // ptxas' report for the device's architecture: registers per thread, spills, local stack, static shared
+        // memory.
         match nvrtc::resources(&arch) {
             Ok(r) => {
                 for k in r {
                     println!(
-                        "  {:<26} {arch}: {:>3} registers, {:>5} B shared, {} B spilled",
-                        k.kernel, k.registers, k.shared_bytes, k.spill_bytes
+                        "  {:<26} {arch}: {:>3} registers, {:>5} B shared, {} B spilled, {} B stack",
+                        k.kernel, k.registers, k.shared_bytes, k.spill_bytes, k.stack_bytes
                     );
                 }
             }

@@ -91,8 +91,8 @@ fn every_kernel_assembles_to_cubin_for_old_drivers() {
 
 #[test]
 fn no_kernel_spills_registers() {
-    // ptxas' own report through NVRTC (no GPU needed): a spill means local-memory traffic in an inner loop, a
-    // performance bug. The tensor-core kernels are the ones at risk (32 accumulators and fragments per thread).
+    // ptxas' own report through NVRTC (no GPU needed): a spill or a stack frame means local-memory traffic in an
+    // inner loop, a performance bug. The tensor-core kernels are the ones at risk (32 accumulators and fragments per thread).
     assert!(nvrtc::available(), "NVRTC cannot be loaded (see every_kernel_compiles_with_nvrtc)");
     for arch in ["sm_80", "sm_90"] {
         let r = nvrtc::resources(arch).unwrap_or_else(|e| panic!("{e:#}"));
@@ -105,8 +105,47 @@ fn no_kernel_spills_registers() {
                 "{arch} {}: {} bytes of spills ({} registers)",
                 k.kernel, k.spill_bytes, k.registers
             );
+            // A local array indexed at run time (a loop the compiler did not unroll) costs the same traffic.
+            assert_eq!(k.stack_bytes, 0, "{arch} {}: {} bytes of local stack", k.kernel, k.stack_bytes);
         }
     }
+}
+
+#[test]
+fn the_fp16_kernels_tap_and_cell_tables_say_what_the_kernels_read() {
+    use cuda::geometry::{cell_table, tap_table};
+    // Taps: offset from the window origin above the 9-bit mask of the tap's position in the window.
+    let (c_in, h, w) = (3, 5, 7);
+    let t = tap_table(c_in, h, w).unwrap();
+    assert_eq!(t.len(), 128, "K = 27 padded to one 128-tap tile");
+    for (k, &e) in t.iter().enumerate() {
+        let e = e as u32;
+        if k < 27 {
+            let (ci, kh, kw) = (k / 9, (k % 9) / 3, k % 3);
+            assert_eq!((e >> 9) as usize, ci * h * w + kh * w + kw, "tap {k} offset");
+            assert_eq!(e & 511, 1 << (k % 9), "tap {k} mask bit");
+        } else {
+            assert_eq!(e, 0, "padding tap {k} must match no mask");
+        }
+    }
+    assert_eq!(tap_table(64, 3, 3).unwrap().len(), 640, "K = 576 rounds up to 5 tiles");
+    let err = tap_table(512, 128, 128).unwrap_err();
+    assert!(err.contains("512x128x128") && err.contains("fp32"), "{err}");
+    // Cells: H = 28, P = 8 bins are [0,4), [3,7), [7,11), [10,14), ...: rows 3 and 10 lie in two bins each.
+    let grid = PatchGrid::new(8, 28, 28);
+    let (cells, div) = cell_table(&grid, model::GoodnessReduce::Mean).unwrap();
+    let at = |oh: usize, ow: usize| {
+        let c = cells[oh * 28 + ow] as u32;
+        (c & 255, (c >> 8) & 255, (c >> 16) & 255, c >> 24)
+    };
+    assert_eq!(at(0, 0), (0, 0, 0, 0));
+    assert_eq!(at(3, 5), (0, 1, 1, 1));
+    assert_eq!(at(7, 3), (2, 2, 0, 1));
+    assert_eq!(at(10, 7), (2, 3, 2, 2));
+    assert_eq!(at(27, 27), (7, 7, 7, 7));
+    assert_eq!(div[0], 16.0, "cell (0, 0) is 4 x 4");
+    let (_, div_sum) = cell_table(&grid, model::GoodnessReduce::Sum).unwrap();
+    assert!(div_sum.iter().all(|&d| d == 1.0));
 }
 
 #[test]

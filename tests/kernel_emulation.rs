@@ -147,14 +147,17 @@ fn gpu_conv(
         }
         Precision::F16 => {
             let (x16, w16) = (to_f16(x), to_f16(w));
+            let taps = geometry::tap_table(s.c_in, s.h, s.w).unwrap();
+            let (cells, div) = geometry::cell_table(grid, reduce).unwrap();
             let mut y16 = vec![NAN16; s.y_len()];
             launch!(
                 "conv_goodness_fwd_f16",
                 geometry::conv_fwd(s, p),
-                fn(*const u16, *const u16, *const f32, *mut u16, i32, i32, i32, i32, i32),
+                fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
                 x16.as_ptr(),
                 w16.as_ptr(),
                 b.as_ptr(),
+                taps.as_ptr(),
                 y16.as_mut_ptr(),
                 bb,
                 ci,
@@ -183,9 +186,11 @@ fn gpu_conv(
                     *const u16,
                     *const u16,
                     *const f32,
+                    *const i32,
+                    *const i32,
+                    *const f32,
                     *mut f32,
                     *mut f32,
-                    i32,
                     i32,
                     i32,
                     i32,
@@ -199,6 +204,9 @@ fn gpu_conv(
                 x16.as_ptr(),
                 y16.as_ptr(),
                 dg.as_ptr(),
+                taps.as_ptr(),
+                cells.as_ptr(),
+                div.as_ptr(),
                 part.as_mut_ptr(),
                 part_db.as_mut_ptr(),
                 bb,
@@ -207,7 +215,6 @@ fn gpu_conv(
                 h,
                 ww,
                 pp,
-                mean,
                 chunk,
                 scale,
                 1.0 / scale

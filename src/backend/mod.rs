@@ -209,6 +209,15 @@ pub trait Backend: Send + Sync {
     fn write(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()>;
     /// The first `len` elements of `src`.
     fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
+    /// Zeroes the first `len` elements of `buf` (a GPU does it on the device, without a host copy).
+    fn fill_zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()> {
+        self.write(buf, &vec![0.0; len])
+    }
+    /// The first `len` elements of each of `srcs`, in order (a GPU gathers them on the device and makes one
+    /// copy to the host, so the trainer's per-layer statistics cost one synchronisation a step, not one each).
+    fn read_many(&self, srcs: &[&Self::Buf], len: usize) -> Result<Vec<Vec<f32>>> {
+        srcs.iter().map(|s| self.read(s, len)).collect()
+    }
     /// [`Backend::write`] for a batch's input, which the ops issued next read: a GPU stages it through pinned
     /// host memory and copies it on its own stream, so the upload overlaps the compute still queued.
     fn write_input(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()> {

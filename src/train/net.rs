@@ -232,14 +232,9 @@ impl<B: Backend> Net<B> {
 
     /// Reads every stats slot (`load_batch` zeroes them): `(loss_sum, correct)` per layer, then the heads'.
     fn take_stats(&self) -> Result<Vec<(f64, usize)>> {
-        self.ws
-            .stats
-            .iter()
-            .map(|slot| {
-                let s = self.be.read(slot, STATS_LEN)?;
-                Ok((s[0] as f64, s[1].round() as usize))
-            })
-            .collect()
+        let slots: Vec<&B::Buf> = self.ws.stats.iter().collect();
+        let read = self.be.read_many(&slots, STATS_LEN)?;
+        Ok(read.iter().map(|s| (s[0] as f64, s[1].round() as usize)).collect())
     }
 
     fn load_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {
@@ -263,7 +258,7 @@ impl<B: Backend> Net<B> {
         self.be.write_input(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
         for slot in &mut self.ws.stats {
-            self.be.write(slot, &[0.0; STATS_LEN])?;
+            self.be.fill_zero(slot, STATS_LEN)?;
         }
         Ok(batch)
     }

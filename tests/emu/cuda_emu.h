@@ -22,6 +22,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
@@ -151,6 +152,33 @@ static inline f16_bits f2h(float f) {
     f16_bits h;
     std::memcpy(&h, &v, 2);
     return h;
+}
+
+// 16-byte vector accesses (ld16 / st16 in the prelude) and ldmatrix rows: the GPU faults on a misaligned one, so
+// the emulation refuses it too.
+inline void check_align16(const void* p, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "cuda_emu: %s of a misaligned address %p (thread %u of block %u,%u,%u)\n", what, p,
+                     threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
+        std::abort();
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix l / 8; every lane
+// receives, of each matrix q, the pair at row lane / 4, columns 2 (lane % 4) and +1 (PTX ISA, "ldmatrix").
+namespace emu {
+static const f16_bits* ldsm_rows[32][32];
+}
+static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    check_align16(p, "ldmatrix row");
+    emu::ldsm_rows[warp][lane] = p;
+    emu::warp_sync();
+    for (int q = 0; q < 4; ++q) {
+        const f16_bits* row = emu::ldsm_rows[warp][q * 8 + lane / 4];
+        r[q] = (unsigned)row[2 * (lane % 4)] | ((unsigned)row[2 * (lane % 4) + 1] << 16);
+    }
+    emu::warp_sync();
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A B + C, from the documented fragment layout.

@@ -19,9 +19,9 @@ void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float
                                int Cout, int H, int W) {
     RUN(conv_goodness_fwd_f32(x, w, b, y, B, Cin, Cout, H, W));
 }
-void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const float* b, f16_bits* y, int B,
-                               int Cin, int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f16(x, w, b, y, B, Cin, Cout, H, W));
+void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const float* b, const int* taps,
+                               f16_bits* y, int B, int Cin, int Cout, int H, int W) {
+    RUN(conv_goodness_fwd_f16(x, w, b, taps, y, B, Cin, Cout, H, W));
 }
 void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H, int W, int P, int mean) {
     RUN(patch_goodness_f32(y, g, B, C, H, W, P, mean));
@@ -33,10 +33,11 @@ void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const flo
                                  int B, int Cin, int Cout, int H, int W, int P, int mean, int chunk) {
     RUN(conv_goodness_wgrad_f32(x, y, dg, part, part_db, B, Cin, Cout, H, W, P, mean, chunk));
 }
-void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* dg, float* part,
-                                 float* part_db, int B, int Cin, int Cout, int H, int W, int P, int mean, int chunk,
-                                 float scale, float inv_scale) {
-    RUN(conv_goodness_wgrad_f16(x, y, dg, part, part_db, B, Cin, Cout, H, W, P, mean, chunk, scale, inv_scale));
+void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* dg, const int* taps,
+                                 const int* cells, const float* div, float* part, float* part_db, int B, int Cin,
+                                 int Cout, int H, int W, int P, int chunk, float scale, float inv_scale) {
+    RUN(conv_goodness_wgrad_f16(x, y, dg, taps, cells, div, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
+                                inv_scale));
 }
 void emu_wgrad_reduce_f32(GRID, const float* part, const float* part_db, float* dw, float* db, int MK, int M, int Z) {
     RUN(wgrad_reduce_f32(part, part_db, dw, db, MK, M, Z));

@@ -122,11 +122,22 @@ pub struct CudaBackend {
     funcs: HashMap<&'static str, CudaFunction>,
     /// The fusion heads' `dL/ds`, grown on demand.
     head_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// `read_many`'s gather buffer, grown on demand.
+    gather_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// The fp16 kernels' tap tables by (C_in, H, W) and cell tables by (H, W, P, mean), uploaded on first use.
+    tap_tables: Tables<(usize, usize, usize), CudaSlice<i32>>,
+    cell_tables: Tables<(usize, usize, usize, bool), CellTable>,
     /// The weight gradient's per-slice partial sums, one per lane (so lanes do not serialise on it).
     wgrad_scratch: Vec<Mutex<Option<CudaSlice<f32>>>>,
     /// With `--trace`: every op's start and end events, and the event all times are measured from.
     timed: Mutex<TimedOps>,
 }
+
+/// Device tables built once per shape and shared by every call (and lane) after.
+type Tables<K, V> = Mutex<HashMap<K, Arc<V>>>;
+
+/// A patch grid's cell table and divisors on the device (see `geometry::cell_table`).
+type CellTable = (CudaSlice<i32>, CudaSlice<f32>);
 
 #[derive(Default)]
 struct Staging {
@@ -187,6 +198,7 @@ fn scratch<'a>(be: &CudaBackend, slot: &'a mut Option<CudaSlice<f32>>, len: usiz
 /// host emulation of the kernels (tests/kernel_emulation.rs) runs the same grids.
 pub mod geometry {
     use crate::backend::{ConvShape, Precision};
+    use crate::model::{GoodnessReduce, PatchGrid};
 
     /// Threads per block of every kernel.
     pub const THREADS: u32 = 256;
@@ -229,6 +241,61 @@ pub mod geometry {
         WgradSplit { grid: (gx, gy, slices as u32), chunk, slices }
     }
 
+    /// The fp16 GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:
+    /// entry k = ci*9 + r (r = kh*3 + kw) is `(ci*h*w + kh*w + kw) << 9 | 1 << r`; from 9 `c_in` on, up to the
+    /// next multiple of 128 (the weight gradient's tap tile, a multiple of the forward's K step), it is 0: no tap.
+    pub fn tap_table(c_in: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
+        let k = c_in * 9;
+        if c_in * h * w + 2 * w + 2 >= 1 << 23 {
+            return Err(format!(
+                "a {c_in}x{h}x{w} layer input is too large for the fp16 kernels' tap offsets (C*H*W below 2^23; \
+                 --precision fp32 has no such limit)"
+            ));
+        }
+        let mut t: Vec<i32> = (0..k)
+            .map(|k| {
+                let (ci, r) = (k / 9, k % 9);
+                (((ci * h * w + (r / 3) * w + r % 3) << 9) | 1 << r) as u32 as i32
+            })
+            .collect();
+        t.resize(k.next_multiple_of(128).max(128), 0);
+        Ok(t)
+    }
+
+    /// The fp16 weight gradient's cell table (kernels/prelude.cuh, `cells_dg_table`): per pixel of the map, the
+    /// bins holding it packed as `r0 | r1 << 8 | c0 << 16 | c1 << 24` (first and last row bin, first and last
+    /// column bin); and per cell the divisor of its goodness gradient (its area for the mean, 1 for the sum).
+    pub fn cell_table(grid: &PatchGrid, reduce: GoodnessReduce) -> Result<(Vec<i32>, Vec<f32>), String> {
+        if grid.p > 256 {
+            return Err(format!(
+                "a patch grid of {} is too fine for the fp16 kernels' cell table (at most 256)",
+                grid.p
+            ));
+        }
+        // The bins holding coordinate c: a run of consecutive bins (they are ordered and overlap by at most one).
+        let span = |bins: &[(usize, usize)], c: usize| {
+            let first = bins.iter().position(|&(a, b)| a <= c && c < b).expect("every pixel lies in a bin");
+            let last = bins.iter().rposition(|&(a, b)| a <= c && c < b).unwrap_or(first);
+            (first, last)
+        };
+        let mut cells = Vec::with_capacity(grid.h * grid.w);
+        for oh in 0..grid.h {
+            let (r0, r1) = span(&grid.rows, oh);
+            for ow in 0..grid.w {
+                let (c0, c1) = span(&grid.cols, ow);
+                cells.push((r0 | r1 << 8 | c0 << 16 | c1 << 24) as i32);
+            }
+        }
+        let div = (0..grid.p)
+            .flat_map(|i| (0..grid.p).map(move |j| (i, j)))
+            .map(|(i, j)| match reduce {
+                GoodnessReduce::Mean => grid.area(i, j) as f32,
+                GoodnessReduce::Sum => 1.0,
+            })
+            .collect();
+        Ok((cells, div))
+    }
+
     /// AdamW: a grid-stride loop over at most 4096 blocks.
     pub fn adamw(len: usize) -> (u32, u32, u32) {
         ((len as u32).div_ceil(THREADS).clamp(1, 4096), 1, 1)
@@ -236,6 +303,21 @@ pub mod geometry {
 }
 
 use geometry::THREADS;
+
+/// The fp16 conv kernels index x, y and dL/dg with 32-bit integers.
+fn index32(s: &ConvShape) -> Result<()> {
+    anyhow::ensure!(
+        s.x_len().max(s.y_len()) < 1 << 31,
+        "cuda backend: a batch of {} {}x{}x{} inputs to {} channels is too large for the fp16 conv kernels (2^31 \
+         values per tensor); use a smaller batch",
+        s.batch,
+        s.c_in,
+        s.h,
+        s.w,
+        s.c_out
+    );
+    Ok(())
+}
 
 /// A null device pointer, for a kernel argument the kernel is told (by a flag) not to touch.
 const NULL: u64 = 0;
@@ -308,6 +390,9 @@ impl CudaBackend {
             lane: std::sync::atomic::AtomicUsize::new(0),
             funcs,
             head_scratch: Mutex::new(None),
+            gather_scratch: Mutex::new(None),
+            tap_tables: Mutex::new(HashMap::new()),
+            cell_tables: Mutex::new(HashMap::new()),
             timed: Mutex::new(TimedOps::default()),
         })
     }
@@ -439,6 +524,35 @@ impl CudaBackend {
         self.funcs.get(name).with_context(|| format!("kernel {name} is not loaded"))
     }
 
+    /// The layer's tap table on the device (see `geometry::tap_table`), built on first use.
+    fn tap_table(&self, s: &ConvShape) -> Result<Arc<CudaSlice<i32>>> {
+        let key = (s.c_in, s.h, s.w);
+        let mut tables = self.tap_tables.lock().unwrap();
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let host = geometry::tap_table(s.c_in, s.h, s.w).map_err(|e| anyhow::anyhow!("cuda backend: {e}"))?;
+        let t = Arc::new(drv(self.stream().clone_htod(&host), "copy tap table")?);
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// The grid's cell table and divisors on the device (see `geometry::cell_table`), built on first use.
+    fn cell_table(&self, grid: &PatchGrid, reduce: GoodnessReduce) -> Result<Arc<CellTable>> {
+        let key = (grid.h, grid.w, grid.p, reduce == GoodnessReduce::Mean);
+        let mut tables = self.cell_tables.lock().unwrap();
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let (cells, div) = geometry::cell_table(grid, reduce).map_err(|e| anyhow::anyhow!("cuda backend: {e}"))?;
+        let t = Arc::new((
+            drv(self.stream().clone_htod(&cells), "copy cell table")?,
+            drv(self.stream().clone_htod(&div), "copy cell table")?,
+        ));
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+
     /// Zeroes the first `len` values (the head logits, which the heads accumulate into).
     fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
         if len > 0 {
@@ -566,6 +680,38 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn fill_zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
+        fits("buffer", buf.len(), len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let done = match buf {
+            CudaBuf::F32(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
+            CudaBuf::F16(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
+        };
+        drv(done, "memset")
+    }
+
+    fn read_many(&self, srcs: &[&CudaBuf], len: usize) -> Result<Vec<Vec<f32>>> {
+        let f32s: Option<Vec<&CudaSlice<f32>>> =
+            srcs.iter().map(|s| if let CudaBuf::F32(d) = s { Some(d) } else { None }).collect();
+        let Some(f32s) = f32s.filter(|_| len > 0 && srcs.len() > 1) else {
+            return srcs.iter().map(|s| self.read(s, len)).collect();
+        };
+        for s in &f32s {
+            fits("source", s.len(), len)?;
+        }
+        // Device-to-device copies into one buffer (each waits for its source's last writer, on any lane), then
+        // one copy to the host: a single synchronisation.
+        let mut slot = self.gather_scratch.lock().unwrap();
+        let gather = scratch(self, &mut slot, len * f32s.len())?;
+        for (i, s) in f32s.iter().enumerate() {
+            drv(self.stream().memcpy_dtod(&s.slice(0..len), &mut gather.slice_mut(i * len..(i + 1) * len)), "copy")?;
+        }
+        let all = drv(self.stream().clone_dtoh(&gather.slice(0..len * f32s.len())), "copy to host")?;
+        Ok(all.chunks(len).map(<[f32]>::to_vec).collect())
+    }
+
     fn write_input(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
         fits("destination", dst.len(), data.len())?;
         if data.is_empty() {
@@ -647,10 +793,13 @@ impl Backend for CudaBackend {
             }
             Precision::F16 => {
                 let ys = y.f16_mut("y")?;
+                index32(s)?;
+                let taps = self.tap_table(s)?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f16")?);
-                l.arg(x.f16("x")?).arg(w.f16("w")?).arg(bs).arg(&mut *ys);
+                l.arg(x.f16("x")?).arg(w.f16("w")?).arg(bs).arg(&*taps).arg(&mut *ys);
                 l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
-                // SAFETY: matches conv_goodness_fwd_f16 (fp16 x, w, y; f32 bias); fits() bounds every index.
+                // SAFETY: matches conv_goodness_fwd_f16 (fp16 x, w, y; f32 bias; the layer's tap table); fits()
+                // bounds every index.
                 drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f16")?;
                 let mut l = self.stream().launch_builder(self.f("patch_goodness_f16")?);
                 l.arg(&*ys).arg(gs).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
@@ -714,6 +863,14 @@ impl Backend for CudaBackend {
         db: &mut CudaBuf,
     ) -> Result<()> {
         let _timer = self.time_op("conv_goodness_wgrad");
+        anyhow::ensure!(
+            (grid.h, grid.w) == (s.h, s.w),
+            "cuda backend: a patch grid over {}x{} for a {}x{} feature map",
+            grid.h,
+            grid.w,
+            s.h,
+            s.w
+        );
         fits("x", x.len(), s.x_len())?;
         fits("y", y.len(), s.y_len())?;
         fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
@@ -743,10 +900,15 @@ impl Backend for CudaBackend {
             Precision::F16 => {
                 let scale = super::dz_scale(s.batch, grid, reduce);
                 let inv = 1.0 / scale;
+                index32(s)?;
+                let taps = self.tap_table(s)?;
+                let cells = self.cell_table(grid, reduce)?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f16")?);
-                l.arg(x.f16("x")?).arg(y.f16("y")?).arg(dgs).arg(&mut part_w).arg(&mut part_b);
-                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk).arg(&scale).arg(&inv);
-                // SAFETY: matches conv_goodness_wgrad_f16's signature; part holds gz * (M*K + M) floats.
+                l.arg(x.f16("x")?).arg(y.f16("y")?).arg(dgs).arg(&*taps).arg(&cells.0).arg(&cells.1);
+                l.arg(&mut part_w).arg(&mut part_b);
+                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&chunk).arg(&scale).arg(&inv);
+                // SAFETY: matches conv_goodness_wgrad_f16's signature; part holds gz * (M*K + M) floats; the tables
+                // are the layer's (tap) and its grid's (cell).
                 drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f16")?;
             }
         }

@@ -91,6 +91,8 @@ pub struct KernelResources {
     pub kernel: String,
     pub registers: u32,
     pub spill_bytes: u32,
+    /// Per-thread local memory for arrays indexed at run time (and calls): memory traffic like a spill's.
+    pub stack_bytes: u32,
     pub shared_bytes: u32,
 }
 
@@ -108,13 +110,17 @@ pub fn resources(arch: &str) -> Result<Vec<KernelResources>> {
             if let Some(rest) = line.split("Compiling entry function '").nth(1) {
                 out.extend(cur.take());
                 let kernel = rest.split('\'').next().unwrap_or_default().to_string();
-                cur = Some(KernelResources { kernel, registers: 0, spill_bytes: 0, shared_bytes: 0 });
+                cur = Some(KernelResources { kernel, registers: 0, spill_bytes: 0, stack_bytes: 0, shared_bytes: 0 });
             } else if let Some(k) = cur.as_mut() {
                 if let Some(n) = num_before("bytes spill stores") {
                     k.spill_bytes += n;
                 }
                 if let Some(n) = num_before("bytes spill loads") {
                     k.spill_bytes += n;
+                }
+                // Device functions called by the kernel report their own frames after it: keep the largest.
+                if let Some(n) = num_before("bytes stack frame") {
+                    k.stack_bytes = k.stack_bytes.max(n);
                 }
                 if let Some(n) = num_before("registers") {
                     k.registers = n;

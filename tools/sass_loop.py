@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Counts the instructions of the main loop of each tensor-core GEMM kernel in `cuobjdump -sass` listings.
+
+The main loop is the smallest backward branch whose body holds every HMMA of the kernel: one K step (forward) or
+one pixel step (weight gradient) of one warp. The counts are static: each instruction once, as the listing has
+it; both sides of an if are counted, and the calls into out-of-line slow paths (the IEEE division's, the
+weight gradient's several-cells case), not the paths themselves.
+usage: sass_loop.py LISTING.sass ...
+"""
+import collections
+import re
+import sys
+
+CLASSES = ["HMMA", "LDSM", "LDS", "STS", "LDG", "BAR"]
+
+
+def functions(path):
+    cur, out = None, {}
+    for line in open(path):
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = []
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and cur:
+            out[cur].append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def opcode(ins):
+    return re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0]
+
+
+def main_loop(ins):
+    hmma = [a for a, i in ins if opcode(i) == "HMMA"]
+    if not hmma:
+        return None
+    best = None
+    for a, i in ins:
+        m = re.search(r"BRA (?:!?U?P\w+, )?0x([0-9a-f]+)", i)
+        if m:
+            t = int(m.group(1), 16)
+            if t < a and t <= min(hmma) and a >= max(hmma) and (best is None or a - t < best[1] - best[0]):
+                best = (t, a)
+    return None if best is None else [i for a, i in ins if best[0] <= a <= best[1]]
+
+
+for path in sys.argv[1:]:
+    for name, ins in sorted(functions(path).items()):
+        body = main_loop(ins)
+        if body is None:
+            continue
+        c = collections.Counter(opcode(i) for i in body)
+        known = sum(c.get(k, 0) for k in CLASSES)
+        print(f"{name:26} main loop {len(body):4} instructions: "
+              + ", ".join(f"{k} {c.get(k, 0)}" for k in CLASSES) + f", other {len(body) - known}")
