@@ -14,10 +14,10 @@
 // per-tile partial sums for the cells a tile cuts, reduced in order by a second small pass: not done yet.
 //
 // conv_goodness_fwd_f16 is the same implicit GEMM on the tensor cores: x and W in fp16, fp32 accumulators
-// (mma.sync m16n8k16 fed by ldmatrix, see tc_step in the prelude), block tile TC_M = 64 channels x TC_N = 128
-// pixels, K walked in steps of TC_K = 32 through two shared stages, the column operand gathered through the
+// (mma.sync m16n8k16 fed by ldmatrix, see tc_step in the prelude), block tile 64 (or, for C_out >= 128, 128)
+// channels x TC_N = 128 pixels, K walked in steps of TC_K = 32 through two shared stages, the column operand gathered through the
 // layer's tap table (prelude: tap_fetch); the epilogue adds the bias in f32, applies ReLU and stores y in
-// fp16 (round to nearest even). Grid = (ceil(N/128), ceil(C_out/64)).
+// fp16 (round to nearest even). Grid = (ceil(N/128), ceil(C_out/64 or 128)).
 #define FWD_TM 64
 #define FWD_TN 64
 #define FWD_TK 16
@@ -73,44 +73,56 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
     }
 }
 
-// f16 forward. Per K step each thread loads 8 weights of one row of the A tile (one 16-byte load where K is a
-// multiple of 8, i.e. C_in is) and 16 consecutive taps of one pixel through the tap table (the pixel is fixed for
-// the thread: its window origin and in-map mask are computed once); both go to shared memory as 16-byte stores.
-// Two shared stages: the loads for step s + 1 are issued before the MMAs of step s and stored into the other
-// stage after them, so a K step costs one barrier.
-extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
+// f16 forward, block tile TM = 64 or 128 channels x TC_N = 128 pixels. Per K step each thread loads TM / 64 rows
+// of 8 weights of the A tile (16-byte loads where K is a multiple of 8, i.e. C_in is) and 16 consecutive taps of
+// one pixel through the tap table (the pixel is fixed for the thread: its window origin and in-map mask are
+// computed once); both go to shared memory as 16-byte stores. Two shared stages: the loads for step s + 1 are
+// issued before the MMAs of step s and stored into the other stage after them, so a K step costs one barrier.
+// The 128-channel tile (conv_goodness_fwd_f16_m128, for C_out >= 128) does twice the MMAs per gathered tap.
+template <int TM>
+__device__ __forceinline__ void conv_fwd_f16(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
     const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
 {
-    __shared__ __align__(16) f16_bits As[2][TC_M][TC_LD];
+    constexpr int MI = TM / 32, RA = TM / 64;
+    __shared__ __align__(16) f16_bits As[2][TM][TC_LD];
     __shared__ __align__(16) f16_bits Bs[2][TC_N][TC_LD];
     const int K = Cin * 9, HW = H * W, N = B * HW;
-    const int m0 = blockIdx.y * TC_M, n0 = blockIdx.x * TC_N;
+    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TC_N;
     const int tid = threadIdx.x;
-    const int am = tid >> 2, ak = (tid & 3) * 8;          // A tile: row am, columns ak..ak+7
+    const int am = tid >> 2, ak = (tid & 3) * 8;          // A tile: rows am (+ 64), columns ak..ak+7
     const int bn = tid % TC_N, bk = (tid / TC_N) * 16;    // B tile: pixel bn, taps bk..bk+15
     // The thread's pixel is the same for the whole K loop: locate it once.
     const int n = n0 + bn;
     const bool n_ok = n < N;
     const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
     const int mask = n_ok ? tap_mask(oh, ow, H, W) : 0, xo = pb * Cin * HW + (oh - 1) * W + (ow - 1);
-    const int m = m0 + am;
-    const bool m_ok = m < Cout, a_vec = (K & 7) == 0;
-    const f16_bits* wrow = w + (long)(m_ok ? m : 0) * K;
-    float acc[2][4][4];
-    tc_zero(acc);
+    const bool a_vec = (K & 7) == 0;
+    bool m_ok[RA];
+    const f16_bits* wrow[RA];
+#pragma unroll
+    for (int i = 0; i < RA; ++i) {
+        const int m = m0 + am + 64 * i;
+        m_ok[i] = m < Cout;
+        wrow[i] = w + (long)(m_ok[i] ? m : 0) * K;
+    }
+    float acc[MI][4][4];
+    tc_zero<MI>(acc);
 
-    u32x4 ra, rb[2];
+    u32x4 ra[RA], rb[2];
     auto load = [&](int k0) {
         const int k = k0 + ak;
-        if (a_vec) {
-            // K % 8 == 0 and k % 8 == 0: the 8 weights are all inside the row or all past it.
-            ra = (m_ok && k < K) ? ld16(wrow + k) : u32x4{0u, 0u, 0u, 0u};
-        } else {
-            f16_bits h[8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) h[j] = (m_ok && k + j < K) ? wrow[k + j] : (f16_bits)0;
-            ra = u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])};
+        for (int i = 0; i < RA; ++i) {
+            if (a_vec) {
+                // K % 8 == 0 and k % 8 == 0: the 8 weights are all inside the row or all past it.
+                ra[i] = (m_ok[i] && k < K) ? ld16(wrow[i] + k) : u32x4{0u, 0u, 0u, 0u};
+            } else {
+                f16_bits h[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) h[j] = (m_ok[i] && k + j < K) ? wrow[i][k + j] : (f16_bits)0;
+                ra[i] = u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])};
+            }
         }
         // The table holds at least K rounded up to TC_K entries; k0 + bk is a multiple of 16 (64-byte aligned).
         const int* tk = taps + k0 + bk;
@@ -124,7 +136,8 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
         }
     };
     auto store = [&](int st) {
-        st16(&As[st][am][ak], ra);
+#pragma unroll
+        for (int i = 0; i < RA; ++i) st16(&As[st][am + 64 * i][ak], ra[i]);
         st16(&Bs[st][bn][bk], rb[0]);
         st16(&Bs[st][bn][bk + 8], rb[1]);
     };
@@ -136,18 +149,32 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
     for (int k0 = 0; k0 < K; k0 += TC_K, st ^= 1) {
         const bool more = k0 + TC_K < K;
         if (more) load(k0 + TC_K);
-        tc_step(acc, As[st], Bs[st]);
+        tc_step<MI>(acc, As[st], Bs[st]);
         // The other stage was last read by step s - 1's MMAs, which every thread finished before the last barrier.
         if (more) store(st ^ 1);
         __syncthreads();
     }
 
-    tc_for_each(acc, [&](int row, int col, float v) {
+    tc_for_each<MI>(acc, [&](int row, int col, float v) {
         const int m = m0 + row, n = n0 + col;
         if (m >= Cout || n >= N) return;
         const int b = n / HW, p = n % HW;
         y[((long)b * Cout + m) * HW + p] = f2h(fmaxf(v + bias[m], 0.0f));
     });
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
+    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+{
+    conv_fwd_f16<64>(x, w, bias, taps, y, B, Cin, Cout, H, W);
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16_m128(
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
+    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+{
+    conv_fwd_f16<128>(x, w, bias, taps, y, B, Cin, Cout, H, W);
 }
 
 template <typename T>

@@ -115,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
 #pragma unroll
     for (int j = 0; j < TC_N / 8; ++j) tk[j] = (unsigned)taps[k0 + bk + 8 * j];
     float acc[2][4][4];
-    tc_zero(acc);
+    tc_zero<2>(acc);
     float db_acc = 0.0f;
 
     auto fill = [&](int n0, int st) {
@@ -152,11 +152,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
         // The other stage was last read by the previous step's MMAs, which every thread finished before the last
         // barrier.
         if (n0 + TC_K < nend) fill(n0 + TC_K, st ^ 1);
-        tc_step(acc, As[st], Bs[st]);
+        tc_step<2>(acc, As[st], Bs[st]);
         __syncthreads();
     }
 
-    tc_for_each(acc, [&](int row, int col, float v) {
+    tc_for_each<2>(acc, [&](int row, int col, float v) {
         const int mm = m0 + row, k = k0 + col;
         if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = v * inv_scale;
     });

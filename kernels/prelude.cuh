@@ -215,36 +215,41 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 }
 #endif
 
-// The block tile of the fp16 GEMM kernels: OUT[TC_M x TC_N] += A[TC_M x TC_K] * B[TC_K x TC_N] per step, both
-// operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed),
-// rows padded to TC_LD halves (80 bytes) so that the eight 16-byte rows each ldmatrix phase reads hit 32 distinct
-// banks (as do the 16-byte stores of one column in eight consecutive rows). Fragments come in by ldmatrix.x4:
-// two for A and two for B per 16-deep slice, for 8 MMAs a warp.
-// 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 32 x 32 of the tile: 2 x 4 mma tiles,
-// acc[mi][ni][r] holding row warp_m*32 + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2) (tc_for_each).
+// The block tile of the fp16 GEMM kernels: OUT[TM x TC_N] += A[TM x TC_K] * B[TC_K x TC_N] per step (TM = 32 MI,
+// 64 or 128 rows), both operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B
+// stored transposed), rows padded to TC_LD halves (80 bytes) so that the eight 16-byte rows each ldmatrix phase
+// reads hit 32 distinct banks (as do the 16-byte stores of one column in eight consecutive rows). Fragments come
+// in by ldmatrix.x4: MI for A and two for B per 16-deep slice, for 4 MI MMAs a warp.
+// 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 16 MI x 32 of the tile: MI x 4 mma tiles,
+// acc[mi][ni][r] holding row warp_m*16 MI + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2)
+// (tc_for_each). A larger MI shares each B fragment among more MMAs: fewer shared loads and, in the forward, the
+// same im2col gather for twice the MMAs.
 #define TC_M 64
 #define TC_N 128
 #define TC_K 32
 #define TC_LD (TC_K + 8)
 
-__device__ __forceinline__ void tc_zero(float acc[2][4][4]) {
+template <int MI>
+__device__ __forceinline__ void tc_zero(float acc[MI][4][4]) {
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
 }
 
-__device__ __forceinline__ void tc_step(float acc[2][4][4], const f16_bits (*As)[TC_LD], const f16_bits (*Bs)[TC_LD]) {
+template <int MI>
+__device__ __forceinline__ void tc_step(float acc[MI][4][4], const f16_bits (*As)[TC_LD], const f16_bits (*Bs)[TC_LD]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wm = warp >> 2, wn = warp & 3;
 #pragma unroll
     for (int kk = 0; kk < TC_K; kk += 16) {
-        unsigned a[2][4], b[4][2];
+        unsigned a[MI][4], b[4][2];
         // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], &As[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+        for (int mi = 0; mi < MI; ++mi)
+            ldsm_x4(a[mi], &As[wm * 16 * MI + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
         // B (stored [n][k]): matrices (n tile ni, k 0-7), (ni, k 8-15), (ni + 1, k 0-7), (ni + 1, k 8-15).
 #pragma unroll
         for (int ni = 0; ni < 4; ni += 2) {
@@ -256,20 +261,20 @@ __device__ __forceinline__ void tc_step(float acc[2][4][4], const f16_bits (*As)
             b[ni + 1][1] = r[3];
         }
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
+        for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni]);
     }
 }
 
-// Calls f(row, col, value) for each of the calling thread's 32 accumulators, with the row and column in the
+// Calls f(row, col, value) for each of the calling thread's 16 MI accumulators, with the row and column in the
 // block tile (the epilogue of both tensor-core kernels).
-template <typename F>
-__device__ __forceinline__ void tc_for_each(const float acc[2][4][4], F f) {
+template <int MI, typename F>
+__device__ __forceinline__ void tc_for_each(const float acc[MI][4][4], F f) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (warp >> 2) * 32 + (lane >> 2), col0 = (warp & 3) * 32 + 2 * (lane & 3);
+    const int row0 = (warp >> 2) * 16 * MI + (lane >> 2), col0 = (warp & 3) * 32 + 2 * (lane & 3);
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll

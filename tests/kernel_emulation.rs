@@ -49,14 +49,15 @@ static EMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Calls `emu_<name>` with the grid and the kernel's arguments. The signature must match tests/emu/launch.cpp.
 macro_rules! launch {
-    ($name:literal, $grid:expr, fn($($t:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
+    ($name:expr, $grid:expr, fn($($t:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
         let grid: Grid = $grid;
+        let name: &str = $name;
         let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the symbol is the C wrapper of that kernel with exactly these argument types; every pointer
         // is to a live buffer at least as long as the kernel indexes (the same shapes the GPU backend checks).
         unsafe {
             let f: libloading::Symbol<unsafe extern "C" fn(u32, u32, u32, $($t),*)> =
-                lib().get(concat!("emu_", $name, "\0").as_bytes()).expect($name);
+                lib().get(format!("emu_{name}\0").as_bytes()).expect(name);
             f(grid.0, grid.1, grid.2, $($arg),*)
         }
     }};
@@ -76,6 +77,7 @@ const NAN16: u16 = 0x7e00;
 #[allow(clippy::too_many_arguments)]
 fn gpu_conv(
     p: Precision,
+    fwd_f16: (&str, u32, u32),
     s: &ConvShape,
     grid: &PatchGrid,
     reduce: GoodnessReduce,
@@ -150,9 +152,10 @@ fn gpu_conv(
             let taps = geometry::tap_table(s.c_in, s.h, s.w).unwrap();
             let (cells, div) = geometry::cell_table(grid, reduce).unwrap();
             let mut y16 = vec![NAN16; s.y_len()];
+            // Either fp16 forward kernel (the backend picks one by shape) over its own grid.
             launch!(
-                "conv_goodness_fwd_f16",
-                geometry::conv_fwd(s, p),
+                fwd_f16.0,
+                geometry::conv_fwd_grid(s, fwd_f16.1, fwd_f16.2),
                 fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
                 x16.as_ptr(),
                 w16.as_ptr(),
@@ -240,17 +243,21 @@ fn gpu_conv(
 
 #[test]
 fn conv_kernels_match_the_cpu_reference() {
-    for p in [Precision::F32, Precision::F16] {
+    // f32, then fp16 with each forward tile (at batch 2 the backend itself would always pick the 64-channel one).
+    let runs = [(Precision::F32, geometry::CONV_FWD_F16[0])]
+        .into_iter()
+        .chain(geometry::CONV_FWD_F16.into_iter().map(|k| (Precision::F16, k)));
+    for (p, fwd_f16) in runs {
         let c = CpuBackend::new().with_precision(p);
         let store_rtol = if p == Precision::F16 { 1.1e-3 } else { 1e-4 };
         // The VGG8-like case at batch 2: the emulation runs every thread of every block on one core.
         for (i, case) in conv_cases(2).into_iter().enumerate() {
-            let what = format!("{} case {i}", p.as_str());
+            let what = format!("{} ({}) case {i}", p.as_str(), if p == Precision::F16 { fwd_f16.0 } else { "f32" });
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);
             let d = s.c_out * grid.cells();
             let (x, w, b, dg) = conv_inputs(&case, i);
-            let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, &s, &grid, case.reduce, &x, &w, &b, &dg);
+            let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, fwd_f16, &s, &grid, case.reduce, &x, &w, &b, &dg);
             let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
             c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g).unwrap();
             close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);

@@ -23,6 +23,10 @@ void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const
                                f16_bits* y, int B, int Cin, int Cout, int H, int W) {
     RUN(conv_goodness_fwd_f16(x, w, b, taps, y, B, Cin, Cout, H, W));
 }
+void emu_conv_goodness_fwd_f16_m128(GRID, const f16_bits* x, const f16_bits* w, const float* b, const int* taps,
+                                    f16_bits* y, int B, int Cin, int Cout, int H, int W) {
+    RUN(conv_goodness_fwd_f16_m128(x, w, b, taps, y, B, Cin, Cout, H, W));
+}
 void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H, int W, int P, int mean) {
     RUN(patch_goodness_f32(y, g, B, C, H, W, P, mean));
 }

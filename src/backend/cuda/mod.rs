@@ -208,14 +208,33 @@ pub mod geometry {
         ((n as u32).div_ceil(THREADS).max(1), 1, 1)
     }
 
-    /// The conv forward: one block per 64 channels x 64 (f32) or 128 (f16, TC_N) pixels.
-    pub fn conv_fwd(s: &ConvShape, p: Precision) -> (u32, u32, u32) {
+    /// The conv forward's kernel and its block tile (channels, pixels): 64 x 64 in f32; in f16 64 x 128, or
+    /// 128 x 128 (twice the MMAs for each gathered tap) where there are at least 128 output channels and the
+    /// larger tile still makes 256 blocks (two waves of 2 blocks on a 132-SM H100 / H200 would be ~264: the
+    /// small late layers keep the smaller tile's parallelism; a heuristic for the GPU to confirm).
+    pub fn conv_fwd_kernel(s: &ConvShape, p: Precision) -> (&'static str, u32, u32) {
+        let n_tiles = (s.batch * s.h * s.w).div_ceil(128);
+        match p {
+            Precision::F32 => ("conv_goodness_fwd_f32", 64, 64),
+            Precision::F16 if s.c_out >= 128 && n_tiles * s.c_out.div_ceil(128) >= 256 => CONV_FWD_F16[1],
+            Precision::F16 => CONV_FWD_F16[0],
+        }
+    }
+
+    /// The fp16 forward kernels: (name, channels, pixels) of their block tiles.
+    pub const CONV_FWD_F16: [(&str, u32, u32); 2] =
+        [("conv_goodness_fwd_f16", 64, 128), ("conv_goodness_fwd_f16_m128", 128, 128)];
+
+    /// The conv forward's grid for a block tile of `tile_m` channels x `tile_n` pixels.
+    pub fn conv_fwd_grid(s: &ConvShape, tile_m: u32, tile_n: u32) -> (u32, u32, u32) {
         let n = (s.batch * s.h * s.w) as u32;
-        let tile_n = match p {
-            Precision::F32 => 64,
-            Precision::F16 => 128,
-        };
-        (n.div_ceil(tile_n), (s.c_out as u32).div_ceil(64), 1)
+        (n.div_ceil(tile_n), (s.c_out as u32).div_ceil(tile_m), 1)
+    }
+
+    /// The conv forward's grid: one block per tile of [`conv_fwd_kernel`].
+    pub fn conv_fwd(s: &ConvShape, p: Precision) -> (u32, u32, u32) {
+        let (_, tile_m, tile_n) = conv_fwd_kernel(s, p);
+        conv_fwd_grid(s, tile_m, tile_n)
     }
 
     /// The weight gradient's split: blocks of 64 channels x 64 (f32) or 128 (f16) taps, and the pixels cut into
@@ -795,12 +814,13 @@ impl Backend for CudaBackend {
                 let ys = y.f16_mut("y")?;
                 index32(s)?;
                 let taps = self.tap_table(s)?;
-                let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f16")?);
+                let (kernel, _, _) = geometry::conv_fwd_kernel(s, precision);
+                let mut l = self.stream().launch_builder(self.f(kernel)?);
                 l.arg(x.f16("x")?).arg(w.f16("w")?).arg(bs).arg(&*taps).arg(&mut *ys);
                 l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
-                // SAFETY: matches conv_goodness_fwd_f16 (fp16 x, w, y; f32 bias; the layer's tap table); fits()
-                // bounds every index.
-                drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f16")?;
+                // SAFETY: matches conv_goodness_fwd_f16{,_m128} (fp16 x, w, y; f32 bias; the layer's tap table);
+                // fits() bounds every index.
+                drv(unsafe { l.launch(cfg) }, kernel)?;
                 let mut l = self.stream().launch_builder(self.f("patch_goodness_f16")?);
                 l.arg(&*ys).arg(gs).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
                 // SAFETY: matches patch_goodness_f16; one thread per goodness cell.
