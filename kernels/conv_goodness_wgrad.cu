@@ -80,12 +80,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 // wgrad_reduce_f32 as in the f32 path).
 //
 // Per step each thread computes dz for one channel and 8 consecutive pixels (the pixels' cells from the layer's
-// cell table, `cells` and `div`, instead of locating them by division; stored as one 16-byte row segment) and
+// cell table instead of a search with divisions, their dL/dg / |bin| from q = dg_per_cell_f32's output; stored as
+// one 16-byte row segment) and
 // gathers 16 taps of one pixel: its taps are fixed for the whole kernel (taps bk, bk + 8, ..., of the block's
 // 128), so their table entries are read once, and per step only the pixel's window origin and in-map mask change.
 // The next step's tile is built in the other stage before this step's MMAs, so a step costs one barrier.
 //
-// Scaling: dz is computed in f32 from the fp16 y and the f32 dg, then multiplied by `scale` and rounded to fp16
+// Scaling: dz is computed in f32 from the fp16 y and the f32 q, then multiplied by `scale` and rounded to fp16
 // for the product; the f32 partial is multiplied by `inv_scale` on the way out. dz = 2 y dg / |bin| with
 // dg = (softmax - onehot) R^T / B is ~3e-4 |softmax - onehot| for CIFAR shapes at batch 128 and ~3e-7 times it
 // at ImageNet scale: in or under fp16's subnormal range (below 6.1e-5 a value keeps few bits; below 3e-8 it is
@@ -94,8 +95,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 // gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
 // fixed shuffles: deterministic. Launch bounds (256, 2) hold the kernel to 128 registers, so two blocks share an SM.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
-    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ dg,
-    const int* __restrict__ taps, const int* __restrict__ cells, const float* __restrict__ div,
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
+    const int* __restrict__ taps, const int* __restrict__ cells,
     float* __restrict__ part, float* __restrict__ part_db,
     int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
 {
@@ -118,17 +119,21 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
     tc_zero<2>(acc);
     float db_acc = 0.0f;
 
+    // Where the next fill starts: the dz pixels' (sample, pixel) and the tap pixel's (sample, row, column),
+    // located by division once and then advanced by TC_K pixels a step (no division in the loop).
+    int db_ = (nbeg + an) / HW, dp = (nbeg + an) % HW;
+    int tb = (nbeg + bn) / HW, th = (nbeg + bn) % HW / W, tw = (nbeg + bn) % W;
     auto fill = [&](int n0, int st) {
-        // dz for channel m at pixels n0 + an .. + 7: pixel p of sample b, at yo in y and go in dg (32-bit
+        // dz for channel m at pixels n0 + an .. + 7: pixel p of sample db_, at yo in y and go in q (32-bit
         // indices: the host keeps y under 2^31 values), advanced together.
-        int n = n0 + an, p = n % HW, map = (n / HW) * Cout + m, yo = map * HW + p, go = map * PP;
+        int n = n0 + an, p = dp, map = db_ * Cout + m, yo = map * HW + p, go = map * PP;
         f16_bits h[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j, ++n) {
             float dz = 0.0f;
             if (n < nend && m_ok) {
                 const float yv = h2f(y[yo]);
-                if (yv > 0.0f) dz = cells_dg_table(dg + go, cells[p], div, P) * (2.0f * yv);
+                if (yv > 0.0f) dz = cells_q(q + go, cells[p], P) * (2.0f * yv);
             }
             db_acc += dz;
             h[j] = f2h(dz * scale);
@@ -137,12 +142,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
         }
         st16(&As[st][am][an], u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
         // Taps of the thread's pixel n0 + bn.
-        const int nc = n0 + bn;
-        const bool n_ok = nc < nend;
-        const int pb = n_ok ? nc / HW : 0, pp = n_ok ? nc - pb * HW : 0, oh = pp / W, ow = pp - oh * W;
-        const int mask = n_ok ? tap_mask(oh, ow, H, W) : 0, xo = pb * Cin * HW + (oh - 1) * W + (ow - 1);
+        const bool n_ok = n0 + bn < nend;
+        const int mask = n_ok ? tap_mask(th, tw, H, W) : 0, xo = tb * Cin * HW + (th - 1) * W + (tw - 1);
 #pragma unroll
         for (int j = 0; j < TC_N / 8; ++j) Bs[st][bk + 8 * j][bn] = tap_fetch(x, xo, mask, tk[j]);
+        // On to the next step's pixels (TC_K further; a map smaller than TC_K pixels wraps several times).
+        for (dp += TC_K; dp >= HW; dp -= HW) ++db_;
+        for (tw += TC_K; tw >= W; tw -= W) ++th;
+        for (; th >= H; th -= H) ++tb;
     };
 
     fill(nbeg, 0);
@@ -165,6 +172,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
         db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 2);
         if ((tid & 3) == 0 && m_ok) part_db[(long)blockIdx.z * Cout + m] = db_acc;
     }
+}
+
+// q[i] = dg[i] / div[i % P^2]: the fp16 weight gradient's per-cell dL/dg, divided by the cell's divisor once per
+// step instead of once per pixel and block (the same division as the CPU reference's). One thread per value.
+extern "C" __global__ void dg_per_cell_f32(const float* __restrict__ dg, const float* __restrict__ div,
+                                           float* __restrict__ q, int n, int PP)
+{
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) q[t] = dg[t] / div[t % PP];
 }
 
 // dw[i] = sum_z part[z][i] (i < M*K), db[m] = sum_z part_db[z][m]: one thread per element, z in order.

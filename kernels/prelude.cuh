@@ -130,22 +130,23 @@ __device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) {
 }
 #endif
 
-// The weight gradients' goodness term through a cell table (host-built: geometry::cell_table): cells[p] packs the
-// bins holding pixel p, r0 | r1 << 8 | c0 << 16 | c1 << 24, and div[i*P + j] is the divisor of cell (i, j)'s
-// gradient (its area for the mean, 1 for the sum). Same sum, same order, same division as cells_dg. A pixel in
-// several cells (P does not divide H or W) takes the out-of-line loop, so the common case stays short.
-__device__ __noinline__ float cells_dg_overlap(const float* __restrict__ dg, int cell, const float* __restrict__ div, int P) {
+// The fp16 weight gradient's goodness term through a cell table (host-built: geometry::cell_table): cells[p]
+// packs the bins holding pixel p, r0 | r1 << 8 | c0 << 16 | c1 << 24, and q[i*P + j] is the map's dL/dg of cell
+// (i, j) already divided by the cell's divisor (dg_per_cell_f32: its area for the mean, 1 for the sum). The sum
+// over the pixel's cells in the order and with the division of cells_dg, so dz = sum * 2y is the CPU's to the
+// bit. A pixel in several cells (P does not divide H or W) takes the out-of-line loop, so the common case is a
+// lookup and a load.
+__device__ __noinline__ float cells_q_overlap(const float* __restrict__ q, int cell, int P) {
     const int r0 = cell & 255, r1 = (cell >> 8) & 255, c0 = (cell >> 16) & 255, c1 = (cell >> 24) & 255;
     float s = 0.0f;
     for (int bi = r0; bi <= r1; ++bi)
-        for (int bj = c0; bj <= c1; ++bj) s += dg[bi * P + bj] / div[bi * P + bj];
+        for (int bj = c0; bj <= c1; ++bj) s += q[bi * P + bj];
     return s;
 }
 
-__device__ __forceinline__ float cells_dg_table(const float* __restrict__ dg, int cell, const float* __restrict__ div, int P) {
-    const int r0 = cell & 255, c0 = (cell >> 16) & 255;
-    if ((cell & 0x00ff00ff) == ((cell >> 8) & 0x00ff00ff)) return dg[r0 * P + c0] / div[r0 * P + c0];
-    return cells_dg_overlap(dg, cell, div, P);
+__device__ __forceinline__ float cells_q(const float* __restrict__ q, int cell, int P) {
+    if ((cell & 0x00ff00ff) == ((cell >> 8) & 0x00ff00ff)) return q[(cell & 255) * P + ((cell >> 16) & 255)];
+    return cells_q_overlap(q, cell, P);
 }
 
 // Loads and stores that widen from / narrow to the storage type (round to nearest even), so that one template

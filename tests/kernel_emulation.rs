@@ -182,6 +182,17 @@ fn gpu_conv(
                 mean
             );
             let scale = asge::backend::dz_scale(s.batch, grid, reduce);
+            let mut q = vec![f32::NAN; g_len];
+            launch!(
+                "dg_per_cell_f32",
+                geometry::grid1(g_len),
+                fn(*const f32, *const f32, *mut f32, i32, i32),
+                dg.as_ptr(),
+                div.as_ptr(),
+                q.as_mut_ptr(),
+                g_len as i32,
+                grid.cells() as i32
+            );
             launch!(
                 "conv_goodness_wgrad_f16",
                 split.grid,
@@ -191,7 +202,6 @@ fn gpu_conv(
                     *const f32,
                     *const i32,
                     *const i32,
-                    *const f32,
                     *mut f32,
                     *mut f32,
                     i32,
@@ -206,10 +216,9 @@ fn gpu_conv(
                 ),
                 x16.as_ptr(),
                 y16.as_ptr(),
-                dg.as_ptr(),
+                q.as_ptr(),
                 taps.as_ptr(),
                 cells.as_ptr(),
-                div.as_ptr(),
                 part.as_mut_ptr(),
                 part_db.as_mut_ptr(),
                 bb,

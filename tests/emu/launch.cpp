@@ -37,10 +37,13 @@ void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const flo
                                  int B, int Cin, int Cout, int H, int W, int P, int mean, int chunk) {
     RUN(conv_goodness_wgrad_f32(x, y, dg, part, part_db, B, Cin, Cout, H, W, P, mean, chunk));
 }
-void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* dg, const int* taps,
-                                 const int* cells, const float* div, float* part, float* part_db, int B, int Cin,
-                                 int Cout, int H, int W, int P, int chunk, float scale, float inv_scale) {
-    RUN(conv_goodness_wgrad_f16(x, y, dg, taps, cells, div, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
+void emu_dg_per_cell_f32(GRID, const float* dg, const float* div, float* q, int n, int PP) {
+    RUN(dg_per_cell_f32(dg, div, q, n, PP));
+}
+void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps,
+                                 const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H,
+                                 int W, int P, int chunk, float scale, float inv_scale) {
+    RUN(conv_goodness_wgrad_f16(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
                                 inv_scale));
 }
 void emu_wgrad_reduce_f32(GRID, const float* part, const float* part_db, float* dw, float* db, int MK, int M, int Z) {

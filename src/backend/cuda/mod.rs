@@ -905,8 +905,14 @@ impl Backend for CudaBackend {
         let mean = (reduce == GoodnessReduce::Mean) as i32;
         let chunk = chunk as i32;
         let mk = s.w_len();
+        // The partials, and for fp16 the per-cell dL/dg / |bin| (dg_per_cell_f32).
+        let q_len = match precision {
+            Precision::F32 => 0,
+            Precision::F16 => s.batch * s.c_out * grid.cells(),
+        };
         let mut slot = self.wgrad_scratch[self.lane_index()].lock().unwrap();
-        let part = scratch(self, &mut slot, gz * (mk + s.c_out))?;
+        let part = scratch(self, &mut slot, gz * (mk + s.c_out) + q_len)?;
+        let (mut part, mut q) = part.split_at_mut(gz * (mk + s.c_out));
         let (mut part_w, mut part_b) = part.split_at_mut(gz * mk);
         let dgs = dg.f32("dL/dg")?;
         match precision {
@@ -923,8 +929,13 @@ impl Backend for CudaBackend {
                 index32(s)?;
                 let taps = self.tap_table(s)?;
                 let cells = self.cell_table(grid, reduce)?;
+                let (q_n, pp) = (q_len as i32, grid.cells() as i32);
+                let mut l = self.stream().launch_builder(self.f("dg_per_cell_f32")?);
+                l.arg(dgs).arg(&cells.1).arg(&mut q).arg(&q_n).arg(&pp);
+                // SAFETY: matches dg_per_cell_f32; one thread per dL/dg value, q holds q_len floats.
+                drv(unsafe { l.launch(grid1(q_len)) }, "dg_per_cell_f32")?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f16")?);
-                l.arg(x.f16("x")?).arg(y.f16("y")?).arg(dgs).arg(&*taps).arg(&cells.0).arg(&cells.1);
+                l.arg(x.f16("x")?).arg(y.f16("y")?).arg(&mut q).arg(&*taps).arg(&cells.0);
                 l.arg(&mut part_w).arg(&mut part_b);
                 l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&chunk).arg(&scale).arg(&inv);
                 // SAFETY: matches conv_goodness_wgrad_f16's signature; part holds gz * (M*K + M) floats; the tables
