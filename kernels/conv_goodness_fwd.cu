@@ -2,9 +2,9 @@
 // per cell, summed in f32.
 //
 // Work split: an implicit GEMM out[M = C_out, N = B*H*W] = W[M, K = C_in*9] * col[K, N], where the column
-// operand is gathered from x while the tile is loaded (no im2col buffer exists). A block of 256 threads owns a
-// 64 x 64 output tile and walks K in steps of 16 through shared memory; each thread accumulates a 4 x 4
-// register tile. Epilogue: bias + ReLU, y stored NCHW. Grid = (ceil(N/64), ceil(C_out/64)).
+// operand is gathered from x while the tile is loaded (no im2col buffer exists), through the layer's tap table
+// (prelude: tap_fetch). A block of 256 threads owns a 64 x 64 output tile and walks K in steps of 16 through
+// shared memory; each thread accumulates a 4 x 4 register tile. Epilogue: bias + ReLU, y stored NCHW. Grid = (ceil(N/64), ceil(C_out/64)).
 //
 // patch_goodness_f32 then reduces y^2 over each cell: one thread per (sample, channel, cell), each an ordered
 // sum, so the goodness is deterministic (atomics in the GEMM epilogue would make two runs of one seed differ in
@@ -24,7 +24,7 @@
 
 extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
     const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-    float* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+    const int* __restrict__ taps, float* __restrict__ y, int B, int Cin, int Cout, int H, int W)
 {
     __shared__ float As[FWD_TK][FWD_TM];
     __shared__ float Bs[FWD_TK][FWD_TN];
@@ -32,11 +32,12 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
     const int m0 = blockIdx.y * FWD_TM, n0 = blockIdx.x * FWD_TN;
     const int tid = threadIdx.x;
     const int tm = (tid / 16) * 4, tn = (tid % 16) * 4;
-    // B tile: the thread's pixel (tid % 64) is the same for every tap it loads and every K step: locate it once.
+    // B tile: the thread's pixel (tid % 64) is the same for every tap it loads and every K step: locate it once
+    // (window origin and in-map mask for tap_fetch).
     const int bn = tid % FWD_TN, n = n0 + bn;
     const bool n_ok = n < N;
     const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
-    const float* xb = x + (long)pb * Cin * HW;
+    const int mask = n_ok ? tap_mask(oh, ow, H, W) : 0, xo = pb * Cin * HW + (oh - 1) * W + (ow - 1);
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -49,8 +50,9 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
             int m = m0 + mm, k = k0 + kk;
             As[kk][mm] = (m < Cout && k < K) ? w[(long)m * K + k] : 0.0f;
         }
+        // The table holds K rounded up to 128 >= FWD_TK entries past k0.
         for (int kk = tid / FWD_TN; kk < FWD_TK; kk += 256 / FWD_TN)
-            Bs[kk][bn] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : 0.0f;
+            Bs[kk][bn] = tap_fetch(x, xo, mask, (unsigned)taps[k0 + kk]);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < FWD_TK; ++kk) {

@@ -4,27 +4,40 @@
 //
 // Work split: an implicit GEMM dW[M = C_out, K = C_in*9] = sum over n < B*H*W of dz[m, n] * col[k, n]. A block of
 // 256 threads owns a 64 x 64 tile of dW and a slice of the reduction (blockIdx.z: `chunk` pixels), walked in
-// steps of 16 through shared memory; dz is computed from y and dg while its tile is loaded and never stored,
-// col is gathered from x. Each block stores its partial tile into part[z][m][k] (and the blocks of the first K
-// tile the row sums of dz into part_db[z][m]); wgrad_reduce_f32 sums the partials over z in order, so the
-// result is deterministic. Grid = (ceil(K/64), ceil(C_out/64), ceil(N/chunk)).
+// steps of 16 through shared memory; dz is computed from y and q = dg / |bin| (dg_per_cell_f32, below) while its
+// tile is loaded and never stored, each pixel's cell from the grid's cell table (prelude: cells_q); col is
+// gathered from x through the layer's tap table (prelude: tap_fetch). Each block stores its partial tile into
+// part[z][m][k] (and the blocks of the first K tile the row sums of dz into part_db[z][m]); wgrad_reduce_f32 sums
+// the partials over z in order, so the result is deterministic. Grid = (ceil(K/64), ceil(C_out/64), ceil(N/chunk)).
 #define WG_TM 64
 #define WG_TK 64
 #define WG_TN 16
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
-    const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dg,
-    float* __restrict__ part, float* __restrict__ part_db,
-    int B, int Cin, int Cout, int H, int W, int P, int reduce_mean, int chunk)
+    const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ q,
+    const int* __restrict__ taps, const int* __restrict__ cells, float* __restrict__ part,
+    float* __restrict__ part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk)
 {
     __shared__ float As[WG_TN][WG_TM];  // dz tile, [pixel][channel]
     __shared__ float Bs[WG_TN][WG_TK];  // col tile, [pixel][tap]
-    const int K = Cin * 9, HW = H * W, N = B * HW;
+    const int K = Cin * 9, HW = H * W, N = B * HW, PP = P * P;
     const int m0 = blockIdx.y * WG_TM, k0 = blockIdx.x * WG_TK;
     const int nbeg = blockIdx.z * chunk, nend = min(N, nbeg + chunk);
     const int tid = threadIdx.x;
     const int tm = (tid / 16) * 4, tk = (tid % 16) * 4;
     const bool bias_block = blockIdx.x == 0;
+    // dz: channel dm, pixels dn..dn+3 of the step; col: pixel bn of the step, taps bk, bk + 16, bk + 32, bk + 48
+    // (fixed for the kernel: their table entries are read once; the table holds K rounded up to 128).
+    const int dm = tid % WG_TM, dn = (tid / WG_TM) * 4, bn = tid % WG_TN, bk = tid / WG_TN;
+    const int m = m0 + dm;
+    const bool m_ok = m < Cout;
+    unsigned tks[WG_TK / 16];
+#pragma unroll
+    for (int j = 0; j < WG_TK / 16; ++j) tks[j] = (unsigned)taps[k0 + bk + 16 * j];
+    // The step's dz pixel (sample, pixel) and tap pixel (sample, row, column): located by division once, then
+    // advanced by WG_TN pixels a step.
+    int db_ = (nbeg + dn) / HW, dp = (nbeg + dn) % HW;
+    int tb = (nbeg + bn) / HW, th = (nbeg + bn) % HW / W, tw = (nbeg + bn) % W;
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -33,27 +46,29 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
     float db_acc = 0.0f;
 
     for (int n0 = nbeg; n0 < nend; n0 += WG_TN) {
-        for (int i = tid; i < WG_TN * WG_TM; i += 256) {
-            int nn = i / WG_TM, mm = i % WG_TM;
-            int n = n0 + nn, m = m0 + mm;
-            float dz = 0.0f;
-            if (n < nend && m < Cout) {
-                int b = n / HW, p = n % HW;
-                long map = (long)b * Cout + m;
-                float yv = y[map * HW + p];
-                if (yv > 0.0f) dz = cells_dg(dg + map * P * P, p / W, p % W, H, W, P, reduce_mean) * (2.0f * yv);
+        {
+            int n = n0 + dn, p = dp, map = db_ * Cout + m, yo = map * HW + p, go = map * PP;
+#pragma unroll
+            for (int j = 0; j < 4; ++j, ++n) {
+                float dz = 0.0f;
+                if (n < nend && m_ok) {
+                    const float yv = y[yo];
+                    if (yv > 0.0f) dz = cells_q(q + go, cells[p], P) * (2.0f * yv);
+                }
+                As[dn + j][dm] = dz;
+                ++yo;
+                if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
             }
-            As[nn][mm] = dz;
         }
         {
-            // The thread's pixel (tid % 16) is fixed for its 4 taps of this step: locate it once.
-            const int nn = tid % WG_TN, n = n0 + nn;
-            const bool n_ok = n < nend;
-            const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
-            const float* xb = x + (long)pb * Cin * HW;
-            for (int kk = tid / WG_TN; kk < WG_TK; kk += 256 / WG_TN)
-                Bs[nn][kk] = n_ok ? tap_at(xb, k0 + kk, K, oh, ow, H, W) : 0.0f;
+            const bool n_ok = n0 + bn < nend;
+            const int mask = n_ok ? tap_mask(th, tw, H, W) : 0, xo = tb * Cin * HW + (th - 1) * W + (tw - 1);
+#pragma unroll
+            for (int j = 0; j < WG_TK / 16; ++j) Bs[bn][bk + 16 * j] = tap_fetch(x, xo, mask, tks[j]);
         }
+        for (dp += WG_TN; dp >= HW; dp -= HW) ++db_;
+        for (tw += WG_TN; tw >= W; tw -= W) ++th;
+        for (; th >= H; th -= H) ++tb;
         __syncthreads();
         if (bias_block && tid < WG_TM)
             for (int nn = 0; nn < WG_TN; ++nn) db_acc += As[nn][tid];

@@ -59,36 +59,13 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 __device__ __forceinline__ int bin_start(int i, int n, int p) { return (i * n) / p; }
 __device__ __forceinline__ int bin_end(int i, int n, int p) { return ((i + 1) * n + p - 1) / p; }
 
-// The bins along an axis of length n (p bins) that contain coordinate c: [*lo, *hi] (at most 2, they overlap
-// only when p does not divide n).
-__device__ __forceinline__ void bins_of(int c, int n, int p, int* lo, int* hi) {
-    int i = (c * p) / n;
-    int a = i > 0 ? i - 1 : 0, b = i < p - 1 ? i + 1 : p - 1;
-    while (a < b && !(bin_start(a, n, p) <= c && c < bin_end(a, n, p))) a++;
-    while (b > a && !(bin_start(b, n, p) <= c && c < bin_end(b, n, p))) b--;
-    *lo = a;
-    *hi = b;
-}
-
 // The implicit im2col: col[k, n] = x[b, ci, oh + kh - 1, ow + kw - 1] (zero outside the map), with
-// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow. tap_at gives tap k (< K, else 0) of one output pixel (oh, ow)
-// whose sample starts at xb. The GEMM kernels fix each thread's pixel across its loads, so the pixel's
-// divisions happen once per tile step and the tap's are by the constants 9 and 3.
-template <typename T>
-__device__ __forceinline__ T tap_at(const T* __restrict__ xb, int k, int K, int oh, int ow, int H, int W) {
-    if (k >= K) return (T)0;
-    int ci = k / 9, r = k - ci * 9;
-    int ih = oh + r / 3 - 1, iw = ow + r % 3 - 1;
-    if (ih < 0 || ih >= H || iw < 0 || iw >= W) return (T)0;
-    return xb[((long)ci * H + ih) * W + iw];
-}
-
-// The fp16 GEMMs' im2col through a tap table (built on the host: src/backend/cuda/mod.rs, geometry::tap_table):
-// entry k of a layer with C_in maps of H x W is t = (ci*H*W + kh*W + kw) << 9 | 1 << r with k = ci*9 + r,
+// k = ci*9 + kh*3 + kw and n = b*H*W + oh*W + ow; no im2col buffer exists. The GEMM kernels gather it through a
+// tap table (built on the host: src/backend/cuda/mod.rs, geometry::tap_table): entry k of a layer with C_in maps of H x W is t = (ci*H*W + kh*W + kw) << 9 | 1 << r with k = ci*9 + r,
 // r = kh*3 + kw (t = 0 past K: no tap). A pixel (oh, ow) of sample b carries the index xo = b*C_in*H*W +
 // (oh-1)*W + (ow-1) of its 3x3 window's origin in x (32 bits: the host keeps x under 2^31 values) and a mask of
-// the window's taps inside the map (bit r), so a tap costs a test, a shift-add, a 32-bit index and the load, where
-// tap_at divides and compares.
+// the window's taps inside the map (bit r), so a tap costs a test, a shift-add, a 32-bit index and the load, not
+// divisions by 9 and 3 and four bound checks.
 __device__ __forceinline__ int tap_mask(int oh, int ow, int H, int W) {
     int mask = 0;
 #pragma unroll
@@ -99,8 +76,9 @@ __device__ __forceinline__ int tap_mask(int oh, int ow, int H, int W) {
     return mask;
 }
 
-__device__ __forceinline__ f16_bits tap_fetch(const f16_bits* __restrict__ x, int xo, int mask, unsigned t) {
-    return (t & (unsigned)mask) ? x[xo + (int)(t >> 9)] : (f16_bits)0;
+template <typename T>
+__device__ __forceinline__ T tap_fetch(const T* __restrict__ x, int xo, int mask, unsigned t) {
+    return (t & (unsigned)mask) ? x[xo + (int)(t >> 9)] : (T)0;
 }
 
 // 16-byte vectors of fp16 pairs (lower index in the low half), for 128-bit global and shared accesses. The
@@ -130,10 +108,10 @@ __device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) {
 }
 #endif
 
-// The fp16 weight gradient's goodness term through a cell table (host-built: geometry::cell_table): cells[p]
+// The weight gradients' goodness term through a cell table (host-built: geometry::cell_table): cells[p]
 // packs the bins holding pixel p, r0 | r1 << 8 | c0 << 16 | c1 << 24, and q[i*P + j] is the map's dL/dg of cell
 // (i, j) already divided by the cell's divisor (dg_per_cell_f32: its area for the mean, 1 for the sum). The sum
-// over the pixel's cells in the order and with the division of cells_dg, so dz = sum * 2y is the CPU's to the
+// over the pixel's cells in the CPU reference's order, with its division, so dz = sum * 2y is the CPU's to the
 // bit. A pixel in several cells (P does not divide H or W) takes the out-of-line loop, so the common case is a
 // lookup and a load.
 __device__ __noinline__ float cells_q_overlap(const float* __restrict__ q, int cell, int P) {
@@ -156,22 +134,6 @@ __device__ __forceinline__ float ld(const f16_bits* p) { return h2f(*p); }
 __device__ __forceinline__ void st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void st(f16_bits* p, float v) { *p = f2h(v); }
 
-// The sum over the cells (i, j) containing pixel (oh, ow) of dg[i*P + j] (divided by the cell's area for the
-// mean reduction): dL/dz / (2 y) at that pixel for one map's goodness gradient `dg`.
-__device__ __forceinline__ float cells_dg(const float* __restrict__ dg, int oh, int ow, int H, int W, int P, int reduce_mean) {
-    int r0, r1, c0, c1;
-    bins_of(oh, H, P, &r0, &r1);
-    bins_of(ow, W, P, &c0, &c1);
-    float s = 0.0f;
-    for (int bi = r0; bi <= r1; ++bi)
-        for (int bj = c0; bj <= c1; ++bj) {
-            float d = dg[bi * P + bj];
-            if (reduce_mean)
-                d /= (float)((bin_end(bi, H, P) - bin_start(bi, H, P)) * (bin_end(bj, W, P) - bin_start(bj, W, P)));
-            s += d;
-        }
-    return s;
-}
 
 // Softmax cross-entropy of one row of N logits against `label`: writes da = (softmax(a) - onehot) * scale,
 // adds the loss and the hit (argmax, first on ties) to stats[0], stats[1].

@@ -130,7 +130,7 @@ fn the_fp16_kernels_tap_and_cell_tables_say_what_the_kernels_read() {
     }
     assert_eq!(tap_table(64, 3, 3).unwrap().len(), 640, "K = 576 rounds up to 5 tiles");
     let err = tap_table(512, 128, 128).unwrap_err();
-    assert!(err.contains("512x128x128") && err.contains("fp32"), "{err}");
+    assert!(err.contains("512x128x128") && err.contains("2^23"), "{err}");
     // Cells: H = 28, P = 8 bins are [0,4), [3,7), [7,11), [10,14), ...: rows 3 and 10 lie in two bins each.
     let grid = PatchGrid::new(8, 28, 28);
     let (cells, div) = cell_table(&grid, model::GoodnessReduce::Mean).unwrap();

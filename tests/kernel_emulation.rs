@@ -97,16 +97,31 @@ fn gpu_conv(
     let mut part_db = vec![f32::NAN; split.slices * s.c_out];
     let (mut dw, mut db) = (vec![f32::NAN; mk], vec![f32::NAN; s.c_out]);
     let chunk = split.chunk as i32;
+    // The backend's tables and its per-cell dL/dg / |bin| (dg_per_cell_f32), as both precisions use them.
+    let taps = geometry::tap_table(s.c_in, s.h, s.w).unwrap();
+    let (cells, div) = geometry::cell_table(grid, reduce).unwrap();
+    let mut q = vec![f32::NAN; g_len];
+    launch!(
+        "dg_per_cell_f32",
+        geometry::grid1(g_len),
+        fn(*const f32, *const f32, *mut f32, i32, i32),
+        dg.as_ptr(),
+        div.as_ptr(),
+        q.as_mut_ptr(),
+        g_len as i32,
+        grid.cells() as i32
+    );
     let y = match p {
         Precision::F32 => {
             let mut y = vec![f32::NAN; s.y_len()];
             launch!(
                 "conv_goodness_fwd_f32",
                 geometry::conv_fwd(s, p),
-                fn(*const f32, *const f32, *const f32, *mut f32, i32, i32, i32, i32, i32),
+                fn(*const f32, *const f32, *const f32, *const i32, *mut f32, i32, i32, i32, i32, i32),
                 x.as_ptr(),
                 w.as_ptr(),
                 b.as_ptr(),
+                taps.as_ptr(),
                 y.as_mut_ptr(),
                 bb,
                 ci,
@@ -130,10 +145,27 @@ fn gpu_conv(
             launch!(
                 "conv_goodness_wgrad_f32",
                 split.grid,
-                fn(*const f32, *const f32, *const f32, *mut f32, *mut f32, i32, i32, i32, i32, i32, i32, i32, i32),
+                fn(
+                    *const f32,
+                    *const f32,
+                    *const f32,
+                    *const i32,
+                    *const i32,
+                    *mut f32,
+                    *mut f32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                ),
                 x.as_ptr(),
                 y.as_ptr(),
-                dg.as_ptr(),
+                q.as_ptr(),
+                taps.as_ptr(),
+                cells.as_ptr(),
                 part.as_mut_ptr(),
                 part_db.as_mut_ptr(),
                 bb,
@@ -142,15 +174,12 @@ fn gpu_conv(
                 h,
                 ww,
                 pp,
-                mean,
                 chunk
             );
             y
         }
         Precision::F16 => {
             let (x16, w16) = (to_f16(x), to_f16(w));
-            let taps = geometry::tap_table(s.c_in, s.h, s.w).unwrap();
-            let (cells, div) = geometry::cell_table(grid, reduce).unwrap();
             let mut y16 = vec![NAN16; s.y_len()];
             // Either fp16 forward kernel (the backend picks one by shape) over its own grid.
             launch!(
@@ -182,17 +211,6 @@ fn gpu_conv(
                 mean
             );
             let scale = asge::backend::dz_scale(s.batch, grid, reduce);
-            let mut q = vec![f32::NAN; g_len];
-            launch!(
-                "dg_per_cell_f32",
-                geometry::grid1(g_len),
-                fn(*const f32, *const f32, *mut f32, i32, i32),
-                dg.as_ptr(),
-                div.as_ptr(),
-                q.as_mut_ptr(),
-                g_len as i32,
-                grid.cells() as i32
-            );
             launch!(
                 "conv_goodness_wgrad_f16",
                 split.grid,

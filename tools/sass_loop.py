@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Counts the instructions of the main loop of each tensor-core GEMM kernel in `cuobjdump -sass` listings.
+"""Counts the instructions of the main loop of each conv GEMM kernel in `cuobjdump -sass` listings.
 
-The main loop is the smallest backward branch whose body holds every HMMA of the kernel: one K step (forward) or
-one pixel step (weight gradient) of one warp. The counts are static: each instruction once, as the listing has
+The main loop is the smallest backward branch whose body holds every HMMA of the kernel (every FFMA in the f32
+kernels, which have no HMMA): one K step (forward) or one pixel step (weight gradient) of one warp. The counts are static: each instruction once, as the listing has
 it; both sides of an if are counted, and the calls into out-of-line slow paths (the IEEE division's, the
 weight gradient's several-cells case), not the paths themselves.
 usage: sass_loop.py LISTING.sass ...
@@ -11,7 +11,7 @@ import collections
 import re
 import sys
 
-CLASSES = ["HMMA", "LDSM", "LDS", "STS", "LDG", "BAR"]
+CLASSES = ["HMMA", "FFMA", "LDSM", "LDS", "STS", "LDG", "BAR"]
 
 
 def functions(path):
@@ -33,7 +33,7 @@ def opcode(ins):
 
 
 def main_loop(ins):
-    hmma = [a for a, i in ins if opcode(i) == "HMMA"]
+    hmma = [a for a, i in ins if opcode(i) == "HMMA"] or [a for a, i in ins if opcode(i) == "FFMA"]
     if not hmma:
         return None
     best = None

@@ -15,9 +15,9 @@
 #define RUN(call) emu::launch(dim3{gx, gy, gz}, 256, [&] { call; })
 
 extern "C" {
-void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* b, float* y, int B, int Cin,
-                               int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f32(x, w, b, y, B, Cin, Cout, H, W));
+void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* b, const int* taps, float* y,
+                               int B, int Cin, int Cout, int H, int W) {
+    RUN(conv_goodness_fwd_f32(x, w, b, taps, y, B, Cin, Cout, H, W));
 }
 void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const float* b, const int* taps,
                                f16_bits* y, int B, int Cin, int Cout, int H, int W) {
@@ -33,9 +33,10 @@ void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H,
 void emu_patch_goodness_f16(GRID, const f16_bits* y, float* g, int B, int C, int H, int W, int P, int mean) {
     RUN(patch_goodness_f16(y, g, B, C, H, W, P, mean));
 }
-void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const float* dg, float* part, float* part_db,
-                                 int B, int Cin, int Cout, int H, int W, int P, int mean, int chunk) {
-    RUN(conv_goodness_wgrad_f32(x, y, dg, part, part_db, B, Cin, Cout, H, W, P, mean, chunk));
+void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const float* q, const int* taps,
+                                 const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H,
+                                 int W, int P, int chunk) {
+    RUN(conv_goodness_wgrad_f32(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk));
 }
 void emu_dg_per_cell_f32(GRID, const float* dg, const float* div, float* q, int n, int PP) {
     RUN(dg_per_cell_f32(dg, div, q, n, PP));

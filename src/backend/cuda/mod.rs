@@ -124,7 +124,7 @@ pub struct CudaBackend {
     head_scratch: Mutex<Option<CudaSlice<f32>>>,
     /// `read_many`'s gather buffer, grown on demand.
     gather_scratch: Mutex<Option<CudaSlice<f32>>>,
-    /// The fp16 kernels' tap tables by (C_in, H, W) and cell tables by (H, W, P, mean), uploaded on first use.
+    /// The conv kernels' tap tables by (C_in, H, W) and cell tables by (H, W, P, mean), uploaded on first use.
     tap_tables: Tables<(usize, usize, usize), CudaSlice<i32>>,
     cell_tables: Tables<(usize, usize, usize, bool), CellTable>,
     /// The weight gradient's per-slice partial sums, one per lane (so lanes do not serialise on it).
@@ -260,15 +260,15 @@ pub mod geometry {
         WgradSplit { grid: (gx, gy, slices as u32), chunk, slices }
     }
 
-    /// The fp16 GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:
+    /// The conv GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:
     /// entry k = ci*9 + r (r = kh*3 + kw) is `(ci*h*w + kh*w + kw) << 9 | 1 << r`; from 9 `c_in` on, up to the
     /// next multiple of 128 (the weight gradient's tap tile, a multiple of the forward's K step), it is 0: no tap.
     pub fn tap_table(c_in: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
         let k = c_in * 9;
         if c_in * h * w + 2 * w + 2 >= 1 << 23 {
             return Err(format!(
-                "a {c_in}x{h}x{w} layer input is too large for the fp16 kernels' tap offsets (C*H*W below 2^23; \
-                 --precision fp32 has no such limit)"
+                "a {c_in}x{h}x{w} layer input is too large for the CUDA conv kernels' tap offsets (C*H*W below \
+                 2^23); the CPU backend has no such limit"
             ));
         }
         let mut t: Vec<i32> = (0..k)
@@ -281,13 +281,13 @@ pub mod geometry {
         Ok(t)
     }
 
-    /// The fp16 weight gradient's cell table (kernels/prelude.cuh, `cells_dg_table`): per pixel of the map, the
+    /// The weight gradients' cell table (kernels/prelude.cuh, `cells_q`): per pixel of the map, the
     /// bins holding it packed as `r0 | r1 << 8 | c0 << 16 | c1 << 24` (first and last row bin, first and last
     /// column bin); and per cell the divisor of its goodness gradient (its area for the mean, 1 for the sum).
     pub fn cell_table(grid: &PatchGrid, reduce: GoodnessReduce) -> Result<(Vec<i32>, Vec<f32>), String> {
         if grid.p > 256 {
             return Err(format!(
-                "a patch grid of {} is too fine for the fp16 kernels' cell table (at most 256)",
+                "a patch grid of {} is too fine for the CUDA kernels' cell table (at most 256)",
                 grid.p
             ));
         }
@@ -323,11 +323,11 @@ pub mod geometry {
 
 use geometry::THREADS;
 
-/// The fp16 conv kernels index x, y and dL/dg with 32-bit integers.
+/// The conv kernels index x, y and dL/dg with 32-bit integers.
 fn index32(s: &ConvShape) -> Result<()> {
     anyhow::ensure!(
         s.x_len().max(s.y_len()) < 1 << 31,
-        "cuda backend: a batch of {} {}x{}x{} inputs to {} channels is too large for the fp16 conv kernels (2^31 \
+        "cuda backend: a batch of {} {}x{}x{} inputs to {} channels is too large for the conv kernels (2^31 \
          values per tensor); use a smaller batch",
         s.batch,
         s.c_in,
@@ -797,13 +797,16 @@ impl Backend for CudaBackend {
         let mean = (reduce == GoodnessReduce::Mean) as i32;
         let (bs, gs) = (b.f32("conv bias")?, g.f32_mut("goodness")?);
         let cfg = cfg(geometry::conv_fwd(s, precision));
+        index32(s)?;
+        let taps = self.tap_table(s)?;
         match precision {
             Precision::F32 => {
                 let ys = y.f32_mut("y")?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_fwd_f32")?);
-                l.arg(x.f32("x")?).arg(w.f32("w")?).arg(bs).arg(&mut *ys);
+                l.arg(x.f32("x")?).arg(w.f32("w")?).arg(bs).arg(&*taps).arg(&mut *ys);
                 l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww);
-                // SAFETY: argument order and types match the kernel signature; the fits() checks bound every index.
+                // SAFETY: argument order and types match the kernel signature (the layer's tap table as the
+                // fourth); the fits() checks bound every index.
                 drv(unsafe { l.launch(cfg) }, "conv_goodness_fwd_f32")?;
                 let mut l = self.stream().launch_builder(self.f("patch_goodness_f32")?);
                 l.arg(&*ys).arg(gs).arg(&bb).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean);
@@ -812,8 +815,6 @@ impl Backend for CudaBackend {
             }
             Precision::F16 => {
                 let ys = y.f16_mut("y")?;
-                index32(s)?;
-                let taps = self.tap_table(s)?;
                 let (kernel, _, _) = geometry::conv_fwd_kernel(s, precision);
                 let mut l = self.stream().launch_builder(self.f(kernel)?);
                 l.arg(x.f16("x")?).arg(w.f16("w")?).arg(bs).arg(&*taps).arg(&mut *ys);
@@ -902,38 +903,35 @@ impl Backend for CudaBackend {
         let cfg = cfg(split.grid);
         let (bb, ci, co, h, ww, p) =
             (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
-        let mean = (reduce == GoodnessReduce::Mean) as i32;
         let chunk = chunk as i32;
         let mk = s.w_len();
-        // The partials, and for fp16 the per-cell dL/dg / |bin| (dg_per_cell_f32).
-        let q_len = match precision {
-            Precision::F32 => 0,
-            Precision::F16 => s.batch * s.c_out * grid.cells(),
-        };
+        // The partials, and the per-cell dL/dg / |bin| (dg_per_cell_f32) the GEMM reads instead of dividing.
+        let q_len = s.batch * s.c_out * grid.cells();
         let mut slot = self.wgrad_scratch[self.lane_index()].lock().unwrap();
         let part = scratch(self, &mut slot, gz * (mk + s.c_out) + q_len)?;
         let (mut part, mut q) = part.split_at_mut(gz * (mk + s.c_out));
         let (mut part_w, mut part_b) = part.split_at_mut(gz * mk);
-        let dgs = dg.f32("dL/dg")?;
+        index32(s)?;
+        let taps = self.tap_table(s)?;
+        let cells = self.cell_table(grid, reduce)?;
+        let (q_n, pp) = (q_len as i32, grid.cells() as i32);
+        let mut l = self.stream().launch_builder(self.f("dg_per_cell_f32")?);
+        l.arg(dg.f32("dL/dg")?).arg(&cells.1).arg(&mut q).arg(&q_n).arg(&pp);
+        // SAFETY: matches dg_per_cell_f32; one thread per dL/dg value, q holds q_len floats.
+        drv(unsafe { l.launch(grid1(q_len)) }, "dg_per_cell_f32")?;
         match precision {
             Precision::F32 => {
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f32")?);
-                l.arg(x.f32("x")?).arg(y.f32("y")?).arg(dgs).arg(&mut part_w).arg(&mut part_b);
-                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&mean).arg(&chunk);
-                // SAFETY: matches conv_goodness_wgrad_f32's signature; part holds gz * (M*K + M) floats.
+                l.arg(x.f32("x")?).arg(y.f32("y")?).arg(&mut q).arg(&*taps).arg(&cells.0);
+                l.arg(&mut part_w).arg(&mut part_b);
+                l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&chunk);
+                // SAFETY: matches conv_goodness_wgrad_f32's signature; part holds gz * (M*K + M) floats; the tables
+                // are the layer's (tap) and its grid's (cell).
                 drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f32")?;
             }
             Precision::F16 => {
                 let scale = super::dz_scale(s.batch, grid, reduce);
                 let inv = 1.0 / scale;
-                index32(s)?;
-                let taps = self.tap_table(s)?;
-                let cells = self.cell_table(grid, reduce)?;
-                let (q_n, pp) = (q_len as i32, grid.cells() as i32);
-                let mut l = self.stream().launch_builder(self.f("dg_per_cell_f32")?);
-                l.arg(dgs).arg(&cells.1).arg(&mut q).arg(&q_n).arg(&pp);
-                // SAFETY: matches dg_per_cell_f32; one thread per dL/dg value, q holds q_len floats.
-                drv(unsafe { l.launch(grid1(q_len)) }, "dg_per_cell_f32")?;
                 let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f16")?);
                 l.arg(x.f16("x")?).arg(y.f16("y")?).arg(&mut q).arg(&*taps).arg(&cells.0);
                 l.arg(&mut part_w).arg(&mut part_b);
