@@ -50,12 +50,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
             int n = n0 + dn, p = dp, map = db_ * Cout + m, yo = map * HW + p, go = map * PP;
 #pragma unroll
             for (int j = 0; j < 4; ++j, ++n) {
-                float dz = 0.0f;
-                if (n < nend && m_ok) {
-                    const float yv = y[yo];
-                    if (yv > 0.0f) dz = cells_q(q + go, cells[p], P) * (2.0f * yv);
-                }
-                As[dn + j][dm] = dz;
+                As[dn + j][dm] = (n < nend && m_ok) ? dz_of(y[yo], q + go, cells[p], P) : 0.0f;
                 ++yo;
                 if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
             }
@@ -94,10 +89,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 // through two shared stages, a slice of `chunk` pixels per blockIdx.z, partials reduced in order by
 // wgrad_reduce_f32 as in the f32 path).
 //
-// Per step each thread computes dz for one channel and 8 consecutive pixels (the pixels' cells from the layer's
-// cell table instead of a search with divisions, their dL/dg / |bin| from q = dg_per_cell_f32's output; stored as
-// one 16-byte row segment) and
-// gathers 16 taps of one pixel: its taps are fixed for the whole kernel (taps bk, bk + 8, ..., of the block's
+// Per step each thread computes dz for one channel and 8 consecutive pixels (the pixels' cells from the grid's
+// cell table instead of a search with divisions, their dL/dg / |bin| from q = dg_per_cell_f32's output; y and the
+// cells in 16-byte loads where H*W is a multiple of 8; stored as one 16-byte row segment) and gathers 16 taps of
+// one pixel: its taps are fixed for the whole kernel (taps bk, bk + 8, ..., of the block's
 // 128), so their table entries are read once, and per step only the pixel's window origin and in-map mask change.
 // The next step's tile is built in the other stage before this step's MMAs, so a step costs one barrier.
 //
@@ -125,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
     const int bn = tid % TC_K, bk = tid / TC_K;   // col tile: pixel bn, taps bk, bk+8, ..., bk+120
     const bool bias_block = blockIdx.x == 0;
     const int m = m0 + am;
-    const bool m_ok = m < Cout;
+    const bool m_ok = m < Cout, vec8 = (HW & 7) == 0;
     // The table holds K rounded up to TC_N entries, so k0 + bk + 120 is inside it.
     unsigned tk[TC_N / 8];
 #pragma unroll
@@ -143,17 +138,33 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
         // indices: the host keeps y under 2^31 values), advanced together.
         int n = n0 + an, p = dp, map = db_ * Cout + m, yo = map * HW + p, go = map * PP;
         f16_bits h[8];
+        if (vec8 && n + 7 < nend) {
+            // HW % 8 == 0 and p % 8 == 0: the 8 pixels are in one map, and y[yo..yo+7] and cells[p..p+7] are
+            // 16-byte aligned: three vector loads instead of sixteen.
+            if (m_ok) {
+                const u32x4 yv8 = ld16(y + yo), c0 = ld16(cells + p), c1 = ld16(cells + p + 4);
+                const unsigned yw[4] = {yv8.x, yv8.y, yv8.z, yv8.w};
+                const int cw[8] = {(int)c0.x, (int)c0.y, (int)c0.z, (int)c0.w, (int)c1.x, (int)c1.y, (int)c1.z, (int)c1.w};
 #pragma unroll
-        for (int j = 0; j < 8; ++j, ++n) {
-            float dz = 0.0f;
-            if (n < nend && m_ok) {
-                const float yv = h2f(y[yo]);
-                if (yv > 0.0f) dz = cells_q(q + go, cells[p], P) * (2.0f * yv);
+                for (int j = 0; j < 8; ++j) {
+                    const float yv = h2f((f16_bits)(yw[j / 2] >> (16 * (j % 2))));
+                    const float dz = dz_of(yv, q + go, cw[j], P);
+                    db_acc += dz;
+                    h[j] = f2h(dz * scale);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) h[j] = f2h(0.0f);
             }
-            db_acc += dz;
-            h[j] = f2h(dz * scale);
-            ++yo;
-            if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j, ++n) {
+                const float dz = (n < nend && m_ok) ? dz_of(h2f(y[yo]), q + go, cells[p], P) : 0.0f;
+                db_acc += dz;
+                h[j] = f2h(dz * scale);
+                ++yo;
+                if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
+            }
         }
         st16(&As[st][am][an], u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
         // Taps of the thread's pixel n0 + bn.

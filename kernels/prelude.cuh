@@ -123,8 +123,16 @@ __device__ __noinline__ float cells_q_overlap(const float* __restrict__ q, int c
 }
 
 __device__ __forceinline__ float cells_q(const float* __restrict__ q, int cell, int P) {
-    if ((cell & 0x00ff00ff) == ((cell >> 8) & 0x00ff00ff)) return q[(cell & 255) * P + ((cell >> 16) & 255)];
-    return cells_q_overlap(q, cell, P);
+    float v = q[(cell & 255) * P + ((cell >> 16) & 255)];  // the first cell: the only one where P divides H, W
+    if ((cell & 0x00ff00ff) != ((cell >> 8) & 0x00ff00ff)) v = cells_q_overlap(q, cell, P);
+    return v;
+}
+
+// dL/dz of one pixel from its fp16-widened y and its cells' q: 0 where ReLU cut (a select, not a branch: q is
+// read either way).
+__device__ __forceinline__ float dz_of(float yv, const float* __restrict__ q, int cell, int P) {
+    const float s = cells_q(q, cell, P);
+    return yv > 0.0f ? s * (2.0f * yv) : 0.0f;
 }
 
 // Loads and stores that widen from / narrow to the storage type (round to nearest even), so that one template
