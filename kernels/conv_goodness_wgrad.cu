@@ -104,49 +104,62 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
 // dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both scalings exact. The bias
 // gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
 // fixed shuffles: deterministic. Launch bounds (256, 2) hold the kernel to 128 registers, so two blocks share an SM.
-extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
+template <int TN, int TK>
+__device__ __forceinline__ void wgrad_f16(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
     const int* __restrict__ taps, const int* __restrict__ cells,
     float* __restrict__ part, float* __restrict__ part_db,
     int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
 {
-    __shared__ __align__(16) f16_bits As[2][TC_M][TC_LD];  // scaled dz, [channel][pixel]
-    __shared__ __align__(16) f16_bits Bs[2][TC_N][TC_LD];  // col, [tap][pixel]
+    constexpr int NI = TN / 32, DZ = TK / 4, TS = 256 / TK, NT = TN / TS;
+    __shared__ __align__(16) f16_bits As[2][TC_M][TK + 8];  // scaled dz, [channel][pixel]
+    __shared__ __align__(16) f16_bits Bs[2][TN][TK + 8];    // col, [tap][pixel]
     const int K = Cin * 9, HW = H * W, N = B * HW, PP = P * P;
-    const int m0 = blockIdx.y * TC_M, k0 = blockIdx.x * TC_N;
+    const int m0 = blockIdx.y * TC_M, k0 = blockIdx.x * TN;
     const int nbeg = blockIdx.z * chunk, nend = min(N, nbeg + chunk);
     const int tid = threadIdx.x;
-    const int am = tid >> 2, an = (tid & 3) * 8;  // dz tile: channel am, pixels an..an+7
-    const int bn = tid % TC_K, bk = tid / TC_K;   // col tile: pixel bn, taps bk, bk+8, ..., bk+120
+    const int am = tid >> 2, an = (tid & 3) * DZ;  // dz tile: channel am, pixels an..an+DZ-1
+    const int bn = tid % TK, bk = tid / TK;        // col tile: pixel bn, taps bk, bk+TS, ..., bk+(NT-1)*TS
     const bool bias_block = blockIdx.x == 0;
     const int m = m0 + am;
-    const bool m_ok = m < Cout, vec8 = (HW & 7) == 0;
-    // The table holds K rounded up to TC_N entries, so k0 + bk + 120 is inside it.
-    unsigned tk[TC_N / 8];
+    const bool m_ok = m < Cout, vec = HW % DZ == 0;
+    // The table holds K rounded up to 128 entries (256 for this tile: the host sizes it), so every tap of the
+    // block's tile is inside it.
+    unsigned tk[NT];
 #pragma unroll
-    for (int j = 0; j < TC_N / 8; ++j) tk[j] = (unsigned)taps[k0 + bk + 8 * j];
-    float acc[2][4][4];
-    tc_zero<2>(acc);
+    for (int j = 0; j < NT; ++j) tk[j] = (unsigned)taps[k0 + bk + TS * j];
+    float acc[2][NI][4];
+    tc_zero<2, NI>(acc);
     float db_acc = 0.0f;
 
     // Where the next fill starts: the dz pixels' (sample, pixel) and the tap pixel's (sample, row, column),
-    // located by division once and then advanced by TC_K pixels a step (no division in the loop).
+    // located by division once and then advanced by TK pixels a step (no division in the loop).
     int db_ = (nbeg + an) / HW, dp = (nbeg + an) % HW;
     int tb = (nbeg + bn) / HW, th = (nbeg + bn) % HW / W, tw = (nbeg + bn) % W;
     auto fill = [&](int n0, int st) {
-        // dz for channel m at pixels n0 + an .. + 7: pixel p of sample db_, at yo in y and go in q (32-bit
+        // dz for channel m at pixels n0 + an .. + DZ-1: pixel p of sample db_, at yo in y and go in q (32-bit
         // indices: the host keeps y under 2^31 values), advanced together.
         int n = n0 + an, p = dp, map = db_ * Cout + m, yo = map * HW + p, go = map * PP;
-        f16_bits h[8];
-        if (vec8 && n + 7 < nend) {
-            // HW % 8 == 0 and p % 8 == 0: the 8 pixels are in one map, and y[yo..yo+7] and cells[p..p+7] are
-            // 16-byte aligned: three vector loads instead of sixteen.
+        f16_bits h[DZ];
+        if (vec && n + DZ - 1 < nend) {
+            // HW % DZ == 0 and p % DZ == 0: the pixels are in one map, and y[yo..] and cells[p..] are aligned to
+            // their size: vector loads instead of 2 DZ scalar ones.
             if (m_ok) {
-                const u32x4 yv8 = ld16(y + yo), c0 = ld16(cells + p), c1 = ld16(cells + p + 4);
-                const unsigned yw[4] = {yv8.x, yv8.y, yv8.z, yv8.w};
-                const int cw[8] = {(int)c0.x, (int)c0.y, (int)c0.z, (int)c0.w, (int)c1.x, (int)c1.y, (int)c1.z, (int)c1.w};
+                unsigned yw[DZ / 2];
+                int cw[DZ];
+                if constexpr (DZ == 8) {
+                    const u32x4 v = ld16(y + yo), c0 = ld16(cells + p), c1 = ld16(cells + p + 4);
+                    yw[0] = v.x; yw[1] = v.y; yw[2] = v.z; yw[3] = v.w;
+                    cw[0] = (int)c0.x; cw[1] = (int)c0.y; cw[2] = (int)c0.z; cw[3] = (int)c0.w;
+                    cw[4] = (int)c1.x; cw[5] = (int)c1.y; cw[6] = (int)c1.z; cw[7] = (int)c1.w;
+                } else {
+                    const u32x2 v = ld8(y + yo);
+                    const u32x4 c0 = ld16(cells + p);
+                    yw[0] = v.x; yw[1] = v.y;
+                    cw[0] = (int)c0.x; cw[1] = (int)c0.y; cw[2] = (int)c0.z; cw[3] = (int)c0.w;
+                }
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
+                for (int j = 0; j < DZ; ++j) {
                     const float yv = h2f((f16_bits)(yw[j / 2] >> (16 * (j % 2))));
                     const float dz = dz_of(yv, q + go, cw[j], P);
                     db_acc += dz;
@@ -154,11 +167,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
                 }
             } else {
 #pragma unroll
-                for (int j = 0; j < 8; ++j) h[j] = f2h(0.0f);
+                for (int j = 0; j < DZ; ++j) h[j] = f2h(0.0f);
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < 8; ++j, ++n) {
+            for (int j = 0; j < DZ; ++j, ++n) {
                 const float dz = (n < nend && m_ok) ? dz_of(h2f(y[yo]), q + go, cells[p], P) : 0.0f;
                 db_acc += dz;
                 h[j] = f2h(dz * scale);
@@ -166,30 +179,33 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
                 if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
             }
         }
-        st16(&As[st][am][an], u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
+        if constexpr (DZ == 8)
+            st16(&As[st][am][an], u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
+        else
+            st8(&As[st][am][an], u32x2{pack2(h[0], h[1]), pack2(h[2], h[3])});
         // Taps of the thread's pixel n0 + bn.
         const bool n_ok = n0 + bn < nend;
         const int mask = n_ok ? tap_mask(th, tw, H, W) : 0, xo = tb * Cin * HW + (th - 1) * W + (tw - 1);
 #pragma unroll
-        for (int j = 0; j < TC_N / 8; ++j) Bs[st][bk + 8 * j][bn] = tap_fetch(x, xo, mask, tk[j]);
-        // On to the next step's pixels (TC_K further; a map smaller than TC_K pixels wraps several times).
-        for (dp += TC_K; dp >= HW; dp -= HW) ++db_;
-        for (tw += TC_K; tw >= W; tw -= W) ++th;
+        for (int j = 0; j < NT; ++j) Bs[st][bk + TS * j][bn] = tap_fetch(x, xo, mask, tk[j]);
+        // On to the next step's pixels (TK further; a map smaller than TK pixels wraps several times).
+        for (dp += TK; dp >= HW; dp -= HW) ++db_;
+        for (tw += TK; tw >= W; tw -= W) ++th;
         for (; th >= H; th -= H) ++tb;
     };
 
     fill(nbeg, 0);
     __syncthreads();
     int st = 0;
-    for (int n0 = nbeg; n0 < nend; n0 += TC_K, st ^= 1) {
+    for (int n0 = nbeg; n0 < nend; n0 += TK, st ^= 1) {
         // The other stage was last read by the previous step's MMAs, which every thread finished before the last
         // barrier.
-        if (n0 + TC_K < nend) fill(n0 + TC_K, st ^ 1);
-        tc_step<2>(acc, As[st], Bs[st]);
+        if (n0 + TK < nend) fill(n0 + TK, st ^ 1);
+        tc_step<2, NI, TK>(acc, As[st], Bs[st]);
         __syncthreads();
     }
 
-    tc_for_each<2>(acc, [&](int row, int col, float v) {
+    tc_for_each<2, NI>(acc, [&](int row, int col, float v) {
         const int mm = m0 + row, k = k0 + col;
         if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = v * inv_scale;
     });
@@ -198,6 +214,24 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
         db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 2);
         if ((tid & 3) == 0 && m_ok) part_db[(long)blockIdx.z * Cout + m] = db_acc;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
+    const int* __restrict__ taps, const int* __restrict__ cells,
+    float* __restrict__ part, float* __restrict__ part_db,
+    int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
+{
+    wgrad_f16<128, 32>(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16_n256(
+    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
+    const int* __restrict__ taps, const int* __restrict__ cells,
+    float* __restrict__ part, float* __restrict__ part_db,
+    int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
+{
+    wgrad_f16<256, 16>(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale);
 }
 
 // q[i] = dg[i] / div[i % P^2]: the fp16 weight gradient's per-cell dL/dg, divided by the cell's divisor once per

@@ -81,18 +81,23 @@ __device__ __forceinline__ T tap_fetch(const T* __restrict__ x, int xo, int mask
     return (t & (unsigned)mask) ? x[xo + (int)(t >> 9)] : (T)0;
 }
 
-// 16-byte vectors of fp16 pairs (lower index in the low half), for 128-bit global and shared accesses. The
-// address must be 16-byte aligned (the host emulation checks).
+// 16- and 8-byte vectors of fp16 pairs (lower index in the low half), for 128- and 64-bit global and shared
+// accesses. The address must be aligned to the size (the host emulation checks).
 struct __align__(16) u32x4 { unsigned x, y, z, w; };
+struct __align__(8) u32x2 { unsigned x, y; };
 
 __device__ __forceinline__ unsigned pack2(f16_bits lo, f16_bits hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
 #ifndef ASGE_HOST_EMU
 __device__ __forceinline__ u32x4 ld16(const void* p) { return *(const u32x4*)p; }
 __device__ __forceinline__ void st16(void* p, u32x4 v) { *(u32x4*)p = v; }
+__device__ __forceinline__ u32x2 ld8(const void* p) { return *(const u32x2*)p; }
+__device__ __forceinline__ void st8(void* p, u32x2 v) { *(u32x2*)p = v; }
 #else
-__device__ __forceinline__ u32x4 ld16(const void* p) { check_align16(p, "16-byte load"); return *(const u32x4*)p; }
-__device__ __forceinline__ void st16(void* p, u32x4 v) { check_align16(p, "16-byte store"); *(u32x4*)p = v; }
+__device__ __forceinline__ u32x4 ld16(const void* p) { check_align(p, 16, "16-byte load"); return *(const u32x4*)p; }
+__device__ __forceinline__ void st16(void* p, u32x4 v) { check_align(p, 16, "16-byte store"); *(u32x4*)p = v; }
+__device__ __forceinline__ u32x2 ld8(const void* p) { check_align(p, 8, "8-byte load"); return *(const u32x2*)p; }
+__device__ __forceinline__ void st8(void* p, u32x2 v) { check_align(p, 8, "8-byte store"); *(u32x2*)p = v; }
 #endif
 
 #ifndef ASGE_HOST_EMU
@@ -186,46 +191,47 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 }
 #endif
 
-// The block tile of the fp16 GEMM kernels: OUT[TM x TC_N] += A[TM x TC_K] * B[TC_K x TC_N] per step (TM = 32 MI,
-// 64 or 128 rows), both operands in shared memory with the reduction index contiguous: As[m][k] and Bs[n][k] (B
-// stored transposed), rows padded to TC_LD halves (80 bytes) so that the eight 16-byte rows each ldmatrix phase
-// reads hit 32 distinct banks (as do the 16-byte stores of one column in eight consecutive rows). Fragments come
-// in by ldmatrix.x4: MI for A and two for B per 16-deep slice, for 4 MI MMAs a warp.
-// 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 16 MI x 32 of the tile: MI x 4 mma tiles,
-// acc[mi][ni][r] holding row warp_m*16 MI + mi*16 + g + 8*(r/2), column warp_n*32 + ni*8 + 2t + (r%2)
-// (tc_for_each). A larger MI shares each B fragment among more MMAs: fewer shared loads and, in the forward, the
-// same im2col gather for twice the MMAs.
+// The block tile of the fp16 GEMM kernels: OUT[TM x TN] += A[TM x TK] * B[TK x TN] per step, with TM = 32 MI
+// (64 or 128) rows, TN = 32 NI (128 or 256) columns and TK = 32 or 16, both operands in shared memory with the
+// reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed), rows padded to LD = TK + 8 halves (80
+// or 48 bytes) so that the eight 16-byte rows each ldmatrix phase reads hit 32 distinct banks (as do the 16-byte
+// stores of one column in eight consecutive rows). Fragments come in by ldmatrix.x4: MI for A and NI / 2 for B
+// per 16-deep slice, for MI NI MMAs a warp.
+// 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 16 MI x 8 NI of the tile: MI x NI mma tiles,
+// acc[mi][ni][r] holding row warp_m*16 MI + mi*16 + g + 8*(r/2), column warp_n*8 NI + ni*8 + 2t + (r%2)
+// (tc_for_each). Larger warp tiles share each fragment among more MMAs: fewer shared loads and, per MMA, less
+// of the gather (forward) or of the dz computation (weight gradient) that feeds them.
 #define TC_M 64
 #define TC_N 128
 #define TC_K 32
 #define TC_LD (TC_K + 8)
 
-template <int MI>
-__device__ __forceinline__ void tc_zero(float acc[MI][4][4]) {
+template <int MI, int NI = 4>
+__device__ __forceinline__ void tc_zero(float acc[MI][NI][4]) {
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
 }
 
-template <int MI>
-__device__ __forceinline__ void tc_step(float acc[MI][4][4], const f16_bits (*As)[TC_LD], const f16_bits (*Bs)[TC_LD]) {
+template <int MI, int NI = 4, int TK = TC_K>
+__device__ __forceinline__ void tc_step(float acc[MI][NI][4], const f16_bits (*As)[TK + 8], const f16_bits (*Bs)[TK + 8]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wm = warp >> 2, wn = warp & 3;
 #pragma unroll
-    for (int kk = 0; kk < TC_K; kk += 16) {
-        unsigned a[MI][4], b[4][2];
+    for (int kk = 0; kk < TK; kk += 16) {
+        unsigned a[MI][4], b[NI][2];
         // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
             ldsm_x4(a[mi], &As[wm * 16 * MI + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
         // B (stored [n][k]): matrices (n tile ni, k 0-7), (ni, k 8-15), (ni + 1, k 0-7), (ni + 1, k 8-15).
 #pragma unroll
-        for (int ni = 0; ni < 4; ni += 2) {
+        for (int ni = 0; ni < NI; ni += 2) {
             unsigned r[4];
-            ldsm_x4(r, &Bs[wn * 32 + (ni + (lane >> 4)) * 8 + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
+            ldsm_x4(r, &Bs[wn * 8 * NI + (ni + (lane >> 4)) * 8 + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
             b[ni][0] = r[0];
             b[ni][1] = r[1];
             b[ni + 1][0] = r[2];
@@ -234,20 +240,20 @@ __device__ __forceinline__ void tc_step(float acc[MI][4][4], const f16_bits (*As
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni]);
+            for (int ni = 0; ni < NI; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni]);
     }
 }
 
-// Calls f(row, col, value) for each of the calling thread's 16 MI accumulators, with the row and column in the
-// block tile (the epilogue of both tensor-core kernels).
-template <int MI, typename F>
-__device__ __forceinline__ void tc_for_each(const float acc[MI][4][4], F f) {
+// Calls f(row, col, value) for each of the calling thread's 4 MI NI accumulators, with the row and column in the
+// block tile (the epilogue of the tensor-core kernels).
+template <int MI, int NI = 4, typename F>
+__device__ __forceinline__ void tc_for_each(const float acc[MI][NI][4], F f) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (warp >> 2) * 16 * MI + (lane >> 2), col0 = (warp & 3) * 32 + 2 * (lane & 3);
+    const int row0 = (warp >> 2) * 16 * MI + (lane >> 2), col0 = (warp & 3) * 8 * NI + 2 * (lane & 3);
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) f(row0 + mi * 16 + 8 * (r >> 1), col0 + ni * 8 + (r & 1), acc[mi][ni][r]);
 }

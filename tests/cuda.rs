@@ -117,7 +117,7 @@ fn the_fp16_kernels_tap_and_cell_tables_say_what_the_kernels_read() {
     // Taps: offset from the window origin above the 9-bit mask of the tap's position in the window.
     let (c_in, h, w) = (3, 5, 7);
     let t = tap_table(c_in, h, w).unwrap();
-    assert_eq!(t.len(), 128, "K = 27 padded to one 128-tap tile");
+    assert_eq!(t.len(), 256, "K = 27 padded to one 256-tap tile");
     for (k, &e) in t.iter().enumerate() {
         let e = e as u32;
         if k < 27 {
@@ -128,7 +128,7 @@ fn the_fp16_kernels_tap_and_cell_tables_say_what_the_kernels_read() {
             assert_eq!(e, 0, "padding tap {k} must match no mask");
         }
     }
-    assert_eq!(tap_table(64, 3, 3).unwrap().len(), 640, "K = 576 rounds up to 5 tiles");
+    assert_eq!(tap_table(64, 3, 3).unwrap().len(), 768, "K = 576 rounds up to 3 tiles");
     let err = tap_table(512, 128, 128).unwrap_err();
     assert!(err.contains("512x128x128") && err.contains("2^23"), "{err}");
     // Cells: H = 28, P = 8 bins are [0,4), [3,7), [7,11), [10,14), ...: rows 3 and 10 lie in two bins each.
@@ -160,6 +160,20 @@ fn the_fp16_forward_tile_follows_the_shape() {
     assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F16), CONV_FWD_F16[0]);
     assert_eq!(conv_fwd(&s(128, 512, 4), Precision::F16), (16, 8, 1));
     assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F32).0, "conv_goodness_fwd_f32");
+}
+
+#[test]
+fn the_fp16_weight_gradient_tile_follows_the_shape() {
+    use cuda::geometry::{wgrad, wgrad_kernel, WGRAD_F16};
+    let s = |c_in| asge::backend::ConvShape { batch: 128, c_in, c_out: 256, h: 16, w: 16 };
+    // K = 9 C_in: the 256-tap tile from K = 1024 on (the parity tests' K = 1080 case), 128 taps below.
+    assert_eq!(wgrad_kernel(&s(120), Precision::F16), WGRAD_F16[1]);
+    assert_eq!(wgrad_kernel(&s(113), Precision::F16), WGRAD_F16[0]);
+    assert_eq!(wgrad_kernel(&s(3), Precision::F16), WGRAD_F16[0]);
+    let split = wgrad(&s(256), Precision::F16);
+    assert_eq!((split.grid.0, split.grid.1), (9, 4), "K = 2304 in 256-tap tiles, 256 channels in 64s");
+    assert_eq!(split.chunk % 16, 0, "slices hold whole 16-pixel steps");
+    assert_eq!(wgrad_kernel(&s(256), Precision::F32).0, "conv_goodness_wgrad_f32");
 }
 
 #[test]

@@ -77,7 +77,7 @@ const NAN16: u16 = 0x7e00;
 #[allow(clippy::too_many_arguments)]
 fn gpu_conv(
     p: Precision,
-    fwd_f16: (&str, u32, u32),
+    (fwd_f16, wgrad_f16): ((&str, u32, u32), (&str, usize, usize)),
     s: &ConvShape,
     grid: &PatchGrid,
     reduce: GoodnessReduce,
@@ -91,7 +91,10 @@ fn gpu_conv(
     let mean = (reduce == GoodnessReduce::Mean) as i32;
     let g_len = s.batch * s.c_out * grid.cells();
     let mut g = vec![f32::NAN; g_len];
-    let split = geometry::wgrad(s, p);
+    let split = match p {
+        Precision::F32 => geometry::wgrad(s, p),
+        Precision::F16 => geometry::wgrad_split(s, wgrad_f16.1, wgrad_f16.2),
+    };
     let mk = s.w_len();
     let mut part = vec![f32::NAN; split.slices * mk];
     let mut part_db = vec![f32::NAN; split.slices * s.c_out];
@@ -212,7 +215,7 @@ fn gpu_conv(
             );
             let scale = asge::backend::dz_scale(s.batch, grid, reduce);
             launch!(
-                "conv_goodness_wgrad_f16",
+                wgrad_f16.0,
                 split.grid,
                 fn(
                     *const u16,
@@ -270,21 +273,26 @@ fn gpu_conv(
 
 #[test]
 fn conv_kernels_match_the_cpu_reference() {
-    // f32, then fp16 with each forward tile (at batch 2 the backend itself would always pick the 64-channel one).
-    let runs = [(Precision::F32, geometry::CONV_FWD_F16[0])]
+    // f32, then fp16 twice: the 64-channel forward with the 128-tap weight gradient, then the 128-channel forward
+    // with the 256-tap one (the backend picks them by shape; here every case runs every kernel).
+    let f16 = geometry::CONV_FWD_F16.into_iter().zip(geometry::WGRAD_F16);
+    let runs = [(Precision::F32, (geometry::CONV_FWD_F16[0], geometry::WGRAD_F16[0]))]
         .into_iter()
-        .chain(geometry::CONV_FWD_F16.into_iter().map(|k| (Precision::F16, k)));
-    for (p, fwd_f16) in runs {
+        .chain(f16.map(|k| (Precision::F16, k)));
+    for (p, kernels) in runs {
         let c = CpuBackend::new().with_precision(p);
         let store_rtol = if p == Precision::F16 { 1.1e-3 } else { 1e-4 };
         // The VGG8-like case at batch 2: the emulation runs every thread of every block on one core.
         for (i, case) in conv_cases(2).into_iter().enumerate() {
-            let what = format!("{} ({}) case {i}", p.as_str(), if p == Precision::F16 { fwd_f16.0 } else { "f32" });
+            let what = match p {
+                Precision::F32 => format!("f32 case {i}"),
+                Precision::F16 => format!("fp16 ({}, {}) case {i}", kernels.0 .0, kernels.1 .0),
+            };
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);
             let d = s.c_out * grid.cells();
             let (x, w, b, dg) = conv_inputs(&case, i);
-            let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, fwd_f16, &s, &grid, case.reduce, &x, &w, &b, &dg);
+            let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, kernels, &s, &grid, case.reduce, &x, &w, &b, &dg);
             let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
             c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g).unwrap();
             close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);

@@ -156,8 +156,8 @@ static inline f16_bits f2h(float f) {
 
 // 16-byte vector accesses (ld16 / st16 in the prelude) and ldmatrix rows: the GPU faults on a misaligned one, so
 // the emulation refuses it too.
-inline void check_align16(const void* p, const char* what) {
-    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+inline void check_align(const void* p, unsigned size, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % size != 0) {
         std::fprintf(stderr, "cuda_emu: %s of a misaligned address %p (thread %u of block %u,%u,%u)\n", what, p,
                      threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
         std::abort();
@@ -171,7 +171,7 @@ static const f16_bits* ldsm_rows[32][32];
 }
 static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    check_align16(p, "ldmatrix row");
+    check_align(p, 16, "ldmatrix row");
     emu::ldsm_rows[warp][lane] = p;
     emu::warp_sync();
     for (int q = 0; q < 4; ++q) {

@@ -47,6 +47,12 @@ void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, con
     RUN(conv_goodness_wgrad_f16(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
                                 inv_scale));
 }
+void emu_conv_goodness_wgrad_f16_n256(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps,
+                                      const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H,
+                                      int W, int P, int chunk, float scale, float inv_scale) {
+    RUN(conv_goodness_wgrad_f16_n256(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
+                                     inv_scale));
+}
 void emu_wgrad_reduce_f32(GRID, const float* part, const float* part_db, float* dw, float* db, int MK, int M, int Z) {
     RUN(wgrad_reduce_f32(part, part_db, dw, db, MK, M, Z));
 }

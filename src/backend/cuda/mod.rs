@@ -246,13 +246,29 @@ pub mod geometry {
         pub slices: usize,
     }
 
+    /// The fp16 weight-gradient kernels: (name, taps, pixels a step) of their block tiles (64 channels each).
+    pub const WGRAD_F16: [(&str, usize, usize); 2] =
+        [("conv_goodness_wgrad_f16", 128, 32), ("conv_goodness_wgrad_f16_n256", 256, 16)];
+
+    /// The weight gradient's kernel: in f16 the 256-tap tile (half the dz work per MMA) from K = 1024 on, where
+    /// rounding K up to it wastes at most ~11% of the MMAs; the 128-tap tile below.
+    pub fn wgrad_kernel(s: &ConvShape, p: Precision) -> (&'static str, usize, usize) {
+        match p {
+            Precision::F32 => ("conv_goodness_wgrad_f32", 64, 16),
+            Precision::F16 if s.c_in * 9 >= 1024 => WGRAD_F16[1],
+            Precision::F16 => WGRAD_F16[0],
+        }
+    }
+
     pub fn wgrad(s: &ConvShape, p: Precision) -> WgradSplit {
+        let (_, tile_k, step) = wgrad_kernel(s, p);
+        wgrad_split(s, tile_k, step)
+    }
+
+    /// The split for a block tile of 64 channels x `tile_k` taps walking the pixels `step` at a time.
+    pub fn wgrad_split(s: &ConvShape, tile_k: usize, step: usize) -> WgradSplit {
         let n = s.batch * s.h * s.w;
         let k = s.c_in * 9;
-        let (tile_k, step) = match p {
-            Precision::F32 => (64, 16),
-            Precision::F16 => (128, 32),
-        };
         let (gx, gy) = (k.div_ceil(tile_k) as u32, s.c_out.div_ceil(64) as u32);
         let want_z = (512 / (gx * gy) as usize).max(1);
         let chunk = n.div_ceil(want_z).next_multiple_of(step).max(256);
@@ -262,7 +278,7 @@ pub mod geometry {
 
     /// The conv GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:
     /// entry k = ci*9 + r (r = kh*3 + kw) is `(ci*h*w + kh*w + kw) << 9 | 1 << r`; from 9 `c_in` on, up to the
-    /// next multiple of 128 (the weight gradient's tap tile, a multiple of the forward's K step), it is 0: no tap.
+    /// next multiple of 256 (the largest weight-gradient tap tile, a multiple of every K step), it is 0: no tap.
     pub fn tap_table(c_in: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
         let k = c_in * 9;
         if c_in * h * w + 2 * w + 2 >= 1 << 23 {
@@ -277,7 +293,7 @@ pub mod geometry {
                 (((ci * h * w + (r / 3) * w + r % 3) << 9) | 1 << r) as u32 as i32
             })
             .collect();
-        t.resize(k.next_multiple_of(128).max(128), 0);
+        t.resize(k.next_multiple_of(256).max(256), 0);
         Ok(t)
     }
 
@@ -932,13 +948,14 @@ impl Backend for CudaBackend {
             Precision::F16 => {
                 let scale = super::dz_scale(s.batch, grid, reduce);
                 let inv = 1.0 / scale;
-                let mut l = self.stream().launch_builder(self.f("conv_goodness_wgrad_f16")?);
+                let (kernel, _, _) = geometry::wgrad_kernel(s, precision);
+                let mut l = self.stream().launch_builder(self.f(kernel)?);
                 l.arg(x.f16("x")?).arg(y.f16("y")?).arg(&mut q).arg(&*taps).arg(&cells.0);
                 l.arg(&mut part_w).arg(&mut part_b);
                 l.arg(&bb).arg(&ci).arg(&co).arg(&h).arg(&ww).arg(&p).arg(&chunk).arg(&scale).arg(&inv);
-                // SAFETY: matches conv_goodness_wgrad_f16's signature; part holds gz * (M*K + M) floats; the tables
-                // are the layer's (tap) and its grid's (cell).
-                drv(unsafe { l.launch(cfg) }, "conv_goodness_wgrad_f16")?;
+                // SAFETY: matches conv_goodness_wgrad_f16{,_n256}'s signature; part holds gz * (M*K + M) floats;
+                // the tables are the layer's (tap) and its grid's (cell).
+                drv(unsafe { l.launch(cfg) }, kernel)?;
             }
         }
         let (mk_i, m_i, z_i) = (mk as i32, s.c_out as i32, gz as i32);
