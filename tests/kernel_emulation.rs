@@ -1,7 +1,9 @@
 //! The CUDA kernels run on the CPU: kernels/*.cu compiled by the host C++ compiler through tests/emu/cuda_emu.h
 //! (fibers for threads, barriers for __syncthreads and the warp collectives, _Float16 for fp16, the documented
-//! mma.sync fragment layout), launched over the very grids the CUDA backend computes (`cuda::geometry`), and
-//! checked against the CPU reference in both precisions, with the GPU parity tests' tolerances (tests/cuda.rs).
+//! mma.sync fragment layout and ldmatrix), launched over the grids the CUDA backend computes (`cuda::geometry`)
+//! with the tables it builds, and checked against the CPU reference in both precisions, with the GPU parity
+//! tests' tolerances (tests/cuda.rs). Every fp16 conv kernel variant runs on every case, whichever the backend
+//! would pick for that shape.
 //!
 //! This runs in CI, where there is no GPU: it proves the kernels' indexing, bounds, tiling, im2col gathers,
 //! epilogues, fp16 rounding points, dL/dz scaling and deterministic reductions before a GPU ever runs them.

@@ -5,8 +5,10 @@
 // tensor-core mma) park it until its 32 lanes have. `__shared__` variables become function statics, which is
 // right because blocks run one after another. fp16 is GCC's _Float16 (IEEE binary16, round to nearest even, as
 // cvt.rn.f16.f32). mma.sync.m16n8k16 is computed from the fragment layout the PTX ISA documents (the same
-// table kernels/prelude.cuh states): the emulation checks everything around it (tile loads, bounds, im2col,
-// epilogues, scaling, reductions) and the layout as documented, not the hardware's reading of it.
+// table kernels/prelude.cuh states) and ldmatrix.x4 from the ISA's description of which lane addresses which
+// row; 16- and 8-byte vector accesses and ldmatrix rows must be aligned as on the GPU, or the emulation aborts.
+// The emulation checks everything around them (tile loads, bounds, im2col, epilogues, scaling, reductions) and
+// the layouts as documented, not the hardware's reading of them.
 #pragma once
 #define ASGE_HOST_EMU 1
 

@@ -237,7 +237,7 @@ pub mod geometry {
         conv_fwd_grid(s, tile_m, tile_n)
     }
 
-    /// The weight gradient's split: blocks of 64 channels x 64 (f32) or 128 (f16) taps, and the pixels cut into
+    /// The weight gradient's split: blocks of 64 channels x 64 (f32), 128 or 256 (f16) taps, and the pixels cut into
     /// `slices` slices of `chunk` (a multiple of the kernel's pixel step) so that at least ~512 blocks run.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct WgradSplit {
