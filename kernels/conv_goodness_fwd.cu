@@ -61,17 +61,21 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
         __syncthreads();
     }
 
+    // The thread's 4 output pixels, located once: offsets b*C_out*HW + p in y (32 bits), -1 past N.
+    int yo[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int n = n0 + tn + j;
+        yo[j] = n < N ? (n / HW) * Cout * HW + n % HW : -1;
+    }
+#pragma unroll
     for (int i = 0; i < 4; ++i) {
-        int m = m0 + tm + i;
+        const int m = m0 + tm + i;
         if (m >= Cout) continue;
-        float bv = bias[m];
-        for (int j = 0; j < 4; ++j) {
-            int n = n0 + tn + j;
-            if (n >= N) continue;
-            int b = n / HW, p = n % HW;
-            float v = fmaxf(acc[i][j] + bv, 0.0f);
-            y[((long)b * Cout + m) * HW + p] = v;
-        }
+        const float bv = bias[m];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (yo[j] >= 0) y[yo[j] + m * HW] = fmaxf(acc[i][j] + bv, 0.0f);
     }
 }
 
@@ -157,11 +161,17 @@ __device__ __forceinline__ void conv_fwd_f16(
         __syncthreads();
     }
 
-    tc_for_each<MI>(acc, [&](int row, int col, float v) {
-        const int m = m0 + row, n = n0 + col;
-        if (m >= Cout || n >= N) return;
-        const int b = n / HW, p = n % HW;
-        y[((long)b * Cout + m) * HW + p] = f2h(fmaxf(v + bias[m], 0.0f));
+    // The thread's 8 output pixels, located once (not once per accumulator): their offsets b*C_out*HW + p in y
+    // (32 bits: the host keeps y under 2^31 values), -1 past N.
+    int yo[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int n = n0 + tc_col(j);
+        yo[j] = n < N ? (n / HW) * Cout * HW + n % HW : -1;
+    }
+    tc_for_each<MI>(acc, [&](int row, int, int j, float v) {
+        const int m = m0 + row;
+        if (m < Cout && yo[j] >= 0) y[yo[j] + m * HW] = f2h(fmaxf(v + bias[m], 0.0f));
     });
 }
 

@@ -205,7 +205,7 @@ __device__ __forceinline__ void wgrad_f16(
         __syncthreads();
     }
 
-    tc_for_each<2, NI>(acc, [&](int row, int col, float v) {
+    tc_for_each<2, NI>(acc, [&](int row, int col, int, float v) {
         const int mm = m0 + row, k = k0 + col;
         if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = v * inv_scale;
     });

@@ -244,16 +244,28 @@ __device__ __forceinline__ void tc_step(float acc[MI][NI][4], const f16_bits (*A
     }
 }
 
-// Calls f(row, col, value) for each of the calling thread's 4 MI NI accumulators, with the row and column in the
-// block tile (the epilogue of the tensor-core kernels).
+// The block-tile column of the calling thread's column slot j (0 <= j < 2 NI): its accumulators cover 2 NI
+// columns, each in MI x 2 rows.
+template <int NI = 4>
+__device__ __forceinline__ int tc_col(int j) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    return (warp & 3) * 8 * NI + 2 * (lane & 3) + (j >> 1) * 8 + (j & 1);
+}
+
+// Calls f(row, col, j, value) for each of the calling thread's 4 MI NI accumulators, with the row and column in
+// the block tile and the column's slot j (tc_col), so that an epilogue can locate its 2 NI columns once (the
+// epilogue of the tensor-core kernels).
 template <int MI, int NI = 4, typename F>
 __device__ __forceinline__ void tc_for_each(const float acc[MI][NI][4], F f) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (warp >> 2) * 16 * MI + (lane >> 2), col0 = (warp & 3) * 8 * NI + 2 * (lane & 3);
+    const int row0 = (warp >> 2) * 16 * MI + (lane >> 2);
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) f(row0 + mi * 16 + 8 * (r >> 1), col0 + ni * 8 + (r & 1), acc[mi][ni][r]);
+            for (int r = 0; r < 4; ++r) {
+                const int j = ni * 2 + (r & 1);
+                f(row0 + mi * 16 + 8 * (r >> 1), tc_col<NI>(j), j, acc[mi][ni][r]);
+            }
 }
