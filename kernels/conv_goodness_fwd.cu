@@ -84,7 +84,8 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
 // one pixel through the tap table (the pixel is fixed for the thread: its window origin and in-map mask are
 // computed once); both go to shared memory as 16-byte stores. Two shared stages: the loads for step s + 1 are
 // issued before the MMAs of step s and stored into the other stage after them, so a K step costs one barrier.
-// The 128-channel tile (conv_goodness_fwd_f16_m128, for C_out >= 128) does twice the MMAs per gathered tap.
+// The 128-channel tile (conv_goodness_fwd_f16_m128, for C_out >= 128) does twice the MMAs per gathered tap;
+// launch bounds (256, 2) hold it to 128 registers, so two blocks share an SM.
 template <int TM>
 __device__ __forceinline__ void conv_fwd_f16(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
@@ -182,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
     conv_fwd_f16<64>(x, w, bias, taps, y, B, Cin, Cout, H, W);
 }
 
-extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16_m128(
+extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_fwd_f16_m128(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
     const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
 {
