@@ -219,7 +219,8 @@ pub trait Backend: Send + Sync {
         srcs.iter().map(|s| self.read(s, len)).collect()
     }
     /// [`Backend::write`] for a batch's input, which the ops issued next read: a GPU stages it through pinned
-    /// host memory and copies it on its own stream, so the upload overlaps the compute still queued.
+    /// host memory and, with several lanes, copies it on its own stream, so the upload overlaps the compute still
+    /// queued (with one lane it is queued behind that compute, on the same stream).
     fn write_input(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()> {
         self.write(dst, data)
     }

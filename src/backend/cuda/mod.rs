@@ -114,9 +114,12 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     /// One stream per lane; lane 0 is the context's default stream.
     streams: Vec<Arc<CudaStream>>,
-    /// The input uploads' stream, and their two pinned staging buffers (the host fills one while the other's
-    /// copy may still run); cudarc's per-buffer events order the copy before the kernels that read its target.
-    copy_stream: Arc<CudaStream>,
+    /// The input uploads' stream (with several lanes; with one, lane 0's), and their two pinned staging buffers
+    /// (the host fills one while the other's copy may still run); cudarc's per-buffer events order the copy before
+    /// the kernels that read its target. With one lane there is no second stream on purpose: any second stream
+    /// switches cudarc into multi-stream mode, which records an event per buffer per launch (host time on every
+    /// op) to order streams that a single-lane schedule does not have.
+    copy_stream: Option<Arc<CudaStream>>,
     staging: Mutex<Staging>,
     lane: std::sync::atomic::AtomicUsize,
     funcs: HashMap<&'static str, CudaFunction>,
@@ -393,8 +396,10 @@ impl CudaBackend {
             ctx.compute_capability().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: compute capability ({e:?})"))?;
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let copy_stream =
-            ctx.new_stream().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a stream ({e:?})"))?;
+        let copy_stream = match lanes {
+            0 | 1 => None,
+            _ => Some(ctx.new_stream().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a stream ({e:?})"))?),
+        };
         let mut streams = vec![ctx.default_stream()];
         for _ in 1..lanes.max(1) {
             streams
@@ -636,7 +641,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        for s in self.streams.iter().chain([&self.copy_stream]) {
+        for s in self.streams.iter().chain(&self.copy_stream) {
             s.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))?;
         }
         Ok(())
@@ -756,18 +761,19 @@ impl Backend for CudaBackend {
         let i = st.next;
         st.next ^= 1;
         let n = data.len();
+        let stream = self.copy_stream.as_ref().unwrap_or(&self.streams[0]);
         // as_mut_slice waits for this staging buffer's previous copy (two batches ago) to finish.
         match dst {
             CudaBuf::F32(d) => {
                 let p = pinned(&self.ctx, &mut st.f32[i], n)?;
                 drv(p.as_mut_slice(), "pinned buffer")?.copy_from_slice(data);
-                drv(self.copy_stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")
+                drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")
             }
             CudaBuf::F16(d) => {
                 use half::slice::HalfFloatSliceExt;
                 let p = pinned(&self.ctx, &mut st.f16[i], n)?;
                 drv(p.as_mut_slice(), "pinned buffer")?.convert_from_f32_slice(data);
-                drv(self.copy_stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")
+                drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")
             }
         }
     }
