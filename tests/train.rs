@@ -227,3 +227,53 @@ fn the_concurrent_lanes_schedule_equals_the_sequential_one() {
     assert_eq!(sequential.1, lanes.1, "weights after three steps");
     assert_eq!((sequential.2, sequential.3), (lanes.2, lanes.3), "evaluation logits");
 }
+
+#[test]
+fn pipelined_steps_report_the_same_statistics_one_call_later() {
+    // train_step_pipelined returns the previous step's statistics (a GPU runs step t while the host reads step
+    // t - 1's); the numbers, the weights and an evaluation in between must be exactly train_step's.
+    use asge::backend::cpu::CpuBackend;
+    use asge::rng::Rng;
+    use asge::train::{AdamW, Net};
+    let spec = model::resolve("vgg8", 1, 32, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+    let params = Params::init(&spec, 5);
+    let mut r = Rng::new(9);
+    let batches: Vec<(Vec<f32>, Vec<u32>)> = (0..3u32)
+        .map(|t| {
+            ((0..16 * 32 * 32).map(|_| r.normal().abs() as f32).collect(), (0..16).map(|i| (i + t) % 10).collect())
+        })
+        .collect();
+    let x_eval: Vec<f32> = (0..5 * 32 * 32).map(|_| r.normal().abs() as f32).collect();
+    let labels_eval = [0, 1, 2, 3, 4];
+
+    let mut net = Net::new(CpuBackend::new(), spec.clone(), &params, AdamW::default(), 16).unwrap();
+    let mut direct = Vec::new();
+    for (t, (x, l)) in batches.iter().enumerate() {
+        let step = t as u64 + 1;
+        direct.push(net.train_step(x, l, 1e-3, step, Some((0.1, step))).unwrap());
+        if step == 2 {
+            net.eval_logits(&x_eval, &labels_eval).unwrap();
+        }
+    }
+    let direct_eval = net.eval_logits(&x_eval, &labels_eval).unwrap().fusion;
+
+    let mut net = Net::new(CpuBackend::new(), spec, &params, AdamW::default(), 16).unwrap();
+    let mut piped = Vec::new();
+    for (t, (x, l)) in batches.iter().enumerate() {
+        let step = t as u64 + 1;
+        let earlier = net.train_step_pipelined(x, l, 1e-3, step, Some((0.1, step))).unwrap();
+        assert_eq!(earlier.is_none(), step == 1, "step {step} returns the previous step's statistics");
+        piped.extend(earlier);
+        if step == 2 {
+            // An evaluation while step 2's statistics are pending writes the other set of slots.
+            net.eval_logits(&x_eval, &labels_eval).unwrap();
+        }
+    }
+    let err = net.train_step(&batches[0].0, &batches[0].1, 1e-3, 4, None).unwrap_err();
+    assert!(format!("{err:#}").contains("flush_stats"), "{err:#}");
+    piped.extend(net.flush_stats().unwrap());
+    assert!(net.flush_stats().unwrap().is_none(), "nothing pending after a flush");
+    assert_eq!(piped, direct, "statistics");
+    assert_eq!(piped.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(net.eval_logits(&x_eval, &labels_eval).unwrap().fusion, direct_eval, "weights after the steps");
+}

@@ -71,8 +71,10 @@ pub struct Head<B: Backend> {
 }
 
 /// Per-step losses and accuracy counts: one entry per layer, plus the fusion heads.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepStats {
+    /// The optimizer step these statistics belong to.
+    pub step: u64,
     pub batch: usize,
     pub layer_loss: Vec<f64>,
     pub layer_correct: Vec<usize>,
@@ -107,10 +109,19 @@ struct Workspace<B: Backend> {
     gap: Vec<B::Buf>,
     head_logits: B::Buf,
     labels: B::Labels,
-    /// `[loss_sum, correct]` per layer, and the fusion heads' last: read once per step, after all its work is
-    /// queued, so a GPU runs the whole step without a host round trip.
-    stats: Vec<B::Buf>,
+    /// `[loss_sum, correct]` per layer, and the fusion heads' last, in two sets: a step writes
+    /// `stats[stats_set]` while the previous step's set waits to be read (see `Net::train_step_pipelined`).
+    stats: [Vec<B::Buf>; 2],
+    stats_set: usize,
     max_batch: usize,
+}
+
+/// A queued training step whose statistics have not been read yet.
+#[derive(Clone, Copy, Debug)]
+struct PendingStats {
+    set: usize,
+    batch: usize,
+    step: u64,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -152,6 +163,8 @@ pub struct Net<B: Backend> {
     pub adamw: AdamW,
     ws: Workspace<B>,
     be: B,
+    /// The step `train_step_pipelined` queued last, until its statistics are returned.
+    pending: Option<PendingStats>,
 }
 
 impl<B: Backend> Net<B> {
@@ -208,6 +221,7 @@ impl<B: Backend> Net<B> {
                 })
             })
             .collect::<Result<_>>()?;
+        let stats_set = || (0..=spec.layers.len()).map(|_| be.zeros(STATS_LEN)).collect::<Result<Vec<_>>>();
         let ws = Workspace {
             acts,
             scratch,
@@ -216,10 +230,11 @@ impl<B: Backend> Net<B> {
             gap: spec.layers.iter().map(|l| be.zeros(b * l.c_out)).collect::<Result<_>>()?,
             head_logits: be.zeros(b * n)?,
             labels: be.labels(&[])?,
-            stats: (0..=spec.layers.len()).map(|_| be.zeros(STATS_LEN)).collect::<Result<_>>()?,
+            stats: [stats_set()?, stats_set()?],
+            stats_set: 0,
             max_batch,
         };
-        Ok(Net { spec, layers, heads, adamw, ws, be })
+        Ok(Net { spec, layers, heads, adamw, ws, be, pending: None })
     }
 
     pub fn backend(&self) -> &B {
@@ -230,11 +245,20 @@ impl<B: Backend> Net<B> {
         self.ws.max_batch
     }
 
-    /// Reads every stats slot (`load_batch` zeroes them): `(loss_sum, correct)` per layer, then the heads'.
-    fn take_stats(&self) -> Result<Vec<(f64, usize)>> {
-        let slots: Vec<&B::Buf> = self.ws.stats.iter().collect();
-        let read = self.be.read_many(&slots, STATS_LEN)?;
-        Ok(read.iter().map(|s| (s[0] as f64, s[1].round() as usize)).collect())
+    /// Reads a queued step's stats slots (`load_batch` zeroes them), waiting for the step to finish.
+    fn read_stats(&self, p: PendingStats) -> Result<StepStats> {
+        let slots: Vec<&B::Buf> = self.ws.stats[p.set].iter().collect();
+        let mut read = self.be.read_many(&slots, STATS_LEN)?;
+        let heads = read.pop().expect("the heads' stats slot");
+        let per_sample = |s: &[f32]| s[0] as f64 / p.batch as f64;
+        Ok(StepStats {
+            step: p.step,
+            batch: p.batch,
+            head_loss: per_sample(&heads),
+            head_correct: heads[1].round() as usize,
+            layer_loss: read.iter().map(|s| per_sample(s)).collect(),
+            layer_correct: read.iter().map(|s| s[1].round() as usize).collect(),
+        })
     }
 
     fn load_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {
@@ -257,7 +281,7 @@ impl<B: Backend> Net<B> {
         let a0 = self.ws.act(0);
         self.be.write_input(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
-        for slot in &mut self.ws.stats {
+        for slot in &mut self.ws.stats[self.ws.stats_set] {
             self.be.fill_zero(slot, STATS_LEN)?;
         }
         Ok(batch)
@@ -266,6 +290,8 @@ impl<B: Backend> Net<B> {
     /// One training step on a batch of normalised inputs `[B, C, S, S]` (spec 1.10): every layer's forward,
     /// local loss, weight gradient and AdamW step, its output from the pre-step activations; then the fusion
     /// heads on the detached features. `dropout` is `(p, key)`: the masks are drawn per layer from `key`.
+    /// Returns the step's statistics, so it waits for the step to finish; a training loop that need not
+    /// (`train_step_pipelined`) keeps a GPU busy while the host queues the next step.
     pub fn train_step(
         &mut self,
         x: &[f32],
@@ -274,6 +300,25 @@ impl<B: Backend> Net<B> {
         step: u64,
         dropout: Option<(f32, u64)>,
     ) -> Result<StepStats> {
+        anyhow::ensure!(
+            self.pending.is_none(),
+            "Net::train_step: a pipelined step's statistics are still pending (call flush_stats first)"
+        );
+        self.train_step_pipelined(x, labels, lr, step, dropout)?;
+        Ok(self.flush_stats()?.expect("the step just queued"))
+    }
+
+    /// [`Net::train_step`] without waiting for it: queues the step and returns the statistics of the step queued
+    /// before it (`None` for the first), reading them once that step is done, which on a GPU is while this one
+    /// runs. The numbers are the same as `train_step`'s, one call later; [`Net::flush_stats`] returns the last.
+    pub fn train_step_pipelined(
+        &mut self,
+        x: &[f32],
+        labels: &[u32],
+        lr: f64,
+        step: u64,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<Option<StepStats>> {
         self.ws.parity = (step % 2) as usize;
         let batch = self.load_batch(x, labels)?;
         let h = AdamWStep {
@@ -284,7 +329,6 @@ impl<B: Backend> Net<B> {
             eps: self.adamw.eps,
             step,
         };
-        let mut stats = StepStats { batch, ..Default::default() };
         for li in 0..self.layers.len() {
             let layer_dropout =
                 dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) });
@@ -298,13 +342,22 @@ impl<B: Backend> Net<B> {
             head.b.step(&self.be, &h)?;
         }
         std::mem::drop(span);
-        let mut taken = self.take_stats()?;
-        let (loss, correct) = taken.pop().expect("the heads' stats slot");
-        stats.head_loss = loss / batch as f64;
-        stats.head_correct = correct;
-        stats.layer_loss = taken.iter().map(|t| t.0 / batch as f64).collect();
-        stats.layer_correct = taken.iter().map(|t| t.1).collect();
-        Ok(stats)
+        let queued = PendingStats { set: self.ws.stats_set, batch, step };
+        // The next step (or evaluation) writes the other set; this one is read first.
+        self.ws.stats_set ^= 1;
+        match self.pending.replace(queued) {
+            Some(earlier) => self.read_stats(earlier).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The statistics of the last step [`Net::train_step_pipelined`] queued and has not returned (waiting for
+    /// it), or `None`.
+    pub fn flush_stats(&mut self) -> Result<Option<StepStats>> {
+        match self.pending.take() {
+            Some(p) => self.read_stats(p).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Layer `li` on the batch in the workspace: forward with the fused goodness, the projection logits and
@@ -334,7 +387,8 @@ impl<B: Backend> Net<B> {
         let dg = train.is_some().then_some(&mut sc.dg);
         let (d, n) = (spec.goodness_dim(), self.spec.classes);
         let (pw, pb) = (&layer.proj_w, &layer.proj_b);
-        be.goodness_loss(batch, d, n, &sc.g, pw, pb, &ws.labels, &mut sc.logits, dg, &mut ws.stats[li])?;
+        let stats = &mut ws.stats[ws.stats_set][li];
+        be.goodness_loss(batch, d, n, &sc.g, pw, pb, &ws.labels, &mut sc.logits, dg, stats)?;
         std::mem::drop(span);
         // The output first: on a GPU the next layer's lane can start while this one computes its update.
         let span = crate::trace::span("layer_output", track, step);
@@ -374,7 +428,7 @@ impl<B: Backend> Net<B> {
             &ws.labels,
             &mut ws.head_logits,
             grads,
-            ws.stats.last_mut().expect("the heads' stats slot"),
+            ws.stats[ws.stats_set].last_mut().expect("the heads' stats slot"),
         )
     }
 

@@ -401,20 +401,30 @@ fn train_on<B: Backend>(
         let aug_key = rng::derive(rng::derive(cfg.seed, AUGMENT), epoch as u64);
         let start = skip * cfg.batch;
         let rest = order[start.min(order.len())..].to_vec();
+        // A step's statistics arrive with the next step (train_step_pipelined: the host queues step t + 1 while the
+        // device runs step t), and are flushed before anything that must count every step (a checkpoint, the end
+        // of the epoch).
+        let add = |sums: &mut EpochSums, s: Option<super::StepStats>| -> Result<()> {
+            if let Some(s) = s {
+                if !s.layer_loss.iter().all(|l| l.is_finite()) || !s.head_loss.is_finite() {
+                    bail!("epoch {}: the loss became non-finite at step {} ({:?})", epoch + 1, s.step, s.layer_loss);
+                }
+                sums.add(&s);
+            }
+            Ok(())
+        };
         for batch in Prefetch::new(train_data.clone(), rest, start, cfg.batch, aug, aug_key, 3) {
             state.step += 1;
             let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), state.step);
-            let s = net.train_step(&batch.x, &batch.labels, lr, state.step, Some((cfg.dropout, drop_key)))?;
-            if !s.layer_loss.iter().all(|l| l.is_finite()) || !s.head_loss.is_finite() {
-                bail!("epoch {}: the loss became non-finite at step {} ({:?})", epoch + 1, state.step, s.layer_loss);
-            }
-            sums.add(&s);
+            let s = net.train_step_pipelined(&batch.x, &batch.labels, lr, state.step, Some((cfg.dropout, drop_key)))?;
+            add(&mut sums, s)?;
             state.batches_done += 1;
             pb.inc(1);
             let periodic = opts.checkpoint_every.is_some_and(|k| k > 0 && state.step % k == 0);
             let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
             let stop = opts.stop_at_step == Some(state.step) || interrupted;
             if (periodic || stop) && state.batches_done < n_batches {
+                add(&mut sums, net.flush_stats()?)?;
                 sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
                 state.partial_epoch = Some(serde_json::to_value(&sums)?);
                 checkpoint::save(&last_path, &net, &state, &config_json)?;
@@ -428,15 +438,18 @@ fn train_on<B: Backend>(
                     return Ok(None);
                 }
             }
-            pb.set_message(format!(
-                "{:.0} img/s  loss {:.3}  acc L{} {:.2}%  fusion {:.2}%",
-                sums.images as f64 / t0.elapsed().as_secs_f64(),
-                sums.layer_loss.last().unwrap() / sums.images as f64,
-                spec.layers.len(),
-                100.0 * *sums.layer_correct.last().unwrap() as f64 / sums.images as f64,
-                100.0 * sums.head_correct as f64 / sums.images as f64
-            ));
+            if sums.images > 0 {
+                pb.set_message(format!(
+                    "{:.0} img/s  loss {:.3}  acc L{} {:.2}%  fusion {:.2}%",
+                    sums.images as f64 / t0.elapsed().as_secs_f64(),
+                    sums.layer_loss.last().unwrap() / sums.images as f64,
+                    spec.layers.len(),
+                    100.0 * *sums.layer_correct.last().unwrap() as f64 / sums.images as f64,
+                    100.0 * sums.head_correct as f64 / sums.images as f64
+                ));
+            }
         }
+        add(&mut sums, net.flush_stats()?)?;
         pb.finish_and_clear();
         state.batches_done = 0;
         let seconds = seconds_before + t0.elapsed().as_secs_f64();
