@@ -36,6 +36,9 @@ pub struct BenchRow {
     pub rate: f64,
     pub unit: &'static str,
     pub pct_of_ceiling: f64,
+    /// The kernel that ran, where the backend picks among several (CUDA conv tiles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -231,6 +234,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         rate: amount / (ms * 1e-3),
         unit,
         pct_of_ceiling: 100.0 * amount / (ms * 1e-3) / (peak_g * 1e9),
+        kernel: None,
     };
     let compute = |op: &str, layer, ms: f64, flop: f64| row(op, layer, ms, flop, "FLOP/s", gemm_peak);
     let memory = |op: &str, layer, ms: f64, bytes: f64| row(op, layer, ms, bytes, "B/s", copy_peak);
@@ -258,13 +262,14 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         let (mut logits, mut stats) = (be.zeros(b * n)?, be.zeros(2)?);
         let flop = 2.0 * (l.conv_macs() * b) as f64;
         let ms = timed(&mut || be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w_op, &bias, &mut y, &mut g))?;
-        rows.push(compute("conv_goodness_fwd", i + 1, ms, flop));
+        let kernels = be.conv_kernels(&s);
+        rows.push(BenchRow { kernel: kernels.map(|k| k[0]), ..compute("conv_goodness_fwd", i + 1, ms, flop) });
         let ms = timed(&mut || {
             be.goodness_loss(b, d, n, &g, &proj, &proj_b, &labels_dev, &mut logits, Some(&mut dg), &mut stats)
         })?;
         rows.push(memory("goodness_loss", i + 1, ms, 4.0 * (2 * b * d + d * n) as f64));
         let ms = timed(&mut || be.conv_goodness_wgrad(&s, &grid, spec.goodness, &x, &y, &dg, &mut dw, &mut db))?;
-        rows.push(compute("conv_goodness_wgrad", i + 1, ms, flop));
+        rows.push(BenchRow { kernel: kernels.map(|k| k[1]), ..compute("conv_goodness_wgrad", i + 1, ms, flop) });
         let (mut m, mut v) = (be.zeros(s.w_len())?, be.zeros(s.w_len())?);
         let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
         // The fp16 path also writes the weights' fp16 copy; the f32 path has none.
@@ -337,12 +342,13 @@ pub fn format_report(r: &BenchReport) -> String {
             continue;
         }
         s += &format!(
-            "{:<22} {:>5} {:>10.3} {:>14} {:>8.1}%\n",
+            "{:<22} {:>5} {:>10.3} {:>14} {:>8.1}%{}\n",
             row.op,
             row.layer.map(|l| l.to_string()).unwrap_or_default(),
             row.ms,
             rate,
-            row.pct_of_ceiling
+            row.pct_of_ceiling,
+            row.kernel.map(|k| format!("  {k}")).unwrap_or_default()
         );
     }
     let achieved = r.flop_per_image * r.images_per_s / 1e9;

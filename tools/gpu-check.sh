@@ -82,8 +82,11 @@ run() {
       lim 90 "$B/asge" bench --device cuda --precision $prec --width $w --batch 128 > "$out/bench-cuda-$prec-w$w.txt" 2>&1
       row "bench cuda $prec w$w: $(grep 'train step' "$out/bench-cuda-$prec-w$w.txt" || tail -1 "$out/bench-cuda-$prec-w$w.txt")"
     done
-    # The fp16 forward's share of the tensor-core ceiling, layer by layer (the CUDA issue's 50% target).
-    row "  fp16 conv fwd, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $NF}' | tr '\n' ' ')"
+    # The fp16 forward's share of the tensor-core ceiling, layer by layer (the CUDA issue's 50% target), and the
+    # weight gradient's: the sixth column of the bench's rows (op, layer, ms, rate, unit, %), then the kernel.
+    row "  fp16 conv fwd, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
+    row "  fp16 conv wgrad, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_wgrad' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
+    row "  fp16 kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
     # The authors' recipe in PyTorch on the same card (eager fp32, and channels-last + fp16 autocast).
     if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
       for variant in "" --channels-last-fp16; do

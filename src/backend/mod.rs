@@ -191,6 +191,12 @@ pub trait Backend: Send + Sync {
         Precision::F32
     }
 
+    /// The kernels the conv forward and weight gradient run at this shape, where a backend picks among several
+    /// (the CUDA backend's tiles); for reports such as `asge bench`.
+    fn conv_kernels(&self, _s: &ConvShape) -> Option<[&'static str; 2]> {
+        None
+    }
+
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     /// A zeroed buffer for a conv operand (a layer input, a conv output `y`, a weights' compute copy), stored
     /// in [`Backend::precision`]. [`Backend::write`] rounds into it and [`Backend::read`] widens from it.

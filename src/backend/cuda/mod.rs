@@ -640,6 +640,10 @@ impl Backend for CudaBackend {
         self.precision
     }
 
+    fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
+        Some([geometry::conv_fwd_kernel(s, self.precision).0, geometry::wgrad_kernel(s, self.precision).0])
+    }
+
     fn synchronize(&self) -> Result<()> {
         for s in self.streams.iter().chain(&self.copy_stream) {
             s.synchronize().map_err(|e| anyhow::anyhow!("cuda: {e:?}"))?;
