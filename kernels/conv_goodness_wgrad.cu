@@ -84,16 +84,17 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
     if (bias_block && tid < WG_TM && m0 + tid < Cout) part_db[(long)blockIdx.z * Cout + m0 + tid] = db_acc;
 }
 
-// conv_goodness_wgrad_f16: dW[M = C_out, K = C_in*9] = sum_n dz[m, n] col[k, n] with x and y in fp16, on the
-// tensor cores (tc_step: block tile TC_M = 64 channels x TC_N = 128 taps, pixels walked TC_K = 32 at a time
-// through two shared stages, a slice of `chunk` pixels per blockIdx.z, partials reduced in order by
-// wgrad_reduce_f32 as in the f32 path).
+// conv_goodness_wgrad_f16{,_n256}: dW[M = C_out, K = C_in*9] = sum_n dz[m, n] col[k, n] with x and y in fp16, on
+// the tensor cores (tc_step: block tile TC_M = 64 channels x TN taps, pixels walked TK at a time through two
+// shared stages: TN = 128, TK = 32, or for K >= 1024 TN = 256, TK = 16 (_n256), where each dz value feeds twice
+// the MMAs; a slice of `chunk` pixels per blockIdx.z, partials reduced in order by wgrad_reduce_f32 as in the
+// f32 path).
 //
-// Per step each thread computes dz for one channel and 8 consecutive pixels (the pixels' cells from the grid's
-// cell table instead of a search with divisions, their dL/dg / |bin| from q = dg_per_cell_f32's output; y and the
-// cells in 16-byte loads where H*W is a multiple of 8; stored as one 16-byte row segment) and gathers 16 taps of
-// one pixel: its taps are fixed for the whole kernel (taps bk, bk + 8, ..., of the block's
-// 128), so their table entries are read once, and per step only the pixel's window origin and in-map mask change.
+// Per step each thread computes dz for one channel and DZ = TK / 4 consecutive pixels (the pixels' cells from the
+// grid's cell table instead of a search with divisions, their dL/dg / |bin| from q = dg_per_cell_f32's output; y
+// and the cells in vector loads where H*W is a multiple of DZ; stored as one 16- or 8-byte row segment) and gathers
+// 16 taps of one pixel: its taps are fixed for the whole kernel (taps bk, bk + 256 / TK, ..., of the block's TN),
+// so their table entries are read once, and per step only the pixel's window origin and in-map mask change.
 // The next step's tile is built in the other stage before this step's MMAs, so a step costs one barrier.
 //
 // Scaling: dz is computed in f32 from the fp16 y and the f32 q, then multiplied by `scale` and rounded to fp16
