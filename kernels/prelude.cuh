@@ -115,10 +115,10 @@ __device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) {
 
 // The weight gradients' goodness term through a cell table (host-built: geometry::cell_table): cells[p]
 // packs the bins holding pixel p, r0 | r1 << 8 | c0 << 16 | c1 << 24, and q[i*P + j] is the map's dL/dg of cell
-// (i, j) already divided by the cell's divisor (dg_per_cell_f32: its area for the mean, 1 for the sum). The sum
-// over the pixel's cells in the CPU reference's order, with its division, so dz = sum * 2y is the CPU's to the
-// bit. A pixel in several cells (P does not divide H or W) takes the out-of-line loop, so the common case is a
-// lookup and a load.
+// (i, j) already divided by the cell's divisor (dg_per_cell_f32: its area for the mean, 1 for the sum, the CPU
+// reference's division). For a pixel in one cell, dz = q * 2y is the CPU's to the bit; for a pixel in several
+// (P does not divide H or W) the kernels sum the q's and then multiply, where the CPU adds each cell's q * 2y:
+// equal within rounding. That case takes the out-of-line loop, so the common case is a lookup and a load.
 __device__ __noinline__ float cells_q_overlap(const float* __restrict__ q, int cell, int P) {
     const int r0 = cell & 255, r1 = (cell >> 8) & 255, c0 = (cell >> 16) & 255, c1 = (cell >> 24) & 255;
     float s = 0.0f;

@@ -56,10 +56,23 @@ struct ShardArgs {
     quiet: bool,
 }
 
+/// Where a command runs: `--device` and `--precision`, shared by train, eval and bench.
 #[derive(clap::Args)]
-struct BenchArgs {
+struct DeviceArgs {
+    /// cpu, cuda or cuda:N (ASGE_CUDA_LANES=N puts every layer on its own CUDA stream).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
+    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
+    /// (slower) emulation on the CPU.
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: Precision,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    on: DeviceArgs,
     #[arg(long, default_value = "vgg8")]
     model: String,
     #[arg(long, default_value_t = 1.0)]
@@ -74,11 +87,6 @@ struct BenchArgs {
     /// Timed repetitions per op; the median is reported.
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
-    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
-    /// (slower) emulation on the CPU.
-    #[arg(long, value_enum, default_value = "fp32")]
-    precision: Precision,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -115,9 +123,8 @@ struct TrainArgs {
     /// Seeds every random draw: init, projection, split, order, augmentation, dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// cpu, cuda or cuda:N (ASGE_CUDA_LANES=N puts every layer on its own CUDA stream).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    on: DeviceArgs,
     /// The run folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -155,11 +162,6 @@ struct TrainArgs {
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
-    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
-    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
-    /// (slower) emulation on the CPU.
-    #[arg(long, value_enum, default_value = "fp32")]
-    precision: Precision,
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
     #[arg(long)]
     stop_after: Option<usize>,
@@ -194,14 +196,8 @@ struct EvalArgs {
     /// Where to write the JSON result (default: eval.json beside the checkpoint).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Storage of the conv operands (layer inputs, conv outputs, the weights' compute copy); every sum, the
-    /// master weights and the optimizer state stay f32. fp16 runs on the tensor cores on CUDA and is an exact
-    /// (slower) emulation on the CPU.
-    #[arg(long, value_enum, default_value = "fp32")]
-    precision: Precision,
+    #[command(flatten)]
+    on: DeviceArgs,
 }
 
 fn main() {
@@ -288,9 +284,9 @@ fn train(a: TrainArgs) -> Result<()> {
         limit_train: a.limit_train,
         limit_test: a.limit_test,
         init: a.init,
-        device: a.device,
+        device: a.on.device,
         image_size: a.image_size,
-        precision: a.precision,
+        precision: a.on.precision,
     };
     run::train(&cfg, &out, false, opts)?;
     Ok(())
@@ -320,8 +316,16 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             )
         }
     };
-    let (rows, res, n_test) =
-        run::eval_checkpoint(&a.checkpoint, dataset, &data, a.strategy, a.batch, a.limit_test, &a.device, a.precision)?;
+    let (rows, res, n_test) = run::eval_checkpoint(
+        &a.checkpoint,
+        dataset,
+        &data,
+        a.strategy,
+        a.batch,
+        a.limit_test,
+        &a.on.device,
+        a.on.precision,
+    )?;
     let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), dataset.name());
     println!("{}", eval::format_table(&title, &rows, &res));
     let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
@@ -412,16 +416,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         classes: a.classes,
         reps: a.reps,
         step_only: a.step_only,
-        precision: a.precision,
+        precision: a.on.precision,
     };
-    let r = match a.device.as_str() {
-        "cpu" => asge::bench::run_cpu(&o)?,
+    let r = match run::device(&a.on.device)? {
+        run::Device::Cpu => asge::bench::run_cpu(&o)?,
         #[cfg(feature = "cuda")]
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let be = asge::backend::cuda::CudaBackend::new(asge::backend::cuda::parse_device(d)?)?;
-            asge::bench::run_cuda(be, &o)?
-        }
-        d => anyhow::bail!("--device {d}: unknown device (expected cpu, cuda or cuda:N)"),
+        run::Device::Cuda(n) => asge::bench::run_cuda(asge::backend::cuda::CudaBackend::new(n)?, &o)?,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

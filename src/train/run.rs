@@ -204,13 +204,16 @@ fn say(opts: RunOptions, msg: impl AsRef<str>) {
 }
 
 /// Which backend a `--device` names.
-enum Device {
+/// A `--device` value.
+pub enum Device {
     Cpu,
     #[cfg(feature = "cuda")]
     Cuda(usize),
 }
 
-fn device(name: &str) -> Result<Device> {
+/// Parses `--device`: `cpu`, `cuda` or `cuda:N` (a clear error for anything else, or for cuda in a build
+/// without the CUDA backend).
+pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         d if d == "cuda" || d.starts_with("cuda:") => {
