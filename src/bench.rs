@@ -7,7 +7,7 @@ use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
 use crate::model::{self, ModelOptions, Params};
 use crate::rng::Rng;
 use crate::train::{AdamW, Net};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -207,8 +207,13 @@ pub struct Ceilings {
 
 /// Times every op at the model's layer shapes on `be`, then the whole training step.
 pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> Result<BenchReport> {
+    anyhow::ensure!(o.batch > 0, "--batch 0: the batch needs at least one image");
     let spec =
         model::resolve(&o.model, o.channels, 32, o.classes, &ModelOptions { width: o.width, ..Default::default() })?;
+    spec.validate().with_context(|| format!("--model {}", o.model))?;
+    // The step's model and workspace, and the per-op buffers beside them (about as much again).
+    let bytes = crate::train::net::host_memory_estimate(&spec, o.batch, o.channels * 32 * 32, be.buffers_on_host());
+    crate::limits::ensure_fits("the benchmark", bytes.saturating_mul(2), "--batch or --width")?;
     let (gemm_peak, copy_peak) = ceilings.as_ref().map_or((f64::NAN, f64::NAN), |c| (c.gemm_gflops, c.copy_gbs));
     let b = o.batch;
     let n = o.classes;

@@ -27,13 +27,22 @@ pub struct TopK {
     pub top1: usize,
     pub top5: usize,
     pub total: usize,
+    /// Rows with a NaN or infinite logit: counted in `total`, never as a hit.
+    #[serde(default)]
+    pub nonfinite: usize,
 }
 
 impl TopK {
     /// Adds the rows of `logits` `[B, N]` against `labels`. A tie counts against the label: the label is in the
-    /// top k when fewer than k classes score strictly higher and no earlier class ties it beyond k.
+    /// top k when fewer than k classes score strictly higher and no earlier class ties it beyond k. A row with a
+    /// non-finite logit is a miss (a NaN compares false with everything, so it would otherwise rank first).
     pub fn add(&mut self, logits: &[f32], labels: &[u32], classes: usize) {
         for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+            if !row.iter().all(|v| v.is_finite()) {
+                self.nonfinite += 1;
+                self.total += 1;
+                continue;
+            }
             let target = row[label as usize];
             // Rank = classes that beat the label (strictly higher, or equal with a smaller index: argmax order).
             let rank =
@@ -80,12 +89,24 @@ pub fn evaluate<B: Backend>(
 ) -> Result<EvalResult> {
     let classes = net.spec.classes;
     let mut res = EvalResult { layers: vec![TopK::default(); net.layers.len()], fusion: TopK::default() };
-    for batch in Prefetch::new(data.clone(), indices, 0, net.max_batch(), aug, key, 2) {
+    let mut batches = Prefetch::new(data.clone(), indices, 0, net.max_batch(), aug, key, 2);
+    for batch in batches.by_ref() {
+        let batch = batch?;
+        if crate::train::interrupt::received().is_some() {
+            anyhow::bail!("evaluation interrupted");
+        }
         let logits = net.eval_logits(&batch.x, &batch.labels)?;
         for (acc, l) in res.layers.iter_mut().zip(&logits.layers) {
             acc.add(l, &batch.labels, classes);
         }
         res.fusion.add(&logits.fusion, &batch.labels, classes);
+    }
+    batches.finish()?;
+    // Non-finite logits mean broken weights or inputs: an accuracy computed around them would be a wrong number.
+    let bad = res.layers.iter().map(|t| t.nonfinite).chain([res.fusion.nonfinite]).enumerate().find(|(_, n)| *n > 0);
+    if let Some((i, n)) = bad {
+        let what = if i < res.layers.len() { format!("layer {}", i + 1) } else { "the fusion heads".into() };
+        anyhow::bail!("{what} gave non-finite logits for {n} of {} images (broken weights or input)", res.fusion.total);
     }
     Ok(res)
 }
@@ -100,9 +121,15 @@ pub struct StrategyResult {
     pub top5: f64,
 }
 
-/// The strategies asked for, from an evaluation and the best layer picked on validation.
-pub fn strategies(res: &EvalResult, which: Strategy, best_layer: usize) -> Vec<StrategyResult> {
-    let last = res.layers.len() - 1;
+/// The strategies asked for, from an evaluation and the best layer picked on validation. A one-layer model has
+/// no fusion heads (they start at the second layer): `all` leaves fusion out, and asking for it is an error.
+pub fn strategies(res: &EvalResult, which: Strategy, best_layer: usize) -> Result<Vec<StrategyResult>> {
+    let last = res.layers.len().checked_sub(1).ok_or_else(|| anyhow::anyhow!("the model has no layers"))?;
+    anyhow::ensure!(best_layer <= last, "best layer {} of a {}-layer model", best_layer + 1, last + 1);
+    let has_fusion = res.layers.len() >= 2;
+    if which == Strategy::Fusion && !has_fusion {
+        anyhow::bail!("--strategy fusion: a one-layer model has no fusion heads (they start at layer 2)");
+    }
     let row = |name: &str, layer: Option<usize>, t: &TopK| StrategyResult {
         strategy: name.to_string(),
         layer: layer.map(|l| l + 1),
@@ -114,12 +141,12 @@ pub fn strategies(res: &EvalResult, which: Strategy, best_layer: usize) -> Vec<S
         out.push(row("last", Some(last), &res.layers[last]));
     }
     if matches!(which, Strategy::Best | Strategy::All) {
-        out.push(row("best", Some(best_layer), &res.layers[best_layer.min(last)]));
+        out.push(row("best", Some(best_layer), &res.layers[best_layer]));
     }
-    if matches!(which, Strategy::Fusion | Strategy::All) {
+    if matches!(which, Strategy::Fusion | Strategy::All) && has_fusion {
         out.push(row("fusion", None, &res.fusion));
     }
-    out
+    Ok(out)
 }
 
 /// A plain-text table of strategy results and per-layer accuracies.
@@ -154,7 +181,18 @@ mod tests {
             0.0,
         ];
         t.add(&logits, &[2, 0, 5], 6);
-        assert_eq!(t, TopK { top1: 1, top5: 2, total: 3 });
+        assert_eq!(t, TopK { top1: 1, top5: 2, total: 3, nonfinite: 0 });
+    }
+
+    #[test]
+    fn non_finite_logits_never_count_as_hits() {
+        let mut t = TopK::default();
+        // A NaN compares false with everything: counted naively, the label would rank first.
+        t.add(&[f32::NAN, 0.0, 0.0], &[0], 3);
+        t.add(&[0.0, f32::NAN, 0.0], &[0], 3);
+        t.add(&[f32::INFINITY, 0.0, 0.0], &[0], 3);
+        t.add(&[f32::NAN; 3], &[2], 3);
+        assert_eq!(t, TopK { top1: 0, top5: 0, total: 4, nonfinite: 4 });
     }
 
     #[test]

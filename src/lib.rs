@@ -10,11 +10,15 @@
 //! - [`train`]: the layer step written once against the trait, AdamW, the schedule, checkpoints, metrics.
 //! - [`data`]: dataset readers, the exact Pillow resize, augmentation, the prefetching loader.
 //! - [`eval`]: the prediction strategies (last, best, fusion) and top-k accuracy.
+//! - [`files`]: atomic writes with exclusive temporary files, folder locks, the run-folder guard.
+//! - [`limits`]: checked sizes and memory estimates for everything a file or an option sizes.
 
 pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod files;
+pub mod limits;
 pub mod model;
 pub mod rng;
 pub mod trace;

@@ -4,7 +4,9 @@ use anyhow::{Context, Result};
 use asge::backend::Precision;
 use asge::data::DatasetKind;
 use asge::eval::{self, Strategy};
+use asge::files::RunStart;
 use asge::model::{GoodnessReduce, PoolKind};
+use asge::train::interrupt;
 use asge::train::run::{self, AugmentChoice, RunOptions, TrainConfig};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -148,8 +150,12 @@ struct TrainArgs {
     #[arg(long)]
     init: Option<PathBuf>,
     /// Continue the run in this folder from its last.safetensors (all other options come from its config.json).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: Option<PathBuf>,
+    /// Replace the run in --out (its config.json, metrics.jsonl, checkpoints, summary.json and curves.svg;
+    /// other files stay). Without it, a folder that holds a run is refused.
+    #[arg(long)]
+    overwrite: bool,
     /// Downsampling pool: avg (released code) or rms (the paper's text).
     #[arg(long, value_enum, default_value = "avg")]
     pool: PoolKind,
@@ -162,6 +168,9 @@ struct TrainArgs {
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
+    /// Without a terminal (a job log): one progress line every this many seconds (0: after every step).
+    #[arg(long, default_value_t = 30.0)]
+    log_every: f64,
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
     #[arg(long)]
     stop_after: Option<usize>,
@@ -193,7 +202,8 @@ struct EvalArgs {
     batch: usize,
     #[arg(long)]
     limit_test: Option<usize>,
-    /// Where to write the JSON result (default: eval.json beside the checkpoint).
+    /// Where to write the JSON result (default: <checkpoint>.eval-<dataset>.json beside the checkpoint). An
+    /// existing file is replaced only when it is an earlier asge eval result.
     #[arg(long)]
     json: Option<PathBuf>,
     #[command(flatten)]
@@ -201,22 +211,40 @@ struct EvalArgs {
 }
 
 fn main() {
+    // A panic is a bug in asge, never the user's fault: one line that says so, not Rust's backtrace hint.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("asge: internal error (a bug; please report it): {msg}{at}");
+    }));
     let cli = Cli::parse();
     let result = run_cli(cli);
-    if run::was_interrupted() {
-        std::process::exit(130);
-    }
-    if let Err(e) = result {
+    if let Err(e) = &result {
         // One clear line: the outermost context, then its causes.
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
         eprintln!("error: {}", chain.join(": "));
+    }
+    // After a signal the run has written its checkpoint; the exit code says which signal (130, 143, 129).
+    if let Some(sig) = interrupt::received() {
+        std::process::exit(interrupt::exit_code(sig));
+    }
+    if result.is_err() {
         std::process::exit(1);
     }
 }
 
+/// The most threads `--threads` and `--workers` may ask for.
+const MAX_THREADS: usize = 4096;
+
 fn run_cli(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads 0: at least one thread is needed");
+        anyhow::ensure!(n <= MAX_THREADS, "--threads {n}: at most {MAX_THREADS}");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.cmd {
@@ -233,6 +261,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             let work = || asge::data::shard::write_shards(&a.input, &a.out, &o).map(|_| ());
             match a.workers {
                 Some(0) => anyhow::bail!("--workers 0: at least one worker is needed"),
+                Some(n) if n > MAX_THREADS => anyhow::bail!("--workers {n}: at most {MAX_THREADS}"),
                 Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build().context("--workers")?.install(work),
                 None => work(),
             }
@@ -250,6 +279,7 @@ fn train(a: TrainArgs) -> Result<()> {
         stop_after: a.stop_after,
         checkpoint_every: a.checkpoint_every,
         stop_at_step: None,
+        log_every: Some(a.log_every),
     };
     if let Some(path) = &a.trace {
         asge::trace::enable(path);
@@ -257,7 +287,7 @@ fn train(a: TrainArgs) -> Result<()> {
     run::install_interrupt_handler()?;
     if let Some(dir) = &a.resume {
         let cfg = run::load_run_config(dir)?;
-        run::train(&cfg, dir, true, opts)?;
+        run::train(&cfg, dir, RunStart::Resume, opts)?;
         return Ok(());
     }
     let dataset = a.dataset.context("--dataset is required (mnist, fashion-mnist, cifar10, cifar100, idx)")?;
@@ -288,7 +318,8 @@ fn train(a: TrainArgs) -> Result<()> {
         image_size: a.image_size,
         precision: a.on.precision,
     };
-    run::train(&cfg, &out, false, opts)?;
+    let start = if a.overwrite { RunStart::Overwrite } else { RunStart::Fresh };
+    run::train(&cfg, &out, start, opts)?;
     Ok(())
 }
 
@@ -316,6 +347,16 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             )
         }
     };
+    let json_path = a.json.unwrap_or_else(|| {
+        let stem = a.checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        a.checkpoint.with_file_name(format!("{stem}.eval-{}.json", dataset.name()))
+    });
+    if json_path.symlink_metadata().is_ok() && !is_eval_json(&json_path) {
+        anyhow::bail!(
+            "--json {}: the file exists and is not an asge eval result; choose another path",
+            json_path.display()
+        );
+    }
     let (rows, res, n_test) = run::eval_checkpoint(
         &a.checkpoint,
         dataset,
@@ -328,8 +369,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     )?;
     let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), dataset.name());
     println!("{}", eval::format_table(&title, &rows, &res));
-    let json_path = a.json.unwrap_or_else(|| a.checkpoint.with_file_name("eval.json"));
     let body = serde_json::json!({
+        "format": "asge-eval",
         "checkpoint": a.checkpoint,
         "dataset": dataset.name(),
         "images": n_test,
@@ -337,10 +378,21 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         "layer_top1": res.layer_acc(),
         "layer_top5": res.layers.iter().map(|t| t.top5_acc()).collect::<Vec<_>>(),
     });
-    std::fs::write(&json_path, serde_json::to_string_pretty(&body)?)
-        .with_context(|| format!("{}: cannot write", json_path.display()))?;
+    asge::files::write_atomic(&json_path, serde_json::to_string_pretty(&body)?.as_bytes())
+        .with_context(|| format!("--json {}", json_path.display()))?;
     eprintln!("wrote {}", json_path.display());
     Ok(())
+}
+
+/// True for a regular file holding an earlier `asge eval` result (the only kind `eval` replaces).
+fn is_eval_json(path: &std::path::Path) -> bool {
+    let Ok(meta) = path.symlink_metadata() else { return false };
+    meta.is_file()
+        && meta.len() < 1 << 24
+        && std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some("asge-eval"))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -116,5 +116,5 @@ pub fn flush(layers: usize) -> anyhow::Result<()> {
         .collect();
     events.extend(t.events.iter().map(|e| serde_json::to_value(e).unwrap()));
     let body = serde_json::to_vec(&serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" }))?;
-    crate::train::checkpoint::write_atomic(path, &body)
+    crate::files::write_atomic(path, &body)
 }

@@ -9,6 +9,7 @@ use asge::data::imagefolder::{self, ResizeMode};
 use asge::data::loader::make_batch;
 use asge::data::shard::{write_shards, ShardIndex, ShardOptions, ShardSet};
 use asge::data::{DatasetKind, ImageSource};
+use asge::files::RunStart;
 use asge::train::run::{self, RunOptions, TrainConfig};
 use std::path::Path;
 
@@ -168,7 +169,7 @@ fn vgg_imagenet_trains_from_shards_with_a_trace() {
     };
     let out = common::temp_dir("sh-train-run");
     asge::trace::enable(&out.join("trace.json"));
-    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
+    let s = run::train(&cfg, &out, RunStart::Fresh, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     assert_eq!(s.test_images, 24);
     assert_eq!(s.test_layer_top1.len(), 8);
     let fusion = s.test.iter().find(|r| r.strategy == "fusion").unwrap();
@@ -183,7 +184,7 @@ fn vgg_imagenet_trains_from_shards_with_a_trace() {
     std::fs::remove_dir_all(data.join("val")).unwrap();
     let e = format!(
         "{:#}",
-        run::train(&cfg, &common::temp_dir("sh-train-run2"), false, RunOptions::default()).unwrap_err()
+        run::train(&cfg, &common::temp_dir("sh-train-run2"), RunStart::Fresh, RunOptions::default()).unwrap_err()
     );
     assert!(e.contains("no val/ or test/"), "{e}");
 }

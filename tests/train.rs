@@ -4,6 +4,7 @@
 mod common;
 
 use asge::data::DatasetKind;
+use asge::files::RunStart;
 use asge::model::{self, ModelOptions, Params};
 use asge::train::checkpoint;
 use asge::train::run::{self, AugmentChoice, RunOptions, TrainConfig};
@@ -54,7 +55,7 @@ fn short_mnist_run_learns() {
     // An untrained network scores ~10%; a wrong gradient sign, scale or mask does not get past ~20%.
     let cfg = mnist_6000();
     let out = common::temp_dir("learns");
-    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
+    let s = run::train(&cfg, &out, RunStart::Fresh, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     let get = |name: &str| s.test.iter().find(|r| r.strategy == name).unwrap().clone();
     assert!(get("last").top1 > 0.70, "last-layer test top-1 {}", get("last").top1);
     assert!(get("best").top1 > 0.70, "best-layer test top-1 {}", get("best").top1);
@@ -81,9 +82,9 @@ fn fp16_emulation_trains_like_fp32() {
     let cfg = mnist_6000();
     let quiet = RunOptions { quiet: true, ..Default::default() };
     let out = common::temp_dir("fp16");
-    let s32 = run::train(&cfg, &out.join("fp32"), false, quiet).unwrap().unwrap();
+    let s32 = run::train(&cfg, &out.join("fp32"), RunStart::Fresh, quiet).unwrap().unwrap();
     let cfg16 = TrainConfig { precision: asge::backend::Precision::F16, ..cfg };
-    let s16 = run::train(&cfg16, &out.join("fp16"), false, quiet).unwrap().unwrap();
+    let s16 = run::train(&cfg16, &out.join("fp16"), RunStart::Fresh, quiet).unwrap().unwrap();
     let top1 = |s: &run::Summary, name: &str| s.test.iter().find(|r| r.strategy == name).unwrap().top1;
     for name in ["last", "best"] {
         let (a, b) = (top1(&s32, name), top1(&s16, name));
@@ -99,19 +100,20 @@ fn fp16_emulation_trains_like_fp32() {
 fn seeded_runs_repeat_and_resume_exactly() {
     let (cfg, a) = tiny("straight");
     let quiet = RunOptions { quiet: true, ..Default::default() };
-    run::train(&cfg, &a, false, quiet).unwrap();
+    run::train(&cfg, &a, RunStart::Fresh, quiet).unwrap();
     // Same seed again: the same bits.
     let (_, a2) = tiny("straight-again");
-    run::train(&cfg, &a2, false, quiet).unwrap();
+    run::train(&cfg, &a2, RunStart::Fresh, quiet).unwrap();
     assert_eq!(tensors(&a.join("last.safetensors")), tensors(&a2.join("last.safetensors")));
     // Interrupted after epoch 1, resumed: the same bits as the straight run.
     let (_, b) = tiny("resumed");
     let stopped =
-        run::train(&cfg, &b, false, RunOptions { quiet: true, stop_after: Some(1), ..Default::default() }).unwrap();
+        run::train(&cfg, &b, RunStart::Fresh, RunOptions { quiet: true, stop_after: Some(1), ..Default::default() })
+            .unwrap();
     assert!(stopped.is_none());
     assert_ne!(tensors(&a.join("last.safetensors")), tensors(&b.join("last.safetensors")));
     let cfg_b = run::load_run_config(&b).unwrap();
-    run::train(&cfg_b, &b, true, quiet).unwrap();
+    run::train(&cfg_b, &b, RunStart::Resume, quiet).unwrap();
     assert_eq!(tensors(&a.join("last.safetensors")), tensors(&b.join("last.safetensors")));
     let lines = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines(&b), 2);
@@ -120,11 +122,11 @@ fn seeded_runs_repeat_and_resume_exactly() {
     let (_, m) = tiny("mid-epoch");
     let stop =
         |step| RunOptions { quiet: true, stop_at_step: Some(step), checkpoint_every: Some(3), ..Default::default() };
-    assert!(run::train(&cfg, &m, false, stop(5)).unwrap().is_none());
-    assert!(run::train(&cfg, &m, true, stop(11)).unwrap().is_none());
+    assert!(run::train(&cfg, &m, RunStart::Fresh, stop(5)).unwrap().is_none());
+    assert!(run::train(&cfg, &m, RunStart::Resume, stop(11)).unwrap().is_none());
     let state = checkpoint::load(&m.join("last.safetensors")).unwrap().state.unwrap();
     assert_eq!((state.epochs_done, state.batches_done, state.step), (1, 3, 11));
-    run::train(&cfg, &m, true, quiet).unwrap();
+    run::train(&cfg, &m, RunStart::Resume, quiet).unwrap();
     assert_eq!(tensors(&a.join("last.safetensors")), tensors(&m.join("last.safetensors")));
     let metrics = |d: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(d.join("metrics.jsonl"))
@@ -142,7 +144,7 @@ fn seeded_runs_repeat_and_resume_exactly() {
     let (mut cfg_c, c) = tiny("other-seed");
     cfg_c.seed = 7;
     cfg_c.augment = AugmentChoice::None;
-    run::train(&cfg_c, &c, false, quiet).unwrap();
+    run::train(&cfg_c, &c, RunStart::Fresh, quiet).unwrap();
     assert_ne!(tensors(&a.join("last.safetensors")), tensors(&c.join("last.safetensors")));
 }
 
@@ -187,7 +189,7 @@ fn vgg11_on_cifar10_with_augmentation_runs() {
         ..Default::default()
     };
     let out = common::temp_dir("vgg11");
-    let s = run::train(&cfg, &out, false, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
+    let s = run::train(&cfg, &out, RunStart::Fresh, RunOptions { quiet: true, ..Default::default() }).unwrap().unwrap();
     assert_eq!(s.test_layer_top1.len(), 10);
     assert_eq!(s.test_images, 64);
     let config: serde_json::Value =

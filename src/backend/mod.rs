@@ -186,6 +186,12 @@ pub trait Backend: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// True when the backend's buffers live in host memory (the CPU backend), so that the trainer counts them in
+    /// its memory estimate; a GPU backend's allocator checks device memory itself.
+    fn buffers_on_host(&self) -> bool {
+        true
+    }
+
     /// The precision of the conv operands (see [`Precision`]).
     fn precision(&self) -> Precision {
         Precision::F32

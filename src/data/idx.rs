@@ -1,22 +1,15 @@
 //! IDX files (MNIST, Fashion-MNIST and anything laid out like them), raw or gzipped.
+//!
+//! The header is read first, its dimensions multiplied with checked arithmetic, and the payload is read to
+//! exactly the size the header declares: a raw file's length is compared before anything is read, and a gzip
+//! stream is inflated through `Read::take` up to one byte past the declared size, so a stream that is longer (a
+//! decompression bomb) or shorter is an error after reading at most what the header announced. The announced
+//! size itself is checked against the memory this machine has before it is allocated.
 
+use crate::limits;
 use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::path::Path;
-
-/// Reads a whole file, gunzipping it when it starts with the gzip magic.
-pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{}: corrupt or truncated gzip data", path.display()))?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
-}
 
 /// An IDX tensor of unsigned bytes: its dimensions and data.
 pub struct IdxU8 {
@@ -26,34 +19,74 @@ pub struct IdxU8 {
 
 /// Parses an IDX file of u8 with `ndim` dimensions (3 for images, 1 for labels).
 pub fn read_idx_u8(path: &Path, ndim: usize) -> Result<IdxU8> {
-    let bytes = read_maybe_gz(path)?;
     let p = path.display();
-    if bytes.len() < 4 {
-        bail!("{p}: truncated IDX file ({} bytes, no header)", bytes.len());
+    let file = std::fs::File::open(path).with_context(|| format!("{p}: cannot read"))?;
+    let file_len = file.metadata().with_context(|| format!("{p}: cannot read"))?.len();
+    let mut raw = std::io::BufReader::new(file);
+    let mut magic2 = [0u8; 2];
+    let got = read_up_to(&mut raw, &mut magic2).with_context(|| format!("{p}: cannot read"))?;
+    let gz = got == 2 && magic2 == [0x1f, 0x8b];
+    // Re-chain the two bytes already read in front of the rest.
+    let head = std::io::Cursor::new(magic2[..got].to_vec());
+    let mut reader: Box<dyn Read> =
+        if gz { Box::new(flate2::read::MultiGzDecoder::new(head.chain(raw))) } else { Box::new(head.chain(raw)) };
+    let what = if gz { "gzip data" } else { "file" };
+    let io_err = |e: std::io::Error| anyhow::anyhow!("{p}: corrupt or truncated {what} ({e})");
+
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut reader, &mut magic).map_err(io_err)?;
+    if n < 4 {
+        bail!("{p}: truncated IDX file ({n} bytes, no header)");
     }
-    if bytes[0] != 0 || bytes[1] != 0 {
-        bail!("{p}: not an IDX file (magic {:02x}{:02x}{:02x}{:02x})", bytes[0], bytes[1], bytes[2], bytes[3]);
+    if magic[0] != 0 || magic[1] != 0 {
+        bail!("{p}: not an IDX file (magic {:02x}{:02x}{:02x}{:02x})", magic[0], magic[1], magic[2], magic[3]);
     }
-    if bytes[2] != 0x08 {
-        bail!("{p}: IDX element type 0x{:02x}, expected 0x08 (unsigned byte)", bytes[2]);
+    if magic[2] != 0x08 {
+        bail!("{p}: IDX element type 0x{:02x}, expected 0x08 (unsigned byte)", magic[2]);
     }
-    if bytes[3] as usize != ndim {
-        bail!("{p}: IDX file has {} dimensions, expected {ndim}", bytes[3]);
+    if magic[3] as usize != ndim {
+        bail!("{p}: IDX file has {} dimensions, expected {ndim}", magic[3]);
     }
-    let header = 4 + 4 * ndim;
-    if bytes.len() < header {
+    let mut dim_bytes = vec![0u8; 4 * ndim];
+    if read_up_to(&mut reader, &mut dim_bytes).map_err(io_err)? < dim_bytes.len() {
         bail!("{p}: truncated IDX header");
     }
     let dims: Vec<usize> =
-        (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
-    let expected = dims.iter().product::<usize>();
-    let have = bytes.len() - header;
-    if have != expected {
+        dim_bytes.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
+    let expected = limits::product(format_args!("{p}: IDX header dimensions {dims:?}"), &dims)?;
+    let header = (4 + 4 * ndim) as u64;
+    if !gz {
+        let have = file_len.saturating_sub(header);
+        if have != expected as u64 {
+            bail!(
+                "{p}: {} IDX payload: header {dims:?} needs {expected} bytes, the file has {have}",
+                if have < expected as u64 { "truncated" } else { "oversized" }
+            );
+        }
+    }
+    limits::ensure_fits(&format!("{p}: an IDX payload of {dims:?}"), expected as u64, "the dataset (a smaller file)")?;
+    let mut data = Vec::with_capacity(if gz { expected.min(1 << 26) } else { expected });
+    reader.by_ref().take(expected as u64 + 1).read_to_end(&mut data).map_err(io_err)?;
+    if data.len() != expected {
         bail!(
-            "{p}: {} IDX payload: header {:?} needs {expected} bytes, the file has {have}",
-            if have < expected { "truncated" } else { "oversized" },
-            dims
+            "{p}: {} IDX payload: header {dims:?} needs {expected} bytes, the {what} holds {}",
+            if data.len() < expected { "truncated" } else { "oversized" },
+            if data.len() > expected { "more".to_string() } else { data.len().to_string() }
         );
     }
-    Ok(IdxU8 { dims, data: bytes[header..].to_vec() })
+    Ok(IdxU8 { dims, data })
+}
+
+/// Reads until `buf` is full or the stream ends; the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

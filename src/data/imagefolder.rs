@@ -18,34 +18,77 @@ pub enum ResizeMode {
 /// An ImageFolder's image files with their class index, sorted by class then path.
 pub type LabelledFiles = Vec<(PathBuf, u32)>;
 
-/// The files of an ImageFolder and the class names (sorted, as torchvision numbers them).
-pub fn scan(root: &Path) -> Result<(LabelledFiles, Vec<String>)> {
+/// What [`scan`] finds.
+pub struct Scan {
+    /// Every image file with its class index, in torchvision's order: classes sorted by name, then the files of
+    /// each class sorted by their path.
+    pub files: LabelledFiles,
+    /// The class folder names, sorted.
+    pub classes: Vec<String>,
+    /// Files under the class folders that are not .jpg/.jpeg/.png (left out, counted).
+    pub ignored: usize,
+}
+
+/// The files of an ImageFolder and the class names. As torchvision's `ImageFolder`, every file under a class
+/// folder counts, in sub-folders too (symlinked folders are followed once). A class folder whose name is not
+/// UTF-8 is an error (two such names could otherwise collapse into one class).
+pub fn scan(root: &Path) -> Result<Scan> {
     let entries =
         std::fs::read_dir(root).with_context(|| format!("--input {}: cannot read the folder", root.display()))?;
-    let mut classes: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut classes = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("--input {}: cannot read the folder", root.display()))?;
+        if !e.path().is_dir() {
+            continue;
+        }
+        match e.file_name().into_string() {
+            Ok(name) => classes.push(name),
+            Err(raw) => bail!(
+                "--input {}: class folder {:?} has a name that is not UTF-8; rename it (class names are stored as text)",
+                root.display(),
+                raw
+            ),
+        }
+    }
     classes.sort();
     if classes.is_empty() {
         bail!("--input {}: no class folders (an ImageFolder has one sub-folder of images per class)", root.display());
     }
     let mut files = Vec::new();
+    let mut ignored = 0;
     for (ci, class) in classes.iter().enumerate() {
         let dir = root.join(class);
-        let mut imgs: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("{}: cannot read", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_image_name(p))
-            .collect();
+        let mut all = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        walk(&dir, &mut all, &mut seen)?;
+        let (mut imgs, other): (Vec<PathBuf>, Vec<PathBuf>) = all.into_iter().partition(|p| is_image_name(p));
+        ignored += other.len();
         if imgs.is_empty() {
             bail!("{}: class folder '{class}' has no .jpg/.jpeg/.png files", dir.display());
         }
         imgs.sort();
         files.extend(imgs.into_iter().map(|p| (p, ci as u32)));
     }
-    Ok((files, classes))
+    Ok(Scan { files, classes, ignored })
+}
+
+/// Every regular file under `dir`, recursively; `seen` holds the folders visited (by device and inode), so a
+/// symlink loop is walked once.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet<(u64, u64)>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("{}: cannot read", dir.display()))?;
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
+        let path = e.with_context(|| format!("{}: cannot read", dir.display()))?.path();
+        if path.is_dir() {
+            walk(&path, out, seen)?;
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
 }
 
 fn is_image_name(p: &Path) -> bool {
@@ -53,10 +96,32 @@ fn is_image_name(p: &Path) -> bool {
     matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png"))
 }
 
+/// Decodes a JPEG strictly: zune-jpeg in strict mode refuses truncated or corrupt entropy-coded data (the lenient
+/// default fills what is missing with grey, which would store a damaged photo as a valid image).
+fn decode_jpeg_strict(bytes: &[u8]) -> Result<image::RgbImage> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let opts = DecoderOptions::default().set_strict_mode(true).jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut d = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), opts);
+    let pixels = d.decode().map_err(|e| anyhow::anyhow!("corrupt or truncated JPEG: {e:?}"))?;
+    let info = d.info().ok_or_else(|| anyhow::anyhow!("corrupt JPEG: no header"))?;
+    let (w, h) = (info.width as u32, info.height as u32);
+    let colour = d.output_colorspace().unwrap_or(ColorSpace::RGB);
+    if colour != ColorSpace::RGB || pixels.len() != (w as usize) * (h as usize) * 3 {
+        bail!("JPEG decoded to {colour:?} with {} bytes for {w}x{h}", pixels.len());
+    }
+    image::RgbImage::from_raw(w, h, pixels).ok_or_else(|| anyhow::anyhow!("JPEG of {w}x{h}: wrong pixel count"))
+}
+
 /// Decodes a JPEG or PNG file to RGB and brings it to `size x size`, returned CHW (`3 * size * size` bytes).
 pub fn load_rgb(path: &Path, size: usize, mode: ResizeMode) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let img = image::load_from_memory(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.to_rgb8();
+    let img = if bytes.starts_with(&[0xff, 0xd8]) {
+        decode_jpeg_strict(&bytes)?
+    } else {
+        image::load_from_memory(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.to_rgb8()
+    };
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         bail!("empty image");

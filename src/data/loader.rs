@@ -1,10 +1,15 @@
 //! The loader: turns index lists into normalised f32 batches on a worker thread (samples in parallel on
 //! rayon), a bounded queue ahead of the trainer. Every random draw is keyed by (seed, epoch, position), so a
 //! batch's content does not depend on timing, thread count, or whether the run was resumed.
+//!
+//! A worker that fails (a panic while it reads or augments an image) ends the pass with an error that names what
+//! happened, never with an early end that would look like the end of the data: [`Prefetch`] yields `Err` and then
+//! stops, and [`Prefetch::finish`] checks that every batch arrived.
 
 use super::augment::{self, Augment};
 use super::ImageSource;
 use crate::rng::{self, Rng};
+use anyhow::Result;
 use rayon::prelude::*;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -52,8 +57,19 @@ pub fn make_batch(data: &dyn ImageSource, indices: &[usize], aug: Augment, key: 
 
 /// Batches of one pass over `order`, prepared ahead on a worker thread.
 pub struct Prefetch {
-    rx: Option<Receiver<Batch>>,
+    rx: Option<Receiver<Result<Batch>>>,
     worker: Option<JoinHandle<()>>,
+    expected: usize,
+    received: usize,
+    failed: bool,
+}
+
+/// The text of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Prefetch {
@@ -70,27 +86,70 @@ impl Prefetch {
         depth: usize,
     ) -> Self {
         let (tx, rx) = sync_channel(depth.max(1));
-        let worker = std::thread::Builder::new()
-            .name("asge-loader".into())
-            .spawn(move || {
-                for (i, chunk) in order.chunks(batch).enumerate() {
-                    let span = crate::trace::span("prepare batch", crate::trace::LOADER, i as u64);
-                    let b = make_batch(data.as_ref(), chunk, aug, key, start + i * batch);
-                    drop(span);
-                    if tx.send(b).is_err() {
-                        return; // the trainer stopped early
-                    }
+        let expected = order.len().div_ceil(batch.max(1));
+        let worker = std::thread::Builder::new().name("asge-loader".into()).spawn(move || {
+            for (i, chunk) in order.chunks(batch.max(1)).enumerate() {
+                let span = crate::trace::span("prepare batch", crate::trace::LOADER, i as u64);
+                let first = start + i * batch;
+                let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    make_batch(data.as_ref(), chunk, aug, key, first)
+                }));
+                drop(span);
+                let item = made.map_err(|p| {
+                    anyhow::anyhow!("the data loader failed on the batch at position {first}: {}", panic_text(&*p))
+                });
+                let failed = item.is_err();
+                if tx.send(item).is_err() || failed {
+                    return; // the trainer stopped early, or this pass is over
                 }
-            })
-            .expect("spawn loader thread");
-        Prefetch { rx: Some(rx), worker: Some(worker) }
+            }
+        });
+        match worker {
+            Ok(w) => Prefetch { rx: Some(rx), worker: Some(w), expected, received: 0, failed: false },
+            Err(e) => {
+                // No thread: the first `next` reports it.
+                let (tx, rx) = sync_channel(1);
+                let _ = tx.send(Err(anyhow::anyhow!("cannot start the data loader thread: {e}")));
+                Prefetch { rx: Some(rx), worker: None, expected, received: 0, failed: false }
+            }
+        }
+    }
+
+    /// After the pass: an error unless every batch of `order` was delivered (a worker that died without a word).
+    pub fn finish(&self) -> Result<()> {
+        if self.received != self.expected && !self.failed {
+            anyhow::bail!("the data loader stopped after {} of {} batches", self.received, self.expected);
+        }
+        Ok(())
     }
 }
 
 impl Iterator for Prefetch {
-    type Item = Batch;
-    fn next(&mut self) -> Option<Batch> {
-        self.rx.as_ref()?.recv().ok()
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.failed {
+            return None;
+        }
+        match self.rx.as_ref()?.recv() {
+            Ok(Ok(b)) => {
+                self.received += 1;
+                Some(Ok(b))
+            }
+            Ok(Err(e)) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+            // The worker ended: after the last batch, or without sending its error (it cannot, but say so).
+            Err(_) if self.received == self.expected => None,
+            Err(_) => {
+                self.failed = true;
+                Some(Err(anyhow::anyhow!(
+                    "the data loader stopped after {} of {} batches",
+                    self.received,
+                    self.expected
+                )))
+            }
+        }
     }
 }
 

@@ -63,6 +63,10 @@ pub trait ImageSource: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Checks that the source is still what it was when opened (the trainer calls it before every epoch).
+    fn verify(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl ImageSource for Dataset {

@@ -2,22 +2,38 @@
 //! training maps them and gathers random batches from the page cache.
 //!
 //! A shard folder holds `shard-NNNNN.bin` (records back to back, at most `--shard-mb` each), `labels.u16` (one
-//! little-endian u16 per record) and `index.json` ([`ShardIndex`]), written last. Every file is written to a
-//! `.tmp` name, synced and renamed, so an interrupted run leaves no shard that looks complete, and a folder
-//! without `index.json` is not a shard set.
+//! little-endian u16 per record) and `index.json` ([`ShardIndex`]), written last. Every file is written under a
+//! unique temporary name, synced and renamed ([`crate::files::TempFile`]), so an interrupted run leaves no shard
+//! that looks complete, and a folder without `index.json` is not a shard set.
+//!
+//! The writer touches only what it writes: it holds the folder's lock while it works, names every file before it
+//! creates it in `.asge-shard-partial.json`, and removes on failure (or, after a crash, on the next run) exactly
+//! the files named there. A shard-like file it did not write stops it with an error; nothing else in the folder
+//! is looked at.
+//!
+//! The reader checks the index with checked arithmetic (every count, size and offset), accepts only plain file
+//! names inside the folder, and checks every file's size at open and again before each epoch
+//! ([`ImageSource::verify`]): a memory map cannot survive a file that shrinks under it (the process would get
+//! SIGBUS), so shard files must not change while a job reads them.
 
 use super::imagefolder::{self, ResizeMode};
 use super::ImageSource;
-use crate::train::checkpoint::write_atomic;
+use crate::files::{self, write_atomic, FolderLock, TempFile};
+use crate::limits;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "asge-shards";
+
+/// The in-progress manifest: every file an unfinished `asge shard` may have left in the folder.
+const PARTIAL: &str = ".asge-shard-partial.json";
+
+/// The largest stored image side.
+pub const MAX_SIZE: usize = 1 << 14;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardFile {
@@ -61,42 +77,93 @@ pub struct ShardOptions {
     pub quiet: bool,
 }
 
-/// Streams records into size-bounded shard files (`.tmp` until complete).
-struct ShardWriter {
+/// A file name that stays inside its folder: not empty, no separator, not `.` or `..`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// `.asge-shard-partial.json`: the files this writer may have created.
+#[derive(Default, Serialize, Deserialize)]
+struct Partial {
+    files: Vec<String>,
+}
+
+/// The files of one unfinished `asge shard` in `dir`, removed on failure.
+struct Owned {
     dir: PathBuf,
-    limit: usize,
+    partial: Partial,
+    done: bool,
+}
+
+impl Owned {
+    /// Names `file` in the manifest before it is created.
+    fn claim(&mut self, file: &str) -> Result<()> {
+        self.partial.files.push(file.to_string());
+        write_atomic(&self.dir.join(PARTIAL), serde_json::to_string(&self.partial)?.as_bytes())
+    }
+
+    /// Removes the files a manifest names (and their temporary files), then the manifest.
+    fn remove_all(dir: &Path, partial: &Partial) -> Result<()> {
+        let temps: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("{}: cannot read", dir.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| files::is_temp_name(n) && partial.files.iter().any(|f| n.starts_with(&format!(".{f}.asge-"))))
+            .map(|n| dir.join(n))
+            .collect();
+        for f in partial.files.iter().filter(|f| plain_name(f)).map(|f| dir.join(f)).chain(temps) {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("{}: cannot remove", f.display())),
+            }
+        }
+        match std::fs::remove_file(dir.join(PARTIAL)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("{}: cannot remove", dir.join(PARTIAL).display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = Owned::remove_all(&self.dir, &self.partial);
+        }
+    }
+}
+
+/// Streams records into size-bounded shard files (temporary until complete).
+struct ShardWriter {
+    owned: Owned,
+    per_shard: usize,
     shards: Vec<ShardFile>,
-    current: Option<(std::io::BufWriter<std::fs::File>, PathBuf, usize)>,
+    current: Option<TempFile>,
     written: usize,
 }
 
 impl ShardWriter {
     fn push(&mut self, record: &[u8]) -> Result<()> {
-        let per_shard = (self.limit / record.len()).max(1);
-        if self.current.as_ref().is_some_and(|c| c.2 >= per_shard) {
+        if self.current.is_some() && self.shards.last().is_some_and(|s| s.count >= self.per_shard) {
             self.finish_current()?;
         }
         if self.current.is_none() {
             let name = format!("shard-{:05}.bin", self.shards.len());
-            let tmp = self.dir.join(format!("{name}.tmp"));
-            let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            self.owned.claim(&name)?;
+            self.current = Some(TempFile::create(&self.owned.dir.join(&name))?);
             self.shards.push(ShardFile { file: name, first: self.written, count: 0 });
-            self.current = Some((std::io::BufWriter::with_capacity(1 << 20, f), tmp, 0));
         }
-        let (w, tmp, n) = self.current.as_mut().unwrap();
-        w.write_all(record).with_context(|| format!("{}: write failed", tmp.display()))?;
-        *n += 1;
+        self.current.as_mut().expect("a shard is open").write_all(record)?;
         self.written += 1;
-        self.shards.last_mut().unwrap().count += 1;
+        self.shards.last_mut().expect("a shard is open").count += 1;
         Ok(())
     }
 
     fn finish_current(&mut self) -> Result<()> {
-        if let Some((w, tmp, _)) = self.current.take() {
-            let f = w.into_inner().map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-            f.sync_all()?;
-            let done = self.dir.join(&self.shards.last().unwrap().file);
-            std::fs::rename(&tmp, &done).with_context(|| format!("{}: cannot rename", done.display()))?;
+        if let Some(t) = self.current.take() {
+            t.persist()?;
         }
         Ok(())
     }
@@ -105,12 +172,15 @@ impl ShardWriter {
 /// `asge shard`: decodes `input` (an ImageFolder) into shards in `out`. Re-running on a finished output with the
 /// same input and options is a no-op.
 pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardIndex> {
-    if o.size == 0 {
-        bail!("--size 0: the shard images need at least one pixel");
+    if o.size == 0 || o.size > MAX_SIZE {
+        bail!("--size {}: the shard images take 1 to {MAX_SIZE} pixels a side", o.size);
     }
     if o.shard_bytes == 0 {
         bail!("--shard-mb 0: shards need room for at least one image");
     }
+    let rec = limits::product("--size", &[3, o.size, o.size])?;
+    // A batch of 256 decoded records, and the shard writer's buffer.
+    limits::ensure_fits(&format!("--size {}", o.size), (rec as u64) * 512, "--size")?;
     let source = std::fs::canonicalize(input)
         .with_context(|| format!("--input {}: no such folder", input.display()))?
         .display()
@@ -133,27 +203,53 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
             idx.size
         );
     }
-    let (files, classes) = imagefolder::scan(input)?;
-    if classes.len() > u16::MAX as usize {
-        bail!("--input {}: {} classes; at most 65535 are supported", input.display(), classes.len());
+    let scan = imagefolder::scan(input)?;
+    let (files, classes) = (scan.files, scan.classes);
+    if classes.len() > u16::MAX as usize + 1 {
+        bail!("--input {}: {} classes; at most 65536 are supported", input.display(), classes.len());
     }
     std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create", out.display()))?;
-    // Leftovers of an interrupted run.
-    for e in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if (name.starts_with("shard-") && name.contains(".bin")) || name.ends_with(".tmp") {
-            std::fs::remove_file(e.path())?;
+    let _lock = FolderLock::acquire(out)?;
+    // What an earlier, interrupted run of this tool left (it named every file before creating it).
+    let partial_path = out.join(PARTIAL);
+    if partial_path.symlink_metadata().is_ok() {
+        let text = std::fs::read_to_string(&partial_path)
+            .with_context(|| format!("{}: cannot read", partial_path.display()))?;
+        let earlier: Partial = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an asge shard manifest", partial_path.display()))?;
+        Owned::remove_all(out, &earlier)?;
+    }
+    // A shard-like file that no manifest names was not written by this tool: leave it, and stop.
+    for e in std::fs::read_dir(out).with_context(|| format!("--out {}: cannot read", out.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if (name.starts_with("shard-") && name.ends_with(".bin")) || name == "labels.u16" {
+            bail!(
+                "--out {}: {name} is there but no index.json or unfinished asge shard names it; move it away or choose another folder",
+                out.display()
+            );
+        }
+    }
+    if !o.quiet {
+        eprintln!(
+            "asge shard: {} images of {} classes from {} into {}",
+            files.len(),
+            classes.len(),
+            source,
+            out.display()
+        );
+        if scan.ignored > 0 {
+            eprintln!("asge shard: {} files that are not .jpg/.jpeg/.png were left out", scan.ignored);
         }
     }
     let pb = if o.quiet { ProgressBar::hidden() } else { ProgressBar::new(files.len() as u64) };
     pb.set_style(
         ProgressStyle::with_template("shard [{bar:30}] {pos}/{len} {per_sec} {eta} {msg}")
-            .unwrap()
+            .expect("a valid template")
             .progress_chars("=> "),
     );
-    let rec = 3 * o.size * o.size;
+    let owned = Owned { dir: out.to_path_buf(), partial: Partial::default(), done: false };
     let mut writer =
-        ShardWriter { dir: out.to_path_buf(), limit: o.shard_bytes, shards: Vec::new(), current: None, written: 0 };
+        ShardWriter { owned, per_shard: (o.shard_bytes / rec).max(1), shards: Vec::new(), current: None, written: 0 };
     let mut labels: Vec<u16> = Vec::new();
     let mut skipped = Vec::new();
     let (mut sum, mut sum_sq) = ([0f64; 3], [0f64; 3]);
@@ -185,13 +281,14 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
             "--input {}: none of the {} image files could be decoded (first: {})",
             input.display(),
             files.len(),
-            skipped[0].error
+            skipped.first().map_or("-", |s: &Skipped| s.error.as_str())
         );
     }
     let px = (count * o.size * o.size) as f64 * 255.0;
     let mean: Vec<f64> = sum.iter().map(|s| s / px).collect();
     let std: Vec<f64> = (0..3).map(|c| (sum_sq[c] / (px * 255.0) - mean[c] * mean[c]).max(0.0).sqrt()).collect();
     let label_bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+    writer.owned.claim("labels.u16")?;
     write_atomic(&out.join("labels.u16"), &label_bytes)?;
     let index = ShardIndex {
         format: FORMAT.into(),
@@ -205,11 +302,15 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
         classes,
         mean,
         std,
-        shards: writer.shards,
+        shards: writer.shards.clone(),
         labels_file: "labels.u16".into(),
         skipped,
     };
+    writer.owned.claim("index.json")?;
     write_atomic(&index_path, serde_json::to_string_pretty(&index)?.as_bytes())?;
+    // Complete: the files are the shard set's now, not an unfinished run's.
+    writer.owned.done = true;
+    std::fs::remove_file(&partial_path).with_context(|| format!("{}: cannot remove", partial_path.display()))?;
     if !o.quiet {
         eprintln!(
             "asge shard: {} images of {} classes into {} shard(s) in {} ({} skipped, listed in index.json)",
@@ -228,65 +329,115 @@ pub struct ShardSet {
     pub index: ShardIndex,
     maps: Vec<Mmap>,
     labels: Vec<u32>,
+    dir: PathBuf,
+}
+
+impl ShardIndex {
+    /// Checks an index read from a file: the format, plain file names, and every count, size and offset with
+    /// checked arithmetic. `path` names the file in messages.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let p = path.display();
+        if self.format != FORMAT || self.version != 1 {
+            bail!("{p}: format '{}' version {}, expected '{FORMAT}' version 1", self.format, self.version);
+        }
+        if !matches!(self.channels, 1 | 3) || self.size == 0 || self.size > MAX_SIZE {
+            bail!(
+                "{p}: {} channels of {}x{} pixels (1 or 3 channels, 1 to {MAX_SIZE} a side)",
+                self.channels,
+                self.size,
+                self.size
+            );
+        }
+        let rec = limits::product(format_args!("{p}: the record size"), &[self.channels, self.size, self.size])?;
+        if self.record_bytes != rec {
+            bail!(
+                "{p}: record size {} does not match {}x{}x{}",
+                self.record_bytes,
+                self.channels,
+                self.size,
+                self.size
+            );
+        }
+        if self.classes.is_empty() || self.classes.len() > u16::MAX as usize + 1 {
+            bail!("{p}: {} classes (1 to 65536)", self.classes.len());
+        }
+        for f in self.shards.iter().map(|s| &s.file).chain([&self.labels_file]) {
+            if !plain_name(f) {
+                bail!("{p}: file name '{f}' is not a plain name inside the shard folder");
+            }
+        }
+        let mut next = 0usize;
+        for s in &self.shards {
+            if s.first != next {
+                bail!("{p}: {} starts at record {}, the shards before it end at {next}", s.file, s.first);
+            }
+            limits::product(format_args!("{p}: {}", s.file), &[s.count, rec])?;
+            next = limits::checked(next.checked_add(s.count), || format!("{p}: the record count"))?;
+        }
+        if next != self.count {
+            bail!("{p}: the shards hold {next} records, the index says {}", self.count);
+        }
+        Ok(())
+    }
 }
 
 impl ShardSet {
     /// Opens and validates a shard folder: every file the index names exists with exactly the size it should have.
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("index.json");
-        let text = std::fs::read_to_string(&index_path).with_context(|| {
+        let meta = std::fs::metadata(&index_path).with_context(|| {
             format!("{}: no index.json (not a shard folder, or `asge shard` did not finish)", dir.display())
         })?;
+        if meta.len() > 1 << 30 {
+            bail!("{}: {} bytes, too large for a shard index", index_path.display(), meta.len());
+        }
+        let text =
+            std::fs::read_to_string(&index_path).with_context(|| format!("{}: cannot read", index_path.display()))?;
         let index: ShardIndex = serde_json::from_str(&text)
             .with_context(|| format!("{}: not an asge shard index", index_path.display()))?;
-        if index.format != FORMAT {
-            bail!("{}: format '{}', expected '{FORMAT}'", index_path.display(), index.format);
-        }
-        if index.record_bytes != index.channels * index.size * index.size || index.size == 0 {
-            bail!(
-                "{}: record size {} does not match {}x{}x{}",
-                index_path.display(),
-                index.record_bytes,
-                index.channels,
-                index.size,
-                index.size
-            );
-        }
+        index.validate(&index_path)?;
         let mut maps = Vec::new();
-        let mut expected_first = 0;
         for s in &index.shards {
             let p = dir.join(&s.file);
             let f = std::fs::File::open(&p)
                 .with_context(|| format!("{}: missing shard file named by index.json", p.display()))?;
-            let len = f.metadata()?.len() as usize;
-            if len != s.count * index.record_bytes || s.first != expected_first {
-                bail!(
-                    "{}: {} bytes, index.json says {} records of {} bytes from record {} (the shards do not match their index)",
-                    p.display(),
-                    len,
-                    s.count,
-                    index.record_bytes,
-                    s.first
-                );
-            }
-            expected_first += s.count;
-            // SAFETY: shard files are immutable once renamed into place; nothing in asge writes them afterwards.
+            check_shard_len(&p, f.metadata()?.len(), s, index.record_bytes)?;
+            // SAFETY: shard files are immutable once renamed into place; nothing in asge writes them afterwards, and
+            // their sizes are checked again before every epoch (ShardSet::verify). A file that another program
+            // shrinks while it is mapped faults the process (SIGBUS): the README says not to change them.
             maps.push(unsafe { Mmap::map(&f) }.with_context(|| format!("{}: cannot map", p.display()))?);
         }
-        if expected_first != index.count {
-            bail!("{}: the shards hold {expected_first} records, the index says {}", index_path.display(), index.count);
-        }
         let lp = dir.join(&index.labels_file);
+        let want = limits::product(format_args!("{}", lp.display()), &[index.count, 2])?;
+        let have = std::fs::metadata(&lp).with_context(|| format!("{}: cannot read labels", lp.display()))?.len();
+        if have != want as u64 {
+            bail!("{}: {have} bytes for {} labels", lp.display(), index.count);
+        }
         let lb = std::fs::read(&lp).with_context(|| format!("{}: cannot read labels", lp.display()))?;
-        if lb.len() != 2 * index.count {
-            bail!("{}: {} bytes for {} labels", lp.display(), lb.len(), index.count);
+        if lb.len() != want {
+            bail!("{}: {} bytes for {} labels (it changed while being read)", lp.display(), lb.len(), index.count);
         }
         let labels: Vec<u32> = lb.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= index.classes.len()) {
             bail!("{}: label {l} of record {i} is out of range for {} classes", lp.display(), index.classes.len());
         }
-        Ok(ShardSet { index, maps, labels })
+        Ok(ShardSet { index, maps, labels, dir: dir.to_path_buf() })
     }
+}
+
+fn check_shard_len(p: &Path, len: u64, s: &ShardFile, record_bytes: usize) -> Result<()> {
+    let want = (s.count as u64).saturating_mul(record_bytes as u64);
+    if len != want {
+        bail!(
+            "{}: {} bytes, index.json says {} records of {} bytes from record {} (the shards do not match their index)",
+            p.display(),
+            len,
+            s.count,
+            record_bytes,
+            s.first
+        );
+    }
+    Ok(())
 }
 
 impl ImageSource for ShardSet {
@@ -304,6 +455,18 @@ impl ImageSource for ShardSet {
     }
     fn label(&self, i: usize) -> u32 {
         self.labels[i]
+    }
+    /// The shard files still have the sizes they had at open (before each epoch: a file truncated under the
+    /// mapping would fault the process at the first read past its new end).
+    fn verify(&self) -> Result<()> {
+        for s in &self.index.shards {
+            let p = self.dir.join(&s.file);
+            let len = std::fs::metadata(&p).with_context(|| format!("{}: the shard file is gone", p.display()))?.len();
+            check_shard_len(&p, len, s, self.index.record_bytes).context(
+                "a shard file changed under the running job (shard files must not change while a job reads them)",
+            )?;
+        }
+        Ok(())
     }
     fn image(&self, i: usize) -> &[u8] {
         let s = self.index.shards.partition_point(|s| s.first + s.count <= i);

@@ -141,8 +141,8 @@ pub fn arch_by_name(name: &str) -> Result<ArchSpec> {
                 bail!("--model {path}: the architecture has no layers");
             }
             for (i, l) in spec.layers.iter().enumerate() {
-                if l.channels == 0 {
-                    bail!("--model {path}: layer {i} has 0 channels");
+                if l.channels == 0 || l.channels > MAX_CHANNELS {
+                    bail!("--model {path}: layer {} has {} channels (1 to {MAX_CHANNELS})", i + 1, l.channels);
                 }
             }
             Ok(spec)
@@ -151,16 +151,31 @@ pub fn arch_by_name(name: &str) -> Result<ArchSpec> {
     }
 }
 
-/// Scale a channel count by `width`, rounded to a multiple of 8 and at least 8.
+/// The most channels a layer may have (far above any real network; the memory estimate refuses much less on
+/// most machines). It keeps every size product of a layer well inside 64 bits.
+pub const MAX_CHANNELS: usize = 1 << 20;
+
+/// The largest image side a model may take.
+pub const MAX_IMAGE_SIDE: usize = 1 << 16;
+
+/// Scale a channel count by `width`, rounded to a multiple of 8 and at least 8. `layer` is 0-based (messages
+/// count from 1).
 pub fn scale_channels(c: usize, width: f64, layer: usize) -> Result<usize> {
     if !(width.is_finite() && width > 0.0) {
         bail!("--width {width}: must be a positive number");
     }
     let scaled = c as f64 * width;
     if scaled < 1.0 {
-        bail!("--width {width} leaves layer {layer} with no channels ({c} x {width} = {scaled:.3} < 1)");
+        bail!("--width {width} leaves layer {} with no channels ({c} x {width} = {scaled:.3} < 1)", layer + 1);
     }
-    Ok((((scaled / 8.0).round() as usize) * 8).max(8))
+    let rounded = ((scaled / 8.0).round() * 8.0).max(8.0);
+    if rounded > MAX_CHANNELS as f64 {
+        bail!(
+            "--width {width} gives layer {} {rounded:.0} channels ({c} x {width}); at most {MAX_CHANNELS}",
+            layer + 1
+        );
+    }
+    Ok(rounded as usize)
 }
 
 /// `P_l = alpha * C_L / C_l`, rounded and clamped to `[1, min(H_l, W_l)]` (spec 1.4, A4).
@@ -185,6 +200,45 @@ impl Default for ModelOptions {
 }
 
 impl ModelSpec {
+    /// Checks a spec that comes from a file (a checkpoint's `asge.model`) as strictly as [`ModelSpec::build`]
+    /// makes one: every count in range, the layers chained (each takes the previous one's channels and output
+    /// size), every patch grid inside its map, and every size product inside 64 bits.
+    pub fn validate(&self) -> Result<()> {
+        if self.layers.is_empty() {
+            bail!("the model has no layers");
+        }
+        if self.classes < 2 || self.classes > MAX_CHANNELS {
+            bail!("{} classes (2 to {MAX_CHANNELS})", self.classes);
+        }
+        if !(self.width.is_finite() && self.width > 0.0 && self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("width {} and alpha {} must be positive numbers", self.width, self.alpha);
+        }
+        let (mut c, mut h, mut w) = (self.in_channels, self.image_size, self.image_size);
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = i + 1;
+            if l.c_in != c || l.h != h || l.w != w {
+                bail!("layer {n} takes {}x{}x{}, the layer before gives {c}x{h}x{w}", l.c_in, l.h, l.w);
+            }
+            if l.c_in == 0 || l.c_in > MAX_CHANNELS || l.c_out == 0 || l.c_out > MAX_CHANNELS {
+                bail!("layer {n}: {} -> {} channels (1 to {MAX_CHANNELS})", l.c_in, l.c_out);
+            }
+            if l.h == 0 || l.w == 0 || l.h > MAX_IMAGE_SIDE || l.w > MAX_IMAGE_SIDE {
+                bail!("layer {n}: a {}x{} map", l.h, l.w);
+            }
+            if l.p == 0 || l.p > l.h.min(l.w) {
+                bail!("layer {n}: a {0}x{0} patch grid on a {1}x{2} map", l.p, l.h, l.w);
+            }
+            if l.pool && (l.h < 2 || l.w < 2) {
+                bail!("layer {n} pools a {}x{} map", l.h, l.w);
+            }
+            crate::limits::product(format!("layer {n}"), &[l.c_out, l.c_in, 9])?;
+            crate::limits::product(format!("layer {n}"), &[l.c_out.max(l.c_in), l.h, l.w])?;
+            crate::limits::product(format!("layer {n}"), &[l.c_out, l.p, l.p, self.classes])?;
+            (c, (h, w)) = (l.c_out, l.out_hw());
+        }
+        Ok(())
+    }
+
     /// Resolve an architecture for a dataset's input channels, image size and class count.
     pub fn build(
         arch: &ArchSpec,
@@ -199,6 +253,12 @@ impl ModelSpec {
         if classes < 2 {
             bail!("the dataset has {classes} class(es); at least 2 are needed");
         }
+        if in_channels == 0 || in_channels > MAX_CHANNELS {
+            bail!("the input has {in_channels} channels (1 to {MAX_CHANNELS})");
+        }
+        if image_size == 0 || image_size > MAX_IMAGE_SIDE {
+            bail!("--image-size {image_size}: the model takes 1 to {MAX_IMAGE_SIDE} pixels a side");
+        }
         let channels: Vec<usize> = arch
             .layers
             .iter()
@@ -210,10 +270,14 @@ impl ModelSpec {
         let (mut c_in, mut h, mut w) = (in_channels, image_size, image_size);
         for (i, (l, &c_out)) in arch.layers.iter().zip(&channels).enumerate() {
             if h == 0 || w == 0 {
-                bail!("model {}: layer {i} gets an empty {h}x{w} input (too many pools for {image_size}px)", arch.name);
+                bail!(
+                    "model {}: layer {} gets an empty {h}x{w} input (too many pools for {image_size}px)",
+                    arch.name,
+                    i + 1
+                );
             }
             if l.pool && (h < 2 || w < 2) {
-                bail!("model {}: layer {i} pools a {h}x{w} map", arch.name);
+                bail!("model {}: layer {} pools a {h}x{w} map", arch.name, i + 1);
             }
             let p = patch_grid_size(opt.alpha, c_last, c_out, h, w);
             let spec = LayerSpec { c_in, c_out, h, w, p, pool: l.pool };
@@ -397,7 +461,7 @@ mod tests {
         assert_eq!(m.layers.iter().map(|l| l.p).collect::<Vec<_>>(), vec![4, 2, 2, 1, 1, 1, 1]);
         assert_eq!(scale_channels(128, 0.3, 0).unwrap(), 40);
         assert_eq!(scale_channels(128, 0.01, 0).unwrap(), 8);
-        assert!(scale_channels(128, 0.001, 3).unwrap_err().to_string().contains("layer 3"));
+        assert!(scale_channels(128, 0.001, 3).unwrap_err().to_string().contains("layer 4"));
         assert!(scale_channels(128, 0.0, 0).is_err());
     }
 

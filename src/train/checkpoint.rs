@@ -1,18 +1,23 @@
 //! Checkpoints: safetensors with PyTorch names and layouts (`layers.{i}.conv.weight` OIHW,
 //! `layers.{i}.conv.bias`, `layers.{i}.proj.weight` `[D, N]`, `layers.{i}.proj.bias`, `heads.{i}.weight`
 //! `[N, C]`, `heads.{i}.bias`), all f32; AdamW moments as `optim.<name>.exp_avg` / `.exp_avg_sq`; the model
-//! spec, the run config and the training state in the metadata. Written to `<file>.tmp`, synced, renamed:
-//! a crash never leaves a half-written checkpoint under the real name.
+//! spec, the run config and the training state in the metadata. Written through [`crate::files::write_atomic`]
+//! (a unique temporary file, synced, renamed): a crash never leaves a half-written checkpoint under the real name.
+//!
+//! Nothing non-finite is ever saved or loaded: [`save`] refuses a model or optimizer state with a NaN or an
+//! infinity (or a negative second moment), naming the layer and the tensor, so the last good checkpoint stays;
+//! [`load`] refuses such a file, and checks the model table and run state in its metadata as strictly as a model
+//! JSON is checked.
 
 use super::net::Net;
 use crate::backend::Backend;
+use crate::files::write_atomic;
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// Where a run stands, saved with every checkpoint.
@@ -95,18 +100,35 @@ fn model_metadata(spec: &ModelSpec) -> HashMap<String, String> {
     m
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
-    f.sync_all().with_context(|| format!("{}: sync failed", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+/// Who a tensor belongs to, for messages: `layer 3 (layers.2.conv.weight)`, with layers counted from 1 as every
+/// table counts them, and the tensor's own 0-based name.
+pub fn describe_tensor(name: &str) -> String {
+    let base = name.strip_prefix("optim.").unwrap_or(name);
+    let mut parts = base.split('.');
+    match (parts.next(), parts.next().and_then(|i| i.parse::<usize>().ok())) {
+        (Some("layers"), Some(i)) => format!("layer {} ({name})", i + 1),
+        (Some("heads"), Some(i)) => format!("the fusion head of layer {} ({name})", i + 1),
+        _ => name.to_string(),
+    }
+}
+
+/// An error when `data` (the tensor `name`) holds a NaN or an infinity, or, for a second moment, a negative value.
+pub fn check_finite(name: &str, data: &[f32]) -> Result<()> {
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!("{}: {bad} of {} values are NaN or infinite", describe_tensor(name), data.len());
+    }
+    if name.ends_with(".exp_avg_sq") {
+        let neg = data.iter().filter(|&&v| v < 0.0).count();
+        if neg > 0 {
+            bail!("{}: {neg} of {} second moments are negative", describe_tensor(name), data.len());
+        }
+    }
     Ok(())
 }
 
-/// Saves the model, its optimizer state, the run state and config.
+/// Saves the model, its optimizer state, the run state and config. Refuses (writing nothing) when any of it is
+/// non-finite, so a diverged run never replaces its last good checkpoint.
 pub fn save<B: Backend>(path: &Path, net: &Net<B>, state: &TrainState, config: &serde_json::Value) -> Result<()> {
     let be = net.backend();
     let mut tensors = flat_params(&net.spec, &net.params()?);
@@ -115,13 +137,23 @@ pub fn save<B: Backend>(path: &Path, net: &Net<B>, state: &TrainState, config: &
         tensors.push((format!("optim.{name}.exp_avg"), shape.clone(), be.read(&p.exp_avg, p.len)?));
         tensors.push((format!("optim.{name}.exp_avg_sq"), shape, be.read(&p.exp_avg_sq, p.len)?));
     }
+    for (name, _, data) in &tensors {
+        check_finite(name, data).with_context(|| {
+            format!(
+                "after step {}: the model diverged; {} was not written (the previous checkpoint is kept)",
+                state.step,
+                path.display()
+            )
+        })?;
+    }
     let mut meta = model_metadata(&net.spec);
     meta.insert("asge.state".into(), serde_json::to_string(state)?);
     meta.insert("asge.config".into(), serde_json::to_string(config)?);
     write_atomic(path, &serialize(&tensors, meta)?)
 }
 
-/// Saves parameters only (no optimizer state), e.g. for `--init` files.
+/// Saves parameters only (no optimizer state), e.g. for `--init` files. Unlike [`save`] it writes what it is
+/// given, finite or not (tests use it to make damaged files; [`load`] refuses those).
 pub fn save_params(path: &Path, spec: &ModelSpec, params: &Params) -> Result<()> {
     write_atomic(path, &serialize(&flat_params(spec, params), model_metadata(spec))?)
 }
@@ -149,7 +181,9 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         if view.dtype() != Dtype::F32 {
             bail!("{}: tensor {name} is {:?}; asge checkpoints are f32", path.display(), view.dtype());
         }
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        check_finite(&name, &data).with_context(|| format!("{}: a damaged checkpoint", path.display()))?;
         params.insert(name, (view.shape().to_vec(), data));
     }
     // The three JSON documents asge keeps in the metadata; absent in files written elsewhere.
@@ -162,10 +196,39 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             .map(|s| serde_json::from_str(s).with_context(|| format!("{}: bad {key} metadata", path.display())))
             .transpose()
     }
-    let spec = json(&metadata, "asge.model", path)?;
-    let state = json(&metadata, "asge.state", path)?;
+    let spec: Option<ModelSpec> = json(&metadata, "asge.model", path)?;
+    let state: Option<TrainState> = json(&metadata, "asge.state", path)?;
     let config = json(&metadata, "asge.config", path)?;
+    if let Some(spec) = &spec {
+        spec.validate().with_context(|| format!("{}: bad asge.model metadata", path.display()))?;
+        if let Some(state) = &state {
+            state.validate(spec).with_context(|| format!("{}: bad asge.state metadata", path.display()))?;
+        }
+    }
     Ok(Checkpoint { spec, params, state, config, metadata })
+}
+
+impl TrainState {
+    /// Checks the state against the model it belongs to (layer indices and per-layer lists in range).
+    pub fn validate(&self, spec: &ModelSpec) -> Result<()> {
+        let layers = spec.layers.len();
+        if self.best_layer >= layers {
+            bail!("best_layer {} of a {layers}-layer model (0-based)", self.best_layer);
+        }
+        if !self.best_layer_acc.is_empty() && self.best_layer_acc.len() != layers {
+            bail!("best_layer_acc has {} entries for {layers} layers", self.best_layer_acc.len());
+        }
+        if self.best_layer_acc.iter().chain(self.best_val.iter()).any(|a| !(0.0..=1.0).contains(a)) {
+            bail!("an accuracy outside [0, 1]");
+        }
+        if self.best_epoch > self.epochs_done {
+            bail!("best epoch {} after {} epochs done", self.best_epoch, self.epochs_done);
+        }
+        if (self.batches_done > 0) != self.partial_epoch.is_some() {
+            bail!("batches_done {} without the matching partial-epoch metrics", self.batches_done);
+        }
+        Ok(())
+    }
 }
 
 impl Checkpoint {

@@ -2,8 +2,10 @@
 //! metrics and the run loop ([`run`]).
 
 pub mod checkpoint;
+pub mod interrupt;
 pub mod net;
 pub mod plot;
+pub mod progress;
 pub mod run;
 pub mod schedule;
 

@@ -14,9 +14,9 @@ const BOTTOM: f64 = 50.0;
 /// The SVG text for the metrics so far.
 pub fn curves_svg(metrics: &[EpochMetrics], title: &str) -> String {
     let val = metrics.iter().all(|m| m.val_layer_acc.is_some());
-    let series = |m: &EpochMetrics| -> (Vec<f64>, f64) {
-        match (&m.val_layer_acc, m.val_fusion_acc) {
-            (Some(l), Some(f)) if val => (l.clone(), f),
+    let series = |m: &EpochMetrics| -> (Vec<f64>, Option<f64>) {
+        match &m.val_layer_acc {
+            Some(l) if val => (l.clone(), m.val_fusion_acc),
             _ => (m.train_layer_acc.clone(), m.train_fusion_acc),
         }
     };
@@ -70,11 +70,15 @@ pub fn curves_svg(metrics: &[EpochMetrics], title: &str) -> String {
     };
     for l in 0..layers {
         let hue = (l as f64 * 360.0 / layers.max(1) as f64) as u32;
-        let pts: Vec<(f64, f64)> = metrics.iter().enumerate().map(|(e, m)| ((e + 1) as f64, series(m).0[l])).collect();
+        let pts: Vec<(f64, f64)> =
+            metrics.iter().enumerate().filter_map(|(e, m)| series(m).0.get(l).map(|&a| ((e + 1) as f64, a))).collect();
         line(&mut s, &pts, &format!("hsl({hue},70%,45%)"), 1.5, &format!("layer {}", l + 1), l);
     }
-    let pts: Vec<(f64, f64)> = metrics.iter().enumerate().map(|(e, m)| ((e + 1) as f64, series(m).1)).collect();
-    line(&mut s, &pts, "black", 3.0, "fusion", layers);
+    let pts: Vec<(f64, f64)> =
+        metrics.iter().enumerate().filter_map(|(e, m)| series(m).1.map(|a| ((e + 1) as f64, a))).collect();
+    if !pts.is_empty() {
+        line(&mut s, &pts, "black", 3.0, "fusion", layers);
+    }
     s.push_str("</svg>\n");
     s
 }

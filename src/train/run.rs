@@ -1,8 +1,22 @@
 //! The run loop: data, model, epochs with validation and checkpoints, the final test evaluation, and the
 //! run folder (`config.json`, `metrics.jsonl`, `best.safetensors`, `last.safetensors`, `summary.json`).
+//!
+//! A [`Run`] goes through [`Run::start`] (options checked, data and model loaded, the run folder locked, the
+//! model and optimizer state built or restored), [`Run::epoch`] once per epoch, and [`Run::final_test`]. What it
+//! guarantees:
+//! - it never reports numbers computed from less data than it claims: a loader failure is an error, and an epoch
+//!   that did not see every batch is not counted;
+//! - it never trains on or saves non-finite numbers: a NaN or an infinity in a loss stops the run at that step,
+//!   naming the layer, and a checkpoint is written only when every weight and moment is finite, so the last good
+//!   one stays in place;
+//! - it never writes over another run: see [`crate::files::RunFolder`];
+//! - it stops cleanly on SIGINT, SIGTERM and SIGHUP (see [`super::interrupt`]), with a checkpoint a resumed run
+//!   continues from bit for bit.
 
 use super::checkpoint::{self, TrainState};
-use super::net::{AdamW, Net};
+use super::interrupt;
+use super::net::{self, AdamW, Net};
+use super::progress::{Display, Progress};
 use super::schedule::cosine_lr;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Precision};
@@ -11,12 +25,12 @@ use crate::data::loader::Prefetch;
 use crate::data::shard::ShardSet;
 use crate::data::{self, DatasetKind, ImageSource};
 use crate::eval::{self, EvalResult, Strategy, StrategyResult};
+use crate::files::{self, RunFolder, RunStart};
+use crate::limits;
 use crate::model::{self, GoodnessReduce, ModelOptions, ModelSpec, Params, PoolKind};
 use crate::rng::{self, Rng};
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,6 +111,9 @@ impl TrainConfig {
         if self.batch == 0 {
             bail!("--batch 0: the batch needs at least one image");
         }
+        if self.epochs == 0 {
+            bail!("--epochs 0: a run needs at least one epoch (the cosine schedule spans --epochs)");
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("--dropout {}: must be in [0, 1)", self.dropout);
         }
@@ -105,6 +122,15 @@ impl TrainConfig {
         }
         if !(self.lr_min.is_finite() && self.lr_min >= 0.0) {
             bail!("--lr-min {}: must be a non-negative number", self.lr_min);
+        }
+        if self.lr_min > self.lr {
+            bail!("--lr-min {} is above --lr {}: the cosine schedule would raise the rate", self.lr_min, self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("--weight-decay {}: must be a non-negative number", self.weight_decay);
+        }
+        if self.limit_test == Some(0) {
+            bail!("--limit-test 0: the test evaluation needs at least one image");
         }
         Ok(())
     }
@@ -131,15 +157,16 @@ const AUGMENT: u64 = 2;
 const DROPOUT: u64 = 3;
 const VAL_AUGMENT: u64 = 4;
 
-/// Per-epoch metrics, one JSON line in `metrics.jsonl`.
+/// Per-epoch metrics, one JSON line in `metrics.jsonl`. The fusion fields are absent for a one-layer model
+/// (it has no fusion heads).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub lr: f64,
     pub train_layer_loss: Vec<f64>,
     pub train_layer_acc: Vec<f64>,
-    pub train_fusion_loss: f64,
-    pub train_fusion_acc: f64,
+    pub train_fusion_loss: Option<f64>,
+    pub train_fusion_acc: Option<f64>,
     pub val_layer_acc: Option<Vec<f64>>,
     pub val_fusion_acc: Option<f64>,
     pub images_per_s: f64,
@@ -162,25 +189,14 @@ pub struct Summary {
     pub train_images_per_s: f64,
 }
 
-/// Set by Ctrl-C / SIGTERM (see [`install_interrupt_handler`]): the run stops after the current step with a
-/// mid-epoch checkpoint.
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes Ctrl-C and SIGTERM stop a training run cleanly after its current step, checkpointed (a second
-/// Ctrl-C exits at once).
+/// Installs the SIGINT / SIGTERM / SIGHUP handlers that stop a run cleanly (see [`interrupt`]).
 pub fn install_interrupt_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nasge: interrupted; finishing this step and writing a checkpoint (Ctrl-C again to quit now)");
-    })
-    .context("cannot install the Ctrl-C handler")
+    interrupt::install()
 }
 
-/// True once Ctrl-C or SIGTERM arrived.
+/// True once SIGINT, SIGTERM or SIGHUP arrived.
 pub fn was_interrupted() -> bool {
-    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+    interrupt::received().is_some()
 }
 
 /// Options that do not change the numbers.
@@ -195,6 +211,27 @@ pub struct RunOptions {
     pub checkpoint_every: Option<u64>,
     /// Stop with a mid-epoch checkpoint once this many steps are done (tests the resume; not a CLI option).
     pub stop_at_step: Option<u64>,
+    /// Without a terminal, a progress line at most every this many seconds (`None`: 30; 0: every step).
+    pub log_every: Option<f64>,
+}
+
+impl RunOptions {
+    fn display(&self) -> Display {
+        Display::detect(self.quiet, self.log_every.unwrap_or(30.0))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.stop_after == Some(0) {
+            bail!("--stop-after 0: stops before the first epoch; give at least 1");
+        }
+        if self.checkpoint_every == Some(0) {
+            bail!("--checkpoint-every 0: give a number of steps, at least 1");
+        }
+        if self.log_every.is_some_and(|s| !(s.is_finite() && s >= 0.0)) {
+            bail!("--log-every {}: must be a number of seconds, 0 or more", self.log_every.unwrap_or_default());
+        }
+        Ok(())
+    }
 }
 
 fn say(opts: RunOptions, msg: impl AsRef<str>) {
@@ -203,7 +240,6 @@ fn say(opts: RunOptions, msg: impl AsRef<str>) {
     }
 }
 
-/// Which backend a `--device` names.
 /// A `--device` value.
 pub enum Device {
     Cpu,
@@ -277,8 +313,8 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
     let sources = if cfg.dataset == DatasetKind::Imagenet {
         let (train, test) = open_shards(&cfg.data)?;
         let t = cfg.image_size.unwrap_or(train.size());
-        if t == 0 {
-            bail!("--image-size 0: images need at least one pixel");
+        if t == 0 || t > model::MAX_IMAGE_SIDE {
+            bail!("--image-size {t}: the model takes 1 to {} pixels a side", model::MAX_IMAGE_SIDE);
         }
         let train: Arc<dyn ImageSource> = train;
         let test: Arc<dyn ImageSource> = test;
@@ -299,233 +335,370 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
     if sources.train.is_empty() {
         bail!("--data {}: the training set is empty (--limit-train 0?)", cfg.data.display());
     }
+    if sources.test.is_empty() {
+        bail!("--data {}: the test set is empty", cfg.data.display());
+    }
     let t = &sources.train;
     let spec = model::resolve(&cfg.model, t.channels(), sources.input_size, t.classes(), &cfg.model_options())?;
+    spec.validate().with_context(|| format!("--model {}", cfg.model))?;
     Ok((sources, spec))
 }
 
-/// Trains a fresh run (or resumes one when `resume` is set) in `out`, then evaluates the best checkpoint on
-/// the test set. Returns the summary that is also written to `out/summary.json` (none when `stop_after` ended
-/// the run early).
-pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, opts: RunOptions) -> Result<Option<Summary>> {
-    with_backend!(&cfg.device, cfg.precision, |make| train_on(cfg, out, resume, opts, make))
+/// Refuses a workspace for `batch` images that would not fit in this machine's memory (before anything is
+/// allocated), naming the options that size it.
+fn ensure_memory(spec: &ModelSpec, batch: usize, input_size: usize, on_host: bool, what: &str) -> Result<()> {
+    let in_pixels = spec.in_channels.saturating_mul(input_size).saturating_mul(input_size);
+    let bytes = net::host_memory_estimate(spec, batch, in_pixels, on_host);
+    limits::ensure_fits(
+        &format!("{what} ({} model, batch {batch})", spec.arch),
+        bytes,
+        "--batch, --width or --image-size (or the model's channel counts)",
+    )
 }
 
-fn train_on<B: Backend>(
-    cfg: &TrainConfig,
-    out: &Path,
-    resume: bool,
+/// Trains a fresh run (or resumes or overwrites one, as `start` says) in `out`, then evaluates the best
+/// checkpoint on the test set. Returns the summary that is also written to `out/summary.json` (none when the
+/// run stopped early: `--stop-after`, a signal).
+pub fn train(cfg: &TrainConfig, out: &Path, start: RunStart, opts: RunOptions) -> Result<Option<Summary>> {
+    with_backend!(&cfg.device, cfg.precision, |make| {
+        let mut run = Run::start(cfg, out, start, opts, &make)?;
+        let end = opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
+        for epoch in run.state.epochs_done..end {
+            if run.epoch(epoch)? == EpochEnd::Stopped {
+                return Ok(None);
+            }
+        }
+        if end < cfg.epochs {
+            say(
+                opts,
+                format!("asge: stopped after epoch {end} of {}; continue with --resume {}", cfg.epochs, out.display()),
+            );
+            return Ok(None);
+        }
+        run.final_test(&make).map(Some)
+    })
+}
+
+/// How an epoch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochEnd {
+    Done,
+    /// A signal or `stop_at_step`: a checkpoint was written, the run returns.
+    Stopped,
+}
+
+/// A training run in progress (see the module notes).
+pub struct Run<'c, B: Backend> {
+    cfg: &'c TrainConfig,
     opts: RunOptions,
-    make_backend: impl Fn() -> Result<B>,
-) -> Result<Option<Summary>> {
-    let be = make_backend()?;
-    let (sources, spec) = prepare(cfg)?;
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
-    let last_path = out.join("last.safetensors");
-    let best_path = out.join("best.safetensors");
-    let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
+    folder: RunFolder,
+    sources: Sources,
+    spec: ModelSpec,
+    net: Net<B>,
+    pub state: TrainState,
+    train_idx: Vec<usize>,
+    val_idx: Vec<usize>,
+    n_test: usize,
+    /// The batch the workspace holds: `--batch`, or the training set's size when that is smaller.
+    batch: usize,
+    config_json: serde_json::Value,
+    adamw: AdamW,
+    train_seconds: f64,
+    train_images: usize,
+}
 
-    let (params, mut state, ckpt) = if resume {
-        let ck = checkpoint::load(&last_path).context("--resume: the run has no usable last.safetensors")?;
-        let state =
-            ck.state.clone().with_context(|| format!("{}: no training state in the metadata", last_path.display()))?;
-        (ck.params_for(&last_path, &spec)?, state, Some(ck))
-    } else if let Some(init) = &cfg.init {
-        let ck = checkpoint::load(init).with_context(|| format!("--init {}", init.display()))?;
-        (ck.params_for(init, &spec)?, TrainState::default(), None)
-    } else {
-        (Params::init(&spec, cfg.seed), TrainState::default(), None)
-    };
-    let mut net = Net::new(be, spec.clone(), &params, adamw, cfg.batch)?;
-    if let Some(ck) = &ckpt {
-        ck.restore_optimizer(&last_path, &mut net)?;
+impl<'c, B: Backend> Run<'c, B> {
+    fn last_path(&self) -> PathBuf {
+        self.folder.dir.join("last.safetensors")
     }
 
-    let train_data = sources.train.clone();
-    // The in-memory readers applied the limits already; the shards apply them here (the first N records).
-    let n = train_data.len().min(cfg.limit_train.unwrap_or(usize::MAX));
-    let n_test = sources.test.len().min(cfg.limit_test.unwrap_or(usize::MAX));
-    let val = cfg.val.unwrap_or_else(|| (n as f64 * cfg.dataset.default_val_fraction()).round() as usize);
-    let (train_idx, val_idx) = data::split(n, val, cfg.seed)?;
-    let mut resolved = cfg.clone();
-    resolved.val = Some(val);
-    let config_json = serde_json::json!({ "train": resolved, "model": spec });
-    if !resume {
-        checkpoint::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
-        std::fs::write(out.join("metrics.jsonl"), b"")
-            .with_context(|| format!("{}: cannot write metrics", out.display()))?;
-    } else {
-        truncate_metrics(&out.join("metrics.jsonl"), state.epochs_done)?;
+    fn best_path(&self) -> PathBuf {
+        self.folder.dir.join("best.safetensors")
     }
-    say(
-        opts,
-        format!(
-            "asge: {} on {} ({} train / {} val / {} test), {} layers, {:.2}M trainable params, {} epochs, batch {}, {}",
-            spec.arch,
-            cfg.dataset.name(),
-            train_idx.len(),
-            val_idx.len(),
+
+    /// Checks the options, loads the data and the model, takes the run folder, and builds (or, resuming,
+    /// restores) the model and its optimizer state. Nothing in the folder changes until all of that succeeded.
+    pub fn start(
+        cfg: &'c TrainConfig,
+        out: &Path,
+        start: RunStart,
+        opts: RunOptions,
+        make_backend: &impl Fn() -> Result<B>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        opts.validate()?;
+        if start != RunStart::Resume {
+            // Refuse an occupied folder before loading anything.
+            RunFolder::check(out, start)?;
+        }
+        let (sources, spec) = prepare(cfg)?;
+        // The in-memory readers applied the limits already; the shards apply them here (the first N records).
+        let n = sources.train.len().min(cfg.limit_train.unwrap_or(usize::MAX));
+        let n_test = sources.test.len().min(cfg.limit_test.unwrap_or(usize::MAX));
+        let val = cfg.val.unwrap_or_else(|| (n as f64 * cfg.dataset.default_val_fraction()).round() as usize);
+        let (train_idx, val_idx) = data::split(n, val, cfg.seed)?;
+        // A batch larger than the training set runs as one smaller batch (as PyTorch's DataLoader does), and the
+        // workspace is sized for the images that exist.
+        let batch = cfg.batch.min(train_idx.len());
+        let be = make_backend()?;
+        ensure_memory(&spec, batch, sources.input_size, be.buffers_on_host(), "training")?;
+
+        let folder = RunFolder::open(out, start)?;
+        let last_path = folder.dir.join("last.safetensors");
+        let (params, state, ckpt) = if start == RunStart::Resume {
+            let ck = checkpoint::load(&last_path).context("--resume: the run has no usable last.safetensors")?;
+            let state = ck
+                .state
+                .clone()
+                .with_context(|| format!("{}: no training state in the metadata", last_path.display()))?;
+            state
+                .validate(&spec)
+                .with_context(|| format!("{}: the training state does not fit", last_path.display()))?;
+            (ck.params_for(&last_path, &spec)?, state, Some(ck))
+        } else if let Some(init) = &cfg.init {
+            let ck = checkpoint::load(init).with_context(|| format!("--init {}", init.display()))?;
+            (ck.params_for(init, &spec)?, TrainState::default(), None)
+        } else {
+            (Params::init(&spec, cfg.seed), TrainState::default(), None)
+        };
+        let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
+        let mut net = Net::new(be, spec.clone(), &params, adamw, batch)?;
+        if let Some(ck) = &ckpt {
+            ck.restore_optimizer(&last_path, &mut net)?;
+        }
+        let mut resolved = cfg.clone();
+        resolved.val = Some(val);
+        let config_json = serde_json::json!({ "train": resolved, "model": spec });
+        folder.clear_old_run()?;
+        if start == RunStart::Resume {
+            truncate_metrics(&folder.dir.join("metrics.jsonl"), state.epochs_done)?;
+        } else {
+            files::write_atomic(
+                &folder.dir.join("config.json"),
+                serde_json::to_string_pretty(&config_json)?.as_bytes(),
+            )?;
+            files::write_atomic(&folder.dir.join("metrics.jsonl"), b"")?;
+        }
+        say(
+            opts,
+            format!(
+                "asge: {} on {} ({} train / {} val / {} test), {} layers, {:.2}M trainable params, {} epochs, batch {}{}, {}",
+                spec.arch,
+                cfg.dataset.name(),
+                train_idx.len(),
+                val_idx.len(),
+                n_test,
+                spec.layers.len(),
+                (spec.conv_params() + spec.head_params()) as f64 / 1e6,
+                cfg.epochs,
+                batch,
+                if batch < cfg.batch { format!(" (--batch {} is more than the training set)", cfg.batch) } else { String::new() },
+                net.backend().name()
+            ),
+        );
+        say(opts, format!("asge: run folder {}", folder.dir.display()));
+        if start == RunStart::Resume {
+            say(opts, format!("asge: resuming after epoch {} (step {})", state.epochs_done, state.step));
+        }
+        Ok(Run {
+            cfg,
+            opts,
+            folder,
+            sources,
+            spec,
+            net,
+            state,
+            train_idx,
+            val_idx,
             n_test,
-            spec.layers.len(),
-            (spec.conv_params() + spec.head_params()) as f64 / 1e6,
-            cfg.epochs,
-            cfg.batch,
-            net.backend().name()
-        ),
-    );
-    if resume {
-        say(opts, format!("asge: resuming after epoch {} (step {})", state.epochs_done, state.step));
+            batch,
+            config_json,
+            adamw,
+            train_seconds: 0.0,
+            train_images: 0,
+        })
     }
 
-    let aug = cfg.augmentation(sources.input_size);
-    // Validation images get the training augmentation, as in the released code, except on ImageNet shards,
-    // where validation is the evaluation transform.
-    let val_aug = if cfg.dataset == DatasetKind::Imagenet { sources.eval_aug } else { aug };
-    let mut train_seconds = 0.0;
-    let mut train_images = 0usize;
-    let end = opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
-    for epoch in state.epochs_done..end {
+    /// Writes `last.safetensors` with the running sums of an unfinished epoch (a mid-epoch checkpoint).
+    fn save_mid_epoch(&mut self, sums: &EpochSums) -> Result<()> {
+        self.state.partial_epoch = Some(serde_json::to_value(sums)?);
+        let r = checkpoint::save(&self.last_path(), &self.net, &self.state, &self.config_json);
+        self.state.partial_epoch = None;
+        r
+    }
+
+    /// Epoch `epoch` (0-based) of the schedule: every batch, the validation pass, the metrics, and the
+    /// checkpoints.
+    pub fn epoch(&mut self, epoch: usize) -> Result<EpochEnd> {
+        let (cfg, opts) = (self.cfg, self.opts);
+        self.sources.train.verify()?;
+        let layers = self.spec.layers.len();
         let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
-        let mut order = train_idx.clone();
+        let mut order = self.train_idx.clone();
         if cfg.shuffle {
             Rng::new(rng::derive(rng::derive(cfg.seed, SHUFFLE), epoch as u64)).shuffle(&mut order);
         }
-        let n_batches = order.len().div_ceil(cfg.batch);
+        let n_batches = order.len().div_ceil(self.batch);
         // A mid-epoch checkpoint resumes at its batch, with the epoch's sums so far.
-        let skip = state.batches_done.min(n_batches);
-        let mut sums = match (skip, state.partial_epoch.take()) {
-            (1.., Some(v)) => serde_json::from_value(v).context("the checkpoint's partial-epoch metrics")?,
-            _ => EpochSums::new(spec.layers.len()),
+        let skip = self.state.batches_done;
+        if skip >= n_batches && skip > 0 {
+            bail!("the checkpoint is at batch {skip} of an epoch of {n_batches} batches (another --batch or data?)");
+        }
+        let mut sums = match (skip, self.state.partial_epoch.take()) {
+            (1.., Some(v)) => {
+                let s: EpochSums = serde_json::from_value(v).context("the checkpoint's partial-epoch metrics")?;
+                s.check(layers).context("the checkpoint's partial-epoch metrics")?;
+                s
+            }
+            _ => EpochSums::new(layers),
         };
-        let pb = progress(opts, n_batches as u64, format!("epoch {}/{}", epoch + 1, cfg.epochs));
-        pb.set_position(skip as u64);
+        let stop_at = self.state.epochs_done.max(epoch);
+        let later = self.opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs)).saturating_sub(stop_at + 1);
+        let label = format!("epoch {}/{}", epoch + 1, cfg.epochs);
+        let mut pb = Progress::new(opts.display(), label, n_batches as u64, skip as u64, later as u64);
         let t0 = Instant::now();
         let seconds_before = sums.seconds;
         let aug_key = rng::derive(rng::derive(cfg.seed, AUGMENT), epoch as u64);
-        let start = skip * cfg.batch;
+        let start = skip * self.batch;
         let rest = order[start.min(order.len())..].to_vec();
-        // A step's statistics arrive with the next step (train_step_pipelined: the host queues step t + 1 while the
-        // device runs step t), and are flushed before anything that must count every step (a checkpoint, the end
-        // of the epoch).
-        let add = |sums: &mut EpochSums, s: Option<super::StepStats>| -> Result<()> {
-            if let Some(s) = s {
-                if !s.layer_loss.iter().all(|l| l.is_finite()) || !s.head_loss.is_finite() {
-                    bail!("epoch {}: the loss became non-finite at step {} ({:?})", epoch + 1, s.step, s.layer_loss);
-                }
-                sums.add(&s);
-            }
-            Ok(())
-        };
-        for batch in Prefetch::new(train_data.clone(), rest, start, cfg.batch, aug, aug_key, 3) {
-            state.step += 1;
-            let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), state.step);
-            let s = net.train_step_pipelined(&batch.x, &batch.labels, lr, state.step, Some((cfg.dropout, drop_key)))?;
-            add(&mut sums, s)?;
-            state.batches_done += 1;
-            pb.inc(1);
-            let periodic = opts.checkpoint_every.is_some_and(|k| k > 0 && state.step % k == 0);
-            let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
-            let stop = opts.stop_at_step == Some(state.step) || interrupted;
-            if (periodic || stop) && state.batches_done < n_batches {
-                add(&mut sums, net.flush_stats()?)?;
-                sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
-                state.partial_epoch = Some(serde_json::to_value(&sums)?);
-                checkpoint::save(&last_path, &net, &state, &config_json)?;
-                state.partial_epoch = None;
-                if stop {
-                    pb.finish_and_clear();
-                    say(
-                        opts,
-                        format!("asge: stopped at step {}; continue with --resume {}", state.step, out.display()),
-                    );
-                    return Ok(None);
-                }
-            }
+        let aug = cfg.augmentation(self.sources.input_size);
+        let mut batches = Prefetch::new(self.sources.train.clone(), rest, start, self.batch, aug, aug_key, 3);
+        for item in batches.by_ref() {
+            let batch = item?;
+            self.state.step += 1;
+            let step = self.state.step;
+            let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), step);
+            let s = self.net.train_step_pipelined(&batch.x, &batch.labels, lr, step, Some((cfg.dropout, drop_key)))?;
+            sums.add_checked(s, epoch)?;
+            self.state.batches_done += 1;
             if sums.images > 0 {
-                pb.set_message(format!(
-                    "{:.0} img/s  loss {:.3}  acc L{} {:.2}%  fusion {:.2}%",
-                    sums.images as f64 / t0.elapsed().as_secs_f64(),
-                    sums.layer_loss.last().unwrap() / sums.images as f64,
-                    spec.layers.len(),
-                    100.0 * *sums.layer_correct.last().unwrap() as f64 / sums.images as f64,
-                    100.0 * sums.head_correct as f64 / sums.images as f64
-                ));
+                pb.set(self.state.batches_done as u64, &sums.status(t0.elapsed().as_secs_f64(), &self.spec));
+            }
+            let periodic = opts.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
+            let signal = interrupt::received();
+            let stop = opts.stop_at_step == Some(step) || signal.is_some();
+            if (periodic || stop) && self.state.batches_done < n_batches {
+                sums.add_checked(self.net.flush_stats()?, epoch)?;
+                sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
+                self.save_mid_epoch(&sums)?;
+                if stop {
+                    pb.finish();
+                    let why = signal.map_or("stopped".to_string(), |s| format!("{}: stopped", interrupt::name(s)));
+                    eprintln!(
+                        "asge: {why} at step {step} (epoch {}, batch {} of {n_batches}) with a checkpoint; continue with --resume {}",
+                        epoch + 1,
+                        self.state.batches_done,
+                        self.folder.dir.display()
+                    );
+                    return Ok(EpochEnd::Stopped);
+                }
             }
         }
-        add(&mut sums, net.flush_stats()?)?;
-        pb.finish_and_clear();
-        state.batches_done = 0;
+        batches.finish()?;
+        if self.state.batches_done != n_batches {
+            bail!(
+                "epoch {}: {} of {n_batches} batches trained (the data loader ended early)",
+                epoch + 1,
+                self.state.batches_done
+            );
+        }
+        sums.add_checked(self.net.flush_stats()?, epoch)?;
+        pb.finish();
+        drop(pb);
+        self.state.batches_done = 0;
         let seconds = seconds_before + t0.elapsed().as_secs_f64();
-        train_seconds += seconds;
-        train_images += sums.images;
-        let val_res = if val_idx.is_empty() {
+        self.train_seconds += seconds;
+        self.train_images += sums.images;
+        let val_res = if self.val_idx.is_empty() {
             None
         } else {
+            // Validation images get the training augmentation, as in the released code, except on ImageNet
+            // shards, where validation is the evaluation transform.
+            let val_aug = if cfg.dataset == DatasetKind::Imagenet { self.sources.eval_aug } else { aug };
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
-            Some(eval::evaluate(&mut net, &train_data, val_idx.clone(), val_aug, key)?)
+            let train = self.sources.train.clone();
+            Some(eval::evaluate(&mut self.net, &train, self.val_idx.clone(), val_aug, key)?)
         };
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
-        append_metrics(&out.join("metrics.jsonl"), &m)?;
-        write_curves(out, &format!("{} on {}", spec.arch, cfg.dataset.name()))?;
+        append_metrics(&self.folder.dir.join("metrics.jsonl"), &m)?;
+        write_curves(&self.folder.dir, &format!("{} on {}", self.spec.arch, cfg.dataset.name()))?;
         say(opts, epoch_line(&m));
 
-        // Model selection: best validation accuracy of the fusion prediction (released code); without
-        // validation, the latest epoch.
-        let score = val_res.as_ref().map(|r| r.fusion.top1_acc());
-        let improved = match (score, state.best_val) {
+        // Model selection (released code): the best validation accuracy of the fusion prediction (of the only
+        // layer, for a one-layer model); without validation, the latest epoch. Only a strictly better accuracy
+        // replaces the best: on a tie the earlier epoch stays.
+        let score = val_res.as_ref().map(|r| if layers >= 2 { r.fusion.top1_acc() } else { r.layers[0].top1_acc() });
+        let improved = match (score, self.state.best_val) {
             (Some(s), Some(b)) => s > b,
             _ => true,
         };
-        state.epochs_done = epoch + 1;
+        self.state.epochs_done = epoch + 1;
         if improved {
             let layer_acc = val_res.as_ref().map(EvalResult::layer_acc).unwrap_or_else(|| m.train_layer_acc.clone());
-            state.best_val = score;
-            state.best_epoch = epoch + 1;
-            state.best_layer = eval::argmax(&layer_acc);
-            state.best_layer_acc = layer_acc;
-            checkpoint::save(&best_path, &net, &state, &config_json)?;
+            self.state.best_val = score;
+            self.state.best_epoch = epoch + 1;
+            self.state.best_layer = eval::argmax(&layer_acc);
+            self.state.best_layer_acc = layer_acc;
+            checkpoint::save(&self.best_path(), &self.net, &self.state, &self.config_json)?;
+            if let Some(s) = score {
+                say(opts, format!("asge: new best: epoch {} at {:.2}% validation top-1", epoch + 1, 100.0 * s));
+            }
         }
-        checkpoint::save(&last_path, &net, &state, &config_json)?;
+        checkpoint::save(&self.last_path(), &self.net, &self.state, &self.config_json)?;
         if crate::trace::is_on() {
-            crate::trace::add_device_spans(&net.backend().take_device_spans()?);
+            crate::trace::add_device_spans(&self.net.backend().take_device_spans()?);
         }
-        crate::trace::flush(spec.layers.len())?;
+        crate::trace::flush(layers)?;
+        if let Some(sig) = interrupt::received() {
+            eprintln!(
+                "asge: {}: stopped after epoch {} with a checkpoint; continue with --resume {}",
+                interrupt::name(sig),
+                epoch + 1,
+                self.folder.dir.display()
+            );
+            return Ok(EpochEnd::Stopped);
+        }
+        Ok(EpochEnd::Done)
     }
 
-    if end < cfg.epochs {
-        say(
-            opts,
-            format!("asge: stopped after epoch {end} of {}; continue with --resume {}", cfg.epochs, out.display()),
-        );
-        return Ok(None);
+    /// The test evaluation of the best checkpoint, printed and written to `summary.json`.
+    pub fn final_test(self, make_backend: &impl Fn() -> Result<B>) -> Result<Summary> {
+        let (cfg, spec) = (self.cfg, &self.spec);
+        self.sources.test.verify()?;
+        let best_path = self.best_path();
+        let best = checkpoint::load(&best_path).context("the run has no best.safetensors")?;
+        let best_state = best.state.clone().unwrap_or_default();
+        let params = best.params_for(&best_path, spec)?;
+        let batch = cfg.batch.min(self.n_test);
+        drop(self.net);
+        let mut net = Net::new(make_backend()?, spec.clone(), &params, self.adamw, batch)?;
+        let test = self.sources.test.clone();
+        let res = eval::evaluate(&mut net, &test, (0..self.n_test).collect(), self.sources.eval_aug, 0)?;
+        let rows = eval::strategies(&res, Strategy::All, best_state.best_layer)?;
+        let title = format!("test ({} images), best epoch {} of {}", self.n_test, best_state.best_epoch, cfg.epochs);
+        println!("{}", eval::format_table(&title, &rows, &res));
+        let summary = Summary {
+            dataset: cfg.dataset.name().into(),
+            model: spec.arch.clone(),
+            params_trainable: spec.conv_params() + spec.head_params(),
+            epochs: cfg.epochs,
+            best_epoch: best_state.best_epoch,
+            best_val: best_state.best_val,
+            test: rows,
+            test_layer_top1: res.layer_acc(),
+            test_images: self.n_test,
+            train_seconds: self.train_seconds,
+            train_images_per_s: if self.train_seconds > 0.0 {
+                self.train_images as f64 / self.train_seconds
+            } else {
+                0.0
+            },
+        };
+        let path = self.folder.dir.join("summary.json");
+        files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        say(self.opts, format!("asge: wrote {}", path.display()));
+        Ok(summary)
     }
-
-    // Test: reload the best checkpoint.
-    let best = checkpoint::load(&best_path).context("the run has no best.safetensors")?;
-    let best_state = best.state.clone().unwrap_or_default();
-    let params = best.params_for(&best_path, &spec)?;
-    drop(net);
-    let mut net = Net::new(make_backend()?, spec.clone(), &params, adamw, cfg.batch)?;
-    let test = sources.test.clone();
-    let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), sources.eval_aug, 0)?;
-    let rows = eval::strategies(&res, Strategy::All, best_state.best_layer);
-    let title = format!("test ({n_test} images), best epoch {} of {}", best_state.best_epoch, cfg.epochs);
-    println!("{}", eval::format_table(&title, &rows, &res));
-    let summary = Summary {
-        dataset: cfg.dataset.name().into(),
-        model: spec.arch.clone(),
-        params_trainable: spec.conv_params() + spec.head_params(),
-        epochs: cfg.epochs,
-        best_epoch: best_state.best_epoch,
-        best_val: best_state.best_val,
-        test: rows,
-        test_layer_top1: res.layer_acc(),
-        test_images: n_test,
-        train_seconds,
-        train_images_per_s: if train_seconds > 0.0 { train_images as f64 / train_seconds } else { 0.0 },
-    };
-    checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    Ok(Some(summary))
 }
 
 /// Reads a run folder's config for `--resume`.
@@ -535,20 +708,6 @@ pub fn load_run_config(dir: &Path) -> Result<TrainConfig> {
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
     serde_json::from_value(v.get("train").cloned().unwrap_or_default())
         .with_context(|| format!("{}: not an asge run config", path.display()))
-}
-
-fn progress(opts: RunOptions, len: u64, prefix: String) -> ProgressBar {
-    if opts.quiet {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix);
-    pb
 }
 
 #[derive(Serialize, Deserialize)]
@@ -574,7 +733,42 @@ impl EpochSums {
             seconds: 0.0,
         }
     }
-    fn add(&mut self, s: &super::StepStats) {
+
+    /// Checks sums read from a checkpoint against the model (one entry per layer, finite, counts in range).
+    fn check(&self, layers: usize) -> Result<()> {
+        if self.layer_loss.len() != layers || self.layer_correct.len() != layers {
+            bail!("{} and {} per-layer entries for {layers} layers", self.layer_loss.len(), self.layer_correct.len());
+        }
+        if !self.layer_loss.iter().chain([&self.head_loss, &self.seconds]).all(|v| v.is_finite()) {
+            bail!("a non-finite sum");
+        }
+        if self.layer_correct.iter().chain([&self.head_correct]).any(|&c| c > self.images) {
+            bail!("more correct predictions than images");
+        }
+        Ok(())
+    }
+
+    /// Adds a step's statistics, or stops the run when a loss is not finite (naming the layer: a diverged layer
+    /// must not train on, and must not reach a checkpoint).
+    fn add_checked(&mut self, s: Option<super::StepStats>, epoch: usize) -> Result<()> {
+        let Some(s) = s else { return Ok(()) };
+        if let Some(l) = s.layer_loss.iter().position(|l| !l.is_finite()) {
+            bail!(
+                "layer {}: the loss became {} at step {} (epoch {}); the run stops, its last checkpoint is kept (try a lower --lr)",
+                l + 1,
+                s.layer_loss[l],
+                s.step,
+                epoch + 1
+            );
+        }
+        if !s.head_loss.is_finite() {
+            bail!(
+                "the fusion heads: the loss became {} at step {} (epoch {}); the run stops",
+                s.head_loss,
+                s.step,
+                epoch + 1
+            );
+        }
         self.images += s.batch;
         for (i, (&l, &c)) in s.layer_loss.iter().zip(&s.layer_correct).enumerate() {
             self.layer_loss[i] += l * s.batch as f64;
@@ -582,18 +776,37 @@ impl EpochSums {
         }
         self.head_loss += s.head_loss * s.batch as f64;
         self.head_correct += s.head_correct;
+        Ok(())
     }
+
+    /// The progress message: images/s, the last layer's running loss and accuracy, and the fusion accuracy.
+    fn status(&self, seconds: f64, spec: &ModelSpec) -> String {
+        let n = self.images.max(1) as f64;
+        let mut s = format!(
+            "{:.0} img/s  loss {:.3}  acc L{} {:.2}%",
+            self.images as f64 / seconds.max(1e-9),
+            self.layer_loss.last().copied().unwrap_or(0.0) / n,
+            spec.layers.len(),
+            100.0 * self.layer_correct.last().copied().unwrap_or(0) as f64 / n,
+        );
+        if spec.layers.len() >= 2 {
+            s += &format!("  fusion {:.2}%", 100.0 * self.head_correct as f64 / n);
+        }
+        s
+    }
+
     fn metrics(&self, epoch: usize, lr: f64, seconds: f64, val: Option<&EvalResult>) -> EpochMetrics {
         let n = self.images.max(1) as f64;
+        let fusion = self.layer_loss.len() >= 2;
         EpochMetrics {
             epoch,
             lr,
             train_layer_loss: self.layer_loss.iter().map(|l| l / n).collect(),
             train_layer_acc: self.layer_correct.iter().map(|&c| c as f64 / n).collect(),
-            train_fusion_loss: self.head_loss / n,
-            train_fusion_acc: self.head_correct as f64 / n,
+            train_fusion_loss: fusion.then(|| self.head_loss / n),
+            train_fusion_acc: fusion.then(|| self.head_correct as f64 / n),
             val_layer_acc: val.map(EvalResult::layer_acc),
-            val_fusion_acc: val.map(|v| v.fusion.top1_acc()),
+            val_fusion_acc: val.filter(|_| fusion).map(|v| v.fusion.top1_acc()),
             images_per_s: self.images as f64 / seconds,
             seconds,
         }
@@ -603,36 +816,45 @@ impl EpochSums {
 fn epoch_line(m: &EpochMetrics) -> String {
     let pct = |v: &[f64]| v.iter().map(|a| format!("{:.1}", 100.0 * a)).collect::<Vec<_>>().join(" ");
     let mut s = format!(
-        "epoch {:>3}  lr {:.3e}  {:.0} img/s  {:.1}s  train acc [{}] fusion {:.2}%",
+        "epoch {:>3}  lr {:.3e}  {:.0} img/s  {:.1}s  train acc [{}]",
         m.epoch,
         m.lr,
         m.images_per_s,
         m.seconds,
         pct(&m.train_layer_acc),
-        100.0 * m.train_fusion_acc
     );
-    if let (Some(l), Some(f)) = (&m.val_layer_acc, m.val_fusion_acc) {
-        s += &format!("  val [{}] fusion {:.2}%", pct(l), 100.0 * f);
+    if let Some(f) = m.train_fusion_acc {
+        s += &format!(" fusion {:.2}%", 100.0 * f);
+    }
+    if let Some(l) = &m.val_layer_acc {
+        s += &format!("  val [{}]", pct(l));
+    }
+    if let Some(f) = m.val_fusion_acc {
+        s += &format!(" fusion {:.2}%", 100.0 * f);
     }
     s
 }
 
+/// Appends one line to `metrics.jsonl` (the file is rewritten atomically: a crash leaves the old or the new one).
 fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(|| format!("{}: cannot append", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?)?;
-    f.sync_data()?;
-    Ok(())
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text += &serde_json::to_string(m)?;
+    text.push('\n');
+    files::write_atomic(path, text.as_bytes())
 }
 
 /// Redraws `curves.svg` from `metrics.jsonl`.
 fn write_curves(out: &Path, title: &str) -> Result<()> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
     let metrics: Vec<EpochMetrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    checkpoint::write_atomic(&out.join("curves.svg"), super::plot::curves_svg(&metrics, title).as_bytes())
+    files::write_atomic(&out.join("curves.svg"), super::plot::curves_svg(&metrics, title).as_bytes())
 }
 
 /// Drops metric lines of epochs past the checkpoint (an interrupted epoch may have logged before dying).
@@ -646,7 +868,7 @@ fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
     if !body.is_empty() {
         body.push('\n');
     }
-    checkpoint::write_atomic(path, body.as_bytes())
+    files::write_atomic(path, body.as_bytes())
 }
 
 /// `asge eval`: evaluates a checkpoint on a dataset's test file.
@@ -675,6 +897,12 @@ fn eval_on<B: Backend>(
     limit_test: Option<usize>,
     be: B,
 ) -> Result<(Vec<StrategyResult>, EvalResult, usize)> {
+    if batch == 0 {
+        bail!("--batch 0: the batch needs at least one image");
+    }
+    if limit_test == Some(0) {
+        bail!("--limit-test 0: the evaluation needs at least one image");
+    }
     let ck = checkpoint::load(path)?;
     let spec = ck.spec.clone().with_context(|| {
         format!("{}: no asge.model metadata (not written by asge); train with --init to use it", path.display())
@@ -685,6 +913,9 @@ fn eval_on<B: Backend>(
         (Arc::new(data::load(dataset, data_dir, Some(0), limit_test)?.test), Augment::None)
     };
     let n_test = test.len().min(limit_test.unwrap_or(usize::MAX));
+    if n_test == 0 {
+        bail!("--data {}: the test set is empty", data_dir.display());
+    }
     if test.channels() != spec.in_channels || test.classes() != spec.classes {
         bail!(
             "{}: the model takes {} channel(s) and {} classes; --dataset {} has {} and {}",
@@ -696,9 +927,20 @@ fn eval_on<B: Backend>(
             test.classes()
         );
     }
+    if dataset != DatasetKind::Imagenet && spec.image_size != test.size() {
+        bail!(
+            "{}: the model takes {}px images; --dataset {} has {}px",
+            path.display(),
+            spec.image_size,
+            dataset.name(),
+            test.size()
+        );
+    }
+    let batch = batch.min(n_test);
+    ensure_memory(&spec, batch, spec.image_size, be.buffers_on_host(), "evaluation")?;
     let params = ck.params_for(path, &spec)?;
     let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
     let mut net = Net::new(be, spec, &params, AdamW::default(), batch)?;
     let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), eval_aug, 0)?;
-    Ok((eval::strategies(&res, strategy, best_layer), res, n_test))
+    Ok((eval::strategies(&res, strategy, best_layer)?, res, n_test))
 }

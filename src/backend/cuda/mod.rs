@@ -640,6 +640,10 @@ impl Backend for CudaBackend {
         self.precision
     }
 
+    fn buffers_on_host(&self) -> bool {
+        false
+    }
+
     fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
         Some([geometry::conv_fwd_kernel(s, self.precision).0, geometry::wgrad_kernel(s, self.precision).0])
     }

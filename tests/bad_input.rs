@@ -1,0 +1,903 @@
+//! Every input and fault a user or a crash can produce, one test per class: the command ends with one clear
+//! error line naming the file or option (or handles the case), never a panic, never an exit 0 with wrong
+//! numbers, and never touches a file it did not create. Each command runs in a sandbox with a private HOME and
+//! kernel cache, and the tests check that nothing outside the folders the command may write changed.
+
+mod common;
+
+use asge::data::shard::ShardSet;
+use asge::data::ImageSource;
+use asge::model::{self, ModelOptions, Params};
+use asge::train::checkpoint;
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A private folder tree: `home/` (HOME and the kernel cache), `data/mnist` (a 600 + 200 image MNIST cut from
+/// the real files), and room for runs.
+struct Sandbox {
+    root: PathBuf,
+}
+
+impl Sandbox {
+    fn new(tag: &str) -> Self {
+        let root = common::temp_dir(&format!("bad-{tag}"));
+        std::fs::create_dir_all(root.join("home")).unwrap();
+        let sb = Sandbox { root };
+        sb.mnist("data/mnist", 600, 200);
+        sb
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn s(&self, rel: &str) -> String {
+        self.p(rel).to_str().unwrap().to_string()
+    }
+
+    /// The first `n_train` / `n_test` images of the real MNIST files, as raw IDX in `rel`.
+    fn mnist(&self, rel: &str, n_train: usize, n_test: usize) {
+        let src = common::data_dir().join("mnist");
+        let dir = self.p(rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (split, n) in [("train", n_train), ("t10k", n_test)] {
+            let img = std::fs::read(src.join(format!("{split}-images-idx3-ubyte"))).unwrap();
+            let lab = std::fs::read(src.join(format!("{split}-labels-idx1-ubyte"))).unwrap();
+            std::fs::write(
+                dir.join(format!("{split}-images-idx3-ubyte")),
+                idx_images(n as u32, 28, &img[16..][..n * 784]),
+            )
+            .unwrap();
+            std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), idx_labels(&lab[8..][..n])).unwrap();
+        }
+    }
+
+    /// `asge args` with HOME and the kernel cache inside the sandbox, from the sandbox root.
+    fn asge(&self, args: &[&str]) -> Out {
+        self.asge_env(args, &[])
+    }
+
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .current_dir(&self.root)
+            .env("HOME", self.p("home"))
+            .env("ASGE_KERNEL_CACHE", self.p("home/kernels"))
+            .env_remove("ASGE_MEMORY_LIMIT");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn asge_env(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        let o = self.command(args, env).output().unwrap();
+        Out::of(o)
+    }
+}
+
+/// The binary under test: this build's, or `ASGE_TEST_BIN` (another build, e.g. an older one, to see these tests
+/// fail on its bugs).
+fn bin() -> String {
+    std::env::var("ASGE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_asge").to_string())
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn of(o: std::process::Output) -> Out {
+        use std::os::unix::process::ExitStatusExt;
+        Out {
+            code: o.status.code().unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0)),
+            stdout: String::from_utf8_lossy(&o.stdout).into(),
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+        }
+    }
+
+    /// Success, with what it printed in the message on failure.
+    fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "failed: {}\n{}", self.stderr, self.stdout);
+        no_panic(&self.stderr);
+        self
+    }
+
+    /// Exit 1 with exactly one `error:` line that contains every needle.
+    fn error(&self, needles: &[&str]) -> &Self {
+        assert_eq!(self.code, 1, "expected exit 1, got {}: {}\n{}", self.code, self.stderr, self.stdout);
+        no_panic(&self.stderr);
+        let errors: Vec<&str> = self.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "expected one error line: {}", self.stderr);
+        for n in needles {
+            assert!(errors[0].contains(n), "expected '{n}' in: {}", errors[0]);
+        }
+        self
+    }
+}
+
+fn no_panic(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error") && !stderr.contains("RUST_BACKTRACE"),
+        "a panic: {stderr}"
+    );
+}
+
+fn idx_images(n: u32, side: u32, pixels: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 8, 3];
+    for d in [n, side, side] {
+        v.extend(d.to_be_bytes());
+    }
+    v.extend_from_slice(pixels);
+    v
+}
+
+fn idx_labels(labels: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 8, 1];
+    v.extend((labels.len() as u32).to_be_bytes());
+    v.extend_from_slice(labels);
+    v
+}
+
+/// Every file, symlink and folder under `dir` (paths relative to it), with a content hash, for "nothing changed".
+/// The folder lock files (`.asge.lock`, which every command that writes a folder takes) are left out.
+fn tree(dir: &Path) -> BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.map(|e| e.unwrap()) {
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            if rel.ends_with(asge::files::LOCK_FILE) {
+                continue;
+            }
+            let m = p.symlink_metadata().unwrap();
+            if m.file_type().is_symlink() {
+                out.insert(rel, format!("link {}", std::fs::read_link(&p).unwrap().display()));
+            } else if m.is_dir() {
+                out.insert(rel.clone(), "dir".into());
+                walk(base, &p, out);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                let h =
+                    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                out.insert(rel, format!("{} bytes {h:016x}", bytes.len()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `tree` without the entries under the given relative folders (the ones a command may write).
+fn tree_outside(dir: &Path, allowed: &[&str]) -> BTreeMap<String, String> {
+    tree(dir).into_iter().filter(|(k, _)| !allowed.iter().any(|a| k == a || k.starts_with(&format!("{a}/")))).collect()
+}
+
+/// The training options of a quick run on the sandbox's MNIST.
+fn quick<'a>(sb: &'a Sandbox, out: &'a str) -> Vec<String> {
+    let v = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        "data/mnist",
+        "--width",
+        "0.125",
+        "--epochs",
+        "1",
+        "--batch",
+        "32",
+        "--val",
+        "0",
+        "--threads",
+        "2",
+        "--quiet",
+        "--out",
+        out,
+    ];
+    let _ = sb;
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// `base` with `extra` applied: a `--flag value` already in `base` gets the new value, anything else is appended.
+fn args<'a>(base: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = base.iter().map(|s| s.as_str()).collect();
+    let mut i = 0;
+    while i < extra.len() {
+        let takes_value = extra.get(i + 1).is_some_and(|n| !n.starts_with("--"));
+        match v.iter().position(|a| *a == extra[i]) {
+            Some(j) if takes_value => {
+                v[j + 1] = extra[i + 1];
+                i += 2;
+            }
+            _ => {
+                v.push(extra[i]);
+                if takes_value {
+                    v.push(extra[i + 1]);
+                }
+                i += 1 + takes_value as usize;
+            }
+        }
+    }
+    v
+}
+
+fn tensors(path: &Path) -> BTreeMap<String, Vec<u32>> {
+    let ck = checkpoint::load(path).unwrap();
+    ck.params.into_iter().map(|(k, (_, d))| (k, d.iter().map(|v| v.to_bits()).collect())).collect()
+}
+
+/// Rewrites a safetensors file with `f` applied to its tensors and metadata.
+fn rewrite_checkpoint(
+    path: &Path,
+    f: impl FnOnce(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, &mut std::collections::HashMap<String, String>),
+) {
+    let ck = checkpoint::load(path).unwrap();
+    let mut t: BTreeMap<String, (Vec<usize>, Vec<f32>)> = ck.params.into_iter().collect();
+    let mut meta = ck.metadata;
+    f(&mut t, &mut meta);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        t.into_iter().map(|(n, (s, d))| (n, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    std::fs::write(path, safetensors::tensor::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+/// An ImageFolder of generated PNGs: `classes` folders of `per_class` images of `side` px.
+fn image_folder(root: &Path, classes: usize, per_class: usize, side: u32) {
+    for c in 0..classes {
+        let dir = root.join(format!("class_{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for k in 0..per_class {
+            let img = image::RgbImage::from_fn(side, side, |x, y| {
+                image::Rgb([(x * 7 + y) as u8, (40 * c + k) as u8, (y * 3) as u8])
+            });
+            img.save(dir.join(format!("img{k}.png"))).unwrap();
+        }
+    }
+}
+
+// 1. Wrong numbers reported as success.
+
+#[test]
+fn a_failed_loader_worker_is_an_error_not_the_end_of_the_epoch() {
+    // A source whose image 40 panics, as an index that a bad header sized wrongly would.
+    struct Faulty;
+    impl ImageSource for Faulty {
+        fn len(&self) -> usize {
+            100
+        }
+        fn channels(&self) -> usize {
+            1
+        }
+        fn size(&self) -> usize {
+            4
+        }
+        fn classes(&self) -> usize {
+            2
+        }
+        fn label(&self, _: usize) -> u32 {
+            0
+        }
+        fn image(&self, i: usize) -> &[u8] {
+            static PIXELS: [u8; 16] = [1; 16];
+            assert!(i != 40, "record {i} is past the end of the data");
+            &PIXELS
+        }
+    }
+    let src: std::sync::Arc<dyn ImageSource> = std::sync::Arc::new(Faulty);
+    let order: Vec<usize> = (0..100).collect();
+    let mut p = asge::data::loader::Prefetch::new(src, order, 0, 16, asge::data::augment::Augment::None, 0, 2);
+    let items: Vec<_> = p.by_ref().collect();
+    // Two good batches (records 0..32), then the failing one as an error, then nothing.
+    assert_eq!(items.len(), 3);
+    assert!(items[..2].iter().all(|b| b.is_ok()));
+    let e = items[2].as_ref().err().unwrap().to_string();
+    assert!(e.contains("record 40 is past the end") && e.contains("position 32"), "{e}");
+
+    // The inputs that made a worker fail: an IDX header whose dimensions wrap (2^22 x 2^21 x 2^21 = 2^64 = 0
+    // bytes, the payload this file has) and a shard index with an absurd record count.
+    let sb = Sandbox::new("loader");
+    std::fs::write(sb.p("data/mnist/train-images-idx3-ubyte"), {
+        let mut v = vec![0, 0, 8, 3];
+        for d in [1u32 << 22, 1 << 21, 1 << 21] {
+            v.extend(d.to_be_bytes());
+        }
+        v
+    })
+    .unwrap();
+    let before = tree_outside(&sb.root, &["run"]);
+    sb.asge(&args(&quick(&sb, "run"), &[])).error(&["train-images-idx3-ubyte", "overflows"]);
+    assert!(!sb.p("run/summary.json").exists());
+    assert_eq!(tree_outside(&sb.root, &["run"]), before);
+
+    let shards = sb.p("shards");
+    image_folder(&sb.p("folder"), 2, 3, 12);
+    for split in ["train", "val"] {
+        sb.asge(&[
+            "shard",
+            "--input",
+            &sb.s("folder"),
+            "--out",
+            &sb.s(&format!("shards/{split}")),
+            "--size",
+            "8",
+            "--quiet",
+        ])
+        .ok();
+    }
+    let index = shards.join("train/index.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["count"] = serde_json::json!(u64::MAX);
+    v["shards"][0]["count"] = serde_json::json!(u64::MAX);
+    std::fs::write(&index, serde_json::to_string(&v).unwrap()).unwrap();
+    sb.asge(&[
+        "train",
+        "--dataset",
+        "imagenet",
+        "--data",
+        "shards",
+        "--model",
+        "vgg-imagenet",
+        "--width",
+        "0.125",
+        "--quiet",
+        "--out",
+        "run2",
+    ])
+    .error(&["index.json"]);
+    assert!(!sb.p("run2").exists());
+}
+
+#[test]
+fn non_finite_weights_are_refused_on_load_and_never_saved() {
+    let sb = Sandbox::new("nan");
+    let spec = model::resolve("vgg8", 1, 32, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+    // --init with one NaN weight.
+    let mut p = Params::init(&spec, 1);
+    p.layers[2].conv_w[5] = f32::NAN;
+    checkpoint::save_params(&sb.p("nan.safetensors"), &spec, &p).unwrap();
+    let q = quick(&sb, "run");
+    sb.asge(&args(&q, &["--init", "nan.safetensors"])).error(&[
+        "nan.safetensors",
+        "layer 3 (layers.2.conv.weight)",
+        "NaN",
+    ]);
+    // eval of a checkpoint with an infinite fusion head: refused (it would have scored 100% fusion).
+    let mut p = Params::init(&spec, 1);
+    p.heads[1].w[0] = f32::INFINITY;
+    checkpoint::save_params(&sb.p("inf.safetensors"), &spec, &p).unwrap();
+    sb.asge(&["eval", "--checkpoint", "inf.safetensors", "--dataset", "mnist", "--data", "data/mnist"])
+        .error(&["heads.2.weight", "infinite"]);
+
+    // --resume with a negative second moment: refused, the file left as it was.
+    sb.asge(&args(&quick(&sb, "stopped"), &["--epochs", "2", "--stop-after", "1"])).ok();
+    let last = sb.p("stopped/last.safetensors");
+    rewrite_checkpoint(&last, |t, _| t.get_mut("optim.layers.1.conv.weight.exp_avg_sq").unwrap().1[3] = -1.0);
+    let before = tree(&sb.root);
+    sb.asge(&["train", "--resume", "stopped", "--quiet"])
+        .error(&["layer 2 (optim.layers.1.conv.weight.exp_avg_sq)", "negative"]);
+    assert_eq!(tree(&sb.root), before);
+
+    // A run that diverges (lr 1e30: the weights reach 1e30 after one step, the next forward overflows) stops at
+    // the first non-finite loss, naming the layer; the checkpoint of step 1 stays and no summary is written.
+    sb.asge(&args(&quick(&sb, "diverged"), &["--lr", "1e30", "--lr-min", "0", "--checkpoint-every", "1"])).error(&[
+        "layer 1",
+        "the loss became",
+        "step 2",
+    ]);
+    let ck = checkpoint::load(&sb.p("diverged/last.safetensors")).unwrap();
+    assert_eq!(ck.state.unwrap().step, 1);
+    assert!(!sb.p("diverged/summary.json").exists());
+
+    // The save itself refuses a poisoned model: the previous file stays.
+    let mut p = Params::init(&spec, 1);
+    let path = sb.p("good.safetensors");
+    let net =
+        asge::train::Net::new(asge::backend::cpu::CpuBackend::new(), spec.clone(), &p, Default::default(), 4).unwrap();
+    checkpoint::save(&path, &net, &Default::default(), &serde_json::json!({})).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    p.layers[0].conv_b[1] = f32::NAN;
+    let net = asge::train::Net::new(asge::backend::cpu::CpuBackend::new(), spec, &p, Default::default(), 4).unwrap();
+    let e = format!("{:#}", checkpoint::save(&path, &net, &Default::default(), &serde_json::json!({})).unwrap_err());
+    assert!(e.contains("layer 1 (layers.0.conv.bias)") && e.contains("not written"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), good);
+}
+
+// 2. Data destroyed or written where it must not be.
+
+#[test]
+fn a_run_folder_is_never_overwritten_or_shared() {
+    let sb = Sandbox::new("folder");
+    let q = quick(&sb, "run");
+    sb.asge(&args(&q, &[])).ok();
+    std::fs::write(sb.p("run/notes.txt"), b"mine").unwrap();
+    // Again without a word: refused, nothing changed.
+    let before = tree(&sb.root);
+    sb.asge(&args(&q, &["--seed", "7"])).error(&["holds a run", "--resume", "--overwrite"]);
+    assert_eq!(tree(&sb.root), before);
+    // --overwrite replaces the run's files and leaves the others.
+    let old = tensors(&sb.p("run/last.safetensors"));
+    sb.asge(&args(&q, &["--seed", "7", "--overwrite"])).ok();
+    assert_ne!(tensors(&sb.p("run/last.safetensors")), old);
+    assert_eq!(std::fs::read(sb.p("run/notes.txt")).unwrap(), b"mine");
+    // --overwrite does not replace a folder that an asge run did not write.
+    std::fs::create_dir_all(sb.p("theirs")).unwrap();
+    std::fs::write(sb.p("theirs/config.json"), b"{\"their\": \"config\"}").unwrap();
+    let before = tree(&sb.root);
+    sb.asge(&args(&quick(&sb, "theirs"), &["--overwrite"])).error(&["not an asge run config"]);
+    assert_eq!(tree(&sb.root), before);
+
+    // Two trainings in one folder: the second is refused with the holder's pid, even with --overwrite or
+    // --resume; once the first is killed (SIGKILL: no handler runs), the lock is gone and the run resumes.
+    let long = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        "data/mnist",
+        "--width",
+        "0.125",
+        "--epochs",
+        "50",
+        "--batch",
+        "8",
+        "--val",
+        "0",
+        "--threads",
+        "1",
+        "--log-every",
+        "0",
+        "--checkpoint-every",
+        "5",
+        "--out",
+        "busy",
+    ];
+    let mut child = sb.command(&long, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    // Step 12: a checkpoint (every 5 steps) exists.
+    while let Some(Ok(l)) = lines.next() {
+        seen += &l;
+        seen.push('\n');
+        if l.contains(" step 12/") {
+            break;
+        }
+    }
+    assert!(seen.contains(" step 12/"), "{seen}");
+    let pid = child.id().to_string();
+    sb.asge(&["train", "--resume", "busy", "--quiet"]).error(&["another asge process", &pid]);
+    let mut over: Vec<&str> = long.to_vec();
+    over.push("--overwrite");
+    sb.asge(&over).error(&["another asge process", &pid]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let state = checkpoint::load(&sb.p("busy/last.safetensors")).unwrap().state.unwrap();
+    assert!(state.step >= 10, "{state:?}");
+    sb.asge(&["train", "--resume", "busy", "--quiet", "--stop-after", "1"]).ok();
+}
+
+#[test]
+fn shard_removes_only_the_files_it_wrote() {
+    let sb = Sandbox::new("shard-own");
+    image_folder(&sb.p("folder"), 2, 4, 16);
+    let out = sb.p("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // Files that look like an interrupted run's leftovers, but are the user's.
+    for f in ["shard-00000.bin", "notes.tmp", "shard-00003.bin.tmp", "x.bin"] {
+        std::fs::write(out.join(f), format!("user file {f}")).unwrap();
+    }
+    let before = tree(&sb.root);
+    let shard = ["shard", "--input", "folder", "--out", "out", "--size", "8", "--quiet"];
+    sb.asge(&shard).error(&["shard-00000.bin", "move it away"]);
+    assert_eq!(tree(&sb.root), before);
+    std::fs::remove_file(out.join("shard-00000.bin")).unwrap();
+    sb.asge(&shard).ok();
+    for f in ["notes.tmp", "shard-00003.bin.tmp", "x.bin"] {
+        assert_eq!(std::fs::read_to_string(out.join(f)).unwrap(), format!("user file {f}"), "{f}");
+    }
+    ShardSet::open(&out).unwrap();
+
+    // An interrupted run (the manifest names what it created) is cleaned up by the next one, and nothing else.
+    let out2 = sb.p("out2");
+    std::fs::create_dir_all(&out2).unwrap();
+    std::fs::write(out2.join(".asge-shard-partial.json"), r#"{"files": ["shard-00000.bin"]}"#).unwrap();
+    std::fs::write(out2.join("shard-00000.bin"), b"half a shard").unwrap();
+    std::fs::write(out2.join(".shard-00000.bin.asge-1-2-3.tmp"), b"its temp file").unwrap();
+    std::fs::write(out2.join("keep.txt"), b"mine").unwrap();
+    sb.asge(&["shard", "--input", "folder", "--out", "out2", "--size", "8", "--quiet"]).ok();
+    let names: Vec<String> = tree(&out2).into_keys().collect();
+    assert_eq!(names, ["index.json", "keep.txt", "labels.u16", "shard-00000.bin"]);
+    assert!(ShardSet::open(&out2).unwrap().len() == 8);
+}
+
+#[test]
+fn temporary_files_never_follow_a_planted_symlink() {
+    let sb = Sandbox::new("symlink");
+    std::fs::write(sb.p("victim"), b"precious").unwrap();
+    let run = sb.p("run");
+    std::fs::create_dir_all(&run).unwrap();
+    // The names the writers used before they made unique temporary names.
+    for f in ["config.tmp", "last.tmp", "best.tmp", "metrics.tmp", "summary.tmp", "curves.tmp", "trace.tmp"] {
+        std::os::unix::fs::symlink(sb.p("victim"), run.join(f)).unwrap();
+    }
+    sb.asge(&args(&quick(&sb, "run"), &["--trace", "run/trace.json"])).ok();
+    image_folder(&sb.p("folder"), 2, 2, 12);
+    let out = sb.p("shards");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["index.tmp", "labels.tmp", "shard-00000.bin.tmp"] {
+        std::os::unix::fs::symlink(sb.p("victim"), out.join(f)).unwrap();
+    }
+    sb.asge(&["shard", "--input", "folder", "--out", "shards", "--size", "8", "--quiet"]).ok();
+    assert_eq!(std::fs::read(sb.p("victim")).unwrap(), b"precious");
+    // The planted links are still there, untouched.
+    assert!(run.join("config.tmp").symlink_metadata().unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn a_full_disk_leaves_no_partial_files() {
+    let sb = Sandbox::new("fsize");
+    image_folder(&sb.p("folder"), 2, 15, 160);
+    std::fs::create_dir_all(sb.p("out")).unwrap();
+    // RLIMIT_FSIZE makes a write past 1 MB fail (EFBIG) as a full disk would; SIGXFSZ is ignored so that the
+    // write returns the error instead of killing the process.
+    let bin = bin();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; exec prlimit --fsize=1000000 -- {bin} shard --input folder --out out --size 128 --quiet"
+        ))
+        .current_dir(&sb.root)
+        .env("HOME", sb.p("home"))
+        .output()
+        .unwrap();
+    Out::of(o).error(&["out/"]);
+    let names: Vec<String> = tree(&sb.p("out")).into_keys().collect();
+    assert!(names.is_empty(), "left behind: {names:?}");
+}
+
+#[test]
+fn sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical() {
+    let sb = Sandbox::new("sigterm");
+    sb.mnist("data/m", 1200, 200);
+    let run = |out: &str| -> Vec<String> {
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data",
+            "data/m",
+            "--width",
+            "0.125",
+            "--epochs",
+            "3",
+            "--batch",
+            "16",
+            "--val",
+            "300",
+            "--lr",
+            "1e-3",
+            "--threads",
+            "2",
+            "--log-every",
+            "0",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let straight = run("straight");
+    sb.asge(&args(&straight, &[])).ok();
+    for (sig, code) in [("TERM", 143), ("INT", 130)] {
+        let out = format!("cut-{sig}");
+        let a = run(&out);
+        let mut child = sb.command(&args(&a, &[]), &[]).stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        // Interrupt once the run has printed a step of its second epoch (not after a fixed sleep).
+        loop {
+            let mut l = String::new();
+            if err.read_line(&mut l).unwrap() == 0 {
+                break;
+            }
+            seen += &l;
+            if l.contains("epoch 2/3 step 5/") {
+                break;
+            }
+        }
+        assert!(seen.contains("epoch 2/3 step 5/"), "{seen}");
+        assert!(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap().success());
+        err.read_to_string(&mut seen).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{seen}");
+        no_panic(&seen);
+        assert!(seen.contains(&format!("SIG{sig}: stopped at step")) && seen.contains("--resume"), "{seen}");
+        let state = checkpoint::load(&sb.p(&format!("{out}/last.safetensors"))).unwrap().state.unwrap();
+        assert!(state.epochs_done == 1 && state.batches_done >= 5, "{state:?}");
+        assert!(!sb.p(&format!("{out}/summary.json")).exists());
+        sb.asge(&["train", "--resume", &out, "--quiet"]).ok();
+        for f in ["last.safetensors", "best.safetensors"] {
+            assert_eq!(tensors(&sb.p(&format!("straight/{f}"))), tensors(&sb.p(&format!("{out}/{f}"))), "{sig}: {f}");
+        }
+        let summary = |d: &str| -> serde_json::Value {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(sb.p(&format!("{d}/summary.json"))).unwrap()).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("train_seconds");
+            o.remove("train_images_per_s");
+            v
+        };
+        assert_eq!(summary("straight"), summary(&out), "{sig}: the summary, best epoch included");
+    }
+}
+
+// 3. Resume is bit-exact: run state survives JSON exactly.
+
+#[test]
+fn run_state_reads_back_from_json_to_the_same_bits() {
+    // 4/85 is one of the values serde_json's default float parser reads back one ulp off.
+    let state = checkpoint::TrainState {
+        epochs_done: 3,
+        best_val: Some(4.0 / 85.0),
+        best_layer_acc: (1..200).map(|i| i as f64 / 997.0).chain([4.0 / 85.0, 0.1 + 0.2]).collect(),
+        ..Default::default()
+    };
+    let back: checkpoint::TrainState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(back.best_val.map(f64::to_bits), state.best_val.map(f64::to_bits));
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&back.best_layer_acc), bits(&state.best_layer_acc));
+}
+
+// 4. Sizes from files and options: checked, estimated, refused with one clear error.
+
+#[test]
+fn sizes_from_files_and_options_are_checked_and_estimated() {
+    let sb = Sandbox::new("sizes");
+    let q = quick(&sb, "run");
+    std::fs::write(sb.p("huge.json"), r#"{"name": "huge", "layers": [{"channels": 18446744073709551615}]}"#).unwrap();
+    std::fs::write(sb.p("wide.json"), r#"{"name": "wide", "layers": [{"channels": 500000}]}"#).unwrap();
+    let before = tree_outside(&sb.root, &["run"]);
+    sb.asge(&args(&q, &["--model", "huge.json"])).error(&["huge.json", "18446744073709551615 channels"]);
+    sb.asge(&args(&q, &["--width", "1e300"])).error(&["--width", "channels"]);
+    sb.asge(&["shard", "--input", "data", "--out", "shards", "--size", "4294967296"]).error(&["--size 4294967296"]);
+    // Past what the machine has (here: a limit of 2 GB, so the test does not depend on the machine).
+    let limit = [("ASGE_MEMORY_LIMIT", "2000000000")];
+    sb.asge_env(&args(&q, &["--width", "100"]), &limit).error(&["memory", "2.0 GB", "--width"]);
+    sb.asge_env(&args(&q, &["--model", "wide.json"]), &limit).error(&["memory", "--batch"]);
+    assert_eq!(tree_outside(&sb.root, &["run"]), before);
+    assert!(!sb.p("run").exists(), "a refused run leaves no folder");
+    // A batch larger than the training set (2^54 here) runs as one batch of the images that exist.
+    let o = sb.asge(&args(&quick(&sb, "big-batch"), &["--batch", "18014398509481984", "--limit-test", "50"]));
+    o.ok();
+    // Evaluation batches are cut to the test set as well.
+    sb.asge(&["eval", "--checkpoint", "big-batch/best.safetensors", "--batch", "1000000000", "--limit-test", "50"])
+        .ok();
+
+    // Checkpoint metadata is checked like a model table: p = 0, p > h, h * w wrapping, a short partial epoch.
+    let ck = sb.p("big-batch/best.safetensors");
+    let eval = |f: &str| sb.asge(&["eval", "--checkpoint", f, "--dataset", "mnist", "--data", "data/mnist"]);
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
+        ("p0", |m| m["layers"][0]["p"] = 0.into()),
+        ("p-over", |m| m["layers"][6]["p"] = 3.into()),
+        ("hw-wrap", |m| {
+            m["image_size"] = (1u64 << 32).into();
+            m["layers"][0]["h"] = (1u64 << 32).into();
+            m["layers"][0]["w"] = (1u64 << 32).into();
+        }),
+    ];
+    for (tag, edit) in edits {
+        let f = format!("{tag}.safetensors");
+        std::fs::copy(&ck, sb.p(&f)).unwrap();
+        rewrite_checkpoint(&sb.p(&f), |_, meta| {
+            let mut m: serde_json::Value = serde_json::from_str(&meta["asge.model"]).unwrap();
+            edit(&mut m);
+            meta.insert("asge.model".into(), m.to_string());
+        });
+        eval(&f).error(&[&f, "asge.model"]);
+    }
+    sb.asge(&args(&quick(&sb, "mid"), &["--epochs", "2", "--checkpoint-every", "5", "--stop-after", "1"])).ok();
+    // Make the epoch-1 checkpoint a mid-epoch one whose running sums are short of the model's 7 layers.
+    rewrite_checkpoint(&sb.p("mid/last.safetensors"), |_, meta| {
+        let mut st: serde_json::Value = serde_json::from_str(&meta["asge.state"]).unwrap();
+        st["batches_done"] = 3.into();
+        st["partial_epoch"] = serde_json::json!({"images": 96, "layer_loss": [1.0, 2.0], "layer_correct": [1, 2],
+            "head_loss": 1.0, "head_correct": 3});
+        meta.insert("asge.state".into(), st.to_string());
+    });
+    sb.asge(&["train", "--resume", "mid", "--quiet"]).error(&["partial-epoch", "7 layers"]);
+}
+
+// 5. Readers that trust too much.
+
+#[test]
+fn a_gzip_bomb_is_stopped_at_the_size_its_header_declares() {
+    let sb = Sandbox::new("gzbomb");
+    let dir = sb.p("data/bomb");
+    std::fs::create_dir_all(&dir).unwrap();
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    // A header for 10 images, their pixels, then 32 gzip members of 64 MiB of zeros each (2 GiB inflated, 2 MB
+    // on disk); the reader must stop one byte past the declared 7840.
+    let mut bomb = gz(&idx_images(10, 28, &[7; 7840]));
+    let zeros = gz(&vec![0u8; 64 << 20]);
+    for _ in 0..32 {
+        bomb.extend_from_slice(&zeros);
+    }
+    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), &bomb).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx_labels(&[1; 10])).unwrap();
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), idx_images(1, 28, &[0; 784])).unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_labels(&[1])).unwrap();
+    // Under a 1 GB address-space limit: inflating the whole stream first would abort.
+    let bin = bin();
+    let o = Command::new("prlimit")
+        .args([
+            "--as=1000000000",
+            "--",
+            &bin,
+            "train",
+            "--dataset",
+            "idx",
+            "--data",
+            "data/bomb",
+            "--out",
+            "run",
+            "--quiet",
+        ])
+        .current_dir(&sb.root)
+        .env("HOME", sb.p("home"))
+        .env("MALLOC_ARENA_MAX", "2")
+        .output()
+        .unwrap();
+    Out::of(o).error(&["train-images-idx3-ubyte.gz", "oversized", "7840"]);
+}
+
+#[test]
+fn truncated_jpegs_are_skipped_with_the_reason() {
+    let sb = Sandbox::new("jpeg");
+    let images = common::data_dir().join("images");
+    let photo = std::fs::read(images.join("foolbox/imagenet_00_243.jpg")).unwrap();
+    // A progressive JPEG (SOF2) cut in half.
+    let progressive = std::fs::read(images.join("foolbox/imagenet_18_317.jpg")).unwrap();
+    assert!(progressive.windows(2).any(|w| w == [0xff, 0xc2]), "the file is progressive");
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(sb.p(&format!("folder/{c}"))).unwrap();
+        std::fs::write(sb.p(&format!("folder/{c}/good.jpg")), &photo).unwrap();
+    }
+    std::fs::write(sb.p("folder/a/first2k.jpg"), &photo[..2048]).unwrap();
+    std::fs::write(sb.p("folder/b/progressive-half.jpg"), &progressive[..progressive.len() / 2]).unwrap();
+    sb.asge(&["shard", "--input", "folder", "--out", "out", "--size", "16", "--quiet"]).ok();
+    let idx = ShardSet::open(&sb.p("out")).unwrap().index;
+    assert_eq!(idx.count, 2);
+    let mut skipped: Vec<(String, String)> = idx
+        .skipped
+        .iter()
+        .map(|s| (Path::new(&s.file).file_name().unwrap().to_string_lossy().into_owned(), s.error.clone()))
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert_eq!(skipped[0].0, "first2k.jpg");
+    assert_eq!(skipped[1].0, "progressive-half.jpg");
+    assert!(skipped.iter().all(|s| s.1.contains("truncated")), "{skipped:?}");
+}
+
+#[test]
+fn class_folders_keep_exact_names_and_nested_images_count() {
+    use std::os::unix::ffi::OsStrExt;
+    let sb = Sandbox::new("classes");
+    image_folder(&sb.p("folder"), 2, 2, 12);
+    // Images in a nested folder belong to their class, as in torchvision's ImageFolder.
+    std::fs::create_dir_all(sb.p("folder/class_1/sub/deeper")).unwrap();
+    image::RgbImage::new(9, 9).save(sb.p("folder/class_1/sub/deeper/n.png")).unwrap();
+    std::fs::write(sb.p("folder/class_1/readme.txt"), b"not an image").unwrap();
+    let o = sb.asge(&["shard", "--input", "folder", "--out", "out", "--size", "8"]);
+    o.ok();
+    assert!(o.stderr.contains("1 files that are not .jpg/.jpeg/.png were left out"), "{}", o.stderr);
+    let set = ShardSet::open(&sb.p("out")).unwrap();
+    assert_eq!((set.len(), set.label(4)), (5, 1));
+    // Two folders whose names are not UTF-8 and the same after a lossy conversion: refused, never merged.
+    let bad = sb.p("bad");
+    for name in [&b"a\xff"[..], "a\u{FFFD}".as_bytes()] {
+        let d = bad.join(std::ffi::OsStr::from_bytes(name));
+        std::fs::create_dir_all(&d).unwrap();
+        image::RgbImage::new(9, 9).save(d.join("x.png")).unwrap();
+    }
+    sb.asge(&["shard", "--input", "bad", "--out", "out-bad", "--size", "8"]).error(&["not UTF-8", "rename it"]);
+    assert!(!sb.p("out-bad").exists());
+}
+
+#[test]
+fn a_shard_file_that_changes_under_a_job_is_an_error() {
+    let sb = Sandbox::new("shard-change");
+    image_folder(&sb.p("folder"), 2, 3, 12);
+    sb.asge(&["shard", "--input", "folder", "--out", "out", "--size", "8", "--quiet"]).ok();
+    let set = ShardSet::open(&sb.p("out")).unwrap();
+    set.verify().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(sb.p("out/shard-00000.bin")).unwrap();
+    f.set_len(100).unwrap();
+    let e = format!("{:#}", set.verify().unwrap_err());
+    assert!(e.contains("shard-00000.bin") && e.contains("must not change"), "{e}");
+}
+
+// 6. Options that make no sense.
+
+#[test]
+fn options_that_make_no_sense_are_refused() {
+    let sb = Sandbox::new("options");
+    let q = quick(&sb, "run");
+    let before = tree(&sb.root);
+    sb.asge(&args(&q, &["--lr", "1e-3", "--lr-min", "1e-2"])).error(&["--lr-min", "above --lr"]);
+    sb.asge(&args(&q, &["--epochs", "0"])).error(&["--epochs 0"]);
+    sb.asge(&args(&q, &["--stop-after", "0"])).error(&["--stop-after 0"]);
+    sb.asge(&args(&q, &["--limit-test", "0"])).error(&["--limit-test 0"]);
+    sb.asge(&args(&q, &["--checkpoint-every", "0"])).error(&["--checkpoint-every 0"]);
+    assert_eq!(tree(&sb.root), before);
+    // A test file with no images.
+    std::fs::write(sb.p("data/mnist/t10k-images-idx3-ubyte"), idx_images(0, 28, &[])).unwrap();
+    std::fs::write(sb.p("data/mnist/t10k-labels-idx1-ubyte"), idx_labels(&[])).unwrap();
+    sb.asge(&args(&q, &[])).error(&["test set is empty"]);
+    sb.mnist("data/mnist", 600, 200);
+    // CIFAR-100 coarse labels are range-checked (20 superclasses).
+    let c100 = sb.p("data/c100/cifar-100-binary");
+    std::fs::create_dir_all(&c100).unwrap();
+    let rec = |coarse: u8, fine: u8| [vec![coarse, fine], vec![9u8; 3072]].concat();
+    std::fs::write(c100.join("train.bin"), [rec(3, 7), rec(25, 8)].concat()).unwrap();
+    std::fs::write(c100.join("test.bin"), rec(1, 2)).unwrap();
+    sb.asge(&["train", "--dataset", "cifar100", "--data", "data/c100", "--out", "c100"])
+        .error(&["train.bin", "coarse label 25"]);
+    // A one-layer model has no fusion heads: no fusion row, no fusion accuracy, and asking for one is an error.
+    std::fs::write(sb.p("one.json"), r#"{"name": "one", "layers": [{"channels": 8}]}"#).unwrap();
+    let o = sb.asge(&args(&quick(&sb, "one"), &["--model", "one.json"]));
+    o.ok();
+    assert!(o.stdout.contains("last") && !o.stdout.contains("fusion"), "{}", o.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.p("one/summary.json")).unwrap()).unwrap();
+    let rows: Vec<&str> = summary["test"].as_array().unwrap().iter().map(|r| r["strategy"].as_str().unwrap()).collect();
+    assert_eq!(rows, ["last", "best"]);
+    let metrics = std::fs::read_to_string(sb.p("one/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"train_fusion_acc\":null"), "{metrics}");
+    sb.asge(&["eval", "--checkpoint", "one/best.safetensors", "--strategy", "fusion"])
+        .error(&["one-layer model", "fusion"]);
+    // An index.json that names a file outside its folder.
+    image_folder(&sb.p("folder"), 2, 2, 12);
+    for split in ["train", "val"] {
+        sb.asge(&["shard", "--input", "folder", "--out", &format!("shards/{split}"), "--size", "8", "--quiet"]).ok();
+    }
+    let index = sb.p("shards/val/index.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["shards"][0]["file"] = "../train/shard-00000.bin".into();
+    std::fs::write(&index, v.to_string()).unwrap();
+    sb.asge(&[
+        "train",
+        "--dataset",
+        "imagenet",
+        "--data",
+        "shards",
+        "--model",
+        "vgg-imagenet",
+        "--width",
+        "0.125",
+        "--out",
+        "inet",
+    ])
+    .error(&["val/index.json", "../train/shard-00000.bin", "not a plain name"]);
+    // eval's JSON never replaces a file that is not an eval result.
+    std::fs::write(sb.p("mine.json"), b"{\"my\": \"data\"}").unwrap();
+    sb.asge(&["eval", "--checkpoint", "one/best.safetensors", "--json", "mine.json"])
+        .error(&["mine.json", "not an asge eval result"]);
+    assert_eq!(std::fs::read(sb.p("mine.json")).unwrap(), b"{\"my\": \"data\"}");
+}
