@@ -4,8 +4,8 @@
 // The f32 master p, m and v stay f32; when `copy` is not null, the new p is also stored there in fp16 (the
 // weights the fp16 convolution reads), in the same pass.
 extern "C" __global__ void adamw_f32(
-    float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-    f16_bits* __restrict__ copy, int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt,
+    float* __restrict__ p /*[n]*/, const float* __restrict__ g /*[n]*/, float* __restrict__ m /*[n]*/,
+    float* __restrict__ v /*[n]*/, f16_bits* __restrict__ copy /*[n]?*/, int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt,
     float eps)
 {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {

@@ -23,8 +23,9 @@
 #define FWD_TK 16
 
 extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
-    const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-    const int* __restrict__ taps, float* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+    const float* __restrict__ x /*[B*Cin*H*W]*/, const float* __restrict__ w /*[Cout*Cin*9]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
+    float* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cin, int Cout, int H, int W)
 {
     __shared__ float As[FWD_TK][FWD_TM];
     __shared__ float Bs[FWD_TK][FWD_TN];
@@ -177,15 +178,17 @@ __device__ __forceinline__ void conv_fwd_f16(
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
-    const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
-    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ w /*[Cout*Cin*9]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
+    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cin, int Cout, int H, int W)
 {
     conv_fwd_f16<64>(x, w, bias, taps, y, B, Cin, Cout, H, W);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_fwd_f16_m128(
-    const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
-    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ w /*[Cout*Cin*9]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
+    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cin, int Cout, int H, int W)
 {
     conv_fwd_f16<128>(x, w, bias, taps, y, B, Cin, Cout, H, W);
 }
@@ -210,13 +213,15 @@ __device__ __forceinline__ void patch_goodness(
 }
 
 extern "C" __global__ void patch_goodness_f32(
-    const float* __restrict__ y, float* __restrict__ g, int B, int C, int H, int W, int P, int reduce_mean)
+    const float* __restrict__ y /*[B*C*H*W]*/, float* __restrict__ g /*[B*C*P*P]*/, int B, int C, int H, int W, int P,
+    int reduce_mean)
 {
     patch_goodness(y, g, B, C, H, W, P, reduce_mean);
 }
 
 extern "C" __global__ void patch_goodness_f16(
-    const f16_bits* __restrict__ y, float* __restrict__ g, int B, int C, int H, int W, int P, int reduce_mean)
+    const f16_bits* __restrict__ y /*[B*C*H*W]*/, float* __restrict__ g /*[B*C*P*P]*/, int B, int C, int H, int W,
+    int P, int reduce_mean)
 {
     patch_goodness(y, g, B, C, H, W, P, reduce_mean);
 }

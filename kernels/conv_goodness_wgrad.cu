@@ -14,9 +14,10 @@
 #define WG_TN 16
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
-    const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ q,
-    const int* __restrict__ taps, const int* __restrict__ cells, float* __restrict__ part,
-    float* __restrict__ part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk)
+    const float* __restrict__ x /*[B*Cin*H*W]*/, const float* __restrict__ y /*[B*Cout*H*W]*/,
+    const float* __restrict__ q /*[B*Cout*P*P]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
+    const int* __restrict__ cells /*[H*W]*/, float* __restrict__ part /*[gridDim.z*Cout*Cin*9]*/,
+    float* __restrict__ part_db /*[gridDim.z*Cout]*/, int B, int Cin, int Cout, int H, int W, int P, int chunk)
 {
     __shared__ float As[WG_TN][WG_TM];  // dz tile, [pixel][channel]
     __shared__ float Bs[WG_TN][WG_TK];  // col tile, [pixel][tap]
@@ -218,18 +219,20 @@ __device__ __forceinline__ void wgrad_f16(
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
-    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
-    const int* __restrict__ taps, const int* __restrict__ cells,
-    float* __restrict__ part, float* __restrict__ part_db,
+    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ y /*[B*Cout*H*W]*/,
+    const float* __restrict__ q /*[B*Cout*P*P]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
+    const int* __restrict__ cells /*[H*W]*/, float* __restrict__ part /*[gridDim.z*Cout*Cin*9]*/,
+    float* __restrict__ part_db /*[gridDim.z*Cout]*/,
     int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
 {
     wgrad_f16<128, 32>(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16_n256(
-    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
-    const int* __restrict__ taps, const int* __restrict__ cells,
-    float* __restrict__ part, float* __restrict__ part_db,
+    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ y /*[B*Cout*H*W]*/,
+    const float* __restrict__ q /*[B*Cout*P*P]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
+    const int* __restrict__ cells /*[H*W]*/, float* __restrict__ part /*[gridDim.z*Cout*Cin*9]*/,
+    float* __restrict__ part_db /*[gridDim.z*Cout]*/,
     int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
 {
     wgrad_f16<256, 16>(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale);
@@ -237,8 +240,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16_n25
 
 // q[i] = dg[i] / div[i % P^2]: the fp16 weight gradient's per-cell dL/dg, divided by the cell's divisor once per
 // step instead of once per pixel and block (the same division as the CPU reference's). One thread per value.
-extern "C" __global__ void dg_per_cell_f32(const float* __restrict__ dg, const float* __restrict__ div,
-                                           float* __restrict__ q, int n, int PP)
+extern "C" __global__ void dg_per_cell_f32(const float* __restrict__ dg /*[n]*/, const float* __restrict__ div /*[PP]*/,
+                                           float* __restrict__ q /*[n]*/, int n, int PP)
 {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < n) q[t] = dg[t] / div[t % PP];
@@ -246,8 +249,8 @@ extern "C" __global__ void dg_per_cell_f32(const float* __restrict__ dg, const f
 
 // dw[i] = sum_z part[z][i] (i < M*K), db[m] = sum_z part_db[z][m]: one thread per element, z in order.
 extern "C" __global__ void wgrad_reduce_f32(
-    const float* __restrict__ part, const float* __restrict__ part_db, float* __restrict__ dw,
-    float* __restrict__ db, int MK, int M, int Z)
+    const float* __restrict__ part /*[Z*MK]*/, const float* __restrict__ part_db /*[Z*M]*/,
+    float* __restrict__ dw /*[MK]*/, float* __restrict__ db /*[M]*/, int MK, int M, int Z)
 {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < MK) {

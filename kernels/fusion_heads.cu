@@ -6,8 +6,8 @@
 // heads_grad_f32: one thread per (class, feature) of one head: dW[n, j] = sum_b ds[b, n] f[b, j]; the threads of
 //   feature 0 also write db[n] = sum_b ds[b, n]. Deterministic: every element is one thread's ordered sum.
 extern "C" __global__ void heads_logits_f32(
-    const float* __restrict__ f, const float* __restrict__ w, const float* __restrict__ bias,
-    float* __restrict__ s, int B, int N, int C)
+    const float* __restrict__ f /*[B*C]*/, const float* __restrict__ w /*[N*C]*/,
+    const float* __restrict__ bias /*[N]*/, float* __restrict__ s /*[B*N]*/, int B, int N, int C)
 {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= B * N) return;
@@ -18,8 +18,8 @@ extern "C" __global__ void heads_logits_f32(
 }
 
 extern "C" __global__ void heads_softmax_f32(
-    const float* __restrict__ s, const unsigned int* __restrict__ labels, float* __restrict__ ds,
-    float* __restrict__ stats, int B, int N)
+    const float* __restrict__ s /*[B*N]*/, const unsigned int* __restrict__ labels /*[B]*/,
+    float* __restrict__ ds /*[B*N]*/, float* __restrict__ stats /*[2]*/, int B, int N)
 {
     int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
@@ -27,8 +27,8 @@ extern "C" __global__ void heads_softmax_f32(
 }
 
 extern "C" __global__ void heads_grad_f32(
-    const float* __restrict__ f, const float* __restrict__ ds, float* __restrict__ dw, float* __restrict__ db,
-    int B, int N, int C)
+    const float* __restrict__ f /*[B*C]*/, const float* __restrict__ ds /*[B*N]*/,
+    float* __restrict__ dw /*[N*C]*/, float* __restrict__ db /*[N]*/, int B, int N, int C)
 {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= N * C) return;

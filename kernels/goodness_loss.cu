@@ -7,9 +7,10 @@
 // loss and the count are added to `stats` with atomics.
 #define MAX_CLASSES 4096
 extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
-    const float* __restrict__ g, const float* __restrict__ pw, const float* __restrict__ pb,
-    const unsigned int* __restrict__ labels, float* __restrict__ logits, float* __restrict__ dg,
-    float* __restrict__ stats, int B, int D, int N, int with_grad)
+    const float* __restrict__ g /*[B*D]*/, const float* __restrict__ pw /*[D*N]*/,
+    const float* __restrict__ pb /*[N]*/, const unsigned int* __restrict__ labels /*[B]*/,
+    float* __restrict__ logits /*[B*N]*/, float* __restrict__ dg /*[B*D]?*/, float* __restrict__ stats /*[2]*/,
+    int B, int D, int N, int with_grad)
 {
     __shared__ float sh[2 * MAX_CLASSES];
     float* a = sh;

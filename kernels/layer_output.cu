@@ -60,14 +60,16 @@ __device__ __forceinline__ void layer_output(
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
-    const float* __restrict__ y, float* __restrict__ out, float* __restrict__ gap,
-    int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap)
+    const float* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/,
+    float* __restrict__ gap /*[gridDim.x*C]?*/, int C, int H, int W, int pool, float p, unsigned long long key,
+    int use_dropout, int use_gap)
 {
     layer_output(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
-    const f16_bits* __restrict__ y, f16_bits* __restrict__ out, float* __restrict__ gap,
+    const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/,
+    f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
     int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap)
 {
     layer_output(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap);

@@ -1,6 +1,7 @@
 // A CUDA execution model on the host, for running the real kernel sources in tests without a GPU.
 //
-// Each block runs as blockDim.x fibers (ucontext) on one OS thread, scheduled round-robin: __syncthreads()
+// Each block runs as blockDim.x fibers on one OS thread (a register-only context switch on x86-64, ucontext
+// elsewhere), scheduled round-robin: __syncthreads()
 // parks a fiber until every live fiber of the block has arrived, the warp collectives (__shfl_xor_sync and the
 // tensor-core mma) park it until its 32 lanes have. `__shared__` variables become function statics, which is
 // right because blocks run one after another. fp16 is GCC's _Float16 (IEEE binary16, round to nearest even, as
@@ -38,10 +39,51 @@ static inline int max(int a, int b) { return a > b ? a : b; }
 static inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
 
 namespace emu {
+// Where a fault goes (a misaligned vector access, a deadlock): by default the process aborts with the message;
+// the driver stand-in (tests/emu/standin.cpp) turns it into the launch's error instead.
+static void default_fault(const char* msg) {
+    std::fputs(msg, stderr);
+    std::abort();
+}
+static void (*on_fault)(const char*) = default_fault;
+static char fault_msg[512];
+
 enum State { RUNNABLE, BLOCK_WAIT, WARP_WAIT, DONE };
 constexpr size_t STACK = 256 * 1024;
-struct Fiber { ucontext_t ctx; std::vector<char> stack; State state; };
+
+#if defined(__x86_64__)
+// A context switch without a signal-mask syscall (swapcontext makes one per switch): save the callee-saved
+// registers on the current stack, store its pointer, load the other stack's, restore and return into it.
+extern "C" void asge_emu_swap(void** save_sp, void* load_sp);
+__asm__(R"(
+    .text
+    .globl asge_emu_swap
+    .hidden asge_emu_swap
+    .type asge_emu_swap, @function
+asge_emu_swap:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size asge_emu_swap, .-asge_emu_swap
+)");
+struct Fiber { void* sp = nullptr; std::vector<char> stack; State state = DONE; };
+static void* sched_sp = nullptr;
+#else
+struct Fiber { ucontext_t ctx; std::vector<char> stack; State state = DONE; };
 static ucontext_t sched;
+#endif
 static std::vector<Fiber> fibers;
 static int cur = -1;
 static std::function<void()>* body = nullptr;
@@ -49,17 +91,38 @@ static std::function<void()>* body = nullptr;
 static float shfl_buf[32][32];
 static unsigned mma_a[32][32][4], mma_b[32][32][2];
 static float mma_c[32][32][4];
+// Work counters, for the emulator's rate: tensor-core MMAs (once per warp each) and blocks run.
+static unsigned long long mma_count = 0, block_count = 0;
 
 inline void park(State s) {
     fibers[cur].state = s;
+#if defined(__x86_64__)
+    asge_emu_swap(&fibers[cur].sp, sched_sp);
+#else
     swapcontext(&fibers[cur].ctx, &sched);
+#endif
 }
 inline void warp_sync() { park(WARP_WAIT); }
 
+#if defined(__x86_64__)
+[[noreturn]] static void fiber_main() {
+    (*body)();
+    fibers[cur].state = DONE;
+    asge_emu_swap(&fibers[cur].sp, sched_sp);
+    __builtin_unreachable();
+}
+#else
 static void entry() {
     (*body)();
     fibers[cur].state = DONE;
 }  // returns to sched through uc_link
+#endif
+
+inline void fault(const char* what) {
+    std::snprintf(fault_msg, sizeof fault_msg, "%s (thread %u of block %u,%u,%u)", what, threadIdx.x, blockIdx.x,
+                  blockIdx.y, blockIdx.z);
+    on_fault(fault_msg);
+}
 
 // Runs one block of `threads` fibers to completion.
 inline void run_block(int threads) {
@@ -67,20 +130,36 @@ inline void run_block(int threads) {
     for (int i = 0; i < threads; ++i) {
         Fiber& f = fibers[i];
         if (f.stack.empty()) f.stack.resize(STACK);
+#if defined(__x86_64__)
+        // A fresh stack whose first switch returns into fiber_main with the ABI's alignment (rsp = 8 mod 16 at
+        // entry): [top - 8] a null return address, [top - 16] fiber_main, then six saved registers.
+        auto top = (reinterpret_cast<std::uintptr_t>(f.stack.data()) + STACK) & ~std::uintptr_t(15);
+        void** sp = reinterpret_cast<void**>(top);
+        *--sp = nullptr;
+        *--sp = reinterpret_cast<void*>(&fiber_main);
+        for (int r = 0; r < 6; ++r) *--sp = nullptr;
+        f.sp = sp;
+#else
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.data();
         f.ctx.uc_stack.ss_size = STACK;
         f.ctx.uc_link = &sched;
         makecontext(&f.ctx, entry, 0);
+#endif
         f.state = RUNNABLE;
     }
+    ++block_count;
     for (;;) {
         bool ran = false;
         for (int i = 0; i < threads; ++i) {
             if (fibers[i].state != RUNNABLE) continue;
             cur = i;
             threadIdx = {(unsigned)i, 0, 0};
+#if defined(__x86_64__)
+            asge_emu_swap(&sched_sp, fibers[i].sp);
+#else
             swapcontext(&sched, &fibers[i].ctx);
+#endif
             ran = true;
         }
         int live = 0, at_block = 0;
@@ -108,8 +187,10 @@ inline void run_block(int threads) {
             }
         }
         if (!ran && !released) {
-            std::fprintf(stderr, "cuda_emu: deadlock (a barrier some live threads never reach)\n");
-            std::abort();
+            std::snprintf(fault_msg, sizeof fault_msg,
+                          "cuda_emu: deadlock (a barrier some live threads never reach) in block %u,%u,%u",
+                          blockIdx.x, blockIdx.y, blockIdx.z);
+            on_fault(fault_msg);
         }
     }
 }
@@ -160,9 +241,9 @@ static inline f16_bits f2h(float f) {
 // the emulation refuses it too.
 inline void check_align(const void* p, unsigned size, const char* what) {
     if (reinterpret_cast<std::uintptr_t>(p) % size != 0) {
-        std::fprintf(stderr, "cuda_emu: %s of a misaligned address %p (thread %u of block %u,%u,%u)\n", what, p,
-                     threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
-        std::abort();
+        char m[160];
+        std::snprintf(m, sizeof m, "cuda_emu: %s of a misaligned address %p", what, p);
+        emu::fault(m);
     }
 }
 
@@ -183,32 +264,41 @@ static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
     emu::warp_sync();
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A B + C, from the documented fragment layout.
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A B + C, from the documented fragment layout. Every
+// lane deposits its fragments and parks; the warp's lane 0 runs first once all have arrived, decodes the 16x16 A
+// and 16x8 B and computes all 32 lanes' D (once per warp, not once per lane), and every lane reads its own after
+// the second barrier.
 static inline void mma_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int i = 0; i < 4; ++i) emu::mma_a[warp][lane][i] = a[i];
     for (int i = 0; i < 2; ++i) emu::mma_b[warp][lane][i] = b[i];
+    for (int i = 0; i < 4; ++i) emu::mma_c[warp][lane][i] = c[i];
     emu::warp_sync();
-    auto lo = [](unsigned r) { return h2f((f16_bits)(r & 0xffffu)); };
-    auto hi = [](unsigned r) { return h2f((f16_bits)(r >> 16)); };
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        const int g = l >> 2, t = l & 3;
-        const unsigned* ra = emu::mma_a[warp][l];
-        A[g][2 * t] = lo(ra[0]);      A[g][2 * t + 1] = hi(ra[0]);
-        A[g + 8][2 * t] = lo(ra[1]);  A[g + 8][2 * t + 1] = hi(ra[1]);
-        A[g][2 * t + 8] = lo(ra[2]);  A[g][2 * t + 9] = hi(ra[2]);
-        A[g + 8][2 * t + 8] = lo(ra[3]); A[g + 8][2 * t + 9] = hi(ra[3]);
-        const unsigned* rb = emu::mma_b[warp][l];
-        B[2 * t][g] = lo(rb[0]);      B[2 * t + 1][g] = hi(rb[0]);
-        B[2 * t + 8][g] = lo(rb[1]);  B[2 * t + 9][g] = hi(rb[1]);
-    }
-    const int g = lane >> 2, t = lane & 3;
-    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    for (int i = 0; i < 4; ++i) {
-        float s = c[i];
-        for (int k = 0; k < 16; ++k) s = std::fma(A[rows[i]][k], B[k][cols[i]], s);
-        emu::mma_c[warp][lane][i] = s;
+    if (lane == 0) {
+        auto lo = [](unsigned r) { return h2f((f16_bits)(r & 0xffffu)); };
+        auto hi = [](unsigned r) { return h2f((f16_bits)(r >> 16)); };
+        float A[16][16], B[16][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            const unsigned* ra = emu::mma_a[warp][l];
+            A[g][2 * t] = lo(ra[0]);      A[g][2 * t + 1] = hi(ra[0]);
+            A[g + 8][2 * t] = lo(ra[1]);  A[g + 8][2 * t + 1] = hi(ra[1]);
+            A[g][2 * t + 8] = lo(ra[2]);  A[g][2 * t + 9] = hi(ra[2]);
+            A[g + 8][2 * t + 8] = lo(ra[3]); A[g + 8][2 * t + 9] = hi(ra[3]);
+            const unsigned* rb = emu::mma_b[warp][l];
+            B[2 * t][g] = lo(rb[0]);      B[2 * t + 1][g] = hi(rb[0]);
+            B[2 * t + 8][g] = lo(rb[1]);  B[2 * t + 9][g] = hi(rb[1]);
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+            for (int i = 0; i < 4; ++i) {
+                float s = emu::mma_c[warp][l][i];
+                for (int k = 0; k < 16; ++k) s = std::fma(A[rows[i]][k], B[k][cols[i]], s);
+                emu::mma_c[warp][l][i] = s;
+            }
+        }
+        ++emu::mma_count;
     }
     emu::warp_sync();
     for (int i = 0; i < 4; ++i) c[i] = emu::mma_c[warp][lane][i];

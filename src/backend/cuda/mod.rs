@@ -10,6 +10,7 @@
 //! parity test against the CPU reference in both precisions (`tests/cuda.rs`, ignored without a GPU).
 
 pub mod nvrtc;
+pub mod standin;
 
 use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision, STATS_LEN};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
@@ -18,8 +19,12 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Why CUDA cannot be used here, or `Ok(n)` devices. Never panics.
+/// Why CUDA cannot be used here, or `Ok(n)` devices. Never panics. With `ASGE_CUDA_STANDIN=1` it first loads
+/// the driver stand-in ([`standin`]), or says why it cannot.
 pub fn probe() -> Result<usize> {
+    if standin::requested() {
+        standin::load()?;
+    }
     // SAFETY: is_culib_present only tries to dlopen the library; it calls no CUDA function.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         bail!("no CUDA driver (libcuda.so) on this machine");
@@ -409,6 +414,10 @@ impl CudaBackend {
         // SAFETY: one out-parameter; the driver library is present (probe).
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
         let format = nvrtc::format_for(driver)?;
+        // The stand-in binds PTX entries to their host twins; it cannot read machine code.
+        if standin::active() && format != nvrtc::Format::Ptx {
+            bail!("ASGE_KERNEL_FORMAT=cubin: the CUDA stand-in loads PTX only");
+        }
         let mut funcs = HashMap::new();
         for (module, source, hash) in nvrtc::KERNELS {
             let ptx = nvrtc::compile_cached(module, source, *hash, &arch, format)?;
