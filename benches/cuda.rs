@@ -24,6 +24,10 @@ fn randn(n: usize, seed: u64) -> Vec<f32> {
 
 fn gpu() -> Option<CudaBackend> {
     match cuda::probe().and_then(|_| CudaBackend::new(0)) {
+        Ok(be) if be.is_standin() => {
+            eprintln!("CUDA benches skipped: the CUDA stand-in's times would measure its host emulator");
+            None
+        }
         Ok(be) => Some(be),
         Err(e) => {
             eprintln!("CUDA benches skipped: {e:#}");

@@ -137,8 +137,15 @@ impl FolderLock {
 }
 
 /// The files a training run writes into its folder (besides the lock and temporary files).
-pub const RUN_FILES: &[&str] =
-    &["config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "summary.json", "curves.svg"];
+pub const RUN_FILES: &[&str] = &[
+    "config.json",
+    "metrics.jsonl",
+    "steps.jsonl",
+    "last.safetensors",
+    "best.safetensors",
+    "summary.json",
+    "curves.svg",
+];
 
 /// How a training run treats its `--out` folder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -171,6 +171,9 @@ struct TrainArgs {
     /// Without a terminal (a job log): one progress line every this many seconds (0: after every step).
     #[arg(long, default_value_t = 30.0)]
     log_every: f64,
+    /// Also write every step's per-layer losses and accuracy counts to steps.jsonl in the run folder.
+    #[arg(long)]
+    log_steps: bool,
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
     #[arg(long)]
     stop_after: Option<usize>,
@@ -280,6 +283,7 @@ fn train(a: TrainArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         stop_at_step: None,
         log_every: Some(a.log_every),
+        log_steps: a.log_steps,
     };
     if let Some(path) = &a.trace {
         asge::trace::enable(path);

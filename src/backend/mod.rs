@@ -5,6 +5,7 @@
 //! `[B, C * P * P]` flattened channel-major (`c * P^2 + i * P + j`), projections `[D, N]`, heads `[N, C]`.
 //! No op computes an input gradient: a layer's input is a constant to it.
 
+pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -114,12 +115,6 @@ pub struct DeviceSpan {
     pub dur_us: f64,
 }
 
-/// The buffer-size check every backend makes before an op: `what` must hold at least `need` values.
-pub(crate) fn check_len(backend: &str, what: &str, have: usize, need: usize) -> Result<()> {
-    anyhow::ensure!(have >= need, "{backend} backend: {what} buffer holds {have} values, the op needs {need}");
-    Ok(())
-}
-
 /// The f32 scalars of one AdamW step, computed in f64 as PyTorch computes them in Python.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWScalars {
@@ -159,6 +154,8 @@ pub const STATS_LEN: usize = 2;
 pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     type Labels: Send + Sync;
+    /// A read queued by [`Backend::queue_read`], collected by [`Backend::collect_read`].
+    type PendingRead: Send;
 
     /// A short description, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
@@ -192,6 +189,12 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Milliseconds per call of `f` measured by the device itself (a GPU's events around the calls, after
+    /// `warmup` untimed ones), or `None` where the host's clock is the measure (the CPU).
+    fn device_time_ms(&self, _warmup: usize, _reps: usize, _f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
     /// The precision of the conv operands (see [`Precision`]).
     fn precision(&self) -> Precision {
         Precision::F32
@@ -204,6 +207,15 @@ pub trait Backend: Send + Sync {
     }
 
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer whose contents are unspecified, for one that an op writes before anything reads it (a GPU skips
+    /// the zeroing; the CUDA stand-in fills it with NaN so that a read of what nobody wrote shows).
+    fn uninit(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// [`Backend::uninit`] for a conv operand.
+    fn operand_uninit(&self, len: usize) -> Result<Self::Buf> {
+        self.operand_zeros(len)
+    }
     /// A zeroed buffer for a conv operand (a layer input, a conv output `y`, a weights' compute copy), stored
     /// in [`Backend::precision`]. [`Backend::write`] rounds into it and [`Backend::read`] widens from it.
     fn operand_zeros(&self, len: usize) -> Result<Self::Buf> {
@@ -225,11 +237,13 @@ pub trait Backend: Send + Sync {
     fn fill_zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()> {
         self.write(buf, &vec![0.0; len])
     }
-    /// The first `len` elements of each of `srcs`, in order (a GPU gathers them on the device and makes one
-    /// copy to the host, so the trainer's per-layer statistics cost one synchronisation a step, not one each).
-    fn read_many(&self, srcs: &[&Self::Buf], len: usize) -> Result<Vec<Vec<f32>>> {
-        srcs.iter().map(|s| self.read(s, len)).collect()
-    }
+    /// Queues a read of the first `len` elements of each of `srcs`, ordered after every op issued so far on
+    /// every lane and before nothing else: a GPU gathers them on the device and copies them into pinned host memory
+    /// on a stream of its own, so the step issued next runs while the copy waits for this one. [`Backend::collect_read`]
+    /// returns the values, waiting for that copy only.
+    fn queue_read(&self, srcs: &[&Self::Buf], len: usize) -> Result<Self::PendingRead>;
+    /// The values of a [`Backend::queue_read`], in order.
+    fn collect_read(&self, pending: Self::PendingRead) -> Result<Vec<Vec<f32>>>;
     /// [`Backend::write`] for a batch's input, which the ops issued next read: a GPU stages it through pinned
     /// host memory and, with several lanes, copies it on its own stream, so the upload overlaps the compute still
     /// queued (with one lane it is queued behind that compute, on the same stream).

@@ -39,7 +39,8 @@ impl<B: Backend> Param<B> {
         Ok(Param {
             value: be.upload(host)?,
             compute,
-            grad: be.zeros(host.len())?,
+            // Written by the weight gradient (or the heads) before AdamW reads it.
+            grad: be.uninit(host.len())?,
             exp_avg: be.zeros(host.len())?,
             exp_avg_sq: be.zeros(host.len())?,
             len: host.len(),
@@ -116,10 +117,9 @@ struct Workspace<B: Backend> {
     max_batch: usize,
 }
 
-/// A queued training step whose statistics have not been read yet.
-#[derive(Clone, Copy, Debug)]
-struct PendingStats {
-    set: usize,
+/// A queued training step whose statistics have not been read yet: the read, queued after the step's ops.
+struct PendingStats<R> {
+    read: R,
     batch: usize,
     step: u64,
 }
@@ -164,7 +164,7 @@ pub struct Net<B: Backend> {
     ws: Workspace<B>,
     be: B,
     /// The step `train_step_pipelined` queued last, until its statistics are returned.
-    pending: Option<PendingStats>,
+    pending: Option<PendingStats<B::PendingRead>>,
 }
 
 impl<B: Backend> Net<B> {
@@ -201,34 +201,38 @@ impl<B: Backend> Net<B> {
             .collect();
         let scratch_of = |l: &crate::model::LayerSpec| (l.c_out * l.h * l.w, l.goodness_dim());
         let (acts, scratch) = if concurrent {
-            let acts = boundary.iter().flat_map(|&a| [a, a]).map(|a| be.operand_zeros(b * a)).collect::<Result<_>>()?;
+            let acts =
+                boundary.iter().flat_map(|&a| [a, a]).map(|a| be.operand_uninit(b * a)).collect::<Result<_>>()?;
             let scratch = spec.layers.iter().map(scratch_of).collect::<Vec<_>>();
             (acts, scratch)
         } else {
             let max_act = boundary.iter().copied().max().unwrap_or(0);
-            let acts = vec![be.operand_zeros(b * max_act)?, be.operand_zeros(b * max_act)?];
+            let acts = vec![be.operand_uninit(b * max_act)?, be.operand_uninit(b * max_act)?];
             let (y, d) = spec.layers.iter().map(scratch_of).fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
             (acts, vec![(y, d)])
         };
         let scratch = scratch
             .into_iter()
             .map(|(y, d)| {
+                // Every scratch buffer is written by an op before another reads it.
                 Ok(Scratch {
-                    y: be.operand_zeros(b * y)?,
-                    g: be.zeros(b * d)?,
-                    dg: be.zeros(b * d)?,
-                    logits: be.zeros(b * n)?,
+                    y: be.operand_uninit(b * y)?,
+                    g: be.uninit(b * d)?,
+                    dg: be.uninit(b * d)?,
+                    logits: be.uninit(b * n)?,
                 })
             })
             .collect::<Result<_>>()?;
-        let stats_set = || (0..=spec.layers.len()).map(|_| be.zeros(STATS_LEN)).collect::<Result<Vec<_>>>();
+        // Zeroed at the start of every step (load_batch).
+        let stats_set = || (0..=spec.layers.len()).map(|_| be.uninit(STATS_LEN)).collect::<Result<Vec<_>>>();
         let ws = Workspace {
             acts,
             scratch,
             concurrent,
             parity: 0,
-            gap: spec.layers.iter().map(|l| be.zeros(b * l.c_out)).collect::<Result<_>>()?,
-            head_logits: be.zeros(b * n)?,
+            // Written by layer_output (from layer 2 on) before the heads read them; the heads zero their logits.
+            gap: spec.layers.iter().map(|l| be.uninit(b * l.c_out)).collect::<Result<_>>()?,
+            head_logits: be.uninit(b * n)?,
             labels: be.labels(&[])?,
             stats: [stats_set()?, stats_set()?],
             stats_set: 0,
@@ -245,10 +249,9 @@ impl<B: Backend> Net<B> {
         self.ws.max_batch
     }
 
-    /// Reads a queued step's stats slots (`load_batch` zeroes them), waiting for the step to finish.
-    fn read_stats(&self, p: PendingStats) -> Result<StepStats> {
-        let slots: Vec<&B::Buf> = self.ws.stats[p.set].iter().collect();
-        let mut read = self.be.read_many(&slots, STATS_LEN)?;
+    /// A queued step's statistics: waits for the step's read (`queue_read`), not for what was queued after it.
+    fn read_stats(&self, p: PendingStats<B::PendingRead>) -> Result<StepStats> {
+        let mut read = self.be.collect_read(p.read)?;
         let heads = read.pop().expect("the heads' stats slot");
         let per_sample = |s: &[f32]| s[0] as f64 / p.batch as f64;
         Ok(StepStats {
@@ -342,7 +345,8 @@ impl<B: Backend> Net<B> {
             head.b.step(&self.be, &h)?;
         }
         std::mem::drop(span);
-        let queued = PendingStats { set: self.ws.stats_set, batch, step };
+        let slots: Vec<&B::Buf> = self.ws.stats[self.ws.stats_set].iter().collect();
+        let queued = PendingStats { read: self.be.queue_read(&slots, STATS_LEN)?, batch, step };
         // The next step (or evaluation) writes the other set; this one is read first.
         self.ws.stats_set ^= 1;
         match self.pending.replace(queued) {

@@ -213,6 +213,8 @@ pub struct RunOptions {
     pub stop_at_step: Option<u64>,
     /// Without a terminal, a progress line at most every this many seconds (`None`: 30; 0: every step).
     pub log_every: Option<f64>,
+    /// Write every step's losses and accuracy counts to `steps.jsonl` (`--log-steps`).
+    pub log_steps: bool,
 }
 
 impl RunOptions {
@@ -472,6 +474,7 @@ impl<'c, B: Backend> Run<'c, B> {
         folder.clear_old_run()?;
         if start == RunStart::Resume {
             truncate_metrics(&folder.dir.join("metrics.jsonl"), state.epochs_done)?;
+            truncate_steps(&folder.dir.join("steps.jsonl"), state.step)?;
         } else {
             files::write_atomic(
                 &folder.dir.join("config.json"),
@@ -517,6 +520,23 @@ impl<'c, B: Backend> Run<'c, B> {
             train_seconds: 0.0,
             train_images: 0,
         })
+    }
+
+    /// With `--log-steps`: one line of `steps.jsonl` for a step's statistics (they arrive one call after the step,
+    /// see `Net::train_step_pipelined`).
+    fn log_step(&self, s: Option<&super::StepStats>, epoch: usize, lr: f64) -> Result<()> {
+        let Some(s) = s.filter(|_| self.opts.log_steps) else { return Ok(()) };
+        let row = serde_json::json!({
+            "step": s.step,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "images": s.batch,
+            "layer_loss": s.layer_loss,
+            "layer_correct": s.layer_correct,
+            "head_loss": s.head_loss,
+            "head_correct": s.head_correct,
+        });
+        append_line(&self.folder.dir.join("steps.jsonl"), &row.to_string())
     }
 
     /// Writes `last.safetensors` with the running sums of an unfinished epoch (a mid-epoch checkpoint).
@@ -569,6 +589,7 @@ impl<'c, B: Backend> Run<'c, B> {
             let step = self.state.step;
             let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), step);
             let s = self.net.train_step_pipelined(&batch.x, &batch.labels, lr, step, Some((cfg.dropout, drop_key)))?;
+            self.log_step(s.as_ref(), epoch, lr)?;
             sums.add_checked(s, epoch)?;
             self.state.batches_done += 1;
             if sums.images > 0 {
@@ -578,7 +599,9 @@ impl<'c, B: Backend> Run<'c, B> {
             let signal = interrupt::received();
             let stop = opts.stop_at_step == Some(step) || signal.is_some();
             if (periodic || stop) && self.state.batches_done < n_batches {
-                sums.add_checked(self.net.flush_stats()?, epoch)?;
+                let s = self.net.flush_stats()?;
+                self.log_step(s.as_ref(), epoch, lr)?;
+                sums.add_checked(s, epoch)?;
                 sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
                 self.save_mid_epoch(&sums)?;
                 if stop {
@@ -602,7 +625,9 @@ impl<'c, B: Backend> Run<'c, B> {
                 self.state.batches_done
             );
         }
-        sums.add_checked(self.net.flush_stats()?, epoch)?;
+        let s = self.net.flush_stats()?;
+        self.log_step(s.as_ref(), epoch, lr)?;
+        sums.add_checked(s, epoch)?;
         pb.finish();
         drop(pb);
         self.state.batches_done = 0;
@@ -855,6 +880,38 @@ fn write_curves(out: &Path, title: &str) -> Result<()> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
     let metrics: Vec<EpochMetrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     files::write_atomic(&out.join("curves.svg"), super::plot::curves_svg(&metrics, title).as_bytes())
+}
+
+/// Appends `line` to `path` (created if absent, never through a symlink).
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("{}: cannot append", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("{}: cannot append", path.display()))
+}
+
+/// Drops `steps.jsonl` lines of steps past the checkpoint.
+fn truncate_steps(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    files::write_atomic(path, body.as_bytes())
 }
 
 /// Drops metric lines of epochs past the checkpoint (an interrupted epoch may have logged before dying).

@@ -10,7 +10,7 @@
 pub mod conv;
 pub mod ops;
 
-use super::{round_f16, AdamWStep, Backend, ConvShape, Dropout, Precision};
+use super::{check, round_f16, AdamWStep, Backend, ConvShape, Dropout, Precision};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::Result;
 
@@ -55,12 +55,22 @@ fn rounded(v: &[f32]) -> Vec<f32> {
 }
 
 fn fits(what: &str, have: usize, need: usize) -> Result<()> {
-    super::check_len("cpu", what, have, need)
+    check::fits("cpu", what, have, need)
 }
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Labels = Vec<u32>;
+    /// The CPU's ops run when issued: the values are read when the read is queued.
+    type PendingRead = Vec<Vec<f32>>;
+
+    fn queue_read(&self, srcs: &[&Vec<f32>], len: usize) -> Result<Vec<Vec<f32>>> {
+        srcs.iter().map(|s| self.read(s, len)).collect()
+    }
+
+    fn collect_read(&self, pending: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        Ok(pending)
+    }
 
     fn name(&self) -> String {
         match self.precision {
@@ -117,11 +127,7 @@ impl Backend for CpuBackend {
         y: &mut Vec<f32>,
         g: &mut Vec<f32>,
     ) -> Result<()> {
-        fits("x", x.len(), s.x_len())?;
-        fits("conv weight", w.len(), s.w_len())?;
-        fits("conv bias", b.len(), s.c_out)?;
-        fits("y", y.len(), s.y_len())?;
-        fits("goodness", g.len(), s.batch * s.c_out * grid.cells())?;
+        check::conv_fwd("cpu", s, grid, x.len(), w.len(), b.len(), y.len(), g.len())?;
         if self.f16() {
             let (x, w) = (rounded(&x[..s.x_len()]), rounded(&w[..s.w_len()]));
             conv::conv_goodness_fwd(s, grid, reduce, &x, &w, b, y, g, true);
@@ -144,12 +150,9 @@ impl Backend for CpuBackend {
         dg: Option<&mut Vec<f32>>,
         stats: &mut Vec<f32>,
     ) -> Result<()> {
-        fits("goodness", g.len(), batch * dim)?;
-        fits("projection", proj_w.len(), dim * classes)?;
-        fits("logits", logits.len(), batch * classes)?;
-        if let Some(dg) = &dg {
-            fits("dL/dg", dg.len(), batch * dim)?;
-        }
+        let dg_len = dg.as_ref().map(|d| d.len());
+        let lens = (g.len(), proj_w.len(), proj_b.len(), labels.len(), logits.len());
+        check::goodness_loss("cpu", batch, dim, classes, lens.0, lens.1, lens.2, lens.3, lens.4, dg_len, stats.len())?;
         ops::goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
     }
 
@@ -164,11 +167,7 @@ impl Backend for CpuBackend {
         dw: &mut Vec<f32>,
         db: &mut Vec<f32>,
     ) -> Result<()> {
-        fits("x", x.len(), s.x_len())?;
-        fits("y", y.len(), s.y_len())?;
-        fits("dL/dg", dg.len(), s.batch * s.c_out * grid.cells())?;
-        fits("dL/dW", dw.len(), s.w_len())?;
-        fits("dL/db", db.len(), s.c_out)?;
+        check::conv_wgrad("cpu", s, grid, x.len(), y.len(), dg.len(), dw.len(), db.len())?;
         if self.f16() {
             let x = rounded(&x[..s.x_len()]);
             let scale = super::dz_scale(s.batch, grid, reduce);
@@ -192,11 +191,8 @@ impl Backend for CpuBackend {
         gap: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
-        fits("y", y.len(), batch * c * h * w)?;
-        fits("layer output", out.len(), batch * c * ho * wo)?;
-        if let Some(gap) = &gap {
-            fits("pooled features", gap.len(), batch * c)?;
-        }
+        let gap_len = gap.as_ref().map(|g| g.len());
+        check::layer_output("cpu", batch, c, h, w, pool.is_some(), y.len(), out.len(), gap_len)?;
         ops::layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
         if self.f16() {
             out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));
@@ -215,11 +211,21 @@ impl Backend for CpuBackend {
         grads: Option<&mut [(&mut Vec<f32>, &mut Vec<f32>)]>,
         stats: &mut Vec<f32>,
     ) -> Result<()> {
-        for (&(f, c), &(w, b)) in feats.iter().zip(heads) {
-            fits("head features", f.len(), batch * c)?;
-            fits("head weight", w.len(), classes * c)?;
-            fits("head bias", b.len(), classes)?;
-        }
+        let f_lens: Vec<(usize, usize)> = feats.iter().map(|&(f, c)| (f.len(), c)).collect();
+        let h_lens: Vec<(usize, usize)> = heads.iter().map(|&(w, b)| (w.len(), b.len())).collect();
+        let g_lens: Option<Vec<(usize, usize)>> =
+            grads.as_ref().map(|g| g.iter().map(|(w, b)| (w.len(), b.len())).collect());
+        check::fusion_heads(
+            "cpu",
+            batch,
+            classes,
+            &f_lens,
+            &h_lens,
+            g_lens.as_deref(),
+            labels.len(),
+            logits.len(),
+            stats.len(),
+        )?;
         let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
         let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();
         let mut grads: Option<Vec<(&mut [f32], &mut [f32])>> =
@@ -237,14 +243,9 @@ impl Backend for CpuBackend {
         h: &AdamWStep,
         copy: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        for (what, n) in
-            [("parameter", p.len()), ("gradient", grad.len()), ("exp_avg", m.len()), ("exp_avg_sq", v.len())]
-        {
-            fits(what, n, len)?;
-        }
+        check::adamw("cpu", len, p.len(), grad.len(), m.len(), v.len(), copy.as_ref().map(|c| c.len()))?;
         ops::adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], h);
         if let Some(copy) = copy {
-            fits("weight copy", copy.len(), len)?;
             let f16 = self.f16();
             for (c, &v) in copy[..len].iter_mut().zip(&p[..len]) {
                 *c = if f16 { round_f16(v) } else { v };

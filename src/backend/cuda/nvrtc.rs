@@ -21,6 +21,57 @@ pub fn available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// The NVRTC library cudarc will load: the first of its candidate names (unversioned first) that opens, with the
+/// file it resolves to. None when none opens.
+pub fn library_path() -> Option<(String, String)> {
+    for name in cudarc::get_lib_name_candidates("nvrtc") {
+        let c = std::ffi::CString::new(name.clone()).ok()?;
+        // SAFETY: dlopen of a library name; the handle is closed again.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            continue;
+        }
+        let mut path = name.clone();
+        // SAFETY: dlsym in a live handle, dladdr on the symbol it returned.
+        unsafe {
+            let sym = libc::dlsym(h, c"nvrtcVersion".as_ptr());
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            if !sym.is_null() && libc::dladdr(sym, &mut info) != 0 && !info.dli_fname.is_null() {
+                path = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+            }
+            libc::dlclose(h);
+        }
+        return Some((name, path));
+    }
+    None
+}
+
+/// The oldest NVRTC whose PTX the engine's kernels are tested with (CUDA 13.0).
+pub const MIN_VERSION: i32 = 13000;
+
+/// Checks the NVRTC library that will be used: present, not older than 13.0 (cudarc tries unversioned names
+/// first, so an older toolkit's `libnvrtc.so` on the path would win over the wheel's `libnvrtc.so.13`), and its
+/// builtins library next to it (NVRTC loads `libnvrtc-builtins.so.<major>.<minor>` from its own folder).
+pub fn check_library() -> Result<()> {
+    let Some((name, path)) = library_path() else {
+        bail!("no NVRTC library (libnvrtc.so.13); put the CUDA toolkit's lib64 (or the nvidia-cuda-nvrtc wheel's lib) on LD_LIBRARY_PATH");
+    };
+    let v = version().unwrap_or(0);
+    if v < MIN_VERSION {
+        bail!(
+            "NVRTC {}.{} found first ({name} -> {path}): asge needs 13.0 or newer; put CUDA 13's lib64 earlier on LD_LIBRARY_PATH",
+            v / 1000,
+            (v % 1000) / 10
+        );
+    }
+    let dir = std::path::Path::new(&path).parent().map(|d| d.to_path_buf()).unwrap_or_default();
+    let builtins = format!("libnvrtc-builtins.so.{}.{}", v / 1000, (v % 1000) / 10);
+    if path.contains('/') && !dir.join(&builtins).exists() {
+        bail!("{path}: NVRTC's {builtins} is not next to it, and NVRTC cannot compile without it");
+    }
+    Ok(())
+}
+
 /// The `extern "C"` entry points of a kernel source.
 pub fn entry_points(source: &'static str) -> Vec<&'static str> {
     let mut out = Vec::new();
@@ -207,11 +258,15 @@ fn cache_dir() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/asge/kernels")))
 }
 
-/// [`compile`] or [`compile_cubin`], through the disk cache keyed by content hash, architecture, options and
-/// format.
-pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format: Format) -> Result<Ptx> {
+/// [`compile`] or [`compile_cubin`], through the disk cache keyed by content hash, architecture, options,
+/// format, and the NVRTC and driver versions (another compiler, or a driver that JITs PTX differently, never
+/// reuses a cached file). `driver` is the driver's CUDA version (0 when compiling without one).
+pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format: Format, driver: i32) -> Result<Ptx> {
     let opts_hash = OPTIONS.join(" ").bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    let file = cache_dir().map(|d| d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}.{}", format.ext())));
+    let nvrtc = version().unwrap_or(0);
+    let file = cache_dir().map(|d| {
+        d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}-nvrtc{nvrtc}-driver{driver}.{}", format.ext()))
+    });
     if let Some(f) = &file {
         match format {
             Format::Ptx => {
@@ -231,10 +286,12 @@ pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format:
         Format::Cubin => compile_cubin(module, source, arch)?,
     };
     if let Some(f) = &file {
-        // A failed cache write only costs a recompile next time; the rename makes a half-written file impossible.
-        let _ = std::fs::create_dir_all(f.parent().unwrap())
-            .and_then(|_| std::fs::write(f.with_extension("tmp"), &bytes))
-            .and_then(|_| std::fs::rename(f.with_extension("tmp"), f));
+        // A failed cache write only costs a recompile next time. The temporary file's name is unique to this
+        // process and call, so two processes compiling at once each rename a whole file into place.
+        if let Some(dir) = f.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = crate::files::write_atomic(f, &bytes);
     }
     Ok(match format {
         Format::Ptx => Ptx::from_src(String::from_utf8(bytes).context("NVRTC's PTX is not UTF-8")?),

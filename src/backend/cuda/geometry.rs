@@ -1,0 +1,138 @@
+//! Launch geometry of every kernel, as pure functions of the shapes: the backend launches with them, and the
+//! host emulation of the kernels (tests/kernel_emulation.rs) runs the same grids.
+
+use crate::backend::{ConvShape, Precision};
+use crate::model::{GoodnessReduce, PatchGrid};
+
+/// Threads per block of every kernel.
+pub const THREADS: u32 = 256;
+
+/// One thread per element.
+pub fn grid1(n: usize) -> (u32, u32, u32) {
+    ((n as u32).div_ceil(THREADS).max(1), 1, 1)
+}
+
+/// The conv forward's kernel and its block tile (channels, pixels): 64 x 64 in f32; in f16 64 x 128, or
+/// 128 x 128 (twice the MMAs for each gathered tap) where there are at least 128 output channels and the
+/// larger tile still makes 256 blocks (two waves of 2 blocks on a 132-SM H100 / H200 would be ~264: the
+/// small late layers keep the smaller tile's parallelism; a heuristic for the GPU to confirm).
+pub fn conv_fwd_kernel(s: &ConvShape, p: Precision) -> (&'static str, u32, u32) {
+    let n_tiles = (s.batch * s.h * s.w).div_ceil(128);
+    match p {
+        Precision::F32 => ("conv_goodness_fwd_f32", 64, 64),
+        Precision::F16 if s.c_out >= 128 && n_tiles * s.c_out.div_ceil(128) >= 256 => CONV_FWD_F16[1],
+        Precision::F16 => CONV_FWD_F16[0],
+    }
+}
+
+/// The fp16 forward kernels: (name, channels, pixels) of their block tiles.
+pub const CONV_FWD_F16: [(&str, u32, u32); 2] =
+    [("conv_goodness_fwd_f16", 64, 128), ("conv_goodness_fwd_f16_m128", 128, 128)];
+
+/// The conv forward's grid for a block tile of `tile_m` channels x `tile_n` pixels.
+pub fn conv_fwd_grid(s: &ConvShape, tile_m: u32, tile_n: u32) -> (u32, u32, u32) {
+    let n = (s.batch * s.h * s.w) as u32;
+    (n.div_ceil(tile_n), (s.c_out as u32).div_ceil(tile_m), 1)
+}
+
+/// The conv forward's grid: one block per tile of [`conv_fwd_kernel`].
+pub fn conv_fwd(s: &ConvShape, p: Precision) -> (u32, u32, u32) {
+    let (_, tile_m, tile_n) = conv_fwd_kernel(s, p);
+    conv_fwd_grid(s, tile_m, tile_n)
+}
+
+/// The weight gradient's split: blocks of 64 channels x 64 (f32), 128 or 256 (f16) taps, and the pixels cut into
+/// `slices` slices of `chunk` (a multiple of the kernel's pixel step) so that at least ~512 blocks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgradSplit {
+    pub grid: (u32, u32, u32),
+    pub chunk: usize,
+    pub slices: usize,
+}
+
+/// The fp16 weight-gradient kernels: (name, taps, pixels a step) of their block tiles (64 channels each).
+pub const WGRAD_F16: [(&str, usize, usize); 2] =
+    [("conv_goodness_wgrad_f16", 128, 32), ("conv_goodness_wgrad_f16_n256", 256, 16)];
+
+/// The weight gradient's kernel: in f16 the 256-tap tile (half the dz work per MMA) from K = 1024 on, where
+/// rounding K up to it wastes at most ~11% of the MMAs; the 128-tap tile below.
+pub fn wgrad_kernel(s: &ConvShape, p: Precision) -> (&'static str, usize, usize) {
+    match p {
+        Precision::F32 => ("conv_goodness_wgrad_f32", 64, 16),
+        Precision::F16 if s.c_in * 9 >= 1024 => WGRAD_F16[1],
+        Precision::F16 => WGRAD_F16[0],
+    }
+}
+
+pub fn wgrad(s: &ConvShape, p: Precision) -> WgradSplit {
+    let (_, tile_k, step) = wgrad_kernel(s, p);
+    wgrad_split(s, tile_k, step)
+}
+
+/// The split for a block tile of 64 channels x `tile_k` taps walking the pixels `step` at a time.
+pub fn wgrad_split(s: &ConvShape, tile_k: usize, step: usize) -> WgradSplit {
+    let n = s.batch * s.h * s.w;
+    let k = s.c_in * 9;
+    let (gx, gy) = (k.div_ceil(tile_k) as u32, s.c_out.div_ceil(64) as u32);
+    let want_z = (512 / (gx * gy) as usize).max(1);
+    let chunk = n.div_ceil(want_z).next_multiple_of(step).max(256);
+    let slices = n.div_ceil(chunk);
+    WgradSplit { grid: (gx, gy, slices as u32), chunk, slices }
+}
+
+/// The conv GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:
+/// entry k = ci*9 + r (r = kh*3 + kw) is `(ci*h*w + kh*w + kw) << 9 | 1 << r`; from 9 `c_in` on, up to the
+/// next multiple of 256 (the largest weight-gradient tap tile, a multiple of every K step), it is 0: no tap.
+pub fn tap_table(c_in: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
+    let k = c_in * 9;
+    if c_in * h * w + 2 * w + 2 >= 1 << 23 {
+        return Err(format!(
+            "a {c_in}x{h}x{w} layer input is too large for the CUDA conv kernels' tap offsets (C*H*W below \
+             2^23); the CPU backend has no such limit"
+        ));
+    }
+    let mut t: Vec<i32> = (0..k)
+        .map(|k| {
+            let (ci, r) = (k / 9, k % 9);
+            (((ci * h * w + (r / 3) * w + r % 3) << 9) | 1 << r) as u32 as i32
+        })
+        .collect();
+    t.resize(k.next_multiple_of(256).max(256), 0);
+    Ok(t)
+}
+
+/// The weight gradients' cell table (kernels/prelude.cuh, `cells_q`): per pixel of the map, the
+/// bins holding it packed as `r0 | r1 << 8 | c0 << 16 | c1 << 24` (first and last row bin, first and last
+/// column bin); and per cell the divisor of its goodness gradient (its area for the mean, 1 for the sum).
+pub fn cell_table(grid: &PatchGrid, reduce: GoodnessReduce) -> Result<(Vec<i32>, Vec<f32>), String> {
+    if grid.p > 256 {
+        return Err(format!("a patch grid of {} is too fine for the CUDA kernels' cell table (at most 256)", grid.p));
+    }
+    // The bins holding coordinate c: a run of consecutive bins (they are ordered and overlap by at most one).
+    let span = |bins: &[(usize, usize)], c: usize| {
+        let first = bins.iter().position(|&(a, b)| a <= c && c < b).expect("every pixel lies in a bin");
+        let last = bins.iter().rposition(|&(a, b)| a <= c && c < b).unwrap_or(first);
+        (first, last)
+    };
+    let mut cells = Vec::with_capacity(grid.h * grid.w);
+    for oh in 0..grid.h {
+        let (r0, r1) = span(&grid.rows, oh);
+        for ow in 0..grid.w {
+            let (c0, c1) = span(&grid.cols, ow);
+            cells.push((r0 | r1 << 8 | c0 << 16 | c1 << 24) as i32);
+        }
+    }
+    let div = (0..grid.p)
+        .flat_map(|i| (0..grid.p).map(move |j| (i, j)))
+        .map(|(i, j)| match reduce {
+            GoodnessReduce::Mean => grid.area(i, j) as f32,
+            GoodnessReduce::Sum => 1.0,
+        })
+        .collect();
+    Ok((cells, div))
+}
+
+/// AdamW: a grid-stride loop over at most 4096 blocks.
+pub fn adamw(len: usize) -> (u32, u32, u32) {
+    ((len as u32).div_ceil(THREADS).clamp(1, 4096), 1, 1)
+}

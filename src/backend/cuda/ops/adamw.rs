@@ -1,0 +1,54 @@
+//! `adamw` (kernels/adamw.cu): decoupled weight decay and Adam on the f32 master weights, writing the fp16
+//! operand copy in the same pass.
+
+use super::super::args::launch::AdamwF32;
+use super::super::args::DevOut;
+use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf};
+use crate::backend::{check, AdamWScalars, AdamWStep};
+use anyhow::Result;
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    be: &CudaBackend,
+    len: usize,
+    p: &mut CudaBuf,
+    grad: &CudaBuf,
+    m: &mut CudaBuf,
+    v: &mut CudaBuf,
+    h: &AdamWStep,
+    copy: Option<&mut CudaBuf>,
+) -> Result<()> {
+    let _timer = be.time_op("adamw");
+    check::adamw("cuda", len, p.len(), grad.len(), m.len(), v.len(), copy.as_ref().map(|c| c.len()))?;
+    let AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
+    let ps = p.f32_mut("parameter")?;
+    // The fp16 copy is written by the kernel; an f32 copy (an f32 backend's operand) is a device copy after it.
+    let (f16_copy, f32_copy) = match copy {
+        Some(CudaBuf::F16(c)) => (Some(c as &mut dyn DevOut<half::f16>), None),
+        Some(CudaBuf::F32(c)) => (None, Some(c)),
+        None => (None, None),
+    };
+    // SAFETY: check::adamw bounds every buffer to len; the copy is an fp16 buffer of >= len or null.
+    be.launched("adamw_f32", unsafe {
+        AdamwF32 {
+            p: &mut *ps,
+            g: grad.f32("gradient")?,
+            m: m.f32_mut("exp_avg")?,
+            v: v.f32_mut("exp_avg_sq")?,
+            copy: f16_copy,
+            n: len as i32,
+            decay,
+            w1,
+            b2,
+            w2,
+            step_size,
+            bc2_sqrt,
+            eps,
+        }
+        .launch(be.stream(), be.f("adamw_f32")?, cfg(geometry::adamw(len)))
+    })?;
+    if let Some(c) = f32_copy {
+        drv(be.stream().memcpy_dtod(&ps.slice(0..len), &mut c.slice_mut(0..len)), "copy weights")?;
+    }
+    Ok(())
+}
