@@ -238,6 +238,8 @@ fn conv_fwd_and_wgrad_match_cpu() {
         let c = CpuBackend::new().with_precision(precision);
         // A stored fp16 value may sit one ulp from the emulation's (see the module notes).
         let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
+        // The device's rate on these shapes (under the stand-in: the emulator's, which sizes every CUDA test).
+        let (mut flop, mut seconds) = (0.0f64, 0.0f64);
         for (i, case) in conv_cases(128).into_iter().enumerate() {
             let what = format!("{} case {i}", precision.as_str());
             let s = case.s;
@@ -248,8 +250,11 @@ fn conv_fwd_and_wgrad_match_cpu() {
             c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut gd).unwrap();
             let (xd, wd, bd) = (operand(&g, &x, 0), operand(&g, &w, 0), dev(&g, &b, 0));
             let (mut yd, mut gdd) = (operand(&g, &[], s.y_len()), dev(&g, &[], s.batch * d));
+            g.synchronize().unwrap();
+            let t0 = std::time::Instant::now();
             g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gdd).unwrap();
             let y_gpu = g.read(&yd, s.y_len()).unwrap();
+            seconds += t0.elapsed().as_secs_f64();
             close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);
             close(&format!("{what} goodness"), &g.read(&gdd, s.batch * d).unwrap(), &gd, store_rtol, 1e-5);
 
@@ -258,13 +263,26 @@ fn conv_fwd_and_wgrad_match_cpu() {
             c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y_gpu, &dg, &mut dw, &mut db).unwrap();
             let dgd = dev(&g, &dg, 0);
             let (mut dwd, mut dbd) = (dev(&g, &[], s.w_len()), dev(&g, &[], s.c_out));
+            g.synchronize().unwrap();
+            let t0 = std::time::Instant::now();
             g.conv_goodness_wgrad(&s, &grid, case.reduce, &xd, &yd, &dgd, &mut dwd, &mut dbd).unwrap();
+            g.synchronize().unwrap();
+            seconds += t0.elapsed().as_secs_f64();
+            flop += 4.0 * (s.batch * s.h * s.w * s.c_out * s.c_in * 9) as f64;
             // The reduction runs over B*H*W (up to 32k) pixels: roundoff grows with sqrt(N); 1e-3 relative. In
             // fp16 the scaled dz rounds identically on both sides except where the f32 dz differs in its last
             // bit and straddles an fp16 rounding boundary (~2^-13 of the terms, each off by one fp16 ulp).
             close(&format!("{what} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
             close(&format!("{what} db"), &g.read(&dbd, s.c_out).unwrap(), &db, 1e-3, 1e-4);
         }
+        println!(
+            "{} conv forward + weight gradient on {}: {:.2} GFLOP in {:.2} s, {:.2} GFLOP/s",
+            precision.as_str(),
+            g.device_name(),
+            flop / 1e9,
+            seconds,
+            flop / 1e9 / seconds
+        );
     }
 }
 

@@ -31,11 +31,12 @@ for f in tests/*.rs; do
 done
 cargo test --release --lib --bins "${tests[@]}" 2>&1 | tee -a "$log"
 if [ "${ASGE_CUDA_TESTS:-standin}" = gpu ]; then
-  cargo test --release --test cuda --test cuda_train -- --include-ignored 2>&1 | tee -a "$log"
+  cargo test --release --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 | tee -a "$log"
 else
-  ASGE_CUDA_STANDIN=1 cargo test --release --test cuda --test cuda_train -- --include-ignored 2>&1 | tee -a "$log"
+  ASGE_CUDA_STANDIN=1 cargo test --release --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
+    tee -a "$log"
 fi
 grep -E '^test result:' "$log" | awk '
   { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
   END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }'
-grep -m1 -o 'ran on: .*' "$log" | sed 's/^/CUDA tests /' || true
+grep -o 'ran on: .*' "$log" | sort | uniq -c | sed 's/^ */CUDA tests: /' || true
