@@ -487,3 +487,77 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
     close("adamw", &p2, &p, 0.0, 1e-6);
     close("adamw fp16 copy", &from_f16(&copy2), &copy, 1.1e-3, 0.0);
 }
+
+/// The kernels' signatures are written once, in `kernels/*.cu`: build.rs generates the backend's launch wrappers
+/// and the driver stand-in's bindings from them. This test's own bindings (tests/emu/launch.cpp's C wrappers and
+/// the argument types of every `launch!` above) are written by hand, so they are checked against the same
+/// signatures: a kernel whose parameters change fails here until both are updated.
+#[test]
+fn the_emulation_bindings_agree_with_the_kernels_signatures() {
+    use asge::backend::cuda::args::launch::SIGNATURES;
+    let sig = |name: &str| -> Vec<(String, String)> {
+        let (_, params) = SIGNATURES.iter().find(|(k, _)| *k == name).unwrap_or_else(|| panic!("no kernel {name}"));
+        params.iter().map(|(t, n)| (t.to_string(), n.to_string())).collect()
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // launch.cpp: `void emu_<kernel>(GRID, <the kernel's parameters>)`.
+    let cpp = std::fs::read_to_string(root.join("tests/emu/launch.cpp")).unwrap();
+    let mut wrapped = Vec::new();
+    for chunk in cpp.split("void emu_").skip(1) {
+        let name = &chunk[..chunk.find('(').unwrap()];
+        let list = &chunk[chunk.find('(').unwrap() + 1..chunk.find(')').unwrap()];
+        let params: Vec<(String, String)> = list
+            .split(',')
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|p| p != "GRID")
+            .map(|p| {
+                let at = p.rfind([' ', '*']).unwrap();
+                (p[..=at].trim().to_string(), p[at + 1..].to_string())
+            })
+            .collect();
+        assert_eq!(params, sig(name), "tests/emu/launch.cpp: emu_{name}'s parameters differ from kernels/*.cu");
+        wrapped.push(name.to_string());
+    }
+    for (k, _) in SIGNATURES {
+        assert!(wrapped.iter().any(|w| w == k), "tests/emu/launch.cpp has no wrapper for kernel {k}");
+    }
+    // This file's launch! calls: the Rust argument types, from the C++ ones.
+    let rust = |c: &str| -> &'static str {
+        match c {
+            "const float*" => "*const f32",
+            "float*" => "*mut f32",
+            "const f16_bits*" => "*const u16",
+            "f16_bits*" => "*mut u16",
+            "const int*" => "*const i32",
+            "const unsigned int*" => "*const u32",
+            "int" => "i32",
+            "float" => "f32",
+            "unsigned long long" => "u64",
+            other => panic!("no Rust type for {other}"),
+        }
+    };
+    let src = std::fs::read_to_string(root.join("tests/kernel_emulation.rs")).unwrap();
+    let body = &src[..src.find("fn the_emulation_bindings_agree").unwrap()];
+    let mut checked = 0;
+    for call in body.split("launch!(").skip(2) {
+        let name_expr = call.split(',').next().unwrap().trim().trim_matches('"').to_string();
+        let f = call.find("fn(").unwrap();
+        let close = f + call[f..].find(')').unwrap();
+        let types: Vec<String> =
+            call[f + 3..close].split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        let kernels: Vec<&str> = match name_expr.as_str() {
+            "fwd_f16.0" => geometry::CONV_FWD_F16.iter().map(|k| k.0).collect(),
+            "wgrad_f16.0" => geometry::WGRAD_F16.iter().map(|k| k.0).collect(),
+            n => vec![SIGNATURES.iter().find(|(k, _)| *k == n).map(|(k, _)| *k).unwrap_or_else(|| panic!("{n}"))],
+        };
+        for k in kernels {
+            let want: Vec<String> = sig(k).iter().map(|(t, _)| rust(t).to_string()).collect();
+            assert_eq!(
+                types, want,
+                "tests/kernel_emulation.rs: the launch of {k} passes other types than its signature"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} launches checked");
+}

@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine that has no Rust toolchain and no network.
+# One prepared command for a GPU machine that has no Rust toolchain and no network, sized to the device budget
+# (15 minutes in all, the machine's start included, with room to fix and rerun): a total deadline of 5 minutes,
+# enforced here, most important first, every result written to the summary as soon as it exists.
 #
-# Here (with Rust):   tools/gpu-check.sh build     -> gpu-bundle/ (release test binaries, asge, MNIST; < 60 MB)
-# There (the device): tools/gpu-check.sh run       -> GPU parity tests (fp32 and fp16), one-epoch MNIST
-#                                                     trainings on the GPU in fp32 and fp16 (the CPU's numbers
-#                                                     for the same run are quoted), asge bench in both precisions beside the
-#                                                     PyTorch recipe (when the machine has torch), a traced
-#                                                     8-stream run; a short table last; full logs under $OUT
-#                                                     (or gpu-bundle/out)
+# Here (with Rust):   tools/gpu-check.sh build     -> gpu-bundle/ (asge, the CUDA test binary, MNIST, and every
+#                                                     kernel precompiled to PTX for sm_90 by the real NVRTC, so a
+#                                                     device without NVRTC runs too)
+# There (the device): tools/gpu-check.sh run       -> 1. the CUDA parity tests with ASGE_CUDA_SYNC=1 (2 min)
+#                                                     2. one MNIST epoch on the GPU, fp16 then fp32
+#                                                     3. asge bench at width 1 and 0.25 beside the PyTorch recipe
+#                                                     4. a traced 8-stream run
+#                                                     summary in $OUT/summary.txt (or gpu-bundle/out), logs beside
+#                     tools/gpu-check.sh sanitize  -> optional second run: the parity tests under
+#                                                     compute-sanitizer memcheck and racecheck (which work depends on
+#                                                     the device's runtime: the summary says)
 # The device tool: run(command="tools/gpu-check.sh run", carry=["gpu-bundle"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
+DEADLINE=${ASGE_GPU_CHECK_DEADLINE:-300}
 
 build() {
   set -e
-  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/bin" "$BUNDLE/data/mnist"
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/bin" "$BUNDLE/data/mnist" "$BUNDLE/kernel-cache"
   cargo build --release --bin asge
   # The test binary of tests/cuda.rs (its path is printed by cargo as an executable artifact).
   local exe
@@ -32,16 +39,25 @@ for l in sys.stdin:
   gzip -c "$data/mnist/train-images-idx3-ubyte" > "$BUNDLE/data/mnist/train-images-idx3-ubyte.gz"
   gzip -c "$data/mnist/t10k-images-idx3-ubyte" > "$BUNDLE/data/mnist/t10k-images-idx3-ubyte.gz"
   cp "$data/mnist/train-labels-idx1-ubyte" "$data/mnist/t10k-labels-idx1-ubyte" "$BUNDLE/data/mnist/"
+  # Every kernel compiled for sm_90 (an H100/H200, CUDA 13.0 driver) by the real NVRTC, through the driver
+  # stand-in, which reports exactly that device and driver: the cache keys match the device's.
+  local nvrtc=${ASGE_NVRTC:-$HOME/.cache/asge-nvrtc}
+  LD_LIBRARY_PATH=$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ASGE_CUDA_STANDIN=1 \
+    ASGE_KERNEL_CACHE=$PWD/$BUNDLE/kernel-cache "$BUNDLE/bin/asge" bench --device cuda --width 0.125 --batch 2 \
+    --reps 1 --step-only > /dev/null
+  echo "precompiled: $(ls "$BUNDLE/kernel-cache" | wc -l) kernel modules for sm_90"
   strip "$BUNDLE/bin/"* 2>/dev/null || true
   du -sh "$BUNDLE"
 }
 
-run() {
-  local out=${OUT:-$BUNDLE/out}
-  mkdir -p "$out"
+# Shared by run and sanitize: libraries, paths, the summary and the deadline.
+setup() {
+  out=${OUT:-$BUNDLE/out}
+  mkdir -p "$out/kernel-cache"
+  cp "$BUNDLE/kernel-cache/"* "$out/kernel-cache/" 2>/dev/null || true
   # NVRTC 13 and cuBLAS 13: from the CUDA toolkit if the machine has one, else from the Python wheels beside
   # PyTorch (nvidia-cuda-nvrtc, nvidia-cublas); the folders found are named in the summary.
-  local libdirs=""
+  libdirs=""
   local pydirs
   pydirs=$(python3 -c "import nvidia; print(' '.join(nvidia.__path__))" 2>/dev/null || true)
   for lib in libnvrtc.so.13 libcublas.so.13; do
@@ -51,60 +67,79 @@ run() {
     [ -n "$found" ] && libdirs="$libdirs $(dirname "$found")" && export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   done
   export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$out/kernel-cache
-  local B=$BUNDLE/bin
-  # Every result goes to the summary as soon as it exists (a run cut short by the device's time limit still
-  # leaves what it got), most important first; every step has its own time limit, so one hang cannot eat the
-  # whole budget.
+  unset ASGE_CUDA_STANDIN
+  B=$BUNDLE/bin
+  start=$SECONDS
+}
+
+row() { printf '%s\n' "$*" | tee -a "$out/summary.txt"; }
+
+# `lim SECONDS cmd...`: the command with a time limit of SECONDS, or what is left of the deadline (minus a margin
+# for the summary) when that is less; nothing runs once the deadline has passed.
+lim() {
+  local want=$1
+  shift
+  local left=$((DEADLINE - (SECONDS - start) - 10))
+  if [ "$left" -le 5 ]; then
+    echo "(skipped: the ${DEADLINE}s deadline was reached)"
+    return 124
+  fi
+  [ "$want" -gt "$left" ] && want=$left
+  timeout --kill-after=5 "$want" "$@"
+}
+
+run() {
+  setup
   : > "$out/summary.txt"
-  row() { printf '%s\n' "$*" | tee -a "$out/summary.txt"; }
-  lim() { timeout --kill-after=5 "$@"; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
-  row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ)) =="
-  row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13 found: every CUDA step will fail)}"
-  lim 60 "$B/asge" info > "$out/info.txt" 2>&1
-  lim 240 "$B/cuda-tests" --include-ignored --test-threads 1 > "$out/parity.txt" 2>&1
+  row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ), deadline ${DEADLINE}s) =="
+  row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: the bundle's precompiled kernels only)}"
+  lim 20 "$B/asge" info > "$out/info.txt" 2>&1
+  # 1. Parity, every launch synchronised and checked so that a failing kernel is named with its layer.
+  ASGE_CUDA_SYNC=1 lim 120 "$B/cuda-tests" --include-ignored --test-threads 1 --skip standin_ --nocapture \
+    > "$out/parity.txt" 2>&1
   row "parity tests: $(grep -E '^test result' "$out/parity.txt" || echo "did not finish (rc $?)")"
+  row "  $(grep -m1 'ran on:' "$out/parity.txt")"
   # The first lines of every failure, so the summary alone says what to fix.
   grep -E "^test .* FAILED$|panicked at|^  *(left|right):|differ" "$out/parity.txt" | head -20 | while IFS= read -r line; do row "  $line"; done
-  # The CPU reference of this exact run (seed 42, width 0.25, one epoch of full MNIST at the recipe's lr) is in
-  # docs/calibration.md: the GPU runs should land near it (different summation orders drift apart over an epoch;
-  # the spread between seeds there is +-1.6 points for last, +-0.4 for best).
+  # 2. One MNIST epoch. The CPU reference of this exact run (seed 42, width 0.25, one epoch of full MNIST at the
+  # recipe's lr) is in docs/calibration.md: the GPU runs should land near it (the spread between seeds there is
+  # +-1.6 points for last, +-0.4 for best).
   row "mnist 1 epoch cpu fp32 (docs/calibration.md, seed 42): last 88.66% best 91.96% fusion 58.54%"
-  for run in cuda:fp32 cuda:fp16; do
-    local dev=${run%%:*} prec=${run##*:}
-    lim 150 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --precision $prec \
-      --device $dev --out "$out/mnist-$dev-$prec" --quiet > "$out/train-$dev-$prec.txt" 2>&1
-    row "mnist 1 epoch $dev $prec: $(grep -E '^  (last|best|fusion)' "$out/train-$dev-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
-        "$(python3 -c "import json; m=json.load(open('$out/mnist-$dev-$prec/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null || tail -1 "$out/train-$dev-$prec.txt")"
+  for prec in fp16 fp32; do
+    lim 45 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --precision $prec \
+      --device cuda --out "$out/mnist-cuda-$prec" --overwrite --quiet > "$out/train-cuda-$prec.txt" 2>&1
+    row "mnist 1 epoch cuda $prec: $(grep -E '^  (last|best|fusion)' "$out/train-cuda-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
+        "$(python3 -c "import json; m=json.load(open('$out/mnist-cuda-$prec/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null || tail -1 "$out/train-cuda-$prec.txt")"
   done
+  # 3. Throughput against cuBLAS HGEMM measured in the same run, and the PyTorch recipe on the same card.
   for w in 1 0.25; do
-    for prec in fp16 fp32; do
-      lim 90 "$B/asge" bench --device cuda --precision $prec --width $w --batch 128 > "$out/bench-cuda-$prec-w$w.txt" 2>&1
-      row "bench cuda $prec w$w: $(grep 'train step' "$out/bench-cuda-$prec-w$w.txt" || tail -1 "$out/bench-cuda-$prec-w$w.txt")"
-    done
-    # The fp16 forward's share of the tensor-core ceiling, layer by layer (the CUDA issue's 50% target), and the
-    # weight gradient's: the sixth column of the bench's rows (op, layer, ms, rate, unit, %), then the kernel.
+    lim 40 "$B/asge" bench --device cuda --precision fp16 --width $w --batch 128 --reps 3 > "$out/bench-cuda-fp16-w$w.txt" 2>&1
+    row "bench cuda fp16 w$w: $(grep 'train step' "$out/bench-cuda-fp16-w$w.txt" || tail -1 "$out/bench-cuda-fp16-w$w.txt")"
+    # The fp16 forward's and weight gradient's share of HGEMM by layer: the bench rows' sixth column (%), then
+    # the kernel that ran.
     row "  fp16 conv fwd, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
     row "  fp16 conv wgrad, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_wgrad' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
     row "  fp16 kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
-    # The authors' recipe in PyTorch on the same card (eager fp32, and channels-last + fp16 autocast).
     if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
       for variant in "" --channels-last-fp16; do
         local f="$out/torch-w$w${variant:+-cl-fp16}.txt"
-        lim 120 python3 tools/torch_step.py --device cuda --width $w --batch 128 $variant > "$f" 2>&1
+        lim 40 python3 tools/torch_step.py --device cuda --width $w --batch 128 --rounds 2 $variant > "$f" 2>&1
         row "pytorch w$w ${variant:-eager fp32}: $(tail -1 "$f")"
       done
     else
       row "pytorch w$w: no torch with CUDA on this machine"
     fi
-    # The same fp16 step with one stream per layer (sequential above): the overlap's gain.
-    ASGE_CUDA_LANES=8 lim 90 "$B/asge" bench --device cuda --precision fp16 --width $w --batch 128 --step-only \
-      > "$out/bench-cuda-fp16-w$w-lanes8.txt" 2>&1
-    row "bench cuda fp16 w$w, 8 streams: $(grep 'train step' "$out/bench-cuda-fp16-w$w-lanes8.txt" || tail -1 "$out/bench-cuda-fp16-w$w-lanes8.txt")"
   done
-  ASGE_CUDA_LANES=8 lim 90 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
-    --limit-train 2560 --device cuda --precision fp16 --out "$out/trace-run" --trace "$out/trace-lanes8.json" --quiet \
-    > "$out/trace-run.txt" 2>&1
+  lim 30 "$B/asge" bench --device cuda --precision fp32 --width 1 --batch 128 --reps 3 --step-only > "$out/bench-cuda-fp32-w1.txt" 2>&1
+  row "bench cuda fp32 w1: $(grep 'train step' "$out/bench-cuda-fp32-w1.txt" || tail -1 "$out/bench-cuda-fp32-w1.txt")"
+  # 4. One stream per layer: the same step, then a traced run for the overlap.
+  ASGE_CUDA_LANES=8 lim 30 "$B/asge" bench --device cuda --precision fp16 --width 0.25 --batch 128 --reps 3 --step-only \
+    > "$out/bench-cuda-fp16-w0.25-lanes8.txt" 2>&1
+  row "bench cuda fp16 w0.25, 8 streams: $(grep 'train step' "$out/bench-cuda-fp16-w0.25-lanes8.txt" || tail -1 "$out/bench-cuda-fp16-w0.25-lanes8.txt")"
+  ASGE_CUDA_LANES=8 lim 30 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
+    --limit-train 2560 --device cuda --precision fp16 --out "$out/trace-run" --overwrite --trace "$out/trace-lanes8.json" \
+    --quiet > "$out/trace-run.txt" 2>&1
   row "trace (8 streams): $out/trace-lanes8.json; $(python3 -c "
 import json, sys
 ev = [e for e in json.load(open(sys.argv[1]))['traceEvents'] if e.get('pid') == 2 and e.get('ph') == 'X']
@@ -117,12 +152,36 @@ for t, d in pts:
     depth += d; last = t
 print(f'{len(ev)} GPU spans on {len(set(e[\"tid\"] for e in ev))} streams; 2+ streams busy {100 * multi / max(busy, 1e-9):.0f}% of the busy time')
 " "$out/trace-lanes8.json" 2>&1)"
-  lim 60 "$B/asge" bench --width 1 --batch 128 --step-only > "$out/bench-cpu.txt" 2>&1
-  row "bench cpu w1 (this host): $(grep 'train step' "$out/bench-cpu.txt")"
+  row "== done in $((SECONDS - start)) s =="
+}
+
+sanitize() {
+  setup
+  : > "$out/sanitize.txt"
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$cs" ]; then
+    echo "no compute-sanitizer on this machine" | tee -a "$out/sanitize.txt"
+    return 0
+  fi
+  for tool in memcheck racecheck; do
+    lim 140 "$cs" --tool $tool --error-exitcode 3 "$B/cuda-tests" --include-ignored --test-threads 1 --skip standin_ \
+      conv_fwd_and_wgrad_match_cpu loss_output_heads_adamw_match_cpu > "$out/sanitize-$tool.txt" 2>&1
+    local rc=$?
+    local verdict
+    case $rc in
+      0) verdict="clean" ;;
+      3) verdict="ERRORS reported: $(grep -m3 -E '=========.*(Invalid|Race|Error)' "$out/sanitize-$tool.txt" | tr '\n' ' ')" ;;
+      124) verdict="did not finish in its time" ;;
+      *) verdict="did not run on this device's runtime (rc $rc): $(grep -m1 -iE 'error|not supported' "$out/sanitize-$tool.txt")" ;;
+    esac
+    printf 'compute-sanitizer %s: %s\n' "$tool" "$verdict" | tee -a "$out/sanitize.txt"
+  done
 }
 
 case ${1:-} in
   build) build ;;
   run) run ;;
-  *) echo "usage: tools/gpu-check.sh build|run" >&2; exit 2 ;;
+  sanitize) sanitize ;;
+  *) echo "usage: tools/gpu-check.sh build|run|sanitize" >&2; exit 2 ;;
 esac

@@ -94,7 +94,10 @@ for n in 1 2 3 4 5 6 7 8 9; do
     echo "   SURVIVED: cargo test $tests passed with the bug in place ($(($(date +%s) - start)) s)"
     survived=$((survived + 1))
   else
-    why=$(grep -m1 -E "panicked at|^error" -A1 "$work/mutation-$n.log" | tr '\n' ' ' | cut -c1-320)
+    why=$(grep -m1 -E "panicked at|^error" -A1 "$work/mutation-$n.log" | tr '\n' ' ' | cut -c1-240)
+    # A failed `asge` run inside a test: its own error line says why.
+    cause=$(grep -o -m1 -E "error: [^\"]{0,240}" "$work/mutation-$n.log" | head -1)
+    [ -n "$cause" ] && why="$why ... $cause"
     echo "   caught by cargo test $tests ($(($(date +%s) - start)) s): $why"
   fi
 done

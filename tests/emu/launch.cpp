@@ -15,70 +15,55 @@
 #define RUN(call) emu::launch(dim3{gx, gy, gz}, 256, [&] { call; })
 
 extern "C" {
-void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* b, const int* taps, float* y,
-                               int B, int Cin, int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f32(x, w, b, taps, y, B, Cin, Cout, H, W));
+void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits* copy, int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt, float eps) {
+    RUN(adamw_f32(p, g, m, v, copy, n, decay, w1, b2, w2, step_size, bc2_sqrt, eps));
 }
-void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const float* b, const int* taps,
-                               f16_bits* y, int B, int Cin, int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f16(x, w, b, taps, y, B, Cin, Cout, H, W));
+void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* bias, const int* taps, float* y, int B, int Cin, int Cout, int H, int W) {
+    RUN(conv_goodness_fwd_f32(x, w, bias, taps, y, B, Cin, Cout, H, W));
 }
-void emu_conv_goodness_fwd_f16_m128(GRID, const f16_bits* x, const f16_bits* w, const float* b, const int* taps,
-                                    f16_bits* y, int B, int Cin, int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f16_m128(x, w, b, taps, y, B, Cin, Cout, H, W));
+void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cin, int Cout, int H, int W) {
+    RUN(conv_goodness_fwd_f16(x, w, bias, taps, y, B, Cin, Cout, H, W));
 }
-void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H, int W, int P, int mean) {
-    RUN(patch_goodness_f32(y, g, B, C, H, W, P, mean));
+void emu_conv_goodness_fwd_f16_m128(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cin, int Cout, int H, int W) {
+    RUN(conv_goodness_fwd_f16_m128(x, w, bias, taps, y, B, Cin, Cout, H, W));
 }
-void emu_patch_goodness_f16(GRID, const f16_bits* y, float* g, int B, int C, int H, int W, int P, int mean) {
-    RUN(patch_goodness_f16(y, g, B, C, H, W, P, mean));
+void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H, int W, int P, int reduce_mean) {
+    RUN(patch_goodness_f32(y, g, B, C, H, W, P, reduce_mean));
 }
-void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const float* q, const int* taps,
-                                 const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H,
-                                 int W, int P, int chunk) {
+void emu_patch_goodness_f16(GRID, const f16_bits* y, float* g, int B, int C, int H, int W, int P, int reduce_mean) {
+    RUN(patch_goodness_f16(y, g, B, C, H, W, P, reduce_mean));
+}
+void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk) {
     RUN(conv_goodness_wgrad_f32(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk));
+}
+void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale) {
+    RUN(conv_goodness_wgrad_f16(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale));
+}
+void emu_conv_goodness_wgrad_f16_n256(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale) {
+    RUN(conv_goodness_wgrad_f16_n256(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale));
 }
 void emu_dg_per_cell_f32(GRID, const float* dg, const float* div, float* q, int n, int PP) {
     RUN(dg_per_cell_f32(dg, div, q, n, PP));
 }
-void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps,
-                                 const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H,
-                                 int W, int P, int chunk, float scale, float inv_scale) {
-    RUN(conv_goodness_wgrad_f16(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
-                                inv_scale));
-}
-void emu_conv_goodness_wgrad_f16_n256(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps,
-                                      const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H,
-                                      int W, int P, int chunk, float scale, float inv_scale) {
-    RUN(conv_goodness_wgrad_f16_n256(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale,
-                                     inv_scale));
-}
 void emu_wgrad_reduce_f32(GRID, const float* part, const float* part_db, float* dw, float* db, int MK, int M, int Z) {
     RUN(wgrad_reduce_f32(part, part_db, dw, db, MK, M, Z));
 }
-void emu_goodness_loss_f32(GRID, const float* g, const float* pw, const float* pb, const unsigned* labels,
-                           float* logits, float* dg, float* stats, int B, int D, int N, int with_grad) {
-    RUN(goodness_loss_f32(g, pw, pb, labels, logits, dg, stats, B, D, N, with_grad));
+void emu_heads_logits_f32(GRID, const float* f, const float* w, const float* bias, float* s, int B, int N, int C) {
+    RUN(heads_logits_f32(f, w, bias, s, B, N, C));
 }
-void emu_layer_output_f32(GRID, const float* y, float* out, float* gap, int C, int H, int W, int pool, float p,
-                          unsigned long long key, int use_dropout, int use_gap) {
-    RUN(layer_output_f32(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
-}
-void emu_layer_output_f16(GRID, const f16_bits* y, f16_bits* out, float* gap, int C, int H, int W, int pool,
-                          float p, unsigned long long key, int use_dropout, int use_gap) {
-    RUN(layer_output_f16(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
-}
-void emu_heads_logits_f32(GRID, const float* f, const float* w, const float* b, float* s, int B, int N, int C) {
-    RUN(heads_logits_f32(f, w, b, s, B, N, C));
-}
-void emu_heads_softmax_f32(GRID, const float* s, const unsigned* labels, float* ds, float* stats, int B, int N) {
+void emu_heads_softmax_f32(GRID, const float* s, const unsigned int* labels, float* ds, float* stats, int B, int N) {
     RUN(heads_softmax_f32(s, labels, ds, stats, B, N));
 }
 void emu_heads_grad_f32(GRID, const float* f, const float* ds, float* dw, float* db, int B, int N, int C) {
     RUN(heads_grad_f32(f, ds, dw, db, B, N, C));
 }
-void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits* copy, int n, float decay, float w1,
-                   float b2, float w2, float step_size, float bc2_sqrt, float eps) {
-    RUN(adamw_f32(p, g, m, v, copy, n, decay, w1, b2, w2, step_size, bc2_sqrt, eps));
+void emu_goodness_loss_f32(GRID, const float* g, const float* pw, const float* pb, const unsigned int* labels, float* logits, float* dg, float* stats, int B, int D, int N, int with_grad) {
+    RUN(goodness_loss_f32(g, pw, pb, labels, logits, dg, stats, B, D, N, with_grad));
+}
+void emu_layer_output_f32(GRID, const float* y, float* out, float* gap, int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap) {
+    RUN(layer_output_f32(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
+}
+void emu_layer_output_f16(GRID, const f16_bits* y, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap) {
+    RUN(layer_output_f16(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
 }
 }

@@ -54,7 +54,11 @@ pub fn probe() -> Result<usize> {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         bail!("no CUDA driver (libcuda.so) on this machine");
     }
-    nvrtc::check_library()?;
+    // Without NVRTC the kernels must all be in the kernel cache (a GPU bundle carries them); with it, it must be
+    // the right one.
+    if nvrtc::available() {
+        nvrtc::check_library()?;
+    }
     // SAFETY: cuInit with flags 0; the library is present.
     let init = unsafe { cudarc::driver::sys::cuInit(0) };
     if init == cudarc::driver::sys::CUresult::CUDA_ERROR_STUB_LIBRARY {

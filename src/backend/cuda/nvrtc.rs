@@ -267,6 +267,12 @@ pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format:
     let file = cache_dir().map(|d| {
         d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}-nvrtc{nvrtc}-driver{driver}.{}", format.ext()))
     });
+    // Without NVRTC (a GPU machine whose bundle carries the compiled kernels), any compiler's file for this exact
+    // source, options, architecture and driver will do: there is nothing to compile it with anyway.
+    let file = match (&file, available()) {
+        (Some(f), false) if !f.exists() => cached_by_any_nvrtc(f).or(file),
+        _ => file,
+    };
     if let Some(f) = &file {
         match format {
             Format::Ptx => {
@@ -280,6 +286,12 @@ pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format:
                 }
             }
         }
+    }
+    if !available() {
+        bail!(
+            "kernel {module}.cu: not in the kernel cache ({}) for {arch}, and no NVRTC (libnvrtc.so.13) to compile it",
+            cache_dir().map(|d| d.display().to_string()).unwrap_or_else(|| "none".into())
+        );
     }
     let bytes = match format {
         Format::Ptx => compile(module, source, arch)?.to_src().into_bytes(),
@@ -296,6 +308,18 @@ pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format:
     Ok(match format {
         Format::Ptx => Ptx::from_src(String::from_utf8(bytes).context("NVRTC's PTX is not UTF-8")?),
         Format::Cubin => Ptx::from_binary(bytes),
+    })
+}
+
+/// A cached file like `f` but made by another NVRTC version (`...-nvrtcN-...`).
+fn cached_by_any_nvrtc(f: &std::path::Path) -> Option<PathBuf> {
+    let name = f.file_name()?.to_str()?;
+    let (head, tail) = name.split_once("-nvrtc")?;
+    let tail = &tail[tail.find('-')?..];
+    std::fs::read_dir(f.parent()?).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{head}-nvrtc")) && n.ends_with(tail))
     })
 }
 

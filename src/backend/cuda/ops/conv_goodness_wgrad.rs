@@ -122,7 +122,7 @@ pub fn run(
         }
     };
     be.launched(kernel, r)?;
-    let (part_w, part_b) = (part_w.slice(0..gz * mk), part_b.slice(0..gz * s.c_out));
+    let (part_w, part_b) = (part_w.slice(..), part_b.slice(..));
     // SAFETY: one thread per weight (M*K >= M); the partials hold Z slices of M*K and M.
     be.launched("wgrad_reduce_f32", unsafe {
         WgradReduceF32 {
