@@ -404,12 +404,42 @@ fn cuda_info() {
     println!("cuda: not in this build (the `cuda` feature is off)");
 }
 
+/// The file the loaded CUDA driver came from and its CUDA version (the stand-in names itself).
+#[cfg(feature = "cuda")]
+fn driver_library() -> String {
+    let mut version = 0;
+    // SAFETY: one out-parameter; probe() found the library.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    // The library cudarc loaded: the first of its candidate names already in the process.
+    let mut file = "libcuda (path unknown)".to_string();
+    for name in cudarc::get_lib_name_candidates("cuda") {
+        let Ok(c) = std::ffi::CString::new(name) else { continue };
+        // SAFETY: RTLD_NOLOAD only returns a library already loaded; dlsym and dladdr on its handle, closed after.
+        unsafe {
+            let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+            if h.is_null() {
+                continue;
+            }
+            let sym = libc::dlsym(h, c"cuInit".as_ptr());
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            if !sym.is_null() && libc::dladdr(sym, &mut info) != 0 && !info.dli_fname.is_null() {
+                file = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+            }
+            libc::dlclose(h);
+            break;
+        }
+    }
+    let what = if asge::backend::cuda::standin::active() { ", the asge CUDA stand-in (not a GPU)" } else { "" };
+    format!("{file}, CUDA {}.{}{what}", version / 1000, (version % 1000) / 10)
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_info() {
     use asge::backend::cuda::{self, nvrtc};
     let mut archs = vec!["sm_80".to_string(), "sm_90".to_string()];
     match cuda::probe() {
         Ok(n) => {
+            println!("cuda driver: {}", driver_library());
             for i in 0..n {
                 match cudarc::driver::CudaContext::new(i) {
                     Ok(ctx) => {
@@ -428,7 +458,11 @@ fn cuda_info() {
         return;
     }
     let v = nvrtc::version().unwrap_or(0);
-    println!("nvrtc: {}.{}", v / 1000, (v % 1000) / 10);
+    let lib = nvrtc::library_path().map(|(name, path)| format!("{name} -> {path}")).unwrap_or_default();
+    println!("nvrtc: {}.{} ({lib})", v / 1000, (v % 1000) / 10);
+    if let Err(e) = nvrtc::check_library() {
+        println!("nvrtc: NOT USABLE: {e:#}");
+    }
     if archs.is_empty() {
         // No device: check the kernels for the architectures this project targets (A100, H100/H200).
         println!("no CUDA device: compiling for sm_80 and sm_90");

@@ -506,3 +506,47 @@ fn standin_a_steps_statistics_arrive_while_the_next_step_is_still_queued() {
     let s2 = net.flush_stats().unwrap().unwrap();
     assert_eq!(s2.step, 2);
 }
+
+#[test]
+#[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it checks the stand-in's exports"]
+fn standin_exports_every_driver_function_cudarcs_safe_api_can_call() {
+    // cudarc resolves each driver function on its first call and panics when the library lacks it, so the
+    // stand-in must export every function the safe API (driver/result.rs and driver/safe/) can call, whether or
+    // not the engine reaches it today. The list comes from the cudarc sources cargo built this test from.
+    let be = gpu();
+    assert!(be.is_standin(), "this test checks the stand-in");
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let cudarc = std::fs::read_dir(home.join("registry/src"))
+        .expect("cargo's registry sources")
+        .filter_map(|e| e.ok())
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().filter_map(|e| e.ok()))
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == "cudarc-0.19.10"))
+        .expect("cudarc 0.19.10's sources in cargo's registry");
+    let driver = cudarc.join("src/driver");
+    let mut files = vec![driver.join("result.rs")];
+    files.extend(std::fs::read_dir(driver.join("safe")).unwrap().map(|e| e.unwrap().path()));
+    let mut names = std::collections::BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for part in text.split("sys::cu").skip(1) {
+            let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if part[name.len()..].starts_with('(') && name.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                names.insert(format!("cu{name}"));
+            }
+        }
+    }
+    assert!(names.len() > 80, "only {} driver functions found in cudarc's safe API", names.len());
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            let c = std::ffi::CString::new(n.as_str()).unwrap();
+            // SAFETY: a symbol lookup in the process's global scope, where the stand-in is loaded.
+            unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) }.is_null()
+        })
+        .collect();
+    assert!(missing.is_empty(), "the stand-in does not export {missing:?}");
+    println!("the stand-in exports all {} driver functions cudarc's safe API calls", names.len());
+}
