@@ -93,7 +93,7 @@ run() {
   : > "$out/summary.txt"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
   row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ), deadline ${DEADLINE}s) =="
-  row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: the bundle's precompiled kernels only)}"
+  row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: only the kernels precompiled in the bundle)}"
   lim 20 "$B/asge" info > "$out/info.txt" 2>&1
   # 1. Parity, every launch synchronised and checked so that a failing kernel is named with its layer.
   ASGE_CUDA_SYNC=1 lim 120 "$B/cuda-tests" --include-ignored --test-threads 1 --skip standin_ --nocapture \
