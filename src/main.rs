@@ -5,10 +5,10 @@ use asge::backend::Precision;
 use asge::data::DatasetKind;
 use asge::eval::{self, Strategy};
 use asge::files::RunStart;
-use asge::model::{GoodnessReduce, PoolKind};
+use asge::train::config::{self, TrainConfig};
 use asge::train::interrupt;
-use asge::train::run::{self, AugmentChoice, RunOptions, TrainConfig};
-use clap::{Parser, Subcommand};
+use asge::train::run::{self, RunOptions};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -24,6 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a model; writes config.json, metrics.jsonl, best/last.safetensors and summary.json to --out.
+    #[command(override_usage = "asge train --dataset DATASET --data DIR --out RUN [OPTIONS]\n       \
+                                asge train --config FILE --out RUN [OPTIONS]\n       \
+                                asge train --resume RUN [--epochs N] [--device D] [--precision P] [--data DIR]")]
     Train(Box<TrainArgs>),
     /// Evaluate a checkpoint on a dataset's test file: top-1/top-5 per strategy and per layer.
     Eval(EvalArgs),
@@ -99,94 +102,42 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    #[arg(long, value_enum)]
-    dataset: Option<DatasetKind>,
-    /// The dataset's folder of files, or its parent.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// vgg8, vgg11, vgg-imagenet, or an architecture JSON file.
-    #[arg(long, default_value = "vgg8")]
-    model: String,
-    /// Channel multiplier (channels rounded to a multiple of 8, at least 8).
-    #[arg(long, default_value_t = 1.0)]
-    width: f64,
-    /// Epochs, and the cosine schedule's length.
-    #[arg(long, default_value_t = 100)]
-    epochs: usize,
-    #[arg(long, default_value_t = 128)]
-    batch: usize,
-    /// Initial learning rate, cosine-annealed per epoch to --lr-min.
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f64,
-    #[arg(long, default_value_t = 1e-5)]
-    lr_min: f64,
-    #[arg(long, default_value_t = 1e-3)]
-    weight_decay: f64,
-    /// Seeds every random draw: init, projection, split, order, augmentation, dropout.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Every option that defines the run (see the headings below).
     #[command(flatten)]
-    on: DeviceArgs,
-    /// The run folder.
-    #[arg(long)]
+    cfg: TrainConfig,
+    /// Read the run's options from this JSON or TOML file (the keys of config.json; a run's own config.json
+    /// works); the options given on the command line override it.
+    #[arg(long, value_name = "FILE", help_heading = "Run folder")]
+    config: Option<PathBuf>,
+    /// The run folder: config.json, metrics.jsonl, best/last.safetensors, summary.json (required for a new run).
+    #[arg(long, value_name = "RUN", help_heading = "Run folder")]
     out: Option<PathBuf>,
-    /// Keep the first N images of the training file.
-    #[arg(long)]
-    limit_train: Option<usize>,
-    /// Keep the first N images of the test file.
-    #[arg(long)]
-    limit_test: Option<usize>,
-    /// Validation images split from the training file (default: the released split, 1/6 or 1/10; 0: none).
-    #[arg(long)]
-    val: Option<usize>,
-    /// Batches in file order (no per-epoch shuffle).
-    #[arg(long)]
-    no_shuffle: bool,
-    #[arg(long, value_enum, default_value = "default")]
-    augment: AugmentChoice,
-    #[arg(long, default_value_t = 0.1)]
-    dropout: f32,
-    /// Start from the weights (and fixed projections) in this safetensors file.
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Continue the run in this folder from its last.safetensors (all other options come from its config.json).
-    #[arg(long, conflicts_with = "overwrite")]
+    /// Continue the run in this folder from its last.safetensors, with its options; only --epochs (extending
+    /// or shortening the schedule), --device, --precision and --data may be given, and the output options.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["overwrite", "config"], help_heading = "Run folder")]
     resume: Option<PathBuf>,
-    /// Replace the run in --out (its config.json, metrics.jsonl, checkpoints, summary.json and curves.svg;
-    /// other files stay). Without it, a folder that holds a run is refused.
-    #[arg(long)]
+    /// Replace the run in --out (its config.json, metrics, checkpoints, summary and curves; other files stay).
+    /// Without it, a folder that holds a run is refused.
+    #[arg(long, help_heading = "Run folder")]
     overwrite: bool,
-    /// Downsampling pool: avg (released code) or rms (the paper's text).
-    #[arg(long, value_enum, default_value = "avg")]
-    pool: PoolKind,
-    /// Patch goodness: mean of squares (released code) or sum.
-    #[arg(long, value_enum, default_value = "mean")]
-    goodness: GoodnessReduce,
-    /// Patch-grid granularity: P_l = alpha * C_L / C_l.
-    #[arg(long, default_value_t = 1.0)]
-    alpha: f64,
-    /// No progress bar or per-epoch lines.
-    #[arg(long)]
-    quiet: bool,
-    /// Without a terminal (a job log): one progress line every this many seconds (0: after every step).
-    #[arg(long, default_value_t = 30.0)]
-    log_every: f64,
-    /// Also write every step's per-layer losses and accuracy counts to steps.jsonl in the run folder.
-    #[arg(long)]
-    log_steps: bool,
     /// Stop after this many epochs of the schedule (checkpointed; --resume continues).
-    #[arg(long)]
+    #[arg(long, value_name = "N", help_heading = "Checkpointing")]
     stop_after: Option<usize>,
     /// Also checkpoint every N steps inside an epoch (an interrupted run then resumes from there).
-    #[arg(long)]
+    #[arg(long, value_name = "STEPS", help_heading = "Checkpointing")]
     checkpoint_every: Option<u64>,
+    /// No progress bar or per-epoch lines.
+    #[arg(long, help_heading = "Output")]
+    quiet: bool,
+    /// Without a terminal (a job log): one progress line every this many seconds (0: after every step).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, help_heading = "Output")]
+    log_every: f64,
+    /// Also write every step's per-layer losses and accuracy counts to steps.jsonl in the run folder.
+    #[arg(long, help_heading = "Output")]
+    log_steps: bool,
     /// Write a Chrome trace (JSON, opens in Perfetto) of the loader and every layer per batch.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
     trace: Option<PathBuf>,
-    /// --dataset imagenet: the side the model sees (random-resized crops for training, centre crops for
-    /// evaluation; default: the shards' size).
-    #[arg(long)]
-    image_size: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -225,8 +176,9 @@ fn main() {
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("asge: internal error (a bug; please report it): {msg}{at}");
     }));
-    let cli = Cli::parse();
-    let result = run_cli(cli);
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let result = run_cli(cli, &matches);
     if let Err(e) = &result {
         // One clear line: the outermost context, then its causes.
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
@@ -244,14 +196,14 @@ fn main() {
 /// The most threads `--threads` and `--workers` may ask for.
 const MAX_THREADS: usize = 4096;
 
-fn run_cli(cli: Cli) -> Result<()> {
+fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     if let Some(n) = cli.threads {
         anyhow::ensure!(n > 0, "--threads 0: at least one thread is needed");
         anyhow::ensure!(n <= MAX_THREADS, "--threads {n}: at most {MAX_THREADS}");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.cmd {
-        Cmd::Train(a) => train(*a),
+        Cmd::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand's matches")),
         Cmd::Eval(a) => eval_cmd(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Shard(a) => {
@@ -276,7 +228,14 @@ fn run_cli(cli: Cli) -> Result<()> {
     }
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+/// `--lr-min` for `lr_min`, `--no-shuffle` for `shuffle`: the flag a user types for a config key.
+fn flag(key: &str) -> String {
+    let cmd = <TrainConfig as clap::Args>::augment_args(clap::Command::new("flags"));
+    let long = cmd.get_arguments().find(|a| a.get_id() == key).and_then(|a| a.get_long()).map(str::to_string);
+    format!("--{}", long.unwrap_or_else(|| key.replace('_', "-")))
+}
+
+fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
     let opts = RunOptions {
         quiet: a.quiet,
         stop_after: a.stop_after,
@@ -289,39 +248,43 @@ fn train(a: TrainArgs) -> Result<()> {
         asge::trace::enable(path);
     }
     run::install_interrupt_handler()?;
+    let given = config::given(m);
     if let Some(dir) = &a.resume {
-        let cfg = run::load_run_config(dir)?;
+        if a.out.as_ref().is_some_and(|o| o != dir) {
+            anyhow::bail!("--out with --resume: a resumed run stays in its folder ({})", dir.display());
+        }
+        let refused: Vec<String> =
+            given.iter().filter(|k| !config::RESUMABLE.contains(&k.as_str())).map(|k| flag(k)).collect();
+        if !refused.is_empty() {
+            anyhow::bail!(
+                "--resume {}: {} cannot change when a run resumes (the run would no longer be the one it continues); \
+                 a resumed run takes --epochs, --device, --precision and --data, and the output and checkpoint options",
+                dir.display(),
+                refused.join(", ")
+            );
+        }
+        let stored = run::load_run_config(dir)?;
+        let file = serde_json::to_value(&stored)?.as_object().cloned();
+        let mut cfg = config::merge(file, &a.cfg, m)?;
+        if given.iter().any(|k| k == "data") {
+            cfg.data = std::fs::canonicalize(&cfg.data)
+                .with_context(|| format!("--data {}: no such folder", cfg.data.display()))?;
+        }
         run::train(&cfg, dir, RunStart::Resume, opts)?;
         return Ok(());
     }
-    let dataset = a.dataset.context("--dataset is required (mnist, fashion-mnist, cifar10, cifar100, idx)")?;
-    let data = a.data.context("--data DIR is required (the dataset's folder or its parent)")?;
-    let out = a.out.context("--out RUN_DIR is required")?;
-    let cfg = TrainConfig {
-        dataset,
-        data,
-        model: a.model,
-        width: a.width,
-        alpha: a.alpha,
-        goodness: a.goodness,
-        pool: a.pool,
-        epochs: a.epochs,
-        batch: a.batch,
-        lr: a.lr,
-        lr_min: a.lr_min,
-        weight_decay: a.weight_decay,
-        dropout: a.dropout,
-        seed: a.seed,
-        val: a.val,
-        shuffle: !a.no_shuffle,
-        augment: a.augment,
-        limit_train: a.limit_train,
-        limit_test: a.limit_test,
-        init: a.init,
-        device: a.on.device,
-        image_size: a.image_size,
-        precision: a.on.precision,
-    };
+    let file = a.config.as_deref().map(config::read_config_file).transpose()?;
+    for key in ["dataset", "data"] {
+        if !given.iter().any(|k| k == key) && !file.as_ref().is_some_and(|f| f.contains_key(key)) {
+            anyhow::bail!(
+                "{} is required for a new run (mnist, fashion-mnist, cifar10, cifar100, idx, imagenet; and the data \
+                 folder), on the command line or in a --config file",
+                flag(key)
+            );
+        }
+    }
+    let out = a.out.context("--out RUN is required (the run folder)")?;
+    let cfg = config::merge(file, &a.cfg, m)?.with_absolute_paths()?;
     let start = if a.overwrite { RunStart::Overwrite } else { RunStart::Fresh };
     run::train(&cfg, &out, start, opts)?;
     Ok(())

@@ -22,7 +22,7 @@ pub enum Precision {
     #[value(name = "fp32")]
     F32,
     /// Operands stored in IEEE binary16 (round to nearest even) and multiplied on the tensor cores with f32
-    /// accumulation; the weight gradient's `dL/dz` is scaled by [`dz_scale`] before it is rounded.
+    /// accumulation; the weight gradient's dL/dz is scaled by a power of two (dz_scale) before it is rounded.
     #[serde(rename = "fp16")]
     #[value(name = "fp16")]
     F16,

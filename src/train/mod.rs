@@ -2,6 +2,7 @@
 //! metrics and the run loop ([`run`]).
 
 pub mod checkpoint;
+pub mod config;
 pub mod interrupt;
 pub mod net;
 pub mod plot;

@@ -27,7 +27,7 @@ use crate::data::{self, DatasetKind, ImageSource};
 use crate::eval::{self, EvalResult, Strategy, StrategyResult};
 use crate::files::{self, RunFolder, RunStart};
 use crate::limits;
-use crate::model::{self, GoodnessReduce, ModelOptions, ModelSpec, Params, PoolKind};
+use crate::model::{self, ModelSpec, Params};
 use crate::rng::{self, Rng};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -35,121 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// `--augment`: the dataset's released-recipe augmentation, or none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AugmentChoice {
-    Default,
-    None,
-}
-
-/// Everything that defines a run; saved as `config.json` and in every checkpoint.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub dataset: DatasetKind,
-    pub data: PathBuf,
-    pub model: String,
-    pub width: f64,
-    pub alpha: f64,
-    pub goodness: GoodnessReduce,
-    pub pool: PoolKind,
-    pub epochs: usize,
-    pub batch: usize,
-    pub lr: f64,
-    pub lr_min: f64,
-    pub weight_decay: f64,
-    pub dropout: f32,
-    pub seed: u64,
-    /// Validation images taken from the training file; `None`: the released split's share.
-    pub val: Option<usize>,
-    pub shuffle: bool,
-    pub augment: AugmentChoice,
-    pub limit_train: Option<usize>,
-    pub limit_test: Option<usize>,
-    pub init: Option<PathBuf>,
-    pub device: String,
-    /// Training and evaluation image side for `--dataset imagenet` (default: the shards' size).
-    #[serde(default)]
-    pub image_size: Option<usize>,
-    /// Storage precision of the conv operands (fp16: the tensor-core path; on the CPU, its emulation).
-    #[serde(default)]
-    pub precision: Precision,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            dataset: DatasetKind::Mnist,
-            data: PathBuf::from("data"),
-            model: "vgg8".into(),
-            width: 1.0,
-            alpha: 1.0,
-            goodness: GoodnessReduce::Mean,
-            pool: PoolKind::Avg,
-            epochs: 100,
-            batch: 128,
-            lr: 2e-4,
-            lr_min: 1e-5,
-            weight_decay: 1e-3,
-            dropout: 0.1,
-            seed: 42,
-            val: None,
-            shuffle: true,
-            augment: AugmentChoice::Default,
-            limit_train: None,
-            limit_test: None,
-            init: None,
-            device: "cpu".into(),
-            image_size: None,
-            precision: Precision::F32,
-        }
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        if self.batch == 0 {
-            bail!("--batch 0: the batch needs at least one image");
-        }
-        if self.epochs == 0 {
-            bail!("--epochs 0: a run needs at least one epoch (the cosine schedule spans --epochs)");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("--dropout {}: must be in [0, 1)", self.dropout);
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr {}: must be a positive number", self.lr);
-        }
-        if !(self.lr_min.is_finite() && self.lr_min >= 0.0) {
-            bail!("--lr-min {}: must be a non-negative number", self.lr_min);
-        }
-        if self.lr_min > self.lr {
-            bail!("--lr-min {} is above --lr {}: the cosine schedule would raise the rate", self.lr_min, self.lr);
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            bail!("--weight-decay {}: must be a non-negative number", self.weight_decay);
-        }
-        if self.limit_test == Some(0) {
-            bail!("--limit-test 0: the test evaluation needs at least one image");
-        }
-        Ok(())
-    }
-
-    fn augmentation(&self, input_size: usize) -> Augment {
-        match (self.augment, self.dataset) {
-            (AugmentChoice::Default, DatasetKind::Imagenet) => Augment::ResizedCrop(input_size),
-            (_, DatasetKind::Imagenet) => Augment::CenterCrop(input_size),
-            (AugmentChoice::None, _) => Augment::None,
-            (_, DatasetKind::FashionMnist) => Augment::Flip,
-            (_, DatasetKind::Cifar10 | DatasetKind::Cifar100) => Augment::Cifar,
-            _ => Augment::None,
-        }
-    }
-
-    fn model_options(&self) -> ModelOptions {
-        ModelOptions { width: self.width, alpha: self.alpha, goodness: self.goodness, pool_kind: self.pool }
-    }
-}
+pub use super::config::{AugmentChoice, TrainConfig};
 
 /// Stream labels for the run's random draws.
 const SHUFFLE: u64 = 1;
@@ -311,6 +197,12 @@ fn open_shards(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
 
 /// Loads the data and resolves the model of a config.
 pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
+    prepare_with(cfg, None)
+}
+
+/// [`prepare`], with the model's layer table given (a resumed run's, from its config.json) instead of resolved
+/// from `--model` (whose JSON file may have changed since): it must fit the data.
+fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources, ModelSpec)> {
     cfg.validate()?;
     let sources = if cfg.dataset == DatasetKind::Imagenet {
         let (train, test) = open_shards(&cfg.data)?;
@@ -341,8 +233,29 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
         bail!("--data {}: the test set is empty", cfg.data.display());
     }
     let t = &sources.train;
-    let spec = model::resolve(&cfg.model, t.channels(), sources.input_size, t.classes(), &cfg.model_options())?;
-    spec.validate().with_context(|| format!("--model {}", cfg.model))?;
+    let spec = match table {
+        Some(spec) => {
+            spec.validate().context("the run's stored model table")?;
+            if (spec.in_channels, spec.image_size, spec.classes) != (t.channels(), sources.input_size, t.classes()) {
+                bail!(
+                    "--data {}: {} channel(s) of {}px in {} classes, but the run's model takes {}, {}px, {}",
+                    cfg.data.display(),
+                    t.channels(),
+                    sources.input_size,
+                    t.classes(),
+                    spec.in_channels,
+                    spec.image_size,
+                    spec.classes
+                );
+            }
+            spec
+        }
+        None => {
+            let spec = model::resolve(&cfg.model, t.channels(), sources.input_size, t.classes(), &cfg.model_options())?;
+            spec.validate().with_context(|| format!("--model {}", cfg.model))?;
+            spec
+        }
+    };
     Ok((sources, spec))
 }
 
@@ -433,7 +346,9 @@ impl<'c, B: Backend> Run<'c, B> {
             // Refuse an occupied folder before loading anything.
             RunFolder::check(out, start)?;
         }
-        let (sources, spec) = prepare(cfg)?;
+        // A resumed run keeps its layer table and knows the options it ran with.
+        let stored = if start == RunStart::Resume { Some(load_run_file(out)?) } else { None };
+        let (sources, spec) = prepare_with(cfg, stored.as_ref().and_then(|s| s.1.clone()))?;
         // The in-memory readers applied the limits already; the shards apply them here (the first N records).
         let n = sources.train.len().min(cfg.limit_train.unwrap_or(usize::MAX));
         let n_test = sources.test.len().min(cfg.limit_test.unwrap_or(usize::MAX));
@@ -473,8 +388,34 @@ impl<'c, B: Backend> Run<'c, B> {
         let config_json = serde_json::json!({ "train": resolved, "model": spec });
         folder.clear_old_run()?;
         if start == RunStart::Resume {
+            if state.epochs_done > cfg.epochs {
+                bail!("--epochs {}: the run has already trained {} epochs", cfg.epochs, state.epochs_done);
+            }
             truncate_metrics(&folder.dir.join("metrics.jsonl"), state.epochs_done)?;
             truncate_steps(&folder.dir.join("steps.jsonl"), state.step)?;
+            // The options it continues with (--epochs, --device, --precision, --data may have changed).
+            let (old, _) = stored.as_ref().expect("a resumed run's stored config");
+            if old != &resolved {
+                files::write_atomic(
+                    &folder.dir.join("config.json"),
+                    serde_json::to_string_pretty(&config_json)?.as_bytes(),
+                )?;
+            }
+            if old.epochs != cfg.epochs && state.epochs_done < cfg.epochs {
+                let e = state.epochs_done;
+                say(
+                    opts,
+                    format!(
+                        "asge: --epochs {} (was {}): the cosine schedule now spans {} epochs; epoch {}'s lr is {:.4e} (was {:.4e})",
+                        cfg.epochs,
+                        old.epochs,
+                        cfg.epochs,
+                        e + 1,
+                        cosine_lr(cfg.lr, cfg.lr_min, e, cfg.epochs),
+                        cosine_lr(old.lr, old.lr_min, e, old.epochs)
+                    ),
+                );
+            }
         } else {
             files::write_atomic(
                 &folder.dir.join("config.json"),
@@ -501,7 +442,17 @@ impl<'c, B: Backend> Run<'c, B> {
         );
         say(opts, format!("asge: run folder {}", folder.dir.display()));
         if start == RunStart::Resume {
-            say(opts, format!("asge: resuming after epoch {} (step {})", state.epochs_done, state.step));
+            let per_epoch = train_idx.len().div_ceil(batch);
+            say(
+                opts,
+                format!(
+                    "asge: resuming at epoch {} of {}, step {} of {per_epoch} (optimizer step {})",
+                    state.epochs_done + 1,
+                    cfg.epochs,
+                    state.batches_done + 1,
+                    state.step
+                ),
+            );
         }
         Ok(Run {
             cfg,
@@ -588,7 +539,8 @@ impl<'c, B: Backend> Run<'c, B> {
             self.state.step += 1;
             let step = self.state.step;
             let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), step);
-            let s = self.net.train_step_pipelined(&batch.x, &batch.labels, lr, step, Some((cfg.dropout, drop_key)))?;
+            let s =
+                self.net.train_step_pipelined(&batch.x, &batch.labels, lr, step, Some((cfg.dropout_p(), drop_key)))?;
             self.log_step(s.as_ref(), epoch, lr)?;
             sums.add_checked(s, epoch)?;
             self.state.batches_done += 1;
@@ -728,11 +680,23 @@ impl<'c, B: Backend> Run<'c, B> {
 
 /// Reads a run folder's config for `--resume`.
 pub fn load_run_config(dir: &Path) -> Result<TrainConfig> {
+    load_run_file(dir).map(|(c, _)| c)
+}
+
+/// A run folder's config.json: the options and the model's layer table (absent in runs made before it was
+/// stored).
+fn load_run_file(dir: &Path) -> Result<(TrainConfig, Option<ModelSpec>)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("--resume {}: no config.json", dir.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    serde_json::from_value(v.get("train").cloned().unwrap_or_default())
-        .with_context(|| format!("{}: not an asge run config", path.display()))
+    let cfg = serde_json::from_value(v.get("train").cloned().unwrap_or_default())
+        .with_context(|| format!("{}: not an asge run config", path.display()))?;
+    let spec = v
+        .get("model")
+        .map(|m| serde_json::from_value(m.clone()))
+        .transpose()
+        .with_context(|| format!("{}: a bad model table", path.display()))?;
+    Ok((cfg, spec))
 }
 
 #[derive(Serialize, Deserialize)]

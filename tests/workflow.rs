@@ -1,0 +1,142 @@
+//! The researcher's daily loop from the command line: config files with overrides, resume that obeys (and
+//! refuses what would change the run), from any directory, and a --help that reads.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn asge(cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_asge")).args(args).current_dir(cwd).output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn ok(cwd: &Path, args: &[&str]) -> (String, String) {
+    let (code, out, err) = asge(cwd, args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    (out, err)
+}
+
+fn config(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+}
+
+/// A folder with a small MNIST (first 640 + 100 images) at `data/mnist`, as raw IDX.
+fn sandbox(tag: &str) -> PathBuf {
+    let root = common::temp_dir(&format!("wf-{tag}"));
+    let src = common::data_dir().join("mnist");
+    let dir = root.join("data/mnist");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (split, n) in [("train", 640usize), ("t10k", 100)] {
+        let img = std::fs::read(src.join(format!("{split}-images-idx3-ubyte"))).unwrap();
+        let lab = std::fs::read(src.join(format!("{split}-labels-idx1-ubyte"))).unwrap();
+        let mut i = vec![0, 0, 8, 3];
+        for d in [n as u32, 28, 28] {
+            i.extend(d.to_be_bytes());
+        }
+        i.extend_from_slice(&img[16..][..n * 784]);
+        let mut l = vec![0, 0, 8, 1];
+        l.extend((n as u32).to_be_bytes());
+        l.extend_from_slice(&lab[8..][..n]);
+        std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), i).unwrap();
+        std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), l).unwrap();
+    }
+    root
+}
+
+#[test]
+fn a_config_file_then_flags_and_a_runs_own_config_json() {
+    let sb = sandbox("config");
+    // TOML, with a key spelled as the flag is (lr-min) and one as config.json spells it (weight_decay).
+    std::fs::write(
+        sb.join("exp.toml"),
+        "dataset = \"mnist\"\ndata = \"data/mnist\"\nwidth = 0.125\nepochs = 1\nbatch = 64\nlr = 1e-3\nlr-min = 1e-5\nweight_decay = 0.0\nval = 0\n",
+    )
+    .unwrap();
+    ok(&sb, &["train", "--config", "exp.toml", "--lr", "2e-3", "--out", "a", "--quiet", "--threads", "2"]);
+    let c = config(&sb.join("a"));
+    let t = &c["train"];
+    assert_eq!(
+        (t["width"].as_f64(), t["lr"].as_f64(), t["weight_decay"].as_f64()),
+        (Some(0.125), Some(2e-3), Some(0.0))
+    );
+    // Defaults for what neither gave; exact values (0.1, not 0.10000000149011612); an absolute data path.
+    assert_eq!(t["dropout"].as_f64(), Some(0.1));
+    assert!(std::fs::read_to_string(sb.join("a/config.json")).unwrap().contains("\"dropout\": 0.1,"));
+    assert!(Path::new(t["data"].as_str().unwrap()).is_absolute());
+    // The run's own config.json is a valid --config: the same options, another run.
+    ok(&sb, &["train", "--config", "a/config.json", "--out", "b", "--quiet", "--threads", "2"]);
+    assert_eq!(config(&sb.join("a"))["train"], config(&sb.join("b"))["train"]);
+    assert_eq!(
+        std::fs::read(sb.join("a/last.safetensors")).unwrap().len(),
+        std::fs::read(sb.join("b/last.safetensors")).unwrap().len()
+    );
+    // A key that is no option is an error naming it; so is a missing dataset.
+    std::fs::write(sb.join("typo.toml"), "dataset = \"mnist\"\ndata = \"data/mnist\"\nlearning_rate = 1\n").unwrap();
+    let (code, _, err) = asge(&sb, &["train", "--config", "typo.toml", "--out", "c"]);
+    assert!(code == 1 && err.contains("unknown option 'learning_rate'") && err.contains("typo.toml"), "{err}");
+    let (code, _, err) = asge(&sb, &["train", "--data", "data/mnist", "--out", "c"]);
+    assert!(code == 1 && err.contains("--dataset is required"), "{err}");
+}
+
+#[test]
+fn resume_obeys_from_any_directory_and_refuses_what_would_change_the_run() {
+    let sb = sandbox("resume");
+    let base =
+        ["train", "--dataset", "mnist", "--data", "data/mnist", "--width", "0.125", "--batch", "64", "--val", "0"];
+    let mut first: Vec<&str> = base.to_vec();
+    first.extend(["--epochs", "2", "--stop-after", "1", "--out", "run", "--quiet", "--threads", "2"]);
+    ok(&sb, &first);
+    let run = sb.join("run");
+    let elsewhere = common::temp_dir("wf-resume-elsewhere");
+    let run_s = run.to_str().unwrap();
+    // A flag that would change the run is refused, naming it (and nothing is touched).
+    let before = std::fs::read(run.join("last.safetensors")).unwrap();
+    let (code, _, err) = asge(&elsewhere, &["train", "--resume", run_s, "--lr", "1e-3", "--no-shuffle"]);
+    assert!(code == 1 && err.contains("cannot change when a run resumes"), "{err}");
+    assert!(err.contains("--lr") && err.contains("--no-shuffle"), "{err}");
+    assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), before);
+    // From another directory (the data path is stored absolute), extending the schedule: the message says where
+    // it resumes and how the lr changes; config.json now says 3 epochs, and three epochs are logged.
+    let (_, err) = ok(&elsewhere, &["train", "--resume", run_s, "--epochs", "3", "--threads", "2"]);
+    assert!(err.contains("resuming at epoch 2 of 3, step 1 of 10"), "{err}");
+    assert!(err.contains("--epochs 3 (was 2)") && err.contains("epoch 2's lr"), "{err}");
+    assert_eq!(config(&run)["train"]["epochs"], 3);
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 3);
+    assert!(run.join("summary.json").exists());
+    // A custom model is rebuilt from the table the run stored, not from its JSON file, which may have changed.
+    std::fs::write(sb.join("m.json"), r#"{"name": "m", "layers": [{"channels": 8}, {"channels": 16, "pool": true}]}"#)
+        .unwrap();
+    let mut custom: Vec<&str> = base.to_vec();
+    custom.extend(["--model", "m.json", "--epochs", "2", "--stop-after", "1", "--out", "custom", "--quiet"]);
+    ok(&sb, &custom);
+    std::fs::write(sb.join("m.json"), r#"{"name": "m", "layers": [{"channels": 64}]}"#).unwrap();
+    ok(&elsewhere, &["train", "--resume", sb.join("custom").to_str().unwrap(), "--quiet"]);
+    let ck = asge::train::checkpoint::load(&sb.join("custom/last.safetensors")).unwrap();
+    assert_eq!(ck.spec.unwrap().layers.len(), 2, "the stored two-layer table, not the file's one layer");
+}
+
+#[test]
+fn help_reads_with_headings_and_the_required_flags() {
+    let (out, _) = ok(Path::new("."), &["train", "--help"]);
+    for h in ["Data:", "Model:", "Optimisation:", "Schedule:", "Device:", "Run folder:", "Checkpointing:", "Output:"] {
+        assert!(out.contains(h), "no heading {h} in:\n{out}");
+    }
+    assert!(out.contains("asge train --dataset DATASET --data DIR --out RUN"), "{out}");
+    assert!(out.contains("asge train --resume RUN"), "{out}");
+    // No doc-link syntax leaks into the help.
+    assert!(!out.contains("[`") && !out.contains("`]"), "{out}");
+    // Every flag has a description: the line after a flag's is text, not the next flag or a blank.
+    let lines: Vec<&str> = out.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if l.trim_start().starts_with("--") || l.trim_start().starts_with("-h,") {
+            let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or("");
+            assert!(!next.is_empty() && !next.starts_with('-'), "a flag without a description: {l}");
+        }
+    }
+    assert!(out.contains("[default: 100]") && out.contains("[default: 0.0002]"), "{out}");
+}
