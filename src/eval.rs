@@ -30,6 +30,9 @@ pub struct TopK {
     /// Rows with a NaN or infinite logit: counted in `total`, never as a hit.
     #[serde(default)]
     pub nonfinite: usize,
+    /// The summed softmax cross-entropy of the finite rows.
+    #[serde(default)]
+    pub loss_sum: f64,
 }
 
 impl TopK {
@@ -44,6 +47,9 @@ impl TopK {
                 continue;
             }
             let target = row[label as usize];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            self.loss_sum += lse - target as f64;
             // Rank = classes that beat the label (strictly higher, or equal with a smaller index: argmax order).
             let rank =
                 row.iter().enumerate().filter(|&(i, &v)| v > target || (v == target && i < label as usize)).count();
@@ -57,6 +63,10 @@ impl TopK {
     }
     pub fn top5_acc(&self) -> f64 {
         self.top5 as f64 / self.total.max(1) as f64
+    }
+    /// The mean cross-entropy over the rows.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.total.max(1) as f64
     }
 }
 
@@ -76,22 +86,32 @@ impl EvalResult {
     pub fn layer_acc(&self) -> Vec<f64> {
         self.layers.iter().map(TopK::top1_acc).collect()
     }
+    pub fn layer_loss(&self) -> Vec<f64> {
+        self.layers.iter().map(TopK::loss).collect()
+    }
 }
 
 /// Runs the evaluation forward over `indices` of `data` (no dropout). `aug` is applied with `key` (the released
-/// code's validation images receive the training augmentations; test images never do).
+/// code's validation images receive the training augmentations; test images never do). With `progress`, the
+/// pass shows its own progress under that label.
 pub fn evaluate<B: Backend>(
     net: &mut Net<B>,
     data: &Arc<dyn ImageSource>,
     indices: Vec<usize>,
     aug: Augment,
     key: u64,
+    progress: Option<(crate::train::progress::Display, &str)>,
 ) -> Result<EvalResult> {
     let classes = net.spec.classes;
     let mut res = EvalResult { layers: vec![TopK::default(); net.layers.len()], fusion: TopK::default() };
+    let n_batches = indices.len().div_ceil(net.max_batch().max(1)) as u64;
+    let mut pb = progress.map(|(d, label)| crate::train::progress::Progress::new(d, label, n_batches, 0, 0));
     let mut batches = Prefetch::new(data.clone(), indices, 0, net.max_batch(), aug, key, 2);
-    for batch in batches.by_ref() {
+    for (i, batch) in batches.by_ref().enumerate() {
         let batch = batch?;
+        if let Some(pb) = &mut pb {
+            pb.set(i as u64 + 1, "");
+        }
         if crate::train::interrupt::received().is_some() {
             anyhow::bail!("evaluation interrupted");
         }
@@ -181,7 +201,12 @@ mod tests {
             0.0,
         ];
         t.add(&logits, &[2, 0, 5], 6);
-        assert_eq!(t, TopK { top1: 1, top5: 2, total: 3, nonfinite: 0 });
+        assert_eq!((t.top1, t.top5, t.total, t.nonfinite), (1, 2, 3, 0));
+        // The cross-entropy of the first row (label 2): logsumexp - 0.9.
+        let lse = logits[..6].iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        let mut one = TopK::default();
+        one.add(&logits[..6], &[2], 6);
+        assert!((one.loss() - (lse - 0.9f32 as f64)).abs() < 1e-12);
     }
 
     #[test]
@@ -192,7 +217,7 @@ mod tests {
         t.add(&[0.0, f32::NAN, 0.0], &[0], 3);
         t.add(&[f32::INFINITY, 0.0, 0.0], &[0], 3);
         t.add(&[f32::NAN; 3], &[2], 3);
-        assert_eq!(t, TopK { top1: 0, top5: 0, total: 4, nonfinite: 4 });
+        assert_eq!((t.top1, t.top5, t.total, t.nonfinite), (0, 0, 4, 4));
     }
 
     #[test]

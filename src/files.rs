@@ -147,6 +147,25 @@ pub const RUN_FILES: &[&str] = &[
     "curves.svg",
 ];
 
+/// True for a file a training run writes: one of [`RUN_FILES`], or a TensorBoard event file of asge's.
+pub fn is_run_file(name: &str) -> bool {
+    RUN_FILES.contains(&name) || (name.starts_with("events.out.tfevents.") && name.ends_with(".asge"))
+}
+
+/// The run files present in `dir`.
+fn run_files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| is_run_file(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// How a training run treats its `--out` folder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunStart {
@@ -175,7 +194,7 @@ impl RunFolder {
         if !dir.exists() {
             return Ok(());
         }
-        let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| dir.join(f).symlink_metadata().is_ok()).collect();
+        let present = run_files_in(dir);
         match start {
             RunStart::Resume => Ok(()),
             RunStart::Fresh if present.is_empty() => Ok(()),
@@ -216,8 +235,8 @@ impl RunFolder {
         if self.start != RunStart::Overwrite {
             return Ok(());
         }
-        for f in RUN_FILES {
-            let p = self.dir.join(f);
+        for f in run_files_in(&self.dir) {
+            let p = self.dir.join(&f);
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

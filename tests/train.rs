@@ -134,7 +134,7 @@ fn seeded_runs_repeat_and_resume_exactly() {
             .lines()
             .map(|l| {
                 let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().retain(|k, _| k != "seconds" && k != "images_per_s");
+                v.as_object_mut().unwrap().retain(|k, _| k != "seconds" && k != "images_per_s" && k != "wall_time");
                 v
             })
             .collect()

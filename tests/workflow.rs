@@ -140,3 +140,74 @@ fn help_reads_with_headings_and_the_required_flags() {
     }
     assert!(out.contains("[default: 100]") && out.contains("[default: 0.0002]"), "{out}");
 }
+
+/// Python with the packages tools/test.sh installs into `$ASGE_PYTOOLS` (tensorboard, onnxruntime) on its path.
+fn python(script: &str, args: &[&str]) -> String {
+    let tools = std::env::var("ASGE_PYTOOLS")
+        .expect("ASGE_PYTOOLS: the folder tools/test.sh installs the Python checkers into (tensorboard, onnxruntime)");
+    let o = Command::new("python3").arg("-c").arg(script).args(args).env("PYTHONPATH", &tools).output().unwrap();
+    assert!(o.status.success(), "python: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into()
+}
+
+#[test]
+fn tensorboard_reads_every_layers_curves_and_the_lr() {
+    let sb = sandbox("tensorboard");
+    ok(
+        &sb,
+        &[
+            "train",
+            "--dataset",
+            "mnist",
+            "--data",
+            "data/mnist",
+            "--width",
+            "0.125",
+            "--batch",
+            "64",
+            "--val",
+            "128",
+            "--epochs",
+            "2",
+            "--out",
+            "run",
+            "--quiet",
+            "--threads",
+            "2",
+        ],
+    );
+    // TensorBoard's own reader, on the run folder as `tensorboard --logdir` would read it.
+    let read = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ea = EventAccumulator(sys.argv[1]); ea.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}))
+"#;
+    let got: serde_json::Value = serde_json::from_str(&python(read, &[sb.join("run").to_str().unwrap()])).unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(sb.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let series = |tag: &str| -> Vec<(i64, f32)> {
+        got[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no scalar {tag} in {got}"))
+            .iter()
+            .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap() as f32))
+            .collect()
+    };
+    let want = |f: &dyn Fn(&serde_json::Value) -> f64| -> Vec<(i64, f32)> {
+        metrics.iter().map(|m| (m["epoch"].as_i64().unwrap(), f(m) as f32)).collect()
+    };
+    assert_eq!(series("lr"), want(&|m| m["lr"].as_f64().unwrap()));
+    for l in 0..7 {
+        assert_eq!(
+            series(&format!("train_loss/layer{}", l + 1)),
+            want(&|m| m["train_layer_loss"][l].as_f64().unwrap())
+        );
+        assert_eq!(series(&format!("val_accuracy/layer{}", l + 1)), want(&|m| m["val_layer_acc"][l].as_f64().unwrap()));
+        assert_eq!(series(&format!("val_loss/layer{}", l + 1)), want(&|m| m["val_layer_loss"][l].as_f64().unwrap()));
+    }
+    assert_eq!(series("val_accuracy/fusion"), want(&|m| m["val_fusion_acc"].as_f64().unwrap()));
+}

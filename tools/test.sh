@@ -17,6 +17,12 @@ if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then
     nvidia-cuda-nvrtc==13.0.88
 fi
 export LD_LIBRARY_PATH=$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The Python packages the interop tests check the engine's files with: tensorboard's event reader.
+export ASGE_PYTOOLS=${ASGE_PYTOOLS:-$HOME/.cache/asge-pytools}
+if ! PYTHONPATH=$ASGE_PYTOOLS python3 -c "import tensorboard" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$ASGE_PYTOOLS" \
+    tensorboard==2.21.0
+fi
 # The stand-in is part of what the tests check: its build must not be skipped silently.
 export ASGE_REQUIRE_STANDIN=1
 log=$(mktemp)

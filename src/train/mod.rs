@@ -9,5 +9,6 @@ pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod tensorboard;
 
 pub use net::{AdamW, Net, StepStats};

@@ -1,84 +1,228 @@
-//! `curves.svg` in the run folder: accuracy per epoch of every layer's projection and of the fusion heads
-//! (validation when the run has it, training otherwise). Plain SVG, no dependencies; opens in any browser.
+//! `curves.svg` in the run folder: three panels over the epochs, accuracy (validation when the run has it,
+//! training otherwise), loss (training, and validation dashed) and the learning rate, for every layer's projection
+//! and the fusion heads. Every point has a marker (a one-epoch run is not blank), both axes have ticks, the y
+//! axes are scaled to the data, and the layers' colours are Tableau's ten (then repeated with a dash). Plain SVG,
+//! no dependencies; opens in any browser.
 
 use super::run::EpochMetrics;
 use std::fmt::Write;
 
-const W: f64 = 720.0;
-const H: f64 = 420.0;
-const LEFT: f64 = 60.0;
+const W: f64 = 760.0;
+const PANEL_H: f64 = 230.0;
+const LEFT: f64 = 70.0;
 const RIGHT: f64 = 150.0;
-const TOP: f64 = 30.0;
-const BOTTOM: f64 = 50.0;
+const TOP: f64 = 34.0;
+const GAP: f64 = 46.0;
+
+/// Ten colours told apart by most people (Tableau 10).
+const COLOURS: [&str; 10] =
+    ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+
+/// Round tick values covering `[lo, hi]`: about `n` of them at 1, 2 or 5 times a power of ten.
+fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() * step;
+    (0..).map(|i| first + i as f64 * step).take_while(|t| *t <= hi + step * 1e-9).collect()
+}
+
+fn label(v: f64) -> String {
+    if v != 0.0 && (v.abs() < 1e-2 || v.abs() >= 1e4) {
+        format!("{v:.1e}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// One line of points, with its style: colour, dashed or not, width.
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+    colour: &'static str,
+    dashed: bool,
+    width: f64,
+}
+
+/// A panel at vertical offset `top`: axes with ticks, the series, a legend (when `legend`).
+fn panel(s: &mut String, top: f64, title: &str, series: &[Series], epochs: f64, legend: bool) {
+    let pw = W - LEFT - RIGHT;
+    let all: Vec<f64> = series.iter().flat_map(|x| x.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).collect();
+    let (mut lo, mut hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let pad = if hi.abs() > 0.0 { hi.abs() * 0.1 } else { 1.0 };
+        (lo, hi) = (lo - pad, hi + pad);
+    } else {
+        let pad = (hi - lo) * 0.05;
+        (lo, hi) = (lo - pad, hi + pad);
+    }
+    let x = |e: f64| LEFT + pw * if epochs > 1.0 { (e - 1.0) / (epochs - 1.0) } else { 0.5 };
+    let y = |v: f64| top + PANEL_H * (1.0 - (v - lo) / (hi - lo));
+    let _ = writeln!(s, "<text x=\"{LEFT}\" y=\"{:.1}\" font-size=\"13\">{title}</text>", top - 8.0);
+    let _ = writeln!(
+        s,
+        "<rect x=\"{LEFT}\" y=\"{top:.1}\" width=\"{pw:.1}\" height=\"{PANEL_H}\" fill=\"none\" stroke=\"#888\"/>"
+    );
+    for t in ticks(lo, hi, 5) {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            LEFT + pw,
+            y(t),
+            y(t),
+            LEFT - 6.0,
+            y(t) + 4.0,
+            label(t)
+        );
+    }
+    for t in ticks(1.0, epochs, 8).into_iter().filter(|t| t.fract() == 0.0) {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"#888\"/><text x=\"{0:.1}\" y=\"{3:.1}\" text-anchor=\"middle\">{4}</text>",
+            x(t),
+            top + PANEL_H,
+            top + PANEL_H + 4.0,
+            top + PANEL_H + 16.0,
+            t
+        );
+    }
+    for (row, se) in series.iter().enumerate() {
+        let dash = if se.dashed { " stroke-dasharray=\"5,3\"" } else { "" };
+        let pts: Vec<String> =
+            se.points.iter().filter(|p| p.1.is_finite()).map(|&(e, v)| format!("{:.1},{:.1}", x(e), y(v))).collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{}\"{dash} points=\"{}\"/>",
+            se.colour,
+            se.width,
+            pts.join(" ")
+        );
+        for &(e, v) in se.points.iter().filter(|p| p.1.is_finite()) {
+            let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{}\"/>", x(e), y(v), se.colour);
+        }
+        if legend {
+            let ly = top + 14.0 * row as f64 + 6.0;
+            let _ = writeln!(
+                s,
+                "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{ly:.1}\" y2=\"{ly:.1}\" stroke=\"{}\" stroke-width=\"{}\"{dash}/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+                W - RIGHT + 10.0,
+                W - RIGHT + 30.0,
+                se.colour,
+                se.width,
+                W - RIGHT + 36.0,
+                ly + 4.0,
+                se.name
+            );
+        }
+    }
+}
 
 /// The SVG text for the metrics so far.
 pub fn curves_svg(metrics: &[EpochMetrics], title: &str) -> String {
-    let val = metrics.iter().all(|m| m.val_layer_acc.is_some());
-    let series = |m: &EpochMetrics| -> (Vec<f64>, Option<f64>) {
-        match &m.val_layer_acc {
-            Some(l) if val => (l.clone(), m.val_fusion_acc),
-            _ => (m.train_layer_acc.clone(), m.train_fusion_acc),
-        }
-    };
+    let val = !metrics.is_empty() && metrics.iter().all(|m| m.val_layer_acc.is_some());
     let layers = metrics.first().map(|m| m.train_layer_acc.len()).unwrap_or(0);
-    let epochs = metrics.len().max(2) as f64;
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let x = |e: f64| LEFT + pw * (e - 1.0) / (epochs - 1.0);
-    let y = |a: f64| TOP + ph * (1.0 - a);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"18\" font-size=\"14\">{title} ({} accuracy)</text>\n",
-        if val { "validation" } else { "training" }
-    );
-    for i in 0..=10 {
-        let a = i as f64 / 10.0;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}%</text>",
-            LEFT + pw,
-            y(a),
-            y(a),
-            LEFT - 6.0,
-            y(a) + 4.0,
-            i * 10
-        );
+    let epochs = metrics.last().map_or(1, |m| m.epoch).max(1) as f64;
+    let style = |l: usize| (COLOURS[l % COLOURS.len()], l >= COLOURS.len());
+    let pts = |f: &dyn Fn(&EpochMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
+        metrics.iter().filter_map(|m| f(m).map(|v| (m.epoch as f64, v))).collect()
+    };
+    let mut acc = Vec::new();
+    let mut loss = Vec::new();
+    for l in 0..layers {
+        let (colour, dashed) = style(l);
+        let a = if val {
+            pts(&|m| m.val_layer_acc.as_ref().and_then(|v| v.get(l)).copied())
+        } else {
+            pts(&|m| m.train_layer_acc.get(l).copied())
+        };
+        acc.push(Series { name: format!("layer {}", l + 1), points: a, colour, dashed, width: 1.5 });
+        loss.push(Series {
+            name: format!("layer {}", l + 1),
+            points: pts(&|m| m.train_layer_loss.get(l).copied()),
+            colour,
+            dashed,
+            width: 1.5,
+        });
     }
+    let fusion_acc = if val { pts(&|m| m.val_fusion_acc) } else { pts(&|m| m.train_fusion_acc) };
+    if !fusion_acc.is_empty() {
+        acc.push(Series { name: "fusion".into(), points: fusion_acc, colour: "#000", dashed: false, width: 3.0 });
+        loss.push(Series {
+            name: "fusion".into(),
+            points: pts(&|m| m.train_fusion_loss),
+            colour: "#000",
+            dashed: false,
+            width: 3.0,
+        });
+    }
+    let lr =
+        vec![Series { name: "lr".into(), points: pts(&|m| Some(m.lr)), colour: "#333", dashed: false, width: 1.5 }];
+    let h = TOP + 3.0 * PANEL_H + 2.0 * GAP + 40.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LEFT}\" y=\"16\" font-size=\"14\">{title}</text>\n"
+    );
+    let which = if val { "validation" } else { "training" };
+    panel(&mut s, TOP + 14.0, &format!("top-1 accuracy ({which})"), &acc, epochs, true);
+    panel(&mut s, TOP + 14.0 + PANEL_H + GAP, "training loss (cross-entropy)", &loss, epochs, false);
+    panel(&mut s, TOP + 14.0 + 2.0 * (PANEL_H + GAP), "learning rate", &lr, epochs, false);
     let _ = writeln!(
         s,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">epoch (1 to {})</text>",
-        LEFT + pw / 2.0,
-        H - 15.0,
-        metrics.len()
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">epoch</text>",
+        LEFT + (W - LEFT - RIGHT) / 2.0,
+        h - 6.0
     );
-    let line = |s: &mut String, pts: &[(f64, f64)], color: &str, width: f64, label: &str, row: usize| {
-        let path: Vec<String> = pts.iter().map(|&(e, a)| format!("{:.1},{:.1}", x(e), y(a))).collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"{width}\" points=\"{}\"/>",
-            path.join(" ")
-        );
-        let ly = TOP + 16.0 * row as f64;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{ly:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"{width}\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>",
-            W - RIGHT + 10.0,
-            W - RIGHT + 30.0,
-            W - RIGHT + 36.0,
-            ly + 4.0
-        );
-    };
-    for l in 0..layers {
-        let hue = (l as f64 * 360.0 / layers.max(1) as f64) as u32;
-        let pts: Vec<(f64, f64)> =
-            metrics.iter().enumerate().filter_map(|(e, m)| series(m).0.get(l).map(|&a| ((e + 1) as f64, a))).collect();
-        line(&mut s, &pts, &format!("hsl({hue},70%,45%)"), 1.5, &format!("layer {}", l + 1), l);
-    }
-    let pts: Vec<(f64, f64)> =
-        metrics.iter().enumerate().filter_map(|(e, m)| series(m).1.map(|a| ((e + 1) as f64, a))).collect();
-    if !pts.is_empty() {
-        line(&mut s, &pts, "black", 3.0, "fusion", layers);
-    }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(epoch: usize, acc: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            lr: 2e-4,
+            train_layer_loss: vec![1.0; 10],
+            train_layer_acc: vec![acc; 10],
+            train_fusion_loss: Some(1.0),
+            train_fusion_acc: Some(acc),
+            val_layer_acc: None,
+            val_fusion_acc: None,
+            val_layer_loss: None,
+            val_fusion_loss: None,
+            images_per_s: 1.0,
+            seconds: 1.0,
+            wall_time: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_one_epoch_run_draws_markers_ticks_and_three_panels() {
+        let svg = curves_svg(&[m(1, 0.5)], "t");
+        // One marker per series and panel: 10 layers + fusion in accuracy and loss, and the lr.
+        assert_eq!(svg.matches("<circle").count(), 11 + 11 + 1);
+        for p in ["top-1 accuracy (training)", "training loss", "learning rate"] {
+            assert!(svg.contains(p), "{p}");
+        }
+        // Ten layers, ten colours.
+        for c in COLOURS {
+            assert!(svg.contains(c), "{c}");
+        }
+        assert!(svg.contains(">1</text>"), "an epoch tick");
+    }
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(ticks(0.0, 1.0, 5), vec![0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]);
+        let t = ticks(1.23e-5, 2.1e-4, 5);
+        assert!(t.len() >= 3 && t[0] >= 1.23e-5 && *t.last().unwrap() <= 2.1e-4, "{t:?}");
+    }
 }

@@ -55,8 +55,16 @@ pub struct EpochMetrics {
     pub train_fusion_acc: Option<f64>,
     pub val_layer_acc: Option<Vec<f64>>,
     pub val_fusion_acc: Option<f64>,
+    /// Validation cross-entropy per layer (through its projection) and of the fusion heads.
+    #[serde(default)]
+    pub val_layer_loss: Option<Vec<f64>>,
+    #[serde(default)]
+    pub val_fusion_loss: Option<f64>,
     pub images_per_s: f64,
     pub seconds: f64,
+    /// When the epoch ended: seconds since the Unix epoch (what TensorBoard's wall time is).
+    #[serde(default)]
+    pub wall_time: f64,
 }
 
 /// `summary.json`: the test result of the best checkpoint.
@@ -320,6 +328,8 @@ pub struct Run<'c, B: Backend> {
     adamw: AdamW,
     train_seconds: f64,
     train_images: usize,
+    /// The run's TensorBoard event file (a new one per start or resume).
+    events: super::tensorboard::EventWriter,
 }
 
 impl<'c, B: Backend> Run<'c, B> {
@@ -440,7 +450,15 @@ impl<'c, B: Backend> Run<'c, B> {
                 net.backend().name()
             ),
         );
-        say(opts, format!("asge: run folder {}", folder.dir.display()));
+        let events = super::tensorboard::EventWriter::create(&folder.dir)?;
+        say(
+            opts,
+            format!(
+                "asge: run folder {} (tensorboard --logdir {} shows its curves)",
+                folder.dir.display(),
+                folder.dir.display()
+            ),
+        );
         if start == RunStart::Resume {
             let per_epoch = train_idx.len().div_ceil(batch);
             say(
@@ -470,6 +488,7 @@ impl<'c, B: Backend> Run<'c, B> {
             adamw,
             train_seconds: 0.0,
             train_images: 0,
+            events,
         })
     }
 
@@ -594,10 +613,19 @@ impl<'c, B: Backend> Run<'c, B> {
             let val_aug = if cfg.dataset == DatasetKind::Imagenet { self.sources.eval_aug } else { aug };
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
             let train = self.sources.train.clone();
-            Some(eval::evaluate(&mut self.net, &train, self.val_idx.clone(), val_aug, key)?)
+            let label = format!("validate {}/{}", epoch + 1, cfg.epochs);
+            Some(eval::evaluate(
+                &mut self.net,
+                &train,
+                self.val_idx.clone(),
+                val_aug,
+                key,
+                Some((opts.display(), &label)),
+            )?)
         };
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
         append_metrics(&self.folder.dir.join("metrics.jsonl"), &m)?;
+        self.events.scalars((epoch + 1) as i64, m.wall_time, &super::tensorboard::epoch_scalars(&m))?;
         write_curves(&self.folder.dir, &format!("{} on {}", self.spec.arch, cfg.dataset.name()))?;
         say(opts, epoch_line(&m));
 
@@ -650,7 +678,14 @@ impl<'c, B: Backend> Run<'c, B> {
         drop(self.net);
         let mut net = Net::new(make_backend()?, spec.clone(), &params, self.adamw, batch)?;
         let test = self.sources.test.clone();
-        let res = eval::evaluate(&mut net, &test, (0..self.n_test).collect(), self.sources.eval_aug, 0)?;
+        let res = eval::evaluate(
+            &mut net,
+            &test,
+            (0..self.n_test).collect(),
+            self.sources.eval_aug,
+            0,
+            Some((self.opts.display(), "test")),
+        )?;
         let rows = eval::strategies(&res, Strategy::All, best_state.best_layer)?;
         let title = format!("test ({} images), best epoch {} of {}", self.n_test, best_state.best_epoch, cfg.epochs);
         println!("{}", eval::format_table(&title, &rows, &res));
@@ -673,7 +708,10 @@ impl<'c, B: Backend> Run<'c, B> {
         };
         let path = self.folder.dir.join("summary.json");
         files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
-        say(self.opts, format!("asge: wrote {}", path.display()));
+        say(
+            self.opts,
+            format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.folder.dir.display()),
+        );
         Ok(summary)
     }
 }
@@ -796,8 +834,13 @@ impl EpochSums {
             train_fusion_acc: fusion.then(|| self.head_correct as f64 / n),
             val_layer_acc: val.map(EvalResult::layer_acc),
             val_fusion_acc: val.filter(|_| fusion).map(|v| v.fusion.top1_acc()),
+            val_layer_loss: val.map(EvalResult::layer_loss),
+            val_fusion_loss: val.filter(|_| fusion).map(|v| v.fusion.loss()),
             images_per_s: self.images as f64 / seconds,
             seconds,
+            wall_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
         }
     }
 }
@@ -962,6 +1005,7 @@ fn eval_on<B: Backend>(
     let params = ck.params_for(path, &spec)?;
     let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
     let mut net = Net::new(be, spec, &params, AdamW::default(), batch)?;
-    let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), eval_aug, 0)?;
+    let display = super::progress::Display::detect(false, 30.0);
+    let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), eval_aug, 0, Some((display, "evaluate")))?;
     Ok((eval::strategies(&res, strategy, best_layer)?, res, n_test))
 }
