@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::data::augment::Augment;
 use crate::data::loader::Prefetch;
 use crate::data::ImageSource;
+use crate::train::net::EvalLogits;
 use crate::train::Net;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,23 @@ pub fn evaluate<B: Backend>(
     key: u64,
     progress: Option<(crate::train::progress::Display, &str)>,
 ) -> Result<EvalResult> {
+    evaluate_with(net, data, indices, aug, key, progress, &mut |_, _| Ok(()))
+}
+
+/// What [`evaluate_with`] hands its caller after every batch: the batch's labels and its logits.
+pub type LogitSink<'a> = dyn FnMut(&[u32], &EvalLogits) -> Result<()> + 'a;
+
+/// [`evaluate`], calling `sink` with every batch's logits, in the order of `indices` (`asge predict`,
+/// `asge eval --dump-logits`).
+pub fn evaluate_with<B: Backend>(
+    net: &mut Net<B>,
+    data: &Arc<dyn ImageSource>,
+    indices: Vec<usize>,
+    aug: Augment,
+    key: u64,
+    progress: Option<(crate::train::progress::Display, &str)>,
+    sink: &mut LogitSink<'_>,
+) -> Result<EvalResult> {
     let classes = net.spec.classes;
     let mut res = EvalResult { layers: vec![TopK::default(); net.layers.len()], fusion: TopK::default() };
     let n_batches = indices.len().div_ceil(net.max_batch().max(1)) as u64;
@@ -120,6 +138,7 @@ pub fn evaluate<B: Backend>(
             acc.add(l, &batch.labels, classes);
         }
         res.fusion.add(&logits.fusion, &batch.labels, classes);
+        sink(&batch.labels, &logits)?;
     }
     batches.finish()?;
     // Non-finite logits mean broken weights or inputs: an accuracy computed around them would be a wrong number.
@@ -131,6 +150,46 @@ pub fn evaluate<B: Backend>(
     Ok(res)
 }
 
+/// The test result of a checkpoint, in one schema for `summary.json` (written after training, with the training
+/// time) and `asge eval`'s JSON (`format` tells them apart).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// `asge-summary` (a run's summary.json) or `asge-eval`.
+    pub format: String,
+    /// The checkpoint evaluated (`best.safetensors` in a run folder's summary).
+    pub checkpoint: std::path::PathBuf,
+    /// The data: `mnist`, `cifar10`, ..., `imagefolder` or `shards`, and where it was read.
+    pub dataset: String,
+    pub data: std::path::PathBuf,
+    pub model: String,
+    pub params_trainable: usize,
+    /// Epochs the checkpoint was trained for, and the epoch it is from (the best validation accuracy).
+    pub epochs: usize,
+    pub best_epoch: usize,
+    /// The best validation (fusion) accuracy, when the run had a validation set.
+    pub best_val: Option<f64>,
+    pub test: Vec<StrategyResult>,
+    /// Every layer's own top-1 and top-5 through its projection, layer 1 first.
+    pub test_layer_top1: Vec<f64>,
+    pub test_layer_top5: Vec<f64>,
+    pub test_images: usize,
+    /// Training wall time and rate (summary.json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_images_per_s: Option<f64>,
+}
+
+/// The logits of one strategy in a batch's [`EvalLogits`]: the last layer's, the best layer's, or the fusion
+/// heads'.
+pub fn strategy_logits(l: &EvalLogits, which: Strategy, best_layer: usize) -> &[f32] {
+    match which {
+        Strategy::Last | Strategy::All => l.layers.last().map(Vec::as_slice).unwrap_or(&[]),
+        Strategy::Best => &l.layers[best_layer],
+        Strategy::Fusion => &l.fusion,
+    }
+}
+
 /// One row of a result table: strategy name, the layer it reads, top-1, top-5.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StrategyResult {
@@ -139,6 +198,9 @@ pub struct StrategyResult {
     pub layer: Option<usize>,
     pub top1: f64,
     pub top5: f64,
+    /// Mean softmax cross-entropy of the strategy's logits.
+    #[serde(default)]
+    pub loss: f64,
 }
 
 /// The strategies asked for, from an evaluation and the best layer picked on validation. A one-layer model has
@@ -155,6 +217,7 @@ pub fn strategies(res: &EvalResult, which: Strategy, best_layer: usize) -> Resul
         layer: layer.map(|l| l + 1),
         top1: t.top1_acc(),
         top5: t.top5_acc(),
+        loss: t.loss(),
     };
     let mut out = Vec::new();
     if matches!(which, Strategy::Last | Strategy::All) {

@@ -10,6 +10,7 @@
 //! - [`train`]: the layer step written once against the trait, AdamW, the schedule, checkpoints, metrics.
 //! - [`data`]: dataset readers, the exact Pillow resize, augmentation, the prefetching loader.
 //! - [`eval`]: the prediction strategies (last, best, fusion) and top-k accuracy.
+//! - [`export`]: ONNX and weights-only safetensors exports.
 //! - [`files`]: atomic writes with exclusive temporary files, folder locks, the run-folder guard.
 //! - [`limits`]: checked sizes and memory estimates for everything a file or an option sizes.
 
@@ -17,6 +18,7 @@ pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod files;
 pub mod limits;
 pub mod model;

@@ -28,8 +28,15 @@ enum Cmd {
                                 asge train --config FILE --out RUN [OPTIONS]\n       \
                                 asge train --resume RUN [--epochs N] [--device D] [--precision P] [--data DIR]")]
     Train(Box<TrainArgs>),
-    /// Evaluate a checkpoint on a dataset's test file: top-1/top-5 per strategy and per layer.
+    /// Evaluate a checkpoint on a dataset's test file, a shard folder or an ImageFolder: top-1/top-5 per strategy
+    /// and per layer.
     Eval(EvalArgs),
+    /// Classify image files with a checkpoint: the top classes and their probabilities.
+    #[command(override_usage = "asge predict --checkpoint FILE IMAGE|FOLDER... [--strategy S] [--top K] [--json]")]
+    Predict(PredictArgs),
+    /// Export a checkpoint: an ONNX graph of one prediction strategy (opset 17), or weights-only safetensors.
+    #[command(override_usage = "asge export --checkpoint FILE --format onnx|safetensors [--strategy S] --out FILE")]
+    Export(ExportArgs),
     /// Describe this build: backends, threads, the models' shapes.
     Info,
     /// Time every op of a training step and the whole step against ceilings measured on the spot.
@@ -141,27 +148,81 @@ struct TrainArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").args(["dataset", "folder"])))]
 struct EvalArgs {
-    #[arg(long)]
+    /// The checkpoint (a run's best.safetensors or last.safetensors, or an exported weights file).
+    #[arg(long, value_name = "FILE")]
     checkpoint: PathBuf,
-    /// Default: the dataset the checkpoint was trained on (from its metadata).
+    /// A built-in dataset's test file (default: the dataset the checkpoint was trained on, from its metadata).
     #[arg(long, value_enum)]
     dataset: Option<DatasetKind>,
-    /// Default: the data folder the checkpoint was trained from (from its metadata).
-    #[arg(long)]
+    /// The dataset's folder (default: the folder the checkpoint was trained from, from its metadata).
+    #[arg(long, value_name = "DIR", conflicts_with = "folder")]
     data: Option<PathBuf>,
+    /// Evaluate on this folder instead: a shard folder (asge shard's output, with index.json) or an ImageFolder
+    /// (one sub-folder of PNG/JPEG images per class, named as the checkpoint's classes).
+    #[arg(long, value_name = "DIR")]
+    folder: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "all")]
     strategy: Strategy,
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    #[arg(long)]
+    /// Evaluate the first N images only.
+    #[arg(long, value_name = "N")]
     limit_test: Option<usize>,
-    /// Where to write the JSON result (default: <checkpoint>.eval-<dataset>.json beside the checkpoint). An
-    /// existing file is replaced only when it is an earlier asge eval result.
-    #[arg(long)]
+    /// Where to write the JSON result, in summary.json's schema (default: <checkpoint>.eval-<dataset>.json beside
+    /// the checkpoint). An existing file is replaced only when it is an earlier asge eval result.
+    #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also write every image's logits (last, best, fusion) and label to this safetensors file, to compare an
+    /// exported model with.
+    #[arg(long, value_name = "FILE")]
+    dump_logits: Option<PathBuf>,
+    /// With --dump-logits: add the images as the model saw them ([N, C, S, S] in [0, 1], before the RMS norm).
+    #[arg(long, requires = "dump_logits")]
+    dump_inputs: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
     #[command(flatten)]
     on: DeviceArgs,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    #[arg(long, value_name = "FILE")]
+    checkpoint: PathBuf,
+    /// Image files (PNG, JPEG) or folders of them (walked recursively).
+    #[arg(value_name = "IMAGE|FOLDER", required = true)]
+    images: Vec<PathBuf>,
+    /// last, best or fusion (default: fusion; last for a one-layer model).
+    #[arg(long, value_enum)]
+    strategy: Option<Strategy>,
+    /// How many classes to show per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print JSON (one object per image) instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[command(flatten)]
+    on: DeviceArgs,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long, value_name = "FILE")]
+    checkpoint: PathBuf,
+    #[arg(long, value_enum)]
+    format: asge::export::Format,
+    /// ONNX only: last, best or fusion (default: fusion; last for a one-layer model). The graph holds only the
+    /// layers the strategy reads.
+    #[arg(long, value_enum)]
+    strategy: Option<Strategy>,
+    /// The file to write (an existing file is replaced only when it is an earlier export of the same format).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 fn main() {
@@ -205,6 +266,11 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand's matches")),
         Cmd::Eval(a) => eval_cmd(a),
+        Cmd::Predict(a) => predict_cmd(a),
+        Cmd::Export(a) => {
+            println!("{}", asge::export::export(&a.checkpoint, a.format, a.strategy, &a.out)?);
+            Ok(())
+        }
         Cmd::Bench(a) => bench(a),
         Cmd::Shard(a) => {
             let o = asge::data::shard::ShardOptions {
@@ -291,63 +357,99 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    anyhow::ensure!(a.batch > 0, "--batch 0: the batch needs at least one image");
-    let (dataset, data) = match (a.dataset, a.data.clone()) {
-        (Some(d), Some(p)) => (d, p),
-        (d, p) => {
+    use asge::train::infer::{self, Dump, EvalData, EvalOptions};
+    let data = match (a.folder.clone(), a.dataset, a.data.clone()) {
+        (Some(dir), _, _) => EvalData::Folder(dir),
+        (None, Some(kind), Some(dir)) => EvalData::Builtin { kind, dir },
+        (None, d, p) => {
             // Fill what is missing from the run config stored in the checkpoint.
             let trained = asge::train::checkpoint::load(&a.checkpoint)?
                 .config
                 .and_then(|c| serde_json::from_value::<TrainConfig>(c.get("train")?.clone()).ok());
-            let why =
-                || format!("{}: no run config in the metadata; give --dataset and --data", a.checkpoint.display());
+            let why = || {
+                format!(
+                    "{}: no run config in the metadata; give --dataset and --data, or --folder",
+                    a.checkpoint.display()
+                )
+            };
             let t = || trained.clone().with_context(why);
-            (
-                match d {
-                    Some(d) => d,
-                    None => t()?.dataset,
-                },
-                match p {
-                    Some(p) => p,
-                    None => t()?.data,
-                },
-            )
+            let kind = match d {
+                Some(d) => d,
+                None => t()?.dataset,
+            };
+            let dir = match p {
+                Some(p) => p,
+                None => t()?.data,
+            };
+            EvalData::Builtin { kind, dir }
         }
     };
-    let json_path = a.json.unwrap_or_else(|| {
+    let tag = match &data {
+        EvalData::Builtin { kind, .. } => kind.name().to_string(),
+        EvalData::Folder(dir) => std::fs::canonicalize(dir)
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "folder".into()),
+    };
+    let json_path = a.json.clone().unwrap_or_else(|| {
         let stem = a.checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        a.checkpoint.with_file_name(format!("{stem}.eval-{}.json", dataset.name()))
+        a.checkpoint.with_file_name(format!("{stem}.eval-{tag}.json"))
     });
-    if json_path.symlink_metadata().is_ok() && !is_eval_json(&json_path) {
-        anyhow::bail!(
-            "--json {}: the file exists and is not an asge eval result; choose another path",
-            json_path.display()
-        );
-    }
-    let (rows, res, n_test) = run::eval_checkpoint(
-        &a.checkpoint,
-        dataset,
-        &data,
-        a.strategy,
-        a.batch,
-        a.limit_test,
-        &a.on.device,
-        a.on.precision,
-    )?;
-    let title = format!("{} on {} test ({n_test} images)", a.checkpoint.display(), dataset.name());
-    println!("{}", eval::format_table(&title, &rows, &res));
-    let body = serde_json::json!({
-        "format": "asge-eval",
-        "checkpoint": a.checkpoint,
-        "dataset": dataset.name(),
-        "images": n_test,
-        "strategies": rows,
-        "layer_top1": res.layer_acc(),
-        "layer_top5": res.layers.iter().map(|t| t.top5_acc()).collect::<Vec<_>>(),
-    });
-    asge::files::write_atomic(&json_path, serde_json::to_string_pretty(&body)?.as_bytes())
+    infer::refuse_foreign(&json_path, "--json", "an asge eval result", is_eval_json)?;
+    let o = EvalOptions {
+        strategy: a.strategy,
+        batch: a.batch,
+        limit: a.limit_test,
+        device: &a.on.device,
+        precision: a.on.precision,
+        dump: a.dump_logits.clone().map(|path| Dump { path, inputs: a.dump_inputs }),
+        quiet: a.quiet,
+    };
+    let (report, res) = infer::eval(&a.checkpoint, &data, &o)?;
+    let title = match &data {
+        EvalData::Builtin { .. } => {
+            format!("{} on {} test ({} images)", a.checkpoint.display(), report.dataset, report.test_images)
+        }
+        EvalData::Folder(dir) => format!(
+            "{} on {} {} ({} images)",
+            a.checkpoint.display(),
+            report.dataset,
+            dir.display(),
+            report.test_images
+        ),
+    };
+    println!("{}", eval::format_table(&title, &report.test, &res));
+    asge::files::write_atomic(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("--json {}", json_path.display()))?;
     eprintln!("wrote {}", json_path.display());
+    Ok(())
+}
+
+fn predict_cmd(a: PredictArgs) -> Result<()> {
+    use asge::train::infer::{self, PredictOptions};
+    let o = PredictOptions {
+        strategy: a.strategy,
+        top: a.top,
+        batch: a.batch,
+        device: &a.on.device,
+        precision: a.on.precision,
+    };
+    let (strategy, preds) = infer::predict(&a.checkpoint, &a.images, &o)?;
+    if a.json {
+        for p in &preds {
+            println!("{}", serde_json::to_string(p)?);
+        }
+        return Ok(());
+    }
+    let names: Vec<String> = preds.iter().map(|p| p.image.display().to_string()).collect();
+    let w = names.iter().map(|n| n.chars().count()).max().unwrap_or(5).clamp(5, 60);
+    let k = preds.first().map_or(0, |p| p.top.len());
+    let strategy = serde_json::to_value(strategy)?.as_str().unwrap_or_default().to_string();
+    println!("{} (strategy {strategy}), the top {k} classes by probability", a.checkpoint.display());
+    for (name, p) in names.iter().zip(&preds) {
+        let cells: Vec<String> = p.top.iter().map(|c| format!("{} {:.1}%", c.name, 100.0 * c.prob)).collect();
+        println!("{name:<w$}  {}", cells.join("   "));
+    }
     Ok(())
 }
 

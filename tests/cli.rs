@@ -114,12 +114,12 @@ fn train_then_eval_from_the_command_line() {
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("fusion"), "{stdout}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(v["images"], 256);
-    assert_eq!(v["layer_top1"].as_array().unwrap().len(), 3);
+    assert_eq!(v["test_images"], 256);
+    assert_eq!(v["test_layer_top1"].as_array().unwrap().len(), 3);
     // The summary written by train agrees with eval on the same checkpoint and images.
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run/summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["test"][0]["top1"], v["strategies"][0]["top1"]);
+    assert_eq!(summary["test"][0]["top1"], v["test"][0]["top1"]);
     // Without --dataset and --data, eval takes them from the checkpoint's run config.
     let (code, stdout, err) =
         asge(&["eval", "--checkpoint", ck.to_str().unwrap(), "--limit-test", "256", "--json", json.to_str().unwrap()]);

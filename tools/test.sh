@@ -17,12 +17,15 @@ if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then
     nvidia-cuda-nvrtc==13.0.88
 fi
 export LD_LIBRARY_PATH=$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-# The Python packages the interop tests check the engine's files with: tensorboard's event reader.
+# The Python packages the interop tests check the engine's files with: tensorboard's event reader, onnxruntime
+# and onnx's checker (tests/workflow.rs, tests/interop.rs); PyTorch for python/asge_torch.py (about 5 GB, once).
 export ASGE_PYTOOLS=${ASGE_PYTOOLS:-$HOME/.cache/asge-pytools}
-if ! PYTHONPATH=$ASGE_PYTOOLS python3 -c "import tensorboard" 2>/dev/null; then
+if ! PYTHONPATH=$ASGE_PYTOOLS python3 -c "import tensorboard, onnxruntime, onnx" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$ASGE_PYTOOLS" \
-    tensorboard==2.21.0
+    tensorboard==2.21.0 onnxruntime==1.32.0 onnx==1.23.2
 fi
+export ASGE_TORCH=${ASGE_TORCH:-$HOME/.cache/asge-torch}
+tools/install-torch.sh
 # The stand-in is part of what the tests check: its build must not be skipped silently.
 export ASGE_REQUIRE_STANDIN=1
 log=$(mktemp)

@@ -91,6 +91,14 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet
     Ok(())
 }
 
+/// Every .png/.jpg/.jpeg file under `dir`, recursively (symlinked folders followed once).
+pub fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut all = Vec::new();
+    walk(dir, &mut all, &mut std::collections::HashSet::new())?;
+    out.extend(all.into_iter().filter(|p| is_image_name(p)));
+    Ok(())
+}
+
 fn is_image_name(p: &Path) -> bool {
     let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
     matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png"))
@@ -98,7 +106,7 @@ fn is_image_name(p: &Path) -> bool {
 
 /// Decodes a JPEG strictly: zune-jpeg in strict mode refuses truncated or corrupt entropy-coded data (the lenient
 /// default fills what is missing with grey, which would store a damaged photo as a valid image).
-fn decode_jpeg_strict(bytes: &[u8]) -> Result<image::RgbImage> {
+pub(crate) fn decode_jpeg_strict(bytes: &[u8]) -> Result<image::RgbImage> {
     use zune_core::bytestream::ZCursor;
     use zune_core::colorspace::ColorSpace;
     use zune_core::options::DecoderOptions;

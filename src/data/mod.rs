@@ -5,6 +5,7 @@ pub mod augment;
 pub mod cifar;
 pub mod idx;
 pub mod imagefolder;
+pub mod input;
 pub mod loader;
 pub mod resize;
 pub mod shard;
@@ -62,6 +63,10 @@ pub trait ImageSource: Send + Sync {
     fn image(&self, i: usize) -> &[u8];
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Class `i`'s name, where the source knows it (a shard folder's ImageFolder names).
+    fn class_names(&self) -> Option<Vec<String>> {
+        None
     }
     /// Checks that the source is still what it was when opened (the trainer calls it before every epoch).
     fn verify(&self) -> Result<()> {
@@ -125,6 +130,8 @@ pub struct Splits {
     pub kind: DatasetKind,
     pub train: Dataset,
     pub test: Dataset,
+    /// Class `i`'s name (digits for the IDX datasets).
+    pub class_names: Vec<String>,
 }
 
 /// Loads `kind` from `dir` (the folder of files or its parent), keeping at most `limit_train` / `limit_test`
@@ -136,19 +143,23 @@ pub fn load(kind: DatasetKind, dir: &Path, limit_train: Option<usize>, limit_tes
             dir.display()
         );
     }
-    let (mut train, mut test) = match kind {
+    let (mut train, mut test, names_dir) = match kind {
         DatasetKind::Imagenet => bail!("--dataset imagenet reads shards (asge shard), not an in-memory dataset"),
-        DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Idx => load_idx_pair(kind, dir)?,
+        DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Idx => {
+            let (a, b) = load_idx_pair(kind, dir)?;
+            (a, b, None)
+        }
         DatasetKind::Cifar10 => load_cifar(dir, &["cifar-10-batches-bin", "cifar10/cifar-10-batches-bin"], 10)?,
         DatasetKind::Cifar100 => load_cifar(dir, &["cifar-100-binary", "cifar100/cifar-100-binary"], 100)?,
     };
+    let class_names = input::builtin_class_names(kind, names_dir.as_deref(), train.classes);
     if let Some(n) = limit_train {
         train.truncate(n);
     }
     if let Some(n) = limit_test {
         test.truncate(n);
     }
-    Ok(Splits { kind, train, test })
+    Ok(Splits { kind, train, test, class_names })
 }
 
 fn subdirs(kind: DatasetKind) -> &'static [&'static str] {
@@ -235,7 +246,8 @@ fn load_idx_pair(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
     Ok((train, test))
 }
 
-fn load_cifar(dir: &Path, subs: &[&str], classes: usize) -> Result<(Dataset, Dataset)> {
+/// The training and test files of a CIFAR binary version, and the folder they are in.
+fn load_cifar(dir: &Path, subs: &[&str], classes: usize) -> Result<(Dataset, Dataset, Option<PathBuf>)> {
     let (train_files, test_file, label_bytes): (Vec<String>, &str, usize) = if classes == 10 {
         ((1..=5).map(|i| format!("data_batch_{i}.bin")).collect(), "test_batch.bin", 1)
     } else {
@@ -260,7 +272,7 @@ fn load_cifar(dir: &Path, subs: &[&str], classes: usize) -> Result<(Dataset, Dat
         }
         Ok(Dataset { images, labels, channels: 3, size: 32, classes })
     };
-    Ok((read(&train_files)?, read(&[test_file.to_string()])?))
+    Ok((read(&train_files)?, read(&[test_file.to_string()])?, Some(base.clone())))
 }
 
 /// A seeded train/validation split of `n` training images: `(train, val)` index lists, each in file order.

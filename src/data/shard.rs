@@ -453,6 +453,9 @@ impl ImageSource for ShardSet {
     fn classes(&self) -> usize {
         self.index.classes.len()
     }
+    fn class_names(&self) -> Option<Vec<String>> {
+        Some(self.index.classes.clone())
+    }
     fn label(&self, i: usize) -> u32 {
         self.labels[i]
     }

@@ -11,6 +11,7 @@
 
 use super::net::Net;
 use crate::backend::Backend;
+use crate::data::input::InputSpec;
 use crate::files::write_atomic;
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params};
 use anyhow::{bail, Context, Result};
@@ -48,6 +49,8 @@ pub struct Checkpoint {
     pub params: HashMap<String, (Vec<usize>, Vec<f32>)>,
     pub state: Option<TrainState>,
     pub config: Option<serde_json::Value>,
+    /// How image files become inputs, and the class names (absent in files written before asge kept them).
+    pub input: Option<InputSpec>,
     pub metadata: HashMap<String, String>,
 }
 
@@ -149,13 +152,29 @@ pub fn save<B: Backend>(path: &Path, net: &Net<B>, state: &TrainState, config: &
     let mut meta = model_metadata(&net.spec);
     meta.insert("asge.state".into(), serde_json::to_string(state)?);
     meta.insert("asge.config".into(), serde_json::to_string(config)?);
+    if let Some(input) = config.get("input") {
+        meta.insert("asge.input".into(), serde_json::to_string(input)?);
+    }
     write_atomic(path, &serialize(&tensors, meta)?)
 }
 
 /// Saves parameters only (no optimizer state), e.g. for `--init` files. Unlike [`save`] it writes what it is
 /// given, finite or not (tests use it to make damaged files; [`load`] refuses those).
 pub fn save_params(path: &Path, spec: &ModelSpec, params: &Params) -> Result<()> {
-    write_atomic(path, &serialize(&flat_params(spec, params), model_metadata(spec))?)
+    write_atomic(path, &weights_only(spec, params, None, false)?)
+}
+
+/// A weights-only safetensors file (the model's tensors, no optimizer state) with the model table and, given,
+/// the input spec and class names in the metadata: `asge export --format safetensors`.
+pub fn weights_only(spec: &ModelSpec, params: &Params, input: Option<&InputSpec>, export: bool) -> Result<Vec<u8>> {
+    let mut meta = model_metadata(spec);
+    if export {
+        meta.insert("format".into(), "asge-weights".into());
+    }
+    if let Some(input) = input {
+        meta.insert("asge.input".into(), serde_json::to_string(input)?);
+    }
+    serialize(&flat_params(spec, params), meta)
 }
 
 fn serialize(tensors: &[(String, Vec<usize>, Vec<f32>)], meta: HashMap<String, String>) -> Result<Vec<u8>> {
@@ -199,13 +218,19 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let spec: Option<ModelSpec> = json(&metadata, "asge.model", path)?;
     let state: Option<TrainState> = json(&metadata, "asge.state", path)?;
     let config = json(&metadata, "asge.config", path)?;
+    let input: Option<InputSpec> = json(&metadata, "asge.input", path)?;
     if let Some(spec) = &spec {
         spec.validate().with_context(|| format!("{}: bad asge.model metadata", path.display()))?;
         if let Some(state) = &state {
             state.validate(spec).with_context(|| format!("{}: bad asge.state metadata", path.display()))?;
         }
+        if let Some(input) = &input {
+            input
+                .validate(spec.in_channels, spec.image_size, spec.classes)
+                .with_context(|| format!("{}: bad asge.input metadata", path.display()))?;
+        }
     }
-    Ok(Checkpoint { spec, params, state, config, metadata })
+    Ok(Checkpoint { spec, params, state, config, input, metadata })
 }
 
 impl TrainState {

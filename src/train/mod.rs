@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod infer;
 pub mod interrupt;
 pub mod net;
 pub mod plot;

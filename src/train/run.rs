@@ -19,12 +19,14 @@ use super::net::{self, AdamW, Net};
 use super::progress::{Display, Progress};
 use super::schedule::cosine_lr;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Precision};
+use crate::backend::Backend;
 use crate::data::augment::Augment;
+use crate::data::imagefolder::ResizeMode;
+use crate::data::input::{InputResize, InputSpec};
 use crate::data::loader::Prefetch;
 use crate::data::shard::ShardSet;
 use crate::data::{self, DatasetKind, ImageSource};
-use crate::eval::{self, EvalResult, Strategy, StrategyResult};
+use crate::eval::{self, EvalResult, Strategy};
 use crate::files::{self, RunFolder, RunStart};
 use crate::limits;
 use crate::model::{self, ModelSpec, Params};
@@ -67,21 +69,8 @@ pub struct EpochMetrics {
     pub wall_time: f64,
 }
 
-/// `summary.json`: the test result of the best checkpoint.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Summary {
-    pub dataset: String,
-    pub model: String,
-    pub params_trainable: usize,
-    pub epochs: usize,
-    pub best_epoch: usize,
-    pub best_val: Option<f64>,
-    pub test: Vec<StrategyResult>,
-    pub test_layer_top1: Vec<f64>,
-    pub test_images: usize,
-    pub train_seconds: f64,
-    pub train_images_per_s: f64,
-}
+/// `summary.json`: the test result of the best checkpoint (the schema `asge eval` writes too).
+pub type Summary = eval::Report;
 
 /// Installs the SIGINT / SIGTERM / SIGHUP handlers that stop a run cleanly (see [`interrupt`]).
 pub fn install_interrupt_handler() -> Result<()> {
@@ -175,6 +164,7 @@ macro_rules! with_backend {
         }
     };
 }
+pub(crate) use with_backend;
 
 /// A run's data: the training and test sources, the input side the model sees, and the evaluation transform.
 pub struct Sources {
@@ -182,10 +172,12 @@ pub struct Sources {
     pub test: Arc<dyn ImageSource>,
     pub input_size: usize,
     pub eval_aug: Augment,
+    /// How an image file becomes an input like the training data, and the class names (kept in checkpoints).
+    pub input: InputSpec,
 }
 
 /// Opens `--dataset imagenet`'s shard folders: `DIR/train` and `DIR/val` (or `DIR/test`).
-fn open_shards(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
+pub(crate) fn open_shards(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
     let train =
         ShardSet::open(&dir.join("train")).with_context(|| format!("--data {}: the training shards", dir.display()))?;
     let test_dir =
@@ -218,20 +210,40 @@ fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources,
         if t == 0 || t > model::MAX_IMAGE_SIDE {
             bail!("--image-size {t}: the model takes 1 to {} pixels a side", model::MAX_IMAGE_SIDE);
         }
+        let input = InputSpec {
+            channels: train.channels(),
+            stored_size: train.size(),
+            resize: match train.index.resize {
+                ResizeMode::ShortSide => InputResize::ShortSide,
+                ResizeMode::Squash => InputResize::Squash,
+            },
+            crop: t,
+            dataset: cfg.dataset.name().into(),
+            class_names: train.index.classes.clone(),
+        };
         let train: Arc<dyn ImageSource> = train;
         let test: Arc<dyn ImageSource> = test;
-        Sources { train, test, input_size: t, eval_aug: Augment::CenterCrop(t) }
+        Sources { train, test, input_size: t, eval_aug: Augment::CenterCrop(t), input }
     } else {
         if cfg.image_size.is_some_and(|s| s != data::IMAGE_SIZE) {
             bail!("--image-size: only --dataset imagenet takes another size; {} is 32x32", cfg.dataset.name());
         }
         let splits = data::load(cfg.dataset, &cfg.data, cfg.limit_train, cfg.limit_test)?;
         let size = splits.train.size;
+        let input = InputSpec {
+            channels: splits.train.channels,
+            stored_size: size,
+            resize: InputResize::PillowBilinear,
+            crop: size,
+            dataset: cfg.dataset.name().into(),
+            class_names: splits.class_names,
+        };
         Sources {
             train: Arc::new(splits.train),
             test: Arc::new(splits.test),
             input_size: size,
             eval_aug: Augment::None,
+            input,
         }
     };
     if sources.train.is_empty() {
@@ -269,7 +281,13 @@ fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources,
 
 /// Refuses a workspace for `batch` images that would not fit in this machine's memory (before anything is
 /// allocated), naming the options that size it.
-fn ensure_memory(spec: &ModelSpec, batch: usize, input_size: usize, on_host: bool, what: &str) -> Result<()> {
+pub(crate) fn ensure_memory(
+    spec: &ModelSpec,
+    batch: usize,
+    input_size: usize,
+    on_host: bool,
+    what: &str,
+) -> Result<()> {
     let in_pixels = spec.in_channels.saturating_mul(input_size).saturating_mul(input_size);
     let bytes = net::host_memory_estimate(spec, batch, in_pixels, on_host);
     limits::ensure_fits(
@@ -395,7 +413,7 @@ impl<'c, B: Backend> Run<'c, B> {
         }
         let mut resolved = cfg.clone();
         resolved.val = Some(val);
-        let config_json = serde_json::json!({ "train": resolved, "model": spec });
+        let config_json = serde_json::json!({ "train": resolved, "model": spec, "input": sources.input });
         folder.clear_old_run()?;
         if start == RunStart::Resume {
             if state.epochs_done > cfg.epochs {
@@ -690,7 +708,10 @@ impl<'c, B: Backend> Run<'c, B> {
         let title = format!("test ({} images), best epoch {} of {}", self.n_test, best_state.best_epoch, cfg.epochs);
         println!("{}", eval::format_table(&title, &rows, &res));
         let summary = Summary {
+            format: "asge-summary".into(),
+            checkpoint: "best.safetensors".into(),
             dataset: cfg.dataset.name().into(),
+            data: cfg.data.clone(),
             model: spec.arch.clone(),
             params_trainable: spec.conv_params() + spec.head_params(),
             epochs: cfg.epochs,
@@ -698,13 +719,14 @@ impl<'c, B: Backend> Run<'c, B> {
             best_val: best_state.best_val,
             test: rows,
             test_layer_top1: res.layer_acc(),
+            test_layer_top5: res.layers.iter().map(|t| t.top5_acc()).collect(),
             test_images: self.n_test,
-            train_seconds: self.train_seconds,
-            train_images_per_s: if self.train_seconds > 0.0 {
+            train_seconds: Some(self.train_seconds),
+            train_images_per_s: Some(if self.train_seconds > 0.0 {
                 self.train_images as f64 / self.train_seconds
             } else {
                 0.0
-            },
+            }),
         };
         let path = self.folder.dir.join("summary.json");
         files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -933,79 +955,4 @@ fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
         body.push('\n');
     }
     files::write_atomic(path, body.as_bytes())
-}
-
-/// `asge eval`: evaluates a checkpoint on a dataset's test file.
-#[allow(clippy::too_many_arguments)]
-pub fn eval_checkpoint(
-    path: &Path,
-    dataset: DatasetKind,
-    data_dir: &Path,
-    strategy: Strategy,
-    batch: usize,
-    limit_test: Option<usize>,
-    device_name: &str,
-    precision: Precision,
-) -> Result<(Vec<StrategyResult>, EvalResult, usize)> {
-    with_backend!(device_name, precision, |make| {
-        eval_on(path, dataset, data_dir, strategy, batch, limit_test, make()?)
-    })
-}
-
-fn eval_on<B: Backend>(
-    path: &Path,
-    dataset: DatasetKind,
-    data_dir: &Path,
-    strategy: Strategy,
-    batch: usize,
-    limit_test: Option<usize>,
-    be: B,
-) -> Result<(Vec<StrategyResult>, EvalResult, usize)> {
-    if batch == 0 {
-        bail!("--batch 0: the batch needs at least one image");
-    }
-    if limit_test == Some(0) {
-        bail!("--limit-test 0: the evaluation needs at least one image");
-    }
-    let ck = checkpoint::load(path)?;
-    let spec = ck.spec.clone().with_context(|| {
-        format!("{}: no asge.model metadata (not written by asge); train with --init to use it", path.display())
-    })?;
-    let (test, eval_aug): (Arc<dyn ImageSource>, Augment) = if dataset == DatasetKind::Imagenet {
-        (open_shards(data_dir)?.1, Augment::CenterCrop(spec.image_size))
-    } else {
-        (Arc::new(data::load(dataset, data_dir, Some(0), limit_test)?.test), Augment::None)
-    };
-    let n_test = test.len().min(limit_test.unwrap_or(usize::MAX));
-    if n_test == 0 {
-        bail!("--data {}: the test set is empty", data_dir.display());
-    }
-    if test.channels() != spec.in_channels || test.classes() != spec.classes {
-        bail!(
-            "{}: the model takes {} channel(s) and {} classes; --dataset {} has {} and {}",
-            path.display(),
-            spec.in_channels,
-            spec.classes,
-            dataset.name(),
-            test.channels(),
-            test.classes()
-        );
-    }
-    if dataset != DatasetKind::Imagenet && spec.image_size != test.size() {
-        bail!(
-            "{}: the model takes {}px images; --dataset {} has {}px",
-            path.display(),
-            spec.image_size,
-            dataset.name(),
-            test.size()
-        );
-    }
-    let batch = batch.min(n_test);
-    ensure_memory(&spec, batch, spec.image_size, be.buffers_on_host(), "evaluation")?;
-    let params = ck.params_for(path, &spec)?;
-    let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
-    let mut net = Net::new(be, spec, &params, AdamW::default(), batch)?;
-    let display = super::progress::Display::detect(false, 30.0);
-    let res = eval::evaluate(&mut net, &test, (0..n_test).collect(), eval_aug, 0, Some((display, "evaluate")))?;
-    Ok((eval::strategies(&res, strategy, best_layer)?, res, n_test))
 }

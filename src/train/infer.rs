@@ -1,0 +1,496 @@
+//! Using a trained checkpoint: `asge eval` on a built-in dataset, a shard folder or an ImageFolder (with
+//! `--dump-logits`), and `asge predict` on image files. Both prepare images as the training data was prepared
+//! ([`InputSpec`], stored in the checkpoint) and run the same evaluation forward as validation and test.
+
+use super::checkpoint::{self, Checkpoint};
+use super::net::{AdamW, Net};
+use super::progress::Display;
+use super::run::{device, ensure_memory, open_shards, with_backend, Device};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, Precision};
+use crate::data::augment::Augment;
+use crate::data::input::{InputResize, InputSpec};
+use crate::data::loader::make_pixels;
+use crate::data::shard::ShardSet;
+use crate::data::{self, imagefolder, Dataset, DatasetKind, ImageSource};
+use crate::eval::{self, EvalResult, Report, Strategy};
+use crate::files;
+use crate::model::{ModelSpec, Params};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A checkpoint ready to run: its model, weights, input spec and the layer its `best` strategy reads.
+pub struct Model {
+    pub path: PathBuf,
+    pub spec: ModelSpec,
+    pub params: Params,
+    pub input: InputSpec,
+    /// 0-based.
+    pub best_layer: usize,
+    pub checkpoint: Checkpoint,
+}
+
+impl Model {
+    pub fn open(path: &Path) -> Result<Model> {
+        let ck = checkpoint::load(path)?;
+        let spec = ck.spec.clone().with_context(|| {
+            format!("{}: no asge.model metadata (not written by asge); train with --init to use it", path.display())
+        })?;
+        let params = ck.params_for(path, &spec)?;
+        let input =
+            ck.input.clone().unwrap_or_else(|| InputSpec::assumed(spec.in_channels, spec.image_size, spec.classes));
+        let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
+        Ok(Model { path: path.to_path_buf(), spec, params, input, best_layer, checkpoint: ck })
+    }
+
+    /// The evaluation transform of a stored image: the centre crop for shard-trained models, nothing otherwise.
+    fn eval_aug(&self) -> Augment {
+        match self.input.resize {
+            InputResize::PillowBilinear => Augment::None,
+            _ => Augment::CenterCrop(self.spec.image_size),
+        }
+    }
+
+    /// `strategy` checked against the model: a one-layer model has no fusion heads.
+    fn check_strategy(&self, strategy: Strategy) -> Result<()> {
+        if strategy == Strategy::Fusion && self.spec.layers.len() < 2 {
+            bail!("--strategy fusion: a one-layer model has no fusion heads (they start at layer 2)");
+        }
+        Ok(())
+    }
+
+    /// The strategy a prediction uses when none is asked for: fusion (what validation selects the checkpoint
+    /// by), or last for a one-layer model.
+    pub fn default_strategy(&self) -> Strategy {
+        if self.spec.layers.len() >= 2 {
+            Strategy::Fusion
+        } else {
+            Strategy::Last
+        }
+    }
+}
+
+/// What `asge eval` reads.
+pub enum EvalData {
+    /// A built-in dataset's test file.
+    Builtin { kind: DatasetKind, dir: PathBuf },
+    /// A folder: a shard folder (it has index.json) or an ImageFolder (one sub-folder of images per class).
+    Folder(PathBuf),
+}
+
+/// `--dump-logits FILE [--dump-inputs]`.
+pub struct Dump {
+    pub path: PathBuf,
+    pub inputs: bool,
+}
+
+pub struct EvalOptions<'a> {
+    pub strategy: Strategy,
+    pub batch: usize,
+    pub limit: Option<usize>,
+    pub device: &'a str,
+    pub precision: Precision,
+    pub dump: Option<Dump>,
+    pub quiet: bool,
+}
+
+/// The file format of `--dump-logits` (in its metadata).
+pub const LOGITS_FORMAT: &str = "asge-logits";
+
+/// `asge eval`: the test result of a checkpoint on `data`, in summary.json's schema.
+pub fn eval(path: &Path, data: &EvalData, o: &EvalOptions) -> Result<(Report, EvalResult)> {
+    if o.batch == 0 {
+        bail!("--batch 0: the batch needs at least one image");
+    }
+    if o.limit == Some(0) {
+        bail!("--limit-test 0: the evaluation needs at least one image");
+    }
+    if let Some(d) = &o.dump {
+        refuse_foreign(&d.path, "--dump-logits", "an asge logits dump", |p| {
+            safetensors_format(p).as_deref() == Some(LOGITS_FORMAT)
+        })?;
+    }
+    let model = Model::open(path)?;
+    let (source, dataset, dir) = open_eval_data(&model, data, o.limit)?;
+    let n = source.len().min(o.limit.unwrap_or(usize::MAX));
+    if n == 0 {
+        bail!("{}: no images to evaluate", dir.display());
+    }
+    let strategy = o.strategy;
+    if strategy != Strategy::All {
+        model.check_strategy(strategy)?;
+    }
+    with_backend!(o.device, o.precision, |make| run_eval(&model, make()?, &source, n, &dataset, &dir, o))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_eval<B: Backend>(
+    model: &Model,
+    be: B,
+    source: &Arc<dyn ImageSource>,
+    n: usize,
+    dataset: &str,
+    dir: &Path,
+    o: &EvalOptions,
+) -> Result<(Report, EvalResult)> {
+    let spec = &model.spec;
+    let batch = o.batch.min(n);
+    ensure_memory(spec, batch, spec.image_size, be.buffers_on_host(), "evaluation")?;
+    let mut net = Net::new(be, spec.clone(), &model.params, AdamW::default(), batch)?;
+    let display = Display::detect(o.quiet, 30.0);
+    let aug = model.eval_aug();
+    let has_fusion = spec.layers.len() >= 2;
+    // The dump: each strategy's logits in image order, the labels, and the images as the model saw them.
+    let mut dumped: Vec<(Strategy, Vec<f32>)> = [Strategy::Last, Strategy::Best, Strategy::Fusion]
+        .into_iter()
+        .filter(|&s| s != Strategy::Fusion || has_fusion)
+        .map(|s| (s, Vec::new()))
+        .collect();
+    let mut labels: Vec<u32> = Vec::new();
+    let mut inputs: Vec<f32> = Vec::new();
+    let mut done = 0usize;
+    let best = model.best_layer;
+    let res = {
+        let mut sink = |l: &[u32], logits: &super::net::EvalLogits| -> Result<()> {
+            if let Some(d) = &o.dump {
+                for (s, v) in dumped.iter_mut() {
+                    v.extend_from_slice(eval::strategy_logits(logits, *s, best));
+                }
+                labels.extend_from_slice(l);
+                if d.inputs {
+                    let idx: Vec<usize> = (done..done + l.len()).collect();
+                    inputs.extend(make_pixels(source.as_ref(), &idx, aug, 0, done).x);
+                }
+            }
+            done += l.len();
+            Ok(())
+        };
+        eval::evaluate_with(&mut net, source, (0..n).collect(), aug, 0, Some((display, "evaluate")), &mut sink)?
+    };
+    let rows = eval::strategies(&res, o.strategy, best)?;
+    let state = model.checkpoint.state.clone().unwrap_or_default();
+    let report = Report {
+        format: "asge-eval".into(),
+        checkpoint: model.path.clone(),
+        dataset: dataset.into(),
+        data: dir.to_path_buf(),
+        model: spec.arch.clone(),
+        params_trainable: spec.conv_params() + spec.head_params(),
+        epochs: state.epochs_done,
+        best_epoch: state.best_epoch,
+        best_val: state.best_val,
+        test: rows,
+        test_layer_top1: res.layer_acc(),
+        test_layer_top5: res.layers.iter().map(|t| t.top5_acc()).collect(),
+        test_images: n,
+        train_seconds: None,
+        train_images_per_s: None,
+    };
+    if let Some(d) = &o.dump {
+        write_dump(d, model, &dumped, &labels, &inputs, n)?;
+    }
+    Ok((report, res))
+}
+
+/// Writes the `--dump-logits` safetensors file: `last`, `best`, `fusion` `[N, classes]` f32, `labels` `[N]`
+/// i64, with `--dump-inputs` `inputs` `[N, C, S, S]` f32 in [0, 1] (before the RMS norm).
+fn write_dump(
+    d: &Dump,
+    model: &Model,
+    dumped: &[(Strategy, Vec<f32>)],
+    labels: &[u32],
+    inputs: &[f32],
+    n: usize,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let classes = model.spec.classes;
+    let f32b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (s, v) in dumped {
+        let name = serde_json::to_value(s)?.as_str().unwrap_or_default().to_string();
+        bufs.push((name, Dtype::F32, vec![n, classes], f32b(v)));
+    }
+    bufs.push(("labels".into(), Dtype::I64, vec![n], labels.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect()));
+    if d.inputs {
+        let s = model.spec.image_size;
+        bufs.push(("inputs".into(), Dtype::F32, vec![n, model.spec.in_channels, s, s], f32b(inputs)));
+    }
+    let views = bufs
+        .iter()
+        .map(|(name, dt, shape, b)| Ok((name.clone(), TensorView::new(*dt, shape.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), LOGITS_FORMAT.to_string()),
+        ("checkpoint".to_string(), model.path.display().to_string()),
+        ("best_layer".to_string(), (model.best_layer + 1).to_string()),
+        ("last_layer".to_string(), model.spec.layers.len().to_string()),
+    ]);
+    let bytes = safetensors::tensor::serialize(views, Some(meta))?;
+    files::write_atomic(&d.path, &bytes).with_context(|| format!("--dump-logits {}", d.path.display()))?;
+    eprintln!(
+        "wrote {} ({n} images: {})",
+        d.path.display(),
+        bufs.iter().map(|b| b.0.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+/// Refuses `path` when it exists and is not a regular file of the kind `ours` recognises (`kind` names it): a
+/// command replaces only its own earlier output.
+pub fn refuse_foreign(path: &Path, flag: &str, kind: &str, ours: impl Fn(&Path) -> bool) -> Result<()> {
+    if let Ok(meta) = path.symlink_metadata() {
+        if !(meta.is_file() && ours(path)) {
+            bail!(
+                "{flag} {}: the file exists and is not {kind} (only that is replaced); choose another path",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The `format` metadata of a safetensors file, reading only its header.
+fn safetensors_format(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > 1 << 24 {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?.get("format")?.as_str().map(String::from)
+}
+
+/// The source `asge eval` reads, the dataset's name for the report, and its folder.
+fn open_eval_data(
+    model: &Model,
+    data: &EvalData,
+    limit: Option<usize>,
+) -> Result<(Arc<dyn ImageSource>, String, PathBuf)> {
+    let spec = &model.spec;
+    let (source, name, dir): (Arc<dyn ImageSource>, String, PathBuf) = match data {
+        EvalData::Builtin { kind: DatasetKind::Imagenet, dir } => {
+            (open_shards(dir)?.1, DatasetKind::Imagenet.name().into(), dir.clone())
+        }
+        EvalData::Builtin { kind, dir } => {
+            (Arc::new(data::load(*kind, dir, Some(0), limit)?.test), kind.name().into(), dir.clone())
+        }
+        EvalData::Folder(dir) if dir.join("index.json").exists() => {
+            let set = ShardSet::open(dir)?;
+            check_class_names(model, dir, &set.index.classes, true)?;
+            (Arc::new(set), "shards".into(), dir.clone())
+        }
+        EvalData::Folder(dir) => {
+            let scan = imagefolder::scan(dir)
+                .with_context(|| format!("--folder {}: neither a shard folder nor an ImageFolder", dir.display()))?;
+            let class_of = check_class_names(model, dir, &scan.classes, false)?;
+            let mut files = scan.files;
+            files.truncate(limit.unwrap_or(usize::MAX));
+            let ds = decode_files(&model.input, &files.iter().map(|f| f.0.clone()).collect::<Vec<_>>())?;
+            let labels = files.iter().map(|f| class_of[f.1 as usize]).collect();
+            (Arc::new(Dataset { labels, classes: spec.classes, ..ds }), "imagefolder".into(), dir.clone())
+        }
+    };
+    if source.channels() != spec.in_channels || source.classes() != spec.classes {
+        bail!(
+            "{}: the model takes {} channel(s) and {} classes; {} has {} and {}",
+            model.path.display(),
+            spec.in_channels,
+            spec.classes,
+            dir.display(),
+            source.channels(),
+            source.classes()
+        );
+    }
+    if model.eval_aug() == Augment::None && source.size() != spec.image_size {
+        bail!(
+            "{}: the model takes {}px images; {} has {}px",
+            model.path.display(),
+            spec.image_size,
+            dir.display(),
+            source.size()
+        );
+    }
+    Ok((source, name, dir))
+}
+
+/// For each of a folder's classes, the checkpoint's class index of the same name. A shard folder (`exact`) must
+/// list the checkpoint's classes in its order, since its labels are indices; an ImageFolder may hold some of them.
+fn check_class_names(model: &Model, dir: &Path, names: &[String], exact: bool) -> Result<Vec<u32>> {
+    let known = &model.input.class_names;
+    if exact {
+        if names != known.as_slice() {
+            let first = names.iter().zip(known).position(|(a, b)| a != b).unwrap_or(names.len().min(known.len()));
+            bail!(
+                "{}: its {} classes are not the checkpoint's {} (they differ at class {}: '{}' here, '{}' in {})",
+                dir.display(),
+                names.len(),
+                known.len(),
+                first,
+                names.get(first).map(String::as_str).unwrap_or("(none)"),
+                known.get(first).map(String::as_str).unwrap_or("(none)"),
+                model.path.display()
+            );
+        }
+        return Ok((0..names.len() as u32).collect());
+    }
+    names
+        .iter()
+        .map(|n| {
+            known.iter().position(|k| k == n).map(|i| i as u32).with_context(|| {
+                format!(
+                    "{}: class folder '{n}' is not a class of {} (its classes: {})",
+                    dir.display(),
+                    model.path.display(),
+                    preview(known)
+                )
+            })
+        })
+        .collect()
+}
+
+/// The first few names of a list, for messages.
+fn preview(names: &[String]) -> String {
+    let mut s = names.iter().take(12).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if names.len() > 12 {
+        s += &format!(", ... ({} in all)", names.len());
+    }
+    s
+}
+
+/// Decodes image files as `input` says, in parallel, into an in-memory dataset (labels 0). A file that does not
+/// decode is an error naming it.
+pub fn decode_files(input: &InputSpec, files: &[PathBuf]) -> Result<Dataset> {
+    let s = input.stored_size;
+    let per = input.channels * s * s;
+    crate::limits::ensure_fits(
+        &format!("{} decoded images of {}x{s}x{s}", files.len(), input.channels),
+        (files.len() as u64).saturating_mul(per as u64),
+        "fewer images at a time",
+    )?;
+    let images: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|p| input.load(p).with_context(|| format!("{}: cannot use this image", p.display())))
+        .collect::<Result<_>>()?;
+    Ok(Dataset {
+        images: images.concat(),
+        labels: vec![0; files.len()],
+        channels: input.channels,
+        size: s,
+        classes: input.class_names.len(),
+    })
+}
+
+/// One image's prediction: the top classes with their softmax probabilities.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Prediction {
+    pub image: PathBuf,
+    pub top: Vec<ClassScore>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClassScore {
+    pub class: usize,
+    pub name: String,
+    pub prob: f64,
+    pub logit: f32,
+}
+
+pub struct PredictOptions<'a> {
+    pub strategy: Option<Strategy>,
+    pub top: usize,
+    pub batch: usize,
+    pub device: &'a str,
+    pub precision: Precision,
+}
+
+/// The image files `paths` name: files as given, folders walked for .png/.jpg/.jpeg (sorted).
+pub fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).with_context(|| format!("{}: no such file or folder", p.display()))?;
+        if meta.is_dir() {
+            let mut found = Vec::new();
+            imagefolder::walk_images(p, &mut found)?;
+            if found.is_empty() {
+                bail!("{}: no .png, .jpg or .jpeg files in this folder", p.display());
+            }
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `asge predict`: the top classes of every image, with the strategy asked for.
+pub fn predict(path: &Path, images: &[PathBuf], o: &PredictOptions) -> Result<(Strategy, Vec<Prediction>)> {
+    if o.top == 0 {
+        bail!("--top 0: at least one class");
+    }
+    if o.batch == 0 {
+        bail!("--batch 0: the batch needs at least one image");
+    }
+    let model = Model::open(path)?;
+    let strategy = o.strategy.unwrap_or_else(|| model.default_strategy());
+    if strategy == Strategy::All {
+        bail!("--strategy all: predict takes one of last, best, fusion");
+    }
+    model.check_strategy(strategy)?;
+    let files = image_files(images)?;
+    let ds: Arc<dyn ImageSource> = Arc::new(decode_files(&model.input, &files)?);
+    let logits = with_backend!(o.device, o.precision, |make| {
+        let be = make()?;
+        let spec = &model.spec;
+        let batch = o.batch.min(files.len());
+        ensure_memory(spec, batch, spec.image_size, be.buffers_on_host(), "prediction")?;
+        let mut net = Net::new(be, spec.clone(), &model.params, AdamW::default(), batch)?;
+        let mut all = Vec::new();
+        let mut sink = |_: &[u32], l: &super::net::EvalLogits| -> Result<()> {
+            all.extend_from_slice(eval::strategy_logits(l, strategy, model.best_layer));
+            Ok(())
+        };
+        let display = Display::detect(files.len() <= 256, 30.0);
+        eval::evaluate_with(
+            &mut net,
+            &ds,
+            (0..files.len()).collect(),
+            model.eval_aug(),
+            0,
+            Some((display, "predict")),
+            &mut sink,
+        )?;
+        Ok::<_, anyhow::Error>(all)
+    })?;
+    let classes = model.spec.classes;
+    let preds = files
+        .into_iter()
+        .zip(logits.chunks_exact(classes))
+        .map(|(image, row)| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let mut order: Vec<usize> = (0..classes).collect();
+            // Highest first; ties to the lower index, as argmax.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let top = order
+                .into_iter()
+                .take(o.top.min(classes))
+                .map(|c| ClassScore {
+                    class: c,
+                    name: model.input.class_names[c].clone(),
+                    prob: (row[c] as f64 - max).exp() / z,
+                    logit: row[c],
+                })
+                .collect();
+            Prediction { image, top }
+        })
+        .collect();
+    Ok((strategy, preds))
+}
