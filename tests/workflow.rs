@@ -211,3 +211,47 @@ print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags
     }
     assert_eq!(series("val_accuracy/fusion"), want(&|m| m["val_fusion_acc"].as_f64().unwrap()));
 }
+
+/// Without a terminal (a job log), `--log-every` plain lines with the epoch's and the run's ETA; the run folder
+/// named at the start and the end; a new best announced.
+#[test]
+fn a_job_log_gets_plain_progress_lines_with_the_eta() {
+    let sb = sandbox("lines");
+    let args = [
+        "train", "--dataset", "mnist", "--data", "data/mnist", "--width", "0.125", "--epochs", "2", "--batch", "32",
+        "--out", "run", "--log-every", "0", "--threads", "2",
+    ];
+    let (_, err) = ok(&sb, &args);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("asge: epoch 1/2 step ")).collect();
+    // 533 training images in batches of 32 (17 steps): with --log-every 0 a line for every step from the second
+    // (a step's statistics arrive as the next one starts), the last one included.
+    assert_eq!(lines.len(), 16, "{err}");
+    assert!(lines[15].starts_with("asge: epoch 1/2 step 17/17 "), "{err}");
+    assert!(lines[1].contains("eta ") && lines[1].contains("(run "), "{}", lines[1]);
+    assert!(err.lines().any(|l| l.starts_with("asge: validate 1/2 step ")), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("asge: test step ")), "{err}");
+    assert!(err.contains("asge: new best: epoch 1"), "{err}");
+    assert_eq!(err.matches("asge: run folder").count(), 2, "{err}");
+    // --log-every 30: the first line and the last of each pass only, in a run this short.
+    let (_, err) = ok(&sb, &[&args[..12], &["run2", "--log-every", "30", "--threads", "2"]].concat());
+    assert_eq!(err.lines().filter(|l| l.starts_with("asge: epoch 1/2 step ")).count(), 2, "{err}");
+}
+
+/// In a terminal (a pseudo-terminal from `script`), the progress bar with the ETA.
+#[test]
+fn a_terminal_gets_a_progress_bar_with_the_eta() {
+    let sb = sandbox("bar");
+    let bin = env!("CARGO_BIN_EXE_asge");
+    let cmd = format!(
+        "{bin} train --dataset mnist --data data/mnist --width 0.125 --epochs 2 --batch 16 --out run --threads 2"
+    );
+    let o = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).current_dir(&sb).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    // indicatif's bar: the label, the bar, position/length, the ETA of the epoch and of the run.
+    assert!(out.contains("epoch 1/2 ["), "{out}");
+    assert!(out.contains("/34 "), "{out}");
+    assert!(out.contains("eta ") && out.contains("(run "), "{out}");
+    // No plain log lines in a terminal.
+    assert!(!out.contains("asge: epoch 1/2 step"), "{out}");
+}
