@@ -104,7 +104,9 @@ class ASGE(nn.Module):
         spec = json.loads(meta["asge.model"]) if "asge.model" in meta else _spec_from_fixture(tensors, meta)
         state = json.loads(meta.get("asge.state", "null")) or {}
         names = json.loads(meta["asge.input"])["class_names"] if "asge.input" in meta else None
-        model = cls(spec, state.get("best_layer"), names)
+        # best_layer_number counts from 1; files written before it have best_layer, 0-based.
+        best = state["best_layer_number"] - 1 if "best_layer_number" in state else state.get("best_layer")
+        model = cls(spec, best, names)
         weights = {k: torch.from_numpy(v.copy()) for k, v in tensors.items() if not k.startswith("optim.")}
         model.load_state_dict(weights, strict=True)
         return model.to(map_location).eval()

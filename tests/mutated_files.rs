@@ -386,7 +386,7 @@ fn header_edit() -> impl Strategy<Value = HeaderEdit> {
             .prop_map(|(t, d)| HeaderEdit::Dtype(t, d)),
         (0..3usize, prop_oneof![Just("c_in"), Just("c_out"), Just("h"), Just("w"), Just("p")], extreme_u64())
             .prop_map(|(l, f, v)| HeaderEdit::ModelField(l, f, v)),
-        (prop_oneof![Just("best_layer"), Just("epochs_done"), Just("batches_done"), Just("step")], -2i64..5)
+        (prop_oneof![Just("best_layer_number"), Just("epochs_done"), Just("batches_done"), Just("step")], -2i64..5)
             .prop_map(|(f, v)| HeaderEdit::StateField(f, v)),
     ]
 }

@@ -218,8 +218,23 @@ print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags
 fn a_job_log_gets_plain_progress_lines_with_the_eta() {
     let sb = sandbox("lines");
     let args = [
-        "train", "--dataset", "mnist", "--data", "data/mnist", "--width", "0.125", "--epochs", "2", "--batch", "32",
-        "--out", "run", "--log-every", "0", "--threads", "2",
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        "data/mnist",
+        "--width",
+        "0.125",
+        "--epochs",
+        "2",
+        "--batch",
+        "32",
+        "--out",
+        "run",
+        "--log-every",
+        "0",
+        "--threads",
+        "2",
     ];
     let (_, err) = ok(&sb, &args);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("asge: epoch 1/2 step ")).collect();

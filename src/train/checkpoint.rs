@@ -21,8 +21,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Where a run stands, saved with every checkpoint.
+/// Where a run stands, saved with every checkpoint (as [`StateFile`]: layers counted from 1, as everywhere a
+/// person reads them).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "StateFile", try_from = "StateFile")]
 pub struct TrainState {
     /// Epochs completed.
     pub epochs_done: usize,
@@ -31,16 +33,72 @@ pub struct TrainState {
     /// Best validation accuracy (fusion) so far and its epoch (1-based).
     pub best_val: Option<f64>,
     pub best_epoch: usize,
-    /// The layer with the best validation accuracy at the best epoch (0-based): the `best` strategy.
+    /// The layer with the best validation accuracy at the best epoch, as an index (0-based): the `best` strategy.
     pub best_layer: usize,
     /// Per-layer validation (or, without validation, training) accuracy at the best epoch.
     pub best_layer_acc: Vec<f64>,
     /// Batches of epoch `epochs_done` (0-based) already trained: non-zero only in a mid-epoch checkpoint.
-    #[serde(default)]
     pub batches_done: usize,
     /// The running sums of that unfinished epoch's metrics.
-    #[serde(default)]
     pub partial_epoch: Option<serde_json::Value>,
+}
+
+/// [`TrainState`] as the `asge.state` metadata spells it: `best_layer_number` counts from 1. Files written before
+/// it existed have `best_layer`, 0-based; they still read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateFile {
+    epochs_done: usize,
+    step: u64,
+    best_val: Option<f64>,
+    best_epoch: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    best_layer_number: Option<usize>,
+    /// The 0-based index of earlier files.
+    #[serde(default, skip_serializing)]
+    best_layer: Option<usize>,
+    best_layer_acc: Vec<f64>,
+    #[serde(default)]
+    batches_done: usize,
+    #[serde(default)]
+    partial_epoch: Option<serde_json::Value>,
+}
+
+impl From<TrainState> for StateFile {
+    fn from(s: TrainState) -> Self {
+        StateFile {
+            epochs_done: s.epochs_done,
+            step: s.step,
+            best_val: s.best_val,
+            best_epoch: s.best_epoch,
+            best_layer_number: Some(s.best_layer + 1),
+            best_layer: None,
+            best_layer_acc: s.best_layer_acc,
+            batches_done: s.batches_done,
+            partial_epoch: s.partial_epoch,
+        }
+    }
+}
+
+impl TryFrom<StateFile> for TrainState {
+    type Error = String;
+    fn try_from(f: StateFile) -> std::result::Result<Self, String> {
+        let best_layer = match (f.best_layer_number, f.best_layer) {
+            (Some(0), _) => return Err("best_layer_number 0: layers count from 1".into()),
+            (Some(n), _) => n - 1,
+            (None, Some(i)) => i,
+            (None, None) => return Err("no best_layer_number".into()),
+        };
+        Ok(TrainState {
+            epochs_done: f.epochs_done,
+            step: f.step,
+            best_val: f.best_val,
+            best_epoch: f.best_epoch,
+            best_layer,
+            best_layer_acc: f.best_layer_acc,
+            batches_done: f.batches_done,
+            partial_epoch: f.partial_epoch,
+        })
+    }
 }
 
 /// Everything a checkpoint file holds.
@@ -238,7 +296,7 @@ impl TrainState {
     pub fn validate(&self, spec: &ModelSpec) -> Result<()> {
         let layers = spec.layers.len();
         if self.best_layer >= layers {
-            bail!("best_layer {} of a {layers}-layer model (0-based)", self.best_layer);
+            bail!("best layer {} of a {layers}-layer model", self.best_layer + 1);
         }
         if !self.best_layer_acc.is_empty() && self.best_layer_acc.len() != layers {
             bail!("best_layer_acc has {} entries for {layers} layers", self.best_layer_acc.len());
@@ -300,5 +358,22 @@ impl Checkpoint {
             be.write(&mut p.exp_avg, &self.tensor(path, &format!("optim.{name}.exp_avg"), &shape)?)?;
             be.write(&mut p.exp_avg_sq, &self.tensor(path, &format!("optim.{name}.exp_avg_sq"), &shape)?)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_file_counts_layers_from_one_and_reads_the_old_zero_based_key() {
+        let s = TrainState { best_layer: 2, best_layer_acc: vec![0.5; 4], ..Default::default() };
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(text.contains("\"best_layer_number\":3") && !text.contains("\"best_layer\":"), "{text}");
+        assert_eq!(serde_json::from_str::<TrainState>(&text).unwrap(), s);
+        let old = text.replace("\"best_layer_number\":3", "\"best_layer\":2");
+        assert_eq!(serde_json::from_str::<TrainState>(&old).unwrap(), s);
+        let zero = text.replace("\"best_layer_number\":3", "\"best_layer_number\":0");
+        assert!(serde_json::from_str::<TrainState>(&zero).is_err());
     }
 }

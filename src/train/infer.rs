@@ -224,8 +224,8 @@ fn write_dump(
     let meta = std::collections::HashMap::from([
         ("format".to_string(), LOGITS_FORMAT.to_string()),
         ("checkpoint".to_string(), model.path.display().to_string()),
-        ("best_layer".to_string(), (model.best_layer + 1).to_string()),
-        ("last_layer".to_string(), model.spec.layers.len().to_string()),
+        ("best_layer_number".to_string(), (model.best_layer + 1).to_string()),
+        ("last_layer_number".to_string(), model.spec.layers.len().to_string()),
     ]);
     let bytes = safetensors::tensor::serialize(views, Some(meta))?;
     files::write_atomic(&d.path, &bytes).with_context(|| format!("--dump-logits {}", d.path.display()))?;
