@@ -1,4 +1,4 @@
-//! Prediction strategies and top-k accuracy (spec section 4):
+//! Prediction strategies and top-k accuracy (docs/method.md §13):
 //! - `last`: `argmax a_L`, the last layer's goodness through its fixed projection;
 //! - `best`: `argmax a_{l*}`, the single layer with the best validation accuracy (later layers can be dropped);
 //! - `fusion`: the trained linear heads on the pooled features of layers 2..L, logits summed.

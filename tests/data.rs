@@ -1,4 +1,4 @@
-//! Dataset readers on the real files (known values from shared/datasets.md), the exact Pillow resize, and
+//! Dataset readers on the real files (known values: the datasets' published sizes and sha256 sums, as tools/fetch-datasets.sh checks them), the exact Pillow resize, and
 //! clear errors on corrupt input.
 
 mod common;

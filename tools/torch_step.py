@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The ASGE training step of the authors' released recipe, written in PyTorch from shared/asge-spec.md
+"""The ASGE training step of the authors' released recipe, written in PyTorch from docs/method.md
 (this project's own code), timed at the same shapes and thread count as `asge bench`.
 
 Per batch, as the released code does it (eager, fp32): for every layer, conv -> ReLU -> patch goodness

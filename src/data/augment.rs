@@ -1,4 +1,4 @@
-//! Training augmentations of the released recipe (spec section 3), on f32 CHW images in [0, 1]:
+//! Training augmentations of the released recipe (docs/method.md §12), on f32 CHW images in [0, 1]:
 //! Fashion-MNIST a horizontal flip; CIFAR RandomCrop(32, padding=4), RandomHorizontalFlip,
 //! ColorJitter(0.4, 0.4, 0.4, 0.1) with its four parts in random order, RandomGrayscale(p=0.2).
 

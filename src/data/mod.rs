@@ -297,7 +297,7 @@ pub fn to_input(pixels: &[u8], out: &mut [f32]) {
     rms_normalize(out);
 }
 
-/// In-place per-sample RMS norm (spec 1.3).
+/// In-place per-sample RMS norm (docs/method.md §2).
 pub fn rms_normalize(x: &mut [f32]) {
     let ms = x.iter().map(|&v| v * v).sum::<f32>() / x.len() as f32;
     let denom = ms.sqrt() + crate::RMS_EPS;

@@ -1,4 +1,4 @@
-//! Pillow's bilinear resize on 8-bit images, bit for bit (asge-spec.md section 9).
+//! Pillow's bilinear resize on 8-bit images, bit for bit (docs/method.md §15).
 //!
 //! The released pipeline resizes MNIST-style 28x28 images to 32x32 with torchvision's `Resize` on a PIL
 //! image, which is Pillow's fixed-point, two-pass (horizontal, then vertical, each rounded to u8) filter.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use grid::PatchGrid;
 
-/// How a patch's squared activations reduce to one goodness value (ambiguity A1).
+/// How a patch's squared activations reduce to one goodness value (docs/method.md §4, §14).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GoodnessReduce {
@@ -19,7 +19,7 @@ pub enum GoodnessReduce {
     Sum,
 }
 
-/// The 2x2 downsampling pool after a pooling layer (ambiguity A2).
+/// The 2x2 downsampling pool after a pooling layer (docs/method.md §6, §14).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolKind {
@@ -178,7 +178,7 @@ pub fn scale_channels(c: usize, width: f64, layer: usize) -> Result<usize> {
     Ok(rounded as usize)
 }
 
-/// `P_l = alpha * C_L / C_l`, rounded and clamped to `[1, min(H_l, W_l)]` (spec 1.4, A4).
+/// `P_l = alpha * C_L / C_l`, rounded and clamped to `[1, min(H_l, W_l)]` (docs/method.md §3).
 pub fn patch_grid_size(alpha: f64, c_last: usize, c_l: usize, h: usize, w: usize) -> usize {
     let p = (alpha * c_last as f64 / c_l as f64).round();
     (p.max(1.0) as usize).min(h.min(w)).max(1)

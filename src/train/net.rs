@@ -6,7 +6,7 @@ use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision, STATS_LE
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid};
 use anyhow::Result;
 
-/// AdamW hyperparameters shared by every optimizer of a run (spec 1.12).
+/// AdamW hyperparameters shared by every optimizer of a run (docs/method.md §10).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamW {
     pub weight_decay: f64,
@@ -290,7 +290,7 @@ impl<B: Backend> Net<B> {
         Ok(batch)
     }
 
-    /// One training step on a batch of normalised inputs `[B, C, S, S]` (spec 1.10): every layer's forward,
+    /// One training step on a batch of normalised inputs `[B, C, S, S]` (docs/method.md §8): every layer's forward,
     /// local loss, weight gradient and AdamW step, its output from the pre-step activations; then the fusion
     /// heads on the detached features. `dropout` is `(p, key)`: the masks are drawn per layer from `key`.
     /// Returns the step's statistics, so it waits for the step to finish; a training loop that need not

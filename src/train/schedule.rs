@@ -1,4 +1,4 @@
-//! `CosineAnnealingLR(T_max = epochs, eta_min)`, stepped once per epoch (spec 1.12):
+//! `CosineAnnealingLR(T_max = epochs, eta_min)`, stepped once per epoch (docs/method.md §10):
 //! `lr_e = eta_min + (lr_0 - eta_min) * (1 + cos(pi * e / T)) / 2`.
 
 pub fn cosine_lr(lr0: f64, eta_min: f64, epoch: usize, t_max: usize) -> f64 {
