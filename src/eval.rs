@@ -22,6 +22,24 @@ pub enum Strategy {
     All,
 }
 
+/// One prediction strategy (what `asge predict` and `asge export` take).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OneStrategy {
+    Last,
+    Best,
+    Fusion,
+}
+
+impl From<OneStrategy> for Strategy {
+    fn from(s: OneStrategy) -> Strategy {
+        match s {
+            OneStrategy::Last => Strategy::Last,
+            OneStrategy::Best => Strategy::Best,
+            OneStrategy::Fusion => Strategy::Fusion,
+        }
+    }
+}
+
 /// Top-1 / top-5 hit counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TopK {

@@ -163,8 +163,10 @@ struct EvalArgs {
     /// (one sub-folder of PNG/JPEG images per class, named as the checkpoint's classes).
     #[arg(long, value_name = "DIR")]
     folder: Option<PathBuf>,
+    /// The predictions to report (all: last, best and fusion).
     #[arg(long, value_enum, default_value = "all")]
     strategy: Strategy,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Evaluate the first N images only.
@@ -190,20 +192,22 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct PredictArgs {
+    /// The checkpoint (a run's best.safetensors or last.safetensors, or an exported weights file).
     #[arg(long, value_name = "FILE")]
     checkpoint: PathBuf,
     /// Image files (PNG, JPEG) or folders of them (walked recursively).
     #[arg(value_name = "IMAGE|FOLDER", required = true)]
     images: Vec<PathBuf>,
-    /// last, best or fusion (default: fusion; last for a one-layer model).
+    /// The prediction (default: fusion; last for a one-layer model).
     #[arg(long, value_enum)]
-    strategy: Option<Strategy>,
+    strategy: Option<eval::OneStrategy>,
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
     /// Print JSON (one object per image) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     batch: usize,
     #[command(flatten)]
@@ -212,14 +216,16 @@ struct PredictArgs {
 
 #[derive(clap::Args)]
 struct ExportArgs {
+    /// The checkpoint to export.
     #[arg(long, value_name = "FILE")]
     checkpoint: PathBuf,
+    /// onnx: the inference graph of one strategy; safetensors: the model's weights without optimizer state.
     #[arg(long, value_enum)]
     format: asge::export::Format,
-    /// ONNX only: last, best or fusion (default: fusion; last for a one-layer model). The graph holds only the
-    /// layers the strategy reads.
+    /// ONNX only: the prediction the graph computes (default: fusion; last for a one-layer model). The graph holds
+    /// only the layers it reads.
     #[arg(long, value_enum)]
-    strategy: Option<Strategy>,
+    strategy: Option<eval::OneStrategy>,
     /// The file to write (an existing file is replaced only when it is an earlier export of the same format).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
@@ -268,7 +274,7 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Cmd::Eval(a) => eval_cmd(a),
         Cmd::Predict(a) => predict_cmd(a),
         Cmd::Export(a) => {
-            println!("{}", asge::export::export(&a.checkpoint, a.format, a.strategy, &a.out)?);
+            println!("{}", asge::export::export(&a.checkpoint, a.format, a.strategy.map(Into::into), &a.out)?);
             Ok(())
         }
         Cmd::Bench(a) => bench(a),
@@ -428,7 +434,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 fn predict_cmd(a: PredictArgs) -> Result<()> {
     use asge::train::infer::{self, PredictOptions};
     let o = PredictOptions {
-        strategy: a.strategy,
+        strategy: a.strategy.map(Into::into),
         top: a.top,
         batch: a.batch,
         device: &a.on.device,
