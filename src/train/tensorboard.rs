@@ -58,13 +58,22 @@ impl EventWriter {
     pub fn create(dir: &Path) -> Result<Self> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "host".into());
-        let name = format!("{PREFIX}{}.{}.{}.asge", now.as_secs(), host.trim(), std::process::id());
-        let path = dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot create the TensorBoard event file", path.display()))?;
+        // TensorBoard's name (seconds, host, pid), plus a counter when the same process starts twice in one second
+        // (a run resumed in-process): never opening an existing file.
+        let base = format!("{PREFIX}{}.{}.{}", now.as_secs(), host.trim(), std::process::id());
+        let mut n = 0;
+        let (file, path) = loop {
+            let name = if n == 0 { format!("{base}.asge") } else { format!("{base}.{n}.asge") };
+            let path = dir.join(name);
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => break (f, path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("{}: cannot create the TensorBoard event file", path.display()))
+                }
+            }
+        };
         let mut w = EventWriter { file, path };
         let mut version = Vec::new();
         field_bytes(0x1a, b"brain.Event:2", &mut version);
@@ -135,6 +144,19 @@ pub fn epoch_scalars(m: &super::run::EpochMetrics) -> Vec<(String, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_writers_in_one_second_get_two_files() {
+        // A run resumed in the same process within a second of its start (the tests do it) must not collide.
+        let dir = std::env::temp_dir().join(format!("asge-tb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = EventWriter::create(&dir).unwrap();
+        let b = EventWriter::create(&dir).unwrap();
+        assert_ne!(a.path, b.path);
+        assert!(crate::files::is_run_file(b.path.file_name().unwrap().to_str().unwrap()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_crc_and_the_varints_are_the_formats() {
