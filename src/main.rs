@@ -363,15 +363,16 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    use asge::train::infer::{self, Dump, EvalData, EvalOptions};
+    use asge::train::infer::{self, Dump, EvalData, EvalOptions, Model};
+    // Read once: its run config fills --dataset and --data, then it is evaluated.
+    let ck = asge::train::checkpoint::load(&a.checkpoint)?;
     let data = match (a.folder.clone(), a.dataset, a.data.clone()) {
         (Some(dir), _, _) => EvalData::Folder(dir),
         (None, Some(kind), Some(dir)) => EvalData::Builtin { kind, dir },
         (None, d, p) => {
             // Fill what is missing from the run config stored in the checkpoint.
-            let trained = asge::train::checkpoint::load(&a.checkpoint)?
-                .config
-                .and_then(|c| serde_json::from_value::<TrainConfig>(c.get("train")?.clone()).ok());
+            let trained =
+                ck.config.as_ref().and_then(|c| serde_json::from_value::<TrainConfig>(c.get("train")?.clone()).ok());
             let why = || {
                 format!(
                     "{}: no run config in the metadata; give --dataset and --data, or --folder",
@@ -411,7 +412,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         dump: a.dump_logits.clone().map(|path| Dump { path, inputs: a.dump_inputs }),
         quiet: a.quiet,
     };
-    let (report, res) = infer::eval(&a.checkpoint, &data, &o)?;
+    let model = Model::from_checkpoint(&a.checkpoint, ck)?;
+    let (report, res) = infer::eval(&model, &data, &o)?;
     let title = match &data {
         EvalData::Builtin { .. } => {
             format!("{} on {} test ({} images)", a.checkpoint.display(), report.dataset, report.test_images)

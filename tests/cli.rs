@@ -3,15 +3,8 @@
 
 mod common;
 
-use std::process::Command;
-
 fn asge(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_asge")).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    common::run_asge(None, args)
 }
 
 fn expect_error<S: AsRef<str> + std::fmt::Debug>(args: &[S], needle: &str) {

@@ -7,16 +7,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 fn asge(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_asge")).args(args).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    common::run_asge(None, args)
 }
 
 fn ok(args: &[&str]) -> String {
@@ -116,41 +110,29 @@ fn read_json(p: &Path) -> serde_json::Value {
 /// The tensors of a safetensors file (f32 as f32, i64 as f32 too: labels are small) and its metadata.
 type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// The tensors of a safetensors file (f32 as f32, i64 as f32 too: labels are small) and its metadata.
 fn read_tensors(p: &Path) -> (Tensors, serde_json::Value) {
     let bytes = std::fs::read(p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let body = &bytes[8 + n..];
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = serde_json::to_value(header.metadata().clone().unwrap_or_default()).unwrap();
     let mut out = std::collections::HashMap::new();
-    for (name, t) in header.as_object().unwrap() {
-        if name == "__metadata__" {
-            continue;
-        }
-        let shape: Vec<usize> = t["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-        let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
-        let raw = &body[a..b];
-        let v: Vec<f32> = match t["dtype"].as_str().unwrap() {
-            "F32" => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            "I64" => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            d => panic!("{name}: dtype {d}"),
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let v: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            safetensors::Dtype::I64 => {
+                raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+            }
+            d => panic!("{name}: dtype {d:?}"),
         };
-        out.insert(name.clone(), (shape, v));
+        out.insert(name, (view.shape().to_vec(), v));
     }
-    (out, header["__metadata__"].clone())
+    (out, meta)
 }
 
 fn argmax_rows(v: &[f32], classes: usize) -> Vec<usize> {
     v.chunks_exact(classes).map(|r| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b })).collect()
-}
-
-/// Python with `path` on its module path; the output, or a failure with both streams.
-fn python(path_env: &str, what: &str, args: &[&str]) -> String {
-    let dir = std::env::var(path_env)
-        .unwrap_or_else(|_| panic!("{path_env}: the folder tools/test.sh installs {what} into is not set"));
-    let o = Command::new("python3").args(args).env("PYTHONPATH", &dir).output().unwrap();
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "python3 {args:?} failed:\n{out}");
-    out
 }
 
 fn repo(p: &str) -> String {
@@ -423,7 +405,7 @@ fn onnx_exports_match_the_engine_with_onnxruntime() {
         args.extend(graphs.iter().map(String::as_str));
         // rtol 1e-4 of the row's largest logit: see docs/interop.md for the bound.
         args.extend(["--rtol", "1e-4"]);
-        let out = python("ASGE_PYTOOLS", "onnxruntime and onnx", &args);
+        let out = common::python("ASGE_PYTOOLS", "onnxruntime and onnx", &args);
         println!("{name}:\n{out}");
         assert_eq!(out.matches("0 rows over tolerance").count(), 3, "{out}");
     }
@@ -434,7 +416,8 @@ fn torch_module_loads_every_checkpoint_strictly_and_reproduces_eval() {
     let m = models();
     for (name, model) in [("plain", &m.plain), ("overlap", &m.overlap)] {
         let d = dump(model, &format!("torch-{name}"));
-        let out = python("ASGE_TORCH", "torch", &[&repo("python/asge_torch.py"), s(model), s(&d), "--rtol", "1e-4"]);
+        let out =
+            common::python("ASGE_TORCH", "torch", &[&repo("python/asge_torch.py"), s(model), s(&d), "--rtol", "1e-4"]);
         println!("{name}:\n{out}");
         assert!(out.contains("loaded with strict=True"), "{out}");
         assert_eq!(out.matches("0 rows over tolerance").count(), 3, "{out}");
@@ -449,6 +432,6 @@ fn torch_module_loads_every_checkpoint_strictly_and_reproduces_eval() {
         "import sys; sys.path.insert(0, {:?})\nfrom asge_torch import ASGE\nfor p in sys.argv[1:]:\n    m = ASGE.from_checkpoint(p)\n    print(p, len(m.layers), 'layers')\n",
         repo("python")
     );
-    let out = python("ASGE_TORCH", "torch", &["-c", &script, s(&fixture), s(&last), s(&w)]);
+    let out = common::python("ASGE_TORCH", "torch", &["-c", &script, s(&fixture), s(&last), s(&w)]);
     assert_eq!(out.matches("7 layers").count(), 3, "{out}");
 }

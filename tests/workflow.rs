@@ -7,12 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn asge(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_asge")).args(args).current_dir(cwd).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    common::run_asge(Some(cwd), args)
 }
 
 fn ok(cwd: &Path, args: &[&str]) -> (String, String) {
@@ -141,13 +136,9 @@ fn help_reads_with_headings_and_the_required_flags() {
     assert!(out.contains("[default: 100]") && out.contains("[default: 0.0002]"), "{out}");
 }
 
-/// Python with the packages tools/test.sh installs into `$ASGE_PYTOOLS` (tensorboard, onnxruntime) on its path.
+/// A Python script run with the packages tools/test.sh installs into `$ASGE_PYTOOLS` (tensorboard): its output.
 fn python(script: &str, args: &[&str]) -> String {
-    let tools = std::env::var("ASGE_PYTOOLS")
-        .expect("ASGE_PYTOOLS: the folder tools/test.sh installs the Python checkers into (tensorboard, onnxruntime)");
-    let o = Command::new("python3").arg("-c").arg(script).args(args).env("PYTHONPATH", &tools).output().unwrap();
-    assert!(o.status.success(), "python: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into()
+    common::python("ASGE_PYTOOLS", "tensorboard", &[&["-c", script], args].concat())
 }
 
 #[test]

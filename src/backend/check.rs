@@ -120,30 +120,33 @@ pub fn layer_output(
 }
 
 /// `fusion_heads`: per head its features `[B, C_k]`, weight `[N, C_k]` and bias `[N]` (and their gradients),
-/// labels `[B]`, logits `[B, N]`, the stats slot.
+/// labels `[B]`, logits `[B, N]`, the stats slot. `len` is a buffer's length in values (the backends' buffer
+/// types differ). Head `k` reads layer `k + 2` (layers count from 1; layer 1 has no head).
 #[allow(clippy::too_many_arguments)]
-pub fn fusion_heads(
+pub fn fusion_heads<T>(
     be: &str,
     batch: usize,
     classes: usize,
-    feats: &[(usize, usize)],
-    heads: &[(usize, usize)],
-    grads: Option<&[(usize, usize)]>,
+    feats: &[(&T, usize)],
+    heads: &[(&T, &T)],
+    grads: Option<&[(&mut T, &mut T)]>,
     labels: usize,
     logits: usize,
     stats: usize,
+    len: impl Fn(&T) -> usize,
 ) -> Result<()> {
     ensure!(feats.len() == heads.len(), "{be} backend: {} feature sets for {} fusion heads", feats.len(), heads.len());
     if let Some(g) = grads {
         ensure!(g.len() == heads.len(), "{be} backend: {} gradient pairs for {} fusion heads", g.len(), heads.len());
     }
     for (k, (&(f, c), &(w, b))) in feats.iter().zip(heads).enumerate() {
-        fits(be, &format!("head {k} features"), f, batch * c)?;
-        fits(be, &format!("head {k} weight"), w, classes * c)?;
-        fits(be, &format!("head {k} bias"), b, classes)?;
-        if let Some(&(gw, gb)) = grads.and_then(|g| g.get(k)) {
-            fits(be, &format!("head {k} weight gradient"), gw, classes * c)?;
-            fits(be, &format!("head {k} bias gradient"), gb, classes)?;
+        let head = format!("the fusion head of layer {}", k + 2);
+        fits(be, &format!("{head}: features"), len(f), batch * c)?;
+        fits(be, &format!("{head}: weight"), len(w), classes * c)?;
+        fits(be, &format!("{head}: bias"), len(b), classes)?;
+        if let Some((gw, gb)) = grads.and_then(|g| g.get(k)) {
+            fits(be, &format!("{head}: weight gradient"), len(gw), classes * c)?;
+            fits(be, &format!("{head}: bias gradient"), len(gb), classes)?;
         }
     }
     fits(be, "labels", labels, batch)?;

@@ -122,6 +122,17 @@ pub(crate) fn decode_jpeg_strict(bytes: &[u8]) -> Result<image::RgbImage> {
     image::RgbImage::from_raw(w, h, pixels).ok_or_else(|| anyhow::anyhow!("JPEG of {w}x{h}: wrong pixel count"))
 }
 
+/// The `(width, height)` a `w x h` image is resized to so that its short side is `s`, the long side rounded to
+/// the nearest pixel (never below `s`): the resize before a centre crop.
+pub fn short_side_size(w: usize, h: usize, s: usize) -> (usize, usize) {
+    let long = |a: usize, b: usize| ((a as u64 * s as u64 + b as u64 / 2) / b as u64).max(s as u64) as usize;
+    if w <= h {
+        (s, long(h, w))
+    } else {
+        (long(w, h), s)
+    }
+}
+
 /// Decodes a JPEG or PNG file to RGB and brings it to `size x size`, returned CHW (`3 * size * size` bytes).
 pub fn load_rgb(path: &Path, size: usize, mode: ResizeMode) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -139,11 +150,8 @@ pub fn load_rgb(path: &Path, size: usize, mode: ResizeMode) -> Result<Vec<u8>> {
     let out = match mode {
         ResizeMode::Squash => image::imageops::resize(&img, s, s, filter),
         ResizeMode::ShortSide => {
-            let (nw, nh) = if w <= h {
-                (s, ((h as u64 * s as u64 + w as u64 / 2) / w as u64).max(s as u64) as u32)
-            } else {
-                (((w as u64 * s as u64 + h as u64 / 2) / h as u64).max(s as u64) as u32, s)
-            };
+            let (nw, nh) = short_side_size(w as usize, h as usize, size);
+            let (nw, nh) = (nw as u32, nh as u32);
             let r = image::imageops::resize(&img, nw, nh, filter);
             image::imageops::crop_imm(&r, (nw - s) / 2, (nh - s) / 2, s, s).to_image()
         }

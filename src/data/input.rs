@@ -139,7 +139,7 @@ fn pillow_fit(plane: &[u8], h: usize, w: usize, s: usize) -> Vec<u8> {
     if h == s && w == s {
         return plane.to_vec();
     }
-    let (nh, nw) = if h <= w { (s, ((w * s + h / 2) / h).max(s)) } else { (((h * s + w / 2) / w).max(s), s) };
+    let (nw, nh) = imagefolder::short_side_size(w, h, s);
     let r = resize_bilinear_u8(plane, h, w, nh, nw);
     let (top, left) = ((nh - s) / 2, (nw - s) / 2);
     (0..s).flat_map(|y| r[(top + y) * nw + left..][..s].to_vec()).collect()

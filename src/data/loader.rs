@@ -34,14 +34,16 @@ impl Batch {
 /// Builds the batch of `indices` (positions `first..` in the epoch's order). The output side is the crop size
 /// for the ImageNet augmentations and the stored size otherwise.
 pub fn make_batch(data: &dyn ImageSource, indices: &[usize], aug: Augment, key: u64, first: usize) -> Batch {
-    let mut b = make_pixels(data, indices, aug, key, first);
-    let px = b.x.len() / indices.len().max(1);
-    b.x.par_chunks_mut(px.max(1)).for_each(super::rms_normalize);
-    b
+    fill(data, indices, aug, key, first, true)
 }
 
 /// [`make_batch`] without the per-sample RMS norm: the augmented images in [0, 1] (what an exported model takes).
 pub fn make_pixels(data: &dyn ImageSource, indices: &[usize], aug: Augment, key: u64, first: usize) -> Batch {
+    fill(data, indices, aug, key, first, false)
+}
+
+/// Decodes and augments each sample into the batch, RMS-normalising it in the same pass when `normalize`.
+fn fill(data: &dyn ImageSource, indices: &[usize], aug: Augment, key: u64, first: usize, normalize: bool) -> Batch {
     let (c, s) = (data.channels(), data.size());
     let t = aug.output_size().unwrap_or(s);
     let px = c * t * t;
@@ -57,6 +59,9 @@ pub fn make_pixels(data: &dyn ImageSource, indices: &[usize], aug: Augment, key:
                 }
                 augment::apply(aug, out, c, s, &mut r);
             }
+        }
+        if normalize {
+            super::rms_normalize(out);
         }
     });
     Batch { x, labels: indices.iter().map(|&i| data.label(i)).collect() }

@@ -12,6 +12,9 @@ use crate::train::infer::{self, Model};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
+/// The `format` metadata of a weights-only export.
+pub const WEIGHTS_FORMAT: &str = "asge-weights";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Onnx,
@@ -57,9 +60,7 @@ pub fn export(checkpoint: &Path, format: Format, strategy: Option<Strategy>, out
             if strategy == Strategy::All {
                 bail!("--strategy all: an ONNX export computes one strategy (last, best or fusion)");
             }
-            if strategy == Strategy::Fusion && spec.layers.len() < 2 {
-                bail!("--strategy fusion: a one-layer model has no fusion heads (they start at layer 2)");
-            }
+            model.check_strategy(strategy)?;
             let layer = match strategy {
                 Strategy::Best => format!("layer {}", model.best_layer + 1),
                 Strategy::Fusion => {

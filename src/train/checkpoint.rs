@@ -227,7 +227,7 @@ pub fn save_params(path: &Path, spec: &ModelSpec, params: &Params) -> Result<()>
 pub fn weights_only(spec: &ModelSpec, params: &Params, input: Option<&InputSpec>, export: bool) -> Result<Vec<u8>> {
     let mut meta = model_metadata(spec);
     if export {
-        meta.insert("format".into(), "asge-weights".into());
+        meta.insert("format".into(), crate::export::WEIGHTS_FORMAT.into());
     }
     if let Some(input) = input {
         meta.insert("asge.input".into(), serde_json::to_string(input)?);

@@ -2,7 +2,7 @@
 //! `--dump-logits`), and `asge predict` on image files. Both prepare images as the training data was prepared
 //! ([`InputSpec`], stored in the checkpoint) and run the same evaluation forward as validation and test.
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, Checkpoint, TrainState};
 use super::net::{AdamW, Net};
 use super::progress::Display;
 use super::run::{device, ensure_memory, open_shards, with_backend, Device};
@@ -29,12 +29,18 @@ pub struct Model {
     pub input: InputSpec,
     /// 0-based.
     pub best_layer: usize,
-    pub checkpoint: Checkpoint,
+    /// The run state and run config in its metadata (absent in exported and foreign files).
+    pub state: Option<TrainState>,
+    pub config: Option<serde_json::Value>,
 }
 
 impl Model {
     pub fn open(path: &Path) -> Result<Model> {
-        let ck = checkpoint::load(path)?;
+        Self::from_checkpoint(path, checkpoint::load(path)?)
+    }
+
+    /// The model of a checkpoint already read from `path`.
+    pub fn from_checkpoint(path: &Path, ck: Checkpoint) -> Result<Model> {
         let spec = ck.spec.clone().with_context(|| {
             format!("{}: no asge.model metadata (not written by asge); train with --init to use it", path.display())
         })?;
@@ -42,7 +48,8 @@ impl Model {
         let input =
             ck.input.clone().unwrap_or_else(|| InputSpec::assumed(spec.in_channels, spec.image_size, spec.classes));
         let best_layer = ck.state.as_ref().map(|s| s.best_layer).unwrap_or(spec.layers.len() - 1);
-        Ok(Model { path: path.to_path_buf(), spec, params, input, best_layer, checkpoint: ck })
+        // The optimizer moments and the rest of the file are dropped here: only what inference needs stays.
+        Ok(Model { path: path.to_path_buf(), spec, params, input, best_layer, state: ck.state, config: ck.config })
     }
 
     /// The evaluation transform of a stored image: the centre crop for shard-trained models, nothing otherwise.
@@ -54,7 +61,7 @@ impl Model {
     }
 
     /// `strategy` checked against the model: a one-layer model has no fusion heads.
-    fn check_strategy(&self, strategy: Strategy) -> Result<()> {
+    pub fn check_strategy(&self, strategy: Strategy) -> Result<()> {
         if strategy == Strategy::Fusion && self.spec.layers.len() < 2 {
             bail!("--strategy fusion: a one-layer model has no fusion heads (they start at layer 2)");
         }
@@ -99,8 +106,8 @@ pub struct EvalOptions<'a> {
 /// The file format of `--dump-logits` (in its metadata).
 pub const LOGITS_FORMAT: &str = "asge-logits";
 
-/// `asge eval`: the test result of a checkpoint on `data`, in summary.json's schema.
-pub fn eval(path: &Path, data: &EvalData, o: &EvalOptions) -> Result<(Report, EvalResult)> {
+/// `asge eval`: the test result of a checkpoint (opened with [`Model::open`]) on `data`, in summary.json's schema.
+pub fn eval(model: &Model, data: &EvalData, o: &EvalOptions) -> Result<(Report, EvalResult)> {
     if o.batch == 0 {
         bail!("--batch 0: the batch needs at least one image");
     }
@@ -112,8 +119,7 @@ pub fn eval(path: &Path, data: &EvalData, o: &EvalOptions) -> Result<(Report, Ev
             safetensors_format(p).as_deref() == Some(LOGITS_FORMAT)
         })?;
     }
-    let model = Model::open(path)?;
-    let (source, dataset, dir) = open_eval_data(&model, data, o.limit)?;
+    let (source, dataset, dir) = open_eval_data(model, data, o.limit)?;
     let n = source.len().min(o.limit.unwrap_or(usize::MAX));
     if n == 0 {
         bail!("{}: no images to evaluate", dir.display());
@@ -122,7 +128,7 @@ pub fn eval(path: &Path, data: &EvalData, o: &EvalOptions) -> Result<(Report, Ev
     if strategy != Strategy::All {
         model.check_strategy(strategy)?;
     }
-    with_backend!(o.device, o.precision, |make| run_eval(&model, make()?, &source, n, &dataset, &dir, o))
+    with_backend!(o.device, o.precision, |make| run_eval(model, make()?, &source, n, &dataset, &dir, o))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -170,7 +176,7 @@ fn run_eval<B: Backend>(
         eval::evaluate_with(&mut net, source, (0..n).collect(), aug, 0, Some((display, "evaluate")), &mut sink)?
     };
     let rows = eval::strategies(&res, o.strategy, best)?;
-    let state = model.checkpoint.state.clone().unwrap_or_default();
+    let state = model.state.clone().unwrap_or_default();
     let report = Report {
         format: "asge-eval".into(),
         checkpoint: model.path.clone(),
@@ -252,7 +258,7 @@ pub fn refuse_foreign(path: &Path, flag: &str, kind: &str, ours: impl Fn(&Path) 
 }
 
 /// The `format` metadata of a safetensors file, reading only its header.
-fn safetensors_format(path: &Path) -> Option<String> {
+pub(crate) fn safetensors_format(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];

@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The datasets folder: `$ASGE_DATA`, or `data/` in the repository (filled by tools/fetch-datasets.sh).
 /// A test that needs real data fails (never skips) when it is missing.
@@ -145,4 +146,30 @@ pub fn heads_case() -> HeadsCase {
             .unwrap();
     }
     HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits, stats, grads }
+}
+
+/// Runs the `asge` binary this test build made (in `cwd`, or here): exit code, stdout, stderr.
+pub fn run_asge(cwd: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_asge"));
+    c.args(args);
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// `python3 ARGS` with the folder in `$path_env` (where tools/test.sh installs `what`) on its module path: its
+/// stdout and stderr; a failure (or an unset variable) fails the test, it never skips.
+pub fn python(path_env: &str, what: &str, args: &[&str]) -> String {
+    let dir = std::env::var(path_env)
+        .unwrap_or_else(|_| panic!("{path_env}: the folder tools/test.sh installs {what} into is not set"));
+    let o = Command::new("python3").args(args).env("PYTHONPATH", &dir).output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "python3 {args:?} failed:\n{out}");
+    out
 }

@@ -211,20 +211,17 @@ impl Backend for CpuBackend {
         grads: Option<&mut [(&mut Vec<f32>, &mut Vec<f32>)]>,
         stats: &mut Vec<f32>,
     ) -> Result<()> {
-        let f_lens: Vec<(usize, usize)> = feats.iter().map(|&(f, c)| (f.len(), c)).collect();
-        let h_lens: Vec<(usize, usize)> = heads.iter().map(|&(w, b)| (w.len(), b.len())).collect();
-        let g_lens: Option<Vec<(usize, usize)>> =
-            grads.as_ref().map(|g| g.iter().map(|(w, b)| (w.len(), b.len())).collect());
         check::fusion_heads(
             "cpu",
             batch,
             classes,
-            &f_lens,
-            &h_lens,
-            g_lens.as_deref(),
+            feats,
+            heads,
+            grads.as_deref(),
             labels.len(),
             logits.len(),
             stats.len(),
+            Vec::len,
         )?;
         let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
         let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();

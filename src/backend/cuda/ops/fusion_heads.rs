@@ -20,20 +20,17 @@ pub fn run(
     stats: &mut CudaBuf,
 ) -> Result<()> {
     let _timer = be.time_op("fusion_heads");
-    let f_lens: Vec<(usize, usize)> = feats.iter().map(|&(f, c)| (f.len(), c)).collect();
-    let h_lens: Vec<(usize, usize)> = heads.iter().map(|&(w, b)| (w.len(), b.len())).collect();
-    let g_lens: Option<Vec<(usize, usize)>> =
-        grads.as_ref().map(|g| g.iter().map(|(w, b)| (w.len(), b.len())).collect());
     check::fusion_heads(
         "cuda",
         batch,
         classes,
-        &f_lens,
-        &h_lens,
-        g_lens.as_deref(),
+        feats,
+        heads,
+        grads.as_deref(),
         labels.len(),
         logits.len(),
         stats.len(),
+        CudaBuf::len,
     )?;
     let logits = logits.f32_mut("head logits")?;
     be.zero(logits, batch * classes)?;
