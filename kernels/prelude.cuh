@@ -94,13 +94,44 @@ __device__ __forceinline__ void st16(void* p, u32x4 v) { *(u32x4*)p = v; }
 __device__ __forceinline__ u32x2 ld8(const void* p) { return *(const u32x2*)p; }
 __device__ __forceinline__ void st8(void* p, u32x2 v) { *(u32x2*)p = v; }
 #else
-__device__ __forceinline__ u32x4 ld16(const void* p) { check_align(p, 16, "16-byte load"); return *(const u32x4*)p; }
-__device__ __forceinline__ void st16(void* p, u32x4 v) { check_align(p, 16, "16-byte store"); *(u32x4*)p = v; }
+__device__ __forceinline__ u32x4 ld16(const void* p) {
+    check_align(p, 16, "16-byte load");
+    emu::smem_read(p, 16);
+    return *(const u32x4*)p;
+}
+__device__ __forceinline__ void st16(void* p, u32x4 v) {
+    check_align(p, 16, "16-byte store");
+    if (emu::in_dyn(p)) {
+        emu::Granule& g = emu::smem_write(p, "16-byte store");
+        g.state = emu::Granule::WRITTEN;
+        g.writer = emu::cur;
+        g.written_in = emu::interval;
+    }
+    *(u32x4*)p = v;
+}
 __device__ __forceinline__ u32x2 ld8(const void* p) { check_align(p, 8, "8-byte load"); return *(const u32x2*)p; }
 __device__ __forceinline__ void st8(void* p, u32x2 v) { check_align(p, 8, "8-byte store"); *(u32x2*)p = v; }
 #endif
 
 #ifndef ASGE_HOST_EMU
+
+// Dynamic shared memory (its size is the launch's; above 48 KB the kernel needs the opt-in attribute) and the
+// asynchronous global-to-shared copies of sm_80+ (PTX ISA, "cp.async"): cp_async16 copies 16 bytes, or writes 16
+// zero bytes when `full` is false (src-size 0: nothing is read), into the issuing thread's current group;
+// cp_async_commit closes the group; cp_async_wait<N> waits until at most N of the thread's groups are in flight.
+// A copy is visible to other threads only after its wait and a __syncthreads(). The emulation (cuda_emu.h)
+// checks these rules.
+extern __shared__ __align__(16) unsigned char asge_dyn_smem[];
+__device__ __forceinline__ unsigned char* dyn_smem() { return asge_dyn_smem; }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(full ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // ldmatrix.x4: the four 8x8 fp16 matrices whose rows lanes 0-7, 8-15, 16-23, 24-31 address; r[q] is the calling
 // lane's pair (row lane / 4, columns 2 (lane % 4), +1) of matrix q: exactly an mma.m16n8k16 fragment register.

@@ -561,3 +561,50 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
     }
     assert!(checked >= 15, "only {checked} launches checked");
 }
+
+/// The emulator's cp.async and dynamic-shared-memory rules (tests/emu/cuda_emu.h), on a 3-stage pipeline kernel
+/// written for the purpose (tests/emu/pipeline_probe.cuh): the correct pipeline streams its tiles through
+/// unchanged, and each planted hazard (a wait one group short, no barrier after the wait, a stage reused before
+/// the barrier, the short wait again read through ldmatrix, a barrier before the wait instead of after it) faults with the rule it broke, on every run:
+/// the emulation lands a copy as late as the hardware may and reads in-flight bytes as NaN, so such a kernel
+/// cannot pass by luck.
+#[test]
+fn cp_async_pipeline_hazards_fault_in_the_emulation() {
+    type Probe = unsafe extern "C" fn(*const u32, *mut u32, i32, i32) -> *const std::ffi::c_char;
+    let steps = 7;
+    let src: Vec<u32> = (0..steps * 256 * 4).map(|i| (i as u32).wrapping_mul(2654435761)).collect();
+    let run = |mode: i32| -> (String, Vec<u32>) {
+        let mut out = vec![0u32; src.len()];
+        let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: probe_pipeline reads and writes steps * 256 * 4 words of these buffers; it returns a
+        // NUL-terminated string that stays valid until the next launch (read here, under the lock).
+        let msg = unsafe {
+            let f: libloading::Symbol<Probe> = lib().get(b"probe_pipeline\0").expect("probe_pipeline");
+            let m = f(src.as_ptr(), out.as_mut_ptr(), steps as i32, mode);
+            std::ffi::CStr::from_ptr(m).to_string_lossy().into_owned()
+        };
+        (msg, out)
+    };
+    let (msg, out) = run(0);
+    assert_eq!(msg, "", "the correct pipeline faulted");
+    for t in 0..steps {
+        for tid in 0..256 {
+            let other = (tid + 64) % 256;
+            for q in 0..4 {
+                assert_eq!(out[(t * 256 + tid) * 4 + q], src[(t * 256 + other) * 4 + q], "step {t} thread {tid}");
+            }
+        }
+    }
+    let planted = [
+        (1, "still in flight"),
+        (2, "no thread has written in this block"),
+        (3, "a stage reused before every thread has finished reading it"),
+        (4, "still in flight"),
+        (5, "completed since the last barrier"),
+    ];
+    for (mode, want) in planted {
+        let (msg, _) = run(mode);
+        println!("hazard {mode}: {msg}");
+        assert!(msg.contains(want), "planted hazard {mode} was not caught as `{want}`: `{msg}`");
+    }
+}

@@ -10,6 +10,16 @@
 // row; 16- and 8-byte vector accesses and ldmatrix rows must be aligned as on the GPU, or the emulation aborts.
 // The emulation checks everything around them (tile loads, bounds, im2col, epilogues, scaling, reductions) and
 // the layouts as documented, not the hardware's reading of them.
+//
+// Dynamic shared memory (`dyn_smem()` in the prelude, `extern __shared__` on the GPU) is a buffer of exactly the
+// launch's size that ends at a PROT_NONE page (an access past it faults), filled with 0xff bytes (fp16 NaN) at
+// every block's start. `cp.async` has its real semantics, adversarially: a copy lands only at the issuing
+// thread's `cp.async.wait_group` that retires its group (the latest the hardware may), and its destination reads
+// as NaN until then. A 16-byte shadow per granule of the buffer records who wrote it, who read it and in which
+// barrier interval, so that the rules of a multi-stage pipeline are checked, not left to luck: a read (ldmatrix,
+// 16-byte load) of bytes whose copy is in flight, or that another thread's copy or store completed since the last
+// __syncthreads(), or that no thread of the block has written, faults; so does a copy or store over bytes that another thread read since the last barrier (a
+// stage reused too early) or that a copy still has in flight, and a thread that exits with copies not waited for.
 #pragma once
 #define ASGE_HOST_EMU 1
 
@@ -18,7 +28,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <vector>
 #include <ucontext.h>
 
@@ -105,23 +118,147 @@ inline void park(State s) {
 inline void warp_sync() { park(WARP_WAIT); }
 
 #if defined(__x86_64__)
+inline void thread_exit_check();
 [[noreturn]] static void fiber_main() {
     (*body)();
+    thread_exit_check();
     fibers[cur].state = DONE;
     asge_emu_swap(&fibers[cur].sp, sched_sp);
     __builtin_unreachable();
 }
 #else
+inline void thread_exit_check();
 static void entry() {
     (*body)();
+    thread_exit_check();
     fibers[cur].state = DONE;
 }  // returns to sched through uc_link
 #endif
 
+inline void check_align_(const void* p, unsigned size, const char* what);
 inline void fault(const char* what) {
     std::snprintf(fault_msg, sizeof fault_msg, "%s (thread %u of block %u,%u,%u)", what, threadIdx.x, blockIdx.x,
                   blockIdx.y, blockIdx.z);
     on_fault(fault_msg);
+}
+
+// ---- dynamic shared memory and cp.async (see the header comment) ----
+struct Granule {
+    enum : uint8_t { READY, PENDING, WRITTEN } state = READY;
+    bool many_readers = false;
+    int writer = -1, reader = -1;
+    uint64_t written_in = 0, read_in = 0;  // barrier intervals (0: never)
+};
+struct Copy {
+    unsigned char* dst;
+    unsigned char data[16];
+};
+struct AsyncState {
+    std::vector<Copy> open;                 // issued, not committed yet
+    std::deque<std::vector<Copy>> groups;   // committed, oldest first
+};
+static unsigned char* dyn_base = nullptr;   // the current launch's buffer (ends at a PROT_NONE page)
+static size_t dyn_bytes = 0;
+static unsigned char* dyn_map = nullptr;
+static size_t dyn_map_len = 0;
+static std::vector<Granule> shadow;
+static std::vector<AsyncState> async_of;    // per thread of the running block
+static uint64_t interval = 1;               // bumped at every block barrier and block start
+
+// Maps a buffer of `bytes` (rounded up to 16) that ends where a PROT_NONE page begins.
+inline void dyn_alloc(size_t bytes) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), len = (bytes + 15) / 16 * 16;
+    const size_t need = (len + page - 1) / page * page + page;
+    if (need > dyn_map_len) {
+        if (dyn_map) munmap(dyn_map, dyn_map_len);
+        void* m = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            std::fputs("cuda_emu: cannot map dynamic shared memory\n", stderr);
+            std::abort();
+        }
+        dyn_map = static_cast<unsigned char*>(m);
+        dyn_map_len = need;
+        mprotect(dyn_map + need - page, page, PROT_NONE);
+    }
+    dyn_base = dyn_map + dyn_map_len - page - len;
+    dyn_bytes = len;
+    shadow.assign(len / 16, Granule{});
+}
+
+inline bool in_dyn(const void* p) {
+    auto a = reinterpret_cast<const unsigned char*>(p);
+    return dyn_base && a >= dyn_base && a < dyn_base + dyn_bytes;
+}
+
+inline void block_start_smem(int threads) {
+    if (dyn_base) std::memset(dyn_base, 0xff, dyn_bytes);
+    for (auto& g : shadow) g = Granule{};
+    async_of.assign(threads, AsyncState{});
+    ++interval;
+}
+
+inline void smem_fault(const char* fmt, int other, const void* p) {
+    char m[400];
+    std::snprintf(m, sizeof m, fmt, other, (long)(reinterpret_cast<const unsigned char*>(p) - dyn_base));
+    fault(m);
+}
+
+// A read of [p, p + bytes) by the running thread.
+inline void smem_read(const void* p, unsigned bytes) {
+    if (!in_dyn(p)) return;
+    const size_t g0 = (size_t)(reinterpret_cast<const unsigned char*>(p) - dyn_base) / 16;
+    const size_t g1 = ((size_t)(reinterpret_cast<const unsigned char*>(p) - dyn_base) + bytes + 15) / 16;
+    for (size_t i = g0; i < g1 && i < shadow.size(); ++i) {
+        Granule& g = shadow[i];
+        if (g.state == Granule::READY)
+            smem_fault("cuda_emu: a shared-memory read of bytes no thread has written in this block (thread %d "
+                       "is the reader; offset %ld): it would read another block's leftovers", cur, p);
+        if (g.state == Granule::PENDING)
+            smem_fault("cuda_emu: a shared-memory read of bytes whose cp.async (thread %d) is still in flight "
+                       "(offset %ld): cp.async.wait_group must retire its group first", g.writer, p);
+        if (g.state == Granule::WRITTEN && g.written_in == interval && g.writer != cur)
+            smem_fault("cuda_emu: a shared-memory read of bytes that thread %d's cp.async or store completed "
+                       "since the last barrier (offset %ld): __syncthreads() after the wait_group", g.writer, p);
+        if (g.read_in != interval) {
+            g.read_in = interval;
+            g.reader = cur;
+            g.many_readers = false;
+        } else if (g.reader != cur) {
+            g.many_readers = true;
+        }
+    }
+}
+
+// A write (cp.async issue or plain store) of the 16-byte granule at p by the running thread.
+inline Granule& smem_write(const void* p, const char* what) {
+    check_align_(p, 16, what);
+    if (!in_dyn(p)) {
+        char m[200];
+        std::snprintf(m, sizeof m, "cuda_emu: %s outside the launch's dynamic shared memory (%zu bytes)", what, dyn_bytes);
+        fault(m);
+    }
+    Granule& g = shadow[(size_t)(reinterpret_cast<const unsigned char*>(p) - dyn_base) / 16];
+    if (g.state == Granule::PENDING)
+        smem_fault("cuda_emu: a shared-memory write over bytes that thread %d's cp.async still has in flight "
+                   "(offset %ld)", g.writer, p);
+    if (g.read_in == interval && (g.reader != cur || g.many_readers))
+        smem_fault("cuda_emu: a shared-memory write over bytes that thread %d read since the last barrier "
+                   "(offset %ld): a stage reused before every thread has finished reading it", g.reader, p);
+    if (g.state == Granule::WRITTEN && g.written_in == interval && g.writer != cur)
+        smem_fault("cuda_emu: two threads write the same shared bytes between barriers (thread %d first, offset %ld)",
+                   g.writer, p);
+    return g;
+}
+
+inline void thread_exit_check() {
+    if (cur < 0 || cur >= (int)async_of.size()) return;
+    size_t n = async_of[cur].open.size();
+    for (auto& grp : async_of[cur].groups) n += grp.size();
+    if (n) {
+        char m[160];
+        std::snprintf(m, sizeof m, "cuda_emu: a thread exits with %zu cp.async copies not waited for", n);
+        fault(m);
+    }
 }
 
 // Runs one block of `threads` fibers to completion.
@@ -148,6 +285,7 @@ inline void run_block(int threads) {
 #endif
         f.state = RUNNABLE;
     }
+    block_start_smem(threads);
     ++block_count;
     for (;;) {
         bool ran = false;
@@ -172,6 +310,7 @@ inline void run_block(int threads) {
         if (at_block == live) {
             for (int i = 0; i < threads; ++i)
                 if (fibers[i].state == BLOCK_WAIT) fibers[i].state = RUNNABLE;
+            ++interval;
             released = true;
         }
         for (int w = 0; w * 32 < threads; ++w) {
@@ -195,8 +334,10 @@ inline void run_block(int threads) {
     }
 }
 
+// Runs the grid; `smem` bytes of dynamic shared memory per block (dyn_smem()).
 template <class F>
-void launch(dim3 grid, unsigned threads, F f) {
+void launch(dim3 grid, unsigned threads, F f, size_t smem = 0) {
+    dyn_alloc(smem);
     std::function<void()> fn = f;
     body = &fn;
     gridDim = {grid.x, grid.y, grid.z};
@@ -239,11 +380,52 @@ static inline f16_bits f2h(float f) {
 
 // 16-byte vector accesses (ld16 / st16 in the prelude) and ldmatrix rows: the GPU faults on a misaligned one, so
 // the emulation refuses it too.
-inline void check_align(const void* p, unsigned size, const char* what) {
+inline void emu::check_align_(const void* p, unsigned size, const char* what) {
     if (reinterpret_cast<std::uintptr_t>(p) % size != 0) {
         char m[160];
         std::snprintf(m, sizeof m, "cuda_emu: %s of a misaligned address %p", what, p);
         emu::fault(m);
+    }
+}
+inline void check_align(const void* p, unsigned size, const char* what) { emu::check_align_(p, size, what); }
+
+// The launch's dynamic shared memory (`extern __shared__` on the GPU).
+static inline unsigned char* dyn_smem() { return emu::dyn_base; }
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: src_bytes (0 or 16) copied, the rest zero-filled; the
+// copy lands at the wait_group that retires its group.
+static inline void cp_async16(void* dst, const void* src, bool full) {
+    emu::Granule& g = emu::smem_write(dst, "cp.async destination");
+    emu::Copy c;
+    c.dst = static_cast<unsigned char*>(dst);
+    std::memset(c.data, 0, 16);
+    if (full) {
+        check_align(src, 16, "cp.async source");
+        std::memcpy(c.data, src, 16);
+    }
+    std::memset(dst, 0xff, 16);
+    g.state = emu::Granule::PENDING;
+    g.writer = emu::cur;
+    emu::async_of[emu::cur].open.push_back(c);
+}
+static inline void cp_async_commit() {
+    auto& a = emu::async_of[emu::cur];
+    a.groups.push_back(std::move(a.open));
+    a.open.clear();
+}
+// cp.async.wait_group N: every committed group but the newest N has landed.
+template <int N>
+static inline void cp_async_wait() {
+    auto& a = emu::async_of[emu::cur];
+    while (a.groups.size() > (size_t)N) {
+        for (const emu::Copy& c : a.groups.front()) {
+            std::memcpy(c.dst, c.data, 16);
+            emu::Granule& g = emu::shadow[(size_t)(c.dst - emu::dyn_base) / 16];
+            g.state = emu::Granule::WRITTEN;
+            g.writer = emu::cur;
+            g.written_in = emu::interval;
+        }
+        a.groups.pop_front();
     }
 }
 
@@ -255,6 +437,7 @@ static const f16_bits* ldsm_rows[32][32];
 static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     check_align(p, 16, "ldmatrix row");
+    emu::smem_read(p, 16);
     emu::ldsm_rows[warp][lane] = p;
     emu::warp_sync();
     for (int q = 0; q < 4; ++q) {

@@ -10,11 +10,48 @@
 #include "../../kernels/layer_output.cu"
 #include "../../kernels/fusion_heads.cu"
 #include "../../kernels/adamw.cu"
+#include "pipeline_probe.cuh"
+
+#include <csetjmp>
 
 #define GRID unsigned gx, unsigned gy, unsigned gz
-#define RUN(call) emu::launch(dim3{gx, gy, gz}, 256, [&] { call; })
+#define RUN(call) emu::launch(dim3{gx, gy, gz}, 256, [&] { call; }, next_smem())
+
+// The dynamic shared memory of the next launch (set_dynamic_smem), reset by the launch.
+static size_t dynamic_smem = 0;
+static size_t next_smem() {
+    size_t b = dynamic_smem;
+    dynamic_smem = 0;
+    return b;
+}
+
+// A launch whose emulator fault is returned as its message instead of aborting the process (the planted-hazard
+// tests): the fault handler jumps back here from the faulting thread.
+static sigjmp_buf probe_jump;
+static bool probing = false;
+static void probe_fault(const char* msg) {
+    if (probing) siglongjmp(probe_jump, 1);
+    emu::default_fault(msg);
+}
 
 extern "C" {
+void set_dynamic_smem(unsigned bytes) { dynamic_smem = bytes; }
+
+// pipeline_probe (tests/emu/pipeline_probe.cuh) in `mode` over one block; returns "" or the emulator's fault.
+const char* probe_pipeline(const unsigned* src, unsigned* out, int steps, int mode) {
+    emu::on_fault = probe_fault;
+    probing = true;
+    if (sigsetjmp(probe_jump, 1) == 0) {
+        emu::launch(dim3{1, 1, 1}, 256, [&] { pipeline_probe(src, out, steps, mode); }, PROBE_STAGES * 256 * 16);
+        probing = false;
+        emu::on_fault = emu::default_fault;
+        return "";
+    }
+    probing = false;
+    emu::on_fault = emu::default_fault;
+    return emu::fault_msg;
+}
+
 void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits* copy, int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt, float eps) {
     RUN(adamw_f32(p, g, m, v, copy, n, decay, w1, b2, w2, step_size, bc2_sqrt, eps));
 }
