@@ -13,11 +13,8 @@
 // K = 27, is memory-bound); for the deeper, compute-bound layers a few percent. Fusing it deterministically needs
 // per-tile partial sums for the cells a tile cuts, reduced in order by a second small pass: not done yet.
 //
-// conv_goodness_fwd_f16 is the same implicit GEMM on the tensor cores: x and W in fp16, fp32 accumulators
-// (mma.sync m16n8k16 fed by ldmatrix, see tc_step in the prelude), block tile 64 (or, for C_out >= 128, 128)
-// channels x TC_N = 128 pixels, K walked in steps of TC_K = 32 through two shared stages, the column operand gathered through the
-// layer's tap table (prelude: tap_fetch); the epilogue adds the bias in f32, applies ReLU and stores y in
-// fp16 (round to nearest even). Grid = (ceil(N/128), ceil(C_out/64 or 128)).
+// conv_fwd_nhwc_f16{,_l} are the same implicit GEMM on the tensor cores over channels-last fp16 operands, fed by
+// cp.async pipelines (below); fp32 accumulators, y stored in fp16 (round to nearest even).
 #define FWD_TM 64
 #define FWD_TN 64
 #define FWD_TK 16
@@ -80,117 +77,121 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
     }
 }
 
-// f16 forward, block tile TM = 64 or 128 channels x TC_N = 128 pixels. Per K step each thread loads TM / 64 rows
-// of 8 weights of the A tile (16-byte loads where K is a multiple of 8, i.e. C_in is) and 16 consecutive taps of
-// one pixel through the tap table (the pixel is fixed for the thread: its window origin and in-map mask are
-// computed once); both go to shared memory as 16-byte stores. Two shared stages: the loads for step s + 1 are
-// issued before the MMAs of step s and stored into the other stage after them, so a K step costs one barrier.
-// The 128-channel tile (conv_goodness_fwd_f16_m128, for C_out >= 128) does twice the MMAs per gathered tap;
-// launch bounds (256, 2) hold it to 128 registers, so two blocks share an SM.
-template <int TM>
-__device__ __forceinline__ void conv_fwd_f16(
+// f16 forward, channels-last: x is NHWC with C_in padded to Cp (a multiple of 8: kernels/layout.cu), the weights
+// [C_out][3][3][Cp] (rows and K padded further: prelude, NHWC_MP and NHWC_KP), so the GEMM's K index is k = (kh*3 + kw)*Cp + ci and 8 consecutive k are 8 channels of one
+// tap of one pixel: 16 contiguous, aligned bytes, which one cp.async moves (src-size 0 writes the halo's and the
+// tile edges' zeros). The layer's chunk table (geometry::nhwc_tap_table) gives chunk j = k / 8 its offset from the
+// pixel's window origin, ((kh*W + kw)*Cp + ci) << 9, and its tap bit 1 << (kh*3 + kw), tested against the pixel's
+// in-map mask (prelude: tap_mask).
+//
+// Block tile TM = 32 MI channels x TN = 32 NI pixels, K walked TK = 32 at a time through S shared stages in
+// dynamic shared memory ([S][TM][40] then [S][TN][40] halves, rows padded to 80 bytes so that ldmatrix reads
+// hit distinct banks: prelude, tc_step). Each thread copies MI / 2 chunks of A and NI / 2 of B a stage, all at
+// the same 8-wide K slice (tid % 4), so one table entry serves its B chunks; the weights' padding makes every A
+// copy a whole one, and shared addresses are computed once (prelude: smem_u32, tc_step_s). The pipeline: S - 1 stages in flight
+// ahead of the MMAs; per K step one wait_group (the oldest stage has landed), one barrier (it is visible to every
+// thread, and the stage read one step ago is free), the copies of step kt + S - 1 into that free stage, then the
+// stage's MMAs. Epilogue: bias in f32, ReLU, y stored NCHW in fp16 (what the goodness, layer-output and
+// weight-gradient kernels read).
+template <int MI, int NI, int S, int TK>
+__device__ __forceinline__ void conv_fwd_nhwc(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
-    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cin, int Cout, int H, int W)
+    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cp, int Cout, int H, int W)
 {
-    constexpr int MI = TM / 32, RA = TM / 64;
-    __shared__ __align__(16) f16_bits As[2][TM][TC_LD];
-    __shared__ __align__(16) f16_bits Bs[2][TC_N][TC_LD];
-    const int K = Cin * 9, HW = H * W, N = B * HW;
-    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TC_N;
-    const int tid = threadIdx.x;
-    const int am = tid >> 2, ak = (tid & 3) * 8;          // A tile: rows am (+ 64), columns ak..ak+7
-    const int bn = tid % TC_N, bk = (tid / TC_N) * 16;    // B tile: pixel bn, taps bk..bk+15
-    // The thread's pixel is the same for the whole K loop: locate it once.
-    const int n = n0 + bn;
-    const bool n_ok = n < N;
-    const int pb = n_ok ? n / HW : 0, pp = n_ok ? n % HW : 0, oh = pp / W, ow = pp % W;
-    const int mask = n_ok ? tap_mask(oh, ow, H, W) : 0, xo = pb * Cin * HW + (oh - 1) * W + (ow - 1);
-    const bool a_vec = (K & 7) == 0;
-    bool m_ok[RA];
-    const f16_bits* wrow[RA];
+    // CPR chunks of 8 halves per tile row and K step; the 256 threads cover PASS rows at a time.
+    constexpr int TM = 32 * MI, TN = 32 * NI, LD = TK + 8, CPR = TK / 8, PASS = 256 / CPR;
+    constexpr int CA = TM / PASS, CB = TN / PASS;
+    constexpr unsigned A_STAGE = TM * LD * 2, B_STAGE = TN * LD * 2, ROWS_PASS = PASS * LD * 2;
+    static_assert(TK % 32 == 0 && CA >= 1 && CB >= 1, "tile shape");
+    const int Kp = NHWC_KP(Cp), HW = H * W, N = B * HW, KT = Kp / TK;
+    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    const int tid = threadIdx.x, kc = (tid % CPR) * 8, row = tid / CPR;
+    // Shared addresses: the thread's copy destinations and the lane's ldmatrix rows, in stage 0.
+    const unsigned sA = smem_u32(dyn_smem()), sB = sA + S * A_STAGE;
+    const unsigned a_dst = sA + (row * LD + kc) * 2, b_dst = sB + (row * LD + kc) * 2;
+    int a_row, b_row;
+    tc_lane_rows<MI, NI, TK>(a_row, b_row);
+    const unsigned a_ld = sA + a_row * 2, b_ld = sB + b_row * 2;
+    // Global sources: the thread's weight rows (padded: always inside) and its B pixels' window origins and
+    // in-map masks, located once.
+    const f16_bits* a_src = w + (long)(m0 + row) * Kp + kc;
+    const long a_pass = (long)PASS * Kp;
+    const int* tap = taps + (kc >> 3);
+    int xo[CB], mask[CB];
 #pragma unroll
-    for (int i = 0; i < RA; ++i) {
-        const int m = m0 + am + 64 * i;
-        m_ok[i] = m < Cout;
-        wrow[i] = w + (long)(m_ok[i] ? m : 0) * K;
+    for (int i = 0; i < CB; ++i) {
+        const int n = n0 + row + PASS * i;
+        const bool ok = n < N;
+        const int pb = ok ? n / HW : 0, pp = ok ? n % HW : 0, oh = pp / W, ow = pp % W;
+        mask[i] = ok ? tap_mask(oh, ow, H, W) : 0;
+        xo[i] = ((pb * H + oh - 1) * W + (ow - 1)) * Cp;
     }
-    float acc[MI][4][4];
-    tc_zero<MI>(acc);
-
-    u32x4 ra[RA], rb[2];
-    auto load = [&](int k0) {
-        const int k = k0 + ak;
+    // Step kt's copies into the stage at byte offsets (a_off, b_off).
+    auto load_stage = [&](unsigned a_off, unsigned b_off, int kt) {
 #pragma unroll
-        for (int i = 0; i < RA; ++i) {
-            if (a_vec) {
-                // K % 8 == 0 and k % 8 == 0: the 8 weights are all inside the row or all past it.
-                ra[i] = (m_ok[i] && k < K) ? ld16(wrow[i] + k) : u32x4{0u, 0u, 0u, 0u};
-            } else {
-                f16_bits h[8];
+        for (int i = 0; i < CA; ++i) cp_async16(a_dst + a_off + i * ROWS_PASS, a_src + i * a_pass + kt * TK, true);
+        const unsigned t = (unsigned)tap[kt * (TK / 8)];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) h[j] = (m_ok[i] && k + j < K) ? wrow[i][k + j] : (f16_bits)0;
-                ra[i] = u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])};
-            }
-        }
-        // The table holds at least K rounded up to TC_K entries; k0 + bk is a multiple of 16 (64-byte aligned).
-        const int* tk = taps + k0 + bk;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const u32x4 t0 = ld16(tk + 8 * q), t1 = ld16(tk + 8 * q + 4);
-            rb[q] = u32x4{pack2(tap_fetch(x, xo, mask, t0.x), tap_fetch(x, xo, mask, t0.y)),
-                          pack2(tap_fetch(x, xo, mask, t0.z), tap_fetch(x, xo, mask, t0.w)),
-                          pack2(tap_fetch(x, xo, mask, t1.x), tap_fetch(x, xo, mask, t1.y)),
-                          pack2(tap_fetch(x, xo, mask, t1.z), tap_fetch(x, xo, mask, t1.w))};
+        for (int i = 0; i < CB; ++i) {
+            const bool in = (t & (unsigned)mask[i]) != 0;
+            cp_async16(b_dst + b_off + i * ROWS_PASS, x + (in ? xo[i] + (int)(t >> 9) : 0), in);
         }
     };
-    auto store = [&](int st) {
 #pragma unroll
-        for (int i = 0; i < RA; ++i) st16(&As[st][am + 64 * i][ak], ra[i]);
-        st16(&Bs[st][bn][bk], rb[0]);
-        st16(&Bs[st][bn][bk + 8], rb[1]);
-    };
-
-    load(0);
-    store(0);
-    __syncthreads();
-    int st = 0;
-    for (int k0 = 0; k0 < K; k0 += TC_K, st ^= 1) {
-        const bool more = k0 + TC_K < K;
-        if (more) load(k0 + TC_K);
-        tc_step<MI>(acc, As[st], Bs[st]);
-        // The other stage was last read by step s - 1's MMAs, which every thread finished before the last barrier.
-        if (more) store(st ^ 1);
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < KT) load_stage(s * A_STAGE, s * B_STAGE, s);
+        cp_async_commit();
+    }
+    float acc[MI][NI][4];
+    tc_zero<MI, NI>(acc);
+    // The stage read at step kt (kt % S) and the stage written ((kt + S - 1) % S), as byte offsets.
+    unsigned rd_a = 0, rd_b = 0, wr_a = (S - 1) * A_STAGE, wr_b = (S - 1) * B_STAGE;
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<S - 2>();
         __syncthreads();
+        if (kt + S - 1 < KT) load_stage(wr_a, wr_b, kt + S - 1);
+        cp_async_commit();
+        tc_step_s<MI, NI, TK>(acc, a_ld + rd_a, b_ld + rd_b);
+        rd_a = rd_a == (S - 1) * A_STAGE ? 0 : rd_a + A_STAGE;
+        rd_b = rd_b == (S - 1) * B_STAGE ? 0 : rd_b + B_STAGE;
+        wr_a = wr_a == (S - 1) * A_STAGE ? 0 : wr_a + A_STAGE;
+        wr_b = wr_b == (S - 1) * B_STAGE ? 0 : wr_b + B_STAGE;
     }
+    cp_async_wait<0>();
 
-    // The thread's 8 output pixels, located once (not once per accumulator): their offsets b*C_out*HW + p in y
-    // (32 bits: the host keeps y under 2^31 values), -1 past N.
-    int yo[8];
+    // The thread's 2 NI output pixels, located once: offsets b*C_out*HW + p in y (32 bits: the host keeps y under
+    // 2^31 values), -1 past N.
+    int yo[2 * NI];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int n = n0 + tc_col(j);
+    for (int j = 0; j < 2 * NI; ++j) {
+        const int n = n0 + tc_col<NI>(j);
         yo[j] = n < N ? (n / HW) * Cout * HW + n % HW : -1;
     }
-    tc_for_each<MI>(acc, [&](int row, int, int j, float v) {
-        const int m = m0 + row;
+    tc_for_each<MI, NI>(acc, [&](int r, int, int j, float v) {
+        const int m = m0 + r;
         if (m < Cout && yo[j] >= 0) y[yo[j] + m * HW] = f2h(fmaxf(v + bias[m], 0.0f));
     });
 }
 
-extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f16(
-    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ w /*[Cout*Cin*9]*/,
-    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
-    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cin, int Cout, int H, int W)
+// 64 x 128 tile, K steps of 64, 3 stages (82,944 bytes of shared memory): the layers too small to fill the GPU
+// with the large tile. (Its 32 x 32 warp tiles do 16 MMAs per 32-deep slice: the deeper step halves the loop's
+// fixed cost per MMA.)
+extern "C" __global__ void __launch_bounds__(256) conv_fwd_nhwc_f16(
+    const f16_bits* __restrict__ x /*[B*H*W*Cp]*/, const f16_bits* __restrict__ w /*[NHWC_MP(Cout)*NHWC_KP(Cp)]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_KP(Cp)/8]*/,
+    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cp, int Cout, int H, int W)
 {
-    conv_fwd_f16<64>(x, w, bias, taps, y, B, Cin, Cout, H, W);
+    conv_fwd_nhwc<2, 4, 3, 64>(x, w, bias, taps, y, B, Cp, Cout, H, W);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_fwd_f16_m128(
-    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ w /*[Cout*Cin*9]*/,
-    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
-    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cin, int Cout, int H, int W)
+// 128 x 256 tile (64 x 64 per warp), K steps of 32, 4 stages (122,880 bytes). Both tiles need more than the 48 KB a
+// launch gets without the opt-in attribute (set at load: src/backend/cuda/mod.rs).
+extern "C" __global__ void __launch_bounds__(256, 1) conv_fwd_nhwc_f16_l(
+    const f16_bits* __restrict__ x /*[B*H*W*Cp]*/, const f16_bits* __restrict__ w /*[NHWC_MP(Cout)*NHWC_KP(Cp)]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_KP(Cp)/8]*/,
+    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cp, int Cout, int H, int W)
 {
-    conv_fwd_f16<128>(x, w, bias, taps, y, B, Cin, Cout, H, W);
+    conv_fwd_nhwc<4, 8, 4, 32>(x, w, bias, taps, y, B, Cp, Cout, H, W);
 }
 
 template <typename T>

@@ -120,14 +120,19 @@ __device__ __forceinline__ void st8(void* p, u32x2 v) { check_align(p, 8, "8-byt
 // zero bytes when `full` is false (src-size 0: nothing is read), into the issuing thread's current group;
 // cp_async_commit closes the group; cp_async_wait<N> waits until at most N of the thread's groups are in flight.
 // A copy is visible to other threads only after its wait and a __syncthreads(). The emulation (cuda_emu.h)
-// checks these rules.
+// checks these rules. Shared addresses are the 32-bit offsets that the shared-memory instructions take
+// (smem_u32): a kernel converts its base once and moves it by constants.
 extern __shared__ __align__(16) unsigned char asge_dyn_smem[];
 __device__ __forceinline__ unsigned char* dyn_smem() { return asge_dyn_smem; }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(full ? 16 : 0) : "memory");
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -135,13 +140,12 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // ldmatrix.x4: the four 8x8 fp16 matrices whose rows lanes 0-7, 8-15, 16-23, 24-31 address; r[q] is the calling
 // lane's pair (row lane / 4, columns 2 (lane % 4), +1) of matrix q: exactly an mma.m16n8k16 fragment register.
-__device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) { ldsm_x4(r, smem_u32(p)); }
 #endif
 
 // The weight gradients' goodness term through a cell table (host-built: geometry::cell_table): cells[p]
@@ -222,6 +226,12 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 }
 #endif
 
+// The fp16 forward's padded weights (kernels/layout.cu): [NHWC_MP(C_out)][NHWC_KP(Cp)], rows and K rounded up
+// to the largest block tile (128 channels) and K step (64), zero-filled, so that the pipelined kernels load
+// whole tiles without bound checks; its chunk table has NHWC_KP(Cp) / 8 entries (0 past 9 Cp: no tap).
+#define NHWC_MP(Cout) (((Cout) + 127) / 128 * 128)
+#define NHWC_KP(Cp) ((9 * (Cp) + 63) / 64 * 64)
+
 // The block tile of the fp16 GEMM kernels: OUT[TM x TN] += A[TM x TK] * B[TK x TN] per step, with TM = 32 MI
 // (64 or 128) rows, TN = 32 NI (128 or 256) columns and TK = 32 or 16, both operands in shared memory with the
 // reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed), rows padded to LD = TK + 8 halves (80
@@ -273,6 +283,42 @@ __device__ __forceinline__ void tc_step(float acc[MI][NI][4], const f16_bits (*A
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni]);
     }
+}
+
+// tc_step over a stage of dynamic shared memory by address: `a` and `b` are the calling lane's ldmatrix row
+// addresses of the stage's A and B tiles for mi = ni = 0 and kk = 0 (tc_lane_rows); every other fragment is a
+// constant offset from them, so the loop issues the ldmatrix instructions with immediate offsets and no address
+// arithmetic. Rows are TK + 8 halves apart, as in tc_step.
+template <int MI, int NI, int TK = TC_K>
+__device__ __forceinline__ void tc_step_s(float acc[MI][NI][4], unsigned a, unsigned b) {
+    constexpr unsigned ROW = (TK + 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < TK; kk += 16) {
+        unsigned af[MI][4], bf[NI][2];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) ldsm_x4(af[mi], a + mi * 16 * ROW + kk * 2);
+#pragma unroll
+        for (int ni = 0; ni < NI; ni += 2) {
+            unsigned r[4];
+            ldsm_x4(r, b + ni * 8 * ROW + kk * 2);
+            bf[ni][0] = r[0];
+            bf[ni][1] = r[1];
+            bf[ni + 1][0] = r[2];
+            bf[ni + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) mma_16816(acc[mi][ni], af[mi], bf[ni]);
+    }
+}
+
+// The calling lane's ldmatrix row offsets (in halves) within a stage's A and B tiles, as tc_step addresses them.
+template <int MI, int NI, int TK = TC_K>
+__device__ __forceinline__ void tc_lane_rows(int& a, int& b) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    a = ((warp >> 2) * 16 * MI + (lane & 15)) * (TK + 8) + (lane >> 4) * 8;
+    b = ((warp & 3) * 8 * NI + (lane >> 4) * 8 + (lane & 7)) * (TK + 8) + ((lane >> 3) & 1) * 8;
 }
 
 // The block-tile column of the calling thread's column slot j (0 <= j < 2 NI): its accumulators cover 2 NI

@@ -44,7 +44,10 @@ fn every_kernel_compiles_with_nvrtc() {
     }
     for f in [
         "conv_goodness_fwd_f32",
-        "conv_goodness_fwd_f16",
+        "conv_fwd_nhwc_f16",
+        "conv_fwd_nhwc_f16_l",
+        "nhwc_pad_f16",
+        "krsc_pad_f16",
         "patch_goodness_f32",
         "patch_goodness_f16",
         "conv_goodness_wgrad_f32",
@@ -152,14 +155,16 @@ fn the_fp16_kernels_tap_and_cell_tables_say_what_the_kernels_read() {
 fn the_fp16_forward_tile_follows_the_shape() {
     use cuda::geometry::{conv_fwd, conv_fwd_kernel, CONV_FWD_F16};
     let s = |batch, c_out, side| asge::backend::ConvShape { batch, c_in: 16, c_out, h: side, w: side };
-    // The parity tests' 128-channel case at batch 128: 256 blocks of 128 x 128.
+    // The parity tests' 128-channel case at batch 128: 128 blocks of 128 x 256.
     assert_eq!(conv_fwd_kernel(&s(128, 128, 16), Precision::F16), CONV_FWD_F16[1]);
-    assert_eq!(conv_fwd(&s(128, 128, 16), Precision::F16), (256, 1, 1));
+    assert_eq!(conv_fwd(&s(128, 128, 16), Precision::F16), (128, 1, 1));
+    // One block fewer than a wave: the small tile.
+    assert_eq!(conv_fwd_kernel(&s(127, 128, 16), Precision::F16), CONV_FWD_F16[0]);
     // Fewer than 128 channels, or too few blocks (VGG8's 4x4 layer at batch 128: 16 x 4), keep 64 x 128.
     assert_eq!(conv_fwd_kernel(&s(128, 64, 16), Precision::F16), CONV_FWD_F16[0]);
     assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F16), CONV_FWD_F16[0]);
     assert_eq!(conv_fwd(&s(128, 512, 4), Precision::F16), (16, 8, 1));
-    assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F32).0, "conv_goodness_fwd_f32");
+    assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F32).name, "conv_goodness_fwd_f32");
 }
 
 #[test]

@@ -49,15 +49,24 @@ type Grid = (u32, u32, u32);
 /// The emulator is single-threaded (one scheduler, shared statics as `__shared__`): one launch at a time.
 static EMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Calls `emu_<name>` with the grid and the kernel's arguments. The signature must match tests/emu/launch.cpp.
+/// Calls `emu_<name>` with the grid and the kernel's arguments (and, after `smem`, the launch's dynamic shared
+/// memory in bytes). The signature must match tests/emu/launch.cpp.
 macro_rules! launch {
-    ($name:expr, $grid:expr, fn($($t:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
+    ($name:expr, $grid:expr, fn($($t:ty),* $(,)?), $($arg:expr),* $(,)?) => {
+        launch!($name, $grid, smem 0, fn($($t),*), $($arg),*)
+    };
+    ($name:expr, $grid:expr, smem $smem:expr, fn($($t:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
         let grid: Grid = $grid;
         let name: &str = $name;
+        let smem: u32 = $smem;
         let _one_at_a_time = EMU.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the symbol is the C wrapper of that kernel with exactly these argument types; every pointer
-        // is to a live buffer at least as long as the kernel indexes (the same shapes the GPU backend checks).
+        // SAFETY: the symbols are the emulation's setter of the next launch's shared memory and the C wrapper of
+        // that kernel with exactly these argument types; every pointer is to a live buffer at least as long as the
+        // kernel indexes (the same shapes the GPU backend checks).
         unsafe {
+            let set: libloading::Symbol<unsafe extern "C" fn(u32)> =
+                lib().get(b"set_dynamic_smem\0").expect("set_dynamic_smem");
+            set(smem);
             let f: libloading::Symbol<unsafe extern "C" fn(u32, u32, u32, $($t),*)> =
                 lib().get(format!("emu_{name}\0").as_bytes()).expect(name);
             f(grid.0, grid.1, grid.2, $($arg),*)
@@ -79,7 +88,7 @@ const NAN16: u16 = 0x7e00;
 #[allow(clippy::too_many_arguments)]
 fn gpu_conv(
     p: Precision,
-    (fwd_f16, wgrad_f16): ((&str, u32, u32), (&str, usize, usize)),
+    (fwd_f16, wgrad_f16): (geometry::FwdKernel, (&str, usize, usize)),
     s: &ConvShape,
     grid: &PatchGrid,
     reduce: GoodnessReduce,
@@ -186,18 +195,46 @@ fn gpu_conv(
         Precision::F16 => {
             let (x16, w16) = (to_f16(x), to_f16(w));
             let mut y16 = vec![NAN16; s.y_len()];
-            // Either fp16 forward kernel (the backend picks one by shape) over its own grid.
+            // The channels-last copies the backend makes, then either fp16 forward kernel (the backend picks one
+            // by shape) over its own grid with its dynamic shared memory.
+            let cp = geometry::padded_channels(s.c_in);
+            let (mut xn, mut wn) =
+                (vec![NAN16; s.batch * s.h * s.w * cp], vec![NAN16; geometry::padded_weights_len(s.c_out, cp)]);
             launch!(
-                fwd_f16.0,
-                geometry::conv_fwd_grid(s, fwd_f16.1, fwd_f16.2),
-                fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
+                "nhwc_pad_f16",
+                geometry::grid1(xn.len() / 8),
+                fn(*const u16, *mut u16, i32, i32, i32, i32, i32),
                 x16.as_ptr(),
-                w16.as_ptr(),
-                b.as_ptr(),
-                taps.as_ptr(),
-                y16.as_mut_ptr(),
+                xn.as_mut_ptr(),
                 bb,
                 ci,
+                h,
+                ww,
+                cp as i32
+            );
+            launch!(
+                "krsc_pad_f16",
+                geometry::grid1(wn.len()),
+                fn(*const u16, *mut u16, i32, i32, i32),
+                w16.as_ptr(),
+                wn.as_mut_ptr(),
+                co,
+                ci,
+                cp as i32
+            );
+            let ntaps = geometry::nhwc_tap_table(cp, s.h, s.w).unwrap();
+            launch!(
+                fwd_f16.name,
+                geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n),
+                smem fwd_f16.smem,
+                fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
+                xn.as_ptr(),
+                wn.as_ptr(),
+                b.as_ptr(),
+                ntaps.as_ptr(),
+                y16.as_mut_ptr(),
+                bb,
+                cp as i32,
                 co,
                 h,
                 ww
@@ -288,7 +325,7 @@ fn conv_kernels_match_the_cpu_reference() {
         for (i, case) in conv_cases(2).into_iter().enumerate() {
             let what = match p {
                 Precision::F32 => format!("f32 case {i}"),
-                Precision::F16 => format!("fp16 ({}, {}) case {i}", kernels.0 .0, kernels.1 .0),
+                Precision::F16 => format!("fp16 ({}, {}) case {i}", kernels.0.name, kernels.1 .0),
             };
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);
@@ -539,14 +576,17 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
     let src = std::fs::read_to_string(root.join("tests/kernel_emulation.rs")).unwrap();
     let body = &src[..src.find("fn the_emulation_bindings_agree").unwrap()];
     let mut checked = 0;
-    for call in body.split("launch!(").skip(2) {
+    for call in body.split("launch!(").skip(1) {
         let name_expr = call.split(',').next().unwrap().trim().trim_matches('"').to_string();
+        if name_expr.starts_with('$') {
+            continue; // the macro's own definition
+        }
         let f = call.find("fn(").unwrap();
         let close = f + call[f..].find(')').unwrap();
         let types: Vec<String> =
             call[f + 3..close].split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
         let kernels: Vec<&str> = match name_expr.as_str() {
-            "fwd_f16.0" => geometry::CONV_FWD_F16.iter().map(|k| k.0).collect(),
+            "fwd_f16.name" => geometry::CONV_FWD_F16.iter().map(|k| k.name).collect(),
             "wgrad_f16.0" => geometry::WGRAD_F16.iter().map(|k| k.0).collect(),
             n => vec![SIGNATURES.iter().find(|(k, _)| *k == n).map(|(k, _)| *k).unwrap_or_else(|| panic!("{n}"))],
         };

@@ -3,9 +3,13 @@
 # architecture (default sm_90) as the CUDA backend does, cuobjdump + nvdisasm (PyPI wheels, cached in
 # ~/.cache/asge-cuda-tools) disassemble it, and tools/sass_loop.py counts each main loop's instructions by class.
 # A proxy for the issue cost of a K step, not a speed measurement: only a GPU times kernels (tools/gpu-check.sh).
-# usage: tools/sass-stats.sh [ARCH] [OUT_DIR]
+# With --check (as tools/test.sh runs it in CI), fails when a kernel in tools/sass-baseline.txt issues more
+# instructions per MMA in its main loop than the count committed there.
+# usage: tools/sass-stats.sh [--check] [ARCH] [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CHECK=()
+if [ "${1:-}" = --check ]; then CHECK=(--check tools/sass-baseline.txt); shift; fi
 ARCH=${1:-sm_90}
 OUT=${2:-target/sass-$ARCH}
 TOOLS=${ASGE_CUDA_TOOLS:-$HOME/.cache/asge-cuda-tools}
@@ -26,4 +30,4 @@ for m in conv_goodness_fwd conv_goodness_wgrad; do
   cuobjdump -sass "$OUT/$m.cubin" > "$OUT/$m.sass"
 done
 echo "$ARCH, per warp and main-loop step (listings in $OUT):"
-python3 tools/sass_loop.py "$OUT/conv_goodness_fwd.sass" "$OUT/conv_goodness_wgrad.sass"
+python3 tools/sass_loop.py "${CHECK[@]}" "$OUT/conv_goodness_fwd.sass" "$OUT/conv_goodness_wgrad.sass"

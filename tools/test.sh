@@ -45,6 +45,9 @@ else
   ASGE_CUDA_STANDIN=1 cargo test --release --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
     tee -a "$log"
 fi
+# The fp16 GEMM kernels' instructions per MMA, from their SASS (NVRTC + the cuobjdump and nvdisasm wheels, no
+# GPU): fails when a kernel issues more than tools/sass-baseline.txt commits.
+tools/sass-stats.sh --check 2>&1 | tee -a "$log"
 grep -E '^test result:' "$log" | awk '
   { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
   END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }'

@@ -392,9 +392,17 @@ inline void check_align(const void* p, unsigned size, const char* what) { emu::c
 // The launch's dynamic shared memory (`extern __shared__` on the GPU).
 static inline unsigned char* dyn_smem() { return emu::dyn_base; }
 
+// A shared address of the dynamic shared memory as the prelude's 32-bit form: here its offset in the buffer.
+static inline unsigned smem_u32(const void* p) {
+    if (!emu::in_dyn(p)) emu::fault("cuda_emu: smem_u32 of an address outside the launch's dynamic shared memory");
+    return (unsigned)(reinterpret_cast<const unsigned char*>(p) - emu::dyn_base);
+}
+
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: src_bytes (0 or 16) copied, the rest zero-filled; the
 // copy lands at the wait_group that retires its group.
-static inline void cp_async16(void* dst, const void* src, bool full) {
+static inline void cp_async16(unsigned dst_addr, const void* src, bool full) {
+    if ((size_t)dst_addr + 16 > emu::dyn_bytes) emu::fault("cuda_emu: cp.async destination outside the launch's dynamic shared memory");
+    unsigned char* dst = emu::dyn_base + dst_addr;
     emu::Granule& g = emu::smem_write(dst, "cp.async destination");
     emu::Copy c;
     c.dst = static_cast<unsigned char*>(dst);
@@ -445,6 +453,10 @@ static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
         r[q] = (unsigned)row[2 * (lane % 4)] | ((unsigned)row[2 * (lane % 4) + 1] << 16);
     }
     emu::warp_sync();
+}
+static inline void ldsm_x4(unsigned r[4], unsigned addr) {
+    if ((size_t)addr + 16 > emu::dyn_bytes) emu::fault("cuda_emu: ldmatrix row outside the launch's dynamic shared memory");
+    ldsm_x4(r, reinterpret_cast<const f16_bits*>(emu::dyn_base + addr));
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A B + C, from the documented fragment layout. Every

@@ -10,6 +10,7 @@
 #include "../../kernels/layer_output.cu"
 #include "../../kernels/fusion_heads.cu"
 #include "../../kernels/adamw.cu"
+#include "../../kernels/layout.cu"
 #include "pipeline_probe.cuh"
 
 #include <csetjmp>
@@ -58,11 +59,17 @@ void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits*
 void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* bias, const int* taps, float* y, int B, int Cin, int Cout, int H, int W) {
     RUN(conv_goodness_fwd_f32(x, w, bias, taps, y, B, Cin, Cout, H, W));
 }
-void emu_conv_goodness_fwd_f16(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cin, int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f16(x, w, bias, taps, y, B, Cin, Cout, H, W));
+void emu_conv_fwd_nhwc_f16(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cp, int Cout, int H, int W) {
+    RUN(conv_fwd_nhwc_f16(x, w, bias, taps, y, B, Cp, Cout, H, W));
 }
-void emu_conv_goodness_fwd_f16_m128(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cin, int Cout, int H, int W) {
-    RUN(conv_goodness_fwd_f16_m128(x, w, bias, taps, y, B, Cin, Cout, H, W));
+void emu_conv_fwd_nhwc_f16_l(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cp, int Cout, int H, int W) {
+    RUN(conv_fwd_nhwc_f16_l(x, w, bias, taps, y, B, Cp, Cout, H, W));
+}
+void emu_nhwc_pad_f16(GRID, const f16_bits* x, f16_bits* xn, int B, int C, int H, int W, int Cp) {
+    RUN(nhwc_pad_f16(x, xn, B, C, H, W, Cp));
+}
+void emu_krsc_pad_f16(GRID, const f16_bits* w, f16_bits* wn, int Cout, int C, int Cp) {
+    RUN(krsc_pad_f16(w, wn, Cout, C, Cp));
 }
 void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H, int W, int P, int reduce_mean) {
     RUN(patch_goodness_f32(y, g, B, C, H, W, P, reduce_mean));

@@ -16,7 +16,7 @@ __global__ void pipeline_probe(const unsigned* __restrict__ src /*[steps*256*4]*
     u32x4* stage = reinterpret_cast<u32x4*>(dyn_smem());  // [PROBE_STAGES][256]
     const int tid = threadIdx.x;
     auto issue = [&](int s) {
-        if (s < steps) cp_async16(&stage[(s % PROBE_STAGES) * 256 + tid], src + ((long)s * 256 + tid) * 4, true);
+        if (s < steps) cp_async16(smem_u32(&stage[(s % PROBE_STAGES) * 256 + tid]), src + ((long)s * 256 + tid) * 4, true);
     };
     for (int s = 0; s < PROBE_STAGES - 1; ++s) {
         issue(s);

@@ -1292,7 +1292,6 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     if ((int)shmem > f->max_dynamic_smem)
         return fail(ERROR_INVALID_VALUE, "%s (launch #%llu): %u bytes of dynamic shared memory; the kernel may use %d (raise it with cuFuncSetAttribute up to %d with its %d static)",
                     k, (unsigned long long)n, shmem, f->max_dynamic_smem, OPTIN_SMEM - f->static_smem, f->static_smem);
-    if (shmem > 0) return fail(ERROR_NOT_SUPPORTED, "%s (launch #%llu): dynamic shared memory is not in the emulator yet", k, (unsigned long long)n);
     dim3 grid{gx, gy, gz};
     std::vector<standin::Extent> ext(std::max(f->entry->pointers, 1));
     f->entry->extents(params, grid, ext.data());
@@ -1312,10 +1311,10 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     char what[160];
     std::snprintf(what, sizeof what, "kernel %s (launch #%llu, grid %ux%ux%u, stream %d)", k, (unsigned long long)n, gx, gy, gz, s->id);
     std::string name = what;
-    s->push(Op{[bound, grid, threads, name] {
+    s->push(Op{[bound, grid, threads, shmem, name] {
                    std::lock_guard<std::mutex> g(kernel_mu);
                    double t0 = now_ms();
-                   device_work(name, [&] { emu::launch(grid, threads, [&] { bound->run(); }); }, true);
+                   device_work(name, [&] { emu::launch(grid, threads, [&] { bound->run(); }, shmem); }, true);
                    kernel_ms += now_ms() - t0;
                },
                name});

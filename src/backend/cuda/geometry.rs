@@ -12,22 +12,72 @@ pub fn grid1(n: usize) -> (u32, u32, u32) {
     ((n as u32).div_ceil(THREADS).max(1), 1, 1)
 }
 
-/// The conv forward's kernel and its block tile (channels, pixels): 64 x 64 in f32; in f16 64 x 128, or
-/// 128 x 128 (twice the MMAs for each gathered tap) where there are at least 128 output channels and the
-/// larger tile still makes 256 blocks (two waves of 2 blocks on a 132-SM H100 / H200 would be ~264: the
-/// small late layers keep the smaller tile's parallelism; a heuristic for the GPU to confirm).
-pub fn conv_fwd_kernel(s: &ConvShape, p: Precision) -> (&'static str, u32, u32) {
-    let n_tiles = (s.batch * s.h * s.w).div_ceil(128);
+/// A conv forward kernel: its name, block tile (channels x pixels) and dynamic shared memory in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdKernel {
+    pub name: &'static str,
+    pub tile_m: u32,
+    pub tile_n: u32,
+    pub smem: u32,
+}
+
+/// The fewest blocks of the large fp16 forward tile worth launching: one wave on the 132 SMs of an H100 SXM or
+/// H200 (one block a SM: 122 KB of shared memory, ~200 registers a thread) with 4 idle.
+pub const LARGE_TILE_MIN_BLOCKS: usize = 128;
+
+/// The conv forward's kernel: 64 x 64 in f32; in f16 the channels-last pipelines (kernels/conv_goodness_fwd.cu),
+/// the 128 x 256 tile where there are at least 128 output channels and it still makes a wave of blocks
+/// ([`LARGE_TILE_MIN_BLOCKS`]), the 64 x 128 tile below (the late, small layers keep its 4x more blocks). A
+/// heuristic for the first GPU run to confirm.
+pub fn conv_fwd_kernel(s: &ConvShape, p: Precision) -> FwdKernel {
+    let large = CONV_FWD_F16[1];
+    let large_blocks = (s.batch * s.h * s.w).div_ceil(large.tile_n as usize) * s.c_out.div_ceil(large.tile_m as usize);
     match p {
-        Precision::F32 => ("conv_goodness_fwd_f32", 64, 64),
-        Precision::F16 if s.c_out >= 128 && n_tiles * s.c_out.div_ceil(128) >= 256 => CONV_FWD_F16[1],
+        Precision::F32 => FwdKernel { name: "conv_goodness_fwd_f32", tile_m: 64, tile_n: 64, smem: 0 },
+        Precision::F16 if s.c_out >= 128 && large_blocks >= LARGE_TILE_MIN_BLOCKS => large,
         Precision::F16 => CONV_FWD_F16[0],
     }
 }
 
-/// The fp16 forward kernels: (name, channels, pixels) of their block tiles.
-pub const CONV_FWD_F16: [(&str, u32, u32); 2] =
-    [("conv_goodness_fwd_f16", 64, 128), ("conv_goodness_fwd_f16_m128", 128, 128)];
+/// The fp16 forward kernels: shared memory = stages x (tile_m + tile_n) rows x (K step + 8) halves.
+pub const CONV_FWD_F16: [FwdKernel; 2] = [
+    FwdKernel { name: "conv_fwd_nhwc_f16", tile_m: 64, tile_n: 128, smem: 3 * (64 + 128) * 144 },
+    FwdKernel { name: "conv_fwd_nhwc_f16_l", tile_m: 128, tile_n: 256, smem: 4 * (128 + 256) * 80 },
+];
+
+/// The channel count of the fp16 forward's channels-last operands: `c_in` rounded up to a multiple of 8 (one
+/// 16-byte chunk of K holds 8 channels of one tap).
+pub fn padded_channels(c_in: usize) -> usize {
+    c_in.next_multiple_of(8)
+}
+
+/// The length of the fp16 forward's padded weights `[C_out, 3, 3, cp]` (kernels/prelude.cuh, `NHWC_MP` and
+/// `NHWC_KP`): rows rounded up to 128, K = 9 cp up to 64.
+pub fn padded_weights_len(c_out: usize, cp: usize) -> usize {
+    c_out.next_multiple_of(128) * (9 * cp).next_multiple_of(64)
+}
+
+/// The fp16 forward's chunk table (kernels/conv_goodness_fwd.cu, `conv_fwd_nhwc`) over NHWC maps of `w` columns
+/// and `cp` (padded) channels: entry j for k = 8 j = r*cp + ci (r = kh*3 + kw) is
+/// `((kh*w + kw)*cp + ci) << 9 | 1 << r`, the chunk's offset from the pixel's window origin and its tap bit; 0
+/// (no tap) from 9 cp up to the padded K (a multiple of 64).
+pub fn nhwc_tap_table(cp: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
+    assert!(cp.is_multiple_of(8), "padded channels");
+    if (2 * w + 3) * cp >= 1 << 23 {
+        return Err(format!(
+            "a {cp}-channel (padded) layer input {w} pixels wide is too large for the fp16 CUDA forward's chunk \
+             offsets ((2W + 3) * C below 2^23); the CPU backend has no such limit (the map is {h}x{w})"
+        ));
+    }
+    let mut t: Vec<i32> = (0..9 * cp / 8)
+        .map(|j| {
+            let (r, ci) = (8 * j / cp, 8 * j % cp);
+            ((((r / 3) * w + r % 3) * cp + ci) << 9 | 1 << r) as u32 as i32
+        })
+        .collect();
+    t.resize((9 * cp).next_multiple_of(64) / 8, 0);
+    Ok(t)
+}
 
 /// The conv forward's grid for a block tile of `tile_m` channels x `tile_n` pixels.
 pub fn conv_fwd_grid(s: &ConvShape, tile_m: u32, tile_n: u32) -> (u32, u32, u32) {
@@ -37,8 +87,8 @@ pub fn conv_fwd_grid(s: &ConvShape, tile_m: u32, tile_n: u32) -> (u32, u32, u32)
 
 /// The conv forward's grid: one block per tile of [`conv_fwd_kernel`].
 pub fn conv_fwd(s: &ConvShape, p: Precision) -> (u32, u32, u32) {
-    let (_, tile_m, tile_n) = conv_fwd_kernel(s, p);
-    conv_fwd_grid(s, tile_m, tile_n)
+    let k = conv_fwd_kernel(s, p);
+    conv_fwd_grid(s, k.tile_m, k.tile_n)
 }
 
 /// The weight gradient's split: blocks of 64 channels x 64 (f32), 128 or 256 (f16) taps, and the pixels cut into

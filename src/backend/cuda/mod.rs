@@ -108,8 +108,12 @@ pub struct CudaBackend {
     /// The conv kernels' tap tables by (C_in, H, W) and cell tables by (H, W, P, mean), uploaded on first use.
     tap_tables: Tables<(usize, usize, usize), CudaSlice<i32>>,
     cell_tables: Tables<(usize, usize, usize, bool), CellTable>,
+    /// The fp16 forward's chunk tables by (padded C_in, H, W) (see `geometry::nhwc_tap_table`).
+    nhwc_tables: Tables<(usize, usize, usize), CudaSlice<i32>>,
     /// The weight gradient's per-slice partial sums, one per lane (so lanes do not serialise on it).
     wgrad_scratch: Vec<Mutex<Option<CudaSlice<f32>>>>,
+    /// The fp16 forward's channels-last input and weights, one pair per lane.
+    layout_scratch: Vec<Mutex<LayoutScratch>>,
     /// With `--trace`: every op's start and end events, and the event all times are measured from.
     timed: Mutex<timing::TimedOps>,
     /// `ASGE_CUDA_SYNC=1`: synchronise and check after every launch.
@@ -118,6 +122,13 @@ pub struct CudaBackend {
 
 /// Device tables built once per shape and shared by every call (and lane) after.
 type Tables<K, V> = Mutex<HashMap<K, Arc<V>>>;
+
+/// The fp16 forward's channels-last copies of a layer's input and weights (kernels/layout.cu).
+#[derive(Default)]
+struct LayoutScratch {
+    x: Option<CudaSlice<half::f16>>,
+    w: Option<CudaSlice<half::f16>>,
+}
 
 /// A patch grid's cell table and divisors on the device (see `geometry::cell_table`).
 type CellTable = (CudaSlice<i32>, CudaSlice<f32>);
@@ -277,12 +288,24 @@ impl CudaBackend {
                 funcs.insert(f, func);
             }
         }
+        // The kernels whose dynamic shared memory exceeds the 48 KB a launch may use without opting in.
+        for k in geometry::CONV_FWD_F16.iter().filter(|k| k.smem > 48 * 1024) {
+            let f = funcs.get(k.name).with_context(|| format!("kernel {} is not loaded", k.name))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                k.smem as i32,
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("kernel {}: cannot opt in to {} bytes of shared memory ({e:?})", k.name, k.smem)
+            })?;
+        }
         Ok(CudaBackend {
             ordinal,
             precision: Precision::F32,
             name: format!("cuda:{ordinal} ({device}, {arch}, {format:?}, {} lane(s))", streams.len()),
             device,
             wgrad_scratch: (0..streams.len()).map(|_| Mutex::new(None)).collect(),
+            layout_scratch: (0..streams.len()).map(|_| Mutex::new(LayoutScratch::default())).collect(),
             streams,
             ctx,
             copy_stream,
@@ -293,6 +316,7 @@ impl CudaBackend {
             funcs,
             head_scratch: Mutex::new(None),
             tap_tables: Mutex::new(HashMap::new()),
+            nhwc_tables: Mutex::new(HashMap::new()),
             cell_tables: Mutex::new(HashMap::new()),
             timed: Mutex::new(timing::TimedOps::default()),
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
@@ -365,14 +389,22 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A scratch buffer of at least `len` floats in `slot`, reallocated when too small.
-    fn scratch<'a>(&self, slot: &'a mut Option<CudaSlice<f32>>, len: usize) -> Result<&'a mut CudaSlice<f32>> {
+    /// A scratch buffer of at least `len` values in `slot`, reallocated when too small.
+    fn scratch<'a, T: cudarc::driver::DeviceRepr>(
+        &self,
+        slot: &'a mut Option<CudaSlice<T>>,
+        len: usize,
+    ) -> Result<&'a mut CudaSlice<T>> {
         if slot.as_ref().is_none_or(|s| s.len() < len) {
             *slot = None;
-            // SAFETY: every scratch user writes what it reads first (partials, dL/ds, the gather).
-            *slot = Some(drv(unsafe { self.stream().alloc::<f32>(len.max(1)) }, "alloc")?);
+            // SAFETY: every scratch user writes what it reads first (partials, dL/ds, the gather, the layouts).
+            *slot = Some(drv(unsafe { self.stream().alloc::<T>(len.max(1)) }, "alloc")?);
         }
         Ok(slot.as_mut().expect("just filled"))
+    }
+
+    fn layout_scratch(&self) -> MutexGuard<'_, LayoutScratch> {
+        self.layout_scratch[self.lane_index()].lock().unwrap()
     }
 
     fn wgrad_scratch(&self) -> MutexGuard<'_, Option<CudaSlice<f32>>> {
@@ -399,6 +431,19 @@ impl CudaBackend {
         }
         let host = geometry::tap_table(s.c_in, s.h, s.w).map_err(|e| anyhow::anyhow!("cuda backend: {e}"))?;
         let t = Arc::new(self.upload_table(&host, "copy tap table")?);
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// The fp16 forward's chunk table on the device (see `geometry::nhwc_tap_table`), built on first use.
+    fn nhwc_tap_table(&self, cp: usize, s: &ConvShape) -> Result<Arc<CudaSlice<i32>>> {
+        let key = (cp, s.h, s.w);
+        let mut tables = self.nhwc_tables.lock().unwrap();
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let host = geometry::nhwc_tap_table(cp, s.h, s.w).map_err(|e| anyhow::anyhow!("cuda backend: {e}"))?;
+        let t = Arc::new(self.upload_table(&host, "copy chunk table")?);
         tables.insert(key, t.clone());
         Ok(t)
     }
@@ -443,7 +488,7 @@ impl Backend for CudaBackend {
     }
 
     fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
-        Some([geometry::conv_fwd_kernel(s, self.precision).0, geometry::wgrad_kernel(s, self.precision).0])
+        Some([geometry::conv_fwd_kernel(s, self.precision).name, geometry::wgrad_kernel(s, self.precision).0])
     }
 
     fn synchronize(&self) -> Result<()> {

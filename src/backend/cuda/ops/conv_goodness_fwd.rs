@@ -1,13 +1,15 @@
 //! `conv_goodness_fwd` (kernels/conv_goodness_fwd.cu): the implicit-GEMM conv with bias and ReLU, then the
-//! deterministic patch-goodness pass over y.
+//! deterministic patch-goodness pass over y. In fp16 the conv reads channels-last copies of x and W
+//! (kernels/layout.cu), made here: the rest of the backend keeps PyTorch's layouts.
 
 use super::super::args::launch::{
-    ConvGoodnessFwdF16, ConvGoodnessFwdF16M128, ConvGoodnessFwdF32, PatchGoodnessF16, PatchGoodnessF32,
+    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvGoodnessFwdF32, KrscPadF16, NhwcPadF16, PatchGoodnessF16, PatchGoodnessF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, ConvShape, Precision};
 use crate::model::{GoodnessReduce, PatchGrid};
 use anyhow::Result;
+use cudarc::driver::LaunchConfig;
 
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -29,17 +31,17 @@ pub fn run(
     let (bb, ci, co, h, ww, p) = (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
     let mean = (reduce == GoodnessReduce::Mean) as i32;
     let (bias, gs) = (b.f32("conv bias")?, g.f32_mut("goodness")?);
-    let launch_cfg = cfg(geometry::conv_fwd(s, precision));
-    let taps = be.tap_table(s)?;
-    let (kernel, _, _) = geometry::conv_fwd_kernel(s, precision);
-    let f = be.f(kernel)?;
+    let kernel = geometry::conv_fwd_kernel(s, precision);
+    let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(geometry::conv_fwd(s, precision)) };
+    let f = be.f(kernel.name)?;
     let stream = be.stream();
     match precision {
         Precision::F32 => {
             let ys = y.f32_mut("y")?;
             let (x, w) = (x.f32("x")?, w.f32("conv weight")?);
+            let taps = be.tap_table(s)?;
             // SAFETY: check::conv_fwd bounds every extent the kernel's signature states for this shape.
-            be.launched(kernel, unsafe {
+            be.launched(kernel.name, unsafe {
                 ConvGoodnessFwdF32 { x, w, bias, taps: &*taps, y: &mut *ys, B: bb, Cin: ci, Cout: co, H: h, W: ww }
                     .launch(stream, f, launch_cfg)
             })?;
@@ -55,28 +57,74 @@ pub fn run(
         Precision::F16 => {
             let ys = y.f16_mut("y")?;
             let (x, w) = (x.f16("x")?, w.f16("conv weight")?);
-            // SAFETY: check::conv_fwd bounds every extent the kernels' signatures state for this shape.
+            let cp = geometry::padded_channels(s.c_in);
+            anyhow::ensure!(
+                s.batch * s.h * s.w * cp < 1 << 31,
+                "cuda backend: a batch of {} {}x{}x{} inputs is too large for the fp16 conv kernels once its channels \
+                 are padded to {cp} (2^31 values); use a smaller batch",
+                s.batch,
+                s.c_in,
+                s.h,
+                s.w
+            );
+            let taps = be.nhwc_tap_table(cp, s)?;
+            let mut scratch = be.layout_scratch();
+            let xn = be.scratch(&mut scratch.x, s.batch * s.h * s.w * cp)?;
+            let (xn_len, wn_len) = (s.batch * s.h * s.w * cp, geometry::padded_weights_len(s.c_out, cp));
+            // SAFETY: x holds B*C*H*W values (check::conv_fwd), xn at least B*H*W*Cp; one thread per 8 channels.
+            be.launched("nhwc_pad_f16", unsafe {
+                NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: ww, Cp: cp as i32 }.launch(
+                    stream,
+                    be.f("nhwc_pad_f16")?,
+                    grid1(xn_len / 8),
+                )
+            })?;
+            let wn = be.scratch(&mut scratch.w, wn_len)?;
+            // SAFETY: w holds C_out*C*9 values (check::conv_fwd), wn the padded length; one thread per value.
+            be.launched("krsc_pad_f16", unsafe {
+                KrscPadF16 { w, wn: &mut *wn, Cout: co, C: ci, Cp: cp as i32 }.launch(
+                    stream,
+                    be.f("krsc_pad_f16")?,
+                    grid1(wn_len),
+                )
+            })?;
+            let (xn, wn) = (scratch.x.as_ref().expect("just filled"), scratch.w.as_ref().expect("just filled"));
+            let cp = cp as i32;
+            // SAFETY: xn, wn and the table hold the padded extents of this shape, y and bias are bounded by
+            // check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where above 48 KB).
             let r = unsafe {
-                if kernel == ConvGoodnessFwdF16M128::NAME {
-                    ConvGoodnessFwdF16M128 {
-                        x,
-                        w,
+                if kernel.name == ConvFwdNhwcF16L::NAME {
+                    ConvFwdNhwcF16L {
+                        x: xn,
+                        w: wn,
                         bias,
                         taps: &*taps,
                         y: &mut *ys,
                         B: bb,
-                        Cin: ci,
+                        Cp: cp,
                         Cout: co,
                         H: h,
                         W: ww,
                     }
                     .launch(stream, f, launch_cfg)
                 } else {
-                    ConvGoodnessFwdF16 { x, w, bias, taps: &*taps, y: &mut *ys, B: bb, Cin: ci, Cout: co, H: h, W: ww }
-                        .launch(stream, f, launch_cfg)
+                    ConvFwdNhwcF16 {
+                        x: xn,
+                        w: wn,
+                        bias,
+                        taps: &*taps,
+                        y: &mut *ys,
+                        B: bb,
+                        Cp: cp,
+                        Cout: co,
+                        H: h,
+                        W: ww,
+                    }
+                    .launch(stream, f, launch_cfg)
                 }
             };
-            be.launched(kernel, r)?;
+            drop(scratch);
+            be.launched(kernel.name, r)?;
             // SAFETY: as above; one thread per goodness cell.
             be.launched("patch_goodness_f16", unsafe {
                 PatchGoodnessF16 { y: &*ys, g: gs, B: bb, C: co, H: h, W: ww, P: p, reduce_mean: mean }.launch(
