@@ -149,6 +149,7 @@ fn rust_type(c: &str, kernel: &str) -> &'static str {
     match c {
         "int" => "i32",
         "unsigned" | "unsigned int" => "u32",
+        "unsigned short" => "u16",
         "float" => "f32",
         "unsigned long long" => "u64",
         "long long" => "i64",

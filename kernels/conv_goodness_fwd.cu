@@ -88,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
 // dynamic shared memory ([S][TM][40] then [S][TN][40] halves, rows padded to 80 bytes so that ldmatrix reads
 // hit distinct banks: prelude, tc_step). Each thread copies MI / 2 chunks of A and NI / 2 of B a stage, all at
 // the same 8-wide K slice (tid % 4), so one table entry serves its B chunks; the weights' padding makes every A
-// copy a whole one, and shared addresses are computed once (prelude: smem_u32, tc_step_s). The pipeline: S - 1 stages in flight
+// copy a whole one, and shared addresses are computed once (prelude: smem_u32, tc_step). The pipeline: S - 1 stages in flight
 // ahead of the MMAs; per K step one wait_group (the oldest stage has landed), one barrier (it is visible to every
 // thread, and the stage read one step ago is free), the copies of step kt + S - 1 into that free stage, then the
 // stage's MMAs. Epilogue: bias in f32, ReLU, y stored NCHW in fp16 (what the goodness, layer-output and
@@ -151,7 +151,7 @@ __device__ __forceinline__ void conv_fwd_nhwc(
         __syncthreads();
         if (kt + S - 1 < KT) load_stage(wr_a, wr_b, kt + S - 1);
         cp_async_commit();
-        tc_step_s<MI, NI, TK>(acc, a_ld + rd_a, b_ld + rd_b);
+        tc_step<MI, NI, TK>(acc, a_ld + rd_a, b_ld + rd_b);
         rd_a = rd_a == (S - 1) * A_STAGE ? 0 : rd_a + A_STAGE;
         rd_b = rd_b == (S - 1) * B_STAGE ? 0 : rd_b + B_STAGE;
         wr_a = wr_a == (S - 1) * A_STAGE ? 0 : wr_a + A_STAGE;
@@ -178,7 +178,7 @@ __device__ __forceinline__ void conv_fwd_nhwc(
 // fixed cost per MMA.)
 extern "C" __global__ void __launch_bounds__(256) conv_fwd_nhwc_f16(
     const f16_bits* __restrict__ x /*[B*H*W*Cp]*/, const f16_bits* __restrict__ w /*[NHWC_MP(Cout)*NHWC_KP(Cp)]*/,
-    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_KP(Cp)/8]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/,
     f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cp, int Cout, int H, int W)
 {
     conv_fwd_nhwc<2, 4, 3, 64>(x, w, bias, taps, y, B, Cp, Cout, H, W);
@@ -188,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_fwd_nhwc_f16(
 // launch gets without the opt-in attribute (set at load: src/backend/cuda/mod.rs).
 extern "C" __global__ void __launch_bounds__(256, 1) conv_fwd_nhwc_f16_l(
     const f16_bits* __restrict__ x /*[B*H*W*Cp]*/, const f16_bits* __restrict__ w /*[NHWC_MP(Cout)*NHWC_KP(Cp)]*/,
-    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_KP(Cp)/8]*/,
+    const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/,
     f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cp, int Cout, int H, int W)
 {
     conv_fwd_nhwc<4, 8, 4, 32>(x, w, bias, taps, y, B, Cp, Cout, H, W);

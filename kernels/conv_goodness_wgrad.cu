@@ -1,6 +1,6 @@
 // conv_goodness_wgrad_f32: dW = dz * col^T and db = sum dz, where
 // dz[b,c,h,w] = 1[y > 0] * 2 y * sum_{cells (i,j) containing (h,w)} dg[b, c*P^2 + i*P + j] (/ |bin_ij| for mean).
-// conv_goodness_wgrad_f16 is the same product on the tensor cores (below).
+// In fp16 the same product runs as a plain GEMM over dz computed once (dz_f16, conv_wgrad_nhwc_f16, below).
 //
 // Work split: an implicit GEMM dW[M = C_out, K = C_in*9] = sum over n < B*H*W of dz[m, n] * col[k, n]. A block of
 // 256 threads owns a 64 x 64 tile of dW and a slice of the reduction (blockIdx.z: `chunk` pixels), walked in
@@ -85,157 +85,168 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f32(
     if (bias_block && tid < WG_TM && m0 + tid < Cout) part_db[(long)blockIdx.z * Cout + m0 + tid] = db_acc;
 }
 
-// conv_goodness_wgrad_f16{,_n256}: dW[M = C_out, K = C_in*9] = sum_n dz[m, n] col[k, n] with x and y in fp16, on
-// the tensor cores (tc_step: block tile TC_M = 64 channels x TN taps, pixels walked TK at a time through two
-// shared stages: TN = 128, TK = 32, or for K >= 1024 TN = 256, TK = 16 (_n256), where each dz value feeds twice
-// the MMAs; a slice of `chunk` pixels per blockIdx.z, partials reduced in order by wgrad_reduce_f32 as in the
-// f32 path).
+// The fp16 weight gradient, channels-last, in three kernels:
 //
-// Per step each thread computes dz for one channel and DZ = TK / 4 consecutive pixels (the pixels' cells from the
-// grid's cell table instead of a search with divisions, their dL/dg / |bin| from q = dg_per_cell_f32's output; y
-// and the cells in vector loads where H*W is a multiple of DZ; stored as one 16- or 8-byte row segment) and gathers
-// 16 taps of one pixel: its taps are fixed for the whole kernel (taps bk, bk + 256 / TK, ..., of the block's TN),
-// so their table entries are read once, and per step only the pixel's window origin and in-map mask change.
-// The next step's tile is built in the other stage before this step's MMAs, so a step costs one barrier.
+// dz_f16 computes dz = 1[y > 0] 2 y q once per element (q = dL/dg / |bin| of the pixel's cells, from
+// dg_per_cell_f32 and the cell table: prelude, dz_of), multiplies it by `scale` and rounds it to fp16 into
+// dz[m][n] (channel-major, pixels n = b*H*W + p contiguous, rows padded to NHWC_MP(C_out) and WG_NP(N) with
+// zeros, so that the GEMM copies whole tiles without bound checks); it also writes the bias gradient's partial
+// sums of the unscaled f32 dz, part_db[block][m] (a fixed-order block sum). One block per channel and 2048
+// pixels, 8 consecutive pixels a thread, stored as one 16-byte write.
 //
-// Scaling: dz is computed in f32 from the fp16 y and the f32 q, then multiplied by `scale` and rounded to fp16
-// for the product; the f32 partial is multiplied by `inv_scale` on the way out. dz = 2 y dg / |bin| with
-// dg = (softmax - onehot) R^T / B is ~3e-4 |softmax - onehot| for CIFAR shapes at batch 128 and ~3e-7 times it
-// at ImageNet scale: in or under fp16's subnormal range (below 6.1e-5 a value keeps few bits; below 3e-8 it is
-// zero). The host passes scale = B * max|bin| (mean; B for sum) rounded to a power of two (src/backend/mod.rs,
-// dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both scalings exact. The bias
-// gradient sums the unscaled f32 dz, per thread in pixel order and then over the 4 threads of a channel with
-// fixed shuffles: deterministic. Launch bounds (256, 2) hold the kernel to 128 registers, so two blocks share an SM.
-template <int TN, int TK>
-__device__ __forceinline__ void wgrad_f16(
-    const f16_bits* __restrict__ x, const f16_bits* __restrict__ y, const float* __restrict__ q,
-    const int* __restrict__ taps, const int* __restrict__ cells,
-    float* __restrict__ part, float* __restrict__ part_db,
-    int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
+// Scaling: dz = 2 y dg / |bin| with dg = (softmax - onehot) R^T / B is ~3e-4 |softmax - onehot| for CIFAR shapes at
+// batch 128 and ~3e-7 times it at ImageNet scale: in or under fp16's subnormal range (below 6.1e-5 a value keeps
+// few bits; below 3e-8 it is zero). The host passes scale = B * max|bin| (mean; B for sum) rounded to a power of
+// two (src/backend/mod.rs, dz_scale), which brings dz * scale to ~|y| |R| (fp16 overflows at 65504), and makes both
+// scalings exact: the GEMM's f32 partials are multiplied by inv_scale on the way out.
+//
+// Cost against what it removes: one write and one read of dz (2 bytes per element of y, 34 MB each for VGG8's
+// first layer at width 1 and batch 128, ~20 us together at an H100's 3.35 TB/s), where the fused kernel it
+// replaces recomputed dz (a cell lookup, a q load, a select, a multiply and a conversion per element) in every
+// block of a K column: 9 C_in / 128 or / 256 times over, inside the main loop (64 and 40 instructions per MMA).
+extern "C" __global__ void dz_f16(
+    const f16_bits* __restrict__ y /*[B*Cout*H*W]*/, const float* __restrict__ q /*[B*Cout*P*P]*/,
+    const int* __restrict__ cells /*[H*W]*/, f16_bits* __restrict__ dz /*[NHWC_MP(Cout)*WG_NP(B*H*W)]*/,
+    float* __restrict__ part_db /*[gridDim.x*Cout]*/, int B, int Cout, int H, int W, int P, float scale)
 {
-    constexpr int NI = TN / 32, DZ = TK / 4, TS = 256 / TK, NT = TN / TS;
-    __shared__ __align__(16) f16_bits As[2][TC_M][TK + 8];  // scaled dz, [channel][pixel]
-    __shared__ __align__(16) f16_bits Bs[2][TN][TK + 8];    // col, [tap][pixel]
-    const int K = Cin * 9, HW = H * W, N = B * HW, PP = P * P;
-    const int m0 = blockIdx.y * TC_M, k0 = blockIdx.x * TN;
-    const int nbeg = blockIdx.z * chunk, nend = min(N, nbeg + chunk);
-    const int tid = threadIdx.x;
-    const int am = tid >> 2, an = (tid & 3) * DZ;  // dz tile: channel am, pixels an..an+DZ-1
-    const int bn = tid % TK, bk = tid / TK;        // col tile: pixel bn, taps bk, bk+TS, ..., bk+(NT-1)*TS
-    const bool bias_block = blockIdx.x == 0;
-    const int m = m0 + am;
-    const bool m_ok = m < Cout, vec = HW % DZ == 0;
-    // The table holds K rounded up to 128 entries (256 for this tile: the host sizes it), so every tap of the
-    // block's tile is inside it.
-    unsigned tk[NT];
+    __shared__ float scratch[32];
+    const int HW = H * W, N = B * HW, Np = WG_NP(N), m = blockIdx.y;
+    const int n0 = blockIdx.x * 2048 + threadIdx.x * 8;
+    float sum = 0.0f;
+    if (n0 < Np) {
+        f16_bits h[8];
+        int b = n0 / HW, p = n0 % HW;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) tk[j] = (unsigned)taps[k0 + bk + TS * j];
-    float acc[2][NI][4];
-    tc_zero<2, NI>(acc);
-    float db_acc = 0.0f;
-
-    // Where the next fill starts: the dz pixels' (sample, pixel) and the tap pixel's (sample, row, column),
-    // located by division once and then advanced by TK pixels a step (no division in the loop).
-    int db_ = (nbeg + an) / HW, dp = (nbeg + an) % HW;
-    int tb = (nbeg + bn) / HW, th = (nbeg + bn) % HW / W, tw = (nbeg + bn) % W;
-    auto fill = [&](int n0, int st) {
-        // dz for channel m at pixels n0 + an .. + DZ-1: pixel p of sample db_, at yo in y and go in q (32-bit
-        // indices: the host keeps y under 2^31 values), advanced together.
-        int n = n0 + an, p = dp, map = db_ * Cout + m, yo = map * HW + p, go = map * PP;
-        f16_bits h[DZ];
-        if (vec && n + DZ - 1 < nend) {
-            // HW % DZ == 0 and p % DZ == 0: the pixels are in one map, and y[yo..] and cells[p..] are aligned to
-            // their size: vector loads instead of 2 DZ scalar ones.
-            if (m_ok) {
-                unsigned yw[DZ / 2];
-                int cw[DZ];
-                if constexpr (DZ == 8) {
-                    const u32x4 v = ld16(y + yo), c0 = ld16(cells + p), c1 = ld16(cells + p + 4);
-                    yw[0] = v.x; yw[1] = v.y; yw[2] = v.z; yw[3] = v.w;
-                    cw[0] = (int)c0.x; cw[1] = (int)c0.y; cw[2] = (int)c0.z; cw[3] = (int)c0.w;
-                    cw[4] = (int)c1.x; cw[5] = (int)c1.y; cw[6] = (int)c1.z; cw[7] = (int)c1.w;
-                } else {
-                    const u32x2 v = ld8(y + yo);
-                    const u32x4 c0 = ld16(cells + p);
-                    yw[0] = v.x; yw[1] = v.y;
-                    cw[0] = (int)c0.x; cw[1] = (int)c0.y; cw[2] = (int)c0.z; cw[3] = (int)c0.w;
-                }
-#pragma unroll
-                for (int j = 0; j < DZ; ++j) {
-                    const float yv = h2f((f16_bits)(yw[j / 2] >> (16 * (j % 2))));
-                    const float dz = dz_of(yv, q + go, cw[j], P);
-                    db_acc += dz;
-                    h[j] = f2h(dz * scale);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < DZ; ++j) h[j] = f2h(0.0f);
+        for (int j = 0; j < 8; ++j) {
+            float v = 0.0f;
+            if (m < Cout && n0 + j < N) {
+                const long map = (long)b * Cout + m;
+                v = dz_of(h2f(y[map * HW + p]), q + map * P * P, cells[p], P);
             }
-        } else {
-#pragma unroll
-            for (int j = 0; j < DZ; ++j, ++n) {
-                const float dz = (n < nend && m_ok) ? dz_of(h2f(y[yo]), q + go, cells[p], P) : 0.0f;
-                db_acc += dz;
-                h[j] = f2h(dz * scale);
-                ++yo;
-                if (++p == HW) { p = 0; yo += (Cout - 1) * HW; go += Cout * PP; }
-            }
+            sum += v;
+            h[j] = f2h(v * scale);
+            if (++p == HW) { p = 0; ++b; }
         }
-        if constexpr (DZ == 8)
-            st16(&As[st][am][an], u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
-        else
-            st8(&As[st][am][an], u32x2{pack2(h[0], h[1]), pack2(h[2], h[3])});
-        // Taps of the thread's pixel n0 + bn.
-        const bool n_ok = n0 + bn < nend;
-        const int mask = n_ok ? tap_mask(th, tw, H, W) : 0, xo = tb * Cin * HW + (th - 1) * W + (tw - 1);
+        st16(dz + (long)m * Np + n0, u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
+    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0 && m < Cout) part_db[(long)blockIdx.x * Cout + m] = sum;
+}
+
+// conv_wgrad_nhwc_f16{,_l}: dW[m][k] = sum_n dz[m][n] col[n][k], k = (kh*3 + kw)*Cp + ci over the channels-last
+// input (kernels/layout.cu), on the tensor cores: a plain implicit GEMM with the forward's cp.async pipeline.
+// Block tile TM = 32 MI channels x TN = 32 NI columns of K, the pixels walked TK (32 or 64) at a time through S stages of
+// dynamic shared memory: A = dz [m][pixel] (pixels contiguous, as the MMA's reduction index: ldmatrix), B = the
+// im2col tile stored pixel-major, [pixel][k] (8 channels of one tap contiguous, so one cp.async moves them, the
+// halo and the pixels past N zero-filled), read by ldmatrix.trans. A thread's B chunks are one fixed column chunk
+// of the block (its table entry read once) at PASS-apart pixel rows; per step only the pixels change: their
+// window origin is (n - W - 1) Cp and their in-map mask comes from the pixel table (geometry::pixel_masks).
+// A slice of `chunk` pixels per blockIdx.z (split over pixels, so every shape fills the GPU); the f32 partials
+// go to part[z][m][k] (k < 9 Cp) and wgrad_reduce_nhwc_f32 sums them in order into PyTorch's layout: the result is
+// deterministic.
+template <int MI, int NI, int S, int TK>
+__device__ __forceinline__ void wgrad_nhwc(
+    const f16_bits* __restrict__ dz, const f16_bits* __restrict__ x, const int* __restrict__ taps,
+    const unsigned short* __restrict__ pmask, float* __restrict__ part, int B, int Cp, int Cout, int H, int W,
+    int chunk, float inv_scale)
+{
+    constexpr int TM = 32 * MI, TN = 32 * NI, LDA = TK + 8, LDB = TN + 8;
+    constexpr int A_PASS = 256 / (TK / 8), CA = TM / A_PASS;      // A: TK / 8 chunks a row
+    constexpr int B_CPR = TN / 8, B_PASS = 256 / B_CPR, CB = TK / B_PASS;
+    constexpr unsigned A_STAGE = TM * LDA * 2, B_STAGE = TK * LDB * 2;
+    const int K9 = 9 * Cp, W1 = W + 1, N = B * H * W, Np = WG_NP(N);
+    const int m0 = blockIdx.y * TM, k0 = blockIdx.x * TN;
+    const int nbeg = blockIdx.z * chunk, nend = min(Np, nbeg + chunk), steps = (nend - nbeg) / TK;
+    const int tid = threadIdx.x;
+    const int a_row = tid / (TK / 8), a_kc = (tid % (TK / 8)) * 8;
+    const int b_row = tid / B_CPR, b_c = tid % B_CPR;
+    const unsigned sA = smem_u32(dyn_smem()), sB = sA + S * A_STAGE;
+    const unsigned a_dst = sA + (a_row * LDA + a_kc) * 2, b_dst = sB + (b_row * LDB + b_c * 8) * 2;
+    int la, lb_unused;
+    tc_lane_rows<MI, NI, TK>(la, lb_unused);
+    const unsigned a_ld = sA + la * 2, b_ld = sB + tc_lane_rows_t<NI>() * 2;
+    const f16_bits* a_src = dz + (long)(m0 + a_row) * Np + nbeg + a_kc;
+    const long a_pass = (long)A_PASS * Np;
+    // The thread's column chunk: its offset from a pixel's window origin and its tap bit, for the whole kernel.
+    const unsigned t = (unsigned)taps[k0 / 8 + b_c];
+    const int t_off = (int)(t >> 9) - W1 * Cp;
+    auto load_stage = [&](unsigned a_off, unsigned b_off, int s) {
+        const int n0 = nbeg + s * TK;
 #pragma unroll
-        for (int j = 0; j < NT; ++j) Bs[st][bk + TS * j][bn] = tap_fetch(x, xo, mask, tk[j]);
-        // On to the next step's pixels (TK further; a map smaller than TK pixels wraps several times).
-        for (dp += TK; dp >= HW; dp -= HW) ++db_;
-        for (tw += TK; tw >= W; tw -= W) ++th;
-        for (; th >= H; th -= H) ++tb;
+        for (int i = 0; i < CA; ++i) cp_async16(a_dst + a_off + i * A_PASS * LDA * 2, a_src + i * a_pass + s * TK, true);
+#pragma unroll
+        for (int i = 0; i < CB; ++i) {
+            const int n = n0 + b_row + B_PASS * i;
+            const bool in = (pmask[n] & t) != 0;
+            cp_async16(b_dst + b_off + i * B_PASS * LDB * 2, x + (in ? n * Cp + t_off : 0), in);
+        }
     };
-
-    fill(nbeg, 0);
-    __syncthreads();
-    int st = 0;
-    for (int n0 = nbeg; n0 < nend; n0 += TK, st ^= 1) {
-        // The other stage was last read by the previous step's MMAs, which every thread finished before the last
-        // barrier.
-        if (n0 + TK < nend) fill(n0 + TK, st ^ 1);
-        tc_step<2, NI, TK>(acc, As[st], Bs[st]);
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < steps) load_stage(s * A_STAGE, s * B_STAGE, s);
+        cp_async_commit();
+    }
+    float acc[MI][NI][4];
+    tc_zero<MI, NI>(acc);
+    unsigned rd_a = 0, rd_b = 0, wr_a = (S - 1) * A_STAGE, wr_b = (S - 1) * B_STAGE;
+    for (int s = 0; s < steps; ++s) {
+        cp_async_wait<S - 2>();
         __syncthreads();
+        if (s + S - 1 < steps) load_stage(wr_a, wr_b, s + S - 1);
+        cp_async_commit();
+        tc_step<MI, NI, TK, true>(acc, a_ld + rd_a, b_ld + rd_b);
+        rd_a = rd_a == (S - 1) * A_STAGE ? 0 : rd_a + A_STAGE;
+        rd_b = rd_b == (S - 1) * B_STAGE ? 0 : rd_b + B_STAGE;
+        wr_a = wr_a == (S - 1) * A_STAGE ? 0 : wr_a + A_STAGE;
+        wr_b = wr_b == (S - 1) * B_STAGE ? 0 : wr_b + B_STAGE;
     }
-
-    tc_for_each<2, NI>(acc, [&](int row, int col, int, float v) {
-        const int mm = m0 + row, k = k0 + col;
-        if (mm < Cout && k < K) part[((long)blockIdx.z * Cout + mm) * K + k] = v * inv_scale;
+    cp_async_wait<0>();
+    tc_for_each<MI, NI>(acc, [&](int row, int col, int, float v) {
+        const int m = m0 + row, k = k0 + col;
+        if (m < Cout && k < K9) part[((long)blockIdx.z * Cout + m) * K9 + k] = v * inv_scale;
     });
-    if (bias_block) {
-        db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 1);
-        db_acc += __shfl_xor_sync(0xffffffffu, db_acc, 2);
-        if ((tid & 3) == 0 && m_ok) part_db[(long)blockIdx.z * Cout + m] = db_acc;
+}
+
+// 64 channels x 128 columns, pixel steps of 64, 3 stages (79,872 bytes: opted in at load). (Its 32 x 32 warp
+// tiles do 16 MMAs per 16 pixels: the deeper step halves the loop's fixed cost per MMA.)
+extern "C" __global__ void __launch_bounds__(256) conv_wgrad_nhwc_f16(
+    const f16_bits* __restrict__ dz /*[NHWC_MP(Cout)*WG_NP(B*H*W)]*/, const f16_bits* __restrict__ x /*[B*H*W*Cp]*/,
+    const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/, const unsigned short* __restrict__ pmask /*[WG_NP(B*H*W)]*/,
+    float* __restrict__ part /*[gridDim.z*Cout*9*Cp]*/, int B, int Cp, int Cout, int H, int W, int chunk,
+    float inv_scale)
+{
+    wgrad_nhwc<2, 4, 3, 64>(dz, x, taps, pmask, part, B, Cp, Cout, H, W, chunk, inv_scale);
+}
+
+// 128 channels x 256 columns (64 x 64 per warp), pixel steps of 32, 4 stages (108,544 bytes: opted in at load).
+extern "C" __global__ void __launch_bounds__(256, 1) conv_wgrad_nhwc_f16_l(
+    const f16_bits* __restrict__ dz /*[NHWC_MP(Cout)*WG_NP(B*H*W)]*/, const f16_bits* __restrict__ x /*[B*H*W*Cp]*/,
+    const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/, const unsigned short* __restrict__ pmask /*[WG_NP(B*H*W)]*/,
+    float* __restrict__ part /*[gridDim.z*Cout*9*Cp]*/, int B, int Cp, int Cout, int H, int W, int chunk,
+    float inv_scale)
+{
+    wgrad_nhwc<4, 8, 4, 32>(dz, x, taps, pmask, part, B, Cp, Cout, H, W, chunk, inv_scale);
+}
+
+// dw[m][ci][r] = sum_z part[z][m][r*Cp + ci] (PyTorch's [C_out, C_in, 3, 3] from the channels-last partials) and
+// db[m] = sum_z part_db[z][m] over the Zd partials of dz_f16: one thread per weight, z in order.
+extern "C" __global__ void wgrad_reduce_nhwc_f32(
+    const float* __restrict__ part /*[Z*M*9*Cp]*/, const float* __restrict__ part_db /*[Zd*M]*/,
+    float* __restrict__ dw /*[M*C*9]*/, float* __restrict__ db /*[M]*/, int M, int C, int Cp, int Z, int Zd)
+{
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < M * C * 9) {
+        const int m = t / (C * 9), ci = t % (C * 9) / 9, r = t % 9;
+        const long MK = (long)M * 9 * Cp, at = (long)m * 9 * Cp + r * Cp + ci;
+        float s = 0.0f;
+        for (int z = 0; z < Z; ++z) s += part[z * MK + at];
+        dw[t] = s;
     }
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16(
-    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ y /*[B*Cout*H*W]*/,
-    const float* __restrict__ q /*[B*Cout*P*P]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
-    const int* __restrict__ cells /*[H*W]*/, float* __restrict__ part /*[gridDim.z*Cout*Cin*9]*/,
-    float* __restrict__ part_db /*[gridDim.z*Cout]*/,
-    int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
-{
-    wgrad_f16<128, 32>(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2) conv_goodness_wgrad_f16_n256(
-    const f16_bits* __restrict__ x /*[B*Cin*H*W]*/, const f16_bits* __restrict__ y /*[B*Cout*H*W]*/,
-    const float* __restrict__ q /*[B*Cout*P*P]*/, const int* __restrict__ taps /*[TAPS(Cin)]*/,
-    const int* __restrict__ cells /*[H*W]*/, float* __restrict__ part /*[gridDim.z*Cout*Cin*9]*/,
-    float* __restrict__ part_db /*[gridDim.z*Cout]*/,
-    int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale)
-{
-    wgrad_f16<256, 16>(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale);
+    if (t < M) {
+        float s = 0.0f;
+        for (int z = 0; z < Zd; ++z) s += part_db[(long)z * M + t];
+        db[t] = s;
+    }
 }
 
 // q[i] = dg[i] / div[i % P^2]: the fp16 weight gradient's per-cell dL/dg, divided by the cell's divisor once per

@@ -81,18 +81,15 @@ __device__ __forceinline__ T tap_fetch(const T* __restrict__ x, int xo, int mask
     return (t & (unsigned)mask) ? x[xo + (int)(t >> 9)] : (T)0;
 }
 
-// 16- and 8-byte vectors of fp16 pairs (lower index in the low half), for 128- and 64-bit global and shared
-// accesses. The address must be aligned to the size (the host emulation checks).
+// 16-byte vectors of fp16 pairs (lower index in the low half), for 128-bit global and shared accesses. The
+// address must be aligned to 16 bytes (the host emulation checks).
 struct __align__(16) u32x4 { unsigned x, y, z, w; };
-struct __align__(8) u32x2 { unsigned x, y; };
 
 __device__ __forceinline__ unsigned pack2(f16_bits lo, f16_bits hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
 #ifndef ASGE_HOST_EMU
 __device__ __forceinline__ u32x4 ld16(const void* p) { return *(const u32x4*)p; }
 __device__ __forceinline__ void st16(void* p, u32x4 v) { *(u32x4*)p = v; }
-__device__ __forceinline__ u32x2 ld8(const void* p) { return *(const u32x2*)p; }
-__device__ __forceinline__ void st8(void* p, u32x2 v) { *(u32x2*)p = v; }
 #else
 __device__ __forceinline__ u32x4 ld16(const void* p) {
     check_align(p, 16, "16-byte load");
@@ -109,8 +106,6 @@ __device__ __forceinline__ void st16(void* p, u32x4 v) {
     }
     *(u32x4*)p = v;
 }
-__device__ __forceinline__ u32x2 ld8(const void* p) { check_align(p, 8, "8-byte load"); return *(const u32x2*)p; }
-__device__ __forceinline__ void st8(void* p, u32x2 v) { check_align(p, 8, "8-byte store"); *(u32x2*)p = v; }
 #endif
 
 #ifndef ASGE_HOST_EMU
@@ -145,7 +140,14 @@ __device__ __forceinline__ void ldsm_x4(unsigned r[4], unsigned a) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
-__device__ __forceinline__ void ldsm_x4(unsigned r[4], const f16_bits* p) { ldsm_x4(r, smem_u32(p)); }
+
+// ldmatrix.x4.trans: as ldmatrix.x4, each matrix transposed: r[q] is the pair (rows 2 (lane % 4), +1; column
+// lane / 4) of matrix q, the fragment of an operand stored with its reduction index across the rows.
+__device__ __forceinline__ void ldsm_x4_t(unsigned r[4], unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
 #endif
 
 // The weight gradients' goodness term through a cell table (host-built: geometry::cell_table): cells[p]
@@ -228,26 +230,24 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 
 // The fp16 forward's padded weights (kernels/layout.cu): [NHWC_MP(C_out)][NHWC_KP(Cp)], rows and K rounded up
 // to the largest block tile (128 channels) and K step (64), zero-filled, so that the pipelined kernels load
-// whole tiles without bound checks; its chunk table has NHWC_KP(Cp) / 8 entries (0 past 9 Cp: no tap).
+// whole tiles without bound checks; its chunk table has NHWC_TAPS(Cp) entries (0 past 9 Cp: no tap).
 #define NHWC_MP(Cout) (((Cout) + 127) / 128 * 128)
 #define NHWC_KP(Cp) ((9 * (Cp) + 63) / 64 * 64)
+// The chunk table's length: K rounded up to 256 (the weight gradient's widest column tile), in 8-wide chunks.
+#define NHWC_TAPS(Cp) ((9 * (Cp) + 255) / 256 * 32)
+// The weight gradient's dz rows, [NHWC_MP(C_out)][WG_NP(N)]: N pixels rounded up to the largest pixel step (64).
+#define WG_NP(N) (((N) + 63) / 64 * 64)
 
-// The block tile of the fp16 GEMM kernels: OUT[TM x TN] += A[TM x TK] * B[TK x TN] per step, with TM = 32 MI
-// (64 or 128) rows, TN = 32 NI (128 or 256) columns and TK = 32 or 16, both operands in shared memory with the
-// reduction index contiguous: As[m][k] and Bs[n][k] (B stored transposed), rows padded to LD = TK + 8 halves (80
-// or 48 bytes) so that the eight 16-byte rows each ldmatrix phase reads hit 32 distinct banks (as do the 16-byte
-// stores of one column in eight consecutive rows). Fragments come in by ldmatrix.x4: MI for A and NI / 2 for B
-// per 16-deep slice, for MI NI MMAs a warp.
+// The block tile of the fp16 GEMM kernels: OUT[TM x TN] += A[TM x TK] * B[TK x TN] per K step, with TM = 32 MI
+// rows and TN = 32 NI columns, both operands in a stage of dynamic shared memory. A is stored [m][k] and, in the
+// forward, B [n][k] (the reduction index contiguous), rows padded to TK + 8 halves so that the eight 16-byte rows
+// each ldmatrix phase reads hit 32 distinct banks; the weight gradient stores B [k][n] (rows of TN + 8 halves) and
+// reads it by ldmatrix.trans. Fragments come in by ldmatrix.x4: MI for A and NI / 2 for B per 16-deep slice, for
+// MI NI MMAs a warp.
 // 256 threads = 8 warps as 2 (rows) x 4 (columns); each warp owns 16 MI x 8 NI of the tile: MI x NI mma tiles,
 // acc[mi][ni][r] holding row warp_m*16 MI + mi*16 + g + 8*(r/2), column warp_n*8 NI + ni*8 + 2t + (r%2)
-// (tc_for_each). Larger warp tiles share each fragment among more MMAs: fewer shared loads and, per MMA, less
-// of the gather (forward) or of the dz computation (weight gradient) that feeds them.
-#define TC_M 64
-#define TC_N 128
-#define TC_K 32
-#define TC_LD (TC_K + 8)
-
-template <int MI, int NI = 4>
+// (tc_for_each). Larger warp tiles share each fragment among more MMAs: fewer shared loads per MMA.
+template <int MI, int NI>
 __device__ __forceinline__ void tc_zero(float acc[MI][NI][4]) {
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
@@ -257,41 +257,15 @@ __device__ __forceinline__ void tc_zero(float acc[MI][NI][4]) {
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
 }
 
-template <int MI, int NI = 4, int TK = TC_K>
-__device__ __forceinline__ void tc_step(float acc[MI][NI][4], const f16_bits (*As)[TK + 8], const f16_bits (*Bs)[TK + 8]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wm = warp >> 2, wn = warp & 3;
-#pragma unroll
-    for (int kk = 0; kk < TK; kk += 16) {
-        unsigned a[MI][4], b[NI][2];
-        // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-            ldsm_x4(a[mi], &As[wm * 16 * MI + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
-        // B (stored [n][k]): matrices (n tile ni, k 0-7), (ni, k 8-15), (ni + 1, k 0-7), (ni + 1, k 8-15).
-#pragma unroll
-        for (int ni = 0; ni < NI; ni += 2) {
-            unsigned r[4];
-            ldsm_x4(r, &Bs[wn * 8 * NI + (ni + (lane >> 4)) * 8 + (lane & 7)][kk + ((lane >> 3) & 1) * 8]);
-            b[ni][0] = r[0];
-            b[ni][1] = r[1];
-            b[ni + 1][0] = r[2];
-            b[ni + 1][1] = r[3];
-        }
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) mma_16816(acc[mi][ni], a[mi], b[ni]);
-    }
-}
-
-// tc_step over a stage of dynamic shared memory by address: `a` and `b` are the calling lane's ldmatrix row
-// addresses of the stage's A and B tiles for mi = ni = 0 and kk = 0 (tc_lane_rows); every other fragment is a
-// constant offset from them, so the loop issues the ldmatrix instructions with immediate offsets and no address
-// arithmetic. Rows are TK + 8 halves apart, as in tc_step.
-template <int MI, int NI, int TK = TC_K>
-__device__ __forceinline__ void tc_step_s(float acc[MI][NI][4], unsigned a, unsigned b) {
-    constexpr unsigned ROW = (TK + 8) * 2;
+// One K step over a stage by address: `a` and `b` are the calling lane's ldmatrix row addresses of the stage's A
+// and B tiles for mi = ni = 0 and kk = 0 (tc_lane_rows, tc_lane_rows_t); every other fragment is a constant offset
+// from them, so the loop issues the ldmatrix instructions with immediate offsets and no address arithmetic.
+// A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3]; B stored
+// [n][k]: (n tile ni, k 0-7), (ni, k 8-15), (ni + 1, k 0-7), (ni + 1, k 8-15); with B_T, B stored [k][n], the same
+// four matrices transposed.
+template <int MI, int NI, int TK, bool B_T = false>
+__device__ __forceinline__ void tc_step(float acc[MI][NI][4], unsigned a, unsigned b) {
+    constexpr unsigned ROW = (TK + 8) * 2, ROW_T = (32 * NI + 8) * 2;
 #pragma unroll
     for (int kk = 0; kk < TK; kk += 16) {
         unsigned af[MI][4], bf[NI][2];
@@ -300,7 +274,8 @@ __device__ __forceinline__ void tc_step_s(float acc[MI][NI][4], unsigned a, unsi
 #pragma unroll
         for (int ni = 0; ni < NI; ni += 2) {
             unsigned r[4];
-            ldsm_x4(r, b + ni * 8 * ROW + kk * 2);
+            if constexpr (B_T) ldsm_x4_t(r, b + kk * ROW_T + ni * 16);
+            else ldsm_x4(r, b + ni * 8 * ROW + kk * 2);
             bf[ni][0] = r[0];
             bf[ni][1] = r[1];
             bf[ni + 1][0] = r[2];
@@ -313,17 +288,25 @@ __device__ __forceinline__ void tc_step_s(float acc[MI][NI][4], unsigned a, unsi
     }
 }
 
-// The calling lane's ldmatrix row offsets (in halves) within a stage's A and B tiles, as tc_step addresses them.
-template <int MI, int NI, int TK = TC_K>
+// The calling lane's ldmatrix row offsets (in halves) within a stage's A tile and [n][k] B tile.
+template <int MI, int NI, int TK>
 __device__ __forceinline__ void tc_lane_rows(int& a, int& b) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     a = ((warp >> 2) * 16 * MI + (lane & 15)) * (TK + 8) + (lane >> 4) * 8;
     b = ((warp & 3) * 8 * NI + (lane >> 4) * 8 + (lane & 7)) * (TK + 8) + ((lane >> 3) & 1) * 8;
 }
 
+// The calling lane's ldmatrix.trans row offset (in halves) within a stage's [k][n] B tile (rows of 32 NI + 8):
+// lanes 0-15 address rows k 0-15 of column tile ni, lanes 16-31 those of ni + 1.
+template <int NI>
+__device__ __forceinline__ int tc_lane_rows_t() {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    return (lane & 15) * (32 * NI + 8) + (warp & 3) * 8 * NI + (lane >> 4) * 8;
+}
+
 // The block-tile column of the calling thread's column slot j (0 <= j < 2 NI): its accumulators cover 2 NI
 // columns, each in MI x 2 rows.
-template <int NI = 4>
+template <int NI>
 __device__ __forceinline__ int tc_col(int j) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     return (warp & 3) * 8 * NI + 2 * (lane & 3) + (j >> 1) * 8 + (j & 1);
@@ -332,7 +315,7 @@ __device__ __forceinline__ int tc_col(int j) {
 // Calls f(row, col, j, value) for each of the calling thread's 4 MI NI accumulators, with the row and column in
 // the block tile and the column's slot j (tc_col), so that an epilogue can locate its 2 NI columns once (the
 // epilogue of the tensor-core kernels).
-template <int MI, int NI = 4, typename F>
+template <int MI, int NI, typename F>
 __device__ __forceinline__ void tc_for_each(const float acc[MI][NI][4], F f) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (warp >> 2) * 16 * MI + (lane >> 2);

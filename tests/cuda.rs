@@ -51,8 +51,11 @@ fn every_kernel_compiles_with_nvrtc() {
         "patch_goodness_f32",
         "patch_goodness_f16",
         "conv_goodness_wgrad_f32",
-        "conv_goodness_wgrad_f16",
+        "dz_f16",
+        "conv_wgrad_nhwc_f16",
+        "conv_wgrad_nhwc_f16_l",
         "wgrad_reduce_f32",
+        "wgrad_reduce_nhwc_f32",
         "goodness_loss_f32",
         "layer_output_f32",
         "layer_output_f16",
@@ -100,7 +103,7 @@ fn no_kernel_spills_registers() {
     for arch in ["sm_80", "sm_90"] {
         let r = nvrtc::resources(arch).unwrap_or_else(|e| panic!("{e:#}"));
         let names: Vec<&str> = r.iter().map(|k| k.kernel.as_str()).collect();
-        assert!(names.contains(&"conv_goodness_wgrad_f16"), "{arch}: ptxas report lists {names:?}");
+        assert!(names.contains(&"conv_wgrad_nhwc_f16_l"), "{arch}: ptxas report lists {names:?}");
         for k in &r {
             assert!(k.registers > 0, "{arch} {}: no register count parsed", k.kernel);
             assert_eq!(
@@ -171,14 +174,18 @@ fn the_fp16_forward_tile_follows_the_shape() {
 fn the_fp16_weight_gradient_tile_follows_the_shape() {
     use cuda::geometry::{wgrad, wgrad_kernel, WGRAD_F16};
     let s = |c_in| asge::backend::ConvShape { batch: 128, c_in, c_out: 256, h: 16, w: 16 };
-    // K = 9 C_in: the 256-tap tile from K = 1024 on (the parity tests' K = 1080 case), 128 taps below.
+    // K = 9 Cp (C_in padded to a multiple of 8): the 128 x 256 tile from K = 1024 on (113 channels pad to 120:
+    // K = 1080, the parity tests' case), the 64 x 128 tile below.
     assert_eq!(wgrad_kernel(&s(120), Precision::F16), WGRAD_F16[1]);
-    assert_eq!(wgrad_kernel(&s(113), Precision::F16), WGRAD_F16[0]);
+    assert_eq!(wgrad_kernel(&s(113), Precision::F16), WGRAD_F16[1]);
+    assert_eq!(wgrad_kernel(&s(112), Precision::F16), WGRAD_F16[0]);
     assert_eq!(wgrad_kernel(&s(3), Precision::F16), WGRAD_F16[0]);
     let split = wgrad(&s(256), Precision::F16);
-    assert_eq!((split.grid.0, split.grid.1), (9, 4), "K = 2304 in 256-tap tiles, 256 channels in 64s");
-    assert_eq!(split.chunk % 16, 0, "slices hold whole 16-pixel steps");
-    assert_eq!(wgrad_kernel(&s(256), Precision::F32).0, "conv_goodness_wgrad_f32");
+    assert_eq!((split.grid.0, split.grid.1), (9, 2), "K = 2304 in 256-column tiles, 256 channels in 128s");
+    assert_eq!(split.chunk % 32, 0, "slices hold whole 32-pixel steps");
+    let small = wgrad(&s(3), Precision::F16);
+    assert_eq!(small.chunk % 64, 0, "slices hold whole 64-pixel steps");
+    assert_eq!(wgrad_kernel(&s(256), Precision::F32).name, "conv_goodness_wgrad_f32");
 }
 
 #[test]

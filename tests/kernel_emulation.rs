@@ -88,7 +88,7 @@ const NAN16: u16 = 0x7e00;
 #[allow(clippy::too_many_arguments)]
 fn gpu_conv(
     p: Precision,
-    (fwd_f16, wgrad_f16): (geometry::FwdKernel, (&str, usize, usize)),
+    (fwd_f16, wgrad_f16): (geometry::FwdKernel, geometry::WgradKernel),
     s: &ConvShape,
     grid: &PatchGrid,
     reduce: GoodnessReduce,
@@ -104,11 +104,14 @@ fn gpu_conv(
     let mut g = vec![f32::NAN; g_len];
     let split = match p {
         Precision::F32 => geometry::wgrad(s, p),
-        Precision::F16 => geometry::wgrad_split(s, wgrad_f16.1, wgrad_f16.2),
+        Precision::F16 => geometry::wgrad_split(s, &wgrad_f16),
     };
     let mk = s.w_len();
-    let mut part = vec![f32::NAN; split.slices * mk];
-    let mut part_db = vec![f32::NAN; split.slices * s.c_out];
+    let cp = geometry::padded_channels(s.c_in);
+    let k_part = if p == Precision::F16 { 9 * cp } else { 9 * s.c_in };
+    let db_slices = if p == Precision::F16 { geometry::dz_grid(s).0 as usize } else { split.slices };
+    let mut part = vec![f32::NAN; split.slices * s.c_out * k_part];
+    let mut part_db = vec![f32::NAN; db_slices * s.c_out];
     let (mut dw, mut db) = (vec![f32::NAN; mk], vec![f32::NAN; s.c_out]);
     let chunk = split.chunk as i32;
     // The backend's tables and its per-cell dL/dg / |bin| (dg_per_cell_f32), as both precisions use them.
@@ -190,6 +193,19 @@ fn gpu_conv(
                 pp,
                 chunk
             );
+            // Only the first K-tile's blocks write the bias partials; the reduce reads all of them.
+            launch!(
+                "wgrad_reduce_f32",
+                geometry::grid1(mk),
+                fn(*const f32, *const f32, *mut f32, *mut f32, i32, i32, i32),
+                part.as_ptr(),
+                part_db.as_ptr(),
+                dw.as_mut_ptr(),
+                db.as_mut_ptr(),
+                mk as i32,
+                co,
+                split.slices as i32
+            );
             y
         }
         Precision::F16 => {
@@ -197,7 +213,6 @@ fn gpu_conv(
             let mut y16 = vec![NAN16; s.y_len()];
             // The channels-last copies the backend makes, then either fp16 forward kernel (the backend picks one
             // by shape) over its own grid with its dynamic shared memory.
-            let cp = geometry::padded_channels(s.c_in);
             let (mut xn, mut wn) =
                 (vec![NAN16; s.batch * s.h * s.w * cp], vec![NAN16; geometry::padded_weights_len(s.c_out, cp)]);
             launch!(
@@ -252,68 +267,69 @@ fn gpu_conv(
                 pp,
                 mean
             );
+            // dz once, the input channels-last again (as the backend's weight gradient makes it), the GEMM of
+            // either fp16 tile, and the reduction into PyTorch's layout.
             let scale = asge::backend::dz_scale(s.batch, grid, reduce);
+            let mut dz = vec![NAN16; s.c_out.next_multiple_of(128) * geometry::wgrad_pixels(s)];
             launch!(
-                wgrad_f16.0,
-                split.grid,
-                fn(
-                    *const u16,
-                    *const u16,
-                    *const f32,
-                    *const i32,
-                    *const i32,
-                    *mut f32,
-                    *mut f32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    f32,
-                    f32,
-                ),
-                x16.as_ptr(),
+                "dz_f16",
+                geometry::dz_grid(s),
+                fn(*const u16, *const f32, *const i32, *mut u16, *mut f32, i32, i32, i32, i32, i32, f32),
                 y16.as_ptr(),
                 q.as_ptr(),
-                taps.as_ptr(),
                 cells.as_ptr(),
-                part.as_mut_ptr(),
+                dz.as_mut_ptr(),
                 part_db.as_mut_ptr(),
                 bb,
-                ci,
                 co,
                 h,
                 ww,
                 pp,
+                scale
+            );
+            let masks = geometry::pixel_masks(s);
+            launch!(
+                wgrad_f16.name,
+                split.grid,
+                smem wgrad_f16.smem,
+                fn(*const u16, *const u16, *const i32, *const u16, *mut f32, i32, i32, i32, i32, i32, i32, f32),
+                dz.as_ptr(),
+                xn.as_ptr(),
+                ntaps.as_ptr(),
+                masks.as_ptr(),
+                part.as_mut_ptr(),
+                bb,
+                cp as i32,
+                co,
+                h,
+                ww,
                 chunk,
-                scale,
                 1.0 / scale
+            );
+            launch!(
+                "wgrad_reduce_nhwc_f32",
+                geometry::grid1(mk),
+                fn(*const f32, *const f32, *mut f32, *mut f32, i32, i32, i32, i32, i32),
+                part.as_ptr(),
+                part_db.as_ptr(),
+                dw.as_mut_ptr(),
+                db.as_mut_ptr(),
+                co,
+                ci,
+                cp as i32,
+                split.slices as i32,
+                db_slices as i32
             );
             from_f16(&y16)
         }
     };
-    // Only the first K-tile's blocks write the bias partials; the reduce reads all of them.
-    launch!(
-        "wgrad_reduce_f32",
-        geometry::grid1(mk),
-        fn(*const f32, *const f32, *mut f32, *mut f32, i32, i32, i32),
-        part.as_ptr(),
-        part_db.as_ptr(),
-        dw.as_mut_ptr(),
-        db.as_mut_ptr(),
-        mk as i32,
-        co,
-        split.slices as i32
-    );
     (y, g, dw, db)
 }
 
 #[test]
 fn conv_kernels_match_the_cpu_reference() {
-    // f32, then fp16 twice: the 64-channel forward with the 128-tap weight gradient, then the 128-channel forward
-    // with the 256-tap one (the backend picks them by shape; here every case runs every kernel).
+    // f32, then fp16 twice: the small forward and weight-gradient tiles, then the large ones (the backend picks
+    // them by shape; here every case runs every kernel).
     let f16 = geometry::CONV_FWD_F16.into_iter().zip(geometry::WGRAD_F16);
     let runs = [(Precision::F32, (geometry::CONV_FWD_F16[0], geometry::WGRAD_F16[0]))]
         .into_iter()
@@ -325,7 +341,7 @@ fn conv_kernels_match_the_cpu_reference() {
         for (i, case) in conv_cases(2).into_iter().enumerate() {
             let what = match p {
                 Precision::F32 => format!("f32 case {i}"),
-                Precision::F16 => format!("fp16 ({}, {}) case {i}", kernels.0.name, kernels.1 .0),
+                Precision::F16 => format!("fp16 ({}, {}) case {i}", kernels.0.name, kernels.1.name),
             };
             let s = case.s;
             let grid = PatchGrid::new(case.p, s.h, s.w);
@@ -567,6 +583,7 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
             "f16_bits*" => "*mut u16",
             "const int*" => "*const i32",
             "const unsigned int*" => "*const u32",
+            "const unsigned short*" => "*const u16",
             "int" => "i32",
             "float" => "f32",
             "unsigned long long" => "u64",
@@ -587,7 +604,7 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
             call[f + 3..close].split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
         let kernels: Vec<&str> = match name_expr.as_str() {
             "fwd_f16.name" => geometry::CONV_FWD_F16.iter().map(|k| k.name).collect(),
-            "wgrad_f16.0" => geometry::WGRAD_F16.iter().map(|k| k.0).collect(),
+            "wgrad_f16.name" => geometry::WGRAD_F16.iter().map(|k| k.name).collect(),
             n => vec![SIGNATURES.iter().find(|(k, _)| *k == n).map(|(k, _)| *k).unwrap_or_else(|| panic!("{n}"))],
         };
         for k in kernels {

@@ -87,7 +87,7 @@ pub fn conv_cases(vgg_batch: usize) -> Vec<ConvCase> {
         c(3, 3, 70, 28, 8, Mean), // channels not a multiple of the tile, H not divisible by P
         c(3, 67, 129, 7, 2, Sum), // overlapping bins, odd everything
         c(vgg_batch, 32, 64, 16, 2, Mean), // a VGG8-like layer
-        c(5, 120, 40, 2, 1, Mean), // fp16: K = 1080 takes the 256-tap weight-gradient tile
+        c(5, 120, 40, 2, 1, Mean), // K = 1080: several K tiles of either weight-gradient tile, 2x2 maps
         // fp16 picks the 128 x 256 forward tile at batch 128 (128 blocks, 122 KB of shared memory)
         c(vgg_batch, 16, 128, 16, 2, Mean),
     ]

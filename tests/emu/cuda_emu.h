@@ -454,6 +454,22 @@ static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
     }
     emu::warp_sync();
 }
+// ldmatrix.x4.trans: every lane receives, of each matrix q, the pair at rows 2 (lane % 4) and +1, column lane / 4.
+static inline void ldsm_x4_t(unsigned r[4], unsigned addr) {
+    if ((size_t)addr + 16 > emu::dyn_bytes) emu::fault("cuda_emu: ldmatrix row outside the launch's dynamic shared memory");
+    const f16_bits* p = reinterpret_cast<const f16_bits*>(emu::dyn_base + addr);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    check_align(p, 16, "ldmatrix row");
+    emu::smem_read(p, 16);
+    emu::ldsm_rows[warp][lane] = p;
+    emu::warp_sync();
+    for (int q = 0; q < 4; ++q) {
+        const f16_bits* r0 = emu::ldsm_rows[warp][q * 8 + 2 * (lane % 4)];
+        const f16_bits* r1 = emu::ldsm_rows[warp][q * 8 + 2 * (lane % 4) + 1];
+        r[q] = (unsigned)r0[lane / 4] | ((unsigned)r1[lane / 4] << 16);
+    }
+    emu::warp_sync();
+}
 static inline void ldsm_x4(unsigned r[4], unsigned addr) {
     if ((size_t)addr + 16 > emu::dyn_bytes) emu::fault("cuda_emu: ldmatrix row outside the launch's dynamic shared memory");
     ldsm_x4(r, reinterpret_cast<const f16_bits*>(emu::dyn_base + addr));

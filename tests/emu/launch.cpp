@@ -80,11 +80,17 @@ void emu_patch_goodness_f16(GRID, const f16_bits* y, float* g, int B, int C, int
 void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk) {
     RUN(conv_goodness_wgrad_f32(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk));
 }
-void emu_conv_goodness_wgrad_f16(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale) {
-    RUN(conv_goodness_wgrad_f16(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale));
+void emu_dz_f16(GRID, const f16_bits* y, const float* q, const int* cells, f16_bits* dz, float* part_db, int B, int Cout, int H, int W, int P, float scale) {
+    RUN(dz_f16(y, q, cells, dz, part_db, B, Cout, H, W, P, scale));
 }
-void emu_conv_goodness_wgrad_f16_n256(GRID, const f16_bits* x, const f16_bits* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk, float scale, float inv_scale) {
-    RUN(conv_goodness_wgrad_f16_n256(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk, scale, inv_scale));
+void emu_conv_wgrad_nhwc_f16(GRID, const f16_bits* dz, const f16_bits* x, const int* taps, const unsigned short* pmask, float* part, int B, int Cp, int Cout, int H, int W, int chunk, float inv_scale) {
+    RUN(conv_wgrad_nhwc_f16(dz, x, taps, pmask, part, B, Cp, Cout, H, W, chunk, inv_scale));
+}
+void emu_conv_wgrad_nhwc_f16_l(GRID, const f16_bits* dz, const f16_bits* x, const int* taps, const unsigned short* pmask, float* part, int B, int Cp, int Cout, int H, int W, int chunk, float inv_scale) {
+    RUN(conv_wgrad_nhwc_f16_l(dz, x, taps, pmask, part, B, Cp, Cout, H, W, chunk, inv_scale));
+}
+void emu_wgrad_reduce_nhwc_f32(GRID, const float* part, const float* part_db, float* dw, float* db, int M, int C, int Cp, int Z, int Zd) {
+    RUN(wgrad_reduce_nhwc_f32(part, part_db, dw, db, M, C, Cp, Z, Zd));
 }
 void emu_dg_per_cell_f32(GRID, const float* dg, const float* div, float* q, int n, int PP) {
     RUN(dg_per_cell_f32(dg, div, q, n, PP));

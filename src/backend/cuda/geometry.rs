@@ -60,7 +60,7 @@ pub fn padded_weights_len(c_out: usize, cp: usize) -> usize {
 /// The fp16 forward's chunk table (kernels/conv_goodness_fwd.cu, `conv_fwd_nhwc`) over NHWC maps of `w` columns
 /// and `cp` (padded) channels: entry j for k = 8 j = r*cp + ci (r = kh*3 + kw) is
 /// `((kh*w + kw)*cp + ci) << 9 | 1 << r`, the chunk's offset from the pixel's window origin and its tap bit; 0
-/// (no tap) from 9 cp up to the padded K (a multiple of 64).
+/// (no tap) from 9 cp up to K rounded up to 256 (`NHWC_TAPS`: the weight gradient's widest column tile).
 pub fn nhwc_tap_table(cp: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
     assert!(cp.is_multiple_of(8), "padded channels");
     if (2 * w + 3) * cp >= 1 << 23 {
@@ -75,7 +75,7 @@ pub fn nhwc_tap_table(cp: usize, h: usize, w: usize) -> Result<Vec<i32>, String>
             ((((r / 3) * w + r % 3) * cp + ci) << 9 | 1 << r) as u32 as i32
         })
         .collect();
-    t.resize((9 * cp).next_multiple_of(64) / 8, 0);
+    t.resize((9 * cp).next_multiple_of(256) / 8, 0);
     Ok(t)
 }
 
@@ -91,7 +91,7 @@ pub fn conv_fwd(s: &ConvShape, p: Precision) -> (u32, u32, u32) {
     conv_fwd_grid(s, k.tile_m, k.tile_n)
 }
 
-/// The weight gradient's split: blocks of 64 channels x 64 (f32), 128 or 256 (f16) taps, and the pixels cut into
+/// The weight gradient's split: blocks of `tile_m` channels x `tile_k` columns of K, and the pixels cut into
 /// `slices` slices of `chunk` (a multiple of the kernel's pixel step) so that at least ~512 blocks run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WgradSplit {
@@ -100,34 +100,80 @@ pub struct WgradSplit {
     pub slices: usize,
 }
 
-/// The fp16 weight-gradient kernels: (name, taps, pixels a step) of their block tiles (64 channels each).
-pub const WGRAD_F16: [(&str, usize, usize); 2] =
-    [("conv_goodness_wgrad_f16", 128, 32), ("conv_goodness_wgrad_f16_n256", 256, 16)];
+/// A weight-gradient GEMM kernel: its name, block tile (channels x columns of K), pixels a step, dynamic shared
+/// memory in bytes, and whether it runs over the channels-last operands (K = 9 Cp, the pixels padded to
+/// `WG_NP`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgradKernel {
+    pub name: &'static str,
+    pub tile_m: usize,
+    pub tile_k: usize,
+    pub step: usize,
+    pub smem: u32,
+    pub nhwc: bool,
+}
 
-/// The weight gradient's kernel: in f16 the 256-tap tile (half the dz work per MMA) from K = 1024 on, where
-/// rounding K up to it wastes at most ~11% of the MMAs; the 128-tap tile below.
-pub fn wgrad_kernel(s: &ConvShape, p: Precision) -> (&'static str, usize, usize) {
+/// The fp16 weight-gradient kernels (kernels/conv_goodness_wgrad.cu): shared memory = stages x (tile_m x (step +
+/// 8) + step x (tile_k + 8)) halves.
+pub const WGRAD_F16: [WgradKernel; 2] = [
+    WgradKernel { name: "conv_wgrad_nhwc_f16", tile_m: 64, tile_k: 128, step: 64, smem: 3 * 26_624, nhwc: true },
+    WgradKernel { name: "conv_wgrad_nhwc_f16_l", tile_m: 128, tile_k: 256, step: 32, smem: 4 * 27_136, nhwc: true },
+];
+
+const WGRAD_F32: WgradKernel =
+    WgradKernel { name: "conv_goodness_wgrad_f32", tile_m: 64, tile_k: 64, step: 16, smem: 0, nhwc: false };
+
+/// The weight gradient's kernel: in f16 the 128 x 256 tile where there are at least 128 output channels and
+/// K = 9 Cp reaches 1024 (rounding K up to 256 columns then wastes at most ~11% of the MMAs), the 64 x 128 tile
+/// below.
+pub fn wgrad_kernel(s: &ConvShape, p: Precision) -> WgradKernel {
     match p {
-        Precision::F32 => ("conv_goodness_wgrad_f32", 64, 16),
-        Precision::F16 if s.c_in * 9 >= 1024 => WGRAD_F16[1],
+        Precision::F32 => WGRAD_F32,
+        Precision::F16 if s.c_out >= 128 && 9 * padded_channels(s.c_in) >= 1024 => WGRAD_F16[1],
         Precision::F16 => WGRAD_F16[0],
     }
 }
 
 pub fn wgrad(s: &ConvShape, p: Precision) -> WgradSplit {
-    let (_, tile_k, step) = wgrad_kernel(s, p);
-    wgrad_split(s, tile_k, step)
+    wgrad_split(s, &wgrad_kernel(s, p))
 }
 
-/// The split for a block tile of 64 channels x `tile_k` taps walking the pixels `step` at a time.
-pub fn wgrad_split(s: &ConvShape, tile_k: usize, step: usize) -> WgradSplit {
-    let n = s.batch * s.h * s.w;
-    let k = s.c_in * 9;
-    let (gx, gy) = (k.div_ceil(tile_k) as u32, s.c_out.div_ceil(64) as u32);
+/// The padded pixel count of the fp16 weight gradient's dz rows (`WG_NP`: a multiple of both pixel steps).
+pub fn wgrad_pixels(s: &ConvShape) -> usize {
+    (s.batch * s.h * s.w).next_multiple_of(64)
+}
+
+/// The split for kernel `k`'s block tile.
+pub fn wgrad_split(s: &ConvShape, k: &WgradKernel) -> WgradSplit {
+    let (n, kk) =
+        if k.nhwc { (wgrad_pixels(s), 9 * padded_channels(s.c_in)) } else { (s.batch * s.h * s.w, s.c_in * 9) };
+    let (gx, gy) = (kk.div_ceil(k.tile_k) as u32, s.c_out.div_ceil(k.tile_m) as u32);
     let want_z = (512 / (gx * gy) as usize).max(1);
-    let chunk = n.div_ceil(want_z).next_multiple_of(step).max(256);
+    let chunk = n.div_ceil(want_z).next_multiple_of(k.step).max(256);
     let slices = n.div_ceil(chunk);
     WgradSplit { grid: (gx, gy, slices as u32), chunk, slices }
+}
+
+/// The fp16 weight gradient's dz pass (`dz_f16`): one block per channel (of `NHWC_MP(C_out)`) and 2048 pixels.
+pub fn dz_grid(s: &ConvShape) -> (u32, u32, u32) {
+    (wgrad_pixels(s).div_ceil(2048) as u32, s.c_out.next_multiple_of(128) as u32, 1)
+}
+
+/// The fp16 weight gradient's pixel table: per pixel n < `wgrad_pixels` the in-map mask of its 3x3 window's taps
+/// (bit kh*3 + kw, as the kernels' `tap_mask`), 0 past the batch's B*H*W pixels.
+pub fn pixel_masks(s: &ConvShape) -> Vec<u16> {
+    let (h, w) = (s.h as i64, s.w as i64);
+    let mut t: Vec<u16> = (0..s.batch * s.h * s.w)
+        .map(|n| {
+            let p = (n % (s.h * s.w)) as i64;
+            let (oh, ow) = (p / w, p % w);
+            (0..9)
+                .filter(|r| (0..h).contains(&(oh + r / 3 - 1)) && (0..w).contains(&(ow + r % 3 - 1)))
+                .fold(0, |m, r| m | 1 << r)
+        })
+        .collect();
+    t.resize(wgrad_pixels(s), 0);
+    t
 }
 
 /// The conv GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:

@@ -110,6 +110,8 @@ pub struct CudaBackend {
     cell_tables: Tables<(usize, usize, usize, bool), CellTable>,
     /// The fp16 forward's chunk tables by (padded C_in, H, W) (see `geometry::nhwc_tap_table`).
     nhwc_tables: Tables<(usize, usize, usize), CudaSlice<i32>>,
+    /// The fp16 weight gradient's pixel tables by (batch, H, W) (see `geometry::pixel_masks`).
+    pixel_tables: Tables<(usize, usize, usize), CudaSlice<u16>>,
     /// The weight gradient's per-slice partial sums, one per lane (so lanes do not serialise on it).
     wgrad_scratch: Vec<Mutex<Option<CudaSlice<f32>>>>,
     /// The fp16 forward's channels-last input and weights, one pair per lane.
@@ -128,6 +130,8 @@ type Tables<K, V> = Mutex<HashMap<K, Arc<V>>>;
 struct LayoutScratch {
     x: Option<CudaSlice<half::f16>>,
     w: Option<CudaSlice<half::f16>>,
+    /// The weight gradient's dL/dz (scaled), `[NHWC_MP(C_out)][WG_NP(N)]`.
+    dz: Option<CudaSlice<half::f16>>,
 }
 
 /// A patch grid's cell table and divisors on the device (see `geometry::cell_table`).
@@ -289,15 +293,17 @@ impl CudaBackend {
             }
         }
         // The kernels whose dynamic shared memory exceeds the 48 KB a launch may use without opting in.
-        for k in geometry::CONV_FWD_F16.iter().filter(|k| k.smem > 48 * 1024) {
-            let f = funcs.get(k.name).with_context(|| format!("kernel {} is not loaded", k.name))?;
+        let dynamic = geometry::CONV_FWD_F16.iter().map(|k| (k.name, k.smem));
+        for (name, smem) in dynamic.chain(geometry::WGRAD_F16.iter().map(|k| (k.name, k.smem))) {
+            if smem <= 48 * 1024 {
+                continue;
+            }
+            let f = funcs.get(name).with_context(|| format!("kernel {name} is not loaded"))?;
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                k.smem as i32,
+                smem as i32,
             )
-            .map_err(|e| {
-                anyhow::anyhow!("kernel {}: cannot opt in to {} bytes of shared memory ({e:?})", k.name, k.smem)
-            })?;
+            .map_err(|e| anyhow::anyhow!("kernel {name}: cannot opt in to {smem} bytes of shared memory ({e:?})"))?;
         }
         Ok(CudaBackend {
             ordinal,
@@ -317,6 +323,7 @@ impl CudaBackend {
             head_scratch: Mutex::new(None),
             tap_tables: Mutex::new(HashMap::new()),
             nhwc_tables: Mutex::new(HashMap::new()),
+            pixel_tables: Mutex::new(HashMap::new()),
             cell_tables: Mutex::new(HashMap::new()),
             timed: Mutex::new(timing::TimedOps::default()),
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
@@ -448,6 +455,18 @@ impl CudaBackend {
         Ok(t)
     }
 
+    /// The fp16 weight gradient's pixel table on the device (see `geometry::pixel_masks`), built on first use.
+    fn pixel_masks(&self, s: &ConvShape) -> Result<Arc<CudaSlice<u16>>> {
+        let key = (s.batch, s.h, s.w);
+        let mut tables = self.pixel_tables.lock().unwrap();
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.upload_table(&geometry::pixel_masks(s), "copy pixel table")?);
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+
     /// The grid's cell table and divisors on the device (see `geometry::cell_table`), built on first use.
     fn cell_table(&self, grid: &PatchGrid, reduce: GoodnessReduce) -> Result<Arc<CellTable>> {
         let key = (grid.h, grid.w, grid.p, reduce == GoodnessReduce::Mean);
@@ -488,7 +507,7 @@ impl Backend for CudaBackend {
     }
 
     fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
-        Some([geometry::conv_fwd_kernel(s, self.precision).name, geometry::wgrad_kernel(s, self.precision).0])
+        Some([geometry::conv_fwd_kernel(s, self.precision).name, geometry::wgrad_kernel(s, self.precision).name])
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -1,13 +1,16 @@
-//! `conv_goodness_wgrad` (kernels/conv_goodness_wgrad.cu): dL/dg / |bin| per cell, the implicit-GEMM weight
-//! gradient in pixel slices (dL/dz computed while the tiles load), and the deterministic reduction of the slices.
+//! `conv_goodness_wgrad` (kernels/conv_goodness_wgrad.cu): dL/dg / |bin| per cell, then the weight gradient in
+//! pixel slices and the deterministic reduction of the slices. In f32 one implicit GEMM computes dL/dz while its
+//! tiles load; in fp16 dL/dz is computed once (`dz_f16`), and the GEMM runs over it and the channels-last input.
 
 use super::super::args::launch::{
-    ConvGoodnessWgradF16, ConvGoodnessWgradF16N256, ConvGoodnessWgradF32, DgPerCellF32, WgradReduceF32,
+    ConvGoodnessWgradF32, ConvWgradNhwcF16, ConvWgradNhwcF16L, DgPerCellF32, DzF16, NhwcPadF16, WgradReduceF32,
+    WgradReduceNhwcF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, dz_scale, ConvShape, Precision};
 use crate::model::{GoodnessReduce, PatchGrid};
 use anyhow::Result;
+use cudarc::driver::LaunchConfig;
 
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -25,17 +28,20 @@ pub fn run(
     check::conv_wgrad("cuda", s, grid, x.len(), y.len(), dg.len(), dw.len(), db.len())?;
     let precision = operand_precision(&[("x", x), ("y", y)])?;
     index32(s)?;
-    let split = geometry::wgrad(s, precision);
+    let kernel = geometry::wgrad_kernel(s, precision);
+    let split = geometry::wgrad_split(s, &kernel);
     let (chunk, gz) = (split.chunk as i32, split.slices);
     let (bb, ci, co, h, ww, p) = (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
-    let mk = s.w_len();
-    // The slices' partial sums, and the per-cell dL/dg / |bin| the GEMM reads instead of dividing.
+    // The slices' partial sums (f16: the dz pass's bias partials, one per block column), and the per-cell
+    // dL/dg / |bin| the kernels read instead of dividing.
+    let cp = geometry::padded_channels(s.c_in);
+    let k_part = if kernel.nhwc { 9 * cp } else { 9 * s.c_in };
+    let db_slices = if kernel.nhwc { geometry::dz_grid(s).0 as usize } else { gz };
     let q_len = s.batch * s.c_out * grid.cells();
     let mut slot = be.wgrad_scratch();
-    let part = be.scratch(&mut slot, gz * (mk + s.c_out) + q_len)?;
-    let (mut part, mut q) = part.split_at_mut(gz * (mk + s.c_out));
-    let (mut part_w, mut part_b) = part.split_at_mut(gz * mk);
-    let taps = be.tap_table(s)?;
+    let part = be.scratch(&mut slot, gz * s.c_out * k_part + db_slices * s.c_out + q_len)?;
+    let (mut part, mut q) = part.split_at_mut(gz * s.c_out * k_part + db_slices * s.c_out);
+    let (mut part_w, mut part_b) = part.split_at_mut(gz * s.c_out * k_part);
     let cells = be.cell_table(grid, reduce)?;
     let stream = be.stream();
     // SAFETY: one thread per dL/dg value; q holds q_len floats, the divisors one per cell.
@@ -44,14 +50,13 @@ pub fn run(
             .launch(stream, be.f("dg_per_cell_f32")?, grid1(q_len))
     })?;
     let q = q.slice(0..q_len);
-    let (kernel, _, _) = geometry::wgrad_kernel(s, precision);
-    let f = be.f(kernel)?;
-    let launch_cfg = cfg(split.grid);
-    let r = match precision {
+    let f = be.f(kernel.name)?;
+    match precision {
         Precision::F32 => {
             let (x, y) = (x.f32("x")?, y.f32("y")?);
+            let taps = be.tap_table(s)?;
             // SAFETY: check::conv_wgrad bounds x, y and dL/dg; part holds gz * (M*K + M) floats for gz = grid.z.
-            unsafe {
+            be.launched(kernel.name, unsafe {
                 ConvGoodnessWgradF32 {
                     x,
                     y,
@@ -68,72 +73,120 @@ pub fn run(
                     P: p,
                     chunk,
                 }
-                .launch(stream, f, launch_cfg)
-            }
+                .launch(stream, f, cfg(split.grid))
+            })?;
+            let (part_w, part_b) = (part_w.slice(..), part_b.slice(..));
+            let mk = s.w_len();
+            // SAFETY: one thread per weight (M*K >= M); the partials hold Z slices of M*K and M.
+            be.launched("wgrad_reduce_f32", unsafe {
+                WgradReduceF32 {
+                    part: &part_w,
+                    part_db: &part_b,
+                    dw: dw.f32_mut("dL/dW")?,
+                    db: db.f32_mut("dL/db")?,
+                    MK: mk as i32,
+                    M: co,
+                    Z: gz as i32,
+                }
+                .launch(stream, be.f("wgrad_reduce_f32")?, grid1(mk))
+            })
         }
         Precision::F16 => {
             let scale = dz_scale(s.batch, grid, reduce);
-            let inv_scale = 1.0 / scale;
             let (x, y) = (x.f16("x")?, y.f16("y")?);
-            // SAFETY: as above, for both fp16 tiles.
-            unsafe {
-                if kernel == ConvGoodnessWgradF16N256::NAME {
-                    ConvGoodnessWgradF16N256 {
-                        x,
-                        y,
-                        q: &q,
+            let taps = be.nhwc_tap_table(cp, s)?;
+            let masks = be.pixel_masks(s)?;
+            let mut layout = be.layout_scratch();
+            // dz, [NHWC_MP(C_out)][WG_NP(N)], and the input channels-last (the forward's copy may have been
+            // overwritten by another layer's on this lane, so it is made again: one more pass over x).
+            let dz = be.scratch(&mut layout.dz, s.c_out.next_multiple_of(128) * geometry::wgrad_pixels(s))?;
+            // SAFETY: y holds B*C_out*H*W values and q B*C_out*P*P (check::conv_wgrad), dz its padded extent, and
+            // part_b dz_grid.x * C_out floats; one block per channel and 2048 pixels.
+            be.launched("dz_f16", unsafe {
+                DzF16 {
+                    y,
+                    q: &q,
+                    cells: &cells.0,
+                    dz: &mut *dz,
+                    part_db: &mut part_b,
+                    B: bb,
+                    Cout: co,
+                    H: h,
+                    W: ww,
+                    P: p,
+                    scale,
+                }
+                .launch(stream, be.f("dz_f16")?, cfg(geometry::dz_grid(s)))
+            })?;
+            let xn_len = s.batch * s.h * s.w * cp;
+            let xn = be.scratch(&mut layout.x, xn_len)?;
+            // SAFETY: x holds B*C*H*W values (check::conv_wgrad), xn at least B*H*W*Cp; one thread per 8 channels.
+            be.launched("nhwc_pad_f16", unsafe {
+                NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: ww, Cp: cp as i32 }.launch(
+                    stream,
+                    be.f("nhwc_pad_f16")?,
+                    grid1(xn_len / 8),
+                )
+            })?;
+            let (dz, xn) = (layout.dz.as_ref().expect("just filled"), layout.x.as_ref().expect("just filled"));
+            let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(split.grid) };
+            let (cpi, inv_scale) = (cp as i32, 1.0 / scale);
+            // SAFETY: dz, xn, the chunk and pixel tables hold the padded extents of this shape; part holds
+            // gz * C_out * 9 Cp floats for gz = grid.z; the shared memory is the kernel's (opted in at load).
+            let r = unsafe {
+                if kernel.name == ConvWgradNhwcF16L::NAME {
+                    ConvWgradNhwcF16L {
+                        dz,
+                        x: xn,
                         taps: &*taps,
-                        cells: &cells.0,
+                        pmask: &*masks,
                         part: &mut part_w,
-                        part_db: &mut part_b,
                         B: bb,
-                        Cin: ci,
+                        Cp: cpi,
                         Cout: co,
                         H: h,
                         W: ww,
-                        P: p,
                         chunk,
-                        scale,
                         inv_scale,
                     }
                     .launch(stream, f, launch_cfg)
                 } else {
-                    ConvGoodnessWgradF16 {
-                        x,
-                        y,
-                        q: &q,
+                    ConvWgradNhwcF16 {
+                        dz,
+                        x: xn,
                         taps: &*taps,
-                        cells: &cells.0,
+                        pmask: &*masks,
                         part: &mut part_w,
-                        part_db: &mut part_b,
                         B: bb,
-                        Cin: ci,
+                        Cp: cpi,
                         Cout: co,
                         H: h,
                         W: ww,
-                        P: p,
                         chunk,
-                        scale,
                         inv_scale,
                     }
                     .launch(stream, f, launch_cfg)
                 }
-            }
+            };
+            drop(layout);
+            be.launched(kernel.name, r)?;
+            let (part_w, part_b) = (part_w.slice(..), part_b.slice(..));
+            let mk = s.w_len();
+            // SAFETY: one thread per weight (M*C*9 >= M); the partials hold Z slices of M*9*Cp and Zd of M.
+            be.launched("wgrad_reduce_nhwc_f32", unsafe {
+                WgradReduceNhwcF32 {
+                    part: &part_w,
+                    part_db: &part_b,
+                    dw: dw.f32_mut("dL/dW")?,
+                    db: db.f32_mut("dL/db")?,
+                    M: co,
+                    C: ci,
+                    Cp: cpi,
+                    Z: gz as i32,
+                    Zd: db_slices as i32,
+                }
+                .launch(stream, be.f("wgrad_reduce_nhwc_f32")?, grid1(mk))
+            })
         }
-    };
-    be.launched(kernel, r)?;
-    let (part_w, part_b) = (part_w.slice(..), part_b.slice(..));
-    // SAFETY: one thread per weight (M*K >= M); the partials hold Z slices of M*K and M.
-    be.launched("wgrad_reduce_f32", unsafe {
-        WgradReduceF32 {
-            part: &part_w,
-            part_db: &part_b,
-            dw: dw.f32_mut("dL/dW")?,
-            db: db.f32_mut("dL/db")?,
-            MK: mk as i32,
-            M: s.c_out as i32,
-            Z: gz as i32,
-        }
-        .launch(stream, be.f("wgrad_reduce_f32")?, grid1(mk))
-    })
+    }
 }
