@@ -562,3 +562,65 @@ fn standin_exports_every_driver_function_cudarcs_safe_api_can_call() {
     assert!(missing.is_empty(), "the stand-in does not export {missing:?}");
     println!("the stand-in exports all {} driver functions cudarc's safe API calls", names.len());
 }
+
+#[test]
+#[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it checks the stand-in's graph capture"]
+fn standin_graph_capture_replays_and_enforces_captures_rules() {
+    // What the step graph relies on, and the rules a capture breaks: a capture records instead of running;
+    // replay runs the captured kernels with their frozen arguments over the buffers' current contents; a
+    // synchronisation, an allocation or a copy from pageable memory while capturing fails and invalidates the
+    // capture; the legacy default stream cannot be captured.
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+    let be = gpu();
+    assert!(be.is_standin(), "this test checks the stand-in's model of capture");
+    let ctx = CudaContext::new(0).unwrap();
+    // SAFETY: one stream orders everything here (as the backend with one lane: no per-buffer events, which the
+    // stand-in does not model inside a capture).
+    unsafe { ctx.disable_event_tracking() };
+    let (module, src, _) = nvrtc::KERNELS.iter().find(|(m, _, _)| *m == "conv_goodness_wgrad").unwrap();
+    let m = ctx.load_module(nvrtc::compile(module, src, "sm_90").unwrap()).unwrap();
+    let f = m.load_function("dg_per_cell_f32").unwrap();
+    let s = ctx.new_stream().unwrap();
+    let n = 64i32;
+    let mut dg = s.clone_htod(&(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let div = s.clone_htod(&[2.0f32, 4.0]).unwrap();
+    let mut q = s.alloc_zeros::<f32>(n as usize).unwrap();
+    let pp = 2i32;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    s.synchronize().unwrap();
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    s.begin_capture(mode).unwrap();
+    let mut l = s.launch_builder(&f);
+    l.arg(&dg).arg(&div).arg(&mut q).arg(&n).arg(&pp);
+    unsafe { l.launch(cfg) }.unwrap();
+    let graph = s.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).unwrap();
+    let graph = graph.expect("a graph");
+    assert!(s.clone_dtoh(&q).unwrap().iter().all(|&v| v == 0.0), "the capture ran the kernel");
+    graph.launch().unwrap();
+    let want = |scale: f32| (0..n).map(|i| scale * i as f32 / if i % 2 == 0 { 2.0 } else { 4.0 }).collect::<Vec<_>>();
+    assert_eq!(s.clone_dtoh(&q).unwrap(), want(1.0));
+    // New contents, same buffers: the replay reads them.
+    s.memcpy_htod(&(0..n).map(|i| 3.0 * i as f32).collect::<Vec<_>>(), &mut dg).unwrap();
+    graph.launch().unwrap();
+    assert_eq!(s.clone_dtoh(&q).unwrap(), want(3.0));
+
+    // Each of capture's rules, broken once: the call fails and the capture is invalidated.
+    for rule in 0..3 {
+        s.begin_capture(mode).unwrap();
+        let (what, r) = match rule {
+            0 => ("a synchronisation", s.synchronize()),
+            1 => ("an allocation", s.alloc_zeros::<f32>(16).map(|_| ())),
+            _ => ("a copy from pageable memory", s.memcpy_htod(&[1.0f32; 4], &mut q.slice_mut(0..4))),
+        };
+        let e = r.expect_err(what);
+        assert!(format!("{e:?}").contains("STREAM_CAPTURE_UNSUPPORTED"), "{what}: {e:?}");
+        let end = s.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        let e = end.err().unwrap_or_else(|| panic!("{what}: the capture survived"));
+        assert!(format!("{e:?}").contains("STREAM_CAPTURE_INVALIDATED"), "{what}: {e:?}");
+        println!("{what} while capturing: refused, capture invalidated");
+    }
+    let legacy = ctx.default_stream().begin_capture(mode).expect_err("the legacy default stream was captured");
+    assert!(format!("{legacy:?}").contains("STREAM_CAPTURE_UNSUPPORTED"), "{legacy:?}");
+    s.synchronize().unwrap();
+}

@@ -116,15 +116,21 @@ run() {
   for w in 1 0.25; do
     lim 40 "$B/asge" bench --device cuda --precision fp16 --width $w --batch 128 --reps 3 > "$out/bench-cuda-fp16-w$w.txt" 2>&1
     row "bench cuda fp16 w$w: $(grep 'train step' "$out/bench-cuda-fp16-w$w.txt" || tail -1 "$out/bench-cuda-fp16-w$w.txt")"
+    # The CIFAR-10 recipe (50,000 training images, 100 epochs) projected from the measured step rate: training
+    # steps only (evaluation, data loading and the last partial batch are not in it).
+    row "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s)' "$out/bench-cuda-fp16-w$w.txt" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
+    row "  the model's expectation (tools/perf_model.py, not measured): $(python3 tools/perf_model.py $w | tail -1 | sed 's/.*the step is/the step is/')"
     # The fp16 forward's and weight gradient's share of HGEMM by layer: the bench rows' sixth column (%), then
     # the kernel that ran.
     row "  fp16 conv fwd, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
     row "  fp16 conv wgrad, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_wgrad' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
     row "  fp16 kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
     if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+      # The authors' recipe (fp32 eager, TF32 pinned to PyTorch's defaults: the line says which), then
+      # channels-last fp16 autocast (cuDNN).
       for variant in "" --channels-last-fp16; do
         local f="$out/torch-w$w${variant:+-cl-fp16}.txt"
-        lim 40 python3 tools/torch_step.py --device cuda --width $w --batch 128 --rounds 2 $variant > "$f" 2>&1
+        lim 40 python3 tools/torch_step.py --device cuda --width $w --batch 128 --rounds 2 --tf32 default $variant > "$f" 2>&1
         row "pytorch w$w ${variant:-eager fp32}: $(tail -1 "$f")"
       done
     else

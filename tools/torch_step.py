@@ -104,7 +104,14 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                    help="TF32 on CUDA: 'default' pins PyTorch's defaults, which the authors' released code runs "
+                         "with (cuDNN convolutions TF32 on, matmul off); 'on'/'off' set both")
     a = ap.parse_args()
+    conv_tf32, mm_tf32 = {"default": (True, False), "on": (True, True), "off": (False, False)}[a.tf32]
+    torch.backends.cudnn.allow_tf32 = conv_tf32
+    torch.backends.cuda.matmul.allow_tf32 = mm_tf32
+    tf32 = f"tf32 conv {'on' if conv_tf32 else 'off'} matmul {'on' if mm_tf32 else 'off'}"
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(42)
@@ -135,9 +142,9 @@ def main():
     variant = "channels-last+fp16" if amp else "fp32 eager"
     if a.json:
         print(json.dumps({"images_per_s": med, "rounds": rates, "threads": torch.get_num_threads(),
-                          "variant": variant, "torch": torch.__version__, "device": str(dev)}))
+                          "variant": variant, "torch": torch.__version__, "device": str(dev), "tf32": tf32}))
     else:
-        print(f"torch {torch.__version__} {dev} {variant}, {torch.get_num_threads()} threads: "
+        print(f"torch {torch.__version__} {dev} {variant} ({tf32}), {torch.get_num_threads()} threads: "
               f"{a.model} width {a.width} batch {a.batch}: {med:.1f} images/s (rounds {', '.join(f'{r:.1f}' for r in rates)})")
 
 

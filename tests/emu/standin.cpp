@@ -25,6 +25,13 @@
 //   synchronize). ASGE_CUDA_STANDIN_DELAY=SEED sleeps a seeded random time before each queued operation, so that
 //   a missing cross-stream dependency becomes a wrong result instead of a race that passes by luck;
 //   asge_standin_hold_stream holds a queue so that a test can prove an ordering without relying on timing.
+// - Graphs: cuStreamBeginCapture records what is queued on a created stream into a graph instead of running it
+//   (the legacy default stream cannot be captured, as on a GPU); kernel arguments are frozen at capture, copies
+//   read their host memory at replay. Capture's rules are enforced: a synchronous copy (to or from pageable
+//   memory too), an allocation or free, a synchronisation, a module load, or an event on the capturing stream
+//   while any stream captures fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture
+//   (cuStreamEndCapture then fails with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED). cuGraphLaunch queues the graph's
+//   operations on a stream in their captured order.
 // - Everything else that cudarc's safe API can call is exported and fails with CUDA_ERROR_NOT_SUPPORTED and a
 //   message naming the function (a missing symbol would make cudarc panic).
 // What it cannot show: hardware semantics (the tensor cores' fragment layout as they read it, the memory model
@@ -67,6 +74,9 @@ struct Stream;
 struct Event;
 struct Module;
 struct Func;
+struct Graph;
+typedef Graph* CUgraph;
+typedef Graph* CUgraphExec;
 typedef Ctx* CUcontext;
 typedef Stream* CUstream;
 typedef Event* CUevent;
@@ -90,6 +100,9 @@ enum : int {
     ERROR_MISALIGNED_ADDRESS = 716,
     ERROR_LAUNCH_FAILED = 719,
     ERROR_NOT_SUPPORTED = 801,
+    ERROR_ILLEGAL_STATE = 401,
+    ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    ERROR_STREAM_CAPTURE_INVALIDATED = 901,
     ERROR_UNKNOWN = 999,
 };
 
@@ -185,6 +198,9 @@ const char* code_name(int c) {
         case ERROR_MISALIGNED_ADDRESS: return "CUDA_ERROR_MISALIGNED_ADDRESS";
         case ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
         case ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+        case ERROR_ILLEGAL_STATE: return "CUDA_ERROR_ILLEGAL_STATE";
+        case ERROR_STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case ERROR_STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
         default: return "CUDA_ERROR_UNKNOWN";
     }
 }
@@ -551,12 +567,23 @@ std::atomic<int> delay_max_us{0};
 
 }  // namespace
 
+// A captured graph (and, copied, its executable form): the operations in their captured order.
+struct Graph {
+    std::vector<Op> ops;
+};
+
+// How many streams are capturing (capture's rules apply while any is).
+std::atomic<int> capturing{0};
+
 struct Stream {
     int id = 0;
     unsigned flags = 0;
     std::mutex mu;
     std::condition_variable cv;
     std::deque<Op> q;
+    // While capturing: where push() records, and whether an illegal call invalidated the capture.
+    std::unique_ptr<Graph> capture;
+    bool capture_invalid = false;
     uint64_t enqueued = 0, completed = 0;
     bool stop = false, held = false;
     std::thread worker;
@@ -594,6 +621,10 @@ struct Stream {
     void push(Op op) {
         {
             std::lock_guard<std::mutex> g(mu);
+            if (capture) {
+                capture->ops.push_back(std::move(op));
+                return;
+            }
             q.push_back(std::move(op));
             ++enqueued;
         }
@@ -687,6 +718,27 @@ Stream* resolve(CUstream s, CUresult* err) {
         return nullptr;
     }
     return s;
+}
+
+bool is_capturing(Stream* s) {
+    std::lock_guard<std::mutex> g(s->mu);
+    return s->capture != nullptr;
+}
+
+// SUCCESS, or (while a stream captures) the error of a call that capture does not allow: every capture is
+// invalidated, as the driver does.
+CUresult capture_forbids(const char* what) {
+    if (capturing.load() == 0) return SUCCESS;
+    {
+        std::lock_guard<std::mutex> g(streams_mu);
+        for (Stream* s : streams) {
+            std::lock_guard<std::mutex> gs(s->mu);
+            if (s->capture) s->capture_invalid = true;
+        }
+    }
+    return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                "%s while a stream is capturing a graph: capture allows no synchronous copy, allocation, free, "
+                "synchronisation or module load (the capture is invalidated)", what);
 }
 
 // Runs `body` as device work named `what`: a fault in it (a signal, an emulator fault, a canary) fails the
@@ -833,6 +885,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 
 CUresult cuCtxSynchronize() {
     ENTER("cuCtxSynchronize");
+    if (CUresult c = capture_forbids("cuCtxSynchronize")) return c;
     std::vector<Stream*> all;
     {
         std::lock_guard<std::mutex> g(streams_mu);
@@ -881,6 +934,7 @@ CUresult cuStreamDestroy_v2(CUstream h) {
 
 CUresult cuStreamSynchronize(CUstream h) {
     ENTER("cuStreamSynchronize");
+    if (CUresult c = capture_forbids("cuStreamSynchronize")) return c;
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
@@ -894,6 +948,7 @@ CUresult cuStreamQuery(CUstream h) {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
+    if (is_capturing(s)) return capture_forbids("cuStreamQuery of a capturing stream");
     GUARD();
     std::lock_guard<std::mutex> g(s->mu);
     return s->completed >= s->enqueued ? SUCCESS : ERROR_NOT_READY;
@@ -921,6 +976,8 @@ CUresult cuEventRecord(CUevent e, CUstream h) {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
+    if (is_capturing(s))
+        return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED, "events on a capturing stream (a fork or join inside a graph) are not modelled by the stand-in");
     std::shared_ptr<EventState> st = e->st;
     uint64_t gen;
     {
@@ -948,6 +1005,7 @@ CUresult cuEventQuery(CUevent e) {
 
 CUresult cuEventSynchronize(CUevent e) {
     ENTER("cuEventSynchronize");
+    if (CUresult c = capture_forbids("cuEventSynchronize")) return c;
     {
         EventState& st = *e->st;
         std::unique_lock<std::mutex> g(st.mu);
@@ -985,6 +1043,8 @@ CUresult cuStreamWaitEvent(CUstream h, CUevent e, unsigned flags) {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
+    if (is_capturing(s))
+        return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED, "events on a capturing stream (a fork or join inside a graph) are not modelled by the stand-in");
     std::shared_ptr<EventState> st = e->st;
     uint64_t gen;
     {
@@ -1014,12 +1074,14 @@ CUresult cuLaunchHostFunc(CUstream h, void (*fn)(void*), void* user) {
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     ENTER("cuMemAlloc_v2");
+    if (CUresult c = capture_forbids("cuMemAlloc")) return c;
     GUARD();
     return device_alloc(n, p);
 }
 
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream h) {
     ENTER("cuMemAllocAsync");
+    if (CUresult c = capture_forbids("cuMemAllocAsync")) return c;
     GUARD();
     CUresult err = SUCCESS;
     if (!resolve(h, &err)) return err;
@@ -1029,6 +1091,7 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream h) {
 
 CUresult cuMemFree_v2(CUdeviceptr p) {
     ENTER("cuMemFree_v2");
+    if (CUresult c = capture_forbids("cuMemFree")) return c;
     // cuMemFree waits for the device: nothing queued may still use the memory.
     cuCtxSynchronize();
     return device_free(p);
@@ -1036,6 +1099,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream h) {
     ENTER("cuMemFreeAsync");
+    if (CUresult c = capture_forbids("cuMemFreeAsync")) return c;
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
@@ -1057,6 +1121,7 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned flags) {
     ENTER("cuMemHostAlloc");
+    if (CUresult c = capture_forbids("cuMemHostAlloc")) return c;
     (void)flags;
     GUARD();
     void* m = nullptr;
@@ -1069,6 +1134,7 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned flags) {
 
 CUresult cuMemFreeHost(void* p) {
     ENTER("cuMemFreeHost");
+    if (CUresult c = capture_forbids("cuMemFreeHost")) return c;
     cuCtxSynchronize();
     std::lock_guard<std::mutex> g(mem_mu);
     auto it = pinned.find(reinterpret_cast<uintptr_t>(p));
@@ -1097,6 +1163,7 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream h) {
 
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     ENTER("cuMemsetD8_v2");
+    if (CUresult c = capture_forbids("cuMemsetD8 (synchronous)")) return c;
     return memset_async(d, v, n, nullptr, true);
 }
 
@@ -1107,6 +1174,8 @@ static CUresult htod(CUdeviceptr d, const void* src, size_t n, CUstream h, bool 
     if (!s) return err;
     std::string why;
     if (n && !check_range(d, n, &why)) return fail(ERROR_INVALID_VALUE, "copy of %zu bytes to the device: %s", n, why.c_str());
+    if (!is_pinned(src, n))
+        if (CUresult c = capture_forbids("a copy from pageable host memory")) return c;
     if (is_pinned(src, n)) {
         // Pinned: truly asynchronous; the host must not touch the buffer until the copy has run.
         s->push(Op{[d, src, n] { device_work("host-to-device copy", [&] { std::memcpy(reinterpret_cast<void*>(d), src, n); }, false); }, "htod"});
@@ -1126,6 +1195,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* src, size_t n, CUstream
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* src, size_t n) {
     ENTER("cuMemcpyHtoD_v2");
+    if (CUresult c = capture_forbids("cuMemcpyHtoD (synchronous)")) return c;
     return htod(d, src, n, nullptr, true);
 }
 
@@ -1136,6 +1206,8 @@ static CUresult dtoh(void* dst, CUdeviceptr src, size_t n, CUstream h, bool wait
     if (!s) return err;
     std::string why;
     if (n && !check_range(src, n, &why)) return fail(ERROR_INVALID_VALUE, "copy of %zu bytes to the host: %s", n, why.c_str());
+    if (!is_pinned(dst, n))
+        if (CUresult c = capture_forbids("a copy to pageable host memory")) return c;
     s->push(Op{[dst, src, n] { device_work("device-to-host copy", [&] { std::memcpy(dst, reinterpret_cast<const void*>(src), n); }, false); }, "dtoh"});
     // To pageable memory the driver returns only once the copy is done; to pinned memory at once.
     if (wait || !is_pinned(dst, n)) s->drain();
@@ -1149,6 +1221,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream h) 
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     ENTER("cuMemcpyDtoH_v2");
+    if (CUresult c = capture_forbids("cuMemcpyDtoH (synchronous)")) return c;
     return dtoh(dst, src, n, nullptr, true);
 }
 
@@ -1172,6 +1245,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstre
 
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     ENTER("cuMemcpyDtoD_v2");
+    if (CUresult c = capture_forbids("cuMemcpyDtoD (synchronous)")) return c;
     return dtod(dst, src, n, nullptr, true);
 }
 
@@ -1179,6 +1253,7 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
 
 CUresult cuModuleLoadData(CUmodule* out, const void* image) {
     ENTER("cuModuleLoadData");
+    if (CUresult c = capture_forbids("cuModuleLoadData")) return c;
     GUARD();
     const char* text = static_cast<const char*>(image);
     if (std::memcmp(text, "\x7f" "ELF", 4) == 0)
@@ -1321,12 +1396,92 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     return SUCCESS;
 }
 
-// ---- what the engine does not use: graphs (not yet), and every other call cudarc's safe API can make ----
+// ---- graphs, and what the engine does not use: every other call cudarc's safe API can make ----
+
+CUresult cuStreamBeginCapture_v2(CUstream h, int mode) {
+    ENTER("cuStreamBeginCapture_v2");
+    (void)mode;
+    GUARD();
+    CUresult err = SUCCESS;
+    Stream* s = resolve(h, &err);
+    if (!s) return err;
+    if (s == null_stream) return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: the legacy default stream cannot be captured (use a created stream)");
+    std::lock_guard<std::mutex> g(s->mu);
+    if (s->capture) return fail(ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: stream %d is already capturing", s->id);
+    s->capture.reset(new Graph);
+    s->capture_invalid = false;
+    ++capturing;
+    return SUCCESS;
+}
+
+CUresult cuStreamEndCapture(CUstream h, CUgraph* graph) {
+    ENTER("cuStreamEndCapture");
+    CUresult err = SUCCESS;
+    Stream* s = resolve(h, &err);
+    if (!s) return err;
+    std::unique_ptr<Graph> g;
+    bool invalid;
+    {
+        std::lock_guard<std::mutex> l(s->mu);
+        if (!s->capture) return fail(ERROR_ILLEGAL_STATE, "cuStreamEndCapture: stream %d is not capturing", s->id);
+        g = std::move(s->capture);
+        invalid = s->capture_invalid;
+        s->capture_invalid = false;
+    }
+    --capturing;
+    *graph = nullptr;
+    if (invalid) return fail(ERROR_STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture: the capture on stream %d was invalidated by a call capture does not allow", s->id);
+    *graph = g.release();
+    return SUCCESS;
+}
 
 CUresult cuStreamIsCapturing(CUstream h, int* status) {
     ENTER("cuStreamIsCapturing");
+    CUresult err = SUCCESS;
+    Stream* s = resolve(h, &err);
+    if (!s) return err;
+    std::lock_guard<std::mutex> g(s->mu);
+    // CU_STREAM_CAPTURE_STATUS_NONE, _ACTIVE, _INVALIDATED
+    *status = !s->capture ? 0 : s->capture_invalid ? 2 : 1;
+    return SUCCESS;
+}
+
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long flags) {
+    ENTER("cuGraphInstantiateWithFlags");
+    (void)flags;
+    GUARD();
+    if (!graph) return fail(ERROR_INVALID_VALUE, "cuGraphInstantiateWithFlags: a null graph");
+    *exec = new Graph(*graph);
+    return SUCCESS;
+}
+
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream h) {
+    ENTER("cuGraphLaunch");
+    GUARD();
+    CUresult err = SUCCESS;
+    Stream* s = resolve(h, &err);
+    if (!s) return err;
+    if (!exec) return fail(ERROR_INVALID_VALUE, "cuGraphLaunch: a null graph");
+    for (const Op& op : exec->ops) s->push(op);
+    return SUCCESS;
+}
+
+CUresult cuGraphUpload(CUgraphExec exec, CUstream h) {
+    ENTER("cuGraphUpload");
+    (void)exec;
     (void)h;
-    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    return SUCCESS;
+}
+
+CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    ENTER("cuGraphExecDestroy");
+    delete exec;
+    return SUCCESS;
+}
+
+CUresult cuGraphDestroy(CUgraph graph) {
+    ENTER("cuGraphDestroy");
+    delete graph;
     return SUCCESS;
 }
 
@@ -1353,11 +1508,6 @@ NOT_MODELLED(cuDeviceGetUuid_v2)
 NOT_MODELLED(cuDeviceSetMemPool)
 NOT_MODELLED(cuExternalMemoryGetMappedBuffer)
 NOT_MODELLED(cuFuncSetCacheConfig)
-NOT_MODELLED(cuGraphDestroy)
-NOT_MODELLED(cuGraphExecDestroy)
-NOT_MODELLED(cuGraphInstantiateWithFlags)
-NOT_MODELLED(cuGraphLaunch)
-NOT_MODELLED(cuGraphUpload)
 NOT_MODELLED(cuImportExternalMemory)
 NOT_MODELLED(cuLaunchCooperativeKernel)
 NOT_MODELLED(cuMemAdvise_v2)
@@ -1382,8 +1532,6 @@ NOT_MODELLED(cuOccupancyMaxPotentialClusterSize)
 NOT_MODELLED(cuProfilerStart)
 NOT_MODELLED(cuProfilerStop)
 NOT_MODELLED(cuStreamAttachMemAsync)
-NOT_MODELLED(cuStreamBeginCapture_v2)
-NOT_MODELLED(cuStreamEndCapture)
 
 // ---- test hooks (not part of the driver API) ----
 
