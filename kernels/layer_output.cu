@@ -6,7 +6,8 @@
 // Work split: one block of 256 threads per sample: a pass that pools, drops and sums squares (block
 // reduction), a pass that recomputes each value, divides and stores it (recomputing rather than re-reading the
 // output keeps the fp16 store to one rounding), and, when gap is wanted, one thread per channel averaging its
-// normalised map in f32. pool: 0 none, 1 avg, 2 rms.
+// normalised map in f32. pool: 0 none, 1 avg, 2 rms. The dropout key is read from the device (the step's
+// parameters: src/backend/cuda/graph.rs), so that a captured step uses each step's key.
 template <typename T>
 __device__ __forceinline__ float pooled_dropped(
     const T* __restrict__ yb, int i, int b, int per, int H, int W, int Ho, int Wo, int pool, float p,
@@ -61,16 +62,17 @@ __device__ __forceinline__ void layer_output(
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
     const float* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/,
-    float* __restrict__ gap /*[gridDim.x*C]?*/, int C, int H, int W, int pool, float p, unsigned long long key,
-    int use_dropout, int use_gap)
+    float* __restrict__ gap /*[gridDim.x*C]?*/, int C, int H, int W, int pool, float p,
+    const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int use_gap)
 {
-    layer_output(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap);
+    layer_output(y, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
     const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/,
     f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
-    int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap)
+    int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
+    int use_gap)
 {
-    layer_output(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap);
+    layer_output(y, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap);
 }

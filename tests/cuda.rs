@@ -624,3 +624,50 @@ fn standin_graph_capture_replays_and_enforces_captures_rules() {
     assert!(format!("{legacy:?}").contains("STREAM_CAPTURE_UNSUPPORTED"), "{legacy:?}");
     s.synchronize().unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
+fn a_replayed_step_graph_equals_the_eager_steps() {
+    // The step graph (src/backend/cuda/graph.rs) against the same steps issued one op at a time, in both
+    // precisions: a changing learning rate and dropout key every step (which a graph must read from the device,
+    // not from the arguments frozen at capture), two batch shapes (the last partial batch gets its own graphs),
+    // then evaluation. The kernels are the same and deterministic, so everything must be equal to the bit; and
+    // the graphs must actually have been captured and replayed.
+    for precision in PRECISIONS {
+        let spec = model::resolve("vgg8", 1, 16, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+        let params = Params::init(&spec, 11);
+        let b = 8;
+        let mut graphed =
+            Net::new(gpu().with_precision(precision), spec.clone(), &params, AdamW::default(), b).unwrap();
+        let mut eager =
+            Net::new(gpu().with_precision(precision).without_step_graphs(), spec.clone(), &params, AdamW::default(), b)
+                .unwrap();
+        let batch = |t: u64, n: usize| -> (Vec<f32>, Vec<u32>) {
+            (
+                randn(n * 16 * 16, 1.0, 300 + t).iter().map(|v| v.abs()).collect(),
+                (0..n as u32).map(|i| (i + t as u32) % 10).collect(),
+            )
+        };
+        for t in 1..=11u64 {
+            // Steps 1-7 at the full batch, 8-11 a partial one; each shape and buffer parity has a warm-up step, a
+            // captured one, then replays.
+            let n = if t <= 7 { b } else { 6 };
+            let (x, l) = batch(t, n);
+            let lr = 1e-3 / t as f64;
+            let dropout = Some((0.2f32, 0xabc0_0000 + t * 7919));
+            let a = graphed.train_step(&x, &l, lr, t, dropout).unwrap();
+            let e = eager.train_step(&x, &l, lr, t, dropout).unwrap();
+            assert_eq!(a, e, "{precision:?} step {t}: the graph's statistics differ from the eager step's");
+        }
+        assert_eq!(graphed.params().unwrap(), eager.params().unwrap(), "{precision:?}: parameters after 11 steps");
+        let (x, l) = batch(99, 5);
+        let (ga, ea) = (graphed.eval_logits(&x, &l).unwrap(), eager.eval_logits(&x, &l).unwrap());
+        assert_eq!(ga.layers, ea.layers, "{precision:?}: evaluation after graph steps");
+        assert_eq!(ga.fusion, ea.fusion);
+        let (captured, replayed) = graphed.backend().step_graph_counts();
+        let (ec, er) = eager.backend().step_graph_counts();
+        println!("{precision:?}: {captured} step graphs captured, {replayed} replays; the eager net {ec} and {er}");
+        assert!(captured >= 4 && replayed >= 3, "{precision:?}: {captured} captured, {replayed} replayed");
+        assert_eq!((ec, er), (0, 0));
+    }
+}

@@ -410,14 +410,14 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             let (pd, key) = dropout.map_or((0.0, 0), |d| (d.p, d.key));
             let use_drop = dropout.is_some() as i32;
             let mut gap2 = vec![f32::NAN; gap.len()];
-            let args = (ch as i32, h as i32, h as i32, pool_i, pd, key, use_drop, 1i32);
+            let args = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, 1i32);
             let out2 = match p {
                 Precision::F32 => {
                     let mut o = vec![f32::NAN; out.len()];
                     launch!(
                         "layer_output_f32",
                         (batch as u32, 1, 1),
-                        fn(*const f32, *mut f32, *mut f32, i32, i32, i32, i32, f32, u64, i32, i32),
+                        fn(*const f32, *mut f32, *mut f32, i32, i32, i32, i32, f32, *const u64, i32, i32),
                         y.as_ptr(),
                         o.as_mut_ptr(),
                         gap2.as_mut_ptr(),
@@ -438,7 +438,7 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
                     launch!(
                         "layer_output_f16",
                         (batch as u32, 1, 1),
-                        fn(*const u16, *mut u16, *mut f32, i32, i32, i32, i32, f32, u64, i32, i32),
+                        fn(*const u16, *mut u16, *mut f32, i32, i32, i32, i32, f32, *const u64, i32, i32),
                         y16.as_ptr(),
                         o.as_mut_ptr(),
                         gap2.as_mut_ptr(),
@@ -517,24 +517,20 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
     for t in 1..=3 {
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
         c16.adamw(n, &mut p, &gr, &mut m, &mut v, &h, Some(&mut copy)).unwrap();
+        // The kernel reads the step's scalars from memory (the backend's step parameters).
         let k = h.scalars();
+        let hp = [k.decay, k.w1, k.b2, k.w2, k.step_size, k.bc2_sqrt, k.eps];
         launch!(
             "adamw_f32",
             geometry::adamw(n),
-            fn(*mut f32, *const f32, *mut f32, *mut f32, *mut u16, i32, f32, f32, f32, f32, f32, f32, f32),
+            fn(*mut f32, *const f32, *mut f32, *mut f32, *mut u16, i32, *const f32),
             p2.as_mut_ptr(),
             gr.as_ptr(),
             m2.as_mut_ptr(),
             v2.as_mut_ptr(),
             copy2.as_mut_ptr(),
             n as i32,
-            k.decay,
-            k.w1,
-            k.b2,
-            k.w2,
-            k.step_size,
-            k.bc2_sqrt,
-            k.eps
+            hp.as_ptr()
         );
     }
     close("adamw", &p2, &p, 0.0, 1e-6);
@@ -584,6 +580,7 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
             "const int*" => "*const i32",
             "const unsigned int*" => "*const u32",
             "const unsigned short*" => "*const u16",
+            "const unsigned long long*" => "*const u64",
             "int" => "i32",
             "float" => "f32",
             "unsigned long long" => "u64",

@@ -146,6 +146,17 @@ impl AdamWStep {
     }
 }
 
+/// How a backend runs the training step about to be issued ([`Backend::begin_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepMode {
+    /// Issue the step's ops; they run as issued.
+    Eager,
+    /// Issue the step's ops; the backend records them and runs them as one graph at [`Backend::end_step`].
+    Capture,
+    /// The backend has launched the step's recorded graph: issue nothing.
+    Replayed,
+}
+
 /// Running loss and accuracy of a loss op: `[loss_sum, correct]`, added to by every call.
 pub const STATS_LEN: usize = 2;
 
@@ -174,6 +185,25 @@ pub trait Backend: Send + Sync {
 
     /// Directs the ops issued next to lane `lane % lanes()`.
     fn set_lane(&self, _lane: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Sets what changes from one training step to the next and the ops read from the device (AdamW's scalars
+    /// for `h`, the dropout key of each layer that drops), before the step is issued. A no-op where ops take them
+    /// as arguments (the CPU); the CUDA backend keeps them in device buffers, so that a recorded step graph reads
+    /// each step's values.
+    fn prepare_step(&self, _h: &AdamWStep, _dropout_keys: &[Option<u64>]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called before a training step's ops with a key naming everything that makes two steps' op sequences
+    /// differ (the batch, the buffers); says whether to issue them ([`StepMode`]).
+    fn begin_step(&self, _key: u64) -> Result<StepMode> {
+        Ok(StepMode::Eager)
+    }
+
+    /// After a step's ops when [`Backend::begin_step`] said [`StepMode::Capture`]: runs what was recorded.
+    fn end_step(&self, _key: u64) -> Result<()> {
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! against [`Backend`]: the training step (forward sweep with every layer's local update) and the
 //! evaluation forward.
 
-use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision, STATS_LEN};
+use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision, StepMode, STATS_LEN};
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid};
 use anyhow::Result;
 
@@ -332,19 +332,31 @@ impl<B: Backend> Net<B> {
             eps: self.adamw.eps,
             step,
         };
-        for li in 0..self.layers.len() {
-            let layer_dropout =
-                dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) });
-            self.layer_pass(li, batch, step, Some((&h, layer_dropout)))?;
+        let layer_dropout = |li: usize| {
+            dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) })
+        };
+        let keys: Vec<Option<u64>> = (0..self.layers.len()).map(|li| layer_dropout(li).map(|d| d.key)).collect();
+        self.be.prepare_step(&h, &keys)?;
+        // The step's ops depend on the batch size and on which activation and statistics buffers it uses: a
+        // backend that records steps (CUDA graphs) keeps one recording per combination.
+        let graph_key = (batch as u64) << 2 | (self.ws.parity as u64) << 1 | self.ws.stats_set as u64;
+        let mode = self.be.begin_step(graph_key)?;
+        if mode != StepMode::Replayed {
+            for li in 0..self.layers.len() {
+                self.layer_pass(li, batch, step, Some((&h, layer_dropout(li))))?;
+            }
+            let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
+            self.be.set_lane(self.layers.len())?;
+            self.heads_pass(batch, true)?;
+            for head in &mut self.heads {
+                head.w.step(&self.be, &h)?;
+                head.b.step(&self.be, &h)?;
+            }
+            std::mem::drop(span);
+            if mode == StepMode::Capture {
+                self.be.end_step(graph_key)?;
+            }
         }
-        let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
-        self.be.set_lane(self.layers.len())?;
-        self.heads_pass(batch, true)?;
-        for head in &mut self.heads {
-            head.w.step(&self.be, &h)?;
-            head.b.step(&self.be, &h)?;
-        }
-        std::mem::drop(span);
         let slots: Vec<&B::Buf> = self.ws.stats[self.ws.stats_set].iter().collect();
         let queued = PendingStats { read: self.be.queue_read(&slots, STATS_LEN)?, batch, step };
         // The next step (or evaluation) writes the other set; this one is read first.

@@ -53,8 +53,8 @@ const char* probe_pipeline(const unsigned* src, unsigned* out, int steps, int mo
     return emu::fault_msg;
 }
 
-void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits* copy, int n, float decay, float w1, float b2, float w2, float step_size, float bc2_sqrt, float eps) {
-    RUN(adamw_f32(p, g, m, v, copy, n, decay, w1, b2, w2, step_size, bc2_sqrt, eps));
+void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits* copy, int n, const float* hp) {
+    RUN(adamw_f32(p, g, m, v, copy, n, hp));
 }
 void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* bias, const int* taps, float* y, int B, int Cin, int Cout, int H, int W) {
     RUN(conv_goodness_fwd_f32(x, w, bias, taps, y, B, Cin, Cout, H, W));
@@ -110,10 +110,10 @@ void emu_heads_grad_f32(GRID, const float* f, const float* ds, float* dw, float*
 void emu_goodness_loss_f32(GRID, const float* g, const float* pw, const float* pb, const unsigned int* labels, float* logits, float* dg, float* stats, int B, int D, int N, int with_grad) {
     RUN(goodness_loss_f32(g, pw, pb, labels, logits, dg, stats, B, D, N, with_grad));
 }
-void emu_layer_output_f32(GRID, const float* y, float* out, float* gap, int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap) {
+void emu_layer_output_f32(GRID, const float* y, float* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap) {
     RUN(layer_output_f32(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
 }
-void emu_layer_output_f16(GRID, const f16_bits* y, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap) {
+void emu_layer_output_f16(GRID, const f16_bits* y, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap) {
     RUN(layer_output_f16(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
 }
 }

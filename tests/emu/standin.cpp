@@ -29,7 +29,7 @@
 //   (the legacy default stream cannot be captured, as on a GPU); kernel arguments are frozen at capture, copies
 //   read their host memory at replay. Capture's rules are enforced: a synchronous copy (to or from pageable
 //   memory too), an allocation or free, a synchronisation, a module load, or an event on the capturing stream
-//   while any stream captures fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture
+//   while a capture in global mode, or one this thread began in thread-local mode, is in progress fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture
 //   (cuStreamEndCapture then fails with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED). cuGraphLaunch queues the graph's
 //   operations on a stream in their captured order.
 // - Everything else that cudarc's safe API can call is exported and fails with CUDA_ERROR_NOT_SUPPORTED and a
@@ -584,6 +584,8 @@ struct Stream {
     // While capturing: where push() records, and whether an illegal call invalidated the capture.
     std::unique_ptr<Graph> capture;
     bool capture_invalid = false;
+    int capture_mode = 0;  // CU_STREAM_CAPTURE_MODE_GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
+    std::thread::id capture_thread;
     uint64_t enqueued = 0, completed = 0;
     bool stop = false, held = false;
     std::thread worker;
@@ -725,17 +727,23 @@ bool is_capturing(Stream* s) {
     return s->capture != nullptr;
 }
 
-// SUCCESS, or (while a stream captures) the error of a call that capture does not allow: every capture is
-// invalidated, as the driver does.
+// SUCCESS, or the error of a call that a capture in progress does not allow: one in global mode (from any
+// thread), or one in thread-local mode begun by this thread; relaxed mode allows everything. The captures it
+// concerns are invalidated, as the driver does.
 CUresult capture_forbids(const char* what) {
     if (capturing.load() == 0) return SUCCESS;
+    bool forbidden = false;
     {
         std::lock_guard<std::mutex> g(streams_mu);
         for (Stream* s : streams) {
             std::lock_guard<std::mutex> gs(s->mu);
-            if (s->capture) s->capture_invalid = true;
+            if (s->capture && (s->capture_mode == 0 || (s->capture_mode == 1 && s->capture_thread == std::this_thread::get_id()))) {
+                s->capture_invalid = true;
+                forbidden = true;
+            }
         }
     }
+    if (!forbidden) return SUCCESS;
     return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED,
                 "%s while a stream is capturing a graph: capture allows no synchronous copy, allocation, free, "
                 "synchronisation or module load (the capture is invalidated)", what);
@@ -948,7 +956,8 @@ CUresult cuStreamQuery(CUstream h) {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
-    if (is_capturing(s)) return capture_forbids("cuStreamQuery of a capturing stream");
+    if (is_capturing(s))
+        if (CUresult c = capture_forbids("cuStreamQuery of a capturing stream")) return c;
     GUARD();
     std::lock_guard<std::mutex> g(s->mu);
     return s->completed >= s->enqueued ? SUCCESS : ERROR_NOT_READY;
@@ -1400,7 +1409,6 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 
 CUresult cuStreamBeginCapture_v2(CUstream h, int mode) {
     ENTER("cuStreamBeginCapture_v2");
-    (void)mode;
     GUARD();
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
@@ -1410,6 +1418,8 @@ CUresult cuStreamBeginCapture_v2(CUstream h, int mode) {
     if (s->capture) return fail(ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: stream %d is already capturing", s->id);
     s->capture.reset(new Graph);
     s->capture_invalid = false;
+    s->capture_mode = mode;
+    s->capture_thread = std::this_thread::get_id();
     ++capturing;
     return SUCCESS;
 }

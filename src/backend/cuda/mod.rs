@@ -26,6 +26,7 @@
 pub mod args;
 pub mod buf;
 pub mod geometry;
+mod graph;
 pub mod nvrtc;
 pub mod ops;
 pub mod standin;
@@ -34,7 +35,7 @@ pub mod timing;
 pub use buf::CudaBuf;
 pub use timing::GpuCeilings;
 
-use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision};
+use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision, StepMode};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{
@@ -120,6 +121,13 @@ pub struct CudaBackend {
     timed: Mutex<timing::TimedOps>,
     /// `ASGE_CUDA_SYNC=1`: synchronise and check after every launch.
     sync_each: bool,
+    /// The per-step values kernels read from the device, the captured step graphs, and whether lane 0 is
+    /// capturing one (graph.rs).
+    step_params: Mutex<graph::StepParams>,
+    graphs: Mutex<graph::StepGraphs>,
+    capturing: std::sync::atomic::AtomicBool,
+    /// Step graphs allowed (`ASGE_CUDA_GRAPHS=0` or [`CudaBackend::without_step_graphs`] turn them off).
+    graphs_allowed: bool,
 }
 
 /// Device tables built once per shape and shared by every call (and lane) after.
@@ -269,7 +277,8 @@ impl CudaBackend {
         let new_stream =
             || ctx.new_stream().map_err(|e| anyhow::anyhow!("cuda:{ordinal}: cannot create a stream ({e:?})"));
         let copy_stream = if lanes > 1 { Some(new_stream()?) } else { None };
-        let mut streams = vec![ctx.default_stream()];
+        // Created streams only: the legacy default stream cannot be captured into a graph.
+        let mut streams = vec![new_stream()?];
         for _ in 1..lanes {
             streams.push(new_stream()?);
         }
@@ -305,6 +314,12 @@ impl CudaBackend {
             )
             .map_err(|e| anyhow::anyhow!("kernel {name}: cannot opt in to {smem} bytes of shared memory ({e:?})"))?;
         }
+        let step_params = graph::StepParams::new(
+            streams.len(),
+            drv(streams[0].alloc_zeros::<f32>(8 * streams.len()), "alloc step parameters")?,
+            drv(streams[0].alloc_zeros::<u64>(graph::KEY_SLOTS), "alloc step parameters")?,
+        );
+        drv(streams[0].synchronize(), "alloc step parameters")?;
         Ok(CudaBackend {
             ordinal,
             precision: Precision::F32,
@@ -327,6 +342,10 @@ impl CudaBackend {
             cell_tables: Mutex::new(HashMap::new()),
             timed: Mutex::new(timing::TimedOps::default()),
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            step_params: Mutex::new(step_params),
+            graphs: Mutex::new(graph::StepGraphs::default()),
+            capturing: std::sync::atomic::AtomicBool::new(false),
+            graphs_allowed: !std::env::var("ASGE_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
         })
     }
 
@@ -342,6 +361,12 @@ impl CudaBackend {
     /// True when the device is the driver stand-in (timings then measure the emulator).
     pub fn is_standin(&self) -> bool {
         standin::active() && self.device.contains("CUDA stand-in")
+    }
+
+    /// This backend issuing every training step's ops (no step graphs): the reference the graph tests compare
+    /// against.
+    pub fn without_step_graphs(self) -> Self {
+        CudaBackend { graphs_allowed: false, ..self }
     }
 
     /// This backend with its conv operands (layer inputs, conv outputs, weight copies) in `precision`.
@@ -403,6 +428,8 @@ impl CudaBackend {
         len: usize,
     ) -> Result<&'a mut CudaSlice<T>> {
         if slot.as_ref().is_none_or(|s| s.len() < len) {
+            // Captured graphs point at the buffer being replaced.
+            self.drop_step_graphs("a scratch buffer grew")?;
             *slot = None;
             // SAFETY: every scratch user writes what it reads first (partials, dL/ds, the gather, the layouts).
             *slot = Some(drv(unsafe { self.stream().alloc::<T>(len.max(1)) }, "alloc")?);
@@ -528,6 +555,18 @@ impl Backend for CudaBackend {
 
     fn device_time_ms(&self, warmup: usize, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
         self.time_ms(warmup, reps, f).map(Some)
+    }
+
+    fn prepare_step(&self, h: &AdamWStep, dropout_keys: &[Option<u64>]) -> Result<()> {
+        self.prepare_step_params(h, dropout_keys)
+    }
+
+    fn begin_step(&self, key: u64) -> Result<StepMode> {
+        self.begin_step_graph(key)
+    }
+
+    fn end_step(&self, key: u64) -> Result<()> {
+        self.end_step_graph(key)
     }
 
     fn take_device_spans(&self) -> Result<Vec<DeviceSpan>> {

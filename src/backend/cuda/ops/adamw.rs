@@ -4,7 +4,7 @@
 use super::super::args::launch::AdamwF32;
 use super::super::args::DevOut;
 use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf};
-use crate::backend::{check, AdamWScalars, AdamWStep};
+use crate::backend::{check, AdamWStep};
 use anyhow::Result;
 
 #[allow(clippy::too_many_arguments)]
@@ -20,7 +20,9 @@ pub fn run(
 ) -> Result<()> {
     let _timer = be.time_op("adamw");
     check::adamw("cuda", len, p.len(), grad.len(), m.len(), v.len(), copy.as_ref().map(|c| c.len()))?;
-    let AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
+    // The scalars from the step's parameters (the current lane's slot; written now if they differ).
+    let mut params = be.step_params.lock().unwrap();
+    let hp = be.adamw_slot(&mut params, be.lane_index(), &h.scalars())?;
     let ps = p.f32_mut("parameter")?;
     // The fp16 copy is written by the kernel; an f32 copy (an f32 backend's operand) is a device copy after it.
     let (f16_copy, f32_copy) = match copy {
@@ -37,13 +39,7 @@ pub fn run(
             v: v.f32_mut("exp_avg_sq")?,
             copy: f16_copy,
             n: len as i32,
-            decay,
-            w1,
-            b2,
-            w2,
-            step_size,
-            bc2_sqrt,
-            eps,
+            hp: &hp,
         }
         .launch(be.stream(), be.f("adamw_f32")?, cfg(geometry::adamw(len)))
     })?;

@@ -2,7 +2,7 @@
 //! features, one block per sample.
 
 use super::super::args::launch::{LayerOutputF16, LayerOutputF32};
-use super::super::args::DevOut;
+use super::super::args::{DevIn, DevOut};
 use super::super::{cfg, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, Dropout, Precision};
 use crate::model::PoolKind;
@@ -29,10 +29,15 @@ pub fn run(
         Some(PoolKind::Avg) => 1,
         Some(PoolKind::Rms) => 2,
     };
+    // The key from the step's parameters (the slot of the layer the trainer set as the lane); null without
+    // dropout.
+    let mut params = be.step_params.lock().unwrap();
+    let site = be.lane.load(std::sync::atomic::Ordering::Relaxed);
     let (p, key, use_dropout) = match dropout {
-        Some(d) => (d.p, d.key, 1i32),
-        None => (0.0f32, 0u64, 0i32),
+        Some(d) => (d.p, Some(be.key_slot(&mut params, site, d.key)?), 1i32),
+        None => (0.0f32, None, 0i32),
     };
+    let key = key.as_ref().map(|k| k as &dyn DevIn<u64>);
     let use_gap = gap.is_some() as i32;
     // Without pooled features the kernel never touches gap: a null pointer (layer 0 allocates nothing).
     let gap = match gap {
