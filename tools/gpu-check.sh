@@ -119,7 +119,7 @@ run() {
     # The CIFAR-10 recipe (50,000 training images, 100 epochs) projected from the measured step rate: training
     # steps only (evaluation, data loading and the last partial batch are not in it).
     row "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s)' "$out/bench-cuda-fp16-w$w.txt" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
-    row "  the model's expectation (tools/perf_model.py, not measured): $(python3 tools/perf_model.py $w | tail -1 | sed 's/.*the step is/the step is/')"
+    row "  the model's expectation (tools/perf_model.py, not measured): $(python3 tools/perf_model.py $w | tail -1)"
     # The fp16 forward's and weight gradient's share of HGEMM by layer: the bench rows' sixth column (%), then
     # the kernel that ran.
     row "  fp16 conv fwd, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
@@ -137,6 +137,10 @@ run() {
       row "pytorch w$w: no torch with CUDA on this machine"
     fi
   done
+  # The same step without the step graph (every op launched): what the graph saves.
+  ASGE_CUDA_GRAPHS=0 lim 30 "$B/asge" bench --device cuda --precision fp16 --width 0.25 --batch 128 --reps 3 --step-only \
+    > "$out/bench-cuda-fp16-w0.25-eager.txt" 2>&1
+  row "bench cuda fp16 w0.25 without the step graph: $(grep 'train step' "$out/bench-cuda-fp16-w0.25-eager.txt" || tail -1 "$out/bench-cuda-fp16-w0.25-eager.txt")"
   lim 30 "$B/asge" bench --device cuda --precision fp32 --width 1 --batch 128 --reps 3 --step-only > "$out/bench-cuda-fp32-w1.txt" 2>&1
   row "bench cuda fp32 w1: $(grep 'train step' "$out/bench-cuda-fp32-w1.txt" || tail -1 "$out/bench-cuda-fp32-w1.txt")"
   # 4. One stream per layer: the same step, then a traced run for the overlap.

@@ -14,6 +14,7 @@ MMA_SYNC = 0.62 * 989e12  # what mma.sync reaches on Hopper (assumed ~62% of the
 PIPE_EFF = 0.8        # the pipelined kernels' share of that (epilogue, prologue, latency at 8 warps an SM; assumed)
 HBM = 3.35e12 * 0.8   # achievable DRAM bandwidth (80% of 3.35 TB/s)
 LAUNCH_US = 2.0       # device-side cost of one small kernel in a back-to-back queue without a graph (assumed)
+GRAPH_US = 0.8        # the same inside a replayed CUDA graph (assumed)
 
 VGG8 = [(128, False), (256, True), (256, False), (512, True), (512, True), (512, True), (512, False)]
 # (name, tile_m, tile_n or tile_k, blocks per SM from shared memory and registers)
@@ -89,13 +90,13 @@ def main(argv):
         for r in rows:
             print(f"| {r[0]} | {r[1]} -> {r[2]}, {r[3]} | {r[4]:.2f} | {r[5]:.1f} | {r[6]} | {r[7]} | {r[8]} | "
                   f"{r[9]:.0f} | {r[10]:.0f}% |")
-        side_us = tot["ops"] * LAUNCH_US + 10 * 7  # launches, and ~10 us of memory-bound side ops a layer
-        step = tot["t"] * 1e6 + side_us
         print(f"\nconv GEMMs {tot['t'] * 1e6:.0f} us for {tot['flop'] / 1e9:.1f} GFLOP "
-              f"({100 * tot['flop'] / tot['t'] / HGEMM:.0f}% of HGEMM); with ~{tot['ops']} launches and the side ops "
-              f"(~{side_us:.0f} us without a graph) the step is ~{step:.0f} us: "
-              f"{100 * tot['flop'] / (step / 1e6) / HGEMM:.0f}% of HGEMM on the conv FLOPs, "
-              f"{batch / (step / 1e6):.0f} images/s")
+              f"({100 * tot['flop'] / tot['t'] / HGEMM:.0f}% of HGEMM); ~{tot['ops']} launches and the side ops:")
+        for how, per in (("eager", LAUNCH_US), ("as a graph", GRAPH_US)):
+            side_us = tot["ops"] * per + 10 * 7  # launches, and ~10 us of memory-bound side ops a layer
+            step = tot["t"] * 1e6 + side_us
+            print(f"{how}: the step is ~{step:.0f} us: {100 * tot['flop'] / (step / 1e6) / HGEMM:.0f}% of HGEMM on "
+                  f"the conv FLOPs, {batch / (step / 1e6):.0f} images/s")
 
 
 main(sys.argv[1:])
