@@ -93,17 +93,25 @@ extern "C" __global__ void __launch_bounds__(256) conv_goodness_fwd_f32(
 // thread, and the stage read one step ago is free), the copies of step kt + S - 1 into that free stage, then the
 // stage's MMAs. Epilogue: bias in f32, ReLU, y stored NCHW in fp16 (what the goodness, layer-output and
 // weight-gradient kernels read).
-template <int MI, int NI, int S, int TK>
+//
+// With SPLIT (split-K, for the layers whose grid would not fill the GPU), blockIdx.z takes the z-th of gridDim.z
+// equal runs of K steps and stores its f32 partial tile in part[z][m][n] (no bias, no ReLU); conv_fwd_splitk_f16
+// then sums the partials in z order, adds the bias, applies ReLU and stores y: deterministic, as without the split.
+template <int MI, int NI, int S, int TK, bool SPLIT = false>
 __device__ __forceinline__ void conv_fwd_nhwc(
     const f16_bits* __restrict__ x, const f16_bits* __restrict__ w, const float* __restrict__ bias,
-    const int* __restrict__ taps, f16_bits* __restrict__ y, int B, int Cp, int Cout, int H, int W)
+    const int* __restrict__ taps, f16_bits* __restrict__ y, float* __restrict__ part, int B, int Cp, int Cout, int H,
+    int W)
 {
     // CPR chunks of 8 halves per tile row and K step; the 256 threads cover PASS rows at a time.
     constexpr int TM = 32 * MI, TN = 32 * NI, LD = TK + 8, CPR = TK / 8, PASS = 256 / CPR;
     constexpr int CA = TM / PASS, CB = TN / PASS;
     constexpr unsigned A_STAGE = TM * LD * 2, B_STAGE = TN * LD * 2, ROWS_PASS = PASS * LD * 2;
     static_assert(TK % 32 == 0 && CA >= 1 && CB >= 1, "tile shape");
-    const int Kp = NHWC_KP(Cp), HW = H * W, N = B * HW, KT = Kp / TK;
+    const int Kp = NHWC_KP(Cp), HW = H * W, N = B * HW, KT_ALL = Kp / TK;
+    // This block's K steps [kt0, kt0 + KT): all of them, or its split's run (possibly empty: zero partials).
+    const int per = SPLIT ? (KT_ALL + gridDim.z - 1) / gridDim.z : KT_ALL;
+    const int kt0 = SPLIT ? min(KT_ALL, (int)blockIdx.z * per) : 0, KT = SPLIT ? min(KT_ALL - kt0, per) : KT_ALL;
     const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const int tid = threadIdx.x, kc = (tid % CPR) * 8, row = tid / CPR;
     // Shared addresses: the thread's copy destinations and the lane's ldmatrix rows, in stage 0.
@@ -114,9 +122,9 @@ __device__ __forceinline__ void conv_fwd_nhwc(
     const unsigned a_ld = sA + a_row * 2, b_ld = sB + b_row * 2;
     // Global sources: the thread's weight rows (padded: always inside) and its B pixels' window origins and
     // in-map masks, located once.
-    const f16_bits* a_src = w + (long)(m0 + row) * Kp + kc;
+    const f16_bits* a_src = w + (long)(m0 + row) * Kp + kc + kt0 * TK;
     const long a_pass = (long)PASS * Kp;
-    const int* tap = taps + (kc >> 3);
+    const int* tap = taps + (kc >> 3) + kt0 * (TK / 8);
     int xo[CB], mask[CB];
 #pragma unroll
     for (int i = 0; i < CB; ++i) {
@@ -159,6 +167,13 @@ __device__ __forceinline__ void conv_fwd_nhwc(
     }
     cp_async_wait<0>();
 
+    if constexpr (SPLIT) {
+        tc_for_each<MI, NI>(acc, [&](int r, int c, int, float v) {
+            const int m = m0 + r, n = n0 + c;
+            if (m < Cout && n < N) part[((long)blockIdx.z * Cout + m) * N + n] = v;
+        });
+        return;
+    }
     // The thread's 2 NI output pixels, located once: offsets b*C_out*HW + p in y (32 bits: the host keeps y under
     // 2^31 values), -1 past N.
     int yo[2 * NI];
@@ -181,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_fwd_nhwc_f16(
     const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/,
     f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cp, int Cout, int H, int W)
 {
-    conv_fwd_nhwc<2, 4, 3, 64>(x, w, bias, taps, y, B, Cp, Cout, H, W);
+    conv_fwd_nhwc<2, 4, 3, 64>(x, w, bias, taps, y, nullptr, B, Cp, Cout, H, W);
 }
 
 // 128 x 256 tile (64 x 64 per warp), K steps of 32, 4 stages (122,880 bytes). Both tiles need more than the 48 KB a
@@ -191,7 +206,30 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv_fwd_nhwc_f16_l(
     const float* __restrict__ bias /*[Cout]*/, const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/,
     f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cp, int Cout, int H, int W)
 {
-    conv_fwd_nhwc<4, 8, 4, 32>(x, w, bias, taps, y, B, Cp, Cout, H, W);
+    conv_fwd_nhwc<4, 8, 4, 32>(x, w, bias, taps, y, nullptr, B, Cp, Cout, H, W);
+}
+
+// The 64 x 128 tile split over K (see SPLIT above): gridDim.z partial tiles per output tile.
+extern "C" __global__ void __launch_bounds__(256) conv_fwd_nhwc_f16_sk(
+    const f16_bits* __restrict__ x /*[B*H*W*Cp]*/, const f16_bits* __restrict__ w /*[NHWC_MP(Cout)*NHWC_KP(Cp)]*/,
+    const int* __restrict__ taps /*[NHWC_TAPS(Cp)]*/, float* __restrict__ part /*[gridDim.z*Cout*B*H*W]*/, int B,
+    int Cp, int Cout, int H, int W)
+{
+    conv_fwd_nhwc<2, 4, 3, 64, true>(x, w, nullptr, taps, nullptr, part, B, Cp, Cout, H, W);
+}
+
+// y = relu(sum_z part[z] + bias), the z in order, stored NCHW in fp16: one thread per output value, pixels fastest.
+extern "C" __global__ void conv_fwd_splitk_f16(
+    const float* __restrict__ part /*[Z*Cout*B*H*W]*/, const float* __restrict__ bias /*[Cout]*/,
+    f16_bits* __restrict__ y /*[B*Cout*H*W]*/, int B, int Cout, int H, int W, int Z)
+{
+    const int HW = H * W, N = B * HW;
+    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long)Cout * N) return;
+    const int m = (int)(t / N), n = (int)(t % N);
+    float v = 0.0f;
+    for (int z = 0; z < Z; ++z) v += part[(long)z * Cout * N + t];
+    y[((long)(n / HW) * Cout + m) * HW + n % HW] = f2h(fmaxf(v + bias[m], 0.0f));
 }
 
 template <typename T>

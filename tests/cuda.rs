@@ -168,6 +168,16 @@ fn the_fp16_forward_tile_follows_the_shape() {
     assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F16), CONV_FWD_F16[0]);
     assert_eq!(conv_fwd(&s(128, 512, 4), Precision::F16), (16, 8, 1));
     assert_eq!(conv_fwd_kernel(&s(128, 512, 4), Precision::F32).name, "conv_goodness_fwd_f32");
+    // Split-K where the small tile's grid gives fewer than two blocks per SM: VGG8 width 1's 4x4 layer (128
+    // blocks, 72 K steps: 2 runs of 36, 256 blocks) and 2x2 layer (32 blocks: 8 runs of 9); none for the large
+    // layers.
+    use cuda::geometry::conv_fwd_splits;
+    let vgg = |c_in, c_out, side| asge::backend::ConvShape { batch: 128, c_in, c_out, h: side, w: side };
+    let splits = |s: asge::backend::ConvShape| conv_fwd_splits(&s, &conv_fwd_kernel(&s, Precision::F16));
+    assert_eq!(splits(vgg(512, 512, 4)), 2);
+    assert_eq!(splits(vgg(512, 512, 2)), 8);
+    assert_eq!(splits(vgg(256, 512, 16)), 1);
+    assert_eq!(splits(vgg(3, 128, 32)), 1, "2 K steps: nothing to split");
 }
 
 #[test]

@@ -238,22 +238,58 @@ fn gpu_conv(
                 cp as i32
             );
             let ntaps = geometry::nhwc_tap_table(cp, s.h, s.w).unwrap();
-            launch!(
-                fwd_f16.name,
-                geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n),
-                smem fwd_f16.smem,
-                fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
-                xn.as_ptr(),
-                wn.as_ptr(),
-                b.as_ptr(),
-                ntaps.as_ptr(),
-                y16.as_mut_ptr(),
-                bb,
-                cp as i32,
-                co,
-                h,
-                ww
-            );
+            if fwd_f16 == geometry::CONV_FWD_F16_SPLIT {
+                // Split over K into 3 runs (on the 2-step layers one of them is empty: zero partials), then the
+                // ordered sum with the bias and ReLU.
+                let (gx, gy, _) = geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n);
+                let n = s.batch * s.h * s.w;
+                let mut part = vec![f32::NAN; 3 * s.c_out * n];
+                launch!(
+                    "conv_fwd_nhwc_f16_sk",
+                    (gx, gy, 3),
+                    smem fwd_f16.smem,
+                    fn(*const u16, *const u16, *const i32, *mut f32, i32, i32, i32, i32, i32),
+                    xn.as_ptr(),
+                    wn.as_ptr(),
+                    ntaps.as_ptr(),
+                    part.as_mut_ptr(),
+                    bb,
+                    cp as i32,
+                    co,
+                    h,
+                    ww
+                );
+                launch!(
+                    "conv_fwd_splitk_f16",
+                    geometry::grid1(s.c_out * n),
+                    fn(*const f32, *const f32, *mut u16, i32, i32, i32, i32, i32),
+                    part.as_ptr(),
+                    b.as_ptr(),
+                    y16.as_mut_ptr(),
+                    bb,
+                    co,
+                    h,
+                    ww,
+                    3
+                );
+            } else {
+                launch!(
+                    fwd_f16.name,
+                    geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n),
+                    smem fwd_f16.smem,
+                    fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
+                    xn.as_ptr(),
+                    wn.as_ptr(),
+                    b.as_ptr(),
+                    ntaps.as_ptr(),
+                    y16.as_mut_ptr(),
+                    bb,
+                    cp as i32,
+                    co,
+                    h,
+                    ww
+                );
+            }
             launch!(
                 "patch_goodness_f16",
                 geometry::grid1(g_len),
@@ -328,12 +364,13 @@ fn gpu_conv(
 
 #[test]
 fn conv_kernels_match_the_cpu_reference() {
-    // f32, then fp16 twice: the small forward and weight-gradient tiles, then the large ones (the backend picks
-    // them by shape; here every case runs every kernel).
+    // f32, then fp16 three times: the small forward and weight-gradient tiles, the large ones, and the small
+    // forward split over K (the backend picks them by shape; here every case runs every kernel).
     let f16 = geometry::CONV_FWD_F16.into_iter().zip(geometry::WGRAD_F16);
     let runs = [(Precision::F32, (geometry::CONV_FWD_F16[0], geometry::WGRAD_F16[0]))]
         .into_iter()
-        .chain(f16.map(|k| (Precision::F16, k)));
+        .chain(f16.map(|k| (Precision::F16, k)))
+        .chain([(Precision::F16, (geometry::CONV_FWD_F16_SPLIT, geometry::WGRAD_F16[0]))]);
     for (p, kernels) in runs {
         let c = CpuBackend::new().with_precision(p);
         let store_rtol = if p == Precision::F16 { 1.1e-3 } else { 1e-4 };

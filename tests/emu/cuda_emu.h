@@ -91,10 +91,26 @@ asge_emu_swap:
     ret
     .size asge_emu_swap, .-asge_emu_swap
 )");
-struct Fiber { void* sp = nullptr; std::vector<char> stack; State state = DONE; };
+// A fiber's stack: its own mapping with a PROT_NONE page below it, so that an overflow faults (a fault the driver
+// stand-in reports as the kernel's) instead of writing over the heap.
+struct FiberStack {
+    char* map = nullptr;
+    char* data() const { return map + 4096; }
+    bool empty() const { return map == nullptr; }
+    void allocate() {
+        void* m = mmap(nullptr, STACK + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            std::fputs("cuda_emu: cannot map a fiber stack\n", stderr);
+            std::abort();
+        }
+        map = static_cast<char*>(m);
+        mprotect(map, 4096, PROT_NONE);
+    }
+};
+struct Fiber { void* sp = nullptr; FiberStack stack; State state = DONE; };
 static void* sched_sp = nullptr;
 #else
-struct Fiber { ucontext_t ctx; std::vector<char> stack; State state = DONE; };
+struct Fiber { ucontext_t ctx; FiberStack stack; State state = DONE; };
 static ucontext_t sched;
 #endif
 static std::vector<Fiber> fibers;
@@ -266,7 +282,7 @@ inline void run_block(int threads) {
     if ((int)fibers.size() < threads) fibers.resize(threads);
     for (int i = 0; i < threads; ++i) {
         Fiber& f = fibers[i];
-        if (f.stack.empty()) f.stack.resize(STACK);
+        if (f.stack.empty()) f.stack.allocate();
 #if defined(__x86_64__)
         // A fresh stack whose first switch returns into fiber_main with the ABI's alignment (rsp = 8 mod 16 at
         // entry): [top - 8] a null return address, [top - 16] fiber_main, then six saved registers.

@@ -65,6 +65,12 @@ void emu_conv_fwd_nhwc_f16(GRID, const f16_bits* x, const f16_bits* w, const flo
 void emu_conv_fwd_nhwc_f16_l(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cp, int Cout, int H, int W) {
     RUN(conv_fwd_nhwc_f16_l(x, w, bias, taps, y, B, Cp, Cout, H, W));
 }
+void emu_conv_fwd_nhwc_f16_sk(GRID, const f16_bits* x, const f16_bits* w, const int* taps, float* part, int B, int Cp, int Cout, int H, int W) {
+    RUN(conv_fwd_nhwc_f16_sk(x, w, taps, part, B, Cp, Cout, H, W));
+}
+void emu_conv_fwd_splitk_f16(GRID, const float* part, const float* bias, f16_bits* y, int B, int Cout, int H, int W, int Z) {
+    RUN(conv_fwd_splitk_f16(part, bias, y, B, Cout, H, W, Z));
+}
 void emu_nhwc_pad_f16(GRID, const f16_bits* x, f16_bits* xn, int B, int C, int H, int W, int Cp) {
     RUN(nhwc_pad_f16(x, xn, B, C, H, W, Cp));
 }

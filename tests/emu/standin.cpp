@@ -61,6 +61,7 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+#include <execinfo.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -524,7 +525,16 @@ void on_signal(int sig, siginfo_t* info, void* uc) {
         running->fault += " (" + describe_address(reinterpret_cast<uintptr_t>(info->si_addr)) + ")";
         siglongjmp(running->jump, 1);
     }
-    // Not device work: whatever handled the signal before the stand-in does.
+    // Not device work: say where (a crash of the host code should be diagnosable from a CI log), then whatever
+    // handled the signal before the stand-in does.
+    {
+        char b[128];
+        int n = std::snprintf(b, sizeof b, "asge CUDA stand-in: signal %d at %p outside device work; backtrace:\n", sig,
+                              info->si_addr);
+        if (n > 0) (void)!write(2, b, (size_t)n);
+        void* frames[48];
+        backtrace_symbols_fd(frames, backtrace(frames, 48), 2);
+    }
     struct sigaction& prev = sig == SIGSEGV ? previous_segv : previous_bus;
     if (prev.sa_flags & SA_SIGINFO) {
         if (prev.sa_sigaction) return prev.sa_sigaction(sig, info, uc);
@@ -677,7 +687,10 @@ struct Func {
 namespace {
 
 std::mutex streams_mu;
-std::set<Stream*> streams;
+// Live streams, owned here: a call that works on every stream (cuCtxSynchronize) holds its own references, so a
+// stream another thread destroys meanwhile is not freed under it. Never destroyed itself (its streams' workers
+// are still running when the process exits).
+std::map<Stream*, std::shared_ptr<Stream>>& streams = *new std::map<Stream*, std::shared_ptr<Stream>>;
 Stream* null_stream = nullptr;
 int next_stream_id = 1;
 std::mutex kernel_mu;  // the emulator runs one grid at a time
@@ -690,7 +703,7 @@ Stream* make_stream(unsigned flags) {
     {
         std::lock_guard<std::mutex> g(streams_mu);
         s->id = null_stream ? next_stream_id++ : 0;
-        streams.insert(s);
+        streams.emplace(s, std::shared_ptr<Stream>(s));
     }
     s->rng.seed(delay_seed.load() * 1000003ull + (uint64_t)s->id);
     s->worker = std::thread([s] { s->loop(); });
@@ -735,7 +748,8 @@ CUresult capture_forbids(const char* what) {
     bool forbidden = false;
     {
         std::lock_guard<std::mutex> g(streams_mu);
-        for (Stream* s : streams) {
+        for (auto& kv : streams) {
+            Stream* s = kv.first;
             std::lock_guard<std::mutex> gs(s->mu);
             if (s->capture && (s->capture_mode == 0 || (s->capture_mode == 1 && s->capture_thread == std::this_thread::get_id()))) {
                 s->capture_invalid = true;
@@ -773,18 +787,30 @@ void device_work(const std::string& what, const std::function<void()>& body, boo
 
 // ---- the exported driver API -----------------------------------------------------------------------------
 
+namespace {
+// A C++ exception must not cross the driver's C interface (into Rust it aborts the process): every exported
+// function turns one into an error naming itself and the exception.
+CUresult exception_error(const char* fn, const char* what) {
+    return fail(ERROR_UNKNOWN, "%s: a C++ exception inside the stand-in: %s", fn, what);
+}
+}  // namespace
+
 // Built with -fvisibility=hidden: only the driver API and the test hooks are exported, so the kernels' host
 // twins never interpose on another host build of them in the same process (tests/kernel_emulation.rs).
 #pragma GCC visibility push(default)
 extern "C" {
 
-CUresult cuGetErrorName(CUresult error, const char** p) {
+CUresult cuGetErrorName(CUresult error, const char** p) try {
     ENTER("cuGetErrorName");
     if (p) *p = code_name(error);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuGetErrorString(CUresult error, const char** p) {
+CUresult cuGetErrorString(CUresult error, const char** p) try {
     ENTER("cuGetErrorString");
     static thread_local std::string text;
     {
@@ -793,132 +819,200 @@ CUresult cuGetErrorString(CUresult error, const char** p) {
     }
     if (p) *p = text.c_str();
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 // NVRTC opens libcuda.so.1 (the stand-in, once loaded) and asks it for the driver's private export tables: none
 // here, as on a machine without a driver.
-CUresult cuGetExportTable(const void** table, const void* id) {
+CUresult cuGetExportTable(const void** table, const void* id) try {
     ENTER("cuGetExportTable");
     (void)id;
     if (table) *table = nullptr;
     return fail(ERROR_NOT_SUPPORTED, "cuGetExportTable: the stand-in has no private driver tables");
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuInit(unsigned flags) {
+CUresult cuInit(unsigned flags) try {
     ENTER("cuInit");
     (void)flags;
     init_once();
     initialized = true;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDriverGetVersion(int* v) {
+CUresult cuDriverGetVersion(int* v) try {
     ENTER("cuDriverGetVersion");
     if (!v) return fail(ERROR_INVALID_VALUE, "cuDriverGetVersion: null pointer");
     *v = 13000;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDeviceGetCount(int* n) {
+CUresult cuDeviceGetCount(int* n) try {
     ENTER("cuDeviceGetCount");
     if (!initialized) return fail(ERROR_NOT_INITIALIZED, "cuDeviceGetCount before cuInit");
     *n = 1;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+CUresult cuDeviceGet(CUdevice* d, int ordinal) try {
     ENTER("cuDeviceGet");
     if (!initialized) return fail(ERROR_NOT_INITIALIZED, "cuDeviceGet before cuInit");
     if (ordinal != 0) return fail(ERROR_INVALID_DEVICE, "cuDeviceGet(%d): the stand-in models one device", ordinal);
     *d = 0;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
+CUresult cuDeviceGetName(char* name, int len, CUdevice d) try {
     ENTER("cuDeviceGetName");
     if (d != 0) return fail(ERROR_INVALID_DEVICE, "cuDeviceGetName: device %d", d);
     std::snprintf(name, (size_t)len, "%s", DEVICE_NAME);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) try {
     ENTER("cuDeviceTotalMem_v2");
     if (d != 0) return fail(ERROR_INVALID_DEVICE, "cuDeviceTotalMem: device %d", d);
     *bytes = TOTAL_MEM;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice d) {
+CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice d) try {
     ENTER("cuDeviceGetAttribute");
     if (d != 0) return fail(ERROR_INVALID_DEVICE, "cuDeviceGetAttribute: device %d", d);
     *v = attribute(attrib);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
+CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) try {
     ENTER("cuDevicePrimaryCtxRetain");
     GUARD();
     if (d != 0) return fail(ERROR_INVALID_DEVICE, "cuDevicePrimaryCtxRetain: device %d", d);
     ++primary.refs;
     *ctx = &primary;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) try {
     ENTER("cuDevicePrimaryCtxRelease_v2");
     if (d != 0) return fail(ERROR_INVALID_DEVICE, "cuDevicePrimaryCtxRelease: device %d", d);
     if (primary.refs > 0) --primary.refs;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuCtxSetCurrent(CUcontext c) {
+CUresult cuCtxSetCurrent(CUcontext c) try {
     ENTER("cuCtxSetCurrent");
     if (c != nullptr && c != &primary) return fail(ERROR_INVALID_CONTEXT, "cuCtxSetCurrent: not the primary context");
     current = c;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuCtxGetCurrent(CUcontext* c) {
+CUresult cuCtxGetCurrent(CUcontext* c) try {
     ENTER("cuCtxGetCurrent");
     *c = current;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuCtxGetDevice(CUdevice* d) {
+CUresult cuCtxGetDevice(CUdevice* d) try {
     ENTER("cuCtxGetDevice");
     if (!current) return fail(ERROR_INVALID_CONTEXT, "cuCtxGetDevice without a current context");
     *d = 0;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuCtxSynchronize() {
+CUresult cuCtxSynchronize() try {
     ENTER("cuCtxSynchronize");
     if (CUresult c = capture_forbids("cuCtxSynchronize")) return c;
-    std::vector<Stream*> all;
+    std::vector<std::shared_ptr<Stream>> all;
     {
         std::lock_guard<std::mutex> g(streams_mu);
-        all.assign(streams.begin(), streams.end());
+        for (auto& kv : streams) all.push_back(kv.second);
     }
-    for (Stream* s : all) s->drain();
+    for (auto& s : all) s->drain();
     GUARD();
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamCreate(CUstream* s, unsigned flags) {
+CUresult cuStreamCreate(CUstream* s, unsigned flags) try {
     ENTER("cuStreamCreate");
     GUARD();
     init_once();
     *s = make_stream(flags);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int priority) {
+CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int priority) try {
     ENTER("cuStreamCreateWithPriority");
     (void)priority;
     return cuStreamCreate(s, flags);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamDestroy_v2(CUstream h) {
+CUresult cuStreamDestroy_v2(CUstream h) try {
     ENTER("cuStreamDestroy_v2");
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
@@ -934,13 +1028,16 @@ CUresult cuStreamDestroy_v2(CUstream h) {
     s->worker.join();
     {
         std::lock_guard<std::mutex> g(streams_mu);
-        streams.erase(s);
+        streams.erase(s);  // freed here, or by the last cuCtxSynchronize still draining it (a no-op by now)
     }
-    delete s;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamSynchronize(CUstream h) {
+CUresult cuStreamSynchronize(CUstream h) try {
     ENTER("cuStreamSynchronize");
     if (CUresult c = capture_forbids("cuStreamSynchronize")) return c;
     CUresult err = SUCCESS;
@@ -949,9 +1046,13 @@ CUresult cuStreamSynchronize(CUstream h) {
     s->drain();
     GUARD();
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamQuery(CUstream h) {
+CUresult cuStreamQuery(CUstream h) try {
     ENTER("cuStreamQuery");
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
@@ -961,25 +1062,37 @@ CUresult cuStreamQuery(CUstream h) {
     GUARD();
     std::lock_guard<std::mutex> g(s->mu);
     return s->completed >= s->enqueued ? SUCCESS : ERROR_NOT_READY;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventCreate(CUevent* e, unsigned flags) {
+CUresult cuEventCreate(CUevent* e, unsigned flags) try {
     ENTER("cuEventCreate");
     GUARD();
     Event* ev = new Event;
     ev->flags = flags;
     *e = ev;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventDestroy_v2(CUevent e) {
+CUresult cuEventDestroy_v2(CUevent e) try {
     ENTER("cuEventDestroy_v2");
     if (!e) return fail(ERROR_INVALID_HANDLE, "cuEventDestroy of a null event");
     delete e;  // queued records and waits keep the state alive
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventRecord(CUevent e, CUstream h) {
+CUresult cuEventRecord(CUevent e, CUstream h) try {
     ENTER("cuEventRecord");
     GUARD();
     CUresult err = SUCCESS;
@@ -1003,16 +1116,24 @@ CUresult cuEventRecord(CUevent e, CUstream h) {
                },
                "event record"});
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventQuery(CUevent e) {
+CUresult cuEventQuery(CUevent e) try {
     ENTER("cuEventQuery");
     GUARD();
     std::lock_guard<std::mutex> g(e->st->mu);
     return e->st->done >= e->st->recorded ? SUCCESS : ERROR_NOT_READY;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventSynchronize(CUevent e) {
+CUresult cuEventSynchronize(CUevent e) try {
     ENTER("cuEventSynchronize");
     if (CUresult c = capture_forbids("cuEventSynchronize")) return c;
     {
@@ -1022,9 +1143,13 @@ CUresult cuEventSynchronize(CUevent e) {
     }
     GUARD();
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
+CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) try {
     ENTER("cuEventElapsedTime");
     GUARD();
     if ((a->flags | b->flags) & 2) return fail(ERROR_INVALID_HANDLE, "cuEventElapsedTime: an event created with CU_EVENT_DISABLE_TIMING");
@@ -1038,14 +1163,22 @@ CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
     }
     *ms = (float)(t[1] - t[0]);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
+CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) try {
     ENTER("cuEventElapsedTime_v2");
     return cuEventElapsedTime(ms, a, b);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamWaitEvent(CUstream h, CUevent e, unsigned flags) {
+CUresult cuStreamWaitEvent(CUstream h, CUevent e, unsigned flags) try {
     ENTER("cuStreamWaitEvent");
     (void)flags;
     GUARD();
@@ -1067,9 +1200,13 @@ CUresult cuStreamWaitEvent(CUstream h, CUevent e, unsigned flags) {
                },
                "wait event"});
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuLaunchHostFunc(CUstream h, void (*fn)(void*), void* user) {
+CUresult cuLaunchHostFunc(CUstream h, void (*fn)(void*), void* user) try {
     ENTER("cuLaunchHostFunc");
     GUARD();
     CUresult err = SUCCESS;
@@ -1077,18 +1214,26 @@ CUresult cuLaunchHostFunc(CUstream h, void (*fn)(void*), void* user) {
     if (!s) return err;
     s->push(Op{[fn, user] { fn(user); }, "host function"});
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 // ---- memory ----
 
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) try {
     ENTER("cuMemAlloc_v2");
     if (CUresult c = capture_forbids("cuMemAlloc")) return c;
     GUARD();
     return device_alloc(n, p);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream h) {
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream h) try {
     ENTER("cuMemAllocAsync");
     if (CUresult c = capture_forbids("cuMemAllocAsync")) return c;
     GUARD();
@@ -1096,17 +1241,25 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream h) {
     if (!resolve(h, &err)) return err;
     // Allocated at once: usable in the stream's order, and earlier (which no correct program can tell).
     return device_alloc(n, p);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemFree_v2(CUdeviceptr p) {
+CUresult cuMemFree_v2(CUdeviceptr p) try {
     ENTER("cuMemFree_v2");
     if (CUresult c = capture_forbids("cuMemFree")) return c;
     // cuMemFree waits for the device: nothing queued may still use the memory.
     cuCtxSynchronize();
     return device_free(p);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream h) {
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream h) try {
     ENTER("cuMemFreeAsync");
     if (CUresult c = capture_forbids("cuMemFreeAsync")) return c;
     CUresult err = SUCCESS;
@@ -1118,17 +1271,25 @@ CUresult cuMemFreeAsync(CUdeviceptr p, CUstream h) {
     }
     s->push(Op{[p] { device_free(p); }, "free"});
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) try {
     ENTER("cuMemGetInfo_v2");
     std::lock_guard<std::mutex> g(mem_mu);
     *free_b = TOTAL_MEM - live_bytes;
     *total = TOTAL_MEM;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemHostAlloc(void** p, size_t n, unsigned flags) {
+CUresult cuMemHostAlloc(void** p, size_t n, unsigned flags) try {
     ENTER("cuMemHostAlloc");
     if (CUresult c = capture_forbids("cuMemHostAlloc")) return c;
     (void)flags;
@@ -1139,9 +1300,13 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned flags) {
     pinned[reinterpret_cast<uintptr_t>(m)] = n;
     *p = m;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemFreeHost(void* p) {
+CUresult cuMemFreeHost(void* p) try {
     ENTER("cuMemFreeHost");
     if (CUresult c = capture_forbids("cuMemFreeHost")) return c;
     cuCtxSynchronize();
@@ -1151,6 +1316,10 @@ CUresult cuMemFreeHost(void* p) {
     pinned.erase(it);
     std::free(p);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 static CUresult memset_async(CUdeviceptr d, unsigned char v, size_t n, CUstream h, bool wait) {
@@ -1165,15 +1334,23 @@ static CUresult memset_async(CUdeviceptr d, unsigned char v, size_t n, CUstream 
     return check_sticky();
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream h) {
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream h) try {
     ENTER("cuMemsetD8Async");
     return memset_async(d, v, n, h, false);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) try {
     ENTER("cuMemsetD8_v2");
     if (CUresult c = capture_forbids("cuMemsetD8 (synchronous)")) return c;
     return memset_async(d, v, n, nullptr, true);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 static CUresult htod(CUdeviceptr d, const void* src, size_t n, CUstream h, bool wait) {
@@ -1197,15 +1374,23 @@ static CUresult htod(CUdeviceptr d, const void* src, size_t n, CUstream h, bool 
     return check_sticky();
 }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* src, size_t n, CUstream h) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* src, size_t n, CUstream h) try {
     ENTER("cuMemcpyHtoDAsync_v2");
     return htod(d, src, n, h, false);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* src, size_t n) {
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* src, size_t n) try {
     ENTER("cuMemcpyHtoD_v2");
     if (CUresult c = capture_forbids("cuMemcpyHtoD (synchronous)")) return c;
     return htod(d, src, n, nullptr, true);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 static CUresult dtoh(void* dst, CUdeviceptr src, size_t n, CUstream h, bool wait) {
@@ -1223,15 +1408,23 @@ static CUresult dtoh(void* dst, CUdeviceptr src, size_t n, CUstream h, bool wait
     return check_sticky();
 }
 
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream h) {
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream h) try {
     ENTER("cuMemcpyDtoHAsync_v2");
     return dtoh(dst, src, n, h, false);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) try {
     ENTER("cuMemcpyDtoH_v2");
     if (CUresult c = capture_forbids("cuMemcpyDtoH (synchronous)")) return c;
     return dtoh(dst, src, n, nullptr, true);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 static CUresult dtod(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream h, bool wait) {
@@ -1247,20 +1440,28 @@ static CUresult dtod(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream h, boo
     return check_sticky();
 }
 
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream h) {
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream h) try {
     ENTER("cuMemcpyDtoDAsync_v2");
     return dtod(dst, src, n, h, false);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) try {
     ENTER("cuMemcpyDtoD_v2");
     if (CUresult c = capture_forbids("cuMemcpyDtoD (synchronous)")) return c;
     return dtod(dst, src, n, nullptr, true);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 // ---- modules and functions ----
 
-CUresult cuModuleLoadData(CUmodule* out, const void* image) {
+CUresult cuModuleLoadData(CUmodule* out, const void* image) try {
     ENTER("cuModuleLoadData");
     if (CUresult c = capture_forbids("cuModuleLoadData")) return c;
     GUARD();
@@ -1308,16 +1509,24 @@ CUresult cuModuleLoadData(CUmodule* out, const void* image) {
     if (mod->funcs.empty()) return fail(ERROR_INVALID_IMAGE, "cuModuleLoadData: no .entry in the image (not PTX?)");
     *out = mod.release();
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuModuleUnload(CUmodule m) {
+CUresult cuModuleUnload(CUmodule m) try {
     ENTER("cuModuleUnload");
     cuCtxSynchronize();
     delete m;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) try {
     ENTER("cuModuleGetFunction");
     GUARD();
     for (auto& fn : m->funcs)
@@ -1326,9 +1535,13 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
             return SUCCESS;
         }
     return fail(ERROR_NOT_FOUND, "cuModuleGetFunction: no kernel %s in the module", name);
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuFuncGetAttribute(int* v, int attrib, CUfunction f) {
+CUresult cuFuncGetAttribute(int* v, int attrib, CUfunction f) try {
     ENTER("cuFuncGetAttribute");
     switch (attrib) {
         case 0: *v = f->maxntid; break;             // MAX_THREADS_PER_BLOCK
@@ -1341,9 +1554,13 @@ CUresult cuFuncGetAttribute(int* v, int attrib, CUfunction f) {
         default: *v = 0;
     }
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuFuncSetAttribute(CUfunction f, int attrib, int value) {
+CUresult cuFuncSetAttribute(CUfunction f, int attrib, int value) try {
     ENTER("cuFuncSetAttribute");
     GUARD();
     if (attrib == 8) {
@@ -1354,10 +1571,14 @@ CUresult cuFuncSetAttribute(CUfunction f, int attrib, int value) {
     }
     if (attrib == 9) return SUCCESS;
     return fail(ERROR_NOT_SUPPORTED, "cuFuncSetAttribute(%d) on %s: not modelled by the stand-in", attrib, f->name.c_str());
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shmem, CUstream h, void** params, void** extra) {
+                        unsigned shmem, CUstream h, void** params, void** extra) try {
     ENTER("cuLaunchKernel");
     GUARD();
     CUresult err = SUCCESS;
@@ -1403,11 +1624,15 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
                },
                name});
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 // ---- graphs, and what the engine does not use: every other call cudarc's safe API can make ----
 
-CUresult cuStreamBeginCapture_v2(CUstream h, int mode) {
+CUresult cuStreamBeginCapture_v2(CUstream h, int mode) try {
     ENTER("cuStreamBeginCapture_v2");
     GUARD();
     CUresult err = SUCCESS;
@@ -1422,9 +1647,13 @@ CUresult cuStreamBeginCapture_v2(CUstream h, int mode) {
     s->capture_thread = std::this_thread::get_id();
     ++capturing;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamEndCapture(CUstream h, CUgraph* graph) {
+CUresult cuStreamEndCapture(CUstream h, CUgraph* graph) try {
     ENTER("cuStreamEndCapture");
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
@@ -1443,9 +1672,13 @@ CUresult cuStreamEndCapture(CUstream h, CUgraph* graph) {
     if (invalid) return fail(ERROR_STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture: the capture on stream %d was invalidated by a call capture does not allow", s->id);
     *graph = g.release();
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuStreamIsCapturing(CUstream h, int* status) {
+CUresult cuStreamIsCapturing(CUstream h, int* status) try {
     ENTER("cuStreamIsCapturing");
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
@@ -1454,18 +1687,26 @@ CUresult cuStreamIsCapturing(CUstream h, int* status) {
     // CU_STREAM_CAPTURE_STATUS_NONE, _ACTIVE, _INVALIDATED
     *status = !s->capture ? 0 : s->capture_invalid ? 2 : 1;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long flags) {
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long flags) try {
     ENTER("cuGraphInstantiateWithFlags");
     (void)flags;
     GUARD();
     if (!graph) return fail(ERROR_INVALID_VALUE, "cuGraphInstantiateWithFlags: a null graph");
     *exec = new Graph(*graph);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuGraphLaunch(CUgraphExec exec, CUstream h) {
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream h) try {
     ENTER("cuGraphLaunch");
     GUARD();
     CUresult err = SUCCESS;
@@ -1474,25 +1715,41 @@ CUresult cuGraphLaunch(CUgraphExec exec, CUstream h) {
     if (!exec) return fail(ERROR_INVALID_VALUE, "cuGraphLaunch: a null graph");
     for (const Op& op : exec->ops) s->push(op);
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuGraphUpload(CUgraphExec exec, CUstream h) {
+CUresult cuGraphUpload(CUgraphExec exec, CUstream h) try {
     ENTER("cuGraphUpload");
     (void)exec;
     (void)h;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuGraphExecDestroy(CUgraphExec exec) {
+CUresult cuGraphExecDestroy(CUgraphExec exec) try {
     ENTER("cuGraphExecDestroy");
     delete exec;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
-CUresult cuGraphDestroy(CUgraph graph) {
+CUresult cuGraphDestroy(CUgraph graph) try {
     ENTER("cuGraphDestroy");
     delete graph;
     return SUCCESS;
+} catch (const std::exception& exc) {
+    return exception_error(__func__, exc.what());
+} catch (...) {
+    return exception_error(__func__, "not a std::exception");
 }
 
 #define NOT_MODELLED(name)                                                                              \

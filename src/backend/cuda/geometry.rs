@@ -45,6 +45,27 @@ pub const CONV_FWD_F16: [FwdKernel; 2] = [
     FwdKernel { name: "conv_fwd_nhwc_f16_l", tile_m: 128, tile_n: 256, smem: 4 * (128 + 256) * 80 },
 ];
 
+/// The small fp16 forward tile split over K (`conv_fwd_nhwc_f16_sk`, then `conv_fwd_splitk_f16`).
+pub const CONV_FWD_F16_SPLIT: FwdKernel =
+    FwdKernel { name: "conv_fwd_nhwc_f16_sk", tile_m: 64, tile_n: 128, smem: 3 * (64 + 128) * 144 };
+
+/// How many K splits the fp16 forward takes: 1 (none) unless kernel `k` is the small tile and its grid gives
+/// fewer than two blocks per SM (it holds two); then enough that it does, each split at least 4 K steps of 64
+/// deep (the pipeline's depth, and the partials' extra traffic, want long runs).
+pub fn conv_fwd_splits(s: &ConvShape, k: &FwdKernel) -> usize {
+    if k.name != CONV_FWD_F16[0].name {
+        return 1;
+    }
+    let (gx, gy, _) = conv_fwd_grid(s, k.tile_m, k.tile_n);
+    let blocks = (gx * gy) as usize;
+    let steps = (9 * padded_channels(s.c_in)).div_ceil(64);
+    if blocks >= 2 * LARGE_TILE_MIN_BLOCKS || steps < 8 {
+        return 1;
+    }
+    let per = steps.div_ceil((2 * LARGE_TILE_MIN_BLOCKS).div_ceil(blocks)).max(4);
+    steps.div_ceil(per)
+}
+
 /// The channel count of the fp16 forward's channels-last operands: `c_in` rounded up to a multiple of 8 (one
 /// 16-byte chunk of K holds 8 channels of one tap).
 pub fn padded_channels(c_in: usize) -> usize {

@@ -140,6 +140,8 @@ struct LayoutScratch {
     w: Option<CudaSlice<half::f16>>,
     /// The weight gradient's dL/dz (scaled), `[NHWC_MP(C_out)][WG_NP(N)]`.
     dz: Option<CudaSlice<half::f16>>,
+    /// The split forward's f32 partial tiles.
+    part: Option<CudaSlice<f32>>,
 }
 
 /// A patch grid's cell table and divisors on the device (see `geometry::cell_table`).
@@ -302,7 +304,7 @@ impl CudaBackend {
             }
         }
         // The kernels whose dynamic shared memory exceeds the 48 KB a launch may use without opting in.
-        let dynamic = geometry::CONV_FWD_F16.iter().map(|k| (k.name, k.smem));
+        let dynamic = geometry::CONV_FWD_F16.iter().chain([&geometry::CONV_FWD_F16_SPLIT]).map(|k| (k.name, k.smem));
         for (name, smem) in dynamic.chain(geometry::WGRAD_F16.iter().map(|k| (k.name, k.smem))) {
             if smem <= 48 * 1024 {
                 continue;

@@ -3,7 +3,8 @@
 //! (kernels/layout.cu), made here: the rest of the backend keeps PyTorch's layouts.
 
 use super::super::args::launch::{
-    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvGoodnessFwdF32, KrscPadF16, NhwcPadF16, PatchGoodnessF16, PatchGoodnessF32,
+    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvFwdNhwcF16Sk, ConvFwdSplitkF16, ConvGoodnessFwdF32, KrscPadF16, NhwcPadF16,
+    PatchGoodnessF16, PatchGoodnessF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, ConvShape, Precision};
@@ -68,7 +69,8 @@ pub fn run(
                 s.w
             );
             let taps = be.nhwc_tap_table(cp, s)?;
-            let mut scratch = be.layout_scratch();
+            let mut guard = be.layout_scratch();
+            let scratch = &mut *guard;
             let xn = be.scratch(&mut scratch.x, s.batch * s.h * s.w * cp)?;
             let (xn_len, wn_len) = (s.batch * s.h * s.w * cp, geometry::padded_weights_len(s.c_out, cp));
             // SAFETY: x holds B*C*H*W values (check::conv_fwd), xn at least B*H*W*Cp; one thread per 8 channels.
@@ -88,15 +90,41 @@ pub fn run(
                     grid1(wn_len),
                 )
             })?;
-            let (xn, wn) = (scratch.x.as_ref().expect("just filled"), scratch.w.as_ref().expect("just filled"));
             let cp = cp as i32;
             // SAFETY: xn, wn and the table hold the padded extents of this shape, y and bias are bounded by
             // check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where above 48 KB).
+            let splits = geometry::conv_fwd_splits(s, &kernel);
             let r = unsafe {
-                if kernel.name == ConvFwdNhwcF16L::NAME {
+                if splits > 1 {
+                    // Split-K: partial tiles, then their ordered sum with the bias and ReLU.
+                    let k = geometry::CONV_FWD_F16_SPLIT;
+                    let n = s.batch * s.h * s.w;
+                    let (gx, gy, _) = geometry::conv_fwd_grid(s, k.tile_m, k.tile_n);
+                    let split_cfg = LaunchConfig { grid_dim: (gx, gy, splits as u32), ..launch_cfg };
+                    let part = be.scratch(&mut scratch.part, splits * s.c_out * n)?;
+                    let (xn, wn) = (scratch.x.as_ref().expect("just filled"), scratch.w.as_ref().expect("just filled"));
+                    be.launched(
+                        k.name,
+                        ConvFwdNhwcF16Sk {
+                            x: xn,
+                            w: wn,
+                            taps: &*taps,
+                            part: &mut *part,
+                            B: bb,
+                            Cp: cp,
+                            Cout: co,
+                            H: h,
+                            W: ww,
+                        }
+                        .launch(stream, be.f(k.name)?, split_cfg),
+                    )?;
+                    // SAFETY: part holds splits * C_out * N floats, y and bias are bounded by check::conv_fwd.
+                    ConvFwdSplitkF16 { part: &*part, bias, y: &mut *ys, B: bb, Cout: co, H: h, W: ww, Z: splits as i32 }
+                        .launch(stream, be.f("conv_fwd_splitk_f16")?, grid1(s.c_out * n))
+                } else if kernel.name == ConvFwdNhwcF16L::NAME {
                     ConvFwdNhwcF16L {
-                        x: xn,
-                        w: wn,
+                        x: scratch.x.as_ref().expect("just filled"),
+                        w: scratch.w.as_ref().expect("just filled"),
                         bias,
                         taps: &*taps,
                         y: &mut *ys,
@@ -109,8 +137,8 @@ pub fn run(
                     .launch(stream, f, launch_cfg)
                 } else {
                     ConvFwdNhwcF16 {
-                        x: xn,
-                        w: wn,
+                        x: scratch.x.as_ref().expect("just filled"),
+                        w: scratch.w.as_ref().expect("just filled"),
                         bias,
                         taps: &*taps,
                         y: &mut *ys,
@@ -123,7 +151,7 @@ pub fn run(
                     .launch(stream, f, launch_cfg)
                 }
             };
-            drop(scratch);
+            drop(guard);
             be.launched(kernel.name, r)?;
             // SAFETY: as above; one thread per goodness cell.
             be.launched("patch_goodness_f16", unsafe {
