@@ -471,9 +471,13 @@ static inline void ldsm_x4(unsigned r[4], const f16_bits* p) {
     emu::warp_sync();
 }
 // ldmatrix.x4.trans: every lane receives, of each matrix q, the pair at rows 2 (lane % 4) and +1, column lane / 4.
-static inline void ldsm_x4_t(unsigned r[4], unsigned addr) {
+// The row an ldmatrix lane addresses by its shared address (the dynamic shared memory's offset).
+static inline const f16_bits* ldsm_row(unsigned addr) {
     if ((size_t)addr + 16 > emu::dyn_bytes) emu::fault("cuda_emu: ldmatrix row outside the launch's dynamic shared memory");
-    const f16_bits* p = reinterpret_cast<const f16_bits*>(emu::dyn_base + addr);
+    return reinterpret_cast<const f16_bits*>(emu::dyn_base + addr);
+}
+static inline void ldsm_x4_t(unsigned r[4], unsigned addr) {
+    const f16_bits* p = ldsm_row(addr);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     check_align(p, 16, "ldmatrix row");
     emu::smem_read(p, 16);
@@ -486,10 +490,7 @@ static inline void ldsm_x4_t(unsigned r[4], unsigned addr) {
     }
     emu::warp_sync();
 }
-static inline void ldsm_x4(unsigned r[4], unsigned addr) {
-    if ((size_t)addr + 16 > emu::dyn_bytes) emu::fault("cuda_emu: ldmatrix row outside the launch's dynamic shared memory");
-    ldsm_x4(r, reinterpret_cast<const f16_bits*>(emu::dyn_base + addr));
-}
+static inline void ldsm_x4(unsigned r[4], unsigned addr) { ldsm_x4(r, ldsm_row(addr)); }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A B + C, from the documented fragment layout. Every
 // lane deposits its fragments and parks; the warp's lane 0 runs first once all have arrived, decodes the 16x16 A

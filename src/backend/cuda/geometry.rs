@@ -46,8 +46,7 @@ pub const CONV_FWD_F16: [FwdKernel; 2] = [
 ];
 
 /// The small fp16 forward tile split over K (`conv_fwd_nhwc_f16_sk`, then `conv_fwd_splitk_f16`).
-pub const CONV_FWD_F16_SPLIT: FwdKernel =
-    FwdKernel { name: "conv_fwd_nhwc_f16_sk", tile_m: 64, tile_n: 128, smem: 3 * (64 + 128) * 144 };
+pub const CONV_FWD_F16_SPLIT: FwdKernel = FwdKernel { name: "conv_fwd_nhwc_f16_sk", ..CONV_FWD_F16[0] };
 
 /// How many K splits the fp16 forward takes: 1 (none) unless kernel `k` is the small tile and its grid gives
 /// fewer than two blocks per SM (it holds two); then enough that it does, each split at least 4 K steps of 64

@@ -3,8 +3,8 @@
 //! (kernels/layout.cu), made here: the rest of the backend keeps PyTorch's layouts.
 
 use super::super::args::launch::{
-    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvFwdNhwcF16Sk, ConvFwdSplitkF16, ConvGoodnessFwdF32, KrscPadF16, NhwcPadF16,
-    PatchGoodnessF16, PatchGoodnessF32,
+    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvFwdNhwcF16Sk, ConvFwdSplitkF16, ConvGoodnessFwdF32, PatchGoodnessF16,
+    PatchGoodnessF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, ConvShape, Precision};
@@ -58,38 +58,11 @@ pub fn run(
         Precision::F16 => {
             let ys = y.f16_mut("y")?;
             let (x, w) = (x.f16("x")?, w.f16("conv weight")?);
-            let cp = geometry::padded_channels(s.c_in);
-            anyhow::ensure!(
-                s.batch * s.h * s.w * cp < 1 << 31,
-                "cuda backend: a batch of {} {}x{}x{} inputs is too large for the fp16 conv kernels once its channels \
-                 are padded to {cp} (2^31 values); use a smaller batch",
-                s.batch,
-                s.c_in,
-                s.h,
-                s.w
-            );
-            let taps = be.nhwc_tap_table(cp, s)?;
             let mut guard = be.layout_scratch();
             let scratch = &mut *guard;
-            let xn = be.scratch(&mut scratch.x, s.batch * s.h * s.w * cp)?;
-            let (xn_len, wn_len) = (s.batch * s.h * s.w * cp, geometry::padded_weights_len(s.c_out, cp));
-            // SAFETY: x holds B*C*H*W values (check::conv_fwd), xn at least B*H*W*Cp; one thread per 8 channels.
-            be.launched("nhwc_pad_f16", unsafe {
-                NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: ww, Cp: cp as i32 }.launch(
-                    stream,
-                    be.f("nhwc_pad_f16")?,
-                    grid1(xn_len / 8),
-                )
-            })?;
-            let wn = be.scratch(&mut scratch.w, wn_len)?;
-            // SAFETY: w holds C_out*C*9 values (check::conv_fwd), wn the padded length; one thread per value.
-            be.launched("krsc_pad_f16", unsafe {
-                KrscPadF16 { w, wn: &mut *wn, Cout: co, C: ci, Cp: cp as i32 }.launch(
-                    stream,
-                    be.f("krsc_pad_f16")?,
-                    grid1(wn_len),
-                )
-            })?;
+            let cp = super::layout::input(be, s, x, &mut scratch.x)?;
+            super::layout::weights(be, s, w, &mut scratch.w)?;
+            let taps = be.nhwc_tap_table(cp, s)?;
             let cp = cp as i32;
             // SAFETY: xn, wn and the table hold the padded extents of this shape, y and bias are bounded by
             // check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where above 48 KB).

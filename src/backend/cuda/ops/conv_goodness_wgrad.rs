@@ -3,8 +3,7 @@
 //! tiles load; in fp16 dL/dz is computed once (`dz_f16`), and the GEMM runs over it and the channels-last input.
 
 use super::super::args::launch::{
-    ConvGoodnessWgradF32, ConvWgradNhwcF16, ConvWgradNhwcF16L, DgPerCellF32, DzF16, NhwcPadF16, WgradReduceF32,
-    WgradReduceNhwcF32,
+    ConvGoodnessWgradF32, ConvWgradNhwcF16, ConvWgradNhwcF16L, DgPerCellF32, DzF16, WgradReduceF32, WgradReduceNhwcF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, dz_scale, ConvShape, Precision};
@@ -118,16 +117,7 @@ pub fn run(
                 }
                 .launch(stream, be.f("dz_f16")?, cfg(geometry::dz_grid(s)))
             })?;
-            let xn_len = s.batch * s.h * s.w * cp;
-            let xn = be.scratch(&mut layout.x, xn_len)?;
-            // SAFETY: x holds B*C*H*W values (check::conv_wgrad), xn at least B*H*W*Cp; one thread per 8 channels.
-            be.launched("nhwc_pad_f16", unsafe {
-                NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: ww, Cp: cp as i32 }.launch(
-                    stream,
-                    be.f("nhwc_pad_f16")?,
-                    grid1(xn_len / 8),
-                )
-            })?;
+            super::layout::input(be, s, x, &mut layout.x)?;
             let (dz, xn) = (layout.dz.as_ref().expect("just filled"), layout.x.as_ref().expect("just filled"));
             let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(split.grid) };
             let (cpi, inv_scale) = (cp as i32, 1.0 / scale);

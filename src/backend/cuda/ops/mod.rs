@@ -9,3 +9,4 @@ pub mod conv_goodness_wgrad;
 pub mod fusion_heads;
 pub mod goodness_loss;
 pub mod layer_output;
+pub mod layout;

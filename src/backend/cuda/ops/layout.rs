@@ -1,0 +1,50 @@
+//! `layout` (kernels/layout.cu): the fp16 GEMMs' channels-last copies of a layer's input and weights, into the
+//! lane's layout scratch.
+
+use super::super::args::launch::{KrscPadF16, NhwcPadF16};
+use super::super::{geometry, grid1, CudaBackend};
+use crate::backend::ConvShape;
+use anyhow::Result;
+use cudarc::driver::CudaSlice;
+use half::f16;
+
+/// `x` `[B, C, H, W]` as `[B, H, W, Cp]` in `slot` (grown when too small); returns Cp.
+pub fn input(be: &CudaBackend, s: &ConvShape, x: &CudaSlice<f16>, slot: &mut Option<CudaSlice<f16>>) -> Result<usize> {
+    let cp = geometry::padded_channels(s.c_in);
+    let len = s.batch * s.h * s.w * cp;
+    anyhow::ensure!(
+        len < 1 << 31,
+        "cuda backend: a batch of {} {}x{}x{} inputs is too large for the fp16 conv kernels once its channels are \
+         padded to {cp} (2^31 values); use a smaller batch",
+        s.batch,
+        s.c_in,
+        s.h,
+        s.w
+    );
+    let xn = be.scratch(slot, len)?;
+    let (bb, ci, h, w) = (s.batch as i32, s.c_in as i32, s.h as i32, s.w as i32);
+    // SAFETY: the callers' checks bound x to B*C*H*W values, xn holds B*H*W*Cp; one thread per 8 channels.
+    be.launched("nhwc_pad_f16", unsafe {
+        NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: w, Cp: cp as i32 }.launch(
+            be.stream(),
+            be.f("nhwc_pad_f16")?,
+            grid1(len / 8),
+        )
+    })?;
+    Ok(cp)
+}
+
+/// The conv weights `[C_out, C, 3, 3]` as the padded `[C_out, 3, 3, Cp]` tiles in `slot`.
+pub fn weights(be: &CudaBackend, s: &ConvShape, w: &CudaSlice<f16>, slot: &mut Option<CudaSlice<f16>>) -> Result<()> {
+    let cp = geometry::padded_channels(s.c_in);
+    let len = geometry::padded_weights_len(s.c_out, cp);
+    let wn = be.scratch(slot, len)?;
+    // SAFETY: check::conv_fwd bounds w to C_out*C*9 values, wn holds the padded length; one thread per value.
+    be.launched("krsc_pad_f16", unsafe {
+        KrscPadF16 { w, wn: &mut *wn, Cout: s.c_out as i32, C: s.c_in as i32, Cp: cp as i32 }.launch(
+            be.stream(),
+            be.f("krsc_pad_f16")?,
+            grid1(len),
+        )
+    })
+}
