@@ -170,20 +170,24 @@ __device__ __forceinline__ void wgrad_nhwc(
     // The thread's column chunk: its offset from a pixel's window origin and its tap bit, for the whole kernel.
     const unsigned t = (unsigned)taps[k0 / 8 + b_c];
     const int t_off = (int)(t >> 9) - W1 * Cp;
-    auto load_stage = [&](unsigned a_off, unsigned b_off, int s) {
-        const int n0 = nbeg + s * TK;
+    // The next pixel step's copies into the stage at byte offsets (a_off, b_off): the steps are loaded in order,
+    // so the sources advance by one step each time.
+    int n0 = nbeg;
+    auto load_stage = [&](unsigned a_off, unsigned b_off) {
 #pragma unroll
-        for (int i = 0; i < CA; ++i) cp_async16(a_dst + a_off + i * A_PASS * LDA * 2, a_src + i * a_pass + s * TK, true);
+        for (int i = 0; i < CA; ++i) cp_async16(a_dst + a_off + i * A_PASS * LDA * 2, a_src + i * a_pass, true);
+        a_src += TK;
 #pragma unroll
         for (int i = 0; i < CB; ++i) {
             const int n = n0 + b_row + B_PASS * i;
             const bool in = (pmask[n] & t) != 0;
             cp_async16(b_dst + b_off + i * B_PASS * LDB * 2, x + (in ? n * Cp + t_off : 0), in);
         }
+        n0 += TK;
     };
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
-        if (s < steps) load_stage(s * A_STAGE, s * B_STAGE, s);
+        if (s < steps) load_stage(s * A_STAGE, s * B_STAGE);
         cp_async_commit();
     }
     float acc[MI][NI][4];
@@ -192,7 +196,7 @@ __device__ __forceinline__ void wgrad_nhwc(
     for (int s = 0; s < steps; ++s) {
         cp_async_wait<S - 2>();
         __syncthreads();
-        if (s + S - 1 < steps) load_stage(wr_a, wr_b, s + S - 1);
+        if (s + S - 1 < steps) load_stage(wr_a, wr_b);
         cp_async_commit();
         tc_step<MI, NI, TK, true>(acc, a_ld + rd_a, b_ld + rd_b);
         rd_a = rd_a == (S - 1) * A_STAGE ? 0 : rd_a + A_STAGE;

@@ -3,11 +3,18 @@
 // bit), per-sample RMS norm x / (sqrt(mean x^2) + e^-50), and the global average pool into gap [B, C].
 // The f16 kernel reads y and stores the output in fp16; every sum, and the pooled features, stay f32.
 //
-// Work split: one block of 256 threads per sample: a pass that pools, drops and sums squares (block
-// reduction), a pass that recomputes each value, divides and stores it (recomputing rather than re-reading the
-// output keeps the fp16 store to one rounding), and, when gap is wanted, one thread per channel averaging its
-// normalised map in f32. pool: 0 none, 1 avg, 2 rms. The dropout key is read from the device (the step's
-// parameters: src/backend/cuda/graph.rs), so that a captured step uses each step's key.
+// Work split: each sample's channels are cut into gridDim.x slices of CPB channels (geometry::layer_output_split:
+// enough blocks to fill the GPU at small widths, where one block a sample left most SMs idle); blockIdx.y is the
+// sample. Two kernels, two passes over y:
+// - layer_output_sumsq_*: each block pools, drops and sums the squares of its slice (a fixed-order block sum)
+//   into part[b][slice];
+// - layer_output_*: each block adds its sample's slice sums in slice order (every block the same sum, so the
+//   same divisor), recomputes each value, divides and stores it (recomputing rather than re-reading the output
+//   keeps the fp16 store to one rounding), and adds the stored channel's values for the pooled features in the
+//   same pass: a warp per channel (a fixed shuffle tree) where a map has 32 values or more, a thread per channel
+//   (in order) below.
+// pool: 0 none, 1 avg, 2 rms. The dropout key is read from the device (the step's parameters:
+// src/backend/cuda/graph.rs), so that a captured step uses each step's key.
 template <typename T>
 __device__ __forceinline__ float pooled_dropped(
     const T* __restrict__ yb, int i, int b, int per, int H, int W, int Ho, int Wo, int pool, float p,
@@ -31,48 +38,87 @@ __device__ __forceinline__ float pooled_dropped(
 }
 
 template <typename T>
-__device__ __forceinline__ void layer_output(
-    const T* __restrict__ y, T* __restrict__ out, float* __restrict__ gap,
-    int C, int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap)
+__device__ __forceinline__ void layer_output_sumsq(
+    const T* __restrict__ y, float* __restrict__ part, int C, int H, int W, int pool, float p, unsigned long long key,
+    int use_dropout, int CPB)
 {
     __shared__ float scratch[32];
-    const int b = blockIdx.x;
-    const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W;
-    const int per = C * Ho * Wo;
+    const int b = blockIdx.y;
+    const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W, hw = Ho * Wo, per = C * hw;
     const T* yb = y + (long)b * C * H * W;
-    T* ob = out + (long)b * per;
+    const int i0 = blockIdx.x * CPB * hw, i1 = min(C, ((int)blockIdx.x + 1) * CPB) * hw;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < per; i += blockDim.x) {
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
         float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout);
         ss += v * v;
     }
-    float denom = sqrtf(block_sum(ss, scratch) / (float)per) + 1.9287498479639178e-22f;
-    for (int i = threadIdx.x; i < per; i += blockDim.x)
-        st(&ob[i], pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout) / denom);
-    if (use_gap) {
-        const int hw = Ho * Wo;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    ss = block_sum(ss, scratch);
+    if (threadIdx.x == 0) part[(long)b * gridDim.x + blockIdx.x] = ss;
+}
+
+template <typename T>
+__device__ __forceinline__ void layer_output(
+    const T* __restrict__ y, const float* __restrict__ part, T* __restrict__ out, float* __restrict__ gap, int C,
+    int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap, int CPB)
+{
+    const int b = blockIdx.y;
+    const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W, hw = Ho * Wo, per = C * hw;
+    const T* yb = y + (long)b * C * H * W;
+    T* ob = out + (long)b * per;
+    float ss = 0.0f;
+    for (int s = 0; s < (int)gridDim.x; ++s) ss += part[(long)b * gridDim.x + s];
+    const float denom = sqrtf(ss / (float)per) + 1.9287498479639178e-22f;
+    const int c0 = blockIdx.x * CPB, c1 = min(C, c0 + CPB);
+    auto value = [&](int i) {
+        const float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout) / denom;
+        st(&ob[i], v);
+        return v;
+    };
+    if (hw >= 32) {
+        const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+        for (int c = c0 + (threadIdx.x >> 5); c < c1; c += warps) {
             float s = 0.0f;
-            for (int i = 0; i < hw; ++i)
-                s += pooled_dropped(yb, c * hw + i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout) / denom;
-            gap[(long)b * C + c] = s / (float)hw;
+            for (int i = lane; i < hw; i += 32) s += value(c * hw + i);
+            s = warp_sum(s);
+            if (use_gap && lane == 0) gap[(long)b * C + c] = s / (float)hw;
+        }
+    } else {
+        for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+            float s = 0.0f;
+            for (int i = 0; i < hw; ++i) s += value(c * hw + i);
+            if (use_gap) gap[(long)b * C + c] = s / (float)hw;
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
-    const float* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/,
-    float* __restrict__ gap /*[gridDim.x*C]?*/, int C, int H, int W, int pool, float p,
-    const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int use_gap)
+extern "C" __global__ void __launch_bounds__(256) layer_output_sumsq_f32(
+    const float* __restrict__ y /*[gridDim.y*C*H*W]*/, float* __restrict__ part /*[gridDim.y*gridDim.x]*/, int C,
+    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int CPB)
 {
-    layer_output(y, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap);
+    layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, CPB);
+}
+
+extern "C" __global__ void __launch_bounds__(256) layer_output_sumsq_f16(
+    const f16_bits* __restrict__ y /*[gridDim.y*C*H*W]*/, float* __restrict__ part /*[gridDim.y*gridDim.x]*/, int C,
+    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int CPB)
+{
+    layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, CPB);
+}
+
+extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
+    const float* __restrict__ y /*[gridDim.y*C*H*W]*/, const float* __restrict__ part /*[gridDim.y*gridDim.x]*/,
+    float* __restrict__ out /*[gridDim.y*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.y*C]?*/, int C,
+    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
+    int use_gap, int CPB)
+{
+    layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap, CPB);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
-    const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/,
-    f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
+    const f16_bits* __restrict__ y /*[gridDim.y*C*H*W]*/, const float* __restrict__ part /*[gridDim.y*gridDim.x]*/,
+    f16_bits* __restrict__ out /*[gridDim.y*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.y*C]?*/,
     int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
-    int use_gap)
+    int use_gap, int CPB)
 {
-    layer_output(y, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap);
+    layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap, CPB);
 }

@@ -238,10 +238,14 @@ fn gpu_conv(
                 cp as i32
             );
             let ntaps = geometry::nhwc_tap_table(cp, s.h, s.w).unwrap();
+            // The goodness partials of the kernel's tiles, summed per cell by goodness_tiles_f32 (unwritten
+            // partials stay NaN: reading one shows).
+            let nb = geometry::goodness_bands(s, grid, fwd_f16.tile_n as usize) as i32;
+            let mut gpart = vec![f32::NAN; geometry::goodness_partials_len(s, grid, &fwd_f16)];
+            let (gx, gy, _) = geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n);
             if fwd_f16 == geometry::CONV_FWD_F16_SPLIT {
                 // Split over K into 3 runs (on the 2-step layers one of them is empty: zero partials), then the
-                // ordered sum with the bias and ReLU.
-                let (gx, gy, _) = geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n);
+                // ordered sum with the bias, ReLU and the goodness epilogue, over the same tiles.
                 let n = s.batch * s.h * s.w;
                 let mut part = vec![f32::NAN; 3 * s.c_out * n];
                 launch!(
@@ -261,46 +265,54 @@ fn gpu_conv(
                 );
                 launch!(
                     "conv_fwd_splitk_f16",
-                    geometry::grid1(s.c_out * n),
-                    fn(*const f32, *const f32, *mut u16, i32, i32, i32, i32, i32),
+                    (gx, gy, 1),
+                    fn(*const f32, *const f32, *mut u16, *mut f32, i32, i32, i32, i32, i32, i32, i32),
                     part.as_ptr(),
                     b.as_ptr(),
                     y16.as_mut_ptr(),
+                    gpart.as_mut_ptr(),
                     bb,
                     co,
                     h,
                     ww,
-                    3
+                    3,
+                    pp,
+                    nb
                 );
             } else {
                 launch!(
                     fwd_f16.name,
-                    geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n),
+                    (gx, gy, 1),
                     smem fwd_f16.smem,
-                    fn(*const u16, *const u16, *const f32, *const i32, *mut u16, i32, i32, i32, i32, i32),
+                    fn(*const u16, *const u16, *const f32, *const i32, *mut u16, *mut f32, i32, i32, i32, i32, i32, i32, i32),
                     xn.as_ptr(),
                     wn.as_ptr(),
                     b.as_ptr(),
                     ntaps.as_ptr(),
                     y16.as_mut_ptr(),
+                    gpart.as_mut_ptr(),
                     bb,
                     cp as i32,
                     co,
                     h,
-                    ww
+                    ww,
+                    pp,
+                    nb
                 );
             }
             launch!(
-                "patch_goodness_f16",
+                "goodness_tiles_f32",
                 geometry::grid1(g_len),
-                fn(*const u16, *mut f32, i32, i32, i32, i32, i32, i32),
-                y16.as_ptr(),
+                fn(*const f32, *mut f32, i32, i32, i32, i32, i32, i32, i32, i32),
+                gpart.as_ptr(),
                 g.as_mut_ptr(),
                 bb,
                 co,
                 h,
                 ww,
                 pp,
+                nb,
+                fwd_f16.tile_n as i32,
                 mean
             );
             // dz once, the input channels-last again (as the backend's weight gradient makes it), the GEMM of
@@ -447,15 +459,50 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             let (pd, key) = dropout.map_or((0.0, 0), |d| (d.p, d.key));
             let use_drop = dropout.is_some() as i32;
             let mut gap2 = vec![f32::NAN; gap.len()];
-            let args = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, 1i32);
+            // The backend's split of each sample over blocks, the slices' sums of squares, then the store.
+            let (cpb, slices) = geometry::layer_output_split(ch, ho * wo);
+            let grid = (slices as u32, batch as u32, 1);
+            let mut part = vec![f32::NAN; batch * slices];
+            let sumsq = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, cpb as i32);
+            let args = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, 1i32, cpb as i32);
             let out2 = match p {
                 Precision::F32 => {
                     let mut o = vec![f32::NAN; out.len()];
                     launch!(
-                        "layer_output_f32",
-                        (batch as u32, 1, 1),
-                        fn(*const f32, *mut f32, *mut f32, i32, i32, i32, i32, f32, *const u64, i32, i32),
+                        "layer_output_sumsq_f32",
+                        grid,
+                        fn(*const f32, *mut f32, i32, i32, i32, i32, f32, *const u64, i32, i32),
                         y.as_ptr(),
+                        part.as_mut_ptr(),
+                        sumsq.0,
+                        sumsq.1,
+                        sumsq.2,
+                        sumsq.3,
+                        sumsq.4,
+                        sumsq.5,
+                        sumsq.6,
+                        sumsq.7
+                    );
+                    launch!(
+                        "layer_output_f32",
+                        grid,
+                        fn(
+                            *const f32,
+                            *const f32,
+                            *mut f32,
+                            *mut f32,
+                            i32,
+                            i32,
+                            i32,
+                            i32,
+                            f32,
+                            *const u64,
+                            i32,
+                            i32,
+                            i32,
+                        ),
+                        y.as_ptr(),
+                        part.as_ptr(),
                         o.as_mut_ptr(),
                         gap2.as_mut_ptr(),
                         args.0,
@@ -465,7 +512,8 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
                         args.4,
                         args.5,
                         args.6,
-                        args.7
+                        args.7,
+                        args.8
                     );
                     o
                 }
@@ -473,10 +521,40 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
                     let y16 = to_f16(&y);
                     let mut o = vec![NAN16; out.len()];
                     launch!(
-                        "layer_output_f16",
-                        (batch as u32, 1, 1),
-                        fn(*const u16, *mut u16, *mut f32, i32, i32, i32, i32, f32, *const u64, i32, i32),
+                        "layer_output_sumsq_f16",
+                        grid,
+                        fn(*const u16, *mut f32, i32, i32, i32, i32, f32, *const u64, i32, i32),
                         y16.as_ptr(),
+                        part.as_mut_ptr(),
+                        sumsq.0,
+                        sumsq.1,
+                        sumsq.2,
+                        sumsq.3,
+                        sumsq.4,
+                        sumsq.5,
+                        sumsq.6,
+                        sumsq.7
+                    );
+                    launch!(
+                        "layer_output_f16",
+                        grid,
+                        fn(
+                            *const u16,
+                            *const f32,
+                            *mut u16,
+                            *mut f32,
+                            i32,
+                            i32,
+                            i32,
+                            i32,
+                            f32,
+                            *const u64,
+                            i32,
+                            i32,
+                            i32,
+                        ),
+                        y16.as_ptr(),
+                        part.as_ptr(),
                         o.as_mut_ptr(),
                         gap2.as_mut_ptr(),
                         args.0,
@@ -486,7 +564,8 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
                         args.4,
                         args.5,
                         args.6,
-                        args.7
+                        args.7,
+                        args.8
                     );
                     from_f16(&o)
                 }

@@ -68,7 +68,7 @@ def model(width, batch):
         bound = "compute" if ft_c + wt_c > ft_m + wt_m else "memory"
         total["flop"] += 2 * useful
         total["t"] += t
-        total["ops"] += 13
+        total["ops"] += 14  # per layer: 2 layout copies, conv, goodness, loss, dg, dz, layout, wgrad, reduce, 2 layer output, 2 AdamW
         rows.append((i, ci, co, s, 2 * useful / 1e9, (fbytes + wbytes) / 1e6, f"{fblocks} ({fk}, {fbps}/SM)",
                      f"{wblocks} ({wk}, {bps}/SM)", bound, t * 1e6, 100 * 2 * useful / t / HGEMM))
     return rows, total

@@ -90,15 +90,23 @@ pub fn conv_cases(vgg_batch: usize) -> Vec<ConvCase> {
         c(5, 120, 40, 2, 1, Mean), // K = 1080: several K tiles of either weight-gradient tile, 2x2 maps
         // fp16 picks the 128 x 256 forward tile at batch 128 (128 blocks, 122 KB of shared memory)
         c(vgg_batch, 16, 128, 16, 2, Mean),
+        // rows wider than either fp16 forward tile: a cell's rows are runs in tiles that skip the tiles between
+        ConvCase { s: asge::backend::ConvShape { batch: 2, c_in: 3, c_out: 8, h: 3, w: 300 }, p: 2, reduce: Sum },
     ]
 }
 
 /// The layer-output cases: (batch, channels, side, pool, dropout p): no pool, avg pool with dropout, rms pool
-/// on an odd side with heavy dropout.
+/// on an odd side with heavy dropout, and many channels of small maps (several blocks a sample, a thread a
+/// channel).
 #[allow(clippy::type_complexity)]
 pub fn output_cases() -> Vec<(usize, usize, usize, Option<asge::model::PoolKind>, Option<f32>)> {
     use asge::model::PoolKind::{Avg, Rms};
-    vec![(3, 5, 7, None, None), (2, 70, 16, Some(Avg), Some(0.1)), (4, 9, 9, Some(Rms), Some(0.5))]
+    vec![
+        (3, 5, 7, None, None),
+        (2, 70, 16, Some(Avg), Some(0.1)),
+        (4, 9, 9, Some(Rms), Some(0.5)),
+        (2, 600, 4, Some(Avg), Some(0.1)),
+    ]
 }
 
 /// A layer output's input as the conv stores it: non-negative, and fp16-representable in the fp16 path.

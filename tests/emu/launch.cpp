@@ -59,17 +59,20 @@ void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits*
 void emu_conv_goodness_fwd_f32(GRID, const float* x, const float* w, const float* bias, const int* taps, float* y, int B, int Cin, int Cout, int H, int W) {
     RUN(conv_goodness_fwd_f32(x, w, bias, taps, y, B, Cin, Cout, H, W));
 }
-void emu_conv_fwd_nhwc_f16(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cp, int Cout, int H, int W) {
-    RUN(conv_fwd_nhwc_f16(x, w, bias, taps, y, B, Cp, Cout, H, W));
+void emu_conv_fwd_nhwc_f16(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, float* gpart, int B, int Cp, int Cout, int H, int W, int P, int NB) {
+    RUN(conv_fwd_nhwc_f16(x, w, bias, taps, y, gpart, B, Cp, Cout, H, W, P, NB));
 }
-void emu_conv_fwd_nhwc_f16_l(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, int B, int Cp, int Cout, int H, int W) {
-    RUN(conv_fwd_nhwc_f16_l(x, w, bias, taps, y, B, Cp, Cout, H, W));
+void emu_conv_fwd_nhwc_f16_l(GRID, const f16_bits* x, const f16_bits* w, const float* bias, const int* taps, f16_bits* y, float* gpart, int B, int Cp, int Cout, int H, int W, int P, int NB) {
+    RUN(conv_fwd_nhwc_f16_l(x, w, bias, taps, y, gpart, B, Cp, Cout, H, W, P, NB));
 }
 void emu_conv_fwd_nhwc_f16_sk(GRID, const f16_bits* x, const f16_bits* w, const int* taps, float* part, int B, int Cp, int Cout, int H, int W) {
     RUN(conv_fwd_nhwc_f16_sk(x, w, taps, part, B, Cp, Cout, H, W));
 }
-void emu_conv_fwd_splitk_f16(GRID, const float* part, const float* bias, f16_bits* y, int B, int Cout, int H, int W, int Z) {
-    RUN(conv_fwd_splitk_f16(part, bias, y, B, Cout, H, W, Z));
+void emu_conv_fwd_splitk_f16(GRID, const float* part, const float* bias, f16_bits* y, float* gpart, int B, int Cout, int H, int W, int Z, int P, int NB) {
+    RUN(conv_fwd_splitk_f16(part, bias, y, gpart, B, Cout, H, W, Z, P, NB));
+}
+void emu_goodness_tiles_f32(GRID, const float* gpart, float* g, int B, int C, int H, int W, int P, int NB, int TN, int reduce_mean) {
+    RUN(goodness_tiles_f32(gpart, g, B, C, H, W, P, NB, TN, reduce_mean));
 }
 void emu_nhwc_pad_f16(GRID, const f16_bits* x, f16_bits* xn, int B, int C, int H, int W, int Cp) {
     RUN(nhwc_pad_f16(x, xn, B, C, H, W, Cp));
@@ -79,9 +82,6 @@ void emu_krsc_pad_f16(GRID, const f16_bits* w, f16_bits* wn, int Cout, int C, in
 }
 void emu_patch_goodness_f32(GRID, const float* y, float* g, int B, int C, int H, int W, int P, int reduce_mean) {
     RUN(patch_goodness_f32(y, g, B, C, H, W, P, reduce_mean));
-}
-void emu_patch_goodness_f16(GRID, const f16_bits* y, float* g, int B, int C, int H, int W, int P, int reduce_mean) {
-    RUN(patch_goodness_f16(y, g, B, C, H, W, P, reduce_mean));
 }
 void emu_conv_goodness_wgrad_f32(GRID, const float* x, const float* y, const float* q, const int* taps, const int* cells, float* part, float* part_db, int B, int Cin, int Cout, int H, int W, int P, int chunk) {
     RUN(conv_goodness_wgrad_f32(x, y, q, taps, cells, part, part_db, B, Cin, Cout, H, W, P, chunk));
@@ -116,10 +116,16 @@ void emu_heads_grad_f32(GRID, const float* f, const float* ds, float* dw, float*
 void emu_goodness_loss_f32(GRID, const float* g, const float* pw, const float* pb, const unsigned int* labels, float* logits, float* dg, float* stats, int B, int D, int N, int with_grad) {
     RUN(goodness_loss_f32(g, pw, pb, labels, logits, dg, stats, B, D, N, with_grad));
 }
-void emu_layer_output_f32(GRID, const float* y, float* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap) {
-    RUN(layer_output_f32(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
+void emu_layer_output_sumsq_f32(GRID, const float* y, float* part, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int CPB) {
+    RUN(layer_output_sumsq_f32(y, part, C, H, W, pool, p, key, use_dropout, CPB));
 }
-void emu_layer_output_f16(GRID, const f16_bits* y, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap) {
-    RUN(layer_output_f16(y, out, gap, C, H, W, pool, p, key, use_dropout, use_gap));
+void emu_layer_output_sumsq_f16(GRID, const f16_bits* y, float* part, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int CPB) {
+    RUN(layer_output_sumsq_f16(y, part, C, H, W, pool, p, key, use_dropout, CPB));
+}
+void emu_layer_output_f32(GRID, const float* y, const float* part, float* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap, int CPB) {
+    RUN(layer_output_f32(y, part, out, gap, C, H, W, pool, p, key, use_dropout, use_gap, CPB));
+}
+void emu_layer_output_f16(GRID, const f16_bits* y, const float* part, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap, int CPB) {
+    RUN(layer_output_f16(y, part, out, gap, C, H, W, pool, p, key, use_dropout, use_gap, CPB));
 }
 }

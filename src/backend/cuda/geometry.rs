@@ -22,7 +22,7 @@ pub struct FwdKernel {
 }
 
 /// The fewest blocks of the large fp16 forward tile worth launching: one wave on the 132 SMs of an H100 SXM or
-/// H200 (one block a SM: 122 KB of shared memory, ~200 registers a thread) with 4 idle.
+/// H200 (one block a SM: 132 KB of shared memory, ~200 registers a thread) with 4 idle.
 pub const LARGE_TILE_MIN_BLOCKS: usize = 128;
 
 /// The conv forward's kernel: 64 x 64 in f32; in f16 the channels-last pipelines (kernels/conv_goodness_fwd.cu),
@@ -39,11 +39,61 @@ pub fn conv_fwd_kernel(s: &ConvShape, p: Precision) -> FwdKernel {
     }
 }
 
-/// The fp16 forward kernels: shared memory = stages x (tile_m + tile_n) rows x (K step + 8) halves.
+/// The fp16 forward kernels: shared memory = the larger of the pipeline's, stages x (tile_m + tile_n) rows x
+/// (K step + 8) halves, and the goodness epilogue's squares, tile_m x (tile_n + 1) floats.
 pub const CONV_FWD_F16: [FwdKernel; 2] = [
-    FwdKernel { name: "conv_fwd_nhwc_f16", tile_m: 64, tile_n: 128, smem: 3 * (64 + 128) * 144 },
-    FwdKernel { name: "conv_fwd_nhwc_f16_l", tile_m: 128, tile_n: 256, smem: 4 * (128 + 256) * 80 },
+    FwdKernel { name: "conv_fwd_nhwc_f16", tile_m: 64, tile_n: 128, smem: max(3 * (64 + 128) * 144, 64 * 129 * 4) },
+    FwdKernel { name: "conv_fwd_nhwc_f16_l", tile_m: 128, tile_n: 256, smem: max(4 * (128 + 256) * 80, 128 * 257 * 4) },
 ];
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+const fn max(a: u32, b: u32) -> u32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// The layer output's split (kernels/layer_output.cu): `(channels per block, blocks per sample)`, so that a block
+/// takes about 2048 of the sample's output values (at least one channel). One block a sample, as before, left an
+/// H100's SMs mostly idle below ~130 samples and at small widths.
+pub fn layer_output_split(c: usize, out_hw: usize) -> (usize, usize) {
+    let slices = (c * out_hw).div_ceil(2048).clamp(1, c.max(1));
+    let cpb = c.div_ceil(slices).max(1);
+    (cpb, c.div_ceil(cpb).max(1))
+}
+
+/// The fp16 forward's goodness partials (kernels/conv_goodness_fwd.cu, `tile_goodness`): the most bands (a
+/// sample's cells of one row bin) that one tile of `tile_n` consecutive pixels cuts, over the layer's tiles.
+/// Tile t's partials are `[NB][P][C_out]` floats at `t * NB * P * C_out`.
+pub fn goodness_bands(s: &ConvShape, grid: &PatchGrid, tile_n: usize) -> usize {
+    let (h, w, p, n) = (s.h, s.w, grid.p, s.batch * s.h * s.w);
+    // A row's first and last bin (bins may overlap), as band indices b * P + i.
+    let first = |row: usize| (row / h) * p + (row % h) * p / h;
+    let last = |row: usize| (row / h) * p + (((row % h) + 1) * p).div_ceil(h) - 1;
+    // A tile's span depends on where it starts in its sample (and shrinks when the batch's end cuts it), so the
+    // first period of starts covers every tile.
+    let hw = h * w;
+    let period = hw / gcd(hw, tile_n);
+    (0..n.div_ceil(tile_n).min(period))
+        .map(|t| last((((t + 1) * tile_n).min(n) - 1) / w) + 1 - first(t * tile_n / w))
+        .max()
+        .unwrap_or(1)
+}
+
+/// The goodness partials' length for kernel `k` (one `[NB][P][C_out]` block per tile of pixels).
+pub fn goodness_partials_len(s: &ConvShape, grid: &PatchGrid, k: &FwdKernel) -> usize {
+    let (gx, _, _) = conv_fwd_grid(s, k.tile_m, k.tile_n);
+    gx as usize * goodness_bands(s, grid, k.tile_n as usize) * grid.p * s.c_out
+}
 
 /// The small fp16 forward tile split over K (`conv_fwd_nhwc_f16_sk`, then `conv_fwd_splitk_f16`).
 pub const CONV_FWD_F16_SPLIT: FwdKernel = FwdKernel { name: "conv_fwd_nhwc_f16_sk", ..CONV_FWD_F16[0] };

@@ -133,7 +133,8 @@ pub struct CudaBackend {
 /// Device tables built once per shape and shared by every call (and lane) after.
 type Tables<K, V> = Mutex<HashMap<K, Arc<V>>>;
 
-/// The fp16 forward's channels-last copies of a layer's input and weights (kernels/layout.cu).
+/// A lane's scratch: the fp16 forward's channels-last copies of a layer's input and weights (kernels/layout.cu),
+/// and the partials of the ops it runs.
 #[derive(Default)]
 struct LayoutScratch {
     x: Option<CudaSlice<half::f16>>,
@@ -142,6 +143,10 @@ struct LayoutScratch {
     dz: Option<CudaSlice<half::f16>>,
     /// The split forward's f32 partial tiles.
     part: Option<CudaSlice<f32>>,
+    /// The fp16 forward's goodness partials per tile (kernels/conv_goodness_fwd.cu, `tile_goodness`).
+    gpart: Option<CudaSlice<f32>>,
+    /// The layer output's per-slice sums of squares (kernels/layer_output.cu).
+    sumsq: Option<CudaSlice<f32>>,
 }
 
 /// A patch grid's cell table and divisors on the device (see `geometry::cell_table`).

@@ -1,9 +1,10 @@
-//! `conv_goodness_fwd` (kernels/conv_goodness_fwd.cu): the implicit-GEMM conv with bias and ReLU, then the
-//! deterministic patch-goodness pass over y. In fp16 the conv reads channels-last copies of x and W
-//! (kernels/layout.cu), made here: the rest of the backend keeps PyTorch's layouts.
+//! `conv_goodness_fwd` (kernels/conv_goodness_fwd.cu): the implicit-GEMM conv with bias and ReLU, and the
+//! deterministic patch goodness: in f32 a pass over y, in fp16 per-tile partials from the conv's epilogue, added in
+//! tile order by `goodness_tiles_f32`. In fp16 the conv reads channels-last copies of x and W (kernels/layout.cu),
+//! made here: the rest of the backend keeps PyTorch's layouts.
 
 use super::super::args::launch::{
-    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvFwdNhwcF16Sk, ConvFwdSplitkF16, ConvGoodnessFwdF32, PatchGoodnessF16,
+    ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvFwdNhwcF16Sk, ConvFwdSplitkF16, ConvGoodnessFwdF32, GoodnessTilesF32,
     PatchGoodnessF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf};
@@ -64,6 +65,9 @@ pub fn run(
             super::layout::weights(be, s, w, &mut scratch.w)?;
             let taps = be.nhwc_tap_table(cp, s)?;
             let cp = cp as i32;
+            let nb = geometry::goodness_bands(s, grid, kernel.tile_n as usize);
+            let gpart = be.scratch(&mut scratch.gpart, geometry::goodness_partials_len(s, grid, &kernel))?;
+            let nb_i = nb as i32;
             // SAFETY: xn, wn and the table hold the padded extents of this shape, y and bias are bounded by
             // check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where above 48 KB).
             let splits = geometry::conv_fwd_splits(s, &kernel);
@@ -91,9 +95,22 @@ pub fn run(
                         }
                         .launch(stream, be.f(k.name)?, split_cfg),
                     )?;
-                    // SAFETY: part holds splits * C_out * N floats, y and bias are bounded by check::conv_fwd.
-                    ConvFwdSplitkF16 { part: &*part, bias, y: &mut *ys, B: bb, Cout: co, H: h, W: ww, Z: splits as i32 }
-                        .launch(stream, be.f("conv_fwd_splitk_f16")?, grid1(s.c_out * n))
+                    // SAFETY: part holds splits * C_out * N floats, gpart the partials of this grid of tiles, y and
+                    // bias are bounded by check::conv_fwd.
+                    ConvFwdSplitkF16 {
+                        part: &*part,
+                        bias,
+                        y: &mut *ys,
+                        gpart: &mut *gpart,
+                        B: bb,
+                        Cout: co,
+                        H: h,
+                        W: ww,
+                        Z: splits as i32,
+                        P: p,
+                        NB: nb_i,
+                    }
+                    .launch(stream, be.f("conv_fwd_splitk_f16")?, cfg((gx, gy, 1)))
                 } else if kernel.name == ConvFwdNhwcF16L::NAME {
                     ConvFwdNhwcF16L {
                         x: scratch.x.as_ref().expect("just filled"),
@@ -101,11 +118,14 @@ pub fn run(
                         bias,
                         taps: &*taps,
                         y: &mut *ys,
+                        gpart: &mut *gpart,
                         B: bb,
                         Cp: cp,
                         Cout: co,
                         H: h,
                         W: ww,
+                        P: p,
+                        NB: nb_i,
                     }
                     .launch(stream, f, launch_cfg)
                 } else {
@@ -115,25 +135,39 @@ pub fn run(
                         bias,
                         taps: &*taps,
                         y: &mut *ys,
+                        gpart: &mut *gpart,
                         B: bb,
                         Cp: cp,
                         Cout: co,
                         H: h,
                         W: ww,
+                        P: p,
+                        NB: nb_i,
                     }
                     .launch(stream, f, launch_cfg)
                 }
             };
-            drop(guard);
             be.launched(kernel.name, r)?;
-            // SAFETY: as above; one thread per goodness cell.
-            be.launched("patch_goodness_f16", unsafe {
-                PatchGoodnessF16 { y: &*ys, g: gs, B: bb, C: co, H: h, W: ww, P: p, reduce_mean: mean }.launch(
-                    stream,
-                    be.f("patch_goodness_f16")?,
-                    grid1(g_len),
-                )
-            })
+            let gpart = scratch.gpart.as_ref().expect("just filled");
+            // SAFETY: gpart holds the partials of every tile of this layer (goodness_partials_len), g the cells;
+            // one thread per goodness value.
+            let r = be.launched("goodness_tiles_f32", unsafe {
+                GoodnessTilesF32 {
+                    gpart,
+                    g: gs,
+                    B: bb,
+                    C: co,
+                    H: h,
+                    W: ww,
+                    P: p,
+                    NB: nb_i,
+                    TN: kernel.tile_n as i32,
+                    reduce_mean: mean,
+                }
+                .launch(stream, be.f("goodness_tiles_f32")?, grid1(g_len))
+            });
+            drop(guard);
+            r
         }
     }
 }

@@ -1,9 +1,10 @@
 //! `layer_output` (kernels/layer_output.cu): the 2x2 pool, dropout, the per-sample RMS norm and the pooled
-//! features, one block per sample.
+//! features: each sample's channels split over blocks (`geometry::layer_output_split`), its slices' sums of
+//! squares, then the store with the pooled features.
 
-use super::super::args::launch::{LayerOutputF16, LayerOutputF32};
+use super::super::args::launch::{LayerOutputF16, LayerOutputF32, LayerOutputSumsqF16, LayerOutputSumsqF32};
 use super::super::args::{DevIn, DevOut};
-use super::super::{cfg, operand_precision, CudaBackend, CudaBuf};
+use super::super::{cfg, geometry, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, Dropout, Precision};
 use crate::model::PoolKind;
 use anyhow::Result;
@@ -45,42 +46,87 @@ pub fn run(
         None => None,
     };
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
-    let launch_cfg = cfg((batch as u32, 1, 1));
+    let out_hw = if pool.is_some() { (h / 2) * (w / 2) } else { h * w };
+    let (cpb, slices) = geometry::layer_output_split(c, out_hw);
+    let launch_cfg = cfg((slices as u32, batch as u32, 1));
+    let cpb = cpb as i32;
+    let mut guard = be.layout_scratch();
+    let part = be.scratch(&mut guard.sumsq, batch * slices)?;
     let stream = be.stream();
+    // SAFETY (every launch below): check::layer_output bounds y, out and gap for `batch` samples (the grid's y),
+    // part holds batch x slices floats (its x).
     match precision {
-        // SAFETY: check::layer_output bounds y, out and gap for a grid of `batch` blocks.
-        Precision::F32 => be.launched("layer_output_f32", unsafe {
-            LayerOutputF32 {
-                y: y.f32("y")?,
-                out: out.f32_mut("layer output")?,
-                gap,
-                C: ci,
-                H: hi,
-                W: wi,
-                pool: pool_i,
-                p,
-                key,
-                use_dropout,
-                use_gap,
-            }
-            .launch(stream, be.f("layer_output_f32")?, launch_cfg)
-        }),
-        // SAFETY: as above.
-        Precision::F16 => be.launched("layer_output_f16", unsafe {
-            LayerOutputF16 {
-                y: y.f16("y")?,
-                out: out.f16_mut("layer output")?,
-                gap,
-                C: ci,
-                H: hi,
-                W: wi,
-                pool: pool_i,
-                p,
-                key,
-                use_dropout,
-                use_gap,
-            }
-            .launch(stream, be.f("layer_output_f16")?, launch_cfg)
-        }),
+        Precision::F32 => {
+            let y = y.f32("y")?;
+            be.launched("layer_output_sumsq_f32", unsafe {
+                LayerOutputSumsqF32 {
+                    y,
+                    part: &mut *part,
+                    C: ci,
+                    H: hi,
+                    W: wi,
+                    pool: pool_i,
+                    p,
+                    key,
+                    use_dropout,
+                    CPB: cpb,
+                }
+                .launch(stream, be.f("layer_output_sumsq_f32")?, launch_cfg)
+            })?;
+            be.launched("layer_output_f32", unsafe {
+                LayerOutputF32 {
+                    y,
+                    part: &*part,
+                    out: out.f32_mut("layer output")?,
+                    gap,
+                    C: ci,
+                    H: hi,
+                    W: wi,
+                    pool: pool_i,
+                    p,
+                    key,
+                    use_dropout,
+                    use_gap,
+                    CPB: cpb,
+                }
+                .launch(stream, be.f("layer_output_f32")?, launch_cfg)
+            })
+        }
+        Precision::F16 => {
+            let y = y.f16("y")?;
+            be.launched("layer_output_sumsq_f16", unsafe {
+                LayerOutputSumsqF16 {
+                    y,
+                    part: &mut *part,
+                    C: ci,
+                    H: hi,
+                    W: wi,
+                    pool: pool_i,
+                    p,
+                    key,
+                    use_dropout,
+                    CPB: cpb,
+                }
+                .launch(stream, be.f("layer_output_sumsq_f16")?, launch_cfg)
+            })?;
+            be.launched("layer_output_f16", unsafe {
+                LayerOutputF16 {
+                    y,
+                    part: &*part,
+                    out: out.f16_mut("layer output")?,
+                    gap,
+                    C: ci,
+                    H: hi,
+                    W: wi,
+                    pool: pool_i,
+                    p,
+                    key,
+                    use_dropout,
+                    use_gap,
+                    CPB: cpb,
+                }
+                .launch(stream, be.f("layer_output_f16")?, launch_cfg)
+            })
+        }
     }
 }
