@@ -281,6 +281,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_fwd_nhwc_f16_sk(
 
 // y = relu(sum_z part[z] + bias), the z in order, stored NCHW in fp16, and the goodness epilogue: one block per
 // output tile of the split kernel (64 x 128, the same grid), pixels fastest.
+// (src/backend/cuda/geometry.rs asserts that the small tile is this one.)
 #define SPLITK_TM 64
 #define SPLITK_TN 128
 extern "C" __global__ void __launch_bounds__(256) conv_fwd_splitk_f16(

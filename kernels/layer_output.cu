@@ -3,9 +3,9 @@
 // bit), per-sample RMS norm x / (sqrt(mean x^2) + e^-50), and the global average pool into gap [B, C].
 // The f16 kernel reads y and stores the output in fp16; every sum, and the pooled features, stay f32.
 //
-// Work split: each sample's channels are cut into gridDim.x slices of CPB channels (geometry::layer_output_split:
-// enough blocks to fill the GPU at small widths, where one block a sample left most SMs idle); blockIdx.y is the
-// sample. Two kernels, two passes over y:
+// Work split: blockIdx.x is the sample (gridDim.x the batch: up to 2^31 - 1), and its channels are cut into
+// gridDim.y slices of CPB channels (geometry::layer_output_split: enough blocks to fill the GPU at small widths,
+// where one block a sample left most SMs idle). Two kernels, two passes over y:
 // - layer_output_sumsq_*: each block pools, drops and sums the squares of its slice (a fixed-order block sum)
 //   into part[b][slice];
 // - layer_output_*: each block adds its sample's slice sums in slice order (every block the same sum, so the
@@ -43,17 +43,17 @@ __device__ __forceinline__ void layer_output_sumsq(
     int use_dropout, int CPB)
 {
     __shared__ float scratch[32];
-    const int b = blockIdx.y;
+    const int b = blockIdx.x;
     const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W, hw = Ho * Wo, per = C * hw;
     const T* yb = y + (long)b * C * H * W;
-    const int i0 = blockIdx.x * CPB * hw, i1 = min(C, ((int)blockIdx.x + 1) * CPB) * hw;
+    const int i0 = blockIdx.y * CPB * hw, i1 = min(C, ((int)blockIdx.y + 1) * CPB) * hw;
     float ss = 0.0f;
     for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
         float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout);
         ss += v * v;
     }
     ss = block_sum(ss, scratch);
-    if (threadIdx.x == 0) part[(long)b * gridDim.x + blockIdx.x] = ss;
+    if (threadIdx.x == 0) part[(long)b * gridDim.y + blockIdx.y] = ss;
 }
 
 template <typename T>
@@ -61,14 +61,14 @@ __device__ __forceinline__ void layer_output(
     const T* __restrict__ y, const float* __restrict__ part, T* __restrict__ out, float* __restrict__ gap, int C,
     int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap, int CPB)
 {
-    const int b = blockIdx.y;
+    const int b = blockIdx.x;
     const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W, hw = Ho * Wo, per = C * hw;
     const T* yb = y + (long)b * C * H * W;
     T* ob = out + (long)b * per;
     float ss = 0.0f;
-    for (int s = 0; s < (int)gridDim.x; ++s) ss += part[(long)b * gridDim.x + s];
+    for (int s = 0; s < (int)gridDim.y; ++s) ss += part[(long)b * gridDim.y + s];
     const float denom = sqrtf(ss / (float)per) + 1.9287498479639178e-22f;
-    const int c0 = blockIdx.x * CPB, c1 = min(C, c0 + CPB);
+    const int c0 = blockIdx.y * CPB, c1 = min(C, c0 + CPB);
     auto value = [&](int i) {
         const float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout) / denom;
         st(&ob[i], v);
@@ -92,22 +92,22 @@ __device__ __forceinline__ void layer_output(
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_sumsq_f32(
-    const float* __restrict__ y /*[gridDim.y*C*H*W]*/, float* __restrict__ part /*[gridDim.y*gridDim.x]*/, int C,
+    const float* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ part /*[gridDim.x*gridDim.y]*/, int C,
     int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int CPB)
 {
     layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, CPB);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_sumsq_f16(
-    const f16_bits* __restrict__ y /*[gridDim.y*C*H*W]*/, float* __restrict__ part /*[gridDim.y*gridDim.x]*/, int C,
+    const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ part /*[gridDim.x*gridDim.y]*/, int C,
     int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int CPB)
 {
     layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, CPB);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
-    const float* __restrict__ y /*[gridDim.y*C*H*W]*/, const float* __restrict__ part /*[gridDim.y*gridDim.x]*/,
-    float* __restrict__ out /*[gridDim.y*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.y*C]?*/, int C,
+    const float* __restrict__ y /*[gridDim.x*C*H*W]*/, const float* __restrict__ part /*[gridDim.x*gridDim.y]*/,
+    float* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/, int C,
     int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
     int use_gap, int CPB)
 {
@@ -115,8 +115,8 @@ extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
-    const f16_bits* __restrict__ y /*[gridDim.y*C*H*W]*/, const float* __restrict__ part /*[gridDim.y*gridDim.x]*/,
-    f16_bits* __restrict__ out /*[gridDim.y*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.y*C]?*/,
+    const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/, const float* __restrict__ part /*[gridDim.x*gridDim.y]*/,
+    f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
     int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
     int use_gap, int CPB)
 {

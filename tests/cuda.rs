@@ -182,6 +182,22 @@ fn the_fp16_forward_tile_follows_the_shape() {
 }
 
 #[test]
+fn the_layer_output_split_gives_each_warp_or_thread_a_channel() {
+    use cuda::geometry::layer_output_split;
+    // (channels per block, blocks per sample): ~2048 values a block, a channel per warp on maps of 32+ values
+    assert_eq!(layer_output_split(64, 256), (8, 8));
+    assert_eq!(layer_output_split(32, 1024), (8, 4));
+    assert_eq!(layer_output_split(70, 64), (24, 3));
+    assert_eq!(layer_output_split(5, 49), (5, 1));
+    // a channel per thread below 32 values
+    assert_eq!(layer_output_split(512, 16), (256, 2));
+    assert_eq!(layer_output_split(128, 4), (128, 1));
+    // never more slices than the grid's y holds
+    let (cpb, slices) = layer_output_split(1 << 20, 1024);
+    assert!(slices <= 65_535 && cpb * slices >= 1 << 20, "{cpb} x {slices}");
+}
+
+#[test]
 fn the_fp16_weight_gradient_tile_follows_the_shape() {
     use cuda::geometry::{wgrad, wgrad_kernel, WGRAD_F16};
     let s = |c_in| asge::backend::ConvShape { batch: 128, c_in, c_out: 256, h: 16, w: 16 };
@@ -287,9 +303,12 @@ fn conv_fwd_and_wgrad_match_cpu() {
             let dgd = dev(&g, &dg, 0);
             let (mut dwd, mut dbd) = (dev(&g, &[], s.w_len()), dev(&g, &[], s.c_out));
             g.synchronize().unwrap();
+            let reused = g.input_copies_reused();
             let t0 = std::time::Instant::now();
             g.conv_goodness_wgrad(&s, &grid, case.reduce, &xd, &yd, &dgd, &mut dwd, &mut dbd).unwrap();
             g.synchronize().unwrap();
+            // In fp16 the weight gradient reads the forward's channels-last copy of x.
+            assert_eq!(g.input_copies_reused() - reused, (precision == Precision::F16) as usize, "{what}");
             seconds += t0.elapsed().as_secs_f64();
             flop += 4.0 * (s.batch * s.h * s.w * s.c_out * s.c_in * 9) as f64;
             // The reduction runs over B*H*W (up to 32k) pixels: roundoff grows with sqrt(N); 1e-3 relative. In
@@ -307,6 +326,49 @@ fn conv_fwd_and_wgrad_match_cpu() {
             flop / 1e9 / seconds
         );
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
+fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current() {
+    // fp16: the forward's channels-last copy of x serves the layer's weight gradient, unless x was written since
+    // or another forward on the lane replaced the copy; either way dW must be the one of the x it is given.
+    let g = gpu().with_precision(Precision::F16);
+    let c = CpuBackend::new().with_precision(Precision::F16);
+    let case = conv_cases(2).swap_remove(1);
+    let s = case.s;
+    let grid = PatchGrid::new(case.p, s.h, s.w);
+    let (x, w, b, dg) = conv_inputs(&case, 1);
+    let x2: Vec<f32> = x.iter().map(|v| asge::backend::round_f16(1.5 - v)).collect();
+    let (mut xd, wd, bd, dgd) = (operand(&g, &x, 0), operand(&g, &w, 0), dev(&g, &b, 0), dev(&g, &dg, 0));
+    let (mut yd, mut gd) = (operand(&g, &[], s.y_len()), dev(&g, &[], s.batch * s.c_out * grid.cells()));
+    let other = operand(&g, &x2, 0);
+    let check = |g: &CudaBackend, xd: &CudaBuf, yd: &CudaBuf, host_x: &[f32], what: &str| {
+        let mut dwd = dev(g, &[], s.w_len());
+        let mut dbd = dev(g, &[], s.c_out);
+        g.conv_goodness_wgrad(&s, &grid, case.reduce, xd, yd, &dgd, &mut dwd, &mut dbd).unwrap();
+        let y = g.read(yd, s.y_len()).unwrap();
+        let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
+        c.conv_goodness_wgrad(&s, &grid, case.reduce, &host_x.to_vec(), &y, &dg, &mut dw, &mut db).unwrap();
+        close(&format!("{what} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
+    };
+    // x written after the forward: the copy is stale and is made again.
+    g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gd).unwrap();
+    g.write(&mut xd, &x2).unwrap();
+    let reused = g.input_copies_reused();
+    check(&g, &xd, &yd, &x2, "x written since the forward");
+    assert_eq!(g.input_copies_reused(), reused, "a copy of x's old contents was reused");
+    // Another buffer's forward in between: the copy is the other buffer's.
+    g.write(&mut xd, &x).unwrap();
+    g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gd).unwrap();
+    let mut y_other = operand(&g, &[], s.y_len());
+    g.conv_goodness_fwd(&s, &grid, case.reduce, &other, &wd, &bd, &mut y_other, &mut gd).unwrap();
+    check(&g, &xd, &yd, &x, "another forward in between");
+    assert_eq!(g.input_copies_reused(), reused, "another buffer's copy was reused");
+    // Right after its own forward: reused, and still right.
+    g.conv_goodness_fwd(&s, &grid, case.reduce, &other, &wd, &bd, &mut y_other, &mut gd).unwrap();
+    check(&g, &other, &y_other, &x2, "right after the forward");
+    assert_eq!(g.input_copies_reused(), reused + 1, "the forward's copy was not reused");
 }
 
 #[test]

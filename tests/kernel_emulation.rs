@@ -461,7 +461,7 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             let mut gap2 = vec![f32::NAN; gap.len()];
             // The backend's split of each sample over blocks, the slices' sums of squares, then the store.
             let (cpb, slices) = geometry::layer_output_split(ch, ho * wo);
-            let grid = (slices as u32, batch as u32, 1);
+            let grid = (batch as u32, slices as u32, 1);
             let mut part = vec![f32::NAN; batch * slices];
             let sumsq = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, cpb as i32);
             let args = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, 1i32, cpb as i32);

@@ -61,14 +61,14 @@ def model(width, batch):
         gxy = math.ceil(9 * cp / tk) * math.ceil(co / tm)
         wblocks = gxy * max(1, math.ceil(ru(n, 64) / max(256, ru(math.ceil(ru(n, 64) / max(1, 512 // gxy)), 64))))
         wexec = 2.0 * ru(co, tm) * ru(9 * cp, tk) * ru(n, 64)
-        wbytes = 2 * n * co + 2 * 2 * ru(co, 128) * ru(n, 64) + 2 * (n * ci + 2 * n * cp)  # y, dz w+r, pad + read
+        wbytes = 2 * n * co + 2 * 2 * ru(co, 128) * ru(n, 64) + 2 * n * cp  # y, dz w+r, the forward's xn read
         wt_c = wexec / (MMA_SYNC * PIPE_EFF * wave_eff(wblocks, bps))
         wt_m = wbytes / HBM
         t = max(ft_c, ft_m) + max(wt_c, wt_m)
         bound = "compute" if ft_c + wt_c > ft_m + wt_m else "memory"
         total["flop"] += 2 * useful
         total["t"] += t
-        total["ops"] += 14  # per layer: 2 layout copies, conv, goodness, loss, dg, dz, layout, wgrad, reduce, 2 layer output, 2 AdamW
+        total["ops"] += 13  # per layer: 2 layout copies, conv, goodness, loss, dg, dz, wgrad, reduce, 2 layer output, 2 AdamW
         rows.append((i, ci, co, s, 2 * useful / 1e9, (fbytes + wbytes) / 1e6, f"{fblocks} ({fk}, {fbps}/SM)",
                      f"{wblocks} ({wk}, {bps}/SM)", bound, t * 1e6, 100 * 2 * useful / t / HGEMM))
     return rows, total

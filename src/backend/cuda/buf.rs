@@ -1,20 +1,50 @@
-//! [`CudaBuf`]: a device buffer of f32, or of fp16 (a conv operand in the fp16 path).
+//! [`CudaBuf`]: a device buffer of f32, or of fp16 (a conv operand in the fp16 path), with a version that every
+//! mutable access advances.
 
 use crate::backend::Precision;
 use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A device buffer: f32, or fp16 (a conv operand in the fp16 path).
-pub enum CudaBuf {
+///
+/// Its [`version`](CudaBuf::version) (an id no other buffer of the process has, and a count of the mutable
+/// accesses so far) tells a cache of something derived from the buffer whether the buffer may have changed since:
+/// every way to write it goes through `&mut self` here, and each advances the count.
+pub struct CudaBuf {
+    data: Data,
+    id: u64,
+    writes: u64,
+}
+
+/// The buffer's storage.
+pub(crate) enum Data {
     F32(CudaSlice<f32>),
     F16(CudaSlice<half::f16>),
 }
 
+impl From<CudaSlice<f32>> for CudaBuf {
+    fn from(s: CudaSlice<f32>) -> Self {
+        CudaBuf::new(Data::F32(s))
+    }
+}
+
+impl From<CudaSlice<half::f16>> for CudaBuf {
+    fn from(s: CudaSlice<half::f16>) -> Self {
+        CudaBuf::new(Data::F16(s))
+    }
+}
+
 impl CudaBuf {
+    fn new(data: Data) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        CudaBuf { data, id: NEXT_ID.fetch_add(1, Ordering::Relaxed), writes: 0 }
+    }
+
     pub fn len(&self) -> usize {
-        match self {
-            CudaBuf::F32(s) => s.len(),
-            CudaBuf::F16(s) => s.len(),
+        match &self.data {
+            Data::F32(s) => s.len(),
+            Data::F16(s) => s.len(),
         }
     }
 
@@ -23,37 +53,52 @@ impl CudaBuf {
     }
 
     pub fn precision(&self) -> Precision {
-        match self {
-            CudaBuf::F32(_) => Precision::F32,
-            CudaBuf::F16(_) => Precision::F16,
+        match &self.data {
+            Data::F32(_) => Precision::F32,
+            Data::F16(_) => Precision::F16,
         }
     }
 
+    /// (the buffer's id, its mutable accesses so far): equal values mean unchanged contents.
+    pub fn version(&self) -> (u64, u64) {
+        (self.id, self.writes)
+    }
+
+    pub(crate) fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// The storage, to write: advances the version.
+    pub(crate) fn data_mut(&mut self) -> &mut Data {
+        self.writes += 1;
+        &mut self.data
+    }
+
     pub(crate) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
-        match self {
-            CudaBuf::F32(s) => Ok(s),
-            CudaBuf::F16(_) => bail!("cuda backend: {what} is an fp16 buffer where the op reads f32"),
+        match &self.data {
+            Data::F32(s) => Ok(s),
+            Data::F16(_) => bail!("cuda backend: {what} is an fp16 buffer where the op reads f32"),
         }
     }
 
     pub(crate) fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
-        match self {
-            CudaBuf::F32(s) => Ok(s),
-            CudaBuf::F16(_) => bail!("cuda backend: {what} is an fp16 buffer where the op writes f32"),
+        match self.data_mut() {
+            Data::F32(s) => Ok(s),
+            Data::F16(_) => bail!("cuda backend: {what} is an fp16 buffer where the op writes f32"),
         }
     }
 
     pub(crate) fn f16(&self, what: &str) -> Result<&CudaSlice<half::f16>> {
-        match self {
-            CudaBuf::F16(s) => Ok(s),
-            CudaBuf::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op reads fp16"),
+        match &self.data {
+            Data::F16(s) => Ok(s),
+            Data::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op reads fp16"),
         }
     }
 
     pub(crate) fn f16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<half::f16>> {
-        match self {
-            CudaBuf::F16(s) => Ok(s),
-            CudaBuf::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op writes fp16"),
+        match self.data_mut() {
+            Data::F16(s) => Ok(s),
+            Data::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op writes fp16"),
         }
     }
 }

@@ -63,12 +63,15 @@ const fn max(a: u32, b: u32) -> u32 {
 }
 
 /// The layer output's split (kernels/layer_output.cu): `(channels per block, blocks per sample)`, so that a block
-/// takes about 2048 of the sample's output values (at least one channel). One block a sample, as before, left an
-/// H100's SMs mostly idle below ~130 samples and at small widths.
+/// takes about 2048 of the sample's output values, but at least a channel for each of its 8 warps (maps of 32
+/// values or more) or for each of its 256 threads (smaller maps) in the store pass, and at most 65,535 slices (the
+/// grid's y). One block a sample, as before, left an H100's SMs mostly idle below ~130 samples and at small widths.
 pub fn layer_output_split(c: usize, out_hw: usize) -> (usize, usize) {
-    let slices = (c * out_hw).div_ceil(2048).clamp(1, c.max(1));
-    let cpb = c.div_ceil(slices).max(1);
-    (cpb, c.div_ceil(cpb).max(1))
+    let c = c.max(1);
+    let unit = if out_hw >= 32 { 8 } else { THREADS as usize };
+    let slices = (c * out_hw).div_ceil(2048).max(1);
+    let cpb = c.div_ceil(slices).max(unit).min(c).max(c.div_ceil(65_535));
+    (cpb, c.div_ceil(cpb))
 }
 
 /// The fp16 forward's goodness partials (kernels/conv_goodness_fwd.cu, `tile_goodness`): the most bands (a
@@ -94,6 +97,10 @@ pub fn goodness_partials_len(s: &ConvShape, grid: &PatchGrid, k: &FwdKernel) -> 
     let (gx, _, _) = conv_fwd_grid(s, k.tile_m, k.tile_n);
     gx as usize * goodness_bands(s, grid, k.tile_n as usize) * grid.p * s.c_out
 }
+
+// conv_fwd_splitk_f16 (kernels/conv_goodness_fwd.cu) hard-codes this tile as SPLITK_TM x SPLITK_TN: its goodness
+// partials are laid out by it.
+const _: () = assert!(CONV_FWD_F16[0].tile_m == 64 && CONV_FWD_F16[0].tile_n == 128);
 
 /// The small fp16 forward tile split over K (`conv_fwd_nhwc_f16_sk`, then `conv_fwd_splitk_f16`).
 pub const CONV_FWD_F16_SPLIT: FwdKernel = FwdKernel { name: "conv_fwd_nhwc_f16_sk", ..CONV_FWD_F16[0] };

@@ -9,8 +9,13 @@
 //! capture may not), captures its second on lane 0 and launches the graph, and replays the graph from then on.
 //! Keys are (batch, activation parity, statistics set): a step's buffers depend on all three.
 //!
-//! Graphs are used with one lane only (a capture of several lanes' fork and join is not built yet), and not with
-//! `--trace` (timing events), `ASGE_CUDA_SYNC=1` (a synchronisation after every launch) or `ASGE_CUDA_GRAPHS=0`.
+//! Graphs are used with one lane only, and not with `--trace` (timing events), `ASGE_CUDA_SYNC=1` (a
+//! synchronisation after every launch) or `ASGE_CUDA_GRAPHS=0`. Several lanes are not captured yet: they are
+//! ordered by cudarc's per-buffer events, and inside a capture a wait on an event recorded before it (the
+//! previous step's last use of a buffer) is a dependency across the capture's boundary, which CUDA refuses
+//! (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`). Capturing them needs the lanes' hand-offs as explicit events (a fork
+//! from lane 0 at the step's start, one event per layer input handed to the next lane, a join at the end)
+//! with cudarc's tracking off.
 //! A scratch buffer that has to grow drops every graph (they point at the old one).
 
 use super::{drv, CudaBackend};

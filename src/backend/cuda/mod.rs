@@ -33,6 +33,7 @@ pub mod standin;
 pub mod timing;
 
 pub use buf::CudaBuf;
+use buf::Data;
 pub use timing::GpuCeilings;
 
 use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision, StepMode};
@@ -126,6 +127,8 @@ pub struct CudaBackend {
     step_params: Mutex<graph::StepParams>,
     graphs: Mutex<graph::StepGraphs>,
     capturing: std::sync::atomic::AtomicBool,
+    /// Weight gradients that used the forward's channels-last input copy (for tests: ops/layout.rs).
+    input_copies_reused: std::sync::atomic::AtomicUsize,
     /// Step graphs allowed (`ASGE_CUDA_GRAPHS=0` or [`CudaBackend::without_step_graphs`] turn them off).
     graphs_allowed: bool,
 }
@@ -138,6 +141,8 @@ type Tables<K, V> = Mutex<HashMap<K, Arc<V>>>;
 #[derive(Default)]
 struct LayoutScratch {
     x: Option<CudaSlice<half::f16>>,
+    /// What `x` holds the copy of: the input buffer's version and the layer's shape (ops/layout.rs).
+    x_from: Option<((u64, u64), ConvShape)>,
     w: Option<CudaSlice<half::f16>>,
     /// The weight gradient's dL/dz (scaled), `[NHWC_MP(C_out)][WG_NP(N)]`.
     dz: Option<CudaSlice<half::f16>>,
@@ -352,6 +357,7 @@ impl CudaBackend {
             step_params: Mutex::new(step_params),
             graphs: Mutex::new(graph::StepGraphs::default()),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            input_copies_reused: std::sync::atomic::AtomicUsize::new(0),
             graphs_allowed: !std::env::var("ASGE_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
         })
     }
@@ -442,6 +448,12 @@ impl CudaBackend {
             *slot = Some(drv(unsafe { self.stream().alloc::<T>(len.max(1)) }, "alloc")?);
         }
         Ok(slot.as_mut().expect("just filled"))
+    }
+
+    /// How many fp16 weight gradients used the forward's channels-last copy of their input instead of making
+    /// it again (ops/layout.rs).
+    pub fn input_copies_reused(&self) -> usize {
+        self.input_copies_reused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn layout_scratch(&self) -> MutexGuard<'_, LayoutScratch> {
@@ -582,19 +594,19 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
-        self.alloc_f32(len).map(CudaBuf::F32)
+        self.alloc_f32(len).map(CudaBuf::from)
     }
 
     fn uninit(&self, len: usize) -> Result<CudaBuf> {
         // SAFETY: the trainer asks for uninitialised buffers only where a kernel writes before any read (the
         // stand-in fills them with NaN, so a read of what nobody wrote shows).
-        drv(unsafe { self.stream().alloc::<f32>(len.max(1)) }, "alloc").map(CudaBuf::F32)
+        drv(unsafe { self.stream().alloc::<f32>(len.max(1)) }, "alloc").map(CudaBuf::from)
     }
 
     fn operand_zeros(&self, len: usize) -> Result<CudaBuf> {
         match self.precision {
             Precision::F32 => self.zeros(len),
-            Precision::F16 => drv(self.stream().alloc_zeros::<half::f16>(len.max(1)), "alloc").map(CudaBuf::F16),
+            Precision::F16 => drv(self.stream().alloc_zeros::<half::f16>(len.max(1)), "alloc").map(CudaBuf::from),
         }
     }
 
@@ -602,7 +614,7 @@ impl Backend for CudaBackend {
         match self.precision {
             Precision::F32 => self.uninit(len),
             // SAFETY: as for uninit.
-            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::F16),
+            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
         }
     }
 
@@ -617,9 +629,9 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
-        match dst {
-            CudaBuf::F32(d) => drv(self.stream().memcpy_htod(data, &mut d.slice_mut(0..data.len())), "copy to device"),
-            CudaBuf::F16(d) => {
+        match dst.data_mut() {
+            Data::F32(d) => drv(self.stream().memcpy_htod(data, &mut d.slice_mut(0..data.len())), "copy to device"),
+            Data::F16(d) => {
                 use half::slice::HalfFloatSliceExt;
                 let mut h = vec![half::f16::ZERO; data.len()];
                 h.convert_from_f32_slice(data);
@@ -633,9 +645,9 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        match src {
-            CudaBuf::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host"),
-            CudaBuf::F16(s) => {
+        match src.data() {
+            Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host"),
+            Data::F16(s) => {
                 use half::slice::HalfFloatSliceExt;
                 Ok(drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec())
             }
@@ -647,9 +659,9 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let done = match buf {
-            CudaBuf::F32(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
-            CudaBuf::F16(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
+        let done = match buf.data_mut() {
+            Data::F32(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
+            Data::F16(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
         };
         drv(done, "memset")
     }
@@ -711,13 +723,13 @@ impl Backend for CudaBackend {
         if let Some(e) = &st.copied[i] {
             drv(e.synchronize(), "staging buffer")?;
         }
-        match dst {
-            CudaBuf::F32(d) => {
+        match dst.data_mut() {
+            Data::F32(d) => {
                 let p = pinned(&self.ctx, &mut st.f32[i], n, false)?;
                 drv(p.as_mut_slice(), "pinned buffer")?.copy_from_slice(data);
                 drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")?;
             }
-            CudaBuf::F16(d) => {
+            Data::F16(d) => {
                 use half::slice::HalfFloatSliceExt;
                 let p = pinned(&self.ctx, &mut st.f16[i], n, false)?;
                 drv(p.as_mut_slice(), "pinned buffer")?.convert_from_f32_slice(data);

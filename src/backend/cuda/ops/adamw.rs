@@ -3,6 +3,7 @@
 
 use super::super::args::launch::AdamwF32;
 use super::super::args::DevOut;
+use super::super::buf::Data;
 use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf};
 use crate::backend::{check, AdamWStep};
 use anyhow::Result;
@@ -25,9 +26,9 @@ pub fn run(
     let hp = be.adamw_slot(&mut params, be.lane_index(), &h.scalars())?;
     let ps = p.f32_mut("parameter")?;
     // The fp16 copy is written by the kernel; an f32 copy (an f32 backend's operand) is a device copy after it.
-    let (f16_copy, f32_copy) = match copy {
-        Some(CudaBuf::F16(c)) => (Some(c as &mut dyn DevOut<half::f16>), None),
-        Some(CudaBuf::F32(c)) => (None, Some(c)),
+    let (f16_copy, f32_copy) = match copy.map(|c| c.data_mut()) {
+        Some(Data::F16(c)) => (Some(c as &mut dyn DevOut<half::f16>), None),
+        Some(Data::F32(c)) => (None, Some(c)),
         None => (None, None),
     };
     // SAFETY: check::adamw bounds every buffer to len; the copy is an fp16 buffer of >= len or null.

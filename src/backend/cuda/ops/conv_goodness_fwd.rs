@@ -58,10 +58,10 @@ pub fn run(
         }
         Precision::F16 => {
             let ys = y.f16_mut("y")?;
-            let (x, w) = (x.f16("x")?, w.f16("conv weight")?);
+            let w = w.f16("conv weight")?;
             let mut guard = be.layout_scratch();
             let scratch = &mut *guard;
-            let cp = super::layout::input(be, s, x, &mut scratch.x)?;
+            let cp = super::layout::input(be, s, x, scratch, false)?;
             super::layout::weights(be, s, w, &mut scratch.w)?;
             let taps = be.nhwc_tap_table(cp, s)?;
             let cp = cp as i32;

@@ -92,12 +92,12 @@ pub fn run(
         }
         Precision::F16 => {
             let scale = dz_scale(s.batch, grid, reduce);
-            let (x, y) = (x.f16("x")?, y.f16("y")?);
+            let y = y.f16("y")?;
             let taps = be.nhwc_tap_table(cp, s)?;
             let masks = be.pixel_masks(s)?;
             let mut layout = be.layout_scratch();
-            // dz, [NHWC_MP(C_out)][WG_NP(N)], and the input channels-last (the forward's copy may have been
-            // overwritten by another layer's on this lane, so it is made again: one more pass over x).
+            // dz, [NHWC_MP(C_out)][WG_NP(N)], and the input channels-last: the forward's copy when the lane's
+            // scratch still holds it (ops/layout.rs), else made again.
             let dz = be.scratch(&mut layout.dz, s.c_out.next_multiple_of(128) * geometry::wgrad_pixels(s))?;
             // SAFETY: y holds B*C_out*H*W values and q B*C_out*P*P (check::conv_wgrad), dz its padded extent, and
             // part_b dz_grid.x * C_out floats; one block per channel and 2048 pixels.
@@ -117,7 +117,7 @@ pub fn run(
                 }
                 .launch(stream, be.f("dz_f16")?, cfg(geometry::dz_grid(s)))
             })?;
-            super::layout::input(be, s, x, &mut layout.x)?;
+            super::layout::input(be, s, x, &mut layout, true)?;
             let (dz, xn) = (layout.dz.as_ref().expect("just filled"), layout.x.as_ref().expect("just filled"));
             let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(split.grid) };
             let (cpi, inv_scale) = (cp as i32, 1.0 / scale);

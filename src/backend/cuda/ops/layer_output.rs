@@ -48,13 +48,13 @@ pub fn run(
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
     let out_hw = if pool.is_some() { (h / 2) * (w / 2) } else { h * w };
     let (cpb, slices) = geometry::layer_output_split(c, out_hw);
-    let launch_cfg = cfg((slices as u32, batch as u32, 1));
+    let launch_cfg = cfg((batch as u32, slices as u32, 1));
     let cpb = cpb as i32;
     let mut guard = be.layout_scratch();
     let part = be.scratch(&mut guard.sumsq, batch * slices)?;
     let stream = be.stream();
-    // SAFETY (every launch below): check::layer_output bounds y, out and gap for `batch` samples (the grid's y),
-    // part holds batch x slices floats (its x).
+    // SAFETY (every launch below): check::layer_output bounds y, out and gap for `batch` samples (the grid's x),
+    // part holds batch x slices floats (its y).
     match precision {
         Precision::F32 => {
             let y = y.f32("y")?;

@@ -1,15 +1,26 @@
 //! `layout` (kernels/layout.cu): the fp16 GEMMs' channels-last copies of a layer's input and weights, into the
-//! lane's layout scratch.
+//! lane's layout scratch. The input's copy is made once per layer and step: the forward makes it, the weight
+//! gradient after it reuses it (the trainer runs a layer's ops in a row on one lane; a copy made from another
+//! buffer, another shape or a buffer written since is made again).
 
 use super::super::args::launch::{KrscPadF16, NhwcPadF16};
-use super::super::{geometry, grid1, CudaBackend};
+use super::super::{geometry, grid1, CudaBackend, CudaBuf, LayoutScratch};
 use crate::backend::ConvShape;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use half::f16;
 
-/// `x` `[B, C, H, W]` as `[B, H, W, Cp]` in `slot` (grown when too small); returns Cp.
-pub fn input(be: &CudaBackend, s: &ConvShape, x: &CudaSlice<f16>, slot: &mut Option<CudaSlice<f16>>) -> Result<usize> {
+/// `x` `[B, C, H, W]` as `[B, H, W, Cp]` in the lane's scratch (grown when too small); returns Cp. With `reuse`,
+/// the copy already there is used as it is when it was made from this very buffer, unchanged since (its
+/// [`version`](CudaBuf::version)), for this shape: the weight gradient's case, after the layer's forward on the
+/// same lane made it.
+pub(in crate::backend::cuda) fn input(
+    be: &CudaBackend,
+    s: &ConvShape,
+    x: &CudaBuf,
+    scratch: &mut LayoutScratch,
+    reuse: bool,
+) -> Result<usize> {
     let cp = geometry::padded_channels(s.c_in);
     let len = s.batch * s.h * s.w * cp;
     anyhow::ensure!(
@@ -21,7 +32,14 @@ pub fn input(be: &CudaBackend, s: &ConvShape, x: &CudaSlice<f16>, slot: &mut Opt
         s.h,
         s.w
     );
-    let xn = be.scratch(slot, len)?;
+    let made_from = (x.version(), *s);
+    if reuse && scratch.x_from == Some(made_from) && scratch.x.as_ref().is_some_and(|xn| xn.len() >= len) {
+        be.input_copies_reused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(cp);
+    }
+    scratch.x_from = None;
+    let x = x.f16("x")?;
+    let xn = be.scratch(&mut scratch.x, len)?;
     let (bb, ci, h, w) = (s.batch as i32, s.c_in as i32, s.h as i32, s.w as i32);
     // SAFETY: the callers' checks bound x to B*C*H*W values, xn holds B*H*W*Cp; one thread per 8 channels.
     be.launched("nhwc_pad_f16", unsafe {
@@ -31,6 +49,7 @@ pub fn input(be: &CudaBackend, s: &ConvShape, x: &CudaSlice<f16>, slot: &mut Opt
             grid1(len / 8),
         )
     })?;
+    scratch.x_from = Some(made_from);
     Ok(cp)
 }
 
