@@ -44,7 +44,7 @@ M = [
         match self.precision {
             Precision::F32 => self.uninit(len),
             // SAFETY: as for uninit.
-            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::F16),
+            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
         }
     }""",
      """    fn operand_uninit(&self, len: usize) -> Result<CudaBuf> {
@@ -55,7 +55,7 @@ M = [
         }
         let r = match self.precision {
             Precision::F32 => self.uninit(len),
-            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::F16),
+            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
         };
         if untracked {
             unsafe { self.ctx.enable_event_tracking() };
@@ -63,6 +63,11 @@ M = [
         r
     }""",
      "--test cuda_train a_stream_per_layer_under_random_delays_equals_one_stream"),
+    ("the weight gradient reuses the forward's input copy without checking that the input is unchanged",
+     "src/backend/cuda/ops/layout.rs",
+     "if reuse && scratch.x_from == Some(made_from)",
+     "if reuse && scratch.x_from.map(|f| f.1) == Some(*s)",
+     "--test cuda the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current"),
 ]
 if n > len(M):
     sys.exit(3)
