@@ -240,8 +240,8 @@ fn gpu_conv(
             let ntaps = geometry::nhwc_tap_table(cp, s.h, s.w).unwrap();
             // The goodness partials of the kernel's tiles, summed per cell by goodness_tiles_f32 (unwritten
             // partials stay NaN: reading one shows).
-            let nb = geometry::goodness_bands(s, grid, fwd_f16.tile_n as usize) as i32;
-            let mut gpart = vec![f32::NAN; geometry::goodness_partials_len(s, grid, &fwd_f16)];
+            let (nb, gpart_len) = geometry::goodness_partials(s, grid, &fwd_f16);
+            let (nb, mut gpart) = (nb as i32, vec![f32::NAN; gpart_len]);
             let (gx, gy, _) = geometry::conv_fwd_grid(s, fwd_f16.tile_m, fwd_f16.tile_n);
             if fwd_f16 == geometry::CONV_FWD_F16_SPLIT {
                 // Split over K into 3 runs (on the 2-step layers one of them is empty: zero partials), then the

@@ -77,7 +77,7 @@ pub fn layer_output_split(c: usize, out_hw: usize) -> (usize, usize) {
 /// The fp16 forward's goodness partials (kernels/conv_goodness_fwd.cu, `tile_goodness`): the most bands (a
 /// sample's cells of one row bin) that one tile of `tile_n` consecutive pixels cuts, over the layer's tiles.
 /// Tile t's partials are `[NB][P][C_out]` floats at `t * NB * P * C_out`.
-pub fn goodness_bands(s: &ConvShape, grid: &PatchGrid, tile_n: usize) -> usize {
+fn goodness_bands(s: &ConvShape, grid: &PatchGrid, tile_n: usize) -> usize {
     let (h, w, p, n) = (s.h, s.w, grid.p, s.batch * s.h * s.w);
     // A row's first and last bin (bins may overlap), as band indices b * P + i.
     let first = |row: usize| (row / h) * p + (row % h) * p / h;
@@ -92,10 +92,11 @@ pub fn goodness_bands(s: &ConvShape, grid: &PatchGrid, tile_n: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// The goodness partials' length for kernel `k` (one `[NB][P][C_out]` block per tile of pixels).
-pub fn goodness_partials_len(s: &ConvShape, grid: &PatchGrid, k: &FwdKernel) -> usize {
+/// The goodness partials of kernel `k`'s tiles: `(NB, length)`, one `[NB][P][C_out]` block per tile of pixels.
+pub fn goodness_partials(s: &ConvShape, grid: &PatchGrid, k: &FwdKernel) -> (usize, usize) {
     let (gx, _, _) = conv_fwd_grid(s, k.tile_m, k.tile_n);
-    gx as usize * goodness_bands(s, grid, k.tile_n as usize) * grid.p * s.c_out
+    let nb = goodness_bands(s, grid, k.tile_n as usize);
+    (nb, gx as usize * nb * grid.p * s.c_out)
 }
 
 // conv_fwd_splitk_f16 (kernels/conv_goodness_fwd.cu) hard-codes this tile as SPLITK_TM x SPLITK_TN: its goodness

@@ -65,8 +65,8 @@ pub fn run(
             super::layout::weights(be, s, w, &mut scratch.w)?;
             let taps = be.nhwc_tap_table(cp, s)?;
             let cp = cp as i32;
-            let nb = geometry::goodness_bands(s, grid, kernel.tile_n as usize);
-            let gpart = be.scratch(&mut scratch.gpart, geometry::goodness_partials_len(s, grid, &kernel))?;
+            let (nb, gpart_len) = geometry::goodness_partials(s, grid, &kernel);
+            let gpart = be.scratch(&mut scratch.gpart, gpart_len)?;
             let nb_i = nb as i32;
             // SAFETY: xn, wn and the table hold the padded extents of this shape, y and bias are bounded by
             // check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where above 48 KB).
@@ -149,7 +149,7 @@ pub fn run(
             };
             be.launched(kernel.name, r)?;
             let gpart = scratch.gpart.as_ref().expect("just filled");
-            // SAFETY: gpart holds the partials of every tile of this layer (goodness_partials_len), g the cells;
+            // SAFETY: gpart holds the partials of every tile of this layer (geometry::goodness_partials), g the cells;
             // one thread per goodness value.
             let r = be.launched("goodness_tiles_f32", unsafe {
                 GoodnessTilesF32 {

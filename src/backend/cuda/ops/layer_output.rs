@@ -53,80 +53,41 @@ pub fn run(
     let mut guard = be.layout_scratch();
     let part = be.scratch(&mut guard.sumsq, batch * slices)?;
     let stream = be.stream();
-    // SAFETY (every launch below): check::layer_output bounds y, out and gap for `batch` samples (the grid's x),
-    // part holds batch x slices floats (its y).
+    // The two passes, in either precision (the kernels differ only in y's and the output's element type).
+    macro_rules! passes {
+        ($sumsq:ident, $store:ident, $y:expr, $out:expr) => {{
+            let y = $y;
+            // SAFETY (both launches): check::layer_output bounds y, out and gap for `batch` samples (the grid's
+            // x), part holds batch x slices floats (its y).
+            be.launched($sumsq::NAME, unsafe {
+                $sumsq { y, part: &mut *part, C: ci, H: hi, W: wi, pool: pool_i, p, key, use_dropout, CPB: cpb }.launch(
+                    stream,
+                    be.f($sumsq::NAME)?,
+                    launch_cfg,
+                )
+            })?;
+            be.launched($store::NAME, unsafe {
+                $store {
+                    y,
+                    part: &*part,
+                    out: $out,
+                    gap,
+                    C: ci,
+                    H: hi,
+                    W: wi,
+                    pool: pool_i,
+                    p,
+                    key,
+                    use_dropout,
+                    use_gap,
+                    CPB: cpb,
+                }
+                .launch(stream, be.f($store::NAME)?, launch_cfg)
+            })
+        }};
+    }
     match precision {
-        Precision::F32 => {
-            let y = y.f32("y")?;
-            be.launched("layer_output_sumsq_f32", unsafe {
-                LayerOutputSumsqF32 {
-                    y,
-                    part: &mut *part,
-                    C: ci,
-                    H: hi,
-                    W: wi,
-                    pool: pool_i,
-                    p,
-                    key,
-                    use_dropout,
-                    CPB: cpb,
-                }
-                .launch(stream, be.f("layer_output_sumsq_f32")?, launch_cfg)
-            })?;
-            be.launched("layer_output_f32", unsafe {
-                LayerOutputF32 {
-                    y,
-                    part: &*part,
-                    out: out.f32_mut("layer output")?,
-                    gap,
-                    C: ci,
-                    H: hi,
-                    W: wi,
-                    pool: pool_i,
-                    p,
-                    key,
-                    use_dropout,
-                    use_gap,
-                    CPB: cpb,
-                }
-                .launch(stream, be.f("layer_output_f32")?, launch_cfg)
-            })
-        }
-        Precision::F16 => {
-            let y = y.f16("y")?;
-            be.launched("layer_output_sumsq_f16", unsafe {
-                LayerOutputSumsqF16 {
-                    y,
-                    part: &mut *part,
-                    C: ci,
-                    H: hi,
-                    W: wi,
-                    pool: pool_i,
-                    p,
-                    key,
-                    use_dropout,
-                    CPB: cpb,
-                }
-                .launch(stream, be.f("layer_output_sumsq_f16")?, launch_cfg)
-            })?;
-            be.launched("layer_output_f16", unsafe {
-                LayerOutputF16 {
-                    y,
-                    part: &*part,
-                    out: out.f16_mut("layer output")?,
-                    gap,
-                    C: ci,
-                    H: hi,
-                    W: wi,
-                    pool: pool_i,
-                    p,
-                    key,
-                    use_dropout,
-                    use_gap,
-                    CPB: cpb,
-                }
-                .launch(stream, be.f("layer_output_f16")?, launch_cfg)
-            })
-        }
+        Precision::F32 => passes!(LayerOutputSumsqF32, LayerOutputF32, y.f32("y")?, out.f32_mut("layer output")?),
+        Precision::F16 => passes!(LayerOutputSumsqF16, LayerOutputF16, y.f16("y")?, out.f16_mut("layer output")?),
     }
 }
