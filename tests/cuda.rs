@@ -699,22 +699,128 @@ fn standin_graph_capture_replays_and_enforces_captures_rules() {
 }
 
 #[test]
+#[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it checks the stand-in's graph capture"]
+fn standin_a_capture_forks_and_joins_streams_by_events() {
+    // What a step captured over several lanes relies on (src/backend/cuda/graph.rs), and the rules it must keep:
+    // a stream that waits on an event recorded in a capture joins it; the graph orders a kernel after what its
+    // stream waited on; the capture ends only on its origin, joined by every member; a capturing stream may not
+    // wait on an event recorded outside it; an event recorded in a capture is not a host-side event.
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+    use std::sync::Arc;
+    let be = gpu();
+    assert!(be.is_standin(), "this test checks the stand-in's model of capture");
+    let ctx = CudaContext::new(0).unwrap();
+    // SAFETY: the events below order the streams (no per-buffer events, which a capture cannot take).
+    unsafe { ctx.disable_event_tracking() };
+    let (module, src, _) = nvrtc::KERNELS.iter().find(|(m, _, _)| *m == "conv_goodness_wgrad").unwrap();
+    let m = ctx.load_module(nvrtc::compile(module, src, "sm_90").unwrap()).unwrap();
+    // out[i] = in[i] / div[i % 2]: the second kernel reads what the first wrote.
+    let f = m.load_function("dg_per_cell_f32").unwrap();
+    let st: Vec<Arc<CudaStream>> = (0..3).map(|_| ctx.new_stream().unwrap()).collect();
+    let ev: Vec<_> = (0..3).map(|_| ctx.new_event(None).unwrap()).collect();
+    let n = 64i32;
+    let x = st[0].clone_htod(&(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let div = st[0].clone_htod(&[2.0f32, 4.0]).unwrap();
+    let mut q = st[0].alloc_zeros::<f32>(n as usize).unwrap();
+    let mut r = st[0].alloc_zeros::<f32>(n as usize).unwrap();
+    st[0].synchronize().unwrap();
+    let pp = 2i32;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let launch = |s: &Arc<CudaStream>, a: &CudaSlice<f32>, out: &mut CudaSlice<f32>| {
+        let mut l = s.launch_builder(&f);
+        l.arg(a).arg(&div).arg(out).arg(&n).arg(&pp);
+        unsafe { l.launch(cfg) }.unwrap();
+    };
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    let end =
+        |s: &Arc<CudaStream>| s.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    let want: Vec<f32> = (0..n).map(|i| i as f32 / if i % 2 == 0 { 4.0 } else { 16.0 }).collect();
+    // Replays a graph 16 times from zeroed q and r; how many gave the right r.
+    let replays = |g: &CudaGraph, q: &mut CudaSlice<f32>, r: &mut CudaSlice<f32>| -> usize {
+        (0..16)
+            .filter(|_| {
+                st[0].memset_zeros(q).unwrap();
+                st[0].memset_zeros(r).unwrap();
+                g.launch().unwrap();
+                st[0].clone_dtoh(r).unwrap() == want
+            })
+            .count()
+    };
+    // A fork to two streams, the second after the first, joined back: q on stream 1, then r on stream 2.
+    let capture = |hand_off: bool, q: &mut CudaSlice<f32>, r: &mut CudaSlice<f32>| -> CudaGraph {
+        st[0].memset_zeros(r).unwrap();
+        st[0].synchronize().unwrap();
+        st[0].begin_capture(mode).unwrap();
+        ev[0].record(&st[0]).unwrap();
+        st[1].wait(&ev[0]).unwrap();
+        launch(&st[1], &x, q);
+        ev[1].record(&st[1]).unwrap();
+        st[2].wait(if hand_off { &ev[1] } else { &ev[0] }).unwrap();
+        launch(&st[2], q, r);
+        ev[2].record(&st[2]).unwrap();
+        st[0].wait(&ev[1]).unwrap();
+        st[0].wait(&ev[2]).unwrap();
+        let g = end(&st[0]).unwrap().expect("a graph");
+        assert!(st[0].clone_dtoh(r).unwrap().iter().all(|&v| v == 0.0), "the capture ran a kernel");
+        g
+    };
+    let g = capture(true, &mut q, &mut r);
+    assert_eq!(replays(&g, &mut q, &mut r), 16, "a replay with the hand-off gave a wrong result");
+    // Planted: stream 2 waits on the fork only. Its kernel may now run before stream 1's, and the stand-in's replay
+    // order (random among what the dependencies allow) must show it.
+    let g = capture(false, &mut q, &mut r);
+    let right = replays(&g, &mut q, &mut r);
+    println!("without the hand-off, {right} of 16 replays were right");
+    assert!(right < 16, "every replay without the hand-off was right: the replay order hides a missing dependency");
+
+    // A member not joined back: the capture fails, and ends for both streams.
+    st[0].begin_capture(mode).unwrap();
+    ev[0].record(&st[0]).unwrap();
+    st[1].wait(&ev[0]).unwrap();
+    launch(&st[1], &x, &mut q);
+    let e = format!(
+        "{:?}",
+        st[1].end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).err()
+    );
+    assert!(e.contains("STREAM_CAPTURE_UNMATCHED"), "a member ended the capture: {e}");
+    let e = format!("{:?}", end(&st[0]).err());
+    assert!(e.contains("STREAM_CAPTURE_UNJOINED"), "an unjoined member: {e}");
+    st[1].synchronize().expect("stream 1 still capturing after its capture failed");
+    // An event from outside the capture: refused, and the capture is invalidated.
+    ev[1].record(&st[1]).unwrap();
+    st[0].begin_capture(mode).unwrap();
+    let e = format!("{:?}", st[0].wait(&ev[1]).err());
+    assert!(e.contains("STREAM_CAPTURE_ISOLATION"), "a wait across the capture's boundary: {e}");
+    ev[2].record(&st[0]).unwrap();
+    let e = format!("{:?}", end(&st[0]).err());
+    assert!(e.contains("STREAM_CAPTURE_INVALIDATED"), "{e}");
+    let e = format!("{:?}", ev[2].synchronize().err());
+    assert!(e.contains("CAPTURED_EVENT"), "a host wait on an event last recorded in a capture: {e}");
+    for s in &st {
+        s.synchronize().unwrap();
+    }
+    println!("fork, join and hand-off captured; unmatched end, unjoined member, isolation, captured event refused");
+}
+
+#[test]
 #[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
 fn a_replayed_step_graph_equals_the_eager_steps() {
     // The step graph (src/backend/cuda/graph.rs) against the same steps issued one op at a time, in both
     // precisions: a changing learning rate and dropout key every step (which a graph must read from the device,
     // not from the arguments frozen at capture), two batch shapes (the last partial batch gets its own graphs),
     // then evaluation. The kernels are the same and deterministic, so everything must be equal to the bit; and
-    // the graphs must actually have been captured and replayed.
-    for precision in PRECISIONS {
+    // the graphs must actually have been captured and replayed. With one lane, and with three (the layers' lanes
+    // ordered inside the graph by hand-off events, against the eager schedule's per-buffer events; the stand-in
+    // replays a graph's independent branches in a random order, so a missing hand-off shows).
+    for (precision, lanes) in PRECISIONS.into_iter().flat_map(|p| [(p, 1), (p, 3)]) {
         let spec = model::resolve("vgg8", 1, 16, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
         let params = Params::init(&spec, 11);
         let b = 8;
-        let mut graphed =
-            Net::new(gpu().with_precision(precision), spec.clone(), &params, AdamW::default(), b).unwrap();
-        let mut eager =
-            Net::new(gpu().with_precision(precision).without_step_graphs(), spec.clone(), &params, AdamW::default(), b)
-                .unwrap();
+        let be = || CudaBackend::with_lanes(0, lanes).unwrap().with_precision(precision);
+        let mut graphed = Net::new(be(), spec.clone(), &params, AdamW::default(), b).unwrap();
+        let mut eager = Net::new(be().without_step_graphs(), spec.clone(), &params, AdamW::default(), b).unwrap();
+        let precision = format!("{precision:?}, {lanes} lane(s)");
         let batch = |t: u64, n: usize| -> (Vec<f32>, Vec<u32>) {
             (
                 randn(n * 16 * 16, 1.0, 300 + t).iter().map(|v| v.abs()).collect(),
@@ -730,17 +836,17 @@ fn a_replayed_step_graph_equals_the_eager_steps() {
             let dropout = Some((0.2f32, 0xabc0_0000 + t * 7919));
             let a = graphed.train_step(&x, &l, lr, t, dropout).unwrap();
             let e = eager.train_step(&x, &l, lr, t, dropout).unwrap();
-            assert_eq!(a, e, "{precision:?} step {t}: the graph's statistics differ from the eager step's");
+            assert_eq!(a, e, "{precision} step {t}: the graph's statistics differ from the eager step's");
         }
-        assert_eq!(graphed.params().unwrap(), eager.params().unwrap(), "{precision:?}: parameters after 11 steps");
+        assert_eq!(graphed.params().unwrap(), eager.params().unwrap(), "{precision}: parameters after 11 steps");
         let (x, l) = batch(99, 5);
         let (ga, ea) = (graphed.eval_logits(&x, &l).unwrap(), eager.eval_logits(&x, &l).unwrap());
-        assert_eq!(ga.layers, ea.layers, "{precision:?}: evaluation after graph steps");
+        assert_eq!(ga.layers, ea.layers, "{precision}: evaluation after graph steps");
         assert_eq!(ga.fusion, ea.fusion);
         let (captured, replayed) = graphed.backend().step_graph_counts();
         let (ec, er) = eager.backend().step_graph_counts();
-        println!("{precision:?}: {captured} step graphs captured, {replayed} replays; the eager net {ec} and {er}");
-        assert!(captured >= 4 && replayed >= 3, "{precision:?}: {captured} captured, {replayed} replayed");
+        println!("{precision}: {captured} step graphs captured, {replayed} replays; the eager net {ec} and {er}");
+        assert!(captured >= 4 && replayed >= 3, "{precision}: {captured} captured, {replayed} replayed");
         assert_eq!((ec, er), (0, 0));
     }
 }

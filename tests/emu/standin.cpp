@@ -28,10 +28,17 @@
 // - Graphs: cuStreamBeginCapture records what is queued on a created stream into a graph instead of running it
 //   (the legacy default stream cannot be captured, as on a GPU); kernel arguments are frozen at capture, copies
 //   read their host memory at replay. Capture's rules are enforced: a synchronous copy (to or from pageable
-//   memory too), an allocation or free, a synchronisation, a module load, or an event on the capturing stream
-//   while a capture in global mode, or one this thread began in thread-local mode, is in progress fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture
-//   (cuStreamEndCapture then fails with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED). cuGraphLaunch queues the graph's
-//   operations on a stream in their captured order.
+//   memory too), an allocation or free, a synchronisation or a module load while a capture in global mode, or one
+//   this thread began in thread-local mode, is in progress fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and
+//   invalidates the capture (cuStreamEndCapture then fails with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED). Several
+//   streams are captured as the driver does: an event recorded in a capture marks its stream's place in the graph,
+//   and a stream that waits on it joins the capture there (a fork) or, already in it, also follows it (a join). A
+//   capturing stream that waits on an event recorded outside the capture fails with ..._ISOLATION, one recorded in
+//   another capture with ..._MERGE; the capture ends only on the stream that began it (..._UNMATCHED), and only
+//   when it has waited on every other member's last operation (..._UNJOINED); a host query, synchronisation or
+//   wait on an event last recorded in a capture fails with CUDA_ERROR_CAPTURED_EVENT. cuGraphLaunch queues the
+//   graph's operations on the launching stream in a seeded random order among those its dependencies allow, so a
+//   dependency the capture missed shows as a wrong result.
 // - Everything else that cudarc's safe API can call is exported and fails with CUDA_ERROR_NOT_SUPPORTED and a
 //   message naming the function (a missing symbol would make cudarc panic).
 // What it cannot show: hardware semantics (the tensor cores' fragment layout as they read it, the memory model
@@ -104,6 +111,11 @@ enum : int {
     ERROR_ILLEGAL_STATE = 401,
     ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
     ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+    ERROR_STREAM_CAPTURE_MERGE = 902,
+    ERROR_STREAM_CAPTURE_UNMATCHED = 903,
+    ERROR_STREAM_CAPTURE_UNJOINED = 904,
+    ERROR_STREAM_CAPTURE_ISOLATION = 905,
+    ERROR_CAPTURED_EVENT = 907,
     ERROR_UNKNOWN = 999,
 };
 
@@ -202,6 +214,11 @@ const char* code_name(int c) {
         case ERROR_ILLEGAL_STATE: return "CUDA_ERROR_ILLEGAL_STATE";
         case ERROR_STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
         case ERROR_STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+        case ERROR_STREAM_CAPTURE_MERGE: return "CUDA_ERROR_STREAM_CAPTURE_MERGE";
+        case ERROR_STREAM_CAPTURE_UNMATCHED: return "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED";
+        case ERROR_STREAM_CAPTURE_UNJOINED: return "CUDA_ERROR_STREAM_CAPTURE_UNJOINED";
+        case ERROR_STREAM_CAPTURE_ISOLATION: return "CUDA_ERROR_STREAM_CAPTURE_ISOLATION";
+        case ERROR_CAPTURED_EVENT: return "CUDA_ERROR_CAPTURED_EVENT";
         default: return "CUDA_ERROR_UNKNOWN";
     }
 }
@@ -577,12 +594,29 @@ std::atomic<int> delay_max_us{0};
 
 }  // namespace
 
-// A captured graph (and, copied, its executable form): the operations in their captured order.
+// A captured graph (and, copied, its executable form): its operations, each with the earlier ones it must follow
+// (the previous operation of its stream, and what the events its stream waited on stood for).
+struct Node {
+    Op op;
+    std::vector<size_t> after;
+};
 struct Graph {
-    std::vector<Op> ops;
+    std::vector<Node> nodes;
 };
 
-// How many streams are capturing (capture's rules apply while any is).
+// One capture sequence: begun on its origin stream and joined by every stream that waits on an event recorded in
+// it (a fork); it ends on the origin, which must by then have waited on every member's last operation (a join).
+struct Capture {
+    std::mutex mu;  // the graph and the member list; taken after a stream's own mutex
+    Graph graph;
+    Stream* origin = nullptr;
+    std::set<Stream*> members;
+    std::atomic<bool> invalid{false}, ended{false};
+    int mode = 0;  // CU_STREAM_CAPTURE_MODE_GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
+    std::thread::id thread;
+};
+
+// How many captures are in progress (capture's rules apply while any is).
 std::atomic<int> capturing{0};
 
 struct Stream {
@@ -591,11 +625,9 @@ struct Stream {
     std::mutex mu;
     std::condition_variable cv;
     std::deque<Op> q;
-    // While capturing: where push() records, and whether an illegal call invalidated the capture.
-    std::unique_ptr<Graph> capture;
-    bool capture_invalid = false;
-    int capture_mode = 0;  // CU_STREAM_CAPTURE_MODE_GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
-    std::thread::id capture_thread;
+    // While capturing: the capture push() records into, and the nodes its next operation follows.
+    std::shared_ptr<Capture> capture;
+    std::vector<size_t> frontier;
     uint64_t enqueued = 0, completed = 0;
     bool stop = false, held = false;
     std::thread worker;
@@ -634,7 +666,9 @@ struct Stream {
         {
             std::lock_guard<std::mutex> g(mu);
             if (capture) {
-                capture->ops.push_back(std::move(op));
+                std::lock_guard<std::mutex> gc(capture->mu);
+                capture->graph.nodes.push_back(Node{std::move(op), frontier});
+                frontier = {capture->graph.nodes.size() - 1};
                 return;
             }
             q.push_back(std::move(op));
@@ -664,6 +698,9 @@ struct EventState {
     std::condition_variable cv;
     uint64_t recorded = 0, done = 0;
     double at_ms = 0;
+    // Last recorded inside a capture: which one, and the nodes a stream that waits on it then follows.
+    std::shared_ptr<Capture> captured;
+    std::vector<size_t> captured_nodes;
 };
 
 struct Event {
@@ -751,8 +788,9 @@ CUresult capture_forbids(const char* what) {
         for (auto& kv : streams) {
             Stream* s = kv.first;
             std::lock_guard<std::mutex> gs(s->mu);
-            if (s->capture && (s->capture_mode == 0 || (s->capture_mode == 1 && s->capture_thread == std::this_thread::get_id()))) {
-                s->capture_invalid = true;
+            const Capture* c = s->capture.get();
+            if (c && (c->mode == 0 || (c->mode == 1 && c->thread == std::this_thread::get_id()))) {
+                s->capture->invalid = true;
                 forbidden = true;
             }
         }
@@ -1098,12 +1136,27 @@ CUresult cuEventRecord(CUevent e, CUstream h) try {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
-    if (is_capturing(s))
-        return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED, "events on a capturing stream (a fork or join inside a graph) are not modelled by the stand-in");
     std::shared_ptr<EventState> st = e->st;
+    std::shared_ptr<Capture> cap;
+    std::vector<size_t> front;
+    {
+        std::lock_guard<std::mutex> g(s->mu);
+        cap = s->capture;
+        front = s->frontier;
+    }
+    if (cap) {
+        // Inside a capture an event only marks where its stream stands in the graph: a stream that waits on it
+        // joins the capture there (a fork) or, already in it, follows those nodes too (a join).
+        std::lock_guard<std::mutex> g(st->mu);
+        st->captured = cap;
+        st->captured_nodes = front;
+        return SUCCESS;
+    }
     uint64_t gen;
     {
         std::lock_guard<std::mutex> g(st->mu);
+        st->captured.reset();
+        st->captured_nodes.clear();
         gen = ++st->recorded;
     }
     s->push(Op{[st, gen] {
@@ -1122,10 +1175,17 @@ CUresult cuEventRecord(CUevent e, CUstream h) try {
     return exception_error(__func__, "not a std::exception");
 }
 
+// The error of a host call on an event last recorded inside a capture (it marks a place in a graph, not work).
+CUresult captured_event(const char* what, const EventState& st) {
+    return fail(ERROR_CAPTURED_EVENT, "%s of an event last recorded in a capture (%s)", what,
+                st.captured->ended ? "which has ended" : "still in progress");
+}
+
 CUresult cuEventQuery(CUevent e) try {
     ENTER("cuEventQuery");
     GUARD();
     std::lock_guard<std::mutex> g(e->st->mu);
+    if (e->st->captured) return captured_event("cuEventQuery", *e->st);
     return e->st->done >= e->st->recorded ? SUCCESS : ERROR_NOT_READY;
 } catch (const std::exception& exc) {
     return exception_error(__func__, exc.what());
@@ -1139,6 +1199,7 @@ CUresult cuEventSynchronize(CUevent e) try {
     {
         EventState& st = *e->st;
         std::unique_lock<std::mutex> g(st.mu);
+        if (st.captured) return captured_event("cuEventSynchronize", st);
         st.cv.wait(g, [&] { return st.done >= st.recorded || sticky.load(); });
     }
     GUARD();
@@ -1185,15 +1246,44 @@ CUresult cuStreamWaitEvent(CUstream h, CUevent e, unsigned flags) try {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
-    if (is_capturing(s))
-        return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED, "events on a capturing stream (a fork or join inside a graph) are not modelled by the stand-in");
     std::shared_ptr<EventState> st = e->st;
     uint64_t gen;
+    std::shared_ptr<Capture> ecap;
+    std::vector<size_t> enodes;
     {
         std::lock_guard<std::mutex> g(st->mu);
         gen = st->recorded;
+        ecap = st->captured;
+        enodes = st->captured_nodes;
+    }
+    if (ecap) {
+        if (ecap->ended) return captured_event("cuStreamWaitEvent", *st);
+        std::lock_guard<std::mutex> g(s->mu);
+        if (!s->capture) {
+            // A fork: the stream joins the capture, its next operation after the event's nodes.
+            s->capture = ecap;
+            s->frontier = enodes;
+            std::lock_guard<std::mutex> gc(ecap->mu);
+            ecap->members.insert(s);
+        } else if (s->capture == ecap) {
+            for (size_t n : enodes)
+                if (std::find(s->frontier.begin(), s->frontier.end(), n) == s->frontier.end()) s->frontier.push_back(n);
+        } else {
+            s->capture->invalid = true;
+            return fail(ERROR_STREAM_CAPTURE_MERGE, "cuStreamWaitEvent: stream %d is capturing, and the event was recorded in another capture", s->id);
+        }
+        return SUCCESS;
     }
     if (gen == 0) return SUCCESS;  // never recorded: nothing to wait for
+    {
+        std::lock_guard<std::mutex> g(s->mu);
+        if (s->capture) {
+            s->capture->invalid = true;
+            return fail(ERROR_STREAM_CAPTURE_ISOLATION,
+                        "cuStreamWaitEvent: stream %d is capturing and the event was recorded outside the capture (a "
+                        "dependency across the capture's boundary; the capture is invalidated)", s->id);
+        }
+    }
     s->push(Op{[st, gen] {
                    std::unique_lock<std::mutex> g(st->mu);
                    st->cv.wait(g, [&] { return st->done >= gen || sticky.load(); });
@@ -1641,10 +1731,13 @@ CUresult cuStreamBeginCapture_v2(CUstream h, int mode) try {
     if (s == null_stream) return fail(ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: the legacy default stream cannot be captured (use a created stream)");
     std::lock_guard<std::mutex> g(s->mu);
     if (s->capture) return fail(ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: stream %d is already capturing", s->id);
-    s->capture.reset(new Graph);
-    s->capture_invalid = false;
-    s->capture_mode = mode;
-    s->capture_thread = std::this_thread::get_id();
+    auto cap = std::make_shared<Capture>();
+    cap->origin = s;
+    cap->members.insert(s);
+    cap->mode = mode;
+    cap->thread = std::this_thread::get_id();
+    s->capture = cap;
+    s->frontier.clear();
     ++capturing;
     return SUCCESS;
 } catch (const std::exception& exc) {
@@ -1658,19 +1751,52 @@ CUresult cuStreamEndCapture(CUstream h, CUgraph* graph) try {
     CUresult err = SUCCESS;
     Stream* s = resolve(h, &err);
     if (!s) return err;
-    std::unique_ptr<Graph> g;
-    bool invalid;
+    std::shared_ptr<Capture> cap;
     {
         std::lock_guard<std::mutex> l(s->mu);
         if (!s->capture) return fail(ERROR_ILLEGAL_STATE, "cuStreamEndCapture: stream %d is not capturing", s->id);
-        g = std::move(s->capture);
-        invalid = s->capture_invalid;
-        s->capture_invalid = false;
+        cap = s->capture;
     }
-    --capturing;
     *graph = nullptr;
-    if (invalid) return fail(ERROR_STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture: the capture on stream %d was invalidated by a call capture does not allow", s->id);
-    *graph = g.release();
+    if (cap->origin != s)
+        return fail(ERROR_STREAM_CAPTURE_UNMATCHED, "cuStreamEndCapture: stream %d joined a capture that stream %d began; only that one can end it", s->id, cap->origin->id);
+    // The capture ends for every stream in it, whatever the outcome.
+    std::set<Stream*> members;
+    {
+        std::lock_guard<std::mutex> gc(cap->mu);
+        members = cap->members;
+    }
+    std::vector<std::pair<int, std::vector<size_t>>> fronts;
+    std::vector<size_t> origin_front;
+    for (Stream* m : members) {
+        std::lock_guard<std::mutex> l(m->mu);
+        if (m == s)
+            origin_front = m->frontier;
+        else
+            fronts.emplace_back(m->id, m->frontier);
+        m->capture.reset();
+        m->frontier.clear();
+    }
+    cap->ended = true;
+    --capturing;
+    if (cap->invalid) return fail(ERROR_STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture: the capture on stream %d was invalidated by a call capture does not allow", s->id);
+    // Joined: the origin's last operations follow every other member's.
+    std::lock_guard<std::mutex> gc(cap->mu);
+    const std::vector<Node>& nodes = cap->graph.nodes;
+    std::vector<char> reached(nodes.size(), 0);
+    std::vector<size_t> todo = origin_front;
+    while (!todo.empty()) {
+        size_t n = todo.back();
+        todo.pop_back();
+        if (reached[n]) continue;
+        reached[n] = 1;
+        for (size_t a : nodes[n].after) todo.push_back(a);
+    }
+    for (auto& [id, front] : fronts)
+        for (size_t n : front)
+            if (!reached[n])
+                return fail(ERROR_STREAM_CAPTURE_UNJOINED, "cuStreamEndCapture: stream %d joined the capture on stream %d and was not joined back (its last operation, %s, is not waited for)", id, s->id, nodes[n].op.what.c_str());
+    *graph = new Graph(std::move(cap->graph));
     return SUCCESS;
 } catch (const std::exception& exc) {
     return exception_error(__func__, exc.what());
@@ -1685,7 +1811,7 @@ CUresult cuStreamIsCapturing(CUstream h, int* status) try {
     if (!s) return err;
     std::lock_guard<std::mutex> g(s->mu);
     // CU_STREAM_CAPTURE_STATUS_NONE, _ACTIVE, _INVALIDATED
-    *status = !s->capture ? 0 : s->capture_invalid ? 2 : 1;
+    *status = !s->capture ? 0 : s->capture->invalid ? 2 : 1;
     return SUCCESS;
 } catch (const std::exception& exc) {
     return exception_error(__func__, exc.what());
@@ -1713,7 +1839,28 @@ CUresult cuGraphLaunch(CUgraphExec exec, CUstream h) try {
     Stream* s = resolve(h, &err);
     if (!s) return err;
     if (!exec) return fail(ERROR_INVALID_VALUE, "cuGraphLaunch: a null graph");
-    for (const Op& op : exec->ops) s->push(op);
+    // The graph's operations in an order drawn at random among those its dependencies allow (seeded), so that a
+    // dependency the capture missed shows as a wrong result rather than passing by the captured order's luck.
+    static std::atomic<uint64_t> graph_launches{0};
+    std::mt19937_64 rng(delay_seed.load() * 7919ull + graph_launches++);
+    const std::vector<Node>& nodes = exec->nodes;
+    std::vector<size_t> waiting(nodes.size());
+    std::vector<std::vector<size_t>> next(nodes.size());
+    std::vector<size_t> ready;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+        waiting[i] = nodes[i].after.size();
+        for (size_t a : nodes[i].after) next[a].push_back(i);
+        if (waiting[i] == 0) ready.push_back(i);
+    }
+    while (!ready.empty()) {
+        size_t k = rng() % ready.size();
+        size_t n = ready[k];
+        ready[k] = ready.back();
+        ready.pop_back();
+        s->push(nodes[n].op);
+        for (size_t m : next[n])
+            if (--waiting[m] == 0) ready.push_back(m);
+    }
     return SUCCESS;
 } catch (const std::exception& exc) {
     return exception_error(__func__, exc.what());

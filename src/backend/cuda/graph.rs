@@ -9,20 +9,28 @@
 //! capture may not), captures its second on lane 0 and launches the graph, and replays the graph from then on.
 //! Keys are (batch, activation parity, statistics set): a step's buffers depend on all three.
 //!
-//! Graphs are used with one lane only, and not with `--trace` (timing events), `ASGE_CUDA_SYNC=1` (a
-//! synchronisation after every launch) or `ASGE_CUDA_GRAPHS=0`. Several lanes are not captured yet: they are
-//! ordered by cudarc's per-buffer events, and inside a capture a wait on an event recorded before it (the
-//! previous step's last use of a buffer) is a dependency across the capture's boundary, which CUDA refuses
-//! (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`). Capturing them needs the lanes' hand-offs as explicit events (a fork
-//! from lane 0 at the step's start, one event per layer input handed to the next lane, a join at the end)
-//! with cudarc's tracking off.
-//! A scratch buffer that has to grow drops every graph (they point at the old one).
+//! Graphs are not used with `--trace` (timing events), `ASGE_CUDA_SYNC=1` (a synchronisation after every launch)
+//! or `ASGE_CUDA_GRAPHS=0`. A scratch buffer that has to grow drops every graph (they point at the old one).
+//!
+//! Several lanes ([`LaneEvents`]). Eagerly they are ordered by cudarc's per-buffer events. Those cannot be
+//! captured: a wait on an event recorded before the capture (the previous step's last use of a buffer) is a
+//! dependency across the capture's boundary, which CUDA refuses (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`). So
+//! cudarc's tracking is off while a step is captured, and the capture orders the lanes by the trainer's schedule
+//! instead: layer `l` reads only what layer `l - 1`'s output wrote (its input) and what was written before the
+//! step, and the heads read what the layers' outputs wrote. Each layer output records its lane's hand-off event;
+//! a lane the trainer switches to waits on the latest hand-off, which joins it to the capture the first time (the
+//! first hand-off is lane 0's position at the capture's start). At the end lane 0 waits on every lane that
+//! joined, and the capture is one graph launched on lane 0. Around every launch of a step graph the lanes meet:
+//! lane 0 first waits on where every other lane (and the input copies' stream) stands, since the graph does not
+//! see cudarc's events, and after it every other stream waits on the graph, so that the per-buffer events (stale
+//! for what the graph did) stay enough for the eager work that follows (the next upload, an evaluation). Graph
+//! steps therefore run one after another, each one's lanes concurrent inside it.
 
 use super::{drv, CudaBackend};
 use crate::backend::{AdamWScalars, AdamWStep, StepMode};
 use anyhow::{bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaView};
+use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaView};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
@@ -42,6 +50,32 @@ pub(super) struct StepParams {
 impl StepParams {
     pub(super) fn new(be_lanes: usize, hp: CudaSlice<f32>, keys: CudaSlice<u64>) -> Self {
         StepParams { hp, hp_held: vec![None; be_lanes], keys, keys_held: vec![None; KEY_SLOTS] }
+    }
+}
+
+/// The events that order several lanes in a captured step, and around a step graph's launch (module notes).
+pub(super) struct LaneEvents {
+    /// Per lane, its latest hand-off (or join) while capturing.
+    hand_off: Vec<CudaEvent>,
+    /// The lane whose hand-off is the latest, and the lanes in the capture so far.
+    latest: usize,
+    joined: Vec<bool>,
+    /// Where each lane other than 0 (then the copy stream) stood before a graph launch.
+    before: Vec<CudaEvent>,
+    /// The end of the last graph launch, which every other stream waits on.
+    after: CudaEvent,
+}
+
+impl LaneEvents {
+    pub(super) fn new(ctx: &std::sync::Arc<CudaContext>, lanes: usize) -> Result<Self> {
+        let event = || drv(ctx.new_event(None), "event");
+        Ok(LaneEvents {
+            hand_off: (0..lanes).map(|_| event()).collect::<Result<_>>()?,
+            latest: 0,
+            joined: vec![false; lanes],
+            before: (0..lanes).map(|_| event()).collect::<Result<_>>()?,
+            after: event()?,
+        })
     }
 }
 
@@ -119,7 +153,130 @@ impl CudaBackend {
     }
 
     fn graphs_on(&self) -> bool {
-        self.graphs_allowed && self.streams.len() == 1 && !self.sync_each && !crate::trace::is_on()
+        self.graphs_allowed && !self.sync_each && !crate::trace::is_on()
+    }
+
+    fn lanes_captured(&self) -> bool {
+        self.capturing() && self.streams.len() > 1
+    }
+
+    /// The streams other than lane 0 that a graph launch must be ordered with: the other lanes, the copy stream.
+    fn side_streams(&self) -> impl Iterator<Item = &std::sync::Arc<cudarc::driver::CudaStream>> {
+        self.streams[1..].iter().chain(&self.copy_stream)
+    }
+
+    /// Before a step graph's launch (or capture) with several lanes: lane 0 waits on where the others stand.
+    fn meet_before_graph(&self, ev: &LaneEvents) -> Result<()> {
+        for (s, e) in self.side_streams().zip(&ev.before) {
+            drv(e.record(s), "event")?;
+            drv(self.streams[0].wait(e), "stream wait")?;
+        }
+        Ok(())
+    }
+
+    /// After a step graph's launch with several lanes: every other stream waits on it.
+    fn meet_after_graph(&self, ev: &LaneEvents) -> Result<()> {
+        drv(ev.after.record(&self.streams[0]), "event")?;
+        for s in self.side_streams() {
+            drv(s.wait(&ev.after), "stream wait")?;
+        }
+        Ok(())
+    }
+
+    /// While several lanes are captured: the ops issued next go to `lane`, which first waits on the latest
+    /// hand-off (joining the capture the first time).
+    pub(super) fn capture_switch_lane(&self, lane: usize) -> Result<()> {
+        if !self.lanes_captured() {
+            return Ok(());
+        }
+        let mut ev = self.lane_events.lock().unwrap();
+        if ev.latest != lane {
+            drv(self.streams[lane].wait(&ev.hand_off[ev.latest]), "capture: hand a lane over")?;
+            ev.joined[lane] = true;
+        }
+        Ok(())
+    }
+
+    /// While several lanes are captured: the current lane has written a layer's output (the next layer's input
+    /// and the heads' features), which the lane the trainer switches to next waits for.
+    pub(super) fn capture_hand_off(&self) -> Result<()> {
+        if !self.lanes_captured() {
+            return Ok(());
+        }
+        let lane = self.lane_index();
+        let mut ev = self.lane_events.lock().unwrap();
+        drv(ev.hand_off[lane].record(&self.streams[lane]), "capture: record a hand-off")?;
+        ev.latest = lane;
+        Ok(())
+    }
+
+    /// Begins the capture on lane 0, with cudarc's tracking off when there are several lanes (module notes).
+    fn begin_capture(&self) -> Result<()> {
+        let lanes = self.streams.len() > 1;
+        if lanes {
+            self.meet_before_graph(&self.lane_events.lock().unwrap())?;
+            // SAFETY: while capturing, the lanes are ordered by the explicit hand-off and join events (module notes);
+            // no buffer is allocated or freed inside a capture (the driver refuses it), and tracking is back on when
+            // the capture ends, before any eager op.
+            unsafe { self.ctx.disable_event_tracking() };
+        }
+        drv(
+            self.streams[0].begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+            "begin the step's capture",
+        )?;
+        self.capturing.store(true, Ordering::Relaxed);
+        if lanes {
+            let mut ev = self.lane_events.lock().unwrap();
+            // The first hand-off: lane 0 where the capture begins.
+            drv(ev.hand_off[0].record(&self.streams[0]), "capture: fork")?;
+            ev.latest = 0;
+            ev.joined.fill(false);
+            // The current lane, if not lane 0, is in the capture from its start.
+            let lane = self.lane_index();
+            if lane != 0 {
+                drv(self.streams[lane].wait(&ev.hand_off[0]), "capture: fork")?;
+                ev.joined[lane] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the capture: lane 0 joins every lane that took part, tracking is back on. The graph, if the capture
+    /// made one.
+    fn end_capture(&self) -> Result<Option<CudaGraph>> {
+        self.capturing.store(false, Ordering::Relaxed);
+        let mut joined = Ok(());
+        if self.streams.len() > 1 {
+            let ev = self.lane_events.lock().unwrap();
+            for (lane, _) in ev.joined.iter().enumerate().filter(|(l, j)| **j && *l > 0) {
+                joined = joined.and_then(|_| {
+                    drv(ev.hand_off[lane].record(&self.streams[lane]), "capture: join")?;
+                    drv(self.streams[0].wait(&ev.hand_off[lane]), "capture: join")
+                });
+            }
+            // SAFETY: every stream's capture ends here; from now on cudarc's events order the eager ops again, and
+            // meet_after_graph orders them after any graph launch.
+            unsafe { self.ctx.enable_event_tracking() };
+        }
+        let graph = drv(
+            self.streams[0].end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH),
+            "end the step's capture",
+        );
+        joined?;
+        graph
+    }
+
+    /// Launches a step graph on lane 0, ordered with the other streams when there are several.
+    fn launch_graph(&self, graph: &CudaGraph, before: bool) -> Result<()> {
+        let lanes = self.streams.len() > 1;
+        if lanes && before {
+            self.meet_before_graph(&self.lane_events.lock().unwrap())?;
+        }
+        drv(graph.launch(), "launch the step graph")?;
+        if lanes {
+            self.meet_after_graph(&self.lane_events.lock().unwrap())?;
+        }
+        Ok(())
     }
 
     pub(super) fn begin_step_graph(&self, key: u64) -> Result<StepMode> {
@@ -129,36 +286,26 @@ impl CudaBackend {
         let mut g = self.graphs.lock().unwrap();
         if self.capturing() {
             // A capture that an error interrupted: end it and drop what it recorded.
-            self.capturing.store(false, Ordering::Relaxed);
-            let _ =
-                self.streams[0].end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+            let _ = self.end_capture();
         }
         if let Some(graph) = g.graphs.get(&key) {
-            drv(graph.launch(), "launch the step graph")?;
+            self.launch_graph(graph, true)?;
             g.replayed += 1;
             return Ok(StepMode::Replayed);
         }
         if g.warm.insert(key) {
             return Ok(StepMode::Eager);
         }
-        drv(
-            self.streams[0].begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-            "begin the step's capture",
-        )?;
-        self.capturing.store(true, Ordering::Relaxed);
+        self.begin_capture()?;
         Ok(StepMode::Capture)
     }
 
     pub(super) fn end_step_graph(&self, key: u64) -> Result<()> {
         let mut g = self.graphs.lock().unwrap();
-        self.capturing.store(false, Ordering::Relaxed);
-        let graph = drv(
-            self.streams[0].end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH),
-            "end the step's capture",
-        )?
-        .ok_or_else(|| anyhow::anyhow!("cuda: the step's capture recorded nothing"))?;
-        // A capture records the step without running it: this step runs now, as the graph.
-        drv(graph.launch(), "launch the step graph")?;
+        let graph = self.end_capture()?.ok_or_else(|| anyhow::anyhow!("cuda: the step's capture recorded nothing"))?;
+        // A capture records the step without running it: this step runs now, as the graph (lane 0 already waited
+        // on the other streams when the capture began).
+        self.launch_graph(&graph, false)?;
         g.graphs.insert(key, graph);
         g.captured += 1;
         Ok(())

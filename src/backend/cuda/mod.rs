@@ -18,8 +18,8 @@
 //! every launch once a second stream exists, host time for nothing here) and the readback waits for an explicit
 //! event. With several lanes the layers' streams share buffers in ways the trainer's schedule implies (layer l's
 //! output is layer l + 1's input; the heads read every layer's pooled features); cudarc's tracking orders them by
-//! construction, so it stays on for that mode. (The CUDA graphs planned for the step need explicit ordering
-//! everywhere; that change belongs with them.)
+//! construction, so it stays on for that mode, except while a training step is captured as a graph: then explicit
+//! hand-off and join events order the lanes, and the lanes meet around each graph launch (graph.rs).
 //!
 //! `ASGE_CUDA_SYNC=1` synchronises after every launch and names the kernel and the layer of a failing one.
 
@@ -127,6 +127,8 @@ pub struct CudaBackend {
     step_params: Mutex<graph::StepParams>,
     graphs: Mutex<graph::StepGraphs>,
     capturing: std::sync::atomic::AtomicBool,
+    /// With several lanes: the events that order them in a captured step and around a graph's launch.
+    lane_events: Mutex<graph::LaneEvents>,
     /// Weight gradients that used the forward's channels-last input copy (for tests: ops/layout.rs).
     input_copies_reused: std::sync::atomic::AtomicUsize,
     /// Step graphs allowed (`ASGE_CUDA_GRAPHS=0` or [`CudaBackend::without_step_graphs`] turn them off).
@@ -332,6 +334,7 @@ impl CudaBackend {
             drv(streams[0].alloc_zeros::<u64>(graph::KEY_SLOTS), "alloc step parameters")?,
         );
         drv(streams[0].synchronize(), "alloc step parameters")?;
+        let lane_events = graph::LaneEvents::new(&ctx, streams.len())?;
         Ok(CudaBackend {
             ordinal,
             precision: Precision::F32,
@@ -356,6 +359,7 @@ impl CudaBackend {
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
             step_params: Mutex::new(step_params),
             graphs: Mutex::new(graph::StepGraphs::default()),
+            lane_events: Mutex::new(lane_events),
             capturing: std::sync::atomic::AtomicBool::new(false),
             input_copies_reused: std::sync::atomic::AtomicUsize::new(0),
             graphs_allowed: !std::env::var("ASGE_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
@@ -569,7 +573,7 @@ impl Backend for CudaBackend {
 
     fn set_lane(&self, lane: usize) -> Result<()> {
         self.lane.store(lane, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.capture_switch_lane(self.lane_index())
     }
 
     fn device_time_ms(&self, warmup: usize, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
@@ -816,7 +820,10 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
         gap: Option<&mut CudaBuf>,
     ) -> Result<()> {
-        ops::layer_output::run(self, batch, c, h, w, pool, dropout, y, out, gap)
+        ops::layer_output::run(self, batch, c, h, w, pool, dropout, y, out, gap)?;
+        // The next layer's input and the heads' features are written: in a captured step, the hand-off to the
+        // lane that reads them (graph.rs).
+        self.capture_hand_off()
     }
 
     fn fusion_heads(
