@@ -636,6 +636,19 @@ fn standin_exports_every_driver_function_cudarcs_safe_api_can_call() {
     println!("the stand-in exports all {} driver functions cudarc's safe API calls", names.len());
 }
 
+/// For the stand-in's capture tests: a context with cudarc's per-buffer events off (a capture cannot take them;
+/// the tests order their streams themselves) and `dg_per_cell_f32`, which computes `out[i] = in[i] / div[i % pp]`.
+fn capture_test_kernel() -> (std::sync::Arc<cudarc::driver::CudaContext>, cudarc::driver::CudaFunction) {
+    assert!(gpu().is_standin(), "this test checks the stand-in's model of capture");
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    // SAFETY: every test that uses this context orders its streams itself (one stream, or explicit events).
+    unsafe { ctx.disable_event_tracking() };
+    let (module, src, _) = nvrtc::KERNELS.iter().find(|(m, _, _)| *m == "conv_goodness_wgrad").unwrap();
+    let m = ctx.load_module(nvrtc::compile(module, src, "sm_90").unwrap()).unwrap();
+    let f = m.load_function("dg_per_cell_f32").unwrap();
+    (ctx, f)
+}
+
 #[test]
 #[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it checks the stand-in's graph capture"]
 fn standin_graph_capture_replays_and_enforces_captures_rules() {
@@ -644,16 +657,8 @@ fn standin_graph_capture_replays_and_enforces_captures_rules() {
     // synchronisation, an allocation or a copy from pageable memory while capturing fails and invalidates the
     // capture; the legacy default stream cannot be captured.
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
-    let be = gpu();
-    assert!(be.is_standin(), "this test checks the stand-in's model of capture");
-    let ctx = CudaContext::new(0).unwrap();
-    // SAFETY: one stream orders everything here (as the backend with one lane: no per-buffer events, which the
-    // stand-in does not model inside a capture).
-    unsafe { ctx.disable_event_tracking() };
-    let (module, src, _) = nvrtc::KERNELS.iter().find(|(m, _, _)| *m == "conv_goodness_wgrad").unwrap();
-    let m = ctx.load_module(nvrtc::compile(module, src, "sm_90").unwrap()).unwrap();
-    let f = m.load_function("dg_per_cell_f32").unwrap();
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (ctx, f) = capture_test_kernel();
     let s = ctx.new_stream().unwrap();
     let n = 64i32;
     let mut dg = s.clone_htod(&(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
@@ -706,17 +711,10 @@ fn standin_a_capture_forks_and_joins_streams_by_events() {
     // stream waited on; the capture ends only on its origin, joined by every member; a capturing stream may not
     // wait on an event recorded outside it; an event recorded in a capture is not a host-side event.
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
     use std::sync::Arc;
-    let be = gpu();
-    assert!(be.is_standin(), "this test checks the stand-in's model of capture");
-    let ctx = CudaContext::new(0).unwrap();
-    // SAFETY: the events below order the streams (no per-buffer events, which a capture cannot take).
-    unsafe { ctx.disable_event_tracking() };
-    let (module, src, _) = nvrtc::KERNELS.iter().find(|(m, _, _)| *m == "conv_goodness_wgrad").unwrap();
-    let m = ctx.load_module(nvrtc::compile(module, src, "sm_90").unwrap()).unwrap();
-    // out[i] = in[i] / div[i % 2]: the second kernel reads what the first wrote.
-    let f = m.load_function("dg_per_cell_f32").unwrap();
+    // The second kernel reads what the first wrote.
+    let (ctx, f) = capture_test_kernel();
     let st: Vec<Arc<CudaStream>> = (0..3).map(|_| ctx.new_stream().unwrap()).collect();
     let ev: Vec<_> = (0..3).map(|_| ctx.new_event(None).unwrap()).collect();
     let n = 64i32;

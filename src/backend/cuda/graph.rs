@@ -17,10 +17,10 @@
 //! dependency across the capture's boundary, which CUDA refuses (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`). So
 //! cudarc's tracking is off while a step is captured, and the capture orders the lanes by the trainer's schedule
 //! instead: layer `l` reads only what layer `l - 1`'s output wrote (its input) and what was written before the
-//! step, and the heads read what the layers' outputs wrote. Each layer output records its lane's hand-off event;
-//! a lane the trainer switches to waits on the latest hand-off, which joins it to the capture the first time (the
-//! first hand-off is lane 0's position at the capture's start). At the end lane 0 waits on every lane that
-//! joined, and the capture is one graph launched on lane 0. Around every launch of a step graph the lanes meet:
+//! step, and the heads read what the layers' outputs wrote. Every lane joins the capture at its start (a fork
+//! from lane 0's position there, which is also the first hand-off); each layer output records its lane's
+//! hand-off event, and a lane the trainer switches to waits on the latest hand-off. At the end lane 0 waits on
+//! every other lane (a join), and the capture is one graph launched on lane 0. Around every launch of a step graph the lanes meet:
 //! lane 0 first waits on where every other lane (and the input copies' stream) stands, since the graph does not
 //! see cudarc's events, and after it every other stream waits on the graph, so that the per-buffer events (stale
 //! for what the graph did) stay enough for the eager work that follows (the next upload, an evaluation). Graph
@@ -57,9 +57,8 @@ impl StepParams {
 pub(super) struct LaneEvents {
     /// Per lane, its latest hand-off (or join) while capturing.
     hand_off: Vec<CudaEvent>,
-    /// The lane whose hand-off is the latest, and the lanes in the capture so far.
+    /// The lane whose hand-off is the latest.
     latest: usize,
-    joined: Vec<bool>,
     /// Where each lane other than 0 (then the copy stream) stood before a graph launch.
     before: Vec<CudaEvent>,
     /// The end of the last graph launch, which every other stream waits on.
@@ -72,7 +71,6 @@ impl LaneEvents {
         Ok(LaneEvents {
             hand_off: (0..lanes).map(|_| event()).collect::<Result<_>>()?,
             latest: 0,
-            joined: vec![false; lanes],
             before: (0..lanes).map(|_| event()).collect::<Result<_>>()?,
             after: event()?,
         })
@@ -156,8 +154,12 @@ impl CudaBackend {
         self.graphs_allowed && !self.sync_each && !crate::trace::is_on()
     }
 
+    fn several_lanes(&self) -> bool {
+        self.streams.len() > 1
+    }
+
     fn lanes_captured(&self) -> bool {
-        self.capturing() && self.streams.len() > 1
+        self.capturing() && self.several_lanes()
     }
 
     /// The streams other than lane 0 that a graph launch must be ordered with: the other lanes, the copy stream.
@@ -165,8 +167,12 @@ impl CudaBackend {
         self.streams[1..].iter().chain(&self.copy_stream)
     }
 
-    /// Before a step graph's launch (or capture) with several lanes: lane 0 waits on where the others stand.
-    fn meet_before_graph(&self, ev: &LaneEvents) -> Result<()> {
+    /// Before a step graph's launch (or capture): with several lanes, lane 0 waits on where the others stand.
+    fn meet_before_graph(&self) -> Result<()> {
+        if !self.several_lanes() {
+            return Ok(());
+        }
+        let ev = self.lane_events.lock().unwrap();
         for (s, e) in self.side_streams().zip(&ev.before) {
             drv(e.record(s), "event")?;
             drv(self.streams[0].wait(e), "stream wait")?;
@@ -174,8 +180,12 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// After a step graph's launch with several lanes: every other stream waits on it.
-    fn meet_after_graph(&self, ev: &LaneEvents) -> Result<()> {
+    /// After a step graph's launch: with several lanes, every other stream waits on it.
+    fn meet_after_graph(&self) -> Result<()> {
+        if !self.several_lanes() {
+            return Ok(());
+        }
+        let ev = self.lane_events.lock().unwrap();
         drv(ev.after.record(&self.streams[0]), "event")?;
         for s in self.side_streams() {
             drv(s.wait(&ev.after), "stream wait")?;
@@ -184,15 +194,14 @@ impl CudaBackend {
     }
 
     /// While several lanes are captured: the ops issued next go to `lane`, which first waits on the latest
-    /// hand-off (joining the capture the first time).
+    /// hand-off.
     pub(super) fn capture_switch_lane(&self, lane: usize) -> Result<()> {
         if !self.lanes_captured() {
             return Ok(());
         }
-        let mut ev = self.lane_events.lock().unwrap();
+        let ev = self.lane_events.lock().unwrap();
         if ev.latest != lane {
             drv(self.streams[lane].wait(&ev.hand_off[ev.latest]), "capture: hand a lane over")?;
-            ev.joined[lane] = true;
         }
         Ok(())
     }
@@ -210,11 +219,11 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Begins the capture on lane 0, with cudarc's tracking off when there are several lanes (module notes).
+    /// Begins the capture on lane 0; with several lanes, cudarc's tracking off and every lane forked into it
+    /// (module notes).
     fn begin_capture(&self) -> Result<()> {
-        let lanes = self.streams.len() > 1;
+        let lanes = self.several_lanes();
         if lanes {
-            self.meet_before_graph(&self.lane_events.lock().unwrap())?;
             // SAFETY: while capturing, the lanes are ordered by the explicit hand-off and join events (module notes);
             // no buffer is allocated or freed inside a capture (the driver refuses it), and tracking is back on when
             // the capture ends, before any eager op.
@@ -227,33 +236,26 @@ impl CudaBackend {
         self.capturing.store(true, Ordering::Relaxed);
         if lanes {
             let mut ev = self.lane_events.lock().unwrap();
-            // The first hand-off: lane 0 where the capture begins.
+            // The fork, and the first hand-off: lane 0 where the capture begins.
             drv(ev.hand_off[0].record(&self.streams[0]), "capture: fork")?;
             ev.latest = 0;
-            ev.joined.fill(false);
-            // The current lane, if not lane 0, is in the capture from its start.
-            let lane = self.lane_index();
-            if lane != 0 {
-                drv(self.streams[lane].wait(&ev.hand_off[0]), "capture: fork")?;
-                ev.joined[lane] = true;
+            for s in &self.streams[1..] {
+                drv(s.wait(&ev.hand_off[0]), "capture: fork")?;
             }
         }
         Ok(())
     }
 
-    /// Ends the capture: lane 0 joins every lane that took part, tracking is back on. The graph, if the capture
-    /// made one.
+    /// Ends the capture: lane 0 joins every other lane, tracking is back on. The graph, if the capture made one.
     fn end_capture(&self) -> Result<Option<CudaGraph>> {
         self.capturing.store(false, Ordering::Relaxed);
         let mut joined = Ok(());
-        if self.streams.len() > 1 {
+        if self.several_lanes() {
             let ev = self.lane_events.lock().unwrap();
-            for (lane, _) in ev.joined.iter().enumerate().filter(|(l, j)| **j && *l > 0) {
-                joined = joined.and_then(|_| {
-                    drv(ev.hand_off[lane].record(&self.streams[lane]), "capture: join")?;
-                    drv(self.streams[0].wait(&ev.hand_off[lane]), "capture: join")
-                });
-            }
+            joined = (1..self.streams.len()).try_for_each(|lane| {
+                drv(ev.hand_off[lane].record(&self.streams[lane]), "capture: join")?;
+                drv(self.streams[0].wait(&ev.hand_off[lane]), "capture: join")
+            });
             // SAFETY: every stream's capture ends here; from now on cudarc's events order the eager ops again, and
             // meet_after_graph orders them after any graph launch.
             unsafe { self.ctx.enable_event_tracking() };
@@ -266,17 +268,10 @@ impl CudaBackend {
         graph
     }
 
-    /// Launches a step graph on lane 0, ordered with the other streams when there are several.
-    fn launch_graph(&self, graph: &CudaGraph, before: bool) -> Result<()> {
-        let lanes = self.streams.len() > 1;
-        if lanes && before {
-            self.meet_before_graph(&self.lane_events.lock().unwrap())?;
-        }
+    /// Launches a step graph on lane 0; with several lanes the other streams then wait on it.
+    fn launch_graph(&self, graph: &CudaGraph) -> Result<()> {
         drv(graph.launch(), "launch the step graph")?;
-        if lanes {
-            self.meet_after_graph(&self.lane_events.lock().unwrap())?;
-        }
-        Ok(())
+        self.meet_after_graph()
     }
 
     pub(super) fn begin_step_graph(&self, key: u64) -> Result<StepMode> {
@@ -288,13 +283,16 @@ impl CudaBackend {
             // A capture that an error interrupted: end it and drop what it recorded.
             let _ = self.end_capture();
         }
-        if let Some(graph) = g.graphs.get(&key) {
-            self.launch_graph(graph, true)?;
-            g.replayed += 1;
-            return Ok(StepMode::Replayed);
-        }
         if g.warm.insert(key) {
             return Ok(StepMode::Eager);
+        }
+        // A replay, or a capture whose graph is launched at the step's end: either way on lane 0, after what the
+        // other streams were given before the step.
+        self.meet_before_graph()?;
+        if let Some(graph) = g.graphs.get(&key) {
+            self.launch_graph(graph)?;
+            g.replayed += 1;
+            return Ok(StepMode::Replayed);
         }
         self.begin_capture()?;
         Ok(StepMode::Capture)
@@ -303,9 +301,8 @@ impl CudaBackend {
     pub(super) fn end_step_graph(&self, key: u64) -> Result<()> {
         let mut g = self.graphs.lock().unwrap();
         let graph = self.end_capture()?.ok_or_else(|| anyhow::anyhow!("cuda: the step's capture recorded nothing"))?;
-        // A capture records the step without running it: this step runs now, as the graph (lane 0 already waited
-        // on the other streams when the capture began).
-        self.launch_graph(&graph, false)?;
+        // A capture records the step without running it: this step runs now, as the graph.
+        self.launch_graph(&graph)?;
         g.graphs.insert(key, graph);
         g.captured += 1;
         Ok(())
