@@ -122,3 +122,52 @@ extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
 {
     layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap, CPB);
 }
+
+// layer_output_nhwc_f16: layer_output_f16's store pass into channels-last out [B, Ho, Wo, C], the layout the next
+// layer's fp16 conv reads as it is (no copy); for C and CPB multiples of 8 (geometry::layer_output_split_nhwc).
+// The values are layer_output_f16's, bit for bit (the same pooled_dropped and divisor), and dropout stays keyed by
+// the logical [B, C, Ho, Wo] index. A thread stores 8 channels of one pixel (one 16-byte store): the block's
+// G = CPB / 8 channel groups are fixed per thread, and R = blockDim / G rows of threads walk the pixels. The pooled
+// features: each thread sums its 8 channels over its pixels in order, then one thread per channel adds the rows'
+// sums in row order (fixed, so deterministic; the order differs from the NCHW kernel's, in f32).
+extern "C" __global__ void __launch_bounds__(256) layer_output_nhwc_f16(
+    const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/, const float* __restrict__ part /*[gridDim.x*gridDim.y]*/,
+    f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
+    int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
+    int use_gap, int CPB)
+{
+    __shared__ float rows[256 * 8];
+    const int b = blockIdx.x;
+    const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W, hw = Ho * Wo, per = C * hw;
+    const f16_bits* yb = y + (long)b * C * H * W;
+    const unsigned long long k = use_dropout ? *key : 0ull;
+    float ss = 0.0f;
+    for (int s = 0; s < (int)gridDim.y; ++s) ss += part[(long)b * gridDim.y + s];
+    const float denom = sqrtf(ss / (float)per) + 1.9287498479639178e-22f;
+    const int c0 = blockIdx.y * CPB, c1 = min(C, c0 + CPB), G = (c1 - c0) / 8, R = (int)blockDim.x / G;
+    const int g = (int)threadIdx.x % G, r = (int)threadIdx.x / G, c = c0 + 8 * g;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (r < R) {
+        for (int px = r; px < hw; px += R) {
+            f16_bits h[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float v =
+                    pooled_dropped(yb, (c + j) * hw + px, b, per, H, W, Ho, Wo, pool, p, k, use_dropout) / denom;
+                h[j] = f2h(v);
+                acc[j] += v;
+            }
+            st16(out + ((long)b * hw + px) * C + c,
+                 u32x4{pack2(h[0], h[1]), pack2(h[2], h[3]), pack2(h[4], h[5]), pack2(h[6], h[7])});
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) rows[r * G * 8 + g * 8 + j] = acc[j];
+    }
+    if (!use_gap) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * 8; i += blockDim.x) {
+        float s = 0.0f;
+        for (int q = 0; q < R; ++q) s += rows[q * G * 8 + i];
+        gap[(long)b * C + c0 + i] = s / (float)hw;
+    }
+}

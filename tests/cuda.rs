@@ -60,6 +60,7 @@ fn every_kernel_compiles_with_nvrtc() {
         "goodness_loss_f32",
         "layer_output_f32",
         "layer_output_f16",
+        "layer_output_nhwc_f16",
         "heads_logits_f32",
         "heads_softmax_f32",
         "heads_grad_f32",
@@ -195,6 +196,13 @@ fn the_layer_output_split_gives_each_warp_or_thread_a_channel() {
     // never more slices than the grid's y holds
     let (cpb, slices) = layer_output_split(1 << 20, 1024);
     assert!(slices <= 65_535 && cpb * slices >= 1 << 20, "{cpb} x {slices}");
+    // the channels-last fp16 store: whole 8-channel groups a block (a thread each, at most 256)
+    use cuda::geometry::layer_output_split_nhwc;
+    assert_eq!(layer_output_split_nhwc(64, 256), (8, 8));
+    assert_eq!(layer_output_split_nhwc(72, 64), (24, 3));
+    assert_eq!(layer_output_split_nhwc(600, 4), (304, 2));
+    assert_eq!(layer_output_split_nhwc(4096, 4), (512, 8));
+    assert_eq!(layer_output_split_nhwc(8192, 1), (2048, 4));
 }
 
 #[test]
@@ -482,6 +490,22 @@ fn vgg8_steps<B: Backend>(be: B, steps: u64) -> (Vec<Vec<f64>>, Params, Vec<Vec<
 
 #[test]
 #[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
+fn an_fp16_layer_reads_the_previous_layers_channels_last_output_as_it_is() {
+    // The fp16 layer output is stored channels-last where C is a multiple of 8 (VGG8 at width 0.125: 16 to 64
+    // channels), and the next layer's forward and weight gradient read it with no copy: in a step only the batch's
+    // input (1 channel, padded to 8) is copied. That the numbers are right is the VGG8 step parity's to show.
+    let spec = model::resolve("vgg8", 1, 32, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+    let layers = spec.layers.len();
+    let params = Params::init(&spec, 5);
+    let mut net = Net::new(gpu().with_precision(Precision::F16), spec, &params, AdamW::default(), 2).unwrap();
+    let x = randn(2 * 32 * 32, 1.0, 4).iter().map(|v| v.abs()).collect::<Vec<f32>>();
+    net.train_step(&x, &[1, 7], 2e-4, 1, Some((0.1, 5))).unwrap();
+    assert_eq!(net.backend().inputs_read_as_stored(), 2 * (layers - 1), "convs that read a layer output as stored");
+    assert_eq!(net.backend().input_copies_reused(), 1, "the first layer's weight gradient reuses its input's copy");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
 fn a_vgg8_training_step_matches_cpu_and_repeats() {
     for precision in PRECISIONS {
         let p = precision.as_str();
@@ -590,6 +614,56 @@ fn standin_a_steps_statistics_arrive_while_the_next_step_is_still_queued() {
     assert!(s1.layer_loss.iter().all(|l| l.is_finite() && *l > 0.0), "{s1:?}");
     let s2 = net.flush_stats().unwrap().unwrap();
     assert_eq!(s2.step, 2);
+}
+
+#[test]
+#[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it holds a stream"]
+fn standin_a_read_on_another_lane_waits_for_the_step_graph() {
+    // A replayed step graph runs on lane 0 only, and cudarc's per-buffer events know nothing of what it writes
+    // (tracking is off while capturing), so an eager op on another lane is ordered after the graph only by the
+    // wait each side stream is given at its launch (graph.rs, meet_after_graph). Here lane 0 is held while a
+    // replay is queued, without waiting for its statistics; a read of the weights on lane 1 must then wait for the
+    // release (without that wait it returns the weights from before the step at once), and return the stepped ones.
+    let be = CudaBackend::with_lanes(0, 3).unwrap();
+    assert!(be.is_standin(), "this test holds a stream, which only the stand-in can");
+    let spec = model::resolve("vgg8", 1, 16, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+    let params = Params::init(&spec, 3);
+    let b = 8;
+    let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), b).unwrap();
+    let mut eager =
+        Net::new(CudaBackend::with_lanes(0, 3).unwrap().without_step_graphs(), spec, &params, AdamW::default(), b)
+            .unwrap();
+    let batch = |t: u64| -> (Vec<f32>, Vec<u32>) {
+        (randn(b * 16 * 16, 1.0, 500 + t).iter().map(|v| v.abs()).collect(), (0..b as u32).map(|i| i % 10).collect())
+    };
+    // Steps 1 and 2 warm the two graph keys (activation and statistics parity), 3 and 4 capture them, 5 replays.
+    for t in 1..=4 {
+        let (x, l) = batch(t);
+        net.train_step(&x, &l, 1e-3, t, None).unwrap();
+        eager.train_step(&x, &l, 1e-3, t, None).unwrap();
+    }
+    net.backend().synchronize().unwrap();
+    let (x, l) = batch(5);
+    eager.train_step(&x, &l, 1e-3, 5, None).unwrap();
+    let lane0 = net.backend().streams()[0].clone();
+    cuda::standin::hold_stream(&lane0, true).unwrap();
+    assert!(net.train_step_pipelined(&x, &l, 1e-3, 5, None).unwrap().is_none());
+    assert_eq!(net.backend().step_graph_counts(), (2, 1), "step 5 was not a replay");
+    net.backend().set_lane(1).unwrap();
+    let reader = &mut net;
+    let read = std::thread::scope(|sc| {
+        let h = sc.spawn(move || reader.params());
+        // Two seconds is ~1000x what the unordered read takes; the ordered one cannot finish before the release.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let early = h.is_finished();
+        cuda::standin::hold_stream(&lane0, false).unwrap();
+        let r = h.join().unwrap();
+        assert!(!early, "a read on lane 1 finished while the step graph it must follow was still held on lane 0");
+        r
+    });
+    assert_eq!(read.unwrap(), eager.params().unwrap(), "the weights read on lane 1 after the replayed step");
+    let s5 = net.flush_stats().unwrap().unwrap();
+    assert_eq!(s5.step, 5);
 }
 
 #[test]

@@ -459,8 +459,14 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             let (pd, key) = dropout.map_or((0.0, 0), |d| (d.p, d.key));
             let use_drop = dropout.is_some() as i32;
             let mut gap2 = vec![f32::NAN; gap.len()];
-            // The backend's split of each sample over blocks, the slices' sums of squares, then the store.
-            let (cpb, slices) = geometry::layer_output_split(ch, ho * wo);
+            // The backend's split of each sample over blocks, the slices' sums of squares, then the store: in fp16
+            // channels-last where C is a multiple of 8 (ops/layer_output.rs), read back here in NCHW order.
+            let nhwc = p == Precision::F16 && ch.is_multiple_of(8);
+            let (cpb, slices) = if nhwc {
+                geometry::layer_output_split_nhwc(ch, ho * wo)
+            } else {
+                geometry::layer_output_split(ch, ho * wo)
+            };
             let grid = (batch as u32, slices as u32, 1);
             let mut part = vec![f32::NAN; batch * slices];
             let sumsq = (ch as i32, h as i32, h as i32, pool_i, pd, &key as *const u64, use_drop, cpb as i32);
@@ -535,39 +541,76 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
                         sumsq.6,
                         sumsq.7
                     );
-                    launch!(
-                        "layer_output_f16",
-                        grid,
-                        fn(
-                            *const u16,
-                            *const f32,
-                            *mut u16,
-                            *mut f32,
-                            i32,
-                            i32,
-                            i32,
-                            i32,
-                            f32,
-                            *const u64,
-                            i32,
-                            i32,
-                            i32,
-                        ),
-                        y16.as_ptr(),
-                        part.as_ptr(),
-                        o.as_mut_ptr(),
-                        gap2.as_mut_ptr(),
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        args.5,
-                        args.6,
-                        args.7,
-                        args.8
-                    );
-                    from_f16(&o)
+                    if nhwc {
+                        launch!(
+                            "layer_output_nhwc_f16",
+                            grid,
+                            fn(
+                                *const u16,
+                                *const f32,
+                                *mut u16,
+                                *mut f32,
+                                i32,
+                                i32,
+                                i32,
+                                i32,
+                                f32,
+                                *const u64,
+                                i32,
+                                i32,
+                                i32,
+                            ),
+                            y16.as_ptr(),
+                            part.as_ptr(),
+                            o.as_mut_ptr(),
+                            gap2.as_mut_ptr(),
+                            args.0,
+                            args.1,
+                            args.2,
+                            args.3,
+                            args.4,
+                            args.5,
+                            args.6,
+                            args.7,
+                            args.8
+                        );
+                        let (hw, stored) = (ho * wo, from_f16(&o));
+                        (0..stored.len()).map(|i| stored[(i / (ch * hw) * hw + i % hw) * ch + i / hw % ch]).collect()
+                    } else {
+                        launch!(
+                            "layer_output_f16",
+                            grid,
+                            fn(
+                                *const u16,
+                                *const f32,
+                                *mut u16,
+                                *mut f32,
+                                i32,
+                                i32,
+                                i32,
+                                i32,
+                                f32,
+                                *const u64,
+                                i32,
+                                i32,
+                                i32,
+                            ),
+                            y16.as_ptr(),
+                            part.as_ptr(),
+                            o.as_mut_ptr(),
+                            gap2.as_mut_ptr(),
+                            args.0,
+                            args.1,
+                            args.2,
+                            args.3,
+                            args.4,
+                            args.5,
+                            args.6,
+                            args.7,
+                            args.8
+                        );
+                        from_f16(&o)
+                    }
                 }
             };
             close(&what, &out2, &out, store_rtol, 1e-6);

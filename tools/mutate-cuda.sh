@@ -68,6 +68,29 @@ M = [
      "if reuse && scratch.x_from == Some(made_from)",
      "if reuse && scratch.x_from.map(|f| f.1) == Some(*s)",
      "--test cuda the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current"),
+    ("the other streams no longer wait on a launched step graph (meet_after_graph's waits removed)",
+     "src/backend/cuda/graph.rs",
+     """        for s in self.side_streams() {
+            drv(s.wait(&ev.after), "stream wait")?;
+        }""",
+     "        let _ = &ev.after;",
+     "--test cuda standin_a_read_on_another_lane_waits_for_the_step_graph"),
+    ("a captured layer output no longer hands its lane over (the next lane waits on the capture's fork)",
+     "src/backend/cuda/graph.rs",
+     """        drv(ev.hand_off[lane].record(&self.streams[lane]), "capture: record a hand-off")?;
+        ev.latest = lane;""",
+     "        let _ = (&mut ev, lane);",
+     "--test cuda a_replayed_step_graph_equals_the_eager_steps"),
+    ("the channels-last layer output stores every 8-channel group of a pixel at the slice's first",
+     "kernels/layer_output.cu",
+     "st16(out + ((long)b * hw + px) * C + c,",
+     "st16(out + ((long)b * hw + px) * C + c0,",
+     "--test cuda loss_output_heads_adamw_match_cpu"),
+    ("a layer output stored channels-last but not marked so (the next layer copies it as if NCHW)",
+     "src/backend/cuda/ops/layer_output.rs",
+     "out.set_channels_last([batch, c, ho, wo]);",
+     "let _ = (ho, wo);",
+     "--test cuda a_vgg8_training_step_matches_cpu_and_repeats"),
 ]
 if n > len(M):
     sys.exit(3)

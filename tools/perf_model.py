@@ -52,7 +52,10 @@ def model(width, batch):
         tm, tn, fbps = FWD[fk]
         fblocks = math.ceil(n / tn) * math.ceil(co / tm)
         fexec = 2.0 * ru(co, tm) * ru(n, tn) * ru(9 * cp, 64)
-        fbytes = 2 * (n * ci + n * cp) + 2 * (n * cp) + 2 * n * co  # pad pass r+w, conv reads xn, writes y
+        # Only an input whose channels are not a multiple of 8 (the first layer's) is copied channels-last (pad
+        # pass r+w); the others are stored so by the previous layer's output. The conv reads xn, writes y.
+        copied = ci % 8 != 0
+        fbytes = (2 * (n * ci + n * cp) if copied else 0) + 2 * (n * cp) + 2 * n * co
         ft_c = fexec / (MMA_SYNC * PIPE_EFF * wave_eff(fblocks, fbps))
         ft_m = fbytes / HBM
         # weight gradient (split over pixels into >= 512 blocks)
@@ -68,7 +71,9 @@ def model(width, batch):
         bound = "compute" if ft_c + wt_c > ft_m + wt_m else "memory"
         total["flop"] += 2 * useful
         total["t"] += t
-        total["ops"] += 13  # per layer: 2 layout copies, conv, goodness, loss, dg, dz, wgrad, reduce, 2 layer output, 2 AdamW
+        # per layer: the weights' layout copy (and the input's where copied), conv, goodness, loss, dg, dz, wgrad,
+        # reduce, 2 layer output, 2 AdamW
+        total["ops"] += 12 + copied
         rows.append((i, ci, co, s, 2 * useful / 1e9, (fbytes + wbytes) / 1e6, f"{fblocks} ({fk}, {fbps}/SM)",
                      f"{wblocks} ({wk}, {bps}/SM)", bound, t * 1e6, 100 * 2 * useful / t / HGEMM))
     return rows, total

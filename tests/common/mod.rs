@@ -106,6 +106,10 @@ pub fn output_cases() -> Vec<(usize, usize, usize, Option<asge::model::PoolKind>
         (2, 70, 16, Some(Avg), Some(0.1)),
         (4, 9, 9, Some(Rms), Some(0.5)),
         (2, 600, 4, Some(Avg), Some(0.1)),
+        // Multiples of 8 channels: the fp16 CUDA store is channels-last (one block of 8 channels a sample slice,
+        // then a pooled odd-sized map).
+        (2, 64, 16, None, Some(0.2)),
+        (3, 16, 12, Some(Rms), None),
     ]
 }
 

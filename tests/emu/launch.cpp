@@ -128,4 +128,7 @@ void emu_layer_output_f32(GRID, const float* y, const float* part, float* out, f
 void emu_layer_output_f16(GRID, const f16_bits* y, const float* part, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap, int CPB) {
     RUN(layer_output_f16(y, part, out, gap, C, H, W, pool, p, key, use_dropout, use_gap, CPB));
 }
+void emu_layer_output_nhwc_f16(GRID, const f16_bits* y, const float* part, f16_bits* out, float* gap, int C, int H, int W, int pool, float p, const unsigned long long* key, int use_dropout, int use_gap, int CPB) {
+    RUN(layer_output_nhwc_f16(y, part, out, gap, C, H, W, pool, p, key, use_dropout, use_gap, CPB));
+}
 }

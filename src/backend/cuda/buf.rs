@@ -1,5 +1,5 @@
 //! [`CudaBuf`]: a device buffer of f32, or of fp16 (a conv operand in the fp16 path), with a version that every
-//! mutable access advances.
+//! mutable access advances, and the layout of an fp16 activation that the layer output stored channels-last.
 
 use crate::backend::Precision;
 use anyhow::{bail, Result};
@@ -11,10 +11,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Its [`version`](CudaBuf::version) (an id no other buffer of the process has, and a count of the mutable
 /// accesses so far) tells a cache of something derived from the buffer whether the buffer may have changed since:
 /// every way to write it goes through `&mut self` here, and each advances the count.
+///
+/// An fp16 layer output is stored channels-last (`[B, H, W, C]`, see ops/layer_output.rs), which the next layer's
+/// conv reads as it is; the buffer says so ([`channels_last`](CudaBuf::channels_last): its logical `[B, C, H, W]`)
+/// until the next write of any other kind. The accessors of NCHW data refuse such a buffer, and the backend's
+/// `read` returns it in the logical NCHW order, so nothing reads it in the wrong order.
 pub struct CudaBuf {
     data: Data,
     id: u64,
     writes: u64,
+    channels_last: Option<[usize; 4]>,
 }
 
 /// The buffer's storage.
@@ -38,7 +44,7 @@ impl From<CudaSlice<half::f16>> for CudaBuf {
 impl CudaBuf {
     fn new(data: Data) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-        CudaBuf { data, id: NEXT_ID.fetch_add(1, Ordering::Relaxed), writes: 0 }
+        CudaBuf { data, id: NEXT_ID.fetch_add(1, Ordering::Relaxed), writes: 0, channels_last: None }
     }
 
     pub fn len(&self) -> usize {
@@ -68,10 +74,22 @@ impl CudaBuf {
         &self.data
     }
 
-    /// The storage, to write: advances the version.
+    /// The storage, to write: advances the version, and the contents are NCHW again unless the writer says
+    /// otherwise ([`set_channels_last`](CudaBuf::set_channels_last)).
     pub(crate) fn data_mut(&mut self) -> &mut Data {
         self.writes += 1;
+        self.channels_last = None;
         &mut self.data
+    }
+
+    /// `Some([B, C, H, W])` when the contents are that tensor stored channels-last, `[B, H, W, C]`.
+    pub fn channels_last(&self) -> Option<[usize; 4]> {
+        self.channels_last
+    }
+
+    /// Says that the write just made stored `[B, C, H, W]` channels-last.
+    pub(crate) fn set_channels_last(&mut self, shape: [usize; 4]) {
+        self.channels_last = Some(shape);
     }
 
     pub(crate) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
@@ -88,7 +106,16 @@ impl CudaBuf {
         }
     }
 
+    /// The fp16 contents in NCHW (or flat) order: an error for a channels-last buffer.
     pub(crate) fn f16(&self, what: &str) -> Result<&CudaSlice<half::f16>> {
+        if let Some([b, c, h, w]) = self.channels_last {
+            bail!("cuda backend: {what} holds a [{b}, {c}, {h}, {w}] tensor channels-last where the op reads NCHW");
+        }
+        self.f16_any_layout(what)
+    }
+
+    /// The fp16 contents whatever their layout (the caller checks [`channels_last`](CudaBuf::channels_last)).
+    pub(crate) fn f16_any_layout(&self, what: &str) -> Result<&CudaSlice<half::f16>> {
         match &self.data {
             Data::F16(s) => Ok(s),
             Data::F32(_) => bail!("cuda backend: {what} is an f32 buffer where the fp16 op reads fp16"),

@@ -74,6 +74,14 @@ pub fn layer_output_split(c: usize, out_hw: usize) -> (usize, usize) {
     (cpb, c.div_ceil(cpb))
 }
 
+/// [`layer_output_split`] for the channels-last fp16 store (kernels/layer_output.cu, `layer_output_nhwc_f16`), for
+/// `c` a multiple of 8: whole 8-channel groups a block, at most 256 of them (a thread each).
+pub fn layer_output_split_nhwc(c: usize, out_hw: usize) -> (usize, usize) {
+    let (cpb, _) = layer_output_split(c, out_hw);
+    let cpb = cpb.next_multiple_of(8).min(c).min(8 * THREADS as usize);
+    (cpb, c.div_ceil(cpb))
+}
+
 /// The fp16 forward's goodness partials (kernels/conv_goodness_fwd.cu, `tile_goodness`): the most bands (a
 /// sample's cells of one row bin) that one tile of `tile_n` consecutive pixels cuts, over the layer's tiles.
 /// Tile t's partials are `[NB][P][C_out]` floats at `t * NB * P * C_out`.

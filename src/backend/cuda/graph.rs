@@ -26,7 +26,7 @@
 //! for what the graph did) stay enough for the eager work that follows (the next upload, an evaluation). Graph
 //! steps therefore run one after another, each one's lanes concurrent inside it.
 
-use super::{drv, CudaBackend};
+use super::{drv, wait_for_streams, CudaBackend};
 use crate::backend::{AdamWScalars, AdamWStep, StepMode};
 use anyhow::{bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -173,11 +173,7 @@ impl CudaBackend {
             return Ok(());
         }
         let ev = self.lane_events.lock().unwrap();
-        for (s, e) in self.side_streams().zip(&ev.before) {
-            drv(e.record(s), "event")?;
-            drv(self.streams[0].wait(e), "stream wait")?;
-        }
-        Ok(())
+        wait_for_streams(&self.streams[0], &ev.before, self.side_streams())
     }
 
     /// After a step graph's launch: with several lanes, every other stream waits on it.

@@ -11,7 +11,9 @@
 //!
 //! Precision: buffers are [`CudaBuf`]s, f32 or fp16. [`CudaBackend::with_precision`] decides what
 //! [`Backend::operand_zeros`] allocates; the conv ops and the layer output pick their kernel by the dtype of the
-//! buffers they are given (`*_f32`, or `*_f16` on the tensor cores), and every other op is f32.
+//! buffers they are given (`*_f32`, or `*_f16` on the tensor cores), and every other op is f32. An fp16 layer
+//! output whose channel count is a multiple of 8 is stored channels-last, which the buffer records
+//! ([`CudaBuf::channels_last`]); the next conv reads it as it is, and `read` returns it in NCHW order.
 //!
 //! Ordering between streams. With one lane every op runs on the compute stream in order, and the only other
 //! stream is the statistics readback's: cudarc's per-buffer event tracking is turned off (it records events on
@@ -131,6 +133,9 @@ pub struct CudaBackend {
     lane_events: Mutex<graph::LaneEvents>,
     /// Weight gradients that used the forward's channels-last input copy (for tests: ops/layout.rs).
     input_copies_reused: std::sync::atomic::AtomicUsize,
+    /// fp16 convs (forward or weight gradient) that read their input as the previous layer's output stored it,
+    /// channels-last, with no copy (for tests: ops/layout.rs).
+    inputs_read_as_stored: std::sync::atomic::AtomicUsize,
     /// Step graphs allowed (`ASGE_CUDA_GRAPHS=0` or [`CudaBackend::without_step_graphs`] turn them off).
     graphs_allowed: bool,
 }
@@ -233,6 +238,19 @@ fn grid1(n: usize) -> LaunchConfig {
 
 fn drv<T>(r: Result<T, DriverError>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("cuda: {what}: {e:?}"))
+}
+
+/// Makes `waiter` wait for where each of `streams` stands now, through its mark event (recorded on it here).
+fn wait_for_streams<'a>(
+    waiter: &CudaStream,
+    marks: impl IntoIterator<Item = &'a CudaEvent>,
+    streams: impl IntoIterator<Item = &'a Arc<CudaStream>>,
+) -> Result<()> {
+    for (mark, s) in marks.into_iter().zip(streams) {
+        drv(mark.record(s), "event")?;
+        drv(waiter.wait(mark), "stream wait")?;
+    }
+    Ok(())
 }
 
 /// The dtype the conv operands `(x, w, y)` agree on, or an error naming the odd one out.
@@ -362,6 +380,7 @@ impl CudaBackend {
             lane_events: Mutex::new(lane_events),
             capturing: std::sync::atomic::AtomicBool::new(false),
             input_copies_reused: std::sync::atomic::AtomicUsize::new(0),
+            inputs_read_as_stored: std::sync::atomic::AtomicUsize::new(0),
             graphs_allowed: !std::env::var("ASGE_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
         })
     }
@@ -458,6 +477,12 @@ impl CudaBackend {
     /// it again (ops/layout.rs).
     pub fn input_copies_reused(&self) -> usize {
         self.input_copies_reused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many fp16 convs (forwards and weight gradients) read a channels-last layer output as their input, with
+    /// no copy (ops/layout.rs).
+    pub fn inputs_read_as_stored(&self) -> usize {
+        self.inputs_read_as_stored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn layout_scratch(&self) -> MutexGuard<'_, LayoutScratch> {
@@ -649,13 +674,25 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        match src.data() {
-            Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host"),
+        // A channels-last activation comes back in its logical NCHW order: the whole tensor is copied (at least).
+        let stored = src.channels_last().map_or(len, |[b, c, h, w]| (b * c * h * w).max(len).min(src.len()));
+        let mut host = match src.data() {
+            Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..stored)), "copy to host")?,
             Data::F16(s) => {
                 use half::slice::HalfFloatSliceExt;
-                Ok(drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec())
+                drv(self.stream().clone_dtoh(&s.slice(0..stored)), "copy to host")?.to_f32_vec()
+            }
+        };
+        if let Some([b, c, h, w]) = src.channels_last() {
+            let hw = h * w;
+            let nhwc = host[..b * c * hw].to_vec();
+            for (i, v) in host[..b * c * hw].iter_mut().enumerate() {
+                let (n, ch, px) = (i / (c * hw), i / hw % c, i % hw);
+                *v = nhwc[(n * hw + px) * c + ch];
             }
         }
+        host.truncate(len);
+        Ok(host)
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
@@ -680,10 +717,7 @@ impl Backend for CudaBackend {
         // The readback stream waits for everything queued so far on every lane (with several lanes cudarc's
         // per-buffer events also order it; with one lane this event is the only ordering), and nothing waits for
         // it: the lanes go on with the next step while the statistics are copied.
-        for (mark, s) in rb.marks.iter().zip(&self.streams) {
-            drv(mark.record(s), "event")?;
-            drv(self.rb_stream.wait(mark), "stream wait")?;
-        }
+        wait_for_streams(&self.rb_stream, &rb.marks, &self.streams)?;
         let n = len * f32s.len();
         let slot = rb.next;
         rb.next ^= 1;

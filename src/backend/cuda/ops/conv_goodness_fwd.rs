@@ -79,7 +79,7 @@ pub fn run(
                     let (gx, gy, _) = geometry::conv_fwd_grid(s, k.tile_m, k.tile_n);
                     let split_cfg = LaunchConfig { grid_dim: (gx, gy, splits as u32), ..launch_cfg };
                     let part = be.scratch(&mut scratch.part, splits * s.c_out * n)?;
-                    let (xn, wn) = (scratch.x.as_ref().expect("just filled"), scratch.w.as_ref().expect("just filled"));
+                    let (xn, wn) = (super::layout::operand(x, &scratch.x)?, scratch.w.as_ref().expect("just filled"));
                     be.launched(
                         k.name,
                         ConvFwdNhwcF16Sk {
@@ -113,7 +113,7 @@ pub fn run(
                     .launch(stream, be.f("conv_fwd_splitk_f16")?, cfg((gx, gy, 1)))
                 } else if kernel.name == ConvFwdNhwcF16L::NAME {
                     ConvFwdNhwcF16L {
-                        x: scratch.x.as_ref().expect("just filled"),
+                        x: super::layout::operand(x, &scratch.x)?,
                         w: scratch.w.as_ref().expect("just filled"),
                         bias,
                         taps: &*taps,
@@ -130,7 +130,7 @@ pub fn run(
                     .launch(stream, f, launch_cfg)
                 } else {
                     ConvFwdNhwcF16 {
-                        x: scratch.x.as_ref().expect("just filled"),
+                        x: super::layout::operand(x, &scratch.x)?,
                         w: scratch.w.as_ref().expect("just filled"),
                         bias,
                         taps: &*taps,

@@ -118,7 +118,7 @@ pub fn run(
                 .launch(stream, be.f("dz_f16")?, cfg(geometry::dz_grid(s)))
             })?;
             super::layout::input(be, s, x, &mut layout, true)?;
-            let (dz, xn) = (layout.dz.as_ref().expect("just filled"), layout.x.as_ref().expect("just filled"));
+            let (dz, xn) = (layout.dz.as_ref().expect("just filled"), super::layout::operand(x, &layout.x)?);
             let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(split.grid) };
             let (cpi, inv_scale) = (cp as i32, 1.0 / scale);
             // SAFETY: dz, xn, the chunk and pixel tables hold the padded extents of this shape; part holds

@@ -1,8 +1,13 @@
 //! `layer_output` (kernels/layer_output.cu): the 2x2 pool, dropout, the per-sample RMS norm and the pooled
 //! features: each sample's channels split over blocks (`geometry::layer_output_split`), its slices' sums of
-//! squares, then the store with the pooled features.
+//! squares, then the store with the pooled features. In fp16, where C is a multiple of 8 (every VGG8 width from
+//! 0.125 up), the store is channels-last, `[B, Ho, Wo, C]`: the next layer's conv reads its input as it is, with
+//! no channels-last copy (ops/layout.rs), and the buffer says so (`CudaBuf::channels_last`). Elsewhere (fp32, odd
+//! channel counts) it is NCHW.
 
-use super::super::args::launch::{LayerOutputF16, LayerOutputF32, LayerOutputSumsqF16, LayerOutputSumsqF32};
+use super::super::args::launch::{
+    LayerOutputF16, LayerOutputF32, LayerOutputNhwcF16, LayerOutputSumsqF16, LayerOutputSumsqF32,
+};
 use super::super::args::{DevIn, DevOut};
 use super::super::{cfg, geometry, operand_precision, CudaBackend, CudaBuf};
 use crate::backend::{check, Dropout, Precision};
@@ -47,7 +52,12 @@ pub fn run(
     };
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
     let out_hw = if pool.is_some() { (h / 2) * (w / 2) } else { h * w };
-    let (cpb, slices) = geometry::layer_output_split(c, out_hw);
+    let channels_last = precision == Precision::F16 && c.is_multiple_of(8);
+    let (cpb, slices) = if channels_last {
+        geometry::layer_output_split_nhwc(c, out_hw)
+    } else {
+        geometry::layer_output_split(c, out_hw)
+    };
     let launch_cfg = cfg((batch as u32, slices as u32, 1));
     let cpb = cpb as i32;
     let mut guard = be.layout_scratch();
@@ -86,8 +96,18 @@ pub fn run(
             })
         }};
     }
-    match precision {
-        Precision::F32 => passes!(LayerOutputSumsqF32, LayerOutputF32, y.f32("y")?, out.f32_mut("layer output")?),
-        Precision::F16 => passes!(LayerOutputSumsqF16, LayerOutputF16, y.f16("y")?, out.f16_mut("layer output")?),
+    match (precision, channels_last) {
+        (Precision::F32, _) => passes!(LayerOutputSumsqF32, LayerOutputF32, y.f32("y")?, out.f32_mut("layer output")?),
+        (Precision::F16, false) => {
+            passes!(LayerOutputSumsqF16, LayerOutputF16, y.f16("y")?, out.f16_mut("layer output")?)
+        }
+        (Precision::F16, true) => {
+            passes!(LayerOutputSumsqF16, LayerOutputNhwcF16, y.f16("y")?, out.f16_mut("layer output")?)
+        }
+    }?;
+    if channels_last {
+        let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
+        out.set_channels_last([batch, c, ho, wo]);
     }
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! `layout` (kernels/layout.cu): the fp16 GEMMs' channels-last copies of a layer's input and weights, into the
-//! lane's layout scratch. The input's copy is made once per layer and step: the forward makes it, the weight
-//! gradient after it reuses it (the trainer runs a layer's ops in a row on one lane; a copy made from another
-//! buffer, another shape or a buffer written since is made again).
+//! lane's layout scratch. An input that the previous layer's output stored channels-last already
+//! (`CudaBuf::channels_last`, ops/layer_output.rs) is read as it is; the others (the batch's input, whose 1 or 3
+//! channels are padded to 8, and layers whose channel count is not a multiple of 8) are copied once per layer and
+//! step: the forward makes the copy, the weight gradient after it reuses it (the trainer runs a layer's ops in a
+//! row on one lane; a copy made from another buffer, another shape or a buffer written since is made again).
 
 use super::super::args::launch::{KrscPadF16, NhwcPadF16};
 use super::super::{geometry, grid1, CudaBackend, CudaBuf, LayoutScratch};
@@ -10,7 +12,8 @@ use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use half::f16;
 
-/// `x` `[B, C, H, W]` as `[B, H, W, Cp]` in the lane's scratch (grown when too small); returns Cp. With `reuse`,
+/// `x` `[B, C, H, W]` as `[B, H, W, Cp]` in the lane's scratch (grown when too small), unless it is stored so
+/// already; returns Cp. [`operand`] then gives the conv's channels-last input. With `reuse`,
 /// the copy already there is used as it is when it was made from this very buffer, unchanged since (its
 /// [`version`](CudaBuf::version)), for this shape: the weight gradient's case, after the layer's forward on the
 /// same lane made it.
@@ -32,6 +35,15 @@ pub(in crate::backend::cuda) fn input(
         s.h,
         s.w
     );
+    if let Some(stored) = x.channels_last() {
+        let want = [s.batch, s.c_in, s.h, s.w];
+        anyhow::ensure!(
+            stored == want && cp == s.c_in,
+            "cuda backend: the conv's input is a channels-last {stored:?} tensor where the layer reads {want:?}"
+        );
+        be.inputs_read_as_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(cp);
+    }
     let made_from = (x.version(), *s);
     if reuse && scratch.x_from == Some(made_from) && scratch.x.as_ref().is_some_and(|xn| xn.len() >= len) {
         be.input_copies_reused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -51,6 +63,18 @@ pub(in crate::backend::cuda) fn input(
     })?;
     scratch.x_from = Some(made_from);
     Ok(cp)
+}
+
+/// The conv's channels-last input after [`input`]: `x` itself where it is stored so, else the copy in `copy` (the
+/// lane's `LayoutScratch::x`).
+pub(in crate::backend::cuda) fn operand<'a>(
+    x: &'a CudaBuf,
+    copy: &'a Option<CudaSlice<f16>>,
+) -> Result<&'a CudaSlice<f16>> {
+    if x.channels_last().is_some() {
+        return x.f16_any_layout("x");
+    }
+    copy.as_ref().ok_or_else(|| anyhow::anyhow!("cuda backend: the conv's channels-last input was not made"))
 }
 
 /// The conv weights `[C_out, C, 3, 3]` as the padded `[C_out, 3, 3, Cp]` tiles in `slot`.
