@@ -251,6 +251,9 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
     };
     let compute = |op: &str, layer, ms: f64, flop: f64| row(op, layer, ms, flop, "FLOP/s", gemm_peak);
     let memory = |op: &str, layer, ms: f64, bytes: f64| row(op, layer, ms, bytes, "B/s", copy_peak);
+    // Each layer's input is the previous layer's output, as in a step (where the fp16 CUDA path stores it
+    // channels-last and the next conv reads it with no copy); the first layer's is the batch.
+    let mut layer_input = None;
     for (i, l) in spec.layers.iter().enumerate() {
         flop_per_image += 4.0 * l.conv_macs() as f64;
         if o.step_only {
@@ -264,7 +267,10 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             Precision::F32 => 4.0,
             Precision::F16 => 2.0,
         };
-        let x = be.upload_operand(&randn(s.x_len(), 10 + i as u64))?;
+        let x = match layer_input.take() {
+            Some(x) => x,
+            None => be.upload_operand(&randn(s.x_len(), 10 + i as u64))?,
+        };
         let w0 = randn(s.w_len(), 20 + i as u64);
         let (mut w, mut w_op) = (be.upload(&w0)?, be.upload_operand(&w0)?);
         let bias = be.upload(&vec![0.01f32; l.c_out])?;
@@ -302,6 +308,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             be.layer_output(b, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap))
         })?;
         rows.push(memory("layer_output", i + 1, ms, ob * (s.y_len() + out_len) as f64 + 4.0 * (b * l.c_out) as f64));
+        layer_input = Some(out);
     }
     let params = Params::init(&spec, 1);
     let mut net = Net::new(be, spec.clone(), &params, AdamW::default(), b)?;
