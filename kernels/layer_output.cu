@@ -125,8 +125,10 @@ extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
 
 // layer_output_nhwc_f16: layer_output_f16's store pass into channels-last out [B, Ho, Wo, C], the layout the next
 // layer's fp16 conv reads as it is (no copy); for C and CPB multiples of 8 (geometry::layer_output_split_nhwc).
-// The values are layer_output_f16's, bit for bit (the same pooled_dropped and divisor), and dropout stays keyed by
-// the logical [B, C, Ho, Wo] index. A thread stores 8 channels of one pixel (one 16-byte store): the block's
+// Each value is computed as layer_output_f16 computes it (the same pooled_dropped, one rounding to fp16), with the
+// divisor from the slice sums of this kernel's split (whole 8-channel groups, so the squares may be grouped
+// otherwise than in the NCHW split: the same sum up to f32 rounding), and dropout stays keyed by the logical
+// [B, C, Ho, Wo] index. A thread stores 8 channels of one pixel (one 16-byte store): the block's
 // G = CPB / 8 channel groups are fixed per thread, and R = blockDim / G rows of threads walk the pixels. The pooled
 // features: each thread sums its 8 channels over its pixels in order, then one thread per channel adds the rows'
 // sums in row order (fixed, so deterministic; the order differs from the NCHW kernel's, in f32).

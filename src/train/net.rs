@@ -464,6 +464,28 @@ impl<B: Backend> Net<B> {
         Ok(out)
     }
 
+    /// The activation at layer boundary `boundary` (0: the batch's input, `l`: layer `l - 1`'s output, which is
+    /// layer `l`'s input) of the last step or evaluation, `[batch, C, H, W]`, for tests and debugging: on the
+    /// backend's lane, so in order after what was queued there. With one lane the boundaries take turns in two
+    /// buffers, so only the last two are still there (an error for the others).
+    pub fn activation(&self, boundary: usize, batch: usize) -> Result<Vec<f32>> {
+        let layers = &self.spec.layers;
+        anyhow::ensure!(boundary <= layers.len(), "boundary {boundary} of a {}-layer net", layers.len());
+        anyhow::ensure!(
+            self.ws.concurrent || boundary + 1 >= layers.len(),
+            "boundary {boundary}: with one lane only the last two layer boundaries' activations are kept"
+        );
+        let per_sample = match layers.get(boundary) {
+            Some(l) => l.c_in * l.h * l.w,
+            None => {
+                let l = layers.last().expect("a net has layers");
+                let (ho, wo) = l.out_hw();
+                l.c_out * ho * wo
+            }
+        };
+        self.be.read(&self.ws.acts[self.ws.act(boundary)], batch * per_sample)
+    }
+
     /// The parameters, host side.
     pub fn params(&self) -> Result<Params> {
         let be = &self.be;

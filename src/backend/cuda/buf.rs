@@ -5,6 +5,11 @@ use crate::backend::Precision;
 use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Where a buffer's channels-last mark lives: shared with the step graphs that write the buffer, which set it again
+/// after each replay (graph.rs), since a replay runs no host code.
+pub(crate) type LayoutMark = Arc<Mutex<Option<[usize; 4]>>>;
 
 /// A device buffer: f32, or fp16 (a conv operand in the fp16 path).
 ///
@@ -15,12 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// An fp16 layer output is stored channels-last (`[B, H, W, C]`, see ops/layer_output.rs), which the next layer's
 /// conv reads as it is; the buffer says so ([`channels_last`](CudaBuf::channels_last): its logical `[B, C, H, W]`)
 /// until the next write of any other kind. The accessors of NCHW data refuse such a buffer, and the backend's
-/// `read` returns it in the logical NCHW order, so nothing reads it in the wrong order.
+/// `read` returns it in the logical NCHW order, so nothing reads it in the wrong order. A step graph that writes
+/// layer outputs sets their marks again after each replay (graph.rs), so the marks stay true after replays too.
 pub struct CudaBuf {
     data: Data,
     id: u64,
     writes: u64,
-    channels_last: Option<[usize; 4]>,
+    channels_last: LayoutMark,
 }
 
 /// The buffer's storage.
@@ -44,7 +50,7 @@ impl From<CudaSlice<half::f16>> for CudaBuf {
 impl CudaBuf {
     fn new(data: Data) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-        CudaBuf { data, id: NEXT_ID.fetch_add(1, Ordering::Relaxed), writes: 0, channels_last: None }
+        CudaBuf { data, id: NEXT_ID.fetch_add(1, Ordering::Relaxed), writes: 0, channels_last: LayoutMark::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -78,18 +84,20 @@ impl CudaBuf {
     /// otherwise ([`set_channels_last`](CudaBuf::set_channels_last)).
     pub(crate) fn data_mut(&mut self) -> &mut Data {
         self.writes += 1;
-        self.channels_last = None;
+        *self.channels_last.lock().unwrap() = None;
         &mut self.data
     }
 
     /// `Some([B, C, H, W])` when the contents are that tensor stored channels-last, `[B, H, W, C]`.
     pub fn channels_last(&self) -> Option<[usize; 4]> {
-        self.channels_last
+        *self.channels_last.lock().unwrap()
     }
 
-    /// Says that the write just made stored `[B, C, H, W]` channels-last.
-    pub(crate) fn set_channels_last(&mut self, shape: [usize; 4]) {
-        self.channels_last = Some(shape);
+    /// Says that the write just made stored `[B, C, H, W]` channels-last; returns the mark's cell, for a step
+    /// graph being captured to set again after each replay.
+    pub(crate) fn set_channels_last(&mut self, shape: [usize; 4]) -> LayoutMark {
+        *self.channels_last.lock().unwrap() = Some(shape);
+        self.channels_last.clone()
     }
 
     pub(crate) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
@@ -108,7 +116,7 @@ impl CudaBuf {
 
     /// The fp16 contents in NCHW (or flat) order: an error for a channels-last buffer.
     pub(crate) fn f16(&self, what: &str) -> Result<&CudaSlice<half::f16>> {
-        if let Some([b, c, h, w]) = self.channels_last {
+        if let Some([b, c, h, w]) = self.channels_last() {
             bail!("cuda backend: {what} holds a [{b}, {c}, {h}, {w}] tensor channels-last where the op reads NCHW");
         }
         self.f16_any_layout(what)

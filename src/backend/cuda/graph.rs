@@ -26,6 +26,7 @@
 //! for what the graph did) stay enough for the eager work that follows (the next upload, an evaluation). Graph
 //! steps therefore run one after another, each one's lanes concurrent inside it.
 
+use super::buf::LayoutMark;
 use super::{drv, wait_for_streams, CudaBackend};
 use crate::backend::{AdamWScalars, AdamWStep, StepMode};
 use anyhow::{bail, Result};
@@ -78,9 +79,16 @@ impl LaneEvents {
 }
 
 /// Captured step graphs by key, and the keys whose warm-up step has run.
+/// A channels-last mark a captured layer output set, and what it set it to.
+type MarkSet = (LayoutMark, [usize; 4]);
+
 #[derive(Default)]
 pub(super) struct StepGraphs {
-    graphs: HashMap<u64, CudaGraph>,
+    /// Per key the graph, and the channels-last marks its layer outputs set, in capture order (set again after
+    /// each replay: a replay runs no host code).
+    graphs: HashMap<u64, (CudaGraph, Vec<MarkSet>)>,
+    /// The marks set so far by the capture in progress.
+    capture_marks: Vec<MarkSet>,
     warm: HashSet<u64>,
     pub(super) captured: usize,
     pub(super) replayed: usize,
@@ -285,11 +293,15 @@ impl CudaBackend {
         // A replay, or a capture whose graph is launched at the step's end: either way on lane 0, after what the
         // other streams were given before the step.
         self.meet_before_graph()?;
-        if let Some(graph) = g.graphs.get(&key) {
+        if let Some((graph, marks)) = g.graphs.get(&key) {
             self.launch_graph(graph)?;
+            for (mark, shape) in marks {
+                *mark.lock().unwrap() = Some(*shape);
+            }
             g.replayed += 1;
             return Ok(StepMode::Replayed);
         }
+        g.capture_marks.clear();
         self.begin_capture()?;
         Ok(StepMode::Capture)
     }
@@ -299,9 +311,17 @@ impl CudaBackend {
         let graph = self.end_capture()?.ok_or_else(|| anyhow::anyhow!("cuda: the step's capture recorded nothing"))?;
         // A capture records the step without running it: this step runs now, as the graph.
         self.launch_graph(&graph)?;
-        g.graphs.insert(key, graph);
+        let marks = std::mem::take(&mut g.capture_marks);
+        g.graphs.insert(key, (graph, marks));
         g.captured += 1;
         Ok(())
+    }
+
+    /// While a step is captured: a layer output just set `mark` to `shape`, which each replay must set again.
+    pub(super) fn capture_layout_mark(&self, mark: LayoutMark, shape: [usize; 4]) {
+        if self.capturing() {
+            self.graphs.lock().unwrap().capture_marks.push((mark, shape));
+        }
     }
 
     /// Drops every captured graph (a buffer they point at is being replaced); an error while capturing.

@@ -674,28 +674,30 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        // A channels-last activation comes back in its logical NCHW order, a whole sample at a time. The samples
-        // are counted from `len`, not from the mark's batch: a replayed step graph writes without updating marks,
-        // and the step's sequence of writes (hence a buffer's channels and map) is the same whatever its batch.
-        let stored =
-            src.channels_last().map_or(len, |[_, c, h, w]| (len.div_ceil(c * h * w) * c * h * w).min(src.len()));
+        let mark = src.channels_last();
+        if let Some([b, c, h, w]) = mark {
+            anyhow::ensure!(
+                len <= b * c * h * w && len.is_multiple_of(c * h * w),
+                "cuda backend: a read of {len} values of a channels-last [{b}, {c}, {h}, {w}] tensor (whole samples \
+                 only)"
+            );
+        }
         let mut host = match src.data() {
-            Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..stored)), "copy to host")?,
+            Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?,
             Data::F16(s) => {
                 use half::slice::HalfFloatSliceExt;
-                drv(self.stream().clone_dtoh(&s.slice(0..stored)), "copy to host")?.to_f32_vec()
+                drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec()
             }
         };
-        if let Some([_, c, h, w]) = src.channels_last() {
+        // A channels-last activation comes back in its logical NCHW order.
+        if let Some([_, c, h, w]) = mark {
             let hw = h * w;
-            let whole = stored / (c * hw) * c * hw;
-            let nhwc = host[..whole].to_vec();
-            for (i, v) in host[..whole].iter_mut().enumerate() {
+            let nhwc = host.clone();
+            for (i, v) in host.iter_mut().enumerate() {
                 let (n, ch, px) = (i / (c * hw), i / hw % c, i % hw);
                 *v = nhwc[(n * hw + px) * c + ch];
             }
         }
-        host.truncate(len);
         Ok(host)
     }
 

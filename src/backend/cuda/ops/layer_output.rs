@@ -107,7 +107,8 @@ pub fn run(
     }?;
     if channels_last {
         let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
-        out.set_channels_last([batch, c, ho, wo]);
+        let mark = out.set_channels_last([batch, c, ho, wo]);
+        be.capture_layout_mark(mark, [batch, c, ho, wo]);
     }
     Ok(())
 }
