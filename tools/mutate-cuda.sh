@@ -88,8 +88,9 @@ M = [
      "--test cuda loss_output_heads_adamw_match_cpu"),
     ("a layer output stored channels-last but not marked so (the next layer copies it as if NCHW)",
      "src/backend/cuda/ops/layer_output.rs",
-     "out.set_channels_last([batch, c, ho, wo]);",
-     "let _ = (ho, wo);",
+     """        let mark = out.set_channels_last([batch, c, ho, wo]);
+        be.capture_layout_mark(mark, [batch, c, ho, wo]);""",
+     "        let _ = (ho, wo);",
      "--test cuda a_vgg8_training_step_matches_cpu_and_repeats"),
     ("a replayed step graph no longer sets its layer outputs' channels-last marks again",
      "src/backend/cuda/graph.rs",
@@ -124,6 +125,13 @@ for n in $(seq 1 20); do
   tests=${line#*$'\t'}
   echo "== mutation $n: $name"
   start=$(date +%s)
+  # A mutation that does not build proves nothing about the tests: that is the script's error, not a catch.
+  # shellcheck disable=SC2086
+  if ! (cd "$work" && cargo test --release $tests --no-run >"$work/mutation-$n.log" 2>&1); then
+    echo "   DOES NOT BUILD: fix the mutation ($(grep -m1 -E '^error' "$work/mutation-$n.log"))"
+    survived=$((survived + 1))
+    continue
+  fi
   # shellcheck disable=SC2086
   if (cd "$work" && cargo test --release $tests -- --include-ignored --exact >"$work/mutation-$n.log" 2>&1); then
     echo "   SURVIVED: cargo test $tests passed with the bug in place ($(($(date +%s) - start)) s)"
@@ -136,4 +144,4 @@ for n in $(seq 1 20); do
     echo "   caught by cargo test $tests ($(($(date +%s) - start)) s): $why"
   fi
 done
-if [ "$survived" -eq 0 ]; then echo "every mutation was caught"; else echo "$survived mutation(s) survived"; exit 1; fi
+if [ "$survived" -eq 0 ]; then echo "every mutation was caught"; else echo "$survived mutation(s) survived or did not build"; exit 1; fi
