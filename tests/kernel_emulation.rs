@@ -541,75 +541,45 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
                         sumsq.6,
                         sumsq.7
                     );
+                    // The NCHW store, or the channels-last one (the same signature).
+                    let store_f16 = if nhwc { "layer_output_nhwc_f16" } else { "layer_output_f16" };
+                    launch!(
+                        store_f16,
+                        grid,
+                        fn(
+                            *const u16,
+                            *const f32,
+                            *mut u16,
+                            *mut f32,
+                            i32,
+                            i32,
+                            i32,
+                            i32,
+                            f32,
+                            *const u64,
+                            i32,
+                            i32,
+                            i32,
+                        ),
+                        y16.as_ptr(),
+                        part.as_ptr(),
+                        o.as_mut_ptr(),
+                        gap2.as_mut_ptr(),
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                        args.7,
+                        args.8
+                    );
+                    let stored = from_f16(&o);
                     if nhwc {
-                        launch!(
-                            "layer_output_nhwc_f16",
-                            grid,
-                            fn(
-                                *const u16,
-                                *const f32,
-                                *mut u16,
-                                *mut f32,
-                                i32,
-                                i32,
-                                i32,
-                                i32,
-                                f32,
-                                *const u64,
-                                i32,
-                                i32,
-                                i32,
-                            ),
-                            y16.as_ptr(),
-                            part.as_ptr(),
-                            o.as_mut_ptr(),
-                            gap2.as_mut_ptr(),
-                            args.0,
-                            args.1,
-                            args.2,
-                            args.3,
-                            args.4,
-                            args.5,
-                            args.6,
-                            args.7,
-                            args.8
-                        );
-                        let (hw, stored) = (ho * wo, from_f16(&o));
-                        (0..stored.len()).map(|i| stored[(i / (ch * hw) * hw + i % hw) * ch + i / hw % ch]).collect()
+                        geometry::nchw_from_nhwc(&stored, ch, ho * wo)
                     } else {
-                        launch!(
-                            "layer_output_f16",
-                            grid,
-                            fn(
-                                *const u16,
-                                *const f32,
-                                *mut u16,
-                                *mut f32,
-                                i32,
-                                i32,
-                                i32,
-                                i32,
-                                f32,
-                                *const u64,
-                                i32,
-                                i32,
-                                i32,
-                            ),
-                            y16.as_ptr(),
-                            part.as_ptr(),
-                            o.as_mut_ptr(),
-                            gap2.as_mut_ptr(),
-                            args.0,
-                            args.1,
-                            args.2,
-                            args.3,
-                            args.4,
-                            args.5,
-                            args.6,
-                            args.7,
-                            args.8
-                        );
-                        from_f16(&o)
+                        stored
                     }
                 }
             };
@@ -761,6 +731,7 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
         let kernels: Vec<&str> = match name_expr.as_str() {
             "fwd_f16.name" => geometry::CONV_FWD_F16.iter().map(|k| k.name).collect(),
             "wgrad_f16.name" => geometry::WGRAD_F16.iter().map(|k| k.name).collect(),
+            "store_f16" => vec!["layer_output_f16", "layer_output_nhwc_f16"],
             n => vec![SIGNATURES.iter().find(|(k, _)| *k == n).map(|(k, _)| *k).unwrap_or_else(|| panic!("{n}"))],
         };
         for k in kernels {

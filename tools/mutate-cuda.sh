@@ -88,9 +88,8 @@ M = [
      "--test cuda loss_output_heads_adamw_match_cpu"),
     ("a layer output stored channels-last but not marked so (the next layer copies it as if NCHW)",
      "src/backend/cuda/ops/layer_output.rs",
-     """        let mark = out.set_channels_last([batch, c, ho, wo]);
-        be.capture_layout_mark(mark, [batch, c, ho, wo]);""",
-     "        let _ = (ho, wo);",
+     "be.mark_channels_last(out, [batch, c, ho, wo]);",
+     "let _ = (ho, wo);",
      "--test cuda a_vgg8_training_step_matches_cpu_and_repeats"),
     ("a replayed step graph no longer sets its layer outputs' channels-last marks again",
      "src/backend/cuda/graph.rs",

@@ -82,6 +82,12 @@ pub fn layer_output_split_nhwc(c: usize, out_hw: usize) -> (usize, usize) {
     (cpb, c.div_ceil(cpb))
 }
 
+/// Samples of `c` channels on maps of `hw` values stored channels-last, `[B, hw, c]`, in NCHW order: how a
+/// channels-last activation is read back (`Backend::read`, and the emulation test of the store).
+pub fn nchw_from_nhwc(v: &[f32], c: usize, hw: usize) -> Vec<f32> {
+    (0..v.len()).map(|i| v[(i / (c * hw) * hw + i % hw) * c + i / hw % c]).collect()
+}
+
 /// The fp16 forward's goodness partials (kernels/conv_goodness_fwd.cu, `tile_goodness`): the most bands (a
 /// sample's cells of one row bin) that one tile of `tile_n` consecutive pixels cuts, over the layer's tiles.
 /// Tile t's partials are `[NB][P][C_out]` floats at `t * NB * P * C_out`.

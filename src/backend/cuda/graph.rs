@@ -27,7 +27,7 @@
 //! steps therefore run one after another, each one's lanes concurrent inside it.
 
 use super::buf::LayoutMark;
-use super::{drv, wait_for_streams, CudaBackend};
+use super::{drv, wait_for_streams, CudaBackend, CudaBuf};
 use crate::backend::{AdamWScalars, AdamWStep, StepMode};
 use anyhow::{bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -78,10 +78,10 @@ impl LaneEvents {
     }
 }
 
-/// Captured step graphs by key, and the keys whose warm-up step has run.
 /// A channels-last mark a captured layer output set, and what it set it to.
 type MarkSet = (LayoutMark, [usize; 4]);
 
+/// Captured step graphs by key, and the keys whose warm-up step has run.
 #[derive(Default)]
 pub(super) struct StepGraphs {
     /// Per key the graph, and the channels-last marks its layer outputs set, in capture order (set again after
@@ -317,8 +317,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// While a step is captured: a layer output just set `mark` to `shape`, which each replay must set again.
-    pub(super) fn capture_layout_mark(&self, mark: LayoutMark, shape: [usize; 4]) {
+    /// Marks `out`, just written, as `shape` stored channels-last; while a step is captured, also records the mark
+    /// for each replay to set again.
+    pub(super) fn mark_channels_last(&self, out: &mut CudaBuf, shape: [usize; 4]) {
+        let mark = out.set_channels_last(shape);
         if self.capturing() {
             self.graphs.lock().unwrap().capture_marks.push((mark, shape));
         }

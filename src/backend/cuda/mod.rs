@@ -682,7 +682,7 @@ impl Backend for CudaBackend {
                  only)"
             );
         }
-        let mut host = match src.data() {
+        let host = match src.data() {
             Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?,
             Data::F16(s) => {
                 use half::slice::HalfFloatSliceExt;
@@ -690,15 +690,10 @@ impl Backend for CudaBackend {
             }
         };
         // A channels-last activation comes back in its logical NCHW order.
-        if let Some([_, c, h, w]) = mark {
-            let hw = h * w;
-            let nhwc = host.clone();
-            for (i, v) in host.iter_mut().enumerate() {
-                let (n, ch, px) = (i / (c * hw), i / hw % c, i % hw);
-                *v = nhwc[(n * hw + px) * c + ch];
-            }
-        }
-        Ok(host)
+        Ok(match mark {
+            Some([_, c, h, w]) => geometry::nchw_from_nhwc(&host, c, h * w),
+            None => host,
+        })
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {

@@ -51,7 +51,8 @@ pub fn run(
         None => None,
     };
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
-    let out_hw = if pool.is_some() { (h / 2) * (w / 2) } else { h * w };
+    let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
+    let out_hw = ho * wo;
     let channels_last = precision == Precision::F16 && c.is_multiple_of(8);
     let (cpb, slices) = if channels_last {
         geometry::layer_output_split_nhwc(c, out_hw)
@@ -106,9 +107,7 @@ pub fn run(
         }
     }?;
     if channels_last {
-        let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
-        let mark = out.set_channels_last([batch, c, ho, wo]);
-        be.capture_layout_mark(mark, [batch, c, ho, wo]);
+        be.mark_channels_last(out, [batch, c, ho, wo]);
     }
     Ok(())
 }
