@@ -148,8 +148,8 @@ pub fn evaluate_with<B: Backend>(
         if let Some(pb) = &mut pb {
             pb.set(i as u64 + 1, "");
         }
-        if crate::train::interrupt::received().is_some() {
-            anyhow::bail!("evaluation interrupted");
+        if let Some(sig) = crate::train::interrupt::received() {
+            return Err(crate::train::interrupt::Interrupted(sig).into());
         }
         let logits = net.eval_logits(&batch.x, &batch.labels)?;
         for (acc, l) in res.layers.iter_mut().zip(&logits.layers) {

@@ -4,9 +4,17 @@
 //!   exclusively (`O_CREAT | O_EXCL`, so a symlink or a file planted at that name is never followed or reused),
 //!   synced, and renamed over the real name (`rename(2)` replaces a symlink there, it does not write through it).
 //!   A temporary file that is not renamed into place (an error, a full disk) is removed.
-//! - [`FolderLock`]: an `flock(2)` lock on `DIR/.asge.lock`, so two asge processes never write one run or shard
+//! - [`write_output`]: the one guard for every file a user names (`--trace`, `--json`, `--dump-logits`,
+//!   `export --out`): it replaces only a regular file that asge wrote as that kind of output (recognised by its
+//!   content), never a file this command reads, a symlink, a folder, a socket or a block device; a character
+//!   device or a FIFO (`/dev/null`, a pipe) is written into, not replaced. [`distinct_outputs`] refuses one path
+//!   named for two outputs.
+//! - Inputs: every file a command reads as its data, checkpoint or config is noted ([`note_input`]), by device and
+//!   inode; [`write_atomic`] refuses to replace one, whatever name it is reached by (a hard link included).
+//! - [`FolderLock`]: an `flock(2)` lock on the folder itself, so two asge processes never write one run or shard
 //!   folder at once. The kernel releases it when the holder dies, however it dies (SIGKILL, the OOM killer), so a
-//!   crashed run can always be resumed; the holder's pid is written into the file only for the error message.
+//!   crashed run can always be resumed; the holder's pid is written to `DIR/.asge.lock` (atomically, never
+//!   through a link) only for the error message.
 //! - [`RunFolder`]: `asge train --out`'s guard: it refuses a folder that holds a run unless the run is resumed or
 //!   `--overwrite` is given, and then removes only the files a run writes.
 
@@ -14,8 +22,10 @@ use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// The lock file's name inside a locked folder.
 pub const LOCK_FILE: &str = ".asge.lock";
@@ -68,11 +78,28 @@ impl TempFile {
     /// Flushes, syncs and renames the file into place, then syncs the folder so that the rename survives a crash.
     pub fn persist(mut self) -> Result<()> {
         let w = self.file.take().expect("a TempFile is persisted once");
-        let f = w.into_inner().map_err(|e| anyhow::anyhow!("{}: write failed: {}", self.dest.display(), e.error()))?;
-        f.sync_all().with_context(|| format!("{}: sync failed", self.dest.display()))?;
+        // From here on Drop no longer sees the file: every early return removes the temporary file itself.
+        let fail = |tmp: &Path, e: anyhow::Error| {
+            let _ = std::fs::remove_file(tmp);
+            Err(e)
+        };
+        let f = match w.into_inner() {
+            Ok(f) => f,
+            Err(e) => return fail(&self.tmp, anyhow::anyhow!("{}: write failed: {}", self.dest.display(), e.error())),
+        };
+        if let Err(e) = f.sync_all() {
+            return fail(&self.tmp, anyhow::Error::new(e).context(format!("{}: sync failed", self.dest.display())));
+        }
         drop(f);
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("{}: cannot rename into place", self.dest.display()))?;
+        if let Err(e) = refuse_input(&self.dest) {
+            return fail(&self.tmp, e);
+        }
+        if let Err(e) = std::fs::rename(&self.tmp, &self.dest) {
+            return fail(
+                &self.tmp,
+                anyhow::Error::new(e).context(format!("{}: cannot rename into place", self.dest.display())),
+            );
+        }
         if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Best effort: some filesystems refuse to sync a directory.
             let _ = File::open(dir).and_then(|d| d.sync_all());
@@ -91,49 +118,225 @@ impl Drop for TempFile {
 
 /// Writes `bytes` to `path` atomically: a fresh exclusive temporary file, synced, renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    refuse_input(path)?;
     let mut t = TempFile::create(path)?;
     t.write_all(bytes)?;
     t.persist()
 }
 
-/// An exclusive `flock(2)` on `DIR/.asge.lock`, held until dropped (or until the process dies).
+/// The files this process reads as its inputs (data, checkpoints, configs): device, inode and the path they were
+/// read by, for messages.
+static INPUTS: Mutex<Vec<(u64, u64, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Notes `path` (followed to the file it names) as an input of this command: no write replaces it afterwards.
+/// A path that cannot be read is not noted (reading it fails on its own).
+pub fn note_input(path: &Path) {
+    if let Ok(m) = std::fs::metadata(path) {
+        let mut v = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|(d, i, _)| (*d, *i) == (m.dev(), m.ino())) {
+            v.push((m.dev(), m.ino(), path.to_path_buf()));
+        }
+    }
+}
+
+/// The input that `path` names now (by device and inode, so a hard link or a symlink to it counts), if any.
+fn input_at(path: &Path) -> Option<PathBuf> {
+    let m = std::fs::metadata(path).ok()?;
+    let v = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    v.iter().find(|(d, i, _)| (*d, *i) == (m.dev(), m.ino())).map(|(_, _, p)| p.clone())
+}
+
+/// An error when `path` names a file this command reads.
+fn refuse_input(path: &Path) -> Result<()> {
+    if let Some(read) = input_at(path) {
+        let same = if read == path { String::new() } else { format!(" (as {})", read.display()) };
+        bail!("{}: this command reads that file{same}; it is never replaced: choose another path", path.display());
+    }
+    Ok(())
+}
+
+/// How [`write_output`] will write a path, from what it names now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Nothing there: a new file.
+    New,
+    /// An earlier output of the same kind: replaced atomically.
+    Replace,
+    /// A character device or a FIFO (`/dev/null`, a pipe): written into, never replaced.
+    Stream,
+}
+
+/// A file a user names for a command to write: the option that names it, what kind of file it is (for
+/// messages: "an asge eval result"), and how to recognise an earlier one by its content.
+pub struct Output<'a> {
+    pub path: &'a Path,
+    pub flag: &'a str,
+    pub kind: &'a str,
+    pub ours: &'a dyn Fn(&Path) -> bool,
+}
+
+impl Output<'_> {
+    /// What the path names now, and whether this output may be written there: the one rule for every
+    /// user-named output (see the module notes).
+    pub fn check(&self) -> Result<OutputTarget> {
+        let (path, flag) = (self.path, self.flag);
+        let lmeta = match path.symlink_metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OutputTarget::New),
+            Err(e) => return Err(e).with_context(|| format!("{flag} {}: cannot inspect", path.display())),
+        };
+        // A device or a pipe is written into, also through a symlink (/dev/stdout -> /proc/self/fd/1).
+        if let Ok(m) = std::fs::metadata(path) {
+            let t = m.file_type();
+            if t.is_char_device() || t.is_fifo() {
+                return Ok(OutputTarget::Stream);
+            }
+        }
+        let t = lmeta.file_type();
+        let what = if t.is_symlink() {
+            Some("a symbolic link (asge replaces files, never links)")
+        } else if t.is_dir() {
+            Some("a folder")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else if t.is_block_device() {
+            Some("a block device")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            bail!("{flag} {}: is {what}; choose a file path", path.display());
+        }
+        refuse_input(path).with_context(|| format!("{flag} {}", path.display()))?;
+        if !(self.ours)(path) {
+            bail!(
+                "{flag} {}: the file exists and is not {} (only that is replaced); choose another path",
+                path.display(),
+                self.kind
+            );
+        }
+        Ok(OutputTarget::Replace)
+    }
+
+    /// Writes `bytes` as [`Output::check`] allows: a new or replaced file atomically, a device or FIFO in place.
+    pub fn write(&self, bytes: &[u8]) -> Result<()> {
+        let (path, flag) = (self.path, self.flag);
+        match self.check()? {
+            OutputTarget::Stream => {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(path)
+                    .with_context(|| format!("{flag} {}: cannot open for writing", path.display()))?;
+                f.write_all(bytes)
+                    .and_then(|_| f.flush())
+                    .with_context(|| format!("{flag} {}: write failed", path.display()))
+            }
+            OutputTarget::New | OutputTarget::Replace => {
+                write_atomic(path, bytes).with_context(|| format!("{flag} {}", path.display()))
+            }
+        }
+    }
+}
+
+/// `path` made absolute with its folder resolved (the file itself need not exist), to compare output paths.
+fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map(|d| d.join(name)).unwrap_or(abs),
+        _ => abs,
+    }
+}
+
+/// Refuses two outputs of one command that name the same file (by path, or by device and inode when it exists):
+/// `--json X --dump-logits X` would leave only one of them. Devices and FIFOs may be shared.
+pub fn distinct_outputs(outputs: &[(&str, &Path)]) -> Result<()> {
+    let stream =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo());
+    let inode = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    for (i, (fa, a)) in outputs.iter().enumerate() {
+        for (fb, b) in &outputs[..i] {
+            if stream(a) {
+                continue;
+            }
+            if resolved(a) == resolved(b) || inode(a).is_some() && inode(a) == inode(b) {
+                bail!(
+                    "{fa} {} and {fb} {}: the same file for two outputs; give each its own path",
+                    a.display(),
+                    b.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an output path (`flag`'s) that names a file of the run folder `dir`: a file a run writes, the lock,
+/// a temporary file. Such a path would replace the run's own state (its checkpoints, its config).
+pub fn outside_run_files(flag: &str, path: &Path, dir: &Path) -> Result<()> {
+    let p = resolved(path);
+    let d =
+        std::fs::canonicalize(dir).unwrap_or_else(|_| std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if p.parent() == Some(d.as_path()) && (is_run_file(&name) || name == LOCK_FILE || is_temp_name(&name)) {
+        bail!("{flag} {}: a file of the run folder itself; choose a path outside the run's own files", path.display());
+    }
+    Ok(())
+}
+
+/// An exclusive `flock(2)` on a folder itself, held until dropped (or until the process dies).
+///
+/// Locking the folder (not a file in it) means that nothing planted or removed inside it can lend a second
+/// process the lock: deleting `.asge.lock` leaves the folder locked, and a `.asge.lock` that is a link to a file
+/// elsewhere is never opened for writing (the pid goes in by [`write_atomic`], which replaces the name).
 pub struct FolderLock {
-    _file: File,
+    _dir: File,
 }
 
 impl FolderLock {
     /// Takes the lock of `dir` (which must exist), or fails naming the holder.
     pub fn acquire(dir: &Path) -> Result<Self> {
-        let path = dir.join(LOCK_FILE);
-        let mut f = OpenOptions::new()
+        let d = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open the folder's lock file", path.display()))?;
-        match f.try_lock() {
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .with_context(|| format!("{}: cannot open the folder to lock it", dir.display()))?;
+        match d.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = f.read_to_string(&mut holder);
+                let holder = read_small(&dir.join(LOCK_FILE)).unwrap_or_default();
                 let holder = holder.trim();
-                let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+                let who = if !holder.is_empty() && holder.bytes().all(|b| b.is_ascii_digit()) {
+                    format!(" (pid {holder})")
+                } else {
+                    String::new()
+                };
                 bail!(
                     "{}: another asge process{who} is using this folder; wait for it to end or choose another",
                     dir.display()
                 );
             }
             Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+                return Err(e).with_context(|| {
+                    format!("{}: cannot lock the folder (does its file system support flock?)", dir.display())
+                });
             }
         }
-        // The pid only serves the message above; the lock itself is the flock.
-        f.set_len(0).and_then(|_| f.write_all(format!("{}\n", std::process::id()).as_bytes())).ok();
-        Ok(FolderLock { _file: f })
+        // The pid only serves the message above; the lock itself is the flock on the folder.
+        let _ = write_atomic(&dir.join(LOCK_FILE), format!("{}\n", std::process::id()).as_bytes());
+        Ok(FolderLock { _dir: d })
     }
+}
+
+/// The first bytes of a regular file (never through a symlink, never more than 64 bytes).
+fn read_small(path: &Path) -> Option<String> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut s = String::new();
+    f.take(64).read_to_string(&mut s).ok()?;
+    Some(s)
 }
 
 /// The files a training run writes into its folder (besides the lock and temporary files).

@@ -365,6 +365,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     use asge::train::infer::{self, Dump, EvalData, EvalOptions, Model};
     // Read once: its run config fills --dataset and --data, then it is evaluated.
+    asge::files::note_input(&a.checkpoint);
     let ck = asge::train::checkpoint::load(&a.checkpoint)?;
     let data = match (a.folder.clone(), a.dataset, a.data.clone()) {
         (Some(dir), _, _) => EvalData::Folder(dir),
@@ -402,7 +403,12 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         let stem = a.checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         a.checkpoint.with_file_name(format!("{stem}.eval-{tag}.json"))
     });
-    infer::refuse_foreign(&json_path, "--json", "an asge eval result", is_eval_json)?;
+    let json_out =
+        asge::files::Output { path: &json_path, flag: "--json", kind: "an asge eval result", ours: &is_eval_json };
+    json_out.check()?;
+    if let Some(d) = &a.dump_logits {
+        asge::files::distinct_outputs(&[("--json", &json_path), ("--dump-logits", d)])?;
+    }
     let o = EvalOptions {
         strategy: a.strategy,
         batch: a.batch,
@@ -427,8 +433,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         ),
     };
     println!("{}", eval::format_table(&title, &report.test, &res));
-    asge::files::write_atomic(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())
-        .with_context(|| format!("--json {}", json_path.display()))?;
+    json_out.write(serde_json::to_string_pretty(&report)?.as_bytes())?;
     eprintln!("wrote {}", json_path.display());
     Ok(())
 }

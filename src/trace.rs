@@ -115,6 +115,37 @@ pub fn flush(layers: usize) -> anyhow::Result<()> {
         )
         .collect();
     events.extend(t.events.iter().map(|e| serde_json::to_value(e).unwrap()));
-    let body = serde_json::to_vec(&serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" }))?;
-    crate::files::write_atomic(path, &body)
+    // The producer first, so that a later run recognises its own trace from the file's first bytes.
+    let body = format!("{TRACE_HEAD}\"displayTimeUnit\":\"ms\",\"traceEvents\":{}}}", serde_json::to_string(&events)?);
+    output(path).write(body.as_bytes())
+}
+
+/// How an asge trace begins (Chrome's trace format keeps `otherData` as the trace's metadata).
+const TRACE_HEAD: &str = "{\"otherData\":{\"producer\":\"asge\"},";
+
+/// True for a file that begins as an asge trace.
+fn is_trace(p: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; TRACE_HEAD.len()];
+    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == TRACE_HEAD.as_bytes()
+}
+
+/// `--trace FILE` as the output guard sees it: only an earlier asge trace is replaced; a device or FIFO is
+/// written into.
+fn output(path: &std::path::Path) -> crate::files::Output<'_> {
+    crate::files::Output { path, flag: "--trace", kind: "an asge trace", ours: &is_trace }
+}
+
+/// Checks that the trace may be written where [`enable`] was told (before a run does any work); a no-op when off.
+pub fn check() -> anyhow::Result<()> {
+    let guard = TRACER.lock().unwrap();
+    match guard.as_ref() {
+        Some(t) => output(&t.path).check().map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// The trace's path, when tracing is on.
+pub fn path() -> Option<std::path::PathBuf> {
+    TRACER.lock().unwrap().as_ref().map(|t| t.path.clone())
 }

@@ -160,6 +160,9 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
             } else if m.is_dir() {
                 out.insert(rel.clone(), "dir".into());
                 walk(base, &p, out);
+            } else if !m.is_file() {
+                // A socket, FIFO or device: its kind, never its content (reading a FIFO would block).
+                out.insert(rel, format!("special {:?}", m.file_type()));
             } else {
                 let bytes = std::fs::read(&p).unwrap();
                 let h =
@@ -900,4 +903,260 @@ fn options_that_make_no_sense_are_refused() {
     sb.asge(&["eval", "--checkpoint", "one/best.safetensors", "--json", "mine.json"])
         .error(&["mine.json", "not an asge eval result"]);
     assert_eq!(std::fs::read(sb.p("mine.json")).unwrap(), b"{\"my\": \"data\"}");
+}
+
+// 7. Round 2: a command that succeeds does no harm.
+
+/// The first bytes of an asge trace.
+const TRACE_HEAD: &[u8] = b"{\"otherData\":{\"producer\":\"asge\"},";
+
+#[test]
+fn every_output_path_replaces_only_an_earlier_output_of_its_kind() {
+    use std::os::unix::fs::FileTypeExt;
+    let sb = Sandbox::new("outputs");
+    let q = quick(&sb, "r1");
+    sb.asge(&args(&q, &[])).ok();
+    std::fs::write(sb.p("notes.txt"), b"my notes").unwrap();
+    std::fs::create_dir_all(sb.p("adir")).unwrap();
+    std::os::unix::fs::symlink(sb.p("notes.txt"), sb.p("link.json")).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(sb.p("sock")).unwrap();
+    // --trace never replaces what the run did not write: a user's file, a link, a folder, a socket, the dataset
+    // file it trains on, another run's checkpoint, its own --init, or a file of its own run folder.
+    let before = tree_outside(&sb.root, &[]);
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--trace", "notes.txt"], &["--trace", "notes.txt", "not an asge trace"]),
+        (&["--trace", "link.json"], &["--trace", "symbolic link"]),
+        (&["--trace", "adir"], &["--trace", "a folder"]),
+        (&["--trace", "sock"], &["--trace", "a socket"]),
+        (&["--trace", "data/mnist/train-images-idx3-ubyte"], &["train-images-idx3-ubyte", "this command reads"]),
+        (&["--trace", "r1/last.safetensors"], &["r1/last.safetensors", "not an asge trace"]),
+        (&["--init", "r1/last.safetensors", "--trace", "r1/last.safetensors"], &["this command reads"]),
+        (&["--out", "r2", "--trace", "r2/config.json"], &["--trace", "a file of the run folder itself"]),
+        (&["--out", "r1", "--overwrite", "--trace", "r1/last.safetensors"], &["a file of the run folder itself"]),
+    ];
+    for (extra, needles) in cases {
+        let mut a = args(&q, extra);
+        if !extra.contains(&"--out") {
+            a = args(&q, &[&["--out", "r3"][..], extra].concat());
+        }
+        sb.asge(&a).error(needles);
+        assert_eq!(tree_outside(&sb.root, &[]), before, "{extra:?} changed a file");
+    }
+    // A character device and a FIFO are written into, never replaced; an earlier asge trace is replaced.
+    let o = Command::new("mknod").args([sb.s("null").as_str(), "c", "1", "3"]).status().unwrap();
+    assert!(o.success(), "mknod (the test runs as root, as CI does)");
+    sb.asge(&args(&q, &["--out", "r4", "--trace", "null"])).ok();
+    assert!(sb.p("null").symlink_metadata().unwrap().file_type().is_char_device());
+    let fifo = sb.p("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+    sb.asge(&args(&q, &["--out", "r5", "--trace", "fifo"])).ok();
+    let got = reader.join().unwrap();
+    assert!(got.starts_with(TRACE_HEAD), "the FIFO's reader got {} bytes", got.len());
+    assert!(sb.p("fifo").symlink_metadata().unwrap().file_type().is_fifo());
+    sb.asge(&args(&q, &["--out", "r6", "--trace", "t.json"])).ok();
+    sb.asge(&args(&q, &["--out", "r7", "--trace", "t.json"])).ok();
+    assert!(std::fs::read(sb.p("t.json")).unwrap().starts_with(TRACE_HEAD));
+    assert_eq!(std::fs::read(sb.p("notes.txt")).unwrap(), b"my notes");
+
+    // eval: one path for two outputs is refused; export: a hard link to the checkpoint it reads is never
+    // replaced, even when its content is an earlier export (only the inode tells).
+    let before = tree(&sb.root);
+    let ck = "r1/last.safetensors";
+    sb.asge(&["eval", "--checkpoint", ck, "--json", "x.out", "--dump-logits", "x.out", "--quiet"])
+        .error(&["the same file for two outputs"]);
+    sb.asge(&["eval", "--checkpoint", ck, "--json", ck, "--quiet"]).error(&["--json", "this command reads"]);
+    assert_eq!(tree(&sb.root), before);
+    sb.asge(&["export", "--checkpoint", ck, "--format", "safetensors", "--out", "w.safetensors"]).ok();
+    std::fs::hard_link(sb.p("w.safetensors"), sb.p("w-link.safetensors")).unwrap();
+    let before = tree(&sb.root);
+    sb.asge(&["export", "--checkpoint", "w.safetensors", "--format", "safetensors", "--out", "w-link.safetensors"])
+        .error(&["w-link.safetensors", "this command reads"]);
+    assert_eq!(tree(&sb.root), before);
+}
+
+/// Starts `asge args` (with `env`), reads its stderr until a line contains `at`, sends `signal` (`KILL`, `TERM`,
+/// ...), and returns its exit code and everything it printed.
+fn stop_at(sb: &Sandbox, args: &[&str], env: &[(&str, &str)], at: &str, signal: &str) -> (i32, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = sb.command(args, env).stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        if err.read_line(&mut l).unwrap() == 0 {
+            break;
+        }
+        seen += &l;
+        if l.contains(at) {
+            break;
+        }
+    }
+    assert!(seen.contains(at), "never printed '{at}': {seen}");
+    assert!(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap().success());
+    err.read_to_string(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    (status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)), seen)
+}
+
+#[test]
+fn a_stop_in_any_phase_or_before_the_first_checkpoint_resumes_bit_for_bit() {
+    let sb = Sandbox::new("phases");
+    sb.mnist("data/m", 1200, 200);
+    let run = |out: &str| -> Vec<String> {
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data",
+            "data/m",
+            "--width",
+            "0.125",
+            "--epochs",
+            "2",
+            "--batch",
+            "16",
+            "--val",
+            "300",
+            "--lr",
+            "1e-3",
+            "--threads",
+            "2",
+            "--log-every",
+            "0",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    sb.asge(&args(&run("straight"), &[])).ok();
+    let summary = |d: &str| -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(sb.p(&format!("{d}/summary.json"))).unwrap()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("train_seconds");
+        o.remove("train_images_per_s");
+        v
+    };
+    let same_as_straight = |out: &str, what: &str| {
+        for f in ["last.safetensors", "best.safetensors"] {
+            assert_eq!(tensors(&sb.p(&format!("straight/{f}"))), tensors(&sb.p(&format!("{out}/{f}"))), "{what}: {f}");
+        }
+        assert_eq!(summary("straight"), summary(out), "{what}: the summary, best epoch included");
+        let epochs = |d: &str| -> Vec<u64> {
+            std::fs::read_to_string(sb.p(&format!("{d}/metrics.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(epochs(out), [1, 2], "{what}: metrics.jsonl");
+    };
+    // (phase, the line to stop at, signal, exit code, what the run says, test hook)
+    let cuts: &[(&str, &str, &str, i32, &str, Option<&str>)] = &[
+        ("validation", "validate 1/2 step 3/", "TERM", 143, "during the validation of epoch 1", None),
+        ("checkpoint", "asge: test phase checkpoint", "HUP", 129, "stopped after epoch 1", Some("checkpoint")),
+        ("final test", "asge: test step 2/", "INT", 130, "during the final test", None),
+        ("first steps", "epoch 1/2 step 2/", "TERM", 143, "stopped at step", None),
+    ];
+    for (phase, at, sig, code, says, hook) in cuts {
+        let out = format!("cut-{}", phase.replace(' ', "-"));
+        let a = run(&out);
+        let env: Vec<(&str, &str)> = hook.map(|h| ("ASGE_TEST_PHASE", h)).into_iter().collect();
+        let (got, seen) = stop_at(&sb, &args(&a, &[]), &env, at, sig);
+        assert_eq!(got, *code, "{phase}: {seen}");
+        no_panic(&seen);
+        assert!(seen.contains(says) && seen.contains("--resume"), "{phase}: {seen}");
+        assert!(sb.p(&format!("{out}/last.safetensors")).exists(), "{phase}: no checkpoint");
+        sb.asge(&["train", "--resume", &out, "--quiet"]).ok();
+        same_as_straight(&out, phase);
+    }
+
+    // Killed (SIGKILL: no handler runs) before its first checkpoint: the folder has config.json and no
+    // checkpoint; --resume starts the run again from the beginning, saying so.
+    let (got, seen) = stop_at(&sb, &args(&run("killed"), &[]), &[], "epoch 1/2 step 3/", "KILL");
+    assert_eq!(got, 128 + 9, "{seen}");
+    assert!(!sb.p("killed/last.safetensors").exists() && sb.p("killed/config.json").exists());
+    sb.asge(&args(&run("killed"), &[])).error(&["holds a run", "--resume"]);
+    let o = sb.asge(&["train", "--resume", "killed"]);
+    o.ok();
+    assert!(o.stderr.contains("stopped before its first checkpoint"), "{}", o.stderr);
+    same_as_straight("killed", "killed before the first checkpoint");
+
+    // last.safetensors lost (its write failed on a full disk): best.safetensors, written just before it, is used.
+    sb.asge(&args(&run("best-only"), &["--stop-after", "1"])).ok();
+    std::fs::remove_file(sb.p("best-only/last.safetensors")).unwrap();
+    let o = sb.asge(&["train", "--resume", "best-only"]);
+    o.ok();
+    assert!(o.stderr.contains("continuing from best.safetensors"), "{}", o.stderr);
+    same_as_straight("best-only", "resumed from best.safetensors");
+
+    // A damaged last.safetensors and no best: an error that names the way out; nothing changes.
+    sb.asge(&args(&run("damaged"), &["--stop-after", "1"])).ok();
+    std::fs::remove_file(sb.p("damaged/best.safetensors")).unwrap();
+    std::fs::write(sb.p("damaged/last.safetensors"), b"not a checkpoint").unwrap();
+    let before = tree(&sb.p("damaged"));
+    sb.asge(&["train", "--resume", "damaged"]).error(&["no usable checkpoint", "last.safetensors", "--overwrite"]);
+    assert_eq!(tree(&sb.p("damaged")), before);
+}
+
+#[test]
+fn the_folder_lock_survives_a_deleted_or_planted_lock_file() {
+    let sb = Sandbox::new("lock2");
+    let long = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        "data/mnist",
+        "--width",
+        "0.125",
+        "--epochs",
+        "50",
+        "--batch",
+        "8",
+        "--val",
+        "0",
+        "--threads",
+        "1",
+        "--log-every",
+        "0",
+        "--checkpoint-every",
+        "5",
+        "--out",
+        "busy",
+    ];
+    let mut child = sb.command(&long, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    while let Some(Ok(l)) = lines.next() {
+        seen += &l;
+        seen.push('\n');
+        if l.contains(" step 7/") {
+            break;
+        }
+    }
+    assert!(seen.contains(" step 7/"), "{seen}");
+    // The lock file deleted under the running training: the folder is still locked.
+    std::fs::remove_file(sb.p("busy/.asge.lock")).unwrap();
+    sb.asge(&["train", "--resume", "busy", "--quiet"]).error(&["another asge process"]);
+    let mut over: Vec<&str> = long.to_vec();
+    over.push("--overwrite");
+    sb.asge(&over).error(&["another asge process"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A lock file planted as a hard link to a file outside the folder is never written through.
+    std::fs::write(sb.p("outside.txt"), b"precious").unwrap();
+    let _ = std::fs::remove_file(sb.p("busy/.asge.lock"));
+    std::fs::hard_link(sb.p("outside.txt"), sb.p("busy/.asge.lock")).unwrap();
+    sb.asge(&["train", "--resume", "busy", "--quiet", "--stop-after", "1"]).ok();
+    assert_eq!(std::fs::read(sb.p("outside.txt")).unwrap(), b"precious");
+    // The same for asge shard's folder lock.
+    image_folder(&sb.p("folder"), 2, 2, 12);
+    std::fs::create_dir_all(sb.p("shards")).unwrap();
+    std::fs::hard_link(sb.p("outside.txt"), sb.p("shards/.asge.lock")).unwrap();
+    sb.asge(&["shard", "--input", "folder", "--out", "shards", "--size", "8", "--quiet"]).ok();
+    assert_eq!(std::fs::read(sb.p("outside.txt")).unwrap(), b"precious");
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 pub fn read_cifar_bin(path: &Path, label_bytes: usize, classes: usize) -> Result<(Vec<u8>, Vec<u32>)> {
     let len = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?.len();
     crate::limits::ensure_fits(&format!("{}", path.display()), len.saturating_mul(2), "the dataset (a smaller file)")?;
+    crate::files::note_input(path);
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let rec = label_bytes + 3072;
     if bytes.is_empty() || bytes.len() % rec != 0 {

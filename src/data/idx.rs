@@ -20,6 +20,7 @@ pub struct IdxU8 {
 /// Parses an IDX file of u8 with `ndim` dimensions (3 for images, 1 for labels).
 pub fn read_idx_u8(path: &Path, ndim: usize) -> Result<IdxU8> {
     let p = path.display();
+    crate::files::note_input(path);
     let file = std::fs::File::open(path).with_context(|| format!("{p}: cannot read"))?;
     let file_len = file.metadata().with_context(|| format!("{p}: cannot read"))?.len();
     let mut raw = std::io::BufReader::new(file);

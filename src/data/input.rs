@@ -12,7 +12,8 @@
 //!    does); any other image has its short side resized that way, then the centre cropped. Shard-trained models
 //!    (`resize: short-side` or `squash`) decode exactly as `asge shard` did, to the shards' side.
 //! 4. The evaluation crop: the centre `crop x crop` of the stored image (shard-trained models; the built-in
-//!    datasets store the model's side, so there is nothing to crop).
+//!    datasets store the model's side, so there is nothing to crop), resized bilinearly as the training crops
+//!    were; a crop larger than the stored side upsamples it.
 //! 5. Pixels to [0, 1] and the per-sample RMS norm ([`super::to_input`]), inside the model.
 
 use super::imagefolder::{self, ResizeMode};
@@ -61,8 +62,10 @@ impl InputSpec {
                 self.class_names.len()
             );
         }
-        if self.stored_size < self.crop || self.stored_size > super::shard::MAX_SIZE {
-            bail!("asge.input metadata: stored side {} for a {}px crop", self.stored_size, self.crop);
+        // A stored side below the crop is an upsampling crop (the loader resizes the stored image's centre up):
+        // any stored side the shards can have is one a model can be trained on.
+        if self.stored_size == 0 || self.stored_size > super::shard::MAX_SIZE {
+            bail!("asge.input metadata: stored side {} (1 to {})", self.stored_size, super::shard::MAX_SIZE);
         }
         Ok(())
     }

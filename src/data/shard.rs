@@ -391,6 +391,7 @@ impl ShardSet {
         if meta.len() > 1 << 30 {
             bail!("{}: {} bytes, too large for a shard index", index_path.display(), meta.len());
         }
+        files::note_input(&index_path);
         let text =
             std::fs::read_to_string(&index_path).with_context(|| format!("{}: cannot read", index_path.display()))?;
         let index: ShardIndex = serde_json::from_str(&text)
@@ -399,6 +400,7 @@ impl ShardSet {
         let mut maps = Vec::new();
         for s in &index.shards {
             let p = dir.join(&s.file);
+            files::note_input(&p);
             let f = std::fs::File::open(&p)
                 .with_context(|| format!("{}: missing shard file named by index.json", p.display()))?;
             check_shard_len(&p, f.metadata()?.len(), s, index.record_bytes)?;
@@ -413,6 +415,7 @@ impl ShardSet {
         if have != want as u64 {
             bail!("{}: {have} bytes for {} labels", lp.display(), index.count);
         }
+        files::note_input(&lp);
         let lb = std::fs::read(&lp).with_context(|| format!("{}: cannot read labels", lp.display()))?;
         if lb.len() != want {
             bail!("{}: {} bytes for {} labels (it changed while being read)", lp.display(), lb.len(), index.count);

@@ -8,8 +8,8 @@ pub mod proto;
 use crate::eval::Strategy;
 use crate::files;
 use crate::train::checkpoint;
-use crate::train::infer::{self, Model};
-use anyhow::{bail, Context, Result};
+use crate::train::infer::Model;
+use anyhow::{bail, Result};
 use std::path::Path;
 
 /// The `format` metadata of a weights-only export.
@@ -34,10 +34,9 @@ pub fn export(checkpoint: &Path, format: Format, strategy: Option<Strategy>, out
         Format::Onnx => "an ONNX file asge exported",
         Format::Safetensors => "a weights file asge exported",
     };
-    infer::refuse_foreign(out, "--out", kind, ours)?;
-    if out.canonicalize().ok().is_some_and(|o| checkpoint.canonicalize().is_ok_and(|c| c == o)) {
-        bail!("--out {}: that is the checkpoint itself", out.display());
-    }
+    files::note_input(checkpoint);
+    let output = files::Output { path: out, flag: "--out", kind, ours: &ours };
+    output.check()?;
     let model = Model::open(checkpoint)?;
     let spec = &model.spec;
     let (bytes, what) = match format {
@@ -85,7 +84,7 @@ pub fn export(checkpoint: &Path, format: Format, strategy: Option<Strategy>, out
             )
         }
     };
-    files::write_atomic(out, &bytes).with_context(|| format!("--out {}", out.display()))?;
+    output.write(&bytes)?;
     Ok(format!("wrote {} ({:.1} MB): {what}", out.display(), bytes.len() as f64 / 1e6))
 }
 

@@ -191,6 +191,23 @@ pub fn check_finite(name: &str, data: &[f32]) -> Result<()> {
 /// Saves the model, its optimizer state, the run state and config. Refuses (writing nothing) when any of it is
 /// non-finite, so a diverged run never replaces its last good checkpoint.
 pub fn save<B: Backend>(path: &Path, net: &Net<B>, state: &TrainState, config: &serde_json::Value) -> Result<()> {
+    let bytes = encode(path, net, state, config)?;
+    check_readable(&bytes, path).with_context(|| {
+        format!(
+            "{}: asge's own checkpoint reader would refuse this checkpoint; it was not written (a bug)",
+            path.display()
+        )
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// The bytes [`save`] writes to `path` (refused when any tensor is non-finite).
+pub fn encode<B: Backend>(
+    path: &Path,
+    net: &Net<B>,
+    state: &TrainState,
+    config: &serde_json::Value,
+) -> Result<Vec<u8>> {
     let be = net.backend();
     let mut tensors = flat_params(&net.spec, &net.params()?);
     for (name, p) in net.named_params() {
@@ -213,7 +230,28 @@ pub fn save<B: Backend>(path: &Path, net: &Net<B>, state: &TrainState, config: &
     if let Some(input) = config.get("input") {
         meta.insert("asge.input".into(), serde_json::to_string(input)?);
     }
-    write_atomic(path, &serialize(&tensors, meta)?)
+    serialize(&tensors, meta)
+}
+
+/// Checks `bytes`, a run checkpoint about to be written as `path`, with what every reader of a run checkpoint
+/// does (`--resume`, `eval`, `predict`, `export`): the file parses, its metadata passes the checks [`load`] makes,
+/// it holds a training state, an input spec and a run config, and its tensors fit its model table. The writer
+/// calls it before every write and a run calls it on its first state before training, so a run can never end
+/// with checkpoints its own loader refuses.
+pub fn check_readable(bytes: &[u8], path: &Path) -> Result<()> {
+    let ck = parse(bytes, path)?;
+    let spec = ck.spec.as_ref().with_context(|| format!("{}: no asge.model metadata", path.display()))?;
+    ck.state.as_ref().with_context(|| format!("{}: no asge.state metadata", path.display()))?;
+    ck.input.as_ref().with_context(|| format!("{}: no asge.input metadata", path.display()))?;
+    let config = ck.config.as_ref().with_context(|| format!("{}: no asge.config metadata", path.display()))?;
+    let train = config
+        .get("train")
+        .cloned()
+        .with_context(|| format!("{}: asge.config has no train options", path.display()))?;
+    serde_json::from_value::<super::config::TrainConfig>(train)
+        .with_context(|| format!("{}: asge.config's train options do not read back", path.display()))?;
+    ck.params_for(path, spec)?;
+    Ok(())
 }
 
 /// Saves parameters only (no optimizer state), e.g. for `--init` files. Unlike [`save`] it writes what it is
@@ -248,9 +286,14 @@ fn serialize(tensors: &[(String, Vec<usize>, Vec<f32>)], meta: HashMap<String, S
 /// Reads a checkpoint. Every tensor must be f32.
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
+    parse(&bytes, path)
+}
+
+/// Reads a checkpoint from its bytes (`path` names it in messages).
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
+    let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("{}: bad safetensors header ({e})", path.display()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let mut params = HashMap::new();

@@ -193,6 +193,7 @@ impl TrainConfig {
 /// `config.json`'s `"train"` object (`lr_min` or `lr-min`); a run's own `config.json` (`{"train": ..., "model":
 /// ...}`) is one too. Unknown keys are an error, naming them.
 pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    crate::files::note_input(path);
     let text = std::fs::read_to_string(path).with_context(|| format!("--config {}: cannot read", path.display()))?;
     let toml = path.extension().is_some_and(|e| e == "toml") || !text.trim_start().starts_with('{');
     let mut v: serde_json::Value = if toml {

@@ -36,6 +36,7 @@ pub struct Model {
 
 impl Model {
     pub fn open(path: &Path) -> Result<Model> {
+        files::note_input(path);
         Self::from_checkpoint(path, checkpoint::load(path)?)
     }
 
@@ -93,6 +94,17 @@ pub struct Dump {
     pub inputs: bool,
 }
 
+fn is_logits_dump(p: &Path) -> bool {
+    safetensors_format(p).as_deref() == Some(LOGITS_FORMAT)
+}
+
+impl Dump {
+    /// The file as the output guard sees it: only an earlier logits dump is replaced.
+    fn output(&self) -> files::Output<'_> {
+        files::Output { path: &self.path, flag: "--dump-logits", kind: "an asge logits dump", ours: &is_logits_dump }
+    }
+}
+
 pub struct EvalOptions<'a> {
     pub strategy: Strategy,
     pub batch: usize,
@@ -115,9 +127,7 @@ pub fn eval(model: &Model, data: &EvalData, o: &EvalOptions) -> Result<(Report, 
         bail!("--limit-test 0: the evaluation needs at least one image");
     }
     if let Some(d) = &o.dump {
-        refuse_foreign(&d.path, "--dump-logits", "an asge logits dump", |p| {
-            safetensors_format(p).as_deref() == Some(LOGITS_FORMAT)
-        })?;
+        d.output().check()?;
     }
     let (source, dataset, dir) = open_eval_data(model, data, o.limit)?;
     let n = source.len().min(o.limit.unwrap_or(usize::MAX));
@@ -234,26 +244,12 @@ fn write_dump(
         ("last_layer_number".to_string(), model.spec.layers.len().to_string()),
     ]);
     let bytes = safetensors::tensor::serialize(views, Some(meta))?;
-    files::write_atomic(&d.path, &bytes).with_context(|| format!("--dump-logits {}", d.path.display()))?;
+    d.output().write(&bytes)?;
     eprintln!(
         "wrote {} ({n} images: {})",
         d.path.display(),
         bufs.iter().map(|b| b.0.as_str()).collect::<Vec<_>>().join(", ")
     );
-    Ok(())
-}
-
-/// Refuses `path` when it exists and is not a regular file of the kind `ours` recognises (`kind` names it): a
-/// command replaces only its own earlier output.
-pub fn refuse_foreign(path: &Path, flag: &str, kind: &str, ours: impl Fn(&Path) -> bool) -> Result<()> {
-    if let Ok(meta) = path.symlink_metadata() {
-        if !(meta.is_file() && ours(path)) {
-            bail!(
-                "{flag} {}: the file exists and is not {kind} (only that is replaced); choose another path",
-                path.display()
-            );
-        }
-    }
     Ok(())
 }
 

@@ -316,7 +316,19 @@ pub fn train(cfg: &TrainConfig, out: &Path, start: RunStart, opts: RunOptions) -
             );
             return Ok(None);
         }
-        run.final_test(&make).map(Some)
+        match run.final_test(&make) {
+            Ok(summary) => Ok(Some(summary)),
+            Err(e) if interrupt::is_interrupted(&e) => {
+                eprintln!(
+                    "asge: {}: stopped during the final test; every epoch and checkpoint is complete: --resume {} runs \
+                     the test",
+                    interrupt::name(interrupt::received().unwrap_or(interrupt::REQUESTED_STOP)),
+                    out.display()
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     })
 }
 
@@ -385,21 +397,22 @@ impl<'c, B: Backend> Run<'c, B> {
         // A batch larger than the training set runs as one smaller batch (as PyTorch's DataLoader does), and the
         // workspace is sized for the images that exist.
         let batch = cfg.batch.min(train_idx.len());
+        // `--trace` may name neither an input (the data, noted as it was opened; --init) nor one of the run's own
+        // files.
+        if let Some(init) = &cfg.init {
+            files::note_input(init);
+        }
+        if let Some(t) = crate::trace::path() {
+            files::outside_run_files("--trace", &t, out)?;
+            crate::trace::check()?;
+        }
         let be = make_backend()?;
         ensure_memory(&spec, batch, sources.input_size, be.buffers_on_host(), "training")?;
 
         let folder = RunFolder::open(out, start)?;
-        let last_path = folder.dir.join("last.safetensors");
-        let (params, state, ckpt) = if start == RunStart::Resume {
-            let ck = checkpoint::load(&last_path).context("--resume: the run has no usable last.safetensors")?;
-            let state = ck
-                .state
-                .clone()
-                .with_context(|| format!("{}: no training state in the metadata", last_path.display()))?;
-            state
-                .validate(&spec)
-                .with_context(|| format!("{}: the training state does not fit", last_path.display()))?;
-            (ck.params_for(&last_path, &spec)?, state, Some(ck))
+        let resume_from = if start == RunStart::Resume { resume_point(&folder.dir, &spec, opts)? } else { None };
+        let (params, state, ckpt) = if let Some((path, ck, state)) = resume_from {
+            (ck.params_for(&path, &spec)?, state, Some((path, ck)))
         } else if let Some(init) = &cfg.init {
             let ck = checkpoint::load(init).with_context(|| format!("--init {}", init.display()))?;
             (ck.params_for(init, &spec)?, TrainState::default(), None)
@@ -408,12 +421,17 @@ impl<'c, B: Backend> Run<'c, B> {
         };
         let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
         let mut net = Net::new(be, spec.clone(), &params, adamw, batch)?;
-        if let Some(ck) = &ckpt {
-            ck.restore_optimizer(&last_path, &mut net)?;
+        if let Some((path, ck)) = &ckpt {
+            ck.restore_optimizer(path, &mut net)?;
         }
         let mut resolved = cfg.clone();
         resolved.val = Some(val);
         let config_json = serde_json::json!({ "train": resolved, "model": spec, "input": sources.input });
+        // The checkpoints this run will write must load: one is checked now, before any training, with the reader's
+        // own checks (a run must never end with checkpoints that --resume, eval, predict and export refuse).
+        let first = folder.dir.join("last.safetensors");
+        checkpoint::check_readable(&checkpoint::encode(&first, &net, &state, &config_json)?, &first)
+            .context("this run's checkpoints would not load; nothing was trained")?;
         folder.clear_old_run()?;
         if start == RunStart::Resume {
             if state.epochs_done > cfg.epochs {
@@ -548,8 +566,10 @@ impl<'c, B: Backend> Run<'c, B> {
         }
         let n_batches = order.len().div_ceil(self.batch);
         // A mid-epoch checkpoint resumes at its batch, with the epoch's sums so far.
+        // A checkpoint at batch n_batches is one written during validation: the epoch's training is complete and
+        // only its validation (and what follows) is run again.
         let skip = self.state.batches_done;
-        if skip >= n_batches && skip > 0 {
+        if skip > n_batches {
             bail!("the checkpoint is at batch {skip} of an epoch of {n_batches} batches (another --batch or data?)");
         }
         let mut sums = match (skip, self.state.partial_epoch.take()) {
@@ -619,10 +639,8 @@ impl<'c, B: Backend> Run<'c, B> {
         sums.add_checked(s, epoch)?;
         pb.finish();
         drop(pb);
-        self.state.batches_done = 0;
         let seconds = seconds_before + t0.elapsed().as_secs_f64();
-        self.train_seconds += seconds;
-        self.train_images += sums.images;
+        sums.seconds = seconds;
         let val_res = if self.val_idx.is_empty() {
             None
         } else {
@@ -632,15 +650,34 @@ impl<'c, B: Backend> Run<'c, B> {
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
             let train = self.sources.train.clone();
             let label = format!("validate {}/{}", epoch + 1, cfg.epochs);
-            Some(eval::evaluate(
+            match eval::evaluate(
                 &mut self.net,
                 &train,
                 self.val_idx.clone(),
                 val_aug,
                 key,
                 Some((opts.display(), &label)),
-            )?)
+            ) {
+                Ok(r) => Some(r),
+                Err(e) if interrupt::is_interrupted(&e) => {
+                    // The epoch's training is complete: keep it (batches_done stays at n_batches) and validate again
+                    // on resume.
+                    self.save_mid_epoch(&sums)?;
+                    eprintln!(
+                        "asge: {}: stopped during the validation of epoch {} (its training is complete and checkpointed); \
+                         --resume {} validates it again and continues",
+                        interrupt::name(interrupt::received().unwrap_or(interrupt::REQUESTED_STOP)),
+                        epoch + 1,
+                        self.folder.dir.display()
+                    );
+                    return Ok(EpochEnd::Stopped);
+                }
+                Err(e) => return Err(e),
+            }
         };
+        self.state.batches_done = 0;
+        self.train_seconds += seconds;
+        self.train_images += sums.images;
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
         append_metrics(&self.folder.dir.join("metrics.jsonl"), &m)?;
         self.events.scalars((epoch + 1) as i64, m.wall_time, &super::tensorboard::epoch_scalars(&m))?;
@@ -656,6 +693,7 @@ impl<'c, B: Backend> Run<'c, B> {
             _ => true,
         };
         self.state.epochs_done = epoch + 1;
+        interrupt::test_phase("checkpoint");
         if improved {
             let layer_acc = val_res.as_ref().map(EvalResult::layer_acc).unwrap_or_else(|| m.train_layer_acc.clone());
             self.state.best_val = score;
@@ -735,6 +773,67 @@ impl<'c, B: Backend> Run<'c, B> {
             format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.folder.dir.display()),
         );
         Ok(summary)
+    }
+}
+
+/// Where `--resume` continues a run from: the newest usable of its `last.safetensors` and `best.safetensors`
+/// (best is newer when writing last failed, on a full disk say), with its checked state. `None` when the run has
+/// neither (it stopped before its first checkpoint: it starts again from the beginning, with its config). A
+/// checkpoint that exists but cannot be used, with no other to take its place, is an error that names the way
+/// out.
+fn resume_point(
+    dir: &Path,
+    spec: &ModelSpec,
+    opts: RunOptions,
+) -> Result<Option<(PathBuf, checkpoint::Checkpoint, TrainState)>> {
+    let mut usable = Vec::new();
+    let mut unusable = Vec::new();
+    for name in ["last.safetensors", "best.safetensors"] {
+        let path = dir.join(name);
+        if path.symlink_metadata().is_err() {
+            continue;
+        }
+        let checked = (|| -> Result<_> {
+            let ck = checkpoint::load(&path)?;
+            let state =
+                ck.state.clone().with_context(|| format!("{}: no training state in the metadata", path.display()))?;
+            state.validate(spec).with_context(|| format!("{}: the training state does not fit", path.display()))?;
+            ck.params_for(&path, spec)?;
+            Ok((ck, state))
+        })();
+        match checked {
+            Ok((ck, state)) => usable.push((path, ck, state)),
+            Err(e) => unusable.push(format!("{e:#}")),
+        }
+    }
+    // The newest: the most optimizer steps (on a tie, last: it is listed first).
+    let newest = usable.iter().enumerate().max_by_key(|(i, u)| (u.2.step, std::cmp::Reverse(*i))).map(|(i, _)| i);
+    match newest {
+        Some(i) => {
+            let chosen = usable.swap_remove(i);
+            if chosen.0.file_name().is_some_and(|n| n == "best.safetensors") {
+                let why =
+                    if unusable.is_empty() { "newer than last.safetensors" } else { "last.safetensors is unusable" };
+                say(opts, format!("asge: --resume: continuing from best.safetensors (step {}; {why})", chosen.2.step));
+            }
+            Ok(Some(chosen))
+        }
+        None if unusable.is_empty() => {
+            say(
+                opts,
+                format!(
+                    "asge: --resume {}: the run stopped before its first checkpoint; starting it again from the beginning with its config.json",
+                    dir.display()
+                ),
+            );
+            Ok(None)
+        }
+        None => bail!(
+            "--resume {}: no usable checkpoint ({}); move the damaged file(s) out of the folder to start the run again \
+             from the beginning with --resume, or replace the run with --overwrite",
+            dir.display(),
+            unusable.join("; ")
+        ),
     }
 }
 
