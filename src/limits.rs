@@ -29,12 +29,60 @@ pub fn checked<T>(v: Option<T>, what: impl FnOnce() -> String) -> Result<T> {
     }
 }
 
-/// Bytes this process may still allocate: `ASGE_MEMORY_LIMIT` (bytes) when set, otherwise the kernel's
-/// `MemAvailable`, lowered to what the cgroup (v2 `memory.max - memory.current`) leaves, when that is smaller.
-/// `None` when neither can be read (then nothing is refused).
-pub fn available_bytes() -> Option<u64> {
-    if let Some(v) = std::env::var("ASGE_MEMORY_LIMIT").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-        return Some(v);
+/// `ASGE_MEMORY_LIMIT`: bytes, or with a unit (`8G`, `512MiB`: K, M, G, T are powers of 1024 alone or with
+/// `iB`; `KB`, `MB`, `GB`, `TB` powers of 1000). Unset or empty: `None`; anything else is an error naming it.
+pub fn memory_limit_env() -> Result<Option<u64>> {
+    match std::env::var("ASGE_MEMORY_LIMIT") {
+        Ok(v) => parse_memory_limit(&v),
+        Err(_) => Ok(None),
+    }
+}
+
+/// [`memory_limit_env`]'s parser.
+fn parse_memory_limit(v: &str) -> Result<Option<u64>> {
+    let t = v.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => bail!("ASGE_MEMORY_LIMIT={v}: not a size (bytes, or a number with K, M, G, T, KiB.., KB..)"),
+    };
+    let n: u64 = digits.parse().map_err(|_| anyhow::anyhow!("ASGE_MEMORY_LIMIT={v}: not a size"))?;
+    checked(n.checked_mul(scale), || format!("ASGE_MEMORY_LIMIT={v}")).map(Some)
+}
+
+/// What `RLIMIT_AS` (`ulimit -v`, `prlimit --as`) still leaves this process: the limit less the address space
+/// it maps now. `None` when unlimited or unreadable.
+fn address_space_left() -> Option<u64> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: one out-parameter of the right type.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    // /proc/self/statm's first field: the mapped size in pages.
+    let pages: u64 = std::fs::read_to_string("/proc/self/statm").ok()?.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some(r.rlim_cur.saturating_sub(pages.saturating_mul(page)))
+}
+
+/// Bytes this process may still allocate: `ASGE_MEMORY_LIMIT` when set, otherwise the kernel's `MemAvailable`,
+/// lowered to what the cgroup (v2 `memory.max - memory.current`) and `RLIMIT_AS` leave, when those are smaller.
+/// `None` when none can be read (then nothing is refused).
+pub fn available_bytes() -> Result<Option<u64>> {
+    if let Some(v) = memory_limit_env()? {
+        return Ok(Some(v));
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
         t.lines()
@@ -48,10 +96,7 @@ pub fn available_bytes() -> Option<u64> {
         (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
         _ => None,
     };
-    match (meminfo, cgroup) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    Ok([meminfo, cgroup, address_space_left()].into_iter().flatten().min())
 }
 
 /// `12.3 GB`.
@@ -69,7 +114,7 @@ pub fn human_bytes(b: u64) -> String {
 /// Refuses an allocation of about `bytes` for `what` when it exceeds [`available_bytes`]; `hint` names the
 /// options that change it (e.g. "--batch, --width").
 pub fn ensure_fits(what: &str, bytes: u64, hint: &str) -> Result<()> {
-    if let Some(avail) = available_bytes() {
+    if let Some(avail) = available_bytes()? {
         if bytes > avail {
             bail!(
                 "{what} needs about {} of memory, more than the {} available on this machine; lower {hint}",
@@ -103,5 +148,17 @@ mod tests {
         let e = ensure_fits("the workspace", u64::MAX / 2, "--batch").unwrap_err().to_string();
         assert!(e.contains("the workspace") && e.contains("--batch"), "{e}");
         ensure_fits("a byte", 1, "--batch").unwrap();
+    }
+
+    #[test]
+    fn the_memory_limit_takes_units_and_refuses_what_it_cannot_read() {
+        for (v, want) in [("8G", Some(8 << 30)), ("512MiB", Some(512 << 20)), ("2GB", Some(2_000_000_000)), ("", None)]
+        {
+            assert_eq!(parse_memory_limit(v).unwrap(), want, "{v}");
+        }
+        for bad in ["8Q", "lots", "99999999999T"] {
+            let e = parse_memory_limit(bad).unwrap_err().to_string();
+            assert!(e.contains("ASGE_MEMORY_LIMIT") && e.contains(bad), "{e}");
+        }
     }
 }

@@ -460,10 +460,17 @@ fn predict_cmd(a: PredictArgs) -> Result<()> {
     let strategy = serde_json::to_value(strategy)?.as_str().unwrap_or_default().to_string();
     println!("{} (strategy {strategy}), the top {k} classes by probability", a.checkpoint.display());
     for (name, p) in names.iter().zip(&preds) {
-        let cells: Vec<String> = p.top.iter().map(|c| format!("{} {:.1}%", c.name, 100.0 * c.prob)).collect();
-        println!("{name:<w$}  {}", cells.join("   "));
+        let cells: Vec<String> =
+            p.top.iter().map(|c| format!("{} {:.1}%", printable(&c.name), 100.0 * c.prob)).collect();
+        println!("{:<w$}  {}", printable(name), cells.join("   "));
     }
     Ok(())
+}
+
+/// `s` for a terminal: control characters (an escape sequence in a class or file name would drive the terminal)
+/// shown escaped, as `\u{1b}`.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// True for a regular file holding an earlier `asge eval` result (the only kind `eval` replaces).

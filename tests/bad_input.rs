@@ -1055,7 +1055,8 @@ fn a_stop_in_any_phase_or_before_the_first_checkpoint_resumes_bit_for_bit() {
         assert_eq!(epochs(out), [1, 2], "{what}: metrics.jsonl");
     };
     // (phase, the line to stop at, signal, exit code, what the run says, test hook)
-    let cuts: &[(&str, &str, &str, i32, &str, Option<&str>)] = &[
+    type Cut<'a> = (&'a str, &'a str, &'a str, i32, &'a str, Option<&'a str>);
+    let cuts: &[Cut] = &[
         ("validation", "validate 1/2 step 3/", "TERM", 143, "during the validation of epoch 1", None),
         ("checkpoint", "asge: test phase checkpoint", "HUP", 129, "stopped after epoch 1", Some("checkpoint")),
         ("final test", "asge: test step 2/", "INT", 130, "during the final test", None),
@@ -1159,4 +1160,33 @@ fn the_folder_lock_survives_a_deleted_or_planted_lock_file() {
     std::fs::hard_link(sb.p("outside.txt"), sb.p("shards/.asge.lock")).unwrap();
     sb.asge(&["shard", "--input", "folder", "--out", "shards", "--size", "8", "--quiet"]).ok();
     assert_eq!(std::fs::read(sb.p("outside.txt")).unwrap(), b"precious");
+}
+
+#[test]
+fn messages_name_the_option_the_file_or_the_variable() {
+    let sb = Sandbox::new("messages2");
+    let q = quick(&sb, "run");
+    sb.asge(&args(&q, &["--lr", "NaN"])).error(&["--lr NaN", "not a finite number"]);
+    std::fs::write(sb.p("bad.toml"), "lr = \"fast\"\n").unwrap();
+    sb.asge(&args(&q, &["--config", "bad.toml"])).error(&["--config", "bad.toml", "'lr'", "\"fast\""]);
+    // A JSON config with a byte-order mark is JSON.
+    std::fs::write(sb.p("bom.json"), b"\xef\xbb\xbf{\"seed\": \"x\"}").unwrap();
+    sb.asge(&args(&q, &["--config", "bom.json"])).error(&["--config", "bom.json", "'seed'"]);
+    // ASGE_MEMORY_LIMIT takes units, and what it cannot read is an error, not ignored.
+    sb.asge_env(&args(&q, &[]), &[("ASGE_MEMORY_LIMIT", "8Q")]).error(&["ASGE_MEMORY_LIMIT=8Q", "not a size"]);
+    sb.asge_env(&args(&q, &[]), &[("ASGE_MEMORY_LIMIT", "1K")]).error(&["more than the 1 kB available"]);
+    sb.asge_env(&args(&q, &[]), &[("ASGE_MEMORY_LIMIT", "8G")]).ok();
+    // Class names are printed, not sent to the terminal as escape sequences.
+    let ck = sb.p("run/last.safetensors");
+    rewrite_checkpoint(&ck, |_, meta| {
+        let mut input: serde_json::Value = serde_json::from_str(&meta["asge.input"]).unwrap();
+        for n in input["class_names"].as_array_mut().unwrap() {
+            *n = serde_json::json!(format!("\u{1b}]0;owned\u{7}\u{1b}[31m{}", n.as_str().unwrap()));
+        }
+        meta.insert("asge.input".into(), input.to_string());
+    });
+    image_folder(&sb.p("pics"), 1, 1, 28);
+    let o = sb.asge(&["predict", "--checkpoint", "run/last.safetensors", "pics"]);
+    o.ok();
+    assert!(!o.stdout.contains('\u{1b}') && o.stdout.contains("\\u{1b}[31m"), "{}", o.stdout);
 }

@@ -195,13 +195,15 @@ impl TrainConfig {
 pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
     crate::files::note_input(path);
     let text = std::fs::read_to_string(path).with_context(|| format!("--config {}: cannot read", path.display()))?;
+    // A byte-order mark (some editors write one) is not part of the document.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let toml = path.extension().is_some_and(|e| e == "toml") || !text.trim_start().starts_with('{');
     let mut v: serde_json::Value = if toml {
         let t: toml::Value =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: not TOML ({e})", path.display()))?;
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("--config {}: not TOML ({e})", path.display()))?;
         serde_json::to_value(t).context("a TOML value")?
     } else {
-        serde_json::from_str(&text).with_context(|| format!("--config {}: not JSON", path.display()))?
+        serde_json::from_str(text).with_context(|| format!("--config {}: not JSON", path.display()))?
     };
     if v.get("train").is_some_and(|t| t.is_object()) {
         v = v["train"].take();
@@ -214,9 +216,21 @@ pub fn read_config_file(path: &Path) -> Result<serde_json::Map<String, serde_jso
         if !keys.contains(&key) {
             bail!("--config {}: unknown option '{k}' (options: {})", path.display(), keys.join(", "));
         }
+        check_value(&key, val).map_err(|e| anyhow::anyhow!("--config {}: '{k}' = {val}: {e}", path.display()))?;
         out.insert(key, val.clone());
     }
     Ok(out)
+}
+
+/// Whether `val` is a valid value of the option `key` (alone, over the defaults), and why not.
+fn check_value(key: &str, val: &serde_json::Value) -> std::result::Result<(), String> {
+    let mut v = serde_json::to_value(TrainConfig::default()).map_err(|e| e.to_string())?;
+    if val.is_null() && !v[key].is_null() {
+        // A float option given a NaN or an infinity serializes to null.
+        return Err("not a finite number".into());
+    }
+    v[key] = val.clone();
+    serde_json::from_value::<TrainConfig>(v).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Which of `TrainConfig`'s options the command line gave.
@@ -241,7 +255,15 @@ pub fn merge(
     }
     let flags = serde_json::to_value(flags)?;
     for k in given(m) {
-        obj.insert(k.clone(), flags[&k].clone());
+        let val = flags[&k].clone();
+        if let Err(e) = check_value(&k, &val) {
+            let given = m.get_raw(&k).into_iter().flatten().map(|s| s.to_string_lossy()).collect::<Vec<_>>().join(" ");
+            let cmd = TrainConfig::augment_args(clap::Command::new("flags"));
+            let long = cmd.get_arguments().find(|a| a.get_id() == k.as_str()).and_then(|a| a.get_long());
+            let long = long.map_or_else(|| k.replace('_', "-"), str::to_string);
+            bail!("--{long} {given}: {e}");
+        }
+        obj.insert(k.clone(), val);
     }
     serde_json::from_value(v).context("the options")
 }

@@ -253,7 +253,9 @@ pub fn compile(module: &str, source: &str, arch: &str) -> Result<Ptx> {
 }
 
 fn cache_dir() -> Option<PathBuf> {
+    // Empty counts as unset: an empty path would be the current directory.
     std::env::var_os("ASGE_KERNEL_CACHE")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/asge/kernels")))
 }
