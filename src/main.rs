@@ -64,6 +64,9 @@ struct ShardArgs {
     /// Largest shard file, in MiB.
     #[arg(long, default_value_t = 1024)]
     shard_mb: usize,
+    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
+    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
     #[arg(long)]
     quiet: bool,
 }
@@ -186,6 +189,9 @@ struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
+    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
     #[command(flatten)]
     on: DeviceArgs,
 }
@@ -210,6 +216,9 @@ struct PredictArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
+    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
     #[command(flatten)]
     on: DeviceArgs,
 }
@@ -271,14 +280,21 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     }
     match cli.cmd {
         Cmd::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand's matches")),
-        Cmd::Eval(a) => eval_cmd(a),
-        Cmd::Predict(a) => predict_cmd(a),
+        Cmd::Eval(a) => {
+            set_max_image_pixels(a.max_image_pixels)?;
+            eval_cmd(a)
+        }
+        Cmd::Predict(a) => {
+            set_max_image_pixels(a.max_image_pixels)?;
+            predict_cmd(a)
+        }
         Cmd::Export(a) => {
             println!("{}", asge::export::export(&a.checkpoint, a.format, a.strategy.map(Into::into), &a.out)?);
             Ok(())
         }
         Cmd::Bench(a) => bench(a),
         Cmd::Shard(a) => {
+            set_max_image_pixels(a.max_image_pixels)?;
             let o = asge::data::shard::ShardOptions {
                 size: a.size,
                 resize: a.resize,
@@ -298,6 +314,13 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--max-image-pixels N`: the decode bound of every image the command reads.
+fn set_max_image_pixels(n: u64) -> Result<()> {
+    anyhow::ensure!(n > 0, "--max-image-pixels 0: no image could be decoded; give a number of pixels");
+    asge::data::imagefolder::set_max_pixels(n);
+    Ok(())
 }
 
 /// `--lr-min` for `lr_min`, `--no-shuffle` for `shuffle`: the flag a user types for a config key.

@@ -510,17 +510,37 @@ fn shard_removes_only_the_files_it_wrote() {
     }
     ShardSet::open(&out).unwrap();
 
-    // An interrupted run (the manifest names what it created) is cleaned up by the next one, and nothing else.
+    // An interrupted run (the manifest names what it created, and records what each file it created is) is
+    // cleaned up by the next one, and nothing else.
+    use std::os::unix::fs::MetadataExt;
     let out2 = sb.p("out2");
     std::fs::create_dir_all(&out2).unwrap();
-    std::fs::write(out2.join(".asge-shard-partial.json"), r#"{"files": ["shard-00000.bin"]}"#).unwrap();
     std::fs::write(out2.join("shard-00000.bin"), b"half a shard").unwrap();
+    let m = std::fs::metadata(out2.join("shard-00000.bin")).unwrap();
+    let id = serde_json::json!({"dev": m.dev(), "ino": m.ino(), "len": m.len(),
+        "mtime_ns": m.mtime() * 1_000_000_000 + m.mtime_nsec()});
+    let manifest = serde_json::json!({"files": ["shard-00000.bin"], "created": {"shard-00000.bin": id}});
+    std::fs::write(out2.join(".asge-shard-partial.json"), manifest.to_string()).unwrap();
     std::fs::write(out2.join(".shard-00000.bin.asge-1-2-3.tmp"), b"its temp file").unwrap();
     std::fs::write(out2.join("keep.txt"), b"mine").unwrap();
     sb.asge(&["shard", "--input", "folder", "--out", "out2", "--size", "8", "--quiet"]).ok();
     let names: Vec<String> = tree(&out2).into_keys().collect();
     assert_eq!(names, ["index.json", "keep.txt", "labels.u16", "shard-00000.bin"]);
     assert!(ShardSet::open(&out2).unwrap().len() == 8);
+
+    // A planted manifest (a name alone, or a name whose file is not the one recorded) removes nothing.
+    for (tag, manifest) in [
+        ("name", serde_json::json!({"files": ["shard-00000.bin", "labels.u16"]})),
+        ("stale", serde_json::json!({"files": ["shard-00000.bin"], "created": {"shard-00000.bin": id}})),
+    ] {
+        let out3 = sb.p(&format!("out3-{tag}"));
+        std::fs::create_dir_all(&out3).unwrap();
+        std::fs::write(out3.join("shard-00000.bin"), b"the user's file").unwrap();
+        std::fs::write(out3.join(".asge-shard-partial.json"), manifest.to_string()).unwrap();
+        sb.asge(&["shard", "--input", "folder", "--out", &format!("out3-{tag}"), "--size", "8", "--quiet"])
+            .error(&["shard-00000.bin", "move it away"]);
+        assert_eq!(std::fs::read(out3.join("shard-00000.bin")).unwrap(), b"the user's file", "{tag}");
+    }
 }
 
 #[test]
@@ -715,6 +735,7 @@ fn sizes_from_files_and_options_are_checked_and_estimated() {
     rewrite_checkpoint(&sb.p("mid/last.safetensors"), |_, meta| {
         let mut st: serde_json::Value = serde_json::from_str(&meta["asge.state"]).unwrap();
         st["batches_done"] = 3.into();
+        st["step"] = (st["step"].as_u64().unwrap() + 3).into();
         st["partial_epoch"] = serde_json::json!({"images": 96, "layer_loss": [1.0, 2.0], "layer_correct": [1, 2],
             "head_loss": 1.0, "head_correct": 3});
         meta.insert("asge.state".into(), st.to_string());
@@ -767,6 +788,22 @@ fn a_gzip_bomb_is_stopped_at_the_size_its_header_declares() {
         .output()
         .unwrap();
     Out::of(o).error(&["train-images-idx3-ubyte.gz", "oversized", "7840"]);
+
+    // A header that declares 16 GiB (2^14 images of 1024 x 1024) over a few bytes of gzip, under an 8 GB
+    // address-space limit: refused before inflating, naming what the header declares and the memory there is.
+    let mut header = vec![0, 0, 8, 3];
+    for d in [1u32 << 14, 1024, 1024] {
+        header.extend(d.to_be_bytes());
+    }
+    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), gz(&header)).unwrap();
+    let o = Command::new("prlimit")
+        .args(["--as=8000000000", "--", &bin, "train", "--dataset", "idx", "--data", "data/bomb", "--out", "run"])
+        .current_dir(&sb.root)
+        .env("HOME", sb.p("home"))
+        .env("MALLOC_ARENA_MAX", "2")
+        .output()
+        .unwrap();
+    Out::of(o).error(&["train-images-idx3-ubyte.gz", "declares [16384, 1024, 1024] (17179869184 bytes)", "available"]);
 }
 
 #[test]
@@ -1094,12 +1131,17 @@ fn a_stop_in_any_phase_or_before_the_first_checkpoint_resumes_bit_for_bit() {
     assert!(o.stderr.contains("continuing from best.safetensors"), "{}", o.stderr);
     same_as_straight("best-only", "resumed from best.safetensors");
 
-    // A damaged last.safetensors and no best: an error that names the way out; nothing changes.
+    // A damaged last.safetensors: an error that names it and the way out (never a silent step back to an older
+    // best); nothing changes.
     sb.asge(&args(&run("damaged"), &["--stop-after", "1"])).ok();
     std::fs::remove_file(sb.p("damaged/best.safetensors")).unwrap();
     std::fs::write(sb.p("damaged/last.safetensors"), b"not a checkpoint").unwrap();
     let before = tree(&sb.p("damaged"));
-    sb.asge(&["train", "--resume", "damaged"]).error(&["no usable checkpoint", "last.safetensors", "--overwrite"]);
+    sb.asge(&["train", "--resume", "damaged"]).error(&[
+        "last.safetensors cannot be used",
+        "move it out",
+        "--overwrite",
+    ]);
     assert_eq!(tree(&sb.p("damaged")), before);
 }
 
@@ -1189,4 +1231,140 @@ fn messages_name_the_option_the_file_or_the_variable() {
     let o = sb.asge(&["predict", "--checkpoint", "run/last.safetensors", "pics"]);
     o.ok();
     assert!(!o.stdout.contains('\u{1b}') && o.stdout.contains("\\u{1b}[31m"), "{}", o.stdout);
+}
+
+#[test]
+fn an_image_bomb_is_refused_before_it_is_decoded_or_resized() {
+    let sb = Sandbox::new("imgbomb");
+    // A valid PNG of 10,000,000 x 1 pixels: a few kilobytes on disk, 320 million pixels once its short side is
+    // resized to 32.
+    image_folder(&sb.p("folder"), 2, 2, 24);
+    let bomb = sb.p("folder/class_0/bomb.png");
+    image::GrayImage::new(10_000_000, 1).save(&bomb).unwrap();
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size < 1 << 20, "the bomb is {size} bytes");
+    let bin = bin();
+    let under_limit = |args: &[&str]| -> Out {
+        let o = Command::new("prlimit")
+            .args(["--as=3000000000", "--", &bin])
+            .args(args)
+            .current_dir(&sb.root)
+            .env("HOME", sb.p("home"))
+            .env("MALLOC_ARENA_MAX", "2")
+            .output()
+            .unwrap();
+        Out::of(o)
+    };
+    // asge shard: one skipped file, with its reason; every other image is stored.
+    under_limit(&["shard", "--input", "folder", "--out", "shards", "--size", "32", "--quiet"]).ok();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.p("shards/index.json")).unwrap()).unwrap();
+    assert_eq!(index["count"], 4, "{index}");
+    let skipped = index["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{index}");
+    assert!(skipped[0]["file"].as_str().unwrap().ends_with("bomb.png"), "{index}");
+    assert!(skipped[0]["error"].as_str().unwrap().contains("10000000x1"), "{index}");
+    // predict and eval --folder: one error naming the file.
+    sb.asge(&args(&quick(&sb, "run"), &[])).ok();
+    under_limit(&["predict", "--checkpoint", "run/last.safetensors", "folder/class_0/bomb.png"])
+        .error(&["bomb.png", "10000000x1"]);
+    std::fs::create_dir_all(sb.p("digits/0")).unwrap();
+    std::fs::copy(&bomb, sb.p("digits/0/bomb.png")).unwrap();
+    under_limit(&["eval", "--checkpoint", "run/last.safetensors", "--folder", "digits", "--quiet"])
+        .error(&["bomb.png", "10000000x1"]);
+    // --max-image-pixels sets the decode bound.
+    under_limit(&[
+        "shard",
+        "--input",
+        "folder",
+        "--out",
+        "small",
+        "--size",
+        "8",
+        "--max-image-pixels",
+        "100",
+        "--quiet",
+    ])
+    .error(&["none of the 5 image files", "over the decode bound of 100"]);
+}
+
+#[test]
+fn resume_questions_an_edited_config_another_runs_checkpoint_other_data_and_a_crafted_state() {
+    let sb = Sandbox::new("resume-q");
+    let q = quick(&sb, "a");
+    sb.asge(&args(&q, &["--epochs", "2", "--stop-after", "1"])).ok();
+    sb.asge(&args(&q, &["--epochs", "2", "--stop-after", "1", "--out", "b", "--seed", "7"])).ok();
+    let keep = |f: &str| std::fs::read(sb.p(&format!("a/{f}"))).unwrap();
+    let (config, last) = (keep("config.json"), keep("last.safetensors"));
+    let restore = || {
+        std::fs::write(sb.p("a/config.json"), &config).unwrap();
+        std::fs::write(sb.p("a/last.safetensors"), &last).unwrap();
+    };
+    // config.json edited by hand.
+    let edited = String::from_utf8(config.clone()).unwrap().replace("\"seed\": 42", "\"seed\": 43");
+    assert_ne!(edited.as_bytes(), &config[..]);
+    std::fs::write(sb.p("a/config.json"), edited).unwrap();
+    let before = tree(&sb.p("a"));
+    sb.asge(&["train", "--resume", "a", "--quiet"]).error(&["config.json differs", "seed"]);
+    assert_eq!(tree(&sb.p("a")), before);
+    restore();
+    // Another run's checkpoint in the folder (and no best to fall back on).
+    std::fs::copy(sb.p("b/last.safetensors"), sb.p("a/last.safetensors")).unwrap();
+    std::fs::rename(sb.p("a/best.safetensors"), sb.p("best.keep")).unwrap();
+    sb.asge(&["train", "--resume", "a", "--quiet"]).error(&["differs", "seed"]);
+    std::fs::rename(sb.p("best.keep"), sb.p("a/best.safetensors")).unwrap();
+    restore();
+    // Other data: the same counts and shape, one training image changed (the last, which the identity reads).
+    std::fs::create_dir_all(sb.p("data/other")).unwrap();
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    {
+        std::fs::copy(sb.p(&format!("data/mnist/{f}")), sb.p(&format!("data/other/{f}"))).unwrap();
+    }
+    let img = sb.p("data/other/train-images-idx3-ubyte");
+    let mut bytes = std::fs::read(&img).unwrap();
+    let n = bytes.len();
+    bytes[n - 400] ^= 0xff;
+    std::fs::write(&img, bytes).unwrap();
+    sb.asge(&["train", "--resume", "a", "--data", "data/other", "--quiet"])
+        .error(&["--data", "not the data this run trained on"]);
+    // A crafted step count (2^31): refused, not trained on to NaN.
+    rewrite_checkpoint(&sb.p("a/last.safetensors"), |_, meta| {
+        let mut st: serde_json::Value = serde_json::from_str(&meta["asge.state"]).unwrap();
+        st["step"] = serde_json::json!(1u64 << 31);
+        meta.insert("asge.state".into(), st.to_string());
+    });
+    std::fs::rename(sb.p("a/best.safetensors"), sb.p("best.keep")).unwrap();
+    sb.asge(&["train", "--resume", "a", "--quiet"]).error(&["last.safetensors", "step 2147483648"]);
+    std::fs::rename(sb.p("best.keep"), sb.p("a/best.safetensors")).unwrap();
+    restore();
+    // The run's own data, relocated: resumes.
+    std::fs::rename(sb.p("data/mnist"), sb.p("data/moved")).unwrap();
+    sb.asge(&["train", "--resume", "a", "--data", "data/moved", "--quiet"]).ok();
+}
+
+#[test]
+fn shard_refuses_an_output_inside_its_input_and_names_what_it_cannot_read() {
+    let sb = Sandbox::new("shard-paths");
+    image_folder(&sb.p("folder"), 2, 2, 12);
+    let before = tree(&sb.root);
+    sb.asge(&["shard", "--input", "folder", "--out", "folder/class_0/shards", "--size", "8", "--quiet"])
+        .error(&["--out", "inside --input"]);
+    sb.asge(&["shard", "--input", "folder/../folder", "--out", "folder/new/deeper", "--size", "8", "--quiet"])
+        .error(&["inside --input"]);
+    assert_eq!(tree(&sb.root), before);
+    // An image nested past the path-length limit (4096 bytes) is an error naming the entry, not left out silently.
+    let mut deep = sb.p("folder/class_1");
+    let name = "d".repeat(200);
+    while deep.as_os_str().len() < 4000 {
+        deep = deep.join(&name);
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    // The last level is made relative to its parent: its full path is past the limit.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && mkdir {name} && cp {} {name}/img.png", deep.display(), sb.s("folder/class_1/img0.png")))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sb.asge(&["shard", "--input", "folder", "--out", "shards", "--size", "8", "--quiet"]).error(&["cannot read"]);
 }

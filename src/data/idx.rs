@@ -4,7 +4,8 @@
 //! exactly the size the header declares: a raw file's length is compared before anything is read, and a gzip
 //! stream is inflated through `Read::take` up to one byte past the declared size, so a stream that is longer (a
 //! decompression bomb) or shorter is an error after reading at most what the header announced. The announced
-//! size itself is checked against the memory this machine has before it is allocated.
+//! size itself is checked against the memory this process may take (`MemAvailable`, the cgroup, `RLIMIT_AS`)
+//! before it is allocated, and the message names what the header declares.
 
 use crate::limits;
 use anyhow::{bail, Context, Result};
@@ -65,8 +66,17 @@ pub fn read_idx_u8(path: &Path, ndim: usize) -> Result<IdxU8> {
             );
         }
     }
-    limits::ensure_fits(&format!("{p}: an IDX payload of {dims:?}"), expected as u64, "the dataset (a smaller file)")?;
-    let mut data = Vec::with_capacity(if gz { expected.min(1 << 26) } else { expected });
+    // Checked against the memory this process may still take (RLIMIT_AS included) before anything is inflated,
+    // then reserved whole: the inflated bytes never grow the buffer past what the header declared.
+    limits::ensure_fits(
+        &format!("{p}: the IDX header declares {dims:?} ({expected} bytes), which"),
+        expected as u64,
+        "the dataset (a smaller file)",
+    )?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(expected).map_err(|_| {
+        anyhow::anyhow!("{p}: the IDX header declares {dims:?} ({expected} bytes): cannot allocate that much memory")
+    })?;
     reader.by_ref().take(expected as u64 + 1).read_to_end(&mut data).map_err(io_err)?;
     if data.len() != expected {
         bail!(

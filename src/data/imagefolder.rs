@@ -4,6 +4,8 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// How a decoded image becomes `S x S`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -82,9 +84,12 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet
     }
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
         let path = e.with_context(|| format!("{}: cannot read", dir.display()))?.path();
-        if path.is_dir() {
+        // An entry that cannot be looked at (a path past the length limit, a link to nothing) is an error naming
+        // it, never a file left out without a word.
+        let m = std::fs::metadata(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if m.is_dir() {
             walk(&path, out, seen)?;
-        } else if path.is_file() {
+        } else if m.is_file() {
             out.push(path);
         }
     }
@@ -133,9 +138,77 @@ pub fn short_side_size(w: usize, h: usize, s: usize) -> (usize, usize) {
     }
 }
 
+/// The most pixels an image may have to be decoded: Pillow's `MAX_IMAGE_PIXELS` (89,478,485) unless
+/// `--max-image-pixels` set another.
+static MAX_PIXELS: AtomicU64 = AtomicU64::new(DEFAULT_MAX_PIXELS);
+
+/// Pillow's default decode bound.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
+/// Sets the decode bound (`--max-image-pixels`).
+pub fn set_max_pixels(n: u64) {
+    MAX_PIXELS.store(n, Ordering::Relaxed);
+}
+
+/// What one worker may take to decode and resize one image: its share of the memory this process may take
+/// (computed once), at least 64 MiB.
+fn work_budget() -> u64 {
+    static BUDGET: OnceLock<u64> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let avail = crate::limits::available_bytes().ok().flatten().unwrap_or(u64::MAX);
+        (avail / rayon::current_num_threads().max(1) as u64).max(64 << 20)
+    })
+}
+
+/// Checks an image before it is decoded, from the `w x h` its header declares: at most the decode bound in
+/// pixels, and a decode plus a resize to `out_w x out_h` (its buffers: the decoded RGB, the resize's
+/// intermediate rows of 4 f32 channels and its output) within one worker's share of memory. A file of a few
+/// kilobytes can declare 10,000,000 x 1 pixels, whose resize to a 32-pixel short side alone would be 320 million
+/// pixels.
+pub fn check_image_size(w: u64, h: u64, out_w: u64, out_h: u64) -> Result<()> {
+    let max = MAX_PIXELS.load(Ordering::Relaxed);
+    let pixels = w.saturating_mul(h);
+    if pixels > max {
+        bail!(
+            "{w}x{h} is {pixels} pixels, over the decode bound of {max} (a decompression bomb? \
+             --max-image-pixels raises the bound)"
+        );
+    }
+    let work = pixels
+        .saturating_mul(3)
+        .saturating_add(w.saturating_mul(out_h).saturating_mul(16))
+        .saturating_add(out_w.saturating_mul(out_h).saturating_mul(3));
+    let budget = work_budget();
+    if work > budget {
+        bail!(
+            "{w}x{h} resized to {out_w}x{out_h} needs about {} of memory, over one worker's share of {} \
+             (an extreme aspect ratio or a decompression bomb?)",
+            crate::limits::human_bytes(work),
+            crate::limits::human_bytes(budget)
+        );
+    }
+    Ok(())
+}
+
+/// The `(width, height)` a PNG or JPEG declares in its header, read without decoding it.
+pub fn declared_size(bytes: &[u8]) -> Result<(u32, u32)> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into_dimensions()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Decodes a JPEG or PNG file to RGB and brings it to `size x size`, returned CHW (`3 * size * size` bytes).
 pub fn load_rgb(path: &Path, size: usize, mode: ResizeMode) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (w0, h0) = declared_size(&bytes)?;
+    let (ow, oh) = match mode {
+        ResizeMode::Squash => (size, size),
+        ResizeMode::ShortSide if w0 > 0 && h0 > 0 => short_side_size(w0 as usize, h0 as usize, size),
+        ResizeMode::ShortSide => (size, size),
+    };
+    check_image_size(w0 as u64, h0 as u64, ow as u64, oh as u64)?;
     let img = if bytes.starts_with(&[0xff, 0xd8]) {
         decode_jpeg_strict(&bytes)?
     } else {

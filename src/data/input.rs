@@ -90,7 +90,7 @@ impl InputSpec {
             InputResize::ShortSide => imagefolder::load_rgb(path, s, ResizeMode::ShortSide)?,
             InputResize::Squash => imagefolder::load_rgb(path, s, ResizeMode::Squash)?,
             InputResize::PillowBilinear => {
-                let (planes, h, w) = decode_planes(path)?;
+                let (planes, h, w) = decode_planes(path, s)?;
                 planes.iter().flat_map(|p| pillow_fit(p, h, w, s)).collect()
             }
         };
@@ -114,9 +114,13 @@ fn pillow_luma(r: &[u8], g: &[u8], b: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// Decodes a PNG or JPEG into 1 (grey) or 3 (RGB) planes of `h x w`.
-fn decode_planes(path: &Path) -> Result<(Vec<Vec<u8>>, usize, usize)> {
+/// Decodes a PNG or JPEG into 1 (grey) or 3 (RGB) planes of `h x w`, after checking its declared size for a
+/// resize to a short side of `s` ([`imagefolder::check_image_size`]).
+fn decode_planes(path: &Path, s: usize) -> Result<(Vec<Vec<u8>>, usize, usize)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (w0, h0) = imagefolder::declared_size(&bytes)?;
+    let (ow, oh) = if w0 > 0 && h0 > 0 { imagefolder::short_side_size(w0 as usize, h0 as usize, s) } else { (s, s) };
+    imagefolder::check_image_size(w0 as u64, h0 as u64, ow as u64, oh as u64)?;
     let img = if bytes.starts_with(&[0xff, 0xd8]) {
         image::DynamicImage::ImageRgb8(imagefolder::decode_jpeg_strict(&bytes)?)
     } else {

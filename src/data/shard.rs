@@ -82,10 +82,33 @@ fn plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
-/// `.asge-shard-partial.json`: the files this writer may have created.
+/// `.asge-shard-partial.json`: the files this writer may have created, and what each one it did create is (its
+/// device, inode, length and modification time, recorded once it is in place). A later run removes a named file
+/// only when it is still that very file: a name read from a manifest alone (a planted or stale one) removes
+/// nothing.
 #[derive(Default, Serialize, Deserialize)]
 struct Partial {
     files: Vec<String>,
+    #[serde(default)]
+    created: std::collections::BTreeMap<String, FileId>,
+}
+
+/// What identifies a file this writer created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i64,
+}
+
+impl FileId {
+    /// The file at `path` now (never through a symlink).
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = path.symlink_metadata().ok().filter(|m| m.is_file())?;
+        Some(FileId { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec() })
+    }
 }
 
 /// The files of one unfinished `asge shard` in `dir`, removed on failure.
@@ -102,7 +125,17 @@ impl Owned {
         write_atomic(&self.dir.join(PARTIAL), serde_json::to_string(&self.partial)?.as_bytes())
     }
 
-    /// Removes the files a manifest names (and their temporary files), then the manifest.
+    /// Records that `file` (claimed before) is now in place.
+    fn created(&mut self, file: &str) -> Result<()> {
+        if let Some(id) = FileId::of(&self.dir.join(file)) {
+            self.partial.created.insert(file.to_string(), id);
+            write_atomic(&self.dir.join(PARTIAL), serde_json::to_string(&self.partial)?.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the files a manifest names that are still the files it recorded creating (and the temporary files
+    /// of the names it claimed), then the manifest.
     fn remove_all(dir: &Path, partial: &Partial) -> Result<()> {
         let temps: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot read", dir.display()))?
@@ -111,7 +144,13 @@ impl Owned {
             .filter(|n| files::is_temp_name(n) && partial.files.iter().any(|f| n.starts_with(&format!(".{f}.asge-"))))
             .map(|n| dir.join(n))
             .collect();
-        for f in partial.files.iter().filter(|f| plain_name(f)).map(|f| dir.join(f)).chain(temps) {
+        let ours = partial
+            .files
+            .iter()
+            .filter(|f| plain_name(f))
+            .filter(|f| partial.created.get(*f).is_some_and(|id| FileId::of(&dir.join(f)) == Some(*id)))
+            .map(|f| dir.join(f));
+        for f in ours.chain(temps) {
             match std::fs::remove_file(&f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -164,6 +203,8 @@ impl ShardWriter {
     fn finish_current(&mut self) -> Result<()> {
         if let Some(t) = self.current.take() {
             t.persist()?;
+            let name = self.shards.last().expect("a shard was open").file.clone();
+            self.owned.created(&name)?;
         }
         Ok(())
     }
@@ -201,6 +242,15 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
             out.display(),
             idx.source,
             idx.size
+        );
+    }
+    // The output inside the input would be read as images of a class by the next run over that folder.
+    let abs_out = existing_prefix_resolved(out);
+    if abs_out.starts_with(&source) {
+        bail!(
+            "--out {} is inside --input {}: its files would be read as part of the dataset; choose a folder outside it",
+            out.display(),
+            input.display()
         );
     }
     let scan = imagefolder::scan(input)?;
@@ -290,6 +340,7 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
     let label_bytes: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
     writer.owned.claim("labels.u16")?;
     write_atomic(&out.join("labels.u16"), &label_bytes)?;
+    writer.owned.created("labels.u16")?;
     let index = ShardIndex {
         format: FORMAT.into(),
         version: 1,
@@ -322,6 +373,25 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
         );
     }
     Ok(index)
+}
+
+/// `path` with its longest existing prefix resolved (symlinks, `..`) and the rest appended as written.
+fn existing_prefix_resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            return rest.iter().rev().fold(c, |p, n| p.join(n));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
 }
 
 /// A shard set, memory-mapped.

@@ -233,23 +233,19 @@ pub fn encode<B: Backend>(
     serialize(&tensors, meta)
 }
 
-/// Checks `bytes`, a run checkpoint about to be written as `path`, with what every reader of a run checkpoint
-/// does (`--resume`, `eval`, `predict`, `export`): the file parses, its metadata passes the checks [`load`] makes,
-/// it holds a training state, an input spec and a run config, and its tensors fit its model table. The writer
-/// calls it before every write and a run calls it on its first state before training, so a run can never end
-/// with checkpoints its own loader refuses.
+/// Checks `bytes`, a checkpoint about to be written as `path`, with what every reader of a run checkpoint does
+/// (`--resume`, `eval`, `predict`, `export`): the file parses, its metadata passes the checks [`load`] makes (the
+/// model table, the training state, the input spec), its run config's options read back, and its tensors fit its
+/// model table. The writer calls it before every write and a run calls it on its first state before training,
+/// so a run can never end with checkpoints its own loader refuses.
 pub fn check_readable(bytes: &[u8], path: &Path) -> Result<()> {
     let ck = parse(bytes, path)?;
     let spec = ck.spec.as_ref().with_context(|| format!("{}: no asge.model metadata", path.display()))?;
     ck.state.as_ref().with_context(|| format!("{}: no asge.state metadata", path.display()))?;
-    ck.input.as_ref().with_context(|| format!("{}: no asge.input metadata", path.display()))?;
-    let config = ck.config.as_ref().with_context(|| format!("{}: no asge.config metadata", path.display()))?;
-    let train = config
-        .get("train")
-        .cloned()
-        .with_context(|| format!("{}: asge.config has no train options", path.display()))?;
-    serde_json::from_value::<super::config::TrainConfig>(train)
-        .with_context(|| format!("{}: asge.config's train options do not read back", path.display()))?;
+    if let Some(train) = ck.config.as_ref().and_then(|c| c.get("train")) {
+        serde_json::from_value::<super::config::TrainConfig>(train.clone())
+            .with_context(|| format!("{}: asge.config's train options do not read back", path.display()))?;
+    }
     ck.params_for(path, spec)?;
     Ok(())
 }

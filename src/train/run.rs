@@ -411,6 +411,11 @@ impl<'c, B: Backend> Run<'c, B> {
 
         let folder = RunFolder::open(out, start)?;
         let resume_from = if start == RunStart::Resume { resume_point(&folder.dir, &spec, opts)? } else { None };
+        let identity = data_identity(cfg.dataset, &sources);
+        if let (Some((path, ck, state)), Some(stored)) = (&resume_from, &stored) {
+            let per_epoch = train_idx.len().div_ceil(batch);
+            check_resume(path, ck, state, stored, &identity, per_epoch, opts)?;
+        }
         let (params, state, ckpt) = if let Some((path, ck, state)) = resume_from {
             (ck.params_for(&path, &spec)?, state, Some((path, ck)))
         } else if let Some(init) = &cfg.init {
@@ -426,7 +431,8 @@ impl<'c, B: Backend> Run<'c, B> {
         }
         let mut resolved = cfg.clone();
         resolved.val = Some(val);
-        let config_json = serde_json::json!({ "train": resolved, "model": spec, "input": sources.input });
+        let config_json =
+            serde_json::json!({ "train": resolved, "model": spec, "input": sources.input, "data": identity });
         // The checkpoints this run will write must load: one is checked now, before any training, with the reader's
         // own checks (a run must never end with checkpoints that --resume, eval, predict and export refuse).
         let first = folder.dir.join("last.safetensors");
@@ -776,11 +782,11 @@ impl<'c, B: Backend> Run<'c, B> {
     }
 }
 
-/// Where `--resume` continues a run from: the newest usable of its `last.safetensors` and `best.safetensors`
-/// (best is newer when writing last failed, on a full disk say), with its checked state. `None` when the run has
-/// neither (it stopped before its first checkpoint: it starts again from the beginning, with its config). A
-/// checkpoint that exists but cannot be used, with no other to take its place, is an error that names the way
-/// out.
+/// Where `--resume` continues a run from: the newer of its `last.safetensors` and `best.safetensors` (best is
+/// newer when writing last failed, on a full disk say), with its checked state. `None` when the run has neither
+/// (it stopped before its first checkpoint: it starts again from the beginning, with its config). A checkpoint
+/// that exists but cannot be used is an error that names it and the way out: continuing from an older file
+/// without being asked could quietly drop many epochs.
 fn resume_point(
     dir: &Path,
     spec: &ModelSpec,
@@ -803,38 +809,172 @@ fn resume_point(
         })();
         match checked {
             Ok((ck, state)) => usable.push((path, ck, state)),
-            Err(e) => unusable.push(format!("{e:#}")),
+            Err(e) => unusable.push((name, format!("{e:#}"))),
         }
+    }
+    if let Some((name, why)) = unusable.first() {
+        let other = usable.first().map_or(String::new(), |u| {
+            format!(
+                " or to continue from {} (step {})",
+                u.0.file_name().unwrap_or_default().to_string_lossy(),
+                u.2.step
+            )
+        });
+        let restart = if usable.is_empty() { " to start the run again from the beginning" } else { "" };
+        bail!(
+            "--resume {}: {name} cannot be used ({why}); move it out of the folder{restart}{other} with --resume, or \
+             replace the run with --overwrite",
+            dir.display()
+        );
     }
     // The newest: the most optimizer steps (on a tie, last: it is listed first).
     let newest = usable.iter().enumerate().max_by_key(|(i, u)| (u.2.step, std::cmp::Reverse(*i))).map(|(i, _)| i);
-    match newest {
-        Some(i) => {
-            let chosen = usable.swap_remove(i);
-            if chosen.0.file_name().is_some_and(|n| n == "best.safetensors") {
-                let why =
-                    if unusable.is_empty() { "newer than last.safetensors" } else { "last.safetensors is unusable" };
-                say(opts, format!("asge: --resume: continuing from best.safetensors (step {}; {why})", chosen.2.step));
-            }
-            Ok(Some(chosen))
+    let Some(i) = newest else {
+        say(
+            opts,
+            format!(
+                "asge: --resume {}: the run stopped before its first checkpoint; starting it again from the beginning with its config.json",
+                dir.display()
+            ),
+        );
+        return Ok(None);
+    };
+    let chosen = usable.swap_remove(i);
+    if chosen.0.file_name().is_some_and(|n| n == "best.safetensors") {
+        let why = if usable.is_empty() { "there is no last.safetensors" } else { "it is newer than last.safetensors" };
+        say(opts, format!("asge: --resume: continuing from best.safetensors (step {}; {why})", chosen.2.step));
+    }
+    Ok(Some(chosen))
+}
+
+/// What identifies a run's data (kept in `config.json` and every checkpoint's `asge.config`): its kind, counts
+/// and shape, and a hash of a few of its records (the first, the last and two between, of the training and the
+/// test set). `--resume` with other data is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    pub kind: String,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub channels: usize,
+    pub size: usize,
+    pub classes: usize,
+    /// FNV-1a (64 bits, hex) over the sampled records' labels and pixels.
+    pub records: String,
+}
+
+fn data_identity(kind: DatasetKind, s: &Sources) -> DataIdentity {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
-        None if unusable.is_empty() => {
-            say(
-                opts,
-                format!(
-                    "asge: --resume {}: the run stopped before its first checkpoint; starting it again from the beginning with its config.json",
-                    dir.display()
-                ),
-            );
-            Ok(None)
+    };
+    for src in [&s.train, &s.test] {
+        let n = src.len();
+        let mut picks = vec![0, n / 3, 2 * n / 3, n.saturating_sub(1)];
+        picks.dedup();
+        for i in picks.into_iter().filter(|&i| i < n) {
+            eat(&src.label(i).to_le_bytes());
+            eat(src.image(i));
         }
-        None => bail!(
-            "--resume {}: no usable checkpoint ({}); move the damaged file(s) out of the folder to start the run again \
-             from the beginning with --resume, or replace the run with --overwrite",
+    }
+    DataIdentity {
+        kind: kind.name().into(),
+        train_images: s.train.len(),
+        test_images: s.test.len(),
+        channels: s.train.channels(),
+        size: s.train.size(),
+        classes: s.train.classes(),
+        records: format!("{h:016x}"),
+    }
+}
+
+/// The options `--resume` may change: they may differ between `config.json` and an older checkpoint.
+const RESUME_OVERRIDES: &[&str] = &["epochs", "device", "precision", "data"];
+
+/// Questions a resume before it continues: the checkpoint's own run config (`asge.config`) must be the folder's
+/// `config.json` (but for the options `--resume` may change), the data must be the data the run trained on
+/// (when the checkpoint records it), and the state's step count must be the one its epoch and batch give.
+fn check_resume(
+    path: &Path,
+    ck: &checkpoint::Checkpoint,
+    state: &TrainState,
+    stored: &(TrainConfig, Option<ModelSpec>),
+    identity: &DataIdentity,
+    per_epoch: usize,
+    opts: RunOptions,
+) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let Some(config) = &ck.config else {
+        bail!("--resume: {} has no run config in its metadata (not a checkpoint of this run)", path.display())
+    };
+    let mine = serde_json::to_value(&stored.0)?;
+    let theirs = config.get("train").cloned().unwrap_or_default();
+    let differ: Vec<String> = mine
+        .as_object()
+        .into_iter()
+        .flatten()
+        // An option the checkpoint does not list is one added to asge after it was written: not compared.
+        .filter(|(k, v)| !RESUME_OVERRIDES.contains(&k.as_str()) && theirs.get(k.as_str()).is_some_and(|t| t != *v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let table_differs = stored
+        .1
+        .as_ref()
+        .is_some_and(|m| config.get("model").is_some_and(|t| serde_json::to_value(m).ok().as_ref() != Some(t)));
+    if !differ.is_empty() || table_differs {
+        let what = if table_differs { [differ, vec!["model table".into()]].concat() } else { differ };
+        bail!(
+            "--resume {}: config.json differs from the run config in {} ({}); edited by hand, or a checkpoint of \
+             another run? Restore config.json, or start a new run with --out",
             dir.display(),
-            unusable.join("; ")
+            path.display(),
+            what.join(", ")
+        );
+    }
+    match config.get("data").map(|d| serde_json::from_value::<DataIdentity>(d.clone())) {
+        Some(Ok(trained)) if &trained != identity => bail!(
+            "--resume {}: --data {} is not the data this run trained on ({} with {} training and {} test images \
+             of {}x{}x{}, records {}; this is {} with {} and {} of {}x{}x{}, records {})",
+            dir.display(),
+            ck.config.as_ref().and_then(|c| c["train"]["data"].as_str()).unwrap_or("?"),
+            trained.kind,
+            trained.train_images,
+            trained.test_images,
+            trained.channels,
+            trained.size,
+            trained.size,
+            trained.records,
+            identity.kind,
+            identity.train_images,
+            identity.test_images,
+            identity.channels,
+            identity.size,
+            identity.size,
+            identity.records
+        ),
+        Some(Ok(_)) => {}
+        Some(Err(e)) => bail!("{}: a bad data identity in asge.config ({e})", path.display()),
+        None => say(
+            opts,
+            format!(
+                "asge: {} was written before asge recorded the data's identity: the data is not checked",
+                path.display()
+            ),
         ),
     }
+    let want = (state.epochs_done as u64).saturating_mul(per_epoch as u64).saturating_add(state.batches_done as u64);
+    if state.step != want {
+        bail!(
+            "{}: the training state says step {} at epoch {} batch {}, which is step {want} with {per_epoch} batches \
+             an epoch (a damaged or edited checkpoint)",
+            path.display(),
+            state.step,
+            state.epochs_done,
+            state.batches_done
+        );
+    }
+    Ok(())
 }
 
 /// Reads a run folder's config for `--resume`.
@@ -1020,7 +1160,9 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("{}: cannot append", path.display()))?;
-    writeln!(f, "{line}").with_context(|| format!("{}: cannot append", path.display()))
+    // One write of the whole line (writeln! would write the text and the newline apart: a kill between them
+    // leaves a torn line that the next append runs on).
+    f.write_all(format!("{line}\n").as_bytes()).with_context(|| format!("{}: cannot append", path.display()))
 }
 
 /// Drops `steps.jsonl` lines of steps past the checkpoint.
