@@ -789,15 +789,24 @@ fn a_gzip_bomb_is_stopped_at_the_size_its_header_declares() {
         .unwrap();
     Out::of(o).error(&["train-images-idx3-ubyte.gz", "oversized", "7840"]);
 
-    // A header that declares 16 GiB (2^14 images of 1024 x 1024) over a few bytes of gzip, under an 8 GB
-    // address-space limit: refused before inflating, naming what the header declares and the memory there is.
+    // A header that declares 16 GiB (2^14 images of 1024 x 1024) over 768 MiB of zeros in 1 MB of gzip, under a
+    // 1.5 GB address-space limit: refused before inflating, naming what the header declares and the memory there
+    // is (inflating into a growing buffer ran out of memory).
     let mut header = vec![0, 0, 8, 3];
     for d in [1u32 << 14, 1024, 1024] {
         header.extend(d.to_be_bytes());
     }
-    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), gz(&header)).unwrap();
+    let mut bomb = gz(&header);
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(&vec![0u8; 64 << 20]).unwrap();
+    let dense = e.finish().unwrap();
+    for _ in 0..12 {
+        bomb.extend_from_slice(&dense);
+    }
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    std::fs::write(dir.join("train-images-idx3-ubyte.gz"), &bomb).unwrap();
     let o = Command::new("prlimit")
-        .args(["--as=8000000000", "--", &bin, "train", "--dataset", "idx", "--data", "data/bomb", "--out", "run"])
+        .args(["--as=1500000000", "--", &bin, "train", "--dataset", "idx", "--data", "data/bomb", "--out", "run"])
         .current_dir(&sb.root)
         .env("HOME", sb.p("home"))
         .env("MALLOC_ARENA_MAX", "2")
