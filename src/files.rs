@@ -4,17 +4,19 @@
 //!   exclusively (`O_CREAT | O_EXCL`, so a symlink or a file planted at that name is never followed or reused),
 //!   synced, and renamed over the real name (`rename(2)` replaces a symlink there, it does not write through it).
 //!   A temporary file that is not renamed into place (an error, a full disk) is removed.
-//! - [`write_output`]: the one guard for every file a user names (`--trace`, `--json`, `--dump-logits`,
+//! - [`Output`]: the one guard for every file a user names (`--trace`, `--json`, `--dump-logits`,
 //!   `export --out`): it replaces only a regular file that asge wrote as that kind of output (recognised by its
 //!   content), never a file this command reads, a symlink, a folder, a socket or a block device; a character
 //!   device or a FIFO (`/dev/null`, a pipe) is written into, not replaced. [`distinct_outputs`] refuses one path
 //!   named for two outputs.
 //! - Inputs: every file a command reads as its data, checkpoint or config is noted ([`note_input`]), by device and
-//!   inode; [`write_atomic`] refuses to replace one, whatever name it is reached by (a hard link included).
-//! - [`FolderLock`]: an `flock(2)` lock on the folder itself, so two asge processes never write one run or shard
-//!   folder at once. The kernel releases it when the holder dies, however it dies (SIGKILL, the OOM killer), so a
-//!   crashed run can always be resumed; the holder's pid is written to `DIR/.asge.lock` (atomically, never
-//!   through a link) only for the error message.
+//!   inode (kept open, so the number cannot be reused); [`write_atomic`] refuses to replace one, whatever name it
+//!   is reached by (a hard link included).
+//! - [`FolderLock`]: `flock(2)` locks on the folder itself and on `DIR/.asge.lock`, so two asge processes never
+//!   write one run or shard folder at once: deleting the lock file does not unlock the folder, and the lock file,
+//!   which also carries the lock to other hosts on a network file system, is only used when it is the one file
+//!   at its name (never a link). The kernel releases both when the holder dies, however it dies (SIGKILL, the OOM
+//!   killer), so a crashed run can always be resumed.
 //! - [`RunFolder`]: `asge train --out`'s guard: it refuses a folder that holds a run unless the run is resumed or
 //!   `--overwrite` is given, and then removes only the files a run writes.
 
@@ -125,16 +127,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The files this process reads as its inputs (data, checkpoints, configs): device, inode and the path they were
-/// read by, for messages.
-static INPUTS: Mutex<Vec<(u64, u64, PathBuf)>> = Mutex::new(Vec::new());
+/// read by, for messages, and the file held open so that its inode number is not given to another file while
+/// this process runs (a removed input's number could otherwise come back as a new checkpoint's).
+static INPUTS: Mutex<Vec<(u64, u64, PathBuf, File)>> = Mutex::new(Vec::new());
 
 /// Notes `path` (followed to the file it names) as an input of this command: no write replaces it afterwards.
-/// A path that cannot be read is not noted (reading it fails on its own).
+/// A path that cannot be opened is not noted (reading it fails on its own).
 pub fn note_input(path: &Path) {
-    if let Ok(m) = std::fs::metadata(path) {
+    let Ok(f) = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path) else {
+        return;
+    };
+    if let Ok(m) = f.metadata() {
         let mut v = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
-        if !v.iter().any(|(d, i, _)| (*d, *i) == (m.dev(), m.ino())) {
-            v.push((m.dev(), m.ino(), path.to_path_buf()));
+        if !v.iter().any(|(d, i, _, _)| (*d, *i) == (m.dev(), m.ino())) {
+            v.push((m.dev(), m.ino(), path.to_path_buf(), f));
         }
     }
 }
@@ -143,16 +149,20 @@ pub fn note_input(path: &Path) {
 fn input_at(path: &Path) -> Option<PathBuf> {
     let m = std::fs::metadata(path).ok()?;
     let v = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
-    v.iter().find(|(d, i, _)| (*d, *i) == (m.dev(), m.ino())).map(|(_, _, p)| p.clone())
+    v.iter().find(|(d, i, _, _)| (*d, *i) == (m.dev(), m.ino())).map(|(_, _, p, _)| p.clone())
 }
 
-/// An error when `path` names a file this command reads.
-fn refuse_input(path: &Path) -> Result<()> {
+/// An error when `path` names a file this command reads; `what` names the path in the message (`--json X`).
+fn refuse_input_as(path: &Path, what: &str) -> Result<()> {
     if let Some(read) = input_at(path) {
         let same = if read == path { String::new() } else { format!(" (as {})", read.display()) };
-        bail!("{}: this command reads that file{same}; it is never replaced: choose another path", path.display());
+        bail!("{what}: this command reads that file{same}; it is never replaced: choose another path");
     }
     Ok(())
+}
+
+fn refuse_input(path: &Path) -> Result<()> {
+    refuse_input_as(path, &path.display().to_string())
 }
 
 /// How [`write_output`] will write a path, from what it names now.
@@ -207,7 +217,7 @@ impl Output<'_> {
         if let Some(what) = what {
             bail!("{flag} {}: is {what}; choose a file path", path.display());
         }
-        refuse_input(path).with_context(|| format!("{flag} {}", path.display()))?;
+        refuse_input_as(path, &format!("{flag} {}", path.display()))?;
         if !(self.ours)(path) {
             bail!(
                 "{flag} {}: the file exists and is not {} (only that is replaced); choose another path",
@@ -239,12 +249,23 @@ impl Output<'_> {
     }
 }
 
-/// `path` made absolute with its folder resolved (the file itself need not exist), to compare output paths.
-fn resolved(path: &Path) -> PathBuf {
+/// `path` made absolute with its longest existing prefix resolved (symlinks, `..`) and the rest appended as
+/// written (the file and its folders need not exist): to compare paths a command will write.
+pub fn resolved(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    match (abs.parent(), abs.file_name()) {
-        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map(|d| d.join(name)).unwrap_or(abs),
-        _ => abs,
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            return rest.iter().rev().fold(c, |p, n| p.join(n));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
     }
 }
 
@@ -275,8 +296,7 @@ pub fn distinct_outputs(outputs: &[(&str, &Path)]) -> Result<()> {
 /// a temporary file. Such a path would replace the run's own state (its checkpoints, its config).
 pub fn outside_run_files(flag: &str, path: &Path, dir: &Path) -> Result<()> {
     let p = resolved(path);
-    let d =
-        std::fs::canonicalize(dir).unwrap_or_else(|_| std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    let d = resolved(dir);
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if p.parent() == Some(d.as_path()) && (is_run_file(&name) || name == LOCK_FILE || is_temp_name(&name)) {
         bail!("{flag} {}: a file of the run folder itself; choose a path outside the run's own files", path.display());
@@ -284,47 +304,85 @@ pub fn outside_run_files(flag: &str, path: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// An exclusive `flock(2)` on a folder itself, held until dropped (or until the process dies).
+/// Exclusive `flock(2)` locks on a folder itself and on its `.asge.lock`, held until dropped (or until the process
+/// dies).
 ///
-/// Locking the folder (not a file in it) means that nothing planted or removed inside it can lend a second
-/// process the lock: deleting `.asge.lock` leaves the folder locked, and a `.asge.lock` that is a link to a file
-/// elsewhere is never opened for writing (the pid goes in by [`write_atomic`], which replaces the name).
+/// The folder's own lock means that nothing planted or removed inside it can lend a second process the lock:
+/// deleting `.asge.lock` leaves the folder locked. The lock file's lock is what other hosts see on a network
+/// file system (where a folder's flock may stay local), and what older asge versions take; it is used only when
+/// it is the single name of a regular file (a link planted there, hard or symbolic, is removed first, never
+/// written through), and it then holds the holder's pid for the message.
 pub struct FolderLock {
     _dir: File,
+    _file: File,
 }
 
 impl FolderLock {
-    /// Takes the lock of `dir` (which must exist), or fails naming the holder.
+    /// Takes the locks of `dir` (which must exist), or fails naming the holder.
     pub fn acquire(dir: &Path) -> Result<Self> {
         let d = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(dir)
             .with_context(|| format!("{}: cannot open the folder to lock it", dir.display()))?;
+        let busy = || {
+            let holder = read_small(&dir.join(LOCK_FILE)).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if !holder.is_empty() && holder.bytes().all(|b| b.is_ascii_digit()) {
+                format!(" (pid {holder})")
+            } else {
+                String::new()
+            };
+            anyhow::anyhow!(
+                "{}: another asge process{who} is using this folder; wait for it to end or choose another",
+                dir.display()
+            )
+        };
         match d.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = read_small(&dir.join(LOCK_FILE)).unwrap_or_default();
-                let holder = holder.trim();
-                let who = if !holder.is_empty() && holder.bytes().all(|b| b.is_ascii_digit()) {
-                    format!(" (pid {holder})")
-                } else {
-                    String::new()
-                };
-                bail!(
-                    "{}: another asge process{who} is using this folder; wait for it to end or choose another",
-                    dir.display()
-                );
-            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(busy()),
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| {
                     format!("{}: cannot lock the folder (does its file system support flock?)", dir.display())
                 });
             }
         }
-        // The pid only serves the message above; the lock itself is the flock on the folder.
-        let _ = write_atomic(&dir.join(LOCK_FILE), format!("{}\n", std::process::id()).as_bytes());
-        Ok(FolderLock { _dir: d })
+        let path = dir.join(LOCK_FILE);
+        for _ in 0..8 {
+            // Anything but a regular file with one name is not ours to write: remove the name (never its target).
+            if let Ok(m) = path.symlink_metadata() {
+                if !m.is_file() || m.nlink() != 1 {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("{}: cannot remove a planted lock file", path.display()))?;
+                }
+            }
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(&path)
+                .with_context(|| format!("{}: cannot open the folder's lock file", path.display()))?;
+            match f.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Err(busy()),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+                }
+            }
+            // Locked: it must still be the one regular file at that name, with no other name.
+            let (held, now) = (f.metadata()?, path.symlink_metadata());
+            let same = now.is_ok_and(|n| n.dev() == held.dev() && n.ino() == held.ino());
+            if !(same && held.is_file() && held.nlink() == 1) {
+                continue;
+            }
+            // The pid only serves the message above.
+            f.set_len(0).and_then(|_| f.write_all(format!("{}\n", std::process::id()).as_bytes())).ok();
+            return Ok(FolderLock { _dir: d, _file: f });
+        }
+        bail!("{}: the lock file keeps changing under this process; is another program writing it?", path.display())
     }
 }
 

@@ -44,22 +44,30 @@ fn parse_memory_limit(v: &str) -> Result<Option<u64>> {
     if t.is_empty() {
         return Ok(None);
     }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "T" | "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let unit = unit.trim();
+    // One letter (any case) or with `iB`: powers of 1024; with `B` (`KB`, `GB`): powers of 1000.
+    let power = match unit.chars().next().map(|c| c.to_ascii_uppercase()) {
+        None => 0,
+        Some('B') if unit.len() == 1 => 0,
+        Some('K') => 1,
+        Some('M') => 2,
+        Some('G') => 3,
+        Some('T') => 4,
         _ => bail!("ASGE_MEMORY_LIMIT={v}: not a size (bytes, or a number with K, M, G, T, KiB.., KB..)"),
     };
-    let n: u64 = digits.parse().map_err(|_| anyhow::anyhow!("ASGE_MEMORY_LIMIT={v}: not a size"))?;
-    checked(n.checked_mul(scale), || format!("ASGE_MEMORY_LIMIT={v}")).map(Some)
+    let base: f64 = match &unit.get(1..).unwrap_or("").to_ascii_lowercase()[..] {
+        "" | "ib" => 1024.0,
+        "b" if power > 0 => 1000.0,
+        _ => bail!("ASGE_MEMORY_LIMIT={v}: not a size (bytes, or a number with K, M, G, T, KiB.., KB..)"),
+    };
+    let n: f64 = number.parse().map_err(|_| anyhow::anyhow!("ASGE_MEMORY_LIMIT={v}: not a size"))?;
+    let bytes = n * base.powi(power);
+    if !(bytes.is_finite() && bytes < u64::MAX as f64) {
+        bail!("ASGE_MEMORY_LIMIT={v}: the size overflows");
+    }
+    Ok(Some(bytes as u64))
 }
 
 /// What `RLIMIT_AS` (`ulimit -v`, `prlimit --as`) still leaves this process: the limit less the address space
@@ -152,8 +160,16 @@ mod tests {
 
     #[test]
     fn the_memory_limit_takes_units_and_refuses_what_it_cannot_read() {
-        for (v, want) in [("8G", Some(8 << 30)), ("512MiB", Some(512 << 20)), ("2GB", Some(2_000_000_000)), ("", None)]
-        {
+        let cases = [
+            ("8G", Some(8 << 30)),
+            ("8g", Some(8 << 30)),
+            ("512MiB", Some(512 << 20)),
+            ("2GB", Some(2_000_000_000)),
+            ("1.5G", Some(3 << 29)),
+            ("4096", Some(4096)),
+            ("", None),
+        ];
+        for (v, want) in cases {
             assert_eq!(parse_memory_limit(v).unwrap(), want, "{v}");
         }
         for bad in ["8Q", "lots", "99999999999T"] {

@@ -323,13 +323,6 @@ fn set_max_image_pixels(n: u64) -> Result<()> {
     Ok(())
 }
 
-/// `--lr-min` for `lr_min`, `--no-shuffle` for `shuffle`: the flag a user types for a config key.
-fn flag(key: &str) -> String {
-    let cmd = <TrainConfig as clap::Args>::augment_args(clap::Command::new("flags"));
-    let long = cmd.get_arguments().find(|a| a.get_id() == key).and_then(|a| a.get_long()).map(str::to_string);
-    format!("--{}", long.unwrap_or_else(|| key.replace('_', "-")))
-}
-
 fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
     let opts = RunOptions {
         quiet: a.quiet,
@@ -349,7 +342,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
             anyhow::bail!("--out with --resume: a resumed run stays in its folder ({})", dir.display());
         }
         let refused: Vec<String> =
-            given.iter().filter(|k| !config::RESUMABLE.contains(&k.as_str())).map(|k| flag(k)).collect();
+            given.iter().filter(|k| !config::RESUMABLE.contains(&k.as_str())).map(|k| config::flag(k)).collect();
         if !refused.is_empty() {
             anyhow::bail!(
                 "--resume {}: {} cannot change when a run resumes (the run would no longer be the one it continues); \
@@ -374,7 +367,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
             anyhow::bail!(
                 "{} is required for a new run (mnist, fashion-mnist, cifar10, cifar100, idx, imagenet; and the data \
                  folder), on the command line or in a --config file",
-                flag(key)
+                config::flag(key)
             );
         }
     }

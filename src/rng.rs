@@ -5,6 +5,15 @@
 //! uninterrupted run would have drawn, and a GPU kernel can reproduce the CPU's dropout mask bit for bit.
 //! The mixer is SplitMix64's finaliser, whose output passes BigCrush when fed a counter.
 
+/// FNV-1a over bytes, 64 bits: a content fingerprint (not for randomness), e.g. of the records that identify a
+/// run's data or of a library file's bytes.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// SplitMix64's finaliser: a bijective 64-bit mixer.
 #[inline]
 pub fn mix64(mut z: u64) -> u64 {

@@ -21,6 +21,8 @@ struct Tracer {
     t0: Instant,
     events: Vec<Event>,
     path: std::path::PathBuf,
+    /// Layers of the model, for the track names (set by the first flush).
+    layers: usize,
 }
 
 static TRACER: Mutex<Option<Tracer>> = Mutex::new(None);
@@ -37,7 +39,8 @@ pub fn layer(l: usize) -> u32 {
 
 /// Turns tracing on; [`flush`] writes to `path`.
 pub fn enable(path: &std::path::Path) {
-    *TRACER.lock().unwrap() = Some(Tracer { t0: Instant::now(), events: Vec::new(), path: path.to_path_buf() });
+    *TRACER.lock().unwrap() =
+        Some(Tracer { t0: Instant::now(), events: Vec::new(), path: path.to_path_buf(), layers: 0 });
 }
 
 /// True while tracing is on (backends use it to decide whether to time their kernels).
@@ -101,11 +104,31 @@ impl Drop for Span {
     }
 }
 
-/// Writes the trace so far (atomically) to the file given to [`enable`], with track names; a no-op when off.
+/// Writes the trace so far (atomically) to the file given to [`enable`], with track names; a no-op when off. A
+/// character device or FIFO gets the trace once, at [`finish`], so that a pipe's reader sees one JSON document
+/// and a run never waits for a reader between epochs.
 pub fn flush(layers: usize) -> anyhow::Result<()> {
-    let guard = TRACER.lock().unwrap();
-    let Some(t) = guard.as_ref() else { return Ok(()) };
-    let path = &t.path;
+    write(Some(layers), false)
+}
+
+/// Writes the whole trace to a character device or FIFO at the end of a run (a regular file has it from the last
+/// [`flush`]); a no-op when off.
+pub fn finish() -> anyhow::Result<()> {
+    write(None, true)
+}
+
+fn write(layers: Option<usize>, last: bool) -> anyhow::Result<()> {
+    let mut guard = TRACER.lock().unwrap();
+    let Some(t) = guard.as_mut() else { return Ok(()) };
+    if let Some(n) = layers {
+        t.layers = n;
+    }
+    let out = output(&t.path);
+    // Regular files at every flush, devices and FIFOs only at the end.
+    if (out.check()? == crate::files::OutputTarget::Stream) != last {
+        return Ok(());
+    }
+    let layers = t.layers;
     let mut names = vec![(LOADER, "loader".to_string()), (HEADS, "fusion heads".to_string())];
     names.extend((0..layers).map(|l| (layer(l), format!("layer {}", l + 1))));
     let mut events: Vec<serde_json::Value> = names
@@ -117,7 +140,7 @@ pub fn flush(layers: usize) -> anyhow::Result<()> {
     events.extend(t.events.iter().map(|e| serde_json::to_value(e).unwrap()));
     // The producer first, so that a later run recognises its own trace from the file's first bytes.
     let body = format!("{TRACE_HEAD}\"displayTimeUnit\":\"ms\",\"traceEvents\":{}}}", serde_json::to_string(&events)?);
-    output(path).write(body.as_bytes())
+    out.write(body.as_bytes())
 }
 
 /// How an asge trace begins (Chrome's trace format keeps `otherData` as the trace's metadata).

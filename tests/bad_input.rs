@@ -996,9 +996,12 @@ fn every_output_path_replaces_only_an_earlier_output_of_its_kind() {
     let fifo = sb.p("fifo");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
-    sb.asge(&args(&q, &["--out", "r5", "--trace", "fifo"])).ok();
+    // Two epochs: the FIFO gets one whole trace at the end (a pipe's reader sees one JSON document, and the run
+    // never waits for a reader between epochs).
+    sb.asge(&args(&q, &["--out", "r5", "--epochs", "2", "--trace", "fifo"])).ok();
     let got = reader.join().unwrap();
     assert!(got.starts_with(TRACE_HEAD), "the FIFO's reader got {} bytes", got.len());
+    serde_json::from_slice::<serde_json::Value>(&got).expect("one JSON document");
     assert!(sb.p("fifo").symlink_metadata().unwrap().file_type().is_fifo());
     sb.asge(&args(&q, &["--out", "r6", "--trace", "t.json"])).ok();
     sb.asge(&args(&q, &["--out", "r7", "--trace", "t.json"])).ok();

@@ -86,7 +86,16 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet
         let path = e.with_context(|| format!("{}: cannot read", dir.display()))?.path();
         // An entry that cannot be looked at (a path past the length limit, a link to nothing) is an error naming
         // it, never a file left out without a word.
-        let m = std::fs::metadata(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let m = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            // A link to nothing: listed as a file, so that reading it fails with its reason (asge shard lists it as
+            // skipped; eval and predict name it).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.symlink_metadata().is_ok() => {
+                out.push(path);
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+        };
         if m.is_dir() {
             walk(&path, out, seen)?;
         } else if m.is_file() {

@@ -245,7 +245,7 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
         );
     }
     // The output inside the input would be read as images of a class by the next run over that folder.
-    let abs_out = existing_prefix_resolved(out);
+    let abs_out = files::resolved(out);
     if abs_out.starts_with(&source) {
         bail!(
             "--out {} is inside --input {}: its files would be read as part of the dataset; choose a folder outside it",
@@ -262,21 +262,26 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
     let _lock = FolderLock::acquire(out)?;
     // What an earlier, interrupted run of this tool left (it named every file before creating it).
     let partial_path = out.join(PARTIAL);
+    let mut named = Vec::new();
     if partial_path.symlink_metadata().is_ok() {
         let text = std::fs::read_to_string(&partial_path)
             .with_context(|| format!("{}: cannot read", partial_path.display()))?;
         let earlier: Partial = serde_json::from_str(&text)
             .with_context(|| format!("{}: not an asge shard manifest", partial_path.display()))?;
         Owned::remove_all(out, &earlier)?;
+        named = earlier.files;
     }
-    // A shard-like file that no manifest names was not written by this tool: leave it, and stop.
+    // A shard-like file still there was not written by this tool, or cannot be shown to be: leave it, and stop.
     for e in std::fs::read_dir(out).with_context(|| format!("--out {}: cannot read", out.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
         if (name.starts_with("shard-") && name.ends_with(".bin")) || name == "labels.u16" {
-            bail!(
-                "--out {}: {name} is there but no index.json or unfinished asge shard names it; move it away or choose another folder",
-                out.display()
-            );
+            let why = if named.contains(&name) {
+                "an unfinished asge shard's manifest names it but does not record creating this very file (a run \
+                 stopped between writing and recording it, a manifest from an older asge, or a planted one)"
+            } else {
+                "no index.json or unfinished asge shard names it"
+            };
+            bail!("--out {}: {name} is there but {why}; move it away or choose another folder", out.display());
         }
     }
     if !o.quiet {
@@ -373,25 +378,6 @@ pub fn write_shards(input: &Path, out: &Path, o: &ShardOptions) -> Result<ShardI
         );
     }
     Ok(index)
-}
-
-/// `path` with its longest existing prefix resolved (symlinks, `..`) and the rest appended as written.
-fn existing_prefix_resolved(path: &Path) -> PathBuf {
-    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut rest = Vec::new();
-    let mut cur = abs.as_path();
-    loop {
-        if let Ok(c) = std::fs::canonicalize(cur) {
-            return rest.iter().rev().fold(c, |p, n| p.join(n));
-        }
-        match (cur.parent(), cur.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                cur = parent;
-            }
-            _ => return abs,
-        }
-    }
 }
 
 /// A shard set, memory-mapped.

@@ -239,14 +239,15 @@ pub fn encode<B: Backend>(
 /// model table. The writer calls it before every write and a run calls it on its first state before training,
 /// so a run can never end with checkpoints its own loader refuses.
 pub fn check_readable(bytes: &[u8], path: &Path) -> Result<()> {
-    let ck = parse(bytes, path)?;
+    // The values were checked finite as they were encoded; the names, shapes and metadata are checked here.
+    let ck = parse_with(bytes, path, false)?;
     let spec = ck.spec.as_ref().with_context(|| format!("{}: no asge.model metadata", path.display()))?;
     ck.state.as_ref().with_context(|| format!("{}: no asge.state metadata", path.display()))?;
     if let Some(train) = ck.config.as_ref().and_then(|c| c.get("train")) {
         serde_json::from_value::<super::config::TrainConfig>(train.clone())
             .with_context(|| format!("{}: asge.config's train options do not read back", path.display()))?;
     }
-    ck.params_for(path, spec)?;
+    ck.check_fits(path, spec)?;
     Ok(())
 }
 
@@ -287,6 +288,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 
 /// Reads a checkpoint from its bytes (`path` names it in messages).
 pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
+    parse_with(bytes, path, true)
+}
+
+/// [`parse`]; without `data`, only the tensors' names and shapes are kept (their values are neither copied nor
+/// checked), for [`check_readable`].
+fn parse_with(bytes: &[u8], path: &Path, data: bool) -> Result<Checkpoint> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", path.display()))?;
     let (_, header) = SafeTensors::read_metadata(bytes)
@@ -297,10 +304,14 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
         if view.dtype() != Dtype::F32 {
             bail!("{}: tensor {name} is {:?}; asge checkpoints are f32", path.display(), view.dtype());
         }
-        let data: Vec<f32> =
+        if !data {
+            params.insert(name, (view.shape().to_vec(), Vec::new()));
+            continue;
+        }
+        let values: Vec<f32> =
             view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        check_finite(&name, &data).with_context(|| format!("{}: a damaged checkpoint", path.display()))?;
-        params.insert(name, (view.shape().to_vec(), data));
+        check_finite(&name, &values).with_context(|| format!("{}: a damaged checkpoint", path.display()))?;
+        params.insert(name, (view.shape().to_vec(), values));
     }
     // The three JSON documents asge keeps in the metadata; absent in files written elsewhere.
     fn json<T: serde::de::DeserializeOwned>(
@@ -354,7 +365,7 @@ impl TrainState {
 }
 
 impl Checkpoint {
-    fn tensor(&self, path: &Path, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn tensor_ref(&self, path: &Path, name: &str, shape: &[usize]) -> Result<&Vec<f32>> {
         let (have, data) = self
             .params
             .get(name)
@@ -362,7 +373,23 @@ impl Checkpoint {
         if have != shape {
             bail!("{}: tensor {name} has shape {have:?}, the model needs {shape:?}", path.display());
         }
-        Ok(data.clone())
+        Ok(data)
+    }
+
+    fn tensor(&self, path: &Path, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.tensor_ref(path, name, shape).cloned()
+    }
+
+    /// Checks that the file holds every tensor `spec` needs, with its shape, and no layer more, without copying
+    /// anything ([`Checkpoint::params_for`] copies them).
+    pub fn check_fits(&self, path: &Path, spec: &ModelSpec) -> Result<()> {
+        for (name, shape) in tensor_shapes(spec) {
+            self.tensor_ref(path, &name, &shape)?;
+        }
+        if self.params.contains_key(&format!("layers.{}.conv.weight", spec.layers.len())) {
+            bail!("{}: the checkpoint has more layers than the model ({})", path.display(), spec.layers.len());
+        }
+        Ok(())
     }
 
     /// The parameters for `spec`, checking every name and shape.

@@ -233,6 +233,13 @@ fn check_value(key: &str, val: &serde_json::Value) -> std::result::Result<(), St
     serde_json::from_value::<TrainConfig>(v).map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// `--lr-min` for `lr_min`, `--no-shuffle` for `shuffle`: the flag a user types for a config key.
+pub fn flag(key: &str) -> String {
+    let cmd = TrainConfig::augment_args(clap::Command::new("flags"));
+    let long = cmd.get_arguments().find(|a| a.get_id() == key).and_then(|a| a.get_long()).map(str::to_string);
+    format!("--{}", long.unwrap_or_else(|| key.replace('_', "-")))
+}
+
 /// Which of `TrainConfig`'s options the command line gave.
 pub fn given(m: &ArgMatches) -> Vec<String> {
     TrainConfig::keys()
@@ -258,10 +265,8 @@ pub fn merge(
         let val = flags[&k].clone();
         if let Err(e) = check_value(&k, &val) {
             let given = m.get_raw(&k).into_iter().flatten().map(|s| s.to_string_lossy()).collect::<Vec<_>>().join(" ");
-            let cmd = TrainConfig::augment_args(clap::Command::new("flags"));
-            let long = cmd.get_arguments().find(|a| a.get_id() == k.as_str()).and_then(|a| a.get_long());
-            let long = long.map_or_else(|| k.replace('_', "-"), str::to_string);
-            bail!("--{long} {given}: {e}");
+            let long = flag(&k);
+            bail!("{long} {given}: {e}");
         }
         obj.insert(k.clone(), val);
     }

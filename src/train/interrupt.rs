@@ -81,8 +81,9 @@ pub fn received() -> Option<i32> {
 
 /// A test hook: with `ASGE_TEST_PHASE=name` in the environment, the run prints `asge: test phase NAME` when it
 /// reaches the phase `name` and waits there (up to a minute) until a stop is asked for, so that a test can stop
-/// it exactly there. Phases with a progress line of their own need no hook; `checkpoint` (the end of an epoch's
-/// checkpoint writing) has one.
+/// it exactly there. Phases with a progress line of their own need no hook; `checkpoint` has one: it holds the
+/// run just before the end-of-epoch checkpoints are written, and a stop asked for there is one that lands while they are
+/// written (the run reads the stop only after writing them).
 pub fn test_phase(phase: &str) {
     if std::env::var("ASGE_TEST_PHASE").is_ok_and(|p| p == phase) {
         eprintln!("asge: test phase {phase}");

@@ -301,6 +301,15 @@ pub(crate) fn ensure_memory(
 /// checkpoint on the test set. Returns the summary that is also written to `out/summary.json` (none when the
 /// run stopped early: `--stop-after`, a signal).
 pub fn train(cfg: &TrainConfig, out: &Path, start: RunStart, opts: RunOptions) -> Result<Option<Summary>> {
+    let result = train_inner(cfg, out, start, opts);
+    // A trace going to a device or a pipe is written once, whatever ended the run.
+    let traced = crate::trace::finish();
+    let summary = result?;
+    traced?;
+    Ok(summary)
+}
+
+fn train_inner(cfg: &TrainConfig, out: &Path, start: RunStart, opts: RunOptions) -> Result<Option<Summary>> {
     with_backend!(&cfg.device, cfg.precision, |make| {
         let mut run = Run::start(cfg, out, start, opts, &make)?;
         let end = opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
@@ -399,7 +408,7 @@ impl<'c, B: Backend> Run<'c, B> {
         let batch = cfg.batch.min(train_idx.len());
         // `--trace` may name neither an input (the data, noted as it was opened; --init) nor one of the run's own
         // files.
-        if let Some(init) = &cfg.init {
+        if let Some(init) = cfg.init.as_ref().filter(|_| start != RunStart::Resume) {
             files::note_input(init);
         }
         if let Some(t) = crate::trace::path() {
@@ -412,9 +421,8 @@ impl<'c, B: Backend> Run<'c, B> {
         let folder = RunFolder::open(out, start)?;
         let resume_from = if start == RunStart::Resume { resume_point(&folder.dir, &spec, opts)? } else { None };
         let identity = data_identity(cfg.dataset, &sources);
-        if let (Some((path, ck, state)), Some(stored)) = (&resume_from, &stored) {
-            let per_epoch = train_idx.len().div_ceil(batch);
-            check_resume(path, ck, state, stored, &identity, per_epoch, opts)?;
+        if let (Some(from), Some(stored)) = (&resume_from, &stored) {
+            check_resume(from, stored, &identity, &cfg.data, train_idx.len().div_ceil(batch), opts)?;
         }
         let (params, state, ckpt) = if let Some((path, ck, state)) = resume_from {
             (ck.params_for(&path, &spec)?, state, Some((path, ck)))
@@ -442,6 +450,14 @@ impl<'c, B: Backend> Run<'c, B> {
         if start == RunStart::Resume {
             if state.epochs_done > cfg.epochs {
                 bail!("--epochs {}: the run has already trained {} epochs", cfg.epochs, state.epochs_done);
+            }
+            if state.batches_done > 0 && state.epochs_done >= cfg.epochs {
+                bail!(
+                    "--epochs {}: the checkpoint is inside epoch {} (its batches would be dropped); give --epochs {} or more",
+                    cfg.epochs,
+                    state.epochs_done + 1,
+                    state.epochs_done + 1
+                );
             }
             truncate_metrics(&folder.dir.join("metrics.jsonl"), state.epochs_done)?;
             truncate_steps(&folder.dir.join("steps.jsonl"), state.step)?;
@@ -506,10 +522,14 @@ impl<'c, B: Backend> Run<'c, B> {
             say(
                 opts,
                 format!(
-                    "asge: resuming at epoch {} of {}, step {} of {per_epoch} (optimizer step {})",
+                    "asge: resuming at epoch {} of {}, {} (optimizer step {})",
                     state.epochs_done + 1,
                     cfg.epochs,
-                    state.batches_done + 1,
+                    if state.batches_done >= per_epoch {
+                        "its validation (its training is complete)".to_string()
+                    } else {
+                        format!("step {} of {per_epoch}", state.batches_done + 1)
+                    },
                     state.step
                 ),
             );
@@ -804,7 +824,7 @@ fn resume_point(
             let state =
                 ck.state.clone().with_context(|| format!("{}: no training state in the metadata", path.display()))?;
             state.validate(spec).with_context(|| format!("{}: the training state does not fit", path.display()))?;
-            ck.params_for(&path, spec)?;
+            ck.check_fits(&path, spec)?;
             Ok((ck, state))
         })();
         match checked {
@@ -863,19 +883,13 @@ pub struct DataIdentity {
 }
 
 fn data_identity(kind: DatasetKind, s: &Sources) -> DataIdentity {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    };
+    let mut h = rng::FNV_OFFSET;
     for src in [&s.train, &s.test] {
         let n = src.len();
         let mut picks = vec![0, n / 3, 2 * n / 3, n.saturating_sub(1)];
         picks.dedup();
         for i in picks.into_iter().filter(|&i| i < n) {
-            eat(&src.label(i).to_le_bytes());
-            eat(src.image(i));
+            h = rng::fnv1a(rng::fnv1a(h, &src.label(i).to_le_bytes()), src.image(i));
         }
     }
     DataIdentity {
@@ -889,18 +903,14 @@ fn data_identity(kind: DatasetKind, s: &Sources) -> DataIdentity {
     }
 }
 
-/// The options `--resume` may change: they may differ between `config.json` and an older checkpoint.
-const RESUME_OVERRIDES: &[&str] = &["epochs", "device", "precision", "data"];
-
 /// Questions a resume before it continues: the checkpoint's own run config (`asge.config`) must be the folder's
 /// `config.json` (but for the options `--resume` may change), the data must be the data the run trained on
 /// (when the checkpoint records it), and the state's step count must be the one its epoch and batch give.
 fn check_resume(
-    path: &Path,
-    ck: &checkpoint::Checkpoint,
-    state: &TrainState,
+    (path, ck, state): &(PathBuf, checkpoint::Checkpoint, TrainState),
     stored: &(TrainConfig, Option<ModelSpec>),
     identity: &DataIdentity,
+    data: &Path,
     per_epoch: usize,
     opts: RunOptions,
 ) -> Result<()> {
@@ -915,13 +925,14 @@ fn check_resume(
         .into_iter()
         .flatten()
         // An option the checkpoint does not list is one added to asge after it was written: not compared.
-        .filter(|(k, v)| !RESUME_OVERRIDES.contains(&k.as_str()) && theirs.get(k.as_str()).is_some_and(|t| t != *v))
+        .filter(|(k, v)| {
+            !super::config::RESUMABLE.contains(&k.as_str()) && theirs.get(k.as_str()).is_some_and(|t| t != *v)
+        })
         .map(|(k, _)| k.clone())
         .collect();
-    let table_differs = stored
-        .1
-        .as_ref()
-        .is_some_and(|m| config.get("model").is_some_and(|t| serde_json::to_value(m).ok().as_ref() != Some(t)));
+    let table_differs = stored.1.as_ref().is_some_and(|m| {
+        config.get("model").is_some_and(|t| serde_json::from_value::<ModelSpec>(t.clone()).ok().as_ref() != Some(m))
+    });
     if !differ.is_empty() || table_differs {
         let what = if table_differs { [differ, vec!["model table".into()]].concat() } else { differ };
         bail!(
@@ -937,7 +948,7 @@ fn check_resume(
             "--resume {}: --data {} is not the data this run trained on ({} with {} training and {} test images \
              of {}x{}x{}, records {}; this is {} with {} and {} of {}x{}x{}, records {})",
             dir.display(),
-            ck.config.as_ref().and_then(|c| c["train"]["data"].as_str()).unwrap_or("?"),
+            data.display(),
             trained.kind,
             trained.train_images,
             trained.test_images,

@@ -253,11 +253,15 @@ pub fn compile(module: &str, source: &str, arch: &str) -> Result<Ptx> {
 }
 
 fn cache_dir() -> Option<PathBuf> {
-    // Empty counts as unset: an empty path would be the current directory.
-    std::env::var_os("ASGE_KERNEL_CACHE")
-        .filter(|v| !v.is_empty())
+    cache_dir_from(std::env::var_os("ASGE_KERNEL_CACHE"), std::env::var_os("HOME"))
+}
+
+/// The kernel cache from `ASGE_KERNEL_CACHE` and `HOME`. Empty counts as unset: an empty path would be the current
+/// directory.
+fn cache_dir_from(var: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    var.filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/asge/kernels")))
+        .or_else(|| home.filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache/asge/kernels")))
 }
 
 /// [`compile`] or [`compile_cubin`], through the disk cache keyed by content hash, architecture, options,
@@ -328,4 +332,18 @@ fn cached_by_any_nvrtc(f: &std::path::Path) -> Option<PathBuf> {
 /// Compiles every kernel for `arch`: (module, Ok or the error), for `asge info` and the CI test.
 pub fn compile_all(arch: &str) -> Vec<(&'static str, Result<()>)> {
     KERNELS.iter().map(|(m, src, _)| (*m, compile(m, src, arch).map(|_| ()).context("compile"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_kernel_cache_variable_is_unset_not_the_current_directory() {
+        let some = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(cache_dir_from(some(""), some("/h")), Some(PathBuf::from("/h/.cache/asge/kernels")));
+        assert_eq!(cache_dir_from(some("/k"), some("/h")), Some(PathBuf::from("/k")));
+        assert_eq!(cache_dir_from(some(""), some("")), None);
+        assert_eq!(cache_dir_from(None, None), None);
+    }
 }

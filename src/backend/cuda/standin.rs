@@ -89,7 +89,7 @@ fn load_once() -> Result<usize> {
     }
     let dir = cache_dir().join("standin");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the stand-in's folder", dir.display()))?;
-    let hash = LIBRARY.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let hash = crate::rng::fnv1a(crate::rng::FNV_OFFSET, LIBRARY);
     let path = dir.join(format!("libcuda-standin-{hash:016x}.so"));
     let current = std::fs::read(&path).ok();
     if current.as_deref() != Some(LIBRARY) {
