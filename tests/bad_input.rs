@@ -269,6 +269,55 @@ fn image_folder(root: &Path, classes: usize, per_class: usize, side: u32) {
     }
 }
 
+/// A training of 50 epochs in `busy/` (batch 8, a checkpoint every 5 steps, a progress line every step): one
+/// that is still running when a test looks at it.
+const LONG_RUN: [&str; 21] = [
+    "train",
+    "--dataset",
+    "mnist",
+    "--data",
+    "data/mnist",
+    "--width",
+    "0.125",
+    "--epochs",
+    "50",
+    "--batch",
+    "8",
+    "--val",
+    "0",
+    "--threads",
+    "1",
+    "--log-every",
+    "0",
+    "--checkpoint-every",
+    "5",
+    "--out",
+    "busy",
+];
+
+/// Starts `asge args` and reads its stderr until a line contains `at`: the running child, and its stderr (kept
+/// open, so that the child can go on printing).
+fn spawn_until(
+    sb: &Sandbox,
+    args: &[&str],
+    at: &str,
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
+    let mut child = sb.command(args, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        seen += &l;
+        seen.push('\n');
+        if l.contains(at) {
+            return (child, lines);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("never printed '{at}': {seen}");
+}
+
 // 1. Wrong numbers reported as success.
 
 #[test]
@@ -442,41 +491,9 @@ fn a_run_folder_is_never_overwritten_or_shared() {
 
     // Two trainings in one folder: the second is refused with the holder's pid, even with --overwrite or
     // --resume; once the first is killed (SIGKILL: no handler runs), the lock is gone and the run resumes.
-    let long = [
-        "train",
-        "--dataset",
-        "mnist",
-        "--data",
-        "data/mnist",
-        "--width",
-        "0.125",
-        "--epochs",
-        "50",
-        "--batch",
-        "8",
-        "--val",
-        "0",
-        "--threads",
-        "1",
-        "--log-every",
-        "0",
-        "--checkpoint-every",
-        "5",
-        "--out",
-        "busy",
-    ];
-    let mut child = sb.command(&long, &[]).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
     // Step 12: a checkpoint (every 5 steps) exists.
-    while let Some(Ok(l)) = lines.next() {
-        seen += &l;
-        seen.push('\n');
-        if l.contains(" step 12/") {
-            break;
-        }
-    }
-    assert!(seen.contains(" step 12/"), "{seen}");
+    let long = LONG_RUN;
+    let (mut child, _stderr) = spawn_until(&sb, &long, " step 12/");
     let pid = child.id().to_string();
     sb.asge(&["train", "--resume", "busy", "--quiet"]).error(&["another asge process", &pid]);
     let mut over: Vec<&str> = long.to_vec();
@@ -1160,40 +1177,8 @@ fn a_stop_in_any_phase_or_before_the_first_checkpoint_resumes_bit_for_bit() {
 #[test]
 fn the_folder_lock_survives_a_deleted_or_planted_lock_file() {
     let sb = Sandbox::new("lock2");
-    let long = [
-        "train",
-        "--dataset",
-        "mnist",
-        "--data",
-        "data/mnist",
-        "--width",
-        "0.125",
-        "--epochs",
-        "50",
-        "--batch",
-        "8",
-        "--val",
-        "0",
-        "--threads",
-        "1",
-        "--log-every",
-        "0",
-        "--checkpoint-every",
-        "5",
-        "--out",
-        "busy",
-    ];
-    let mut child = sb.command(&long, &[]).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
-    while let Some(Ok(l)) = lines.next() {
-        seen += &l;
-        seen.push('\n');
-        if l.contains(" step 7/") {
-            break;
-        }
-    }
-    assert!(seen.contains(" step 7/"), "{seen}");
+    let long = LONG_RUN;
+    let (mut child, _stderr) = spawn_until(&sb, &long, " step 7/");
     // The lock file deleted under the running training: the folder is still locked.
     std::fs::remove_file(sb.p("busy/.asge.lock")).unwrap();
     sb.asge(&["train", "--resume", "busy", "--quiet"]).error(&["another asge process"]);
