@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine that has no Rust toolchain and no network, sized to the device budget
-# (15 minutes in all, the machine's start included, with room to fix and rerun): a total deadline of 5 minutes,
-# enforced here, most important first, every result written to the summary as soon as it exists.
+# The GPU check: correctness and speed of the CUDA backend on one NVIDIA GPU (H100/H200-class, CUDA 13 driver) in
+# one run of about five minutes, every result written to a summary as soon as it exists, most important first.
+# The GPU machine needs no Rust toolchain and no network: the bundle carries what runs there.
 #
-# Here (with Rust):   tools/gpu-check.sh build     -> gpu-bundle/ (asge, the CUDA test binary, MNIST, and every
-#                                                     kernel precompiled to PTX for sm_90 by the real NVRTC, so a
-#                                                     device without NVRTC runs too)
-# There (the device): tools/gpu-check.sh run       -> 1. the CUDA parity tests with ASGE_CUDA_SYNC=1 (2 min)
-#                                                     2. one MNIST epoch on the GPU, fp16 then fp32
-#                                                     3. asge bench at width 1 and 0.25 beside the PyTorch recipe
-#                                                     4. a traced 8-stream run
-#                                                     summary in $OUT/summary.txt (or gpu-bundle/out), logs beside
-#                     tools/gpu-check.sh sanitize  -> optional second run: the parity tests under
-#                                                     compute-sanitizer memcheck and racecheck (which work depends on
-#                                                     the device's runtime: the summary says)
-# The device tool: run(command="tools/gpu-check.sh run", carry=["gpu-bundle"]).
+#   tools/gpu-check.sh build             here, with Rust: gpu-bundle/ holds asge, the CUDA test binary, MNIST,
+#                                        and every kernel precompiled by NVRTC for sm_90, as CUBIN (the machine
+#                                        code whose SASS CI checks, used by the run) and as PTX (the fallback)
+#   tools/gpu-check.sh run [--out DIR]   on the GPU machine, from the repository root with gpu-bundle/ in it
+#                                        (default DIR: gpu-bundle/out): in order, each step with its own time
+#                                        limit, the limits summing to 4.5 minutes:
+#                                        1. nvidia-smi, asge info (libraries, device, registers)         10 s
+#                                        2. device parity: every op and every fp16 GEMM variant against
+#                                           the CPU reference, graphs and lanes on; failures rerun with
+#                                           every launch synchronised, to name the kernel                70 + 15 s
+#                                        3. the lanes and step-graph tests again (exact equality twice
+#                                           turns a race into a visible failure)                          20 s
+#                                        4. asge bench fp16 at width 1 and 0.25, per-op rows              30 + 25 s
+#                                        5. Nsight Compute (ncu, when present) on the large GEMMs and dz   20 s
+#                                        6. one MNIST epoch in fp16                                        35 s
+#                                        7. PyTorch channels-last fp16 autocast at width 1 (when present)  25 s
+#                                        8. 8 streams, and the step without its graph                     10 + 10 s
+#                                        9. fp32 rows, while time is left
+#   tools/gpu-check.sh dry-run --out DIR here, without a GPU: the same sequence under the CUDA driver stand-in at
+#                                        small sizes (tools/test.sh runs it), so that the script itself (its
+#                                        quoting, deadline, parsing, missing tools) is tested; its times are the
+#                                        stand-in's emulator's, and it says so on every timed line
+#   tools/gpu-check.sh sanitize          optional: the parity tests under compute-sanitizer memcheck/racecheck
+#
+# Record each run in docs/gpu-log.md: date, card, commit, the summary's parity lines, the per-layer rows, the step
+# rate and PyTorch's beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
@@ -23,7 +37,7 @@ DEADLINE=${ASGE_GPU_CHECK_DEADLINE:-300}
 build() {
   set -e
   rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/bin" "$BUNDLE/data/mnist" "$BUNDLE/kernel-cache"
-  cargo build --release --bin asge
+  cargo build --release --bin asge --example dump_cubin
   # The test binary of tests/cuda.rs (its path is printed by cargo as an executable artifact).
   local exe
   exe=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
@@ -33,135 +47,222 @@ for l in sys.stdin:
     if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] == 'cuda':
         print(m['executable'])")
   cp "$exe" "$BUNDLE/bin/cuda-tests"
-  cp "${CARGO_TARGET_DIR:-target}/release/asge" "$BUNDLE/bin/asge"
+  local target=${CARGO_TARGET_DIR:-target}
+  cp "$target/release/asge" "$BUNDLE/bin/asge"
   local data=${ASGE_DATA:-data}
   [ -f "$data/mnist/train-images-idx3-ubyte" ] || tools/fetch-datasets.sh "$data" mnist
   gzip -c "$data/mnist/train-images-idx3-ubyte" > "$BUNDLE/data/mnist/train-images-idx3-ubyte.gz"
   gzip -c "$data/mnist/t10k-images-idx3-ubyte" > "$BUNDLE/data/mnist/t10k-images-idx3-ubyte.gz"
   cp "$data/mnist/train-labels-idx1-ubyte" "$data/mnist/t10k-labels-idx1-ubyte" "$BUNDLE/data/mnist/"
-  # Every kernel compiled for sm_90 (an H100/H200, CUDA 13.0 driver) by the real NVRTC, through the driver
-  # stand-in, which reports exactly that device and driver: the cache keys match the device's.
+  # Every kernel as CUBIN and PTX for sm_90, written by NVRTC under the names the kernel cache looks up (no
+  # driver is needed to write them, and none is in the names: any CUDA 13 driver takes them).
   local nvrtc=${ASGE_NVRTC:-$HOME/.cache/asge-nvrtc}
-  LD_LIBRARY_PATH=$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ASGE_CUDA_STANDIN=1 \
-    ASGE_KERNEL_CACHE=$PWD/$BUNDLE/kernel-cache "$BUNDLE/bin/asge" bench --device cuda --width 0.125 --batch 2 \
-    --reps 1 --step-only > /dev/null
-  echo "precompiled: $(ls "$BUNDLE/kernel-cache" | wc -l) kernel modules for sm_90"
+  LD_LIBRARY_PATH=$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+    "$target/release/examples/dump_cubin" --cache "$BUNDLE/kernel-cache" sm_90
+  echo "precompiled: $(ls "$BUNDLE/kernel-cache" | grep -c '\.cubin$') CUBIN and $(ls "$BUNDLE/kernel-cache" | grep -c '\.ptx$') PTX modules for sm_90"
   strip "$BUNDLE/bin/"* 2>/dev/null || true
   du -sh "$BUNDLE"
 }
 
-# Shared by run and sanitize: libraries, paths, the summary and the deadline.
+# Shared by run, dry-run and sanitize: the output folder, libraries, paths, the summary and the deadline.
 setup() {
-  out=${OUT:-$BUNDLE/out}
+  out=${OUT_DIR:-$BUNDLE/out}
   mkdir -p "$out/kernel-cache"
   cp "$BUNDLE/kernel-cache/"* "$out/kernel-cache/" 2>/dev/null || true
+  export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$out/kernel-cache
+  B=$BUNDLE/bin
+  start=$SECONDS
+  libdirs=""
+  if [ "$dry" = 1 ]; then
+    # The stand-in and the local NVRTC; the stand-in loads PTX only.
+    local nvrtc=${ASGE_NVRTC:-$HOME/.cache/asge-nvrtc}
+    export ASGE_CUDA_STANDIN=1 LD_LIBRARY_PATH=$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    unset ASGE_KERNEL_FORMAT
+    return
+  fi
+  # What runs is what CI counted: the bundle's CUBIN (the PTX beside it is the fallback if this is changed).
+  export ASGE_KERNEL_FORMAT=cubin
+  unset ASGE_CUDA_STANDIN
   # NVRTC 13 and cuBLAS 13: from the CUDA toolkit if the machine has one, else from the Python wheels beside
   # PyTorch (nvidia-cuda-nvrtc, nvidia-cublas); the folders found are named in the summary.
-  libdirs=""
   local pydirs
   pydirs=$(python3 -c "import nvidia; print(' '.join(nvidia.__path__))" 2>/dev/null || true)
   for lib in libnvrtc.so.13 libcublas.so.13; do
     local found
     found=$(find /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda*/lib64 $pydirs \
       -maxdepth 4 -name "$lib" 2>/dev/null | head -1)
-    [ -n "$found" ] && libdirs="$libdirs $(dirname "$found")" && export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    if [ -n "$found" ]; then
+      libdirs="$libdirs $(dirname "$found")"
+      export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
   done
-  export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$out/kernel-cache
-  unset ASGE_CUDA_STANDIN
-  B=$BUNDLE/bin
-  start=$SECONDS
 }
 
 row() { printf '%s\n' "$*" | tee -a "$out/summary.txt"; }
 
-# `lim SECONDS cmd...`: the command with a time limit of SECONDS, or what is left of the deadline (minus a margin
-# for the summary) when that is less; nothing runs once the deadline has passed.
+# `timed TEXT`: a summary line that carries a time or a rate; in a dry run it says whose.
+timed() { row "$*${stand_in_tag:-}"; }
+
+# `lim SECONDS cmd...`: the command with a time limit of SECONDS (scaled by $scale in a dry run), or what is left
+# of the deadline (less a margin for the summary) when that is less; nothing runs once the deadline has passed.
 lim() {
-  local want=$1
+  local want=$(($1 * scale))
   shift
-  local left=$((DEADLINE - (SECONDS - start) - 10))
+  local left=$((DEADLINE * scale - (SECONDS - start) - 10))
   if [ "$left" -le 5 ]; then
-    echo "(skipped: the ${DEADLINE}s deadline was reached)"
+    echo "(skipped: the deadline was reached)"
     return 124
   fi
   [ "$want" -gt "$left" ] && want=$left
   timeout --kill-after=5 "$want" "$@"
 }
 
-run() {
+# `first FILE PATTERN FALLBACK`: the first line of FILE matching PATTERN, else FALLBACK.
+first() { grep -m1 -E "$2" "$1" 2>/dev/null || echo "$3"; }
+
+# The verdict of a step that ran `cmd` with exit status $1 into a log: what a summary line says when it did not
+# finish.
+ended() {
+  case $1 in
+    0) echo "ok" ;;
+    124 | 137) echo "did not finish in its time limit" ;;
+    *) echo "failed (exit $1)" ;;
+  esac
+}
+
+check() {
   setup
   : > "$out/summary.txt"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
-  row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ), deadline ${DEADLINE}s) =="
-  row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: only the kernels precompiled in the bundle)}"
-  lim 20 "$B/asge" info > "$out/info.txt" 2>&1
-  # 1. Parity, every launch synchronised and checked so that a failing kernel is named with its layer.
-  ASGE_CUDA_SYNC=1 lim 120 "$B/cuda-tests" --include-ignored --test-threads 1 --skip standin_ --nocapture \
-    > "$out/parity.txt" 2>&1
-  row "parity tests: $(grep -E '^test result' "$out/parity.txt" || echo "did not finish (rc $?)")"
-  row "  $(grep -m1 'ran on:' "$out/parity.txt")"
-  # The first lines of every failure, so the summary alone says what to fix.
-  grep -E "^test .* FAILED$|panicked at|^  *(left|right):|differ" "$out/parity.txt" | head -20 | while IFS= read -r line; do row "  $line"; done
-  # 2. One MNIST epoch. The CPU reference of this exact run (seed 42, width 0.25, one epoch of full MNIST at the
+  local what="GPU"
+  if [ "$dry" = 1 ]; then
+    what="DRY RUN under the CUDA driver stand-in: every time below is its emulator's, not a GPU's"
+    echo "dry run: no GPU" > "$out/gpu.txt"
+  else
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+  fi
+  row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), deadline $((DEADLINE * scale)) s) =="
+  row "$what"
+  [ "$dry" = 1 ] || row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: only the kernels precompiled in the bundle)}; kernels: ${ASGE_KERNEL_FORMAT:-ptx}"
+
+  # 1. The machine and the build.
+  lim 10 "$B/asge" info > "$out/info.txt" 2>&1
+  row "asge info: $(ended $?); $(first "$out/info.txt" '^cuda:0' 'no cuda:0 line')"
+
+  # 2. Device parity: every device test, graphs and lanes as in training (no ASGE_CUDA_SYNC: it turns graphs off
+  # and serialises the streams). The CPU-only NVRTC tests are not ignored and so not run here. A dry run takes
+  # the one-small-case-per-variant test only.
+  local filter=()
+  [ "$dry" = 1 ] && filter=(every_fp16_gemm_variant_on_one_small_case)
+  lim 70 "$B/cuda-tests" --ignored --skip standin_ --test-threads 2 --nocapture "${filter[@]}" > "$out/parity.txt" 2>&1
+  local rc=$?
+  row "parity: $(first "$out/parity.txt" '^test result' "did not finish: $(ended $rc)")"
+  row "  $(first "$out/parity.txt" 'ran on:' 'ran on: (no device line)')"
+  grep -E '^parity ' "$out/parity.txt" | while IFS= read -r line; do row "  $line"; done
+  for k in conv_fwd_nhwc_f16 conv_fwd_nhwc_f16_l conv_fwd_nhwc_f16_sk conv_wgrad_nhwc_f16 conv_wgrad_nhwc_f16_l; do
+    local verdict="not run"
+    if grep -qE "^parity fp16 .*\b$k\b" "$out/parity.txt"; then
+      verdict="passed"
+    elif grep -qE "^test .* FAILED$" "$out/parity.txt"; then
+      verdict="FAILED or not reached"
+    fi
+    row "  kernel $k: $verdict"
+  done
+  # The failures, rerun one by one with every launch synchronised and checked, so that the first failing kernel is
+  # named with its layer.
+  local failed
+  failed=$(grep -E '^test .* FAILED$' "$out/parity.txt" | awk '{print $2}')
+  for t in $failed; do
+    ASGE_CUDA_SYNC=1 lim 15 "$B/cuda-tests" --ignored --exact "$t" --nocapture > "$out/parity-sync-$t.txt" 2>&1
+    row "  FAILED $t; synchronised rerun: $(grep -m3 -E 'panicked at|differ|error' "$out/parity-sync-$t.txt" | tr '\n' ' ')"
+  done
+
+  # 3. The lanes and step-graph tests a second time.
+  if [ "$dry" = 0 ]; then
+    lim 20 "$B/cuda-tests" --ignored --test-threads 2 layers_on_separate_streams a_replayed_step_graph \
+      > "$out/parity-again.txt" 2>&1
+    row "lanes and graphs, second run: $(first "$out/parity-again.txt" '^test result' "did not finish: $(ended $?)")"
+  fi
+
+  # 4. Throughput, every op and layer, against cuBLAS measured in the same run.
+  local widths=(1 0.25) batch=128 reps=5
+  [ "$dry" = 1 ] && widths=(0.125) batch=4 reps=1
+  for w in "${widths[@]}"; do
+    local f="$out/bench-cuda-fp16-w$w.txt"
+    lim 30 "$B/asge" bench --device cuda --precision fp16 --width "$w" --batch $batch --reps $reps > "$f" 2>&1
+    local brc=$?
+    timed "bench cuda fp16 w$w: $(first "$f" '^train step' "$(ended $brc)")"
+    row "  $(first "$f" '^(ceilings|NOT GPU)' 'no ceiling line')"
+    row "  fp16 conv fwd, % of the GEMM ceiling by layer: $(grep -E '^ *conv_goodness_fwd' "$f" | awk '{print $6}' | tr '\n' ' ')"
+    row "  fp16 conv wgrad, % of the GEMM ceiling by layer: $(grep -E '^ *conv_goodness_wgrad' "$f" | awk '{print $6}' | tr '\n' ' ')"
+    row "  kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$f" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
+    # The CIFAR-10 recipe (50,000 training images, 100 epochs) at the measured step rate: training steps only.
+    timed "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s)' "$f" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
+    row "  the model's expectation on an H100 (tools/perf_model.py, not measured): $(python3 tools/perf_model.py "$w" | tail -1)"
+  done
+
+  # 5. Counters on the large GEMM kernels and dz, where Nsight Compute can read them.
+  if command -v ncu > /dev/null; then
+    local nf="$out/ncu.txt"
+    lim 20 ncu --kernel-name regex:'conv_fwd_nhwc_f16_l|conv_wgrad_nhwc_f16_l|dz_f16' --launch-count 6 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      "$B/asge" bench --device cuda --precision fp16 --width 1 --batch 128 --reps 1 --step-only > "$nf" 2>&1
+    local nrc=$?
+    if [ $nrc = 0 ]; then
+      row "ncu: $(grep -cE '^  [a-z_0-9]+\(' "$nf") kernel launches profiled ($nf)"
+    else
+      row "ncu: $(ended $nrc): $(grep -m1 -iE 'ERR|error|permission' "$nf" || tail -1 "$nf")"
+    fi
+  else
+    row "ncu: not on this machine (no counters)"
+  fi
+
+  # 6. One MNIST epoch. The CPU reference of this exact run (seed 42, width 0.25, one epoch of full MNIST at the
   # recipe's lr) is in docs/calibration.md: the GPU runs should land near it (the spread between seeds there is
   # +-1.6 points for last, +-0.4 for best).
+  local limit=()
+  [ "$dry" = 1 ] && limit=(--limit-train 64 --limit-test 32 --batch 16)
   row "mnist 1 epoch cpu fp32 (docs/calibration.md, seed 42): last 88.66% best 91.96% fusion 58.54%"
-  for prec in fp16 fp32; do
-    lim 45 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --precision $prec \
-      --device cuda --out "$out/mnist-cuda-$prec" --overwrite --quiet > "$out/train-cuda-$prec.txt" 2>&1
-    row "mnist 1 epoch cuda $prec: $(grep -E '^  (last|best|fusion)' "$out/train-cuda-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
-        "$(python3 -c "import json; m=json.load(open('$out/mnist-cuda-$prec/summary.json')); print(f\"train {m['train_images_per_s']:.0f} images/s\")" 2>/dev/null || tail -1 "$out/train-cuda-$prec.txt")"
-  done
-  # 3. Throughput against cuBLAS HGEMM measured in the same run, and the PyTorch recipe on the same card.
-  for w in 1 0.25; do
-    lim 40 "$B/asge" bench --device cuda --precision fp16 --width $w --batch 128 --reps 3 > "$out/bench-cuda-fp16-w$w.txt" 2>&1
-    row "bench cuda fp16 w$w: $(grep 'train step' "$out/bench-cuda-fp16-w$w.txt" || tail -1 "$out/bench-cuda-fp16-w$w.txt")"
-    # The CIFAR-10 recipe (50,000 training images, 100 epochs) projected from the measured step rate: training
-    # steps only (evaluation, data loading and the last partial batch are not in it).
-    row "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s)' "$out/bench-cuda-fp16-w$w.txt" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
-    row "  the model's expectation (tools/perf_model.py, not measured): $(python3 tools/perf_model.py $w | tail -1)"
-    # The fp16 forward's and weight gradient's share of HGEMM by layer: the bench rows' sixth column (%), then
-    # the kernel that ran.
-    row "  fp16 conv fwd, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_fwd' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
-    row "  fp16 conv wgrad, % of cuBLAS HGEMM by layer: $(grep -E '^ *conv_goodness_wgrad' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $6}' | tr '\n' ' ')"
-    row "  fp16 kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$out/bench-cuda-fp16-w$w.txt" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
-    if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-      # The authors' recipe (fp32 eager, TF32 pinned to PyTorch's defaults: the line says which), then
-      # channels-last fp16 autocast (cuDNN).
-      for variant in "" --channels-last-fp16; do
-        local f="$out/torch-w$w${variant:+-cl-fp16}.txt"
-        lim 40 python3 tools/torch_step.py --device cuda --width $w --batch 128 --rounds 2 --tf32 default $variant > "$f" 2>&1
-        row "pytorch w$w ${variant:-eager fp32}: $(tail -1 "$f")"
-      done
+  mnist() {
+    local prec=$1
+    lim "$2" "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --precision "$prec" \
+      --device cuda "${limit[@]}" --out "$out/mnist-cuda-$prec" --overwrite --quiet > "$out/train-cuda-$prec.txt" 2>&1
+    local mrc=$?
+    timed "mnist 1 epoch cuda $prec: $(grep -E '^  (last|best|fusion)' "$out/train-cuda-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
+      "$(python3 -c "import json, sys; m = json.load(open(sys.argv[1])); print(f\"train {m['train_images_per_s']:.0f} images/s\")" \
+        "$out/mnist-cuda-$prec/summary.json" 2>/dev/null || echo "$(ended $mrc)")"
+  }
+  mnist fp16 35
+
+  # 7. PyTorch on the same card: channels-last fp16 autocast (cuDNN), the fair comparison for the fp16 step.
+  torch_row() {
+    local w=$1 variant=$2 name=$3 f
+    f="$out/torch-w$w${variant:+-cl-fp16}.txt"
+    if python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+      lim 25 python3 tools/torch_step.py --device cuda --width "$w" --batch 128 --rounds 2 --tf32 default $variant > "$f" 2>&1
+      row "pytorch w$w $name: $(tail -1 "$f")"
     else
-      row "pytorch w$w: no torch with CUDA on this machine"
+      row "pytorch w$w $name: no PyTorch with CUDA on this machine"
     fi
-  done
-  # The same step without the step graph (every op launched): what the graph saves.
-  ASGE_CUDA_GRAPHS=0 lim 30 "$B/asge" bench --device cuda --precision fp16 --width 0.25 --batch 128 --reps 3 --step-only \
-    > "$out/bench-cuda-fp16-w0.25-eager.txt" 2>&1
-  row "bench cuda fp16 w0.25 without the step graph: $(grep 'train step' "$out/bench-cuda-fp16-w0.25-eager.txt" || tail -1 "$out/bench-cuda-fp16-w0.25-eager.txt")"
-  lim 30 "$B/asge" bench --device cuda --precision fp32 --width 1 --batch 128 --reps 3 --step-only > "$out/bench-cuda-fp32-w1.txt" 2>&1
-  row "bench cuda fp32 w1: $(grep 'train step' "$out/bench-cuda-fp32-w1.txt" || tail -1 "$out/bench-cuda-fp32-w1.txt")"
-  # 4. One stream per layer: the same step, then a traced run for the overlap.
-  ASGE_CUDA_LANES=8 lim 30 "$B/asge" bench --device cuda --precision fp16 --width 0.25 --batch 128 --reps 3 --step-only \
-    > "$out/bench-cuda-fp16-w0.25-lanes8.txt" 2>&1
-  row "bench cuda fp16 w0.25, 8 streams: $(grep 'train step' "$out/bench-cuda-fp16-w0.25-lanes8.txt" || tail -1 "$out/bench-cuda-fp16-w0.25-lanes8.txt")"
-  ASGE_CUDA_LANES=8 lim 30 "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 \
-    --limit-train 2560 --device cuda --precision fp16 --out "$out/trace-run" --overwrite --trace "$out/trace-lanes8.json" \
-    --quiet > "$out/trace-run.txt" 2>&1
-  row "trace (8 streams): $out/trace-lanes8.json; $(python3 -c "
-import json, sys
-ev = [e for e in json.load(open(sys.argv[1]))['traceEvents'] if e.get('pid') == 2 and e.get('ph') == 'X']
-if not ev: print('no GPU spans'); sys.exit()
-pts = sorted([(e['ts'], 1) for e in ev] + [(e['ts'] + e['dur'], -1) for e in ev])
-busy = multi = 0.0; depth = 0; last = pts[0][0]
-for t, d in pts:
-    if depth >= 1: busy += t - last
-    if depth >= 2: multi += t - last
-    depth += d; last = t
-print(f'{len(ev)} GPU spans on {len(set(e[\"tid\"] for e in ev))} streams; 2+ streams busy {100 * multi / max(busy, 1e-9):.0f}% of the busy time')
-" "$out/trace-lanes8.json" 2>&1)"
+  }
+  torch_row 1 --channels-last-fp16 "channels-last fp16 autocast"
+
+  # 8. One stream per layer, and the step without its graph (every op launched): what each changes.
+  local sw=0.25
+  [ "$dry" = 1 ] && sw=0.125
+  ASGE_CUDA_LANES=8 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps \
+    --step-only > "$out/bench-cuda-fp16-lanes8.txt" 2>&1
+  timed "bench cuda fp16 w$sw, 8 streams: $(first "$out/bench-cuda-fp16-lanes8.txt" '^train step' "$(ended $?)")"
+  ASGE_CUDA_GRAPHS=0 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps \
+    --step-only > "$out/bench-cuda-fp16-eager.txt" 2>&1
+  timed "bench cuda fp16 w$sw without the step graph: $(first "$out/bench-cuda-fp16-eager.txt" '^train step' "$(ended $?)")"
+
+  # 9. fp32, while time is left: the step, an epoch, and the authors' recipe in PyTorch (fp32 eager, TF32 as
+  # PyTorch's defaults: its line says which).
+  lim 15 "$B/asge" bench --device cuda --precision fp32 --width "${widths[0]}" --batch $batch --reps $reps --step-only \
+    > "$out/bench-cuda-fp32.txt" 2>&1
+  timed "bench cuda fp32 w${widths[0]}: $(first "$out/bench-cuda-fp32.txt" '^train step' "$(ended $?)")"
+  mnist fp32 30
+  torch_row 1 "" "eager fp32"
   row "== done in $((SECONDS - start)) s =="
 }
 
@@ -175,23 +276,35 @@ sanitize() {
     return 0
   fi
   for tool in memcheck racecheck; do
-    lim 140 "$cs" --tool $tool --error-exitcode 3 "$B/cuda-tests" --include-ignored --test-threads 1 --skip standin_ \
+    lim 140 "$cs" --tool $tool --error-exitcode 3 "$B/cuda-tests" --ignored --test-threads 1 --skip standin_ \
       conv_fwd_and_wgrad_match_cpu loss_output_heads_adamw_match_cpu > "$out/sanitize-$tool.txt" 2>&1
     local rc=$?
     local verdict
     case $rc in
       0) verdict="clean" ;;
       3) verdict="ERRORS reported: $(grep -m3 -E '=========.*(Invalid|Race|Error)' "$out/sanitize-$tool.txt" | tr '\n' ' ')" ;;
-      124) verdict="did not finish in its time" ;;
+      124 | 137) verdict="did not finish in its time" ;;
       *) verdict="did not run on this device's runtime (rc $rc): $(grep -m1 -iE 'error|not supported' "$out/sanitize-$tool.txt")" ;;
     esac
     printf 'compute-sanitizer %s: %s\n' "$tool" "$verdict" | tee -a "$out/sanitize.txt"
   done
 }
 
-case ${1:-} in
+dry=0
+scale=1
+cmd=${1:-}
+shift || true
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) OUT_DIR=$2; shift 2 ;;
+    *) echo "tools/gpu-check.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+case $cmd in
   build) build ;;
-  run) run ;;
+  run) check ;;
+  # Under the stand-in every limit is doubled: the emulator is slow, and the sizes are small.
+  dry-run) dry=1; scale=2; stand_in_tag="  [stand-in emulator time, not a GPU's]"; check ;;
   sanitize) sanitize ;;
-  *) echo "usage: tools/gpu-check.sh build|run|sanitize" >&2; exit 2 ;;
+  *) echo "usage: tools/gpu-check.sh build | run [--out DIR] | dry-run --out DIR | sanitize [--out DIR]" >&2; exit 2 ;;
 esac

@@ -45,6 +45,22 @@ else
   ASGE_CUDA_STANDIN=1 cargo test --release --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
     tee -a "$log"
 fi
+if [ "${ASGE_CUDA_TESTS:-standin}" != gpu ]; then
+  # The conv parity again with the stand-in's tensor cores accumulating by truncation (every addition rounded
+  # toward zero), as Hopper's do: the tolerances must cover it (tests/cuda.rs says why they do).
+  ASGE_CUDA_STANDIN=1 ASGE_STANDIN_MMA_ROUNDING=truncate cargo test --release --test cuda -- --include-ignored \
+    --nocapture --exact conv_fwd_and_wgrad_match_cpu 2>&1 | tee -a "$log"
+  # The GPU check's own logic (its steps, limits, parsing and missing tools) under the stand-in: the summary must
+  # end, and name each fp16 GEMM kernel as passed.
+  dry=$(mktemp -d)
+  tools/gpu-check.sh build > "$dry/build.txt" 2>&1 || { cat "$dry/build.txt"; exit 1; }
+  tools/gpu-check.sh dry-run --out "$dry/out" 2>&1 | tee -a "$log"
+  for k in conv_fwd_nhwc_f16 conv_fwd_nhwc_f16_l conv_fwd_nhwc_f16_sk conv_wgrad_nhwc_f16 conv_wgrad_nhwc_f16_l; do
+    grep -q "^  kernel $k: passed$" "$dry/out/summary.txt" || { echo "gpu-check dry run: kernel $k did not pass"; exit 1; }
+  done
+  grep -q '^== done in' "$dry/out/summary.txt" || { echo "gpu-check dry run: the summary did not end"; exit 1; }
+  rm -rf "$dry"
+fi
 # The fp16 GEMM kernels' instructions per MMA, from their SASS (NVRTC + the cuobjdump and nvdisasm wheels, no
 # GPU): fails when a kernel issues more than tools/sass-baseline.txt commits.
 tools/sass-stats.sh --check 2>&1 | tee -a "$log"

@@ -38,19 +38,34 @@ pub fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
 }
 
 /// `|got - want| <= atol + rtol * |want|` elementwise, with `atol = atol_rel * max |want|`; a NaN (an output a
-/// kernel never wrote into a poisoned buffer) fails.
-pub fn close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_rel: f32) {
+/// kernel never wrote into a poisoned buffer) fails. Returns the worst ratio of error to tolerance (1 would be
+/// the edge), so that a near miss can be reported as one.
+pub fn close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_rel: f32) -> f32 {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
     let atol = atol_rel * scale;
     let mut bad = Vec::new();
+    let mut worst = 0.0f32;
     for (i, (&g, &c)) in got.iter().zip(want).enumerate() {
-        let ok = (g - c).abs() <= atol + rtol * c.abs();
+        let tol = atol + rtol * c.abs();
+        let ok = (g - c).abs() <= tol;
         if !ok {
             bad.push(format!("[{i}] got {g} want {c}"));
         }
+        if tol > 0.0 {
+            worst = worst.max((g - c).abs() / tol);
+        } else if g != c {
+            worst = f32::INFINITY;
+        }
     }
-    assert!(bad.is_empty(), "{what}: {} of {} differ, first: {:?}", bad.len(), want.len(), &bad[..bad.len().min(5)]);
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} differ (worst error/tolerance {worst:.2}), first: {:?}",
+        bad.len(),
+        want.len(),
+        &bad[..bad.len().min(5)]
+    );
+    worst
 }
 
 /// A convolution with its patch grid, for the kernel parity tests.

@@ -733,6 +733,11 @@ int next_stream_id = 1;
 std::mutex kernel_mu;  // the emulator runs one grid at a time
 std::atomic<uint64_t> launches{0};
 double kernel_ms = 0;
+// Every kernel run, in the order the emulator ran it (graph replays included): a line each, `name gx gy gz
+// threads shmem stream mmas` (stream: the handle it ran on; mmas: the warp-level MMAs it issued). Guarded by
+// kernel_mu; read by asge_standin_launch_log. The model of the step (tools/perf_model.py) and the tests that force
+// a kernel variant compare against it.
+std::vector<std::string>& launch_log = *new std::vector<std::string>;
 
 Stream* make_stream(unsigned flags) {
     Stream* s = new Stream;
@@ -1706,11 +1711,17 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     char what[160];
     std::snprintf(what, sizeof what, "kernel %s (launch #%llu, grid %ux%ux%u, stream %d)", k, (unsigned long long)n, gx, gy, gz, s->id);
     std::string name = what;
-    s->push(Op{[bound, grid, threads, shmem, name] {
+    char entry[320];
+    std::snprintf(entry, sizeof entry, "%s %u %u %u %u %u %llu", k, gx, gy, gz, threads, shmem,
+                  (unsigned long long)(uintptr_t)s);
+    std::string logged = entry;
+    s->push(Op{[bound, grid, threads, shmem, name, logged] {
                    std::lock_guard<std::mutex> g(kernel_mu);
                    double t0 = now_ms();
+                   unsigned long long mmas = emu::mma_count;
                    device_work(name, [&] { emu::launch(grid, threads, [&] { bound->run(); }, shmem); }, true);
                    kernel_ms += now_ms() - t0;
+                   launch_log.push_back(logged + " " + std::to_string(emu::mma_count - mmas));
                },
                name});
     return SUCCESS;
@@ -1981,6 +1992,27 @@ void asge_standin_counters(unsigned long long* out_launches, unsigned long long*
     *blocks = emu::block_count;
     *ms = kernel_ms;
 }
+
+// The launch log from entry `from` on, a line each, into buf (at most cap bytes, NUL-terminated); returns the bytes
+// the whole text needs (call again with a larger buffer when it is more than cap) and sets *total to the entries
+// logged so far.
+unsigned long long asge_standin_launch_log(unsigned long long from, char* buf, unsigned long long cap,
+                                           unsigned long long* total) {
+    std::lock_guard<std::mutex> g(kernel_mu);
+    std::string text;
+    for (size_t i = (size_t)from; i < launch_log.size(); ++i) text += launch_log[i] + "\n";
+    *total = launch_log.size();
+    if (cap > 0) {
+        size_t n = std::min((size_t)cap - 1, text.size());
+        std::memcpy(buf, text.data(), n);
+        buf[n] = 0;
+    }
+    return text.size() + 1;
+}
+
+// 1 when the emulated tensor cores accumulate by truncation (ASGE_STANDIN_MMA_ROUNDING=truncate), 0 for IEEE
+// round-to-nearest.
+int asge_standin_mma_truncates() { return emu::mma_truncate ? 1 : 0; }
 
 // Identifies the library as the stand-in (the loader checks it before trusting the file it wrote).
 const char* asge_standin_name() { return DEVICE_NAME; }

@@ -117,6 +117,58 @@ pub fn goodness_partials(s: &ConvShape, grid: &PatchGrid, k: &FwdKernel) -> (usi
 // partials are laid out by it.
 const _: () = assert!(CONV_FWD_F16[0].tile_m == 64 && CONV_FWD_F16[0].tile_n == 128);
 
+/// A kernel variant forced instead of chosen by shape ([`conv_fwd_choice`], [`wgrad_choice`]): how the device
+/// parity tests run every fp16 GEMM variant on every case, and how a benchmark compares them. `None` keeps the
+/// shape's choice; f32 has one kernel each and ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tiles {
+    pub fwd: Option<FwdTile>,
+    pub wgrad: Option<WgradTile>,
+}
+
+/// The fp16 forward's variants: the 64 x 128 tile, the 128 x 256 tile, and the 64 x 128 tile split over K.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdTile {
+    Small,
+    Large,
+    SplitK,
+}
+
+/// The fp16 weight gradient's variants: the 64 x 128 and the 128 x 256 tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgradTile {
+    Small,
+    Large,
+}
+
+/// The K splits a forced split-K forward takes: three, as the emulation test runs it (on a layer of two K steps
+/// one split is empty, which the kernel must handle too).
+pub const FORCED_SPLITS: usize = 3;
+
+/// The forward's kernel and its K splits for shape `s`: the shape's choice ([`conv_fwd_kernel`],
+/// [`conv_fwd_splits`]), or the variant `tiles` forces.
+pub fn conv_fwd_choice(s: &ConvShape, p: Precision, tiles: Tiles) -> (FwdKernel, usize) {
+    match (p, tiles.fwd) {
+        (Precision::F32, _) | (_, None) => {
+            let k = conv_fwd_kernel(s, p);
+            (k, conv_fwd_splits(s, &k))
+        }
+        (Precision::F16, Some(FwdTile::Small)) => (CONV_FWD_F16[0], 1),
+        (Precision::F16, Some(FwdTile::Large)) => (CONV_FWD_F16[1], 1),
+        (Precision::F16, Some(FwdTile::SplitK)) => (CONV_FWD_F16[0], FORCED_SPLITS),
+    }
+}
+
+/// The weight gradient's kernel for shape `s`: the shape's choice ([`wgrad_kernel`]) or the variant `tiles`
+/// forces.
+pub fn wgrad_choice(s: &ConvShape, p: Precision, tiles: Tiles) -> WgradKernel {
+    match (p, tiles.wgrad) {
+        (Precision::F32, _) | (_, None) => wgrad_kernel(s, p),
+        (Precision::F16, Some(WgradTile::Small)) => WGRAD_F16[0],
+        (Precision::F16, Some(WgradTile::Large)) => WGRAD_F16[1],
+    }
+}
+
 /// The small fp16 forward tile split over K (`conv_fwd_nhwc_f16_sk`, then `conv_fwd_splitk_f16`).
 pub const CONV_FWD_F16_SPLIT: FwdKernel = FwdKernel { name: "conv_fwd_nhwc_f16_sk", ..CONV_FWD_F16[0] };
 

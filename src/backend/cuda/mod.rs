@@ -124,6 +124,8 @@ pub struct CudaBackend {
     timed: Mutex<timing::TimedOps>,
     /// `ASGE_CUDA_SYNC=1`: synchronise and check after every launch.
     sync_each: bool,
+    /// A forced fp16 GEMM variant (tests and benchmarks); by default each shape's own choice.
+    tiles: geometry::Tiles,
     /// The per-step values kernels read from the device, the captured step graphs, and whether lane 0 is
     /// capturing one (graph.rs).
     step_params: Mutex<graph::StepParams>,
@@ -326,7 +328,7 @@ impl CudaBackend {
         }
         let mut funcs = HashMap::new();
         for (module, source, hash) in nvrtc::KERNELS {
-            let ptx = nvrtc::compile_cached(module, source, *hash, &arch, format, driver)?;
+            let ptx = nvrtc::compile_cached(module, source, *hash, &arch, format)?;
             let m = ctx.load_module(ptx).map_err(|e| anyhow::anyhow!("kernel module {module}: cannot load ({e:?})"))?;
             for f in nvrtc::entry_points(source) {
                 let func = m.load_function(f).map_err(|e| anyhow::anyhow!("kernel {f}: not found ({e:?})"))?;
@@ -375,6 +377,7 @@ impl CudaBackend {
             cell_tables: Mutex::new(HashMap::new()),
             timed: Mutex::new(timing::TimedOps::default()),
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            tiles: geometry::Tiles::default(),
             step_params: Mutex::new(step_params),
             graphs: Mutex::new(graph::StepGraphs::default()),
             lane_events: Mutex::new(lane_events),
@@ -408,6 +411,18 @@ impl CudaBackend {
     /// This backend with its conv operands (layer inputs, conv outputs, weight copies) in `precision`.
     pub fn with_precision(self, precision: Precision) -> Self {
         CudaBackend { precision, ..self }
+    }
+
+    /// This backend with the fp16 GEMM variants `tiles` forces instead of each shape's choice: for the device
+    /// parity tests, which run every variant on every case, and for benchmarks. The numbers of a step do not
+    /// depend on it beyond rounding (the variants sum in different orders).
+    pub fn with_tiles(self, tiles: geometry::Tiles) -> Self {
+        CudaBackend { tiles, ..self }
+    }
+
+    /// The forced fp16 GEMM variants ([`CudaBackend::with_tiles`]).
+    pub fn tiles(&self) -> geometry::Tiles {
+        self.tiles
     }
 
     fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
@@ -582,7 +597,9 @@ impl Backend for CudaBackend {
     }
 
     fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
-        Some([geometry::conv_fwd_kernel(s, self.precision).name, geometry::wgrad_kernel(s, self.precision).name])
+        let (fwd, splits) = geometry::conv_fwd_choice(s, self.precision, self.tiles);
+        let fwd = if splits > 1 { geometry::CONV_FWD_F16_SPLIT.name } else { fwd.name };
+        Some([fwd, geometry::wgrad_choice(s, self.precision, self.tiles).name])
     }
 
     fn synchronize(&self) -> Result<()> {

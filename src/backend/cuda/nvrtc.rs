@@ -123,11 +123,16 @@ pub fn version() -> Option<i32> {
 /// The format for a driver of CUDA version `driver` (e.g. 13000): `$ASGE_KERNEL_FORMAT`, else CUBIN when the
 /// driver is older than NVRTC, else PTX.
 pub fn format_for(driver: i32) -> Result<Format> {
-    match std::env::var("ASGE_KERNEL_FORMAT").as_deref() {
-        Ok("ptx") => Ok(Format::Ptx),
-        Ok("cubin") => Ok(Format::Cubin),
-        Ok(other) => bail!("ASGE_KERNEL_FORMAT={other}: expected ptx or cubin"),
-        Err(_) => Ok(if version().is_some_and(|v| driver < v) { Format::Cubin } else { Format::Ptx }),
+    format_from(std::env::var("ASGE_KERNEL_FORMAT").ok().as_deref(), driver)
+}
+
+/// [`format_for`] with the variable's value given (`None`: unset).
+pub fn format_from(forced: Option<&str>, driver: i32) -> Result<Format> {
+    match forced {
+        Some("ptx") => Ok(Format::Ptx),
+        Some("cubin") => Ok(Format::Cubin),
+        Some(other) => bail!("ASGE_KERNEL_FORMAT={other}: expected ptx or cubin"),
+        None => Ok(if version().is_some_and(|v| driver < v) { Format::Cubin } else { Format::Ptx }),
     }
 }
 
@@ -264,15 +269,27 @@ fn cache_dir_from(var: Option<std::ffi::OsString>, home: Option<std::ffi::OsStri
         .or_else(|| home.filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache/asge/kernels")))
 }
 
-/// [`compile`] or [`compile_cubin`], through the disk cache keyed by content hash, architecture, options,
-/// format, and the NVRTC and driver versions (another compiler, or a driver that JITs PTX differently, never
-/// reuses a cached file). `driver` is the driver's CUDA version (0 when compiling without one).
-pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format: Format, driver: i32) -> Result<Ptx> {
+/// [`compile`] or [`compile_cubin`], through the disk cache (`$ASGE_KERNEL_CACHE`) keyed by content hash,
+/// architecture, options, format and the NVRTC version (another compiler never reuses a cached file). The driver
+/// is not in the key: what NVRTC writes does not depend on it (a driver JITs PTX when it loads it), so kernels
+/// compiled elsewhere (a GPU machine's bundle) serve any driver.
+pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format: Format) -> Result<Ptx> {
+    compile_cached_in(cache_dir().as_deref(), module, source, hash, arch, format)
+}
+
+/// [`compile_cached`] with the cache folder given (`None`: no cache).
+pub fn compile_cached_in(
+    dir: Option<&std::path::Path>,
+    module: &str,
+    source: &str,
+    hash: u64,
+    arch: &str,
+    format: Format,
+) -> Result<Ptx> {
     let opts_hash = OPTIONS.join(" ").bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     let nvrtc = version().unwrap_or(0);
-    let file = cache_dir().map(|d| {
-        d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}-nvrtc{nvrtc}-driver{driver}.{}", format.ext()))
-    });
+    let file =
+        dir.map(|d| d.join(format!("{module}-{hash:016x}-{opts_hash:08x}-{arch}-nvrtc{nvrtc}.{}", format.ext())));
     // Without NVRTC (a GPU machine whose bundle carries the compiled kernels), any compiler's file for this exact
     // source, options, architecture and driver will do: there is nothing to compile it with anyway.
     let file = match (&file, available()) {
@@ -296,7 +313,7 @@ pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format:
     if !available() {
         bail!(
             "kernel {module}.cu: not in the kernel cache ({}) for {arch}, and no NVRTC (libnvrtc.so.13) to compile it",
-            cache_dir().map(|d| d.display().to_string()).unwrap_or_else(|| "none".into())
+            dir.map(|d| d.display().to_string()).unwrap_or_else(|| "none".into())
         );
     }
     let bytes = match format {
@@ -317,11 +334,11 @@ pub fn compile_cached(module: &str, source: &str, hash: u64, arch: &str, format:
     })
 }
 
-/// A cached file like `f` but made by another NVRTC version (`...-nvrtcN-...`).
+/// A cached file like `f` but made by another NVRTC version (`...-nvrtcN.ext`).
 fn cached_by_any_nvrtc(f: &std::path::Path) -> Option<PathBuf> {
     let name = f.file_name()?.to_str()?;
     let (head, tail) = name.split_once("-nvrtc")?;
-    let tail = &tail[tail.find('-')?..];
+    let tail = &tail[tail.find('.')?..];
     std::fs::read_dir(f.parent()?).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
         p.file_name()
             .and_then(|n| n.to_str())

@@ -151,6 +151,70 @@ pub fn pending(stream: &cudarc::driver::CudaStream) -> Result<i64> {
     Ok(f(stream.cu_stream() as *mut libc::c_void))
 }
 
+/// True when the stand-in's tensor cores accumulate by truncation (`ASGE_STANDIN_MMA_ROUNDING=truncate`, read
+/// when it is loaded), as Hopper's do; false for round-to-nearest.
+pub fn mma_truncates() -> Result<bool> {
+    let f: extern "C" fn() -> i32 =
+        // SAFETY: the hook's C signature in tests/emu/standin.cpp.
+        unsafe { std::mem::transmute(symbol(c"asge_standin_mma_truncates")?) };
+    Ok(f() == 1)
+}
+
+/// One kernel run by the stand-in's emulator, from its launch log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: (u32, u32, u32),
+    pub threads: u32,
+    pub shared_bytes: u32,
+    /// The stream it ran on (`CudaStream::cu_stream` as an integer).
+    pub stream: u64,
+    /// Warp-level MMAs it issued.
+    pub mmas: u64,
+}
+
+/// The number of kernels the stand-in has run so far (a mark for [`launches_since`]).
+pub fn launches_logged() -> Result<u64> {
+    Ok(launch_log(u64::MAX)?.1)
+}
+
+/// Every kernel the stand-in ran after `mark` ([`launches_logged`]), in order, graph replays included.
+pub fn launches_since(mark: u64) -> Result<Vec<Launch>> {
+    let (text, _) = launch_log(mark)?;
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let n = |i: usize| -> Result<u64> {
+                f.get(i).and_then(|v| v.parse().ok()).with_context(|| format!("the stand-in's launch log: {l:?}"))
+            };
+            Ok(Launch {
+                kernel: f[0].to_string(),
+                grid: (n(1)? as u32, n(2)? as u32, n(3)? as u32),
+                threads: n(4)? as u32,
+                shared_bytes: n(5)? as u32,
+                stream: n(6)?,
+                mmas: n(7)?,
+            })
+        })
+        .collect()
+}
+
+fn launch_log(from: u64) -> Result<(String, u64)> {
+    let f: extern "C" fn(u64, *mut libc::c_char, u64, *mut u64) -> u64 =
+        // SAFETY: the hook's C signature in tests/emu/standin.cpp.
+        unsafe { std::mem::transmute(symbol(c"asge_standin_launch_log")?) };
+    let mut total = 0u64;
+    let mut buf: Vec<u8> = vec![0; 1 << 16];
+    loop {
+        let need = f(from, buf.as_mut_ptr() as *mut libc::c_char, buf.len() as u64, &mut total);
+        if need as usize <= buf.len() {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            return Ok((String::from_utf8_lossy(&buf[..end]).into_owned(), total));
+        }
+        buf.resize(need as usize, 0);
+    }
+}
+
 /// The emulator's work so far.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {

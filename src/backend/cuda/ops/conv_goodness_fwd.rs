@@ -33,8 +33,9 @@ pub fn run(
     let (bb, ci, co, h, ww, p) = (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
     let mean = (reduce == GoodnessReduce::Mean) as i32;
     let (bias, gs) = (b.f32("conv bias")?, g.f32_mut("goodness")?);
-    let kernel = geometry::conv_fwd_kernel(s, precision);
-    let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(geometry::conv_fwd(s, precision)) };
+    let (kernel, splits) = geometry::conv_fwd_choice(s, precision, be.tiles());
+    let launch_cfg =
+        LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(geometry::conv_fwd_grid(s, kernel.tile_m, kernel.tile_n)) };
     let f = be.f(kernel.name)?;
     let stream = be.stream();
     match precision {
@@ -70,7 +71,6 @@ pub fn run(
             let nb_i = nb as i32;
             // SAFETY: xn, wn and the table hold the padded extents of this shape, y and bias are bounded by
             // check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where above 48 KB).
-            let splits = geometry::conv_fwd_splits(s, &kernel);
             let r = unsafe {
                 if splits > 1 {
                     // Split-K: partial tiles, then their ordered sum with the bias and ReLU.

@@ -27,7 +27,7 @@ pub fn run(
     check::conv_wgrad("cuda", s, grid, x.len(), y.len(), dg.len(), dw.len(), db.len())?;
     let precision = operand_precision(&[("x", x), ("y", y)])?;
     index32(s)?;
-    let kernel = geometry::wgrad_kernel(s, precision);
+    let kernel = geometry::wgrad_choice(s, precision, be.tiles());
     let split = geometry::wgrad_split(s, &kernel);
     let (chunk, gz) = (split.chunk as i32, split.slices);
     let (bb, ci, co, h, ww, p) = (s.batch as i32, s.c_in as i32, s.c_out as i32, s.h as i32, s.w as i32, grid.p as i32);
