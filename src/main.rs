@@ -38,11 +38,19 @@ enum Cmd {
     #[command(override_usage = "asge export --checkpoint FILE --format onnx|safetensors [--strategy S] --out FILE")]
     Export(ExportArgs),
     /// Describe this build: backends, threads, the models' shapes.
-    Info,
+    Info(InfoArgs),
     /// Time every op of a training step and the whole step against ceilings measured on the spot.
     Bench(BenchArgs),
     /// Decode an ImageFolder (one sub-folder of JPEG/PNG images per class) into memory-mappable shards.
     Shard(ShardArgs),
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    /// Also run the tensor-core self-test on every CUDA device (seconds: cp.async, ldmatrix, ldmatrix.trans and
+    /// mma.sync on known inputs, compared value by value); exits 1 when a device fails it.
+    #[arg(long)]
+    self_test: bool,
 }
 
 #[derive(clap::Args)]
@@ -309,10 +317,7 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                 None => work(),
             }
         }
-        Cmd::Info => {
-            info();
-            Ok(())
-        }
+        Cmd::Info(a) => info(a.self_test),
     }
 }
 
@@ -501,6 +506,27 @@ fn is_eval_json(path: &std::path::Path) -> bool {
 }
 
 #[cfg(not(feature = "cuda"))]
+fn cuda_self_test() -> Result<()> {
+    anyhow::bail!("--self-test: this build has no CUDA backend (build with the `cuda` feature)")
+}
+
+/// `asge info --self-test`: the tensor-core self-test on every device, one line each.
+#[cfg(feature = "cuda")]
+fn cuda_self_test() -> Result<()> {
+    use asge::backend::cuda::{self, selftest, CudaBackend};
+    let n = cuda::probe().context("--self-test")?;
+    let mut failed = 0;
+    for i in 0..n {
+        let be = CudaBackend::new(i).with_context(|| format!("--self-test: cuda:{i}"))?;
+        let r = selftest::run(&be, false).with_context(|| format!("--self-test: cuda:{i}"))?;
+        println!("self-test cuda:{i} ({}): {}", be.device_name(), r.verdict());
+        failed += !r.passed() as usize;
+    }
+    anyhow::ensure!(failed == 0, "--self-test: {failed} of {n} CUDA devices failed the tensor-core self-test");
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
 fn cuda_info() {
     println!("cuda: not in this build (the `cuda` feature is off)");
 }
@@ -622,10 +648,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn info() {
+fn info(self_test: bool) -> Result<()> {
     println!("asge {}", env!("CARGO_PKG_VERSION"));
     println!("cpu: {} threads, f32, im2col + gemm", rayon::current_num_threads());
     cuda_info();
+    if self_test {
+        cuda_self_test()?;
+    }
     for (name, ch, classes) in [("vgg8", 1, 10), ("vgg8", 3, 10), ("vgg11", 3, 10), ("vgg11", 3, 100)] {
         if let Ok(spec) = asge::model::resolve(name, ch, 32, classes, &Default::default()) {
             println!(
@@ -638,4 +667,5 @@ fn info() {
             );
         }
     }
+    Ok(())
 }

@@ -455,6 +455,17 @@ fn for_each_variant(cases: &[common::ConvCase], rounding: &str) {
 
 #[test]
 #[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
+fn the_tensor_core_self_test_passes_and_names_a_planted_fragment_bug() {
+    let g = gpu();
+    let r = cuda::selftest::run(&g, false).unwrap();
+    println!("self-test on {}: {}", g.device_name(), r.verdict());
+    assert!(r.passed(), "{}", r.verdict());
+    let planted = cuda::selftest::run(&g, true).unwrap();
+    assert!(!planted.passed() && planted.verdict().contains("mma.sync lane"), "{}", planted.verdict());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
 fn every_fp16_gemm_variant_on_one_small_case() {
     // The quick form of the test above (tools/gpu-check.sh dry-run): one VGG-like layer at batch 2 through every
     // fp16 GEMM kernel.

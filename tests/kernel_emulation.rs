@@ -666,6 +666,43 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
     close("adamw fp16 copy", &from_f16(&copy2), &copy, 1.1e-3, 0.0);
 }
 
+/// The tensor-core self-test (kernels/selftest.cu) through the emulation: every stage (the copy with its zero-filled
+/// chunks, ldmatrix, ldmatrix.trans, the two MMAs) holds what the PTX ISA's layouts say, checked by the same code
+/// that checks it on a GPU; with its planted fragment-order bug it fails, naming a lane and register of the MMA.
+#[test]
+fn the_tensor_core_self_test_passes_in_the_emulation_and_fails_on_a_planted_bug() {
+    use asge::backend::cuda::selftest;
+    let (a, bt) = selftest::inputs();
+    let bits = |v: &[half::f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<u16>>();
+    let (a, bt) = (bits(&a), bits(&bt));
+    for plant in [0, 1] {
+        let (mut tiles, mut frags, mut d) = (vec![0u16; 512], vec![0u32; 256], vec![0f32; 256]);
+        launch!(
+            "tensor_core_selftest",
+            (1, 1, 1),
+            smem 1024,
+            fn(*const u16, *const u16, u32, i32, *mut u16, *mut u32, *mut f32),
+            a.as_ptr(),
+            bt.as_ptr(),
+            selftest::ZERO_MASK,
+            plant,
+            tiles.as_mut_ptr(),
+            frags.as_mut_ptr(),
+            d.as_mut_ptr()
+        );
+        let tiles: Vec<half::f16> = tiles.iter().map(|&b| half::f16::from_bits(b)).collect();
+        let r = selftest::check(&tiles, &frags, &d);
+        if plant == 0 {
+            assert!(r.passed(), "{}", r.verdict());
+            assert_eq!(r.checked, 512 + 32 * 8 + 32 * 8, "every value compared");
+        } else {
+            let v = r.verdict();
+            assert!(!r.passed() && v.contains("mma.sync lane") && v.contains("expected"), "{v}");
+            assert!(!v.contains("ldmatrix lane"), "the plant is after the loads: {v}");
+        }
+    }
+}
+
 /// The kernels' signatures are written once, in `kernels/*.cu`: build.rs generates the backend's launch wrappers
 /// and the driver stand-in's bindings from them. This test's own bindings (tests/emu/launch.cpp's C wrappers and
 /// the argument types of every `launch!` above) are written by hand, so they are checked against the same
@@ -713,6 +750,8 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
             "int" => "i32",
             "float" => "f32",
             "unsigned long long" => "u64",
+            "unsigned" => "u32",
+            "unsigned*" => "*mut u32",
             other => panic!("no Rust type for {other}"),
         }
     };

@@ -9,7 +9,8 @@
 #   tools/gpu-check.sh run [--out DIR]   on the GPU machine, from the repository root with gpu-bundle/ in it
 #                                        (default DIR: gpu-bundle/out): in order, each step with its own time
 #                                        limit, the limits summing to 4.5 minutes:
-#                                        1. nvidia-smi, asge info (libraries, device, registers)         10 s
+#                                        1. nvidia-smi, asge info (libraries, device, registers) and the
+#                                           tensor-core self-test                                          10 s
 #                                        2. device parity: every op and every fp16 GEMM variant against
 #                                           the CPU reference, graphs and lanes on; failures rerun with
 #                                           every launch synchronised, to name the kernel                70 + 15 s
@@ -144,9 +145,12 @@ check() {
   row "$what"
   [ "$dry" = 1 ] || row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: only the kernels precompiled in the bundle)}; kernels: ${ASGE_KERNEL_FORMAT:-ptx}"
 
-  # 1. The machine and the build.
-  lim 10 "$B/asge" info > "$out/info.txt" 2>&1
-  row "asge info: $(ended $?); $(first "$out/info.txt" '^cuda:0' 'no cuda:0 line')"
+  # 1. The machine and the build, and the tensor-core self-test: cp.async, ldmatrix, ldmatrix.trans and mma.sync on
+  # known inputs, every value compared (a fragment-order error is named here by lane and register).
+  lim 10 "$B/asge" info --self-test > "$out/info.txt" 2>&1
+  local irc=$?
+  row "asge info: $(ended $irc); $(first "$out/info.txt" '^cuda:0' 'no cuda:0 line')"
+  row "self-test: $(first "$out/info.txt" '^self-test cuda:0' "did not run: $(tail -1 "$out/info.txt")")"
 
   # 2. Device parity: every device test, graphs and lanes as in training (no ASGE_CUDA_SYNC: it turns graphs off
   # and serialises the streams). The CPU-only NVRTC tests are not ignored and so not run here. A dry run takes

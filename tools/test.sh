@@ -58,6 +58,8 @@ if [ "${ASGE_CUDA_TESTS:-standin}" != gpu ]; then
   for k in conv_fwd_nhwc_f16 conv_fwd_nhwc_f16_l conv_fwd_nhwc_f16_sk conv_wgrad_nhwc_f16 conv_wgrad_nhwc_f16_l; do
     grep -q "^  kernel $k: passed$" "$dry/out/summary.txt" || { echo "gpu-check dry run: kernel $k did not pass"; exit 1; }
   done
+  grep -qE '^self-test: self-test cuda:0 .*: passed' "$dry/out/summary.txt" ||
+    { echo "gpu-check dry run: the tensor-core self-test did not pass"; exit 1; }
   grep -q '^== done in' "$dry/out/summary.txt" || { echo "gpu-check dry run: the summary did not end"; exit 1; }
   rm -rf "$dry"
 fi

@@ -11,6 +11,7 @@
 #include "../../kernels/fusion_heads.cu"
 #include "../../kernels/adamw.cu"
 #include "../../kernels/layout.cu"
+#include "../../kernels/selftest.cu"
 #include "pipeline_probe.cuh"
 
 #include <csetjmp>
@@ -53,6 +54,10 @@ const char* probe_pipeline(const unsigned* src, unsigned* out, int steps, int mo
     return emu::fault_msg;
 }
 
+// The self-test is one warp (its launch bounds), not a block of 256.
+void emu_tensor_core_selftest(GRID, const f16_bits* a, const f16_bits* bt, unsigned zero_mask, int plant, f16_bits* tiles, unsigned* frags, float* d) {
+    emu::launch(dim3{gx, gy, gz}, 32, [&] { tensor_core_selftest(a, bt, zero_mask, plant, tiles, frags, d); }, next_smem());
+}
 void emu_adamw_f32(GRID, float* p, const float* g, float* m, float* v, f16_bits* copy, int n, const float* hp) {
     RUN(adamw_f32(p, g, m, v, copy, n, hp));
 }

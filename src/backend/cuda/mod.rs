@@ -31,6 +31,7 @@ pub mod geometry;
 mod graph;
 pub mod nvrtc;
 pub mod ops;
+pub mod selftest;
 pub mod standin;
 pub mod timing;
 
