@@ -110,6 +110,10 @@ struct BenchArgs {
     /// Timed repetitions per op; the median is reported.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// On a GPU: the training steps the step time is measured over with the device's events (back to back, as
+    /// training runs them).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    step_reps: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -632,6 +636,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         channels: a.channels,
         classes: a.classes,
         reps: a.reps,
+        step_reps: a.step_reps,
         step_only: a.step_only,
         precision: a.on.precision,
     };

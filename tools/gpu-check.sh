@@ -188,11 +188,12 @@ check() {
   fi
 
   # 4. Throughput, every op and layer, against cuBLAS measured in the same run.
-  local widths=(1 0.25) batch=128 reps=5
-  [ "$dry" = 1 ] && widths=(0.125) batch=4 reps=1
+  # The step by the device's events over 20 steps on a GPU; 2 under the stand-in's emulator.
+  local widths=(1 0.25) batch=128 reps=5 steps=20
+  [ "$dry" = 1 ] && widths=(0.125) batch=4 reps=1 steps=2
   for w in "${widths[@]}"; do
     local f="$out/bench-cuda-fp16-w$w.txt"
-    lim 30 "$B/asge" bench --device cuda --precision fp16 --width "$w" --batch $batch --reps $reps > "$f" 2>&1
+    lim 30 "$B/asge" bench --device cuda --precision fp16 --width "$w" --batch $batch --reps $reps --step-reps $steps > "$f" 2>&1
     local brc=$?
     timed "bench cuda fp16 w$w: $(first "$f" '^train step' "$(ended $brc)")"
     row "  $(first "$f" '^(ceilings|NOT GPU)' 'no ceiling line')"
@@ -200,7 +201,7 @@ check() {
     row "  fp16 conv wgrad, % of the GEMM ceiling by layer: $(grep -E '^ *conv_goodness_wgrad' "$f" | awk '{print $6}' | tr '\n' ' ')"
     row "  kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$f" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
     # The CIFAR-10 recipe (50,000 training images, 100 epochs) at the measured step rate: training steps only.
-    timed "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s)' "$f" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
+    timed "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s' "$f" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
     row "  the model's expectation on an H100 (tools/perf_model.py, not measured): $(python3 tools/perf_model.py "$w" | tail -1)"
   done
 
@@ -253,16 +254,16 @@ check() {
   # 8. One stream per layer, and the step without its graph (every op launched): what each changes.
   local sw=0.25
   [ "$dry" = 1 ] && sw=0.125
-  ASGE_CUDA_LANES=8 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps \
+  ASGE_CUDA_LANES=8 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps --step-reps $steps \
     --step-only > "$out/bench-cuda-fp16-lanes8.txt" 2>&1
   timed "bench cuda fp16 w$sw, 8 streams: $(first "$out/bench-cuda-fp16-lanes8.txt" '^train step' "$(ended $?)")"
-  ASGE_CUDA_GRAPHS=0 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps \
+  ASGE_CUDA_GRAPHS=0 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps --step-reps $steps \
     --step-only > "$out/bench-cuda-fp16-eager.txt" 2>&1
   timed "bench cuda fp16 w$sw without the step graph: $(first "$out/bench-cuda-fp16-eager.txt" '^train step' "$(ended $?)")"
 
   # 9. fp32, while time is left: the step, an epoch, and the authors' recipe in PyTorch (fp32 eager, TF32 as
   # PyTorch's defaults: its line says which).
-  lim 15 "$B/asge" bench --device cuda --precision fp32 --width "${widths[0]}" --batch $batch --reps $reps --step-only \
+  lim 15 "$B/asge" bench --device cuda --precision fp32 --width "${widths[0]}" --batch $batch --reps $reps --step-reps $steps --step-only \
     > "$out/bench-cuda-fp32.txt" 2>&1
   timed "bench cuda fp32 w${widths[0]}: $(first "$out/bench-cuda-fp32.txt" '^train step' "$(ended $?)")"
   mnist fp32 30

@@ -225,6 +225,17 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// Records a point in the device's timeline (an event on the step's stream) and returns its handle, or `None`
+    /// where the host's clock is the measure (the CPU). [`Backend::device_elapsed_ms`] measures between two.
+    fn device_mark(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
+    /// Milliseconds of device time from mark `a` to mark `b` (both from [`Backend::device_mark`]); waits for `b`.
+    fn device_elapsed_ms(&self, _a: usize, _b: usize) -> Result<f64> {
+        anyhow::bail!("this backend keeps no device timeline")
+    }
+
     /// The precision of the conv operands (see [`Precision`]).
     fn precision(&self) -> Precision {
         Precision::F32

@@ -123,6 +123,8 @@ pub struct CudaBackend {
     layout_scratch: Vec<Mutex<LayoutScratch>>,
     /// With `--trace`: every op's start and end events, and the event all times are measured from.
     timed: Mutex<timing::TimedOps>,
+    /// The events of [`Backend::device_mark`], by handle.
+    marks: Mutex<Vec<cudarc::driver::CudaEvent>>,
     /// `ASGE_CUDA_SYNC=1`: synchronise and check after every launch.
     sync_each: bool,
     /// A forced fp16 GEMM variant (tests and benchmarks); by default each shape's own choice.
@@ -379,6 +381,7 @@ impl CudaBackend {
             timed: Mutex::new(timing::TimedOps::default()),
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
             tiles: geometry::Tiles::default(),
+            marks: Mutex::new(Vec::new()),
             step_params: Mutex::new(step_params),
             graphs: Mutex::new(graph::StepGraphs::default()),
             lane_events: Mutex::new(lane_events),
@@ -621,6 +624,20 @@ impl Backend for CudaBackend {
 
     fn device_time_ms(&self, warmup: usize, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
         self.time_ms(warmup, reps, f).map(Some)
+    }
+
+    fn device_mark(&self) -> Result<Option<usize>> {
+        // On lane 0, where a step graph is launched and every other stream meets it.
+        let e = drv(self.stream().record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)), "event")?;
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        marks.push(e);
+        Ok(Some(marks.len() - 1))
+    }
+
+    fn device_elapsed_ms(&self, a: usize, b: usize) -> Result<f64> {
+        let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let (ea, eb) = (marks.get(a).context("no such device mark")?, marks.get(b).context("no such device mark")?);
+        Ok(drv(ea.elapsed_ms(eb), "event timing")? as f64)
     }
 
     fn prepare_step(&self, h: &AdamWStep, dropout_keys: &[Option<u64>]) -> Result<()> {
