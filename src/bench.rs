@@ -357,10 +357,9 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         }
         let b = net.backend().device_mark()?;
         match (a, b) {
-            (Some(a), Some(b)) => (
-                net.backend().device_elapsed_ms(a, b)? / steps as f64,
-                format!("device events over {steps} steps"),
-            ),
+            (Some(a), Some(b)) => {
+                (net.backend().device_elapsed_ms(a, b)? / steps as f64, format!("device events over {steps} steps"))
+            }
             _ => anyhow::bail!("the device gave no timeline marks"),
         }
     };
