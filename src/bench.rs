@@ -330,9 +330,10 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
     // As the training loop runs it: each call queues a step and reads the previous one's statistics, so on a GPU
     // a call lasts one step of device time once the queue is full (the first, warm-up call waits for nothing).
     let mut failed = None;
-    // On a device the first step of a shape runs eagerly (allocations, tables) and the second is captured into the
-    // step graph; from the third on the graph is replayed, which is the step to time.
-    let warmup = if net.backend().buffers_on_host() { 1 } else { 3 };
+    // On a device a step graph's first step runs eagerly (allocations, tables) and its second is captured; the
+    // statistics buffers' parity alternates, so a step has two graphs: steps 1-2 eager, 3-4 captured, replays
+    // (the step to time) from step 5.
+    let warmup = if net.backend().buffers_on_host() { 1 } else { 4 };
     let on_host = net.backend().buffers_on_host();
     let mut one_step = |net: &mut Net<B>| {
         step += 1;

@@ -656,10 +656,11 @@ fn bench(a: BenchArgs) -> Result<()> {
 fn info(self_test: bool) -> Result<()> {
     println!("asge {}", env!("CARGO_PKG_VERSION"));
     println!("cpu: {} threads, f32, im2col + gemm", rayon::current_num_threads());
-    cuda_info();
+    // The self-test first: seconds, where the compile and ptxas report below can take longer.
     if self_test {
         cuda_self_test()?;
     }
+    cuda_info();
     for (name, ch, classes) in [("vgg8", 1, 10), ("vgg8", 3, 10), ("vgg11", 3, 10), ("vgg11", 3, 100)] {
         if let Ok(spec) = asge::model::resolve(name, ch, 32, classes, &Default::default()) {
             println!(

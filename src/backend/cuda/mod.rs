@@ -627,8 +627,16 @@ impl Backend for CudaBackend {
     }
 
     fn device_mark(&self) -> Result<Option<usize>> {
-        // On lane 0, where a step graph is launched and every other stream meets it.
-        let e = drv(self.stream().record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)), "event")?;
+        // On lane 0, where a step graph is launched, after it has waited for where every other lane stands (eager
+        // work on several lanes included): the mark is past all the work issued so far.
+        let lane0 = &self.streams[0];
+        let others = &self.streams[1..];
+        let waits: Vec<CudaEvent> = others
+            .iter()
+            .map(|s| drv(s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)), "event"))
+            .collect::<Result<_>>()?;
+        wait_for_streams(lane0, &waits, others)?;
+        let e = drv(lane0.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)), "event")?;
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         marks.push(e);
         Ok(Some(marks.len() - 1))
