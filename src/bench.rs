@@ -333,8 +333,8 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
     // On a device a step graph's first step runs eagerly (allocations, tables) and its second is captured; the
     // statistics buffers' parity alternates, so a step has two graphs: steps 1-2 eager, 3-4 captured, replays
     // (the step to time) from step 5.
-    let warmup = if net.backend().buffers_on_host() { 1 } else { 4 };
     let on_host = net.backend().buffers_on_host();
+    let warmup = if on_host { 1 } else { 4 };
     let mut one_step = |net: &mut Net<B>| {
         step += 1;
         if failed.is_none() {

@@ -120,7 +120,6 @@ impl Drop for TempFile {
 
 /// Writes `bytes` to `path` atomically: a fresh exclusive temporary file, synced, renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    refuse_input(path)?;
     let mut t = TempFile::create(path)?;
     t.write_all(bytes)?;
     t.persist()
@@ -165,7 +164,12 @@ fn refuse_input(path: &Path) -> Result<()> {
     refuse_input_as(path, &path.display().to_string())
 }
 
-/// How [`write_output`] will write a path, from what it names now.
+/// True for a character device or a FIFO: an output written into, never replaced.
+fn is_stream(m: &std::fs::Metadata) -> bool {
+    m.file_type().is_char_device() || m.file_type().is_fifo()
+}
+
+/// How [`Output::write`] will write a path, from what it names now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputTarget {
     /// Nothing there: a new file.
@@ -196,11 +200,8 @@ impl Output<'_> {
             Err(e) => return Err(e).with_context(|| format!("{flag} {}: cannot inspect", path.display())),
         };
         // A device or a pipe is written into, also through a symlink (/dev/stdout -> /proc/self/fd/1).
-        if let Ok(m) = std::fs::metadata(path) {
-            let t = m.file_type();
-            if t.is_char_device() || t.is_fifo() {
-                return Ok(OutputTarget::Stream);
-            }
+        if std::fs::metadata(path).is_ok_and(|m| is_stream(&m)) {
+            return Ok(OutputTarget::Stream);
         }
         let t = lmeta.file_type();
         let what = if t.is_symlink() {
@@ -272,14 +273,12 @@ pub fn resolved(path: &Path) -> PathBuf {
 /// Refuses two outputs of one command that name the same file (by path, or by device and inode when it exists):
 /// `--json X --dump-logits X` would leave only one of them. Devices and FIFOs may be shared.
 pub fn distinct_outputs(outputs: &[(&str, &Path)]) -> Result<()> {
-    let stream =
-        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo());
     let inode = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     for (i, (fa, a)) in outputs.iter().enumerate() {
+        if std::fs::metadata(a).is_ok_and(|m| is_stream(&m)) {
+            continue;
+        }
         for (fb, b) in &outputs[..i] {
-            if stream(a) {
-                continue;
-            }
             if resolved(a) == resolved(b) || inode(a).is_some() && inode(a) == inode(b) {
                 bail!(
                     "{fa} {} and {fb} {}: the same file for two outputs; give each its own path",

@@ -45,6 +45,24 @@ enum Cmd {
     Shard(ShardArgs),
 }
 
+/// How image files are read: shared by shard, eval and predict.
+#[derive(clap::Args)]
+struct ImageArgs {
+    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
+    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+}
+
+impl ImageArgs {
+    /// Sets the decode bound of every image the command reads.
+    fn apply(&self) -> Result<()> {
+        let n = self.max_image_pixels;
+        anyhow::ensure!(n > 0, "--max-image-pixels 0: no image could be decoded; give a number of pixels");
+        asge::data::imagefolder::set_max_pixels(n);
+        Ok(())
+    }
+}
+
 #[derive(clap::Args)]
 struct InfoArgs {
     /// Also run the tensor-core self-test on every CUDA device (seconds: cp.async, ldmatrix, ldmatrix.trans and
@@ -72,9 +90,8 @@ struct ShardArgs {
     /// Largest shard file, in MiB.
     #[arg(long, default_value_t = 1024)]
     shard_mb: usize,
-    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
-    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    decode: ImageArgs,
     #[arg(long)]
     quiet: bool,
 }
@@ -201,9 +218,8 @@ struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
-    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    decode: ImageArgs,
     #[command(flatten)]
     on: DeviceArgs,
 }
@@ -228,9 +244,8 @@ struct PredictArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Images of more pixels than this are not decoded (a decompression bomb stops here; Pillow's default bound).
-    #[arg(long, value_name = "N", default_value_t = asge::data::imagefolder::DEFAULT_MAX_PIXELS)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    decode: ImageArgs,
     #[command(flatten)]
     on: DeviceArgs,
 }
@@ -293,11 +308,11 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand's matches")),
         Cmd::Eval(a) => {
-            set_max_image_pixels(a.max_image_pixels)?;
+            a.decode.apply()?;
             eval_cmd(a)
         }
         Cmd::Predict(a) => {
-            set_max_image_pixels(a.max_image_pixels)?;
+            a.decode.apply()?;
             predict_cmd(a)
         }
         Cmd::Export(a) => {
@@ -306,7 +321,7 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         }
         Cmd::Bench(a) => bench(a),
         Cmd::Shard(a) => {
-            set_max_image_pixels(a.max_image_pixels)?;
+            a.decode.apply()?;
             let o = asge::data::shard::ShardOptions {
                 size: a.size,
                 resize: a.resize,
@@ -323,13 +338,6 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         }
         Cmd::Info(a) => info(a.self_test),
     }
-}
-
-/// `--max-image-pixels N`: the decode bound of every image the command reads.
-fn set_max_image_pixels(n: u64) -> Result<()> {
-    anyhow::ensure!(n > 0, "--max-image-pixels 0: no image could be decoded; give a number of pixels");
-    asge::data::imagefolder::set_max_pixels(n);
-    Ok(())
 }
 
 fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {

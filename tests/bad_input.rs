@@ -605,62 +605,61 @@ fn a_full_disk_leaves_no_partial_files() {
     assert!(names.is_empty(), "left behind: {names:?}");
 }
 
+/// The run the signal tests interrupt and resume: 900 training and 300 validation images of `data/m` (make it
+/// with `sb.mnist("data/m", 1200, 200)`), batch 16, a progress line every step, into `out`.
+fn interrupted_run(out: &str, epochs: usize) -> Vec<String> {
+    let epochs = epochs.to_string();
+    [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        "data/m",
+        "--width",
+        "0.125",
+        "--epochs",
+        &epochs,
+        "--batch",
+        "16",
+        "--val",
+        "300",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "2",
+        "--log-every",
+        "0",
+        "--out",
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A run's summary.json without its timings (which differ between an interrupted and an uninterrupted run).
+fn summary(sb: &Sandbox, dir: &str) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.p(&format!("{dir}/summary.json"))).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("train_seconds");
+    o.remove("train_images_per_s");
+    v
+}
+
 #[test]
 fn sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical() {
     let sb = Sandbox::new("sigterm");
     sb.mnist("data/m", 1200, 200);
-    let run = |out: &str| -> Vec<String> {
-        [
-            "train",
-            "--dataset",
-            "mnist",
-            "--data",
-            "data/m",
-            "--width",
-            "0.125",
-            "--epochs",
-            "3",
-            "--batch",
-            "16",
-            "--val",
-            "300",
-            "--lr",
-            "1e-3",
-            "--threads",
-            "2",
-            "--log-every",
-            "0",
-            "--out",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let run = |out: &str| interrupted_run(out, 3);
     let straight = run("straight");
     sb.asge(&args(&straight, &[])).ok();
     for (sig, code) in [("TERM", 143), ("INT", 130)] {
         let out = format!("cut-{sig}");
         let a = run(&out);
-        let mut child = sb.command(&args(&a, &[]), &[]).stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
         // Interrupt once the run has printed a step of its second epoch (not after a fixed sleep).
-        loop {
-            let mut l = String::new();
-            if err.read_line(&mut l).unwrap() == 0 {
-                break;
-            }
-            seen += &l;
-            if l.contains("epoch 2/3 step 5/") {
-                break;
-            }
-        }
-        assert!(seen.contains("epoch 2/3 step 5/"), "{seen}");
-        assert!(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap().success());
-        err.read_to_string(&mut seen).unwrap();
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(code), "{seen}");
+        let (got, seen) = stop_at(&sb, &args(&a, &[]), &[], "epoch 2/3 step 5/", sig);
+        assert_eq!(got, code, "{seen}");
         no_panic(&seen);
         assert!(seen.contains(&format!("SIG{sig}: stopped at step")) && seen.contains("--resume"), "{seen}");
         let state = checkpoint::load(&sb.p(&format!("{out}/last.safetensors"))).unwrap().state.unwrap();
@@ -670,15 +669,7 @@ fn sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical() {
         for f in ["last.safetensors", "best.safetensors"] {
             assert_eq!(tensors(&sb.p(&format!("straight/{f}"))), tensors(&sb.p(&format!("{out}/{f}"))), "{sig}: {f}");
         }
-        let summary = |d: &str| -> serde_json::Value {
-            let mut v: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(sb.p(&format!("{d}/summary.json"))).unwrap()).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("train_seconds");
-            o.remove("train_images_per_s");
-            v
-        };
-        assert_eq!(summary("straight"), summary(&out), "{sig}: the summary, best epoch included");
+        assert_eq!(summary(&sb, "straight"), summary(&sb, &out), "{sig}: the summary, best epoch included");
     }
 }
 
@@ -1069,48 +1060,13 @@ fn stop_at(sb: &Sandbox, args: &[&str], env: &[(&str, &str)], at: &str, signal: 
 fn a_stop_in_any_phase_or_before_the_first_checkpoint_resumes_bit_for_bit() {
     let sb = Sandbox::new("phases");
     sb.mnist("data/m", 1200, 200);
-    let run = |out: &str| -> Vec<String> {
-        [
-            "train",
-            "--dataset",
-            "mnist",
-            "--data",
-            "data/m",
-            "--width",
-            "0.125",
-            "--epochs",
-            "2",
-            "--batch",
-            "16",
-            "--val",
-            "300",
-            "--lr",
-            "1e-3",
-            "--threads",
-            "2",
-            "--log-every",
-            "0",
-            "--out",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let run = |out: &str| interrupted_run(out, 2);
     sb.asge(&args(&run("straight"), &[])).ok();
-    let summary = |d: &str| -> serde_json::Value {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(sb.p(&format!("{d}/summary.json"))).unwrap()).unwrap();
-        let o = v.as_object_mut().unwrap();
-        o.remove("train_seconds");
-        o.remove("train_images_per_s");
-        v
-    };
     let same_as_straight = |out: &str, what: &str| {
         for f in ["last.safetensors", "best.safetensors"] {
             assert_eq!(tensors(&sb.p(&format!("straight/{f}"))), tensors(&sb.p(&format!("{out}/{f}"))), "{what}: {f}");
         }
-        assert_eq!(summary("straight"), summary(out), "{what}: the summary, best epoch included");
+        assert_eq!(summary(&sb, "straight"), summary(&sb, out), "{what}: the summary, best epoch included");
         let epochs = |d: &str| -> Vec<u64> {
             std::fs::read_to_string(sb.p(&format!("{d}/metrics.jsonl")))
                 .unwrap()

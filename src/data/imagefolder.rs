@@ -199,25 +199,25 @@ pub fn check_image_size(w: u64, h: u64, out_w: u64, out_h: u64) -> Result<()> {
     Ok(())
 }
 
-/// The `(width, height)` a PNG or JPEG declares in its header, read without decoding it.
-pub fn declared_size(bytes: &[u8]) -> Result<(u32, u32)> {
-    image::ImageReader::new(std::io::Cursor::new(bytes))
+/// Checks a PNG or JPEG file's bytes before they are decoded and brought to `size` a side as `mode` says, from the
+/// `(width, height)` its header declares ([`check_image_size`]).
+pub fn check_declared(bytes: &[u8], size: usize, mode: ResizeMode) -> Result<()> {
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .into_dimensions()
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (ow, oh) = match mode {
+        ResizeMode::ShortSide if w > 0 && h > 0 => short_side_size(w as usize, h as usize, size),
+        _ => (size, size),
+    };
+    check_image_size(w as u64, h as u64, ow as u64, oh as u64)
 }
 
 /// Decodes a JPEG or PNG file to RGB and brings it to `size x size`, returned CHW (`3 * size * size` bytes).
 pub fn load_rgb(path: &Path, size: usize, mode: ResizeMode) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (w0, h0) = declared_size(&bytes)?;
-    let (ow, oh) = match mode {
-        ResizeMode::Squash => (size, size),
-        ResizeMode::ShortSide if w0 > 0 && h0 > 0 => short_side_size(w0 as usize, h0 as usize, size),
-        ResizeMode::ShortSide => (size, size),
-    };
-    check_image_size(w0 as u64, h0 as u64, ow as u64, oh as u64)?;
+    check_declared(&bytes, size, mode)?;
     let img = if bytes.starts_with(&[0xff, 0xd8]) {
         decode_jpeg_strict(&bytes)?
     } else {

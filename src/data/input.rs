@@ -115,12 +115,11 @@ fn pillow_luma(r: &[u8], g: &[u8], b: &[u8]) -> Vec<u8> {
 }
 
 /// Decodes a PNG or JPEG into 1 (grey) or 3 (RGB) planes of `h x w`, after checking its declared size for a
-/// resize to a short side of `s` ([`imagefolder::check_image_size`]).
+/// resize to a short side of `s` ([`imagefolder::check_declared`]).
 fn decode_planes(path: &Path, s: usize) -> Result<(Vec<Vec<u8>>, usize, usize)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (w0, h0) = imagefolder::declared_size(&bytes)?;
-    let (ow, oh) = if w0 > 0 && h0 > 0 { imagefolder::short_side_size(w0 as usize, h0 as usize, s) } else { (s, s) };
-    imagefolder::check_image_size(w0 as u64, h0 as u64, ow as u64, oh as u64)?;
+    // Pillow's fit is a short-side resize (both sides for a square image).
+    imagefolder::check_declared(&bytes, s, ResizeMode::ShortSide)?;
     let img = if bytes.starts_with(&[0xff, 0xd8]) {
         image::DynamicImage::ImageRgb8(imagefolder::decode_jpeg_strict(&bytes)?)
     } else {

@@ -122,6 +122,10 @@ impl Owned {
     /// Names `file` in the manifest before it is created.
     fn claim(&mut self, file: &str) -> Result<()> {
         self.partial.files.push(file.to_string());
+        self.save()
+    }
+
+    fn save(&self) -> Result<()> {
         write_atomic(&self.dir.join(PARTIAL), serde_json::to_string(&self.partial)?.as_bytes())
     }
 
@@ -129,7 +133,7 @@ impl Owned {
     fn created(&mut self, file: &str) -> Result<()> {
         if let Some(id) = FileId::of(&self.dir.join(file)) {
             self.partial.created.insert(file.to_string(), id);
-            write_atomic(&self.dir.join(PARTIAL), serde_json::to_string(&self.partial)?.as_bytes())?;
+            self.save()?;
         }
         Ok(())
     }

@@ -394,6 +394,7 @@ impl Checkpoint {
 
     /// The parameters for `spec`, checking every name and shape.
     pub fn params_for(&self, path: &Path, spec: &ModelSpec) -> Result<Params> {
+        self.check_fits(path, spec)?;
         let mut layers = Vec::new();
         let n = spec.classes;
         for (i, l) in spec.layers.iter().enumerate() {
@@ -410,9 +411,6 @@ impl Checkpoint {
                 w: self.tensor(path, &format!("heads.{i}.weight"), &[n, spec.layers[i].c_out])?,
                 b: self.tensor(path, &format!("heads.{i}.bias"), &[n])?,
             });
-        }
-        if self.params.contains_key(&format!("layers.{}.conv.weight", spec.layers.len())) {
-            bail!("{}: the checkpoint has more layers than the model ({})", path.display(), spec.layers.len());
         }
         Ok(Params { layers, heads })
     }

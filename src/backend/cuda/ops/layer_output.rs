@@ -66,7 +66,7 @@ pub fn run(
     let stream = be.stream();
     // The two passes, in either precision (the kernels differ only in y's and the output's element type).
     macro_rules! passes {
-        ($sumsq:ident, $store:ident, $y:expr, $out:expr) => {{
+        ($sumsq:ident, $store:ident, $y:expr, $dst:expr) => {{
             let y = $y;
             // SAFETY (both launches): check::layer_output bounds y, out and gap for `batch` samples (the grid's
             // x), part holds batch x slices floats (its y).
@@ -81,7 +81,7 @@ pub fn run(
                 $store {
                     y,
                     part: &*part,
-                    out: $out,
+                    out: $dst,
                     gap,
                     C: ci,
                     H: hi,
