@@ -23,8 +23,10 @@ pub struct BenchOptions {
     /// On a device: the steps the step time is measured over, by the device's events (back to back, as training
     /// runs them).
     pub step_reps: usize,
-    /// Time only the whole training step (no per-op table, no ceilings).
+    /// Time only the whole training step (no per-op table, no kernel table, no ceilings).
     pub step_only: bool,
+    /// On a device: the eager steps whose every kernel is timed alone (0: no kernel table).
+    pub kernel_steps: usize,
     /// The conv operands' precision.
     pub precision: Precision,
 }
@@ -44,14 +46,36 @@ pub struct BenchRow {
     pub kernel: Option<&'static str>,
 }
 
+/// One kernel of the step on a device, timed alone with its events (see [`crate::backend::Backend::time_kernels`]),
+/// per step: all its launches at one layer added up.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelRow {
+    /// The layer it served (1-based), or the layer count + 1 for the fusion heads.
+    pub layer: usize,
+    pub kernel: &'static str,
+    pub launches: f64,
+    pub us: f64,
+    /// Useful FLOPs and the bytes it must move, per step (see `backend::cuda::Work`).
+    pub flop: f64,
+    pub bytes: f64,
+    /// FLOP/s for a GEMM (FLOPs > 0), bytes/s for the others, per `unit`, and that against the matching ceiling.
+    pub rate: f64,
+    pub unit: &'static str,
+    pub pct_of_ceiling: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// "asge-bench": how `--save` recognises an earlier report it may replace.
+    pub format: &'static str,
     pub device: String,
     /// True under the CUDA driver stand-in: every time measures the host emulator, not a GPU.
     pub emulated: bool,
     pub model: String,
     pub width: f64,
     pub batch: usize,
+    pub channels: usize,
+    pub classes: usize,
     /// Measured ceilings (absent with `step_only`).
     pub gemm_ceiling_gflops: Option<f64>,
     pub copy_ceiling_gbs: Option<f64>,
@@ -64,6 +88,54 @@ pub struct BenchReport {
     pub images_per_s: f64,
     /// Forward + weight-gradient FLOPs per image (the convs; everything else is < 1%).
     pub flop_per_image: f64,
+    /// On a device: every kernel of the step, timed alone over `kernel_steps` eager steps (empty on the CPU).
+    pub kernels: Vec<KernelRow>,
+    pub kernel_steps: usize,
+    /// The layer count (a kernel row's layer past it is the fusion heads').
+    pub layers: usize,
+}
+
+/// Adds up the launches of `steps` steps by (layer, kernel), in the order first launched, per step.
+pub fn kernel_rows(
+    times: &[crate::backend::KernelTime],
+    steps: usize,
+    gemm_peak_gflops: f64,
+    copy_peak_gbs: f64,
+) -> Vec<KernelRow> {
+    let mut rows: Vec<KernelRow> = Vec::new();
+    let per = 1.0 / steps.max(1) as f64;
+    for t in times {
+        let i = match rows.iter().position(|r| r.layer == t.layer && r.kernel == t.kernel) {
+            Some(i) => i,
+            None => {
+                rows.push(KernelRow {
+                    layer: t.layer,
+                    kernel: t.kernel,
+                    launches: 0.0,
+                    us: 0.0,
+                    flop: 0.0,
+                    bytes: 0.0,
+                    rate: 0.0,
+                    unit: "",
+                    pct_of_ceiling: None,
+                });
+                rows.len() - 1
+            }
+        };
+        let r = &mut rows[i];
+        r.launches += per;
+        r.us += t.us * per;
+        r.flop += t.flop * per;
+        r.bytes += t.bytes * per;
+    }
+    for r in &mut rows {
+        let (amount, unit, peak) =
+            if r.flop > 0.0 { (r.flop, "FLOP/s", gemm_peak_gflops) } else { (r.bytes, "B/s", copy_peak_gbs) };
+        r.rate = amount / (r.us * 1e-6);
+        r.unit = unit;
+        r.pct_of_ceiling = peak.is_finite().then(|| 100.0 * r.rate / (peak * 1e9));
+    }
+    rows
 }
 
 fn median_ms(reps: usize, f: impl FnMut()) -> f64 {
@@ -329,7 +401,8 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
     let mut step = 0;
     // As the training loop runs it: each call queues a step and reads the previous one's statistics, so on a GPU
     // a call lasts one step of device time once the queue is full (the first, warm-up call waits for nothing).
-    let mut failed = None;
+    // The first error of a step (the steps are timed in closures that cannot return it).
+    let failed = std::cell::Cell::new(None::<anyhow::Error>);
     // On a device a step graph's first step runs eagerly (allocations, tables) and its second is captured; the
     // statistics buffers' parity alternates, so a step has two graphs: steps 1-2 eager, 3-4 captured, replays
     // (the step to time) from step 5.
@@ -337,11 +410,11 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
     let warmup = if on_host { 1 } else { 4 };
     let mut one_step = |net: &mut Net<B>| {
         step += 1;
-        if failed.is_none() {
-            if let Err(e) = net.train_step_pipelined(&x, &labels, 1e-4, step, Some((0.1, step))) {
-                failed = Some(e);
-            }
-        }
+        let first = failed.take();
+        failed.set(match first {
+            Some(e) => Some(e),
+            None => net.train_step_pipelined(&x, &labels, 1e-4, step, Some((0.1, step))).err(),
+        });
     };
     let (step_ms, step_clock) = if on_host {
         (median_ms_after(warmup, o.reps, || one_step(&mut net)), format!("host clock, median of {}", o.reps.max(1)))
@@ -364,17 +437,36 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             _ => anyhow::bail!("the device gave no timeline marks"),
         }
     };
-    if let Some(e) = failed {
+    if let Some(e) = failed.take() {
         return Err(e.context("the training step"));
     }
     net.flush_stats()?;
+    // Then every kernel of a few eager steps, each timed alone (where the backend can).
+    let mut kernels = Vec::new();
+    let kernel_steps = if o.step_only { 0 } else { o.kernel_steps };
+    if kernel_steps > 0 && net.backend().time_kernels(true)? {
+        for _ in 0..kernel_steps {
+            one_step(&mut net);
+        }
+        let flushed = net.flush_stats();
+        let times = net.backend().take_kernel_times();
+        net.backend().time_kernels(false)?;
+        if let Some(e) = failed.take() {
+            return Err(e.context("the training step (kernels timed)"));
+        }
+        flushed?;
+        kernels = kernel_rows(&times?, kernel_steps, gemm_peak, copy_peak);
+    }
     let device = net.backend().name();
     Ok(BenchReport {
+        format: "asge-bench",
         emulated: device.contains("CUDA stand-in"),
         device,
         model: format!("{} width {} ({}x32x32, N={})", spec.arch, o.width, o.channels, n),
         width: o.width,
         batch: b,
+        channels: o.channels,
+        classes: n,
         gemm_ceiling_gflops: ceilings.as_ref().map(|c| c.gemm_gflops),
         copy_ceiling_gbs: ceilings.as_ref().map(|c| c.copy_gbs),
         ceiling_source: ceilings.map(|c| c.gemm_source),
@@ -383,6 +475,9 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         step_clock,
         images_per_s: b as f64 / (step_ms * 1e-3),
         flop_per_image,
+        kernels,
+        kernel_steps,
+        layers: spec.layers.len(),
     })
 }
 
@@ -428,5 +523,80 @@ pub fn format_report(r: &BenchReport) -> String {
         s += &format!(", {:.1}% of the GEMM ceiling", 100.0 * achieved / gemm);
     }
     s.push('\n');
+    if !r.kernels.is_empty() {
+        s += &format_kernels(r);
+    }
     s
+}
+
+/// The kernel table: every kernel of a step by layer, timed alone, with the work it must do and its rate.
+pub fn format_kernels(r: &BenchReport) -> String {
+    let who = if r.emulated { "the stand-in's emulator, NOT a GPU" } else { "CUDA events" };
+    let mut s = format!(
+        "\nkernels of a step, each run alone (eager steps, graphs off; {who}; mean of {} steps):\n",
+        r.kernel_steps
+    );
+    s += &format!(
+        "{:<6} {:<24} {:>8} {:>10} {:>10} {:>10} {:>16} {:>8}\n",
+        "layer", "kernel", "launches", "us", "MFLOP", "KB", "achieved", "% ceil"
+    );
+    for k in &r.kernels {
+        let layer = if k.layer > r.layers { "heads".to_string() } else { k.layer.to_string() };
+        let achieved = if k.unit == "FLOP/s" {
+            format!("{:.2} TFLOP/s", k.rate / 1e12)
+        } else {
+            format!("{:.1} GB/s", k.rate / 1e9)
+        };
+        let pct = k.pct_of_ceiling.map_or("-".to_string(), |p| format!("{p:.1}%"));
+        s += &format!(
+            "{:<6} {:<24} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>16} {:>8}\n",
+            layer,
+            k.kernel,
+            k.launches,
+            k.us,
+            k.flop / 1e6,
+            k.bytes / 1e3,
+            achieved,
+            pct
+        );
+    }
+    let sum_us: f64 = r.kernels.iter().map(|k| k.us).sum();
+    let launches: f64 = r.kernels.iter().map(|k| k.launches).sum();
+    s += &format!(
+        "kernels alone: {:.3} ms in {launches} launches per step, against the step's {:.3} ms ({})\n",
+        sum_us / 1e3,
+        r.step_ms,
+        r.step_clock
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::KernelTime;
+
+    #[test]
+    fn kernel_rows_add_up_each_kernel_per_layer_and_step() {
+        let t = |kernel, layer, us, flop, bytes| KernelTime { kernel, layer, us, flop, bytes };
+        // Two steps: per step, layer 1's GEMM once and AdamW twice (weights and bias), layer 2's GEMM once.
+        let step = [
+            t("gemm", 1, 10.0, 2e9, 1e6),
+            t("adamw_f32", 1, 1.0, 0.0, 3e5),
+            t("adamw_f32", 1, 1.0, 0.0, 1e5),
+            t("gemm", 2, 20.0, 4e9, 2e6),
+        ];
+        let times: Vec<KernelTime> = step.iter().chain(&step).cloned().collect();
+        let rows = kernel_rows(&times, 2, 1000.0, 100.0);
+        let got: Vec<(usize, &str, f64)> = rows.iter().map(|r| (r.layer, r.kernel, r.launches)).collect();
+        assert_eq!(got, [(1, "gemm", 1.0), (1, "adamw_f32", 2.0), (2, "gemm", 1.0)]);
+        // Layer 1's GEMM: 2 GFLOP in 10 us = 200 TFLOP/s, 20000% of a 1 TFLOP/s ceiling.
+        assert_eq!((rows[0].us, rows[0].flop, rows[0].unit), (10.0, 2e9, "FLOP/s"));
+        assert!((rows[0].rate - 2e14).abs() < 1.0 && (rows[0].pct_of_ceiling.unwrap() - 20_000.0).abs() < 1e-6);
+        // AdamW: 400 KB in 2 us = 200 GB/s, 200% of a 100 GB/s copy.
+        assert_eq!((rows[1].us, rows[1].bytes, rows[1].unit), (2.0, 4e5, "B/s"));
+        assert!((rows[1].pct_of_ceiling.unwrap() - 200.0).abs() < 1e-9);
+        // Without ceilings: no share.
+        assert!(kernel_rows(&times, 2, f64::NAN, f64::NAN).iter().all(|r| r.pct_of_ceiling.is_none()));
+    }
 }

@@ -131,9 +131,18 @@ struct BenchArgs {
     /// training runs them).
     #[arg(long, value_name = "N", default_value_t = 20)]
     step_reps: usize,
+    /// On a GPU: after the step's time, this many eager steps with every kernel timed alone (CUDA events around
+    /// each launch, which then runs with nothing beside it): the kernel table, by layer, with each kernel's FLOPs,
+    /// bytes and achieved rate. 0 leaves it out.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    kernel_steps: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also write the report as JSON to this file (an earlier bench report there is replaced; any other file is
+    /// an error).
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
     /// Time only the whole training step.
     #[arg(long)]
     step_only: bool,
@@ -508,13 +517,19 @@ fn printable(s: &str) -> String {
 
 /// True for a regular file holding an earlier `asge eval` result (the only kind `eval` replaces).
 fn is_eval_json(path: &std::path::Path) -> bool {
+    json_format_is(path, "asge-eval")
+}
+
+/// True when `path` is a regular JSON file (under 16 MiB) whose `format` key is `format`: an earlier output of
+/// the kind a command may replace.
+fn json_format_is(path: &std::path::Path, format: &str) -> bool {
     let Ok(meta) = path.symlink_metadata() else { return false };
     meta.is_file()
         && meta.len() < 1 << 24
         && std::fs::read_to_string(path)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some("asge-eval"))
+            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(format))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -646,13 +661,27 @@ fn bench(a: BenchArgs) -> Result<()> {
         reps: a.reps,
         step_reps: a.step_reps,
         step_only: a.step_only,
+        kernel_steps: a.kernel_steps,
         precision: a.on.precision,
     };
+    let is_bench_json = |p: &std::path::Path| json_format_is(p, "asge-bench");
+    let save = a.save.as_deref().map(|path| asge::files::Output {
+        path,
+        flag: "--save",
+        kind: "an asge bench report",
+        ours: &is_bench_json,
+    });
+    if let Some(out) = &save {
+        out.check()?;
+    }
     let r = match run::device(&a.on.device)? {
         run::Device::Cpu => asge::bench::run_cpu(&o)?,
         #[cfg(feature = "cuda")]
         run::Device::Cuda(n) => asge::bench::run_cuda(asge::backend::cuda::CudaBackend::new(n)?, &o)?,
     };
+    if let Some(out) = &save {
+        out.write(format!("{}\n", serde_json::to_string_pretty(&r)?).as_bytes())?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

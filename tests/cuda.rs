@@ -712,6 +712,56 @@ fn layers_on_separate_streams_equal_the_sequential_schedule() {
 }
 
 #[test]
+#[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it reads the stand-in's launch log"]
+fn standin_the_kernel_table_times_every_launch_of_a_step() {
+    // `asge bench`'s kernel table: with kernel timing on, every kernel a training step launches is timed, by name
+    // and in order, and none runs inside a step graph (whose kernels no event could time one by one). The
+    // stand-in's own log of what it ran is the reference: a launch that bypassed the timing, or a replayed graph,
+    // would show as a missing or extra row.
+    for precision in PRECISIONS {
+        let spec = model::resolve("vgg8", 3, 32, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
+        let layers = spec.layers.len();
+        let params = Params::init(&spec, 5);
+        let b = 2;
+        let be = gpu().with_precision(precision);
+        assert!(be.is_standin(), "this test reads the stand-in's launch log");
+        let mut net = Net::new(be, spec, &params, AdamW::default(), b).unwrap();
+        let x = randn(b * 3 * 32 * 32, 1.0, 77);
+        let labels: Vec<u32> = (0..b as u32).collect();
+        // Steps 1-4 make and replay the step graphs (two per step: the statistics' parity alternates).
+        for t in 1..=4 {
+            net.train_step_pipelined(&x, &labels, 1e-4, t, None).unwrap();
+        }
+        net.flush_stats().unwrap();
+        assert!(net.backend().time_kernels(true).unwrap());
+        let mark = cuda::standin::launches_logged().unwrap();
+        net.train_step_pipelined(&x, &labels, 1e-4, 5, None).unwrap();
+        net.flush_stats().unwrap();
+        let times = net.backend().take_kernel_times().unwrap();
+        // What ran on this backend's streams (the log is the process's: other tests launch on theirs meanwhile).
+        let mine: Vec<u64> = net.backend().streams().iter().map(|s| s.cu_stream() as u64).collect();
+        let ran: Vec<_> =
+            cuda::standin::launches_since(mark).unwrap().into_iter().filter(|l| mine.contains(&l.stream)).collect();
+        net.backend().time_kernels(false).unwrap();
+        let p = precision.as_str();
+        let timed: Vec<&str> = times.iter().map(|t| t.kernel).collect();
+        let logged: Vec<&str> = ran.iter().map(|l| l.kernel.as_str()).collect();
+        assert_eq!(timed, logged, "{p}: the kernels timed are not the kernels the step ran");
+        for l in 1..=layers + 1 {
+            assert!(times.iter().any(|t| t.layer == l), "{p}: no kernel timed at layer {l} ({layers} + the heads)");
+        }
+        assert!(times.iter().all(|t| t.us > 0.0 && t.bytes > 0.0), "{p}: a kernel without its time or bytes");
+        let gemm_flop: f64 = times.iter().map(|t| t.flop).sum();
+        let conv_flop = 4.0 * (net.spec.conv_macs() * b) as f64;
+        assert_eq!(gemm_flop, conv_flop, "{p}: the GEMMs' FLOPs are not the step's conv FLOPs");
+        // Timing off: the next steps replay their graphs again (no launch timed).
+        net.train_step_pipelined(&x, &labels, 1e-4, 6, None).unwrap();
+        net.flush_stats().unwrap();
+        assert!(net.backend().take_kernel_times().unwrap().is_empty(), "{p}: timed with kernel timing off");
+    }
+}
+
+#[test]
 #[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it holds a stream"]
 fn standin_a_steps_statistics_arrive_while_the_next_step_is_still_queued() {
     // The pipelined trainer queues step t + 1 before it reads step t's statistics. That is worth something only if

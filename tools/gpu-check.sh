@@ -16,7 +16,9 @@
 #                                           every launch synchronised, to name the kernel                65 + 15 s
 #                                        3. the lanes and step-graph tests again (exact equality twice
 #                                           turns a race into a visible failure)                          15 s
-#                                        4. asge bench fp16 at width 1 and 0.25, per-op rows              30 + 25 s
+#                                        4. asge bench fp16 at width 1 and 0.25: per-op rows, the step
+#                                           by events over 20 steps, every kernel timed alone beside
+#                                           tools/perf_model.py's row for it                              30 + 25 s
 #                                        5. Nsight Compute (ncu, when present) on the large GEMMs and dz   20 s
 #                                        6. one MNIST epoch in fp16                                        35 s
 #                                        7. PyTorch channels-last fp16 autocast at width 1 (when present)  25 s
@@ -28,8 +30,8 @@
 #                                        stand-in's emulator's, and it says so on every timed line
 #   tools/gpu-check.sh sanitize          optional: the parity tests under compute-sanitizer memcheck/racecheck
 #
-# Record each run in docs/gpu-log.md: date, card, commit, the summary's parity lines, the per-layer rows, the step
-# rate and PyTorch's beside it.
+# Record each run in docs/gpu-log.md: date, card, commit, the summary's parity lines, the per-layer rows, the
+# kernel table (perf-model-w*.txt: every kernel measured beside the model), the step rate and PyTorch's beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
@@ -197,12 +199,16 @@ check() {
 
   # 4. Throughput, every op and layer, against cuBLAS measured in the same run.
   # The step by the device's events over 20 steps on a GPU; 2 under the stand-in's emulator.
-  local widths=(1 0.25) batch=128 reps=5 steps=20
-  [ "$dry" = 1 ] && widths=(0.125) batch=4 reps=1 steps=2
+  # Then every kernel of 3 eager steps timed alone (1 under the stand-in): the kernel table, compared row by row
+  # with tools/perf_model.py's (launches, FLOPs, bytes must agree; the times are the measurement).
+  local widths=(1 0.25) batch=128 reps=5 steps=20 ksteps=3
+  [ "$dry" = 1 ] && widths=(0.125) batch=4 reps=1 steps=2 ksteps=1
   local limit_s=30
   for w in "${widths[@]}"; do
-    local f="$report/bench-cuda-fp16-w$w.txt"
-    lim $limit_s "$B/asge" bench --device cuda --precision fp16 --width "$w" --batch $batch --reps $reps --step-reps $steps > "$f" 2>&1
+    local f="$report/bench-cuda-fp16-w$w.txt" j="$report/bench-cuda-fp16-w$w.json"
+    rm -f "$j"
+    lim $limit_s "$B/asge" bench --device cuda --precision fp16 --width "$w" --batch $batch --reps $reps --step-reps $steps \
+      --kernel-steps $ksteps --save "$j" > "$f" 2>&1
     local brc=$?
     timed "bench cuda fp16 w$w: $(first "$f" '^train step' "$(ended $brc)")"
     row "  $(first "$f" '^(ceilings|NOT GPU)' 'no ceiling line')"
@@ -211,6 +217,18 @@ check() {
     row "  kernels by layer: $(grep -E '^ *conv_goodness_(fwd|wgrad)' "$f" | awk '{print $2 ":" $7}' | tr '\n' ' ')"
     # The CIFAR-10 recipe (50,000 training images, 100 epochs) at the measured step rate: training steps only.
     timed "  CIFAR-10 100 epochs at this rate: $(grep -o '([0-9]* images/s' "$f" | head -1 | tr -dc '0-9' | awk '$1 > 0 {printf "%.0f s of training steps", 5000000 / $1} $1 == "" || $1 == 0 {print "no rate"}')"
+    timed "  $(first "$f" '^kernels alone' 'no kernel table')"
+    if [ -f "$j" ]; then
+      python3 tools/perf_model.py --compare "$j" > "$report/perf-model-w$w.txt" 2>&1
+      row "  $(grep -E '^perf model' "$report/perf-model-w$w.txt" | head -3 | tr '\n' ' ')"
+      timed "  slowest kernels alone (layer:kernel us, % of ceiling): $(python3 -c 'import json,sys
+r = json.load(open(sys.argv[1]))
+ks = sorted(r["kernels"], key=lambda k: -k["us"])[:6]
+pct = lambda k: "-" if k["pct_of_ceiling"] is None else "%.0f%%" % k["pct_of_ceiling"]
+print(" ".join("%s:%s %.0f %s" % ("heads" if k["layer"] > r["layers"] else k["layer"], k["kernel"], k["us"], pct(k)) for k in ks))' "$j" 2>&1)"
+    else
+      row "  perf model: no kernel table to compare (the bench did not finish)"
+    fi
     limit_s=25
     row "  the model's expectation on an H100 (tools/perf_model.py, not measured): $(python3 tools/perf_model.py "$w" | tail -1)"
   done

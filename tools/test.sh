@@ -61,6 +61,20 @@ if [ "${ASGE_CUDA_TESTS:-standin}" != gpu ]; then
   grep -qE '^self-test: self-test cuda:0 .*: passed' "$dry/out/summary.txt" ||
     { echo "gpu-check dry run: the tensor-core self-test did not pass"; exit 1; }
   grep -q '^== done in' "$dry/out/summary.txt" || { echo "gpu-check dry run: the summary did not end"; exit 1; }
+  # The kernel table agrees with tools/perf_model.py row by row, and the comparison fails when one row's bytes
+  # differ (a model or a launch that drifted).
+  grep -qE '^  perf model: [0-9]+ kernel rows agree' "$dry/out/summary.txt" ||
+    { echo "gpu-check dry run: the kernel table and tools/perf_model.py disagree (see $dry/out/perf-model-*.txt)"; exit 1; }
+  python3 - "$dry/out/bench-cuda-fp16-w0.125.json" "$dry/drifted.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["kernels"][2]["bytes"] += 64
+json.dump(r, open(sys.argv[2], "w"))
+PY
+  if python3 tools/perf_model.py --compare "$dry/drifted.json" > "$dry/drifted.txt"; then
+    echo "gpu-check dry run: tools/perf_model.py --compare missed a row whose bytes differ"; exit 1
+  fi
+  grep -q 'DISAGREES: layer 1 .*: bytes' "$dry/drifted.txt" || { cat "$dry/drifted.txt"; exit 1; }
   rm -rf "$dry"
 fi
 # The fp16 GEMM kernels' instructions per MMA, from their SASS (NVRTC + the cuobjdump and nvdisasm wheels, no

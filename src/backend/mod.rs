@@ -115,6 +115,18 @@ pub struct DeviceSpan {
     pub dur_us: f64,
 }
 
+/// One kernel launch timed on the device by itself ([`Backend::time_kernels`]): the kernel, the layer it served
+/// (1-based; the layer count + 1 for the fusion heads), its device time, and the useful FLOPs and the bytes it
+/// must move (see `backend::cuda::Work`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    pub kernel: &'static str,
+    pub layer: usize,
+    pub us: f64,
+    pub flop: f64,
+    pub bytes: f64,
+}
+
 /// The f32 scalars of one AdamW step, computed in f64 as PyTorch computes them in Python.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWScalars {
@@ -210,6 +222,17 @@ pub trait Backend: Send + Sync {
     /// The kernels timed on the device since the last call, while `--trace` is on (none on the CPU, whose ops
     /// the host-side trace already times).
     fn take_device_spans(&self) -> Result<Vec<DeviceSpan>> {
+        Ok(Vec::new())
+    }
+
+    /// Turns per-kernel timing on or off; true where the backend has it (a GPU: CUDA events around each kernel,
+    /// each run alone, with step graphs off while it is on). The CPU has none: its ops are the timed unit.
+    fn time_kernels(&self, _on: bool) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// The kernels timed since [`Backend::time_kernels`] turned timing on or since the last call, in launch order.
+    fn take_kernel_times(&self) -> Result<Vec<KernelTime>> {
         Ok(Vec::new())
     }
 

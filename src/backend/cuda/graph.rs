@@ -103,7 +103,7 @@ fn scalars_array(s: &AdamWScalars) -> [f32; 7] {
 }
 
 impl CudaBackend {
-    fn capturing(&self) -> bool {
+    pub(super) fn capturing(&self) -> bool {
         self.capturing.load(Ordering::Relaxed)
     }
 
@@ -159,7 +159,7 @@ impl CudaBackend {
     }
 
     fn graphs_on(&self) -> bool {
-        self.graphs_allowed && !self.sync_each && !crate::trace::is_on()
+        self.graphs_allowed && !self.sync_each && !crate::trace::is_on() && !self.kernel_timing()
     }
 
     fn several_lanes(&self) -> bool {

@@ -37,9 +37,9 @@ pub mod timing;
 
 pub use buf::CudaBuf;
 use buf::Data;
-pub use timing::GpuCeilings;
+pub use timing::{GpuCeilings, Work};
 
-use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, Precision, StepMode};
+use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, KernelTime, Precision, StepMode};
 use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{
@@ -123,6 +123,9 @@ pub struct CudaBackend {
     layout_scratch: Vec<Mutex<LayoutScratch>>,
     /// With `--trace`: every op's start and end events, and the event all times are measured from.
     timed: Mutex<timing::TimedOps>,
+    /// Per-kernel timing ([`Backend::time_kernels`]): on or off, and the launches timed so far.
+    kernel_timing: std::sync::atomic::AtomicBool,
+    kernel_log: Mutex<Option<timing::KernelLog>>,
     /// The events of [`Backend::device_mark`], by handle.
     marks: Mutex<Vec<cudarc::driver::CudaEvent>>,
     /// `ASGE_CUDA_SYNC=1`: synchronise and check after every launch.
@@ -379,6 +382,8 @@ impl CudaBackend {
             pixel_tables: Mutex::new(HashMap::new()),
             cell_tables: Mutex::new(HashMap::new()),
             timed: Mutex::new(timing::TimedOps::default()),
+            kernel_timing: std::sync::atomic::AtomicBool::new(false),
+            kernel_log: Mutex::new(None),
             sync_each: std::env::var("ASGE_CUDA_SYNC").is_ok_and(|v| v == "1"),
             tiles: geometry::Tiles::default(),
             marks: Mutex::new(Vec::new()),
@@ -463,17 +468,31 @@ impl CudaBackend {
         format!("layer {} (lane {})", lane + 1, self.lane_index())
     }
 
-    /// The result of a launch of `kernel`, as an error naming it and its layer; with `ASGE_CUDA_SYNC=1` the
-    /// stream is synchronised first, so an error the kernel itself causes is reported here and not at a later
-    /// call.
-    fn launched(&self, kernel: &str, r: Result<(), DriverError>) -> Result<()> {
-        r.map_err(|e| anyhow::anyhow!("cuda: launch of {kernel} at {}: {e:?}", self.site()))?;
-        if self.sync_each {
-            self.stream()
-                .synchronize()
-                .map_err(|e| anyhow::anyhow!("cuda: {kernel} at {} failed (ASGE_CUDA_SYNC=1): {e:?}", self.site()))?;
+    /// Launches `kernel` through `go` (which builds its arguments and launches it) and returns the result as an
+    /// error naming the kernel and its layer. With `ASGE_CUDA_SYNC=1` the stream is synchronised first, so an
+    /// error the kernel itself causes is reported here and not at a later call. With kernel timing on
+    /// ([`Backend::time_kernels`]) the launch is timed alone, with `work` beside its time.
+    fn launch(
+        &self,
+        kernel: &'static str,
+        work: Work,
+        go: impl FnOnce() -> Result<Result<(), DriverError>>,
+    ) -> Result<()> {
+        let run = || -> Result<()> {
+            go()?.map_err(|e| anyhow::anyhow!("cuda: launch of {kernel} at {}: {e:?}", self.site()))?;
+            if self.sync_each {
+                self.stream().synchronize().map_err(|e| {
+                    anyhow::anyhow!("cuda: {kernel} at {} failed (ASGE_CUDA_SYNC=1): {e:?}", self.site())
+                })?;
+            }
+            Ok(())
+        };
+        if self.kernel_timing() && !self.capturing() {
+            let layer = self.lane.load(std::sync::atomic::Ordering::Relaxed) + 1;
+            self.timed_launch(kernel, layer, work, run)
+        } else {
+            run()
         }
-        Ok(())
     }
 
     /// A scratch buffer of at least `len` values in `slot`, reallocated when too small.
@@ -663,6 +682,17 @@ impl Backend for CudaBackend {
     fn take_device_spans(&self) -> Result<Vec<DeviceSpan>> {
         self.synchronize()?;
         self.device_spans()
+    }
+
+    fn time_kernels(&self, on: bool) -> Result<bool> {
+        self.synchronize()?;
+        self.set_kernel_timing(on);
+        Ok(true)
+    }
+
+    fn take_kernel_times(&self) -> Result<Vec<KernelTime>> {
+        self.synchronize()?;
+        self.kernel_times()
     }
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {

@@ -5,7 +5,7 @@
 //! fragment-order or addressing error shows here as one line instead of as a wrong number deep in a layer.
 
 use super::args::launch::TensorCoreSelftest;
-use super::{drv, CudaBackend};
+use super::{drv, CudaBackend, Work};
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -144,17 +144,19 @@ pub fn run(be: &CudaBackend, plant: bool) -> Result<SelfTest> {
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 1024 };
     // SAFETY: the buffers hold the extents the kernel's signature states (256 and 512 values); one warp, 1 KB of
     // dynamic shared memory, as the kernel expects.
-    be.launched(TensorCoreSelftest::NAME, unsafe {
-        TensorCoreSelftest {
-            a: &a_d,
-            bt: &bt_d,
-            zero_mask: ZERO_MASK,
-            plant: plant as i32,
-            tiles: &mut tiles,
-            frags: &mut frags,
-            d: &mut d,
-        }
-        .launch(stream, be.f(TensorCoreSelftest::NAME)?, cfg)
+    be.launch(TensorCoreSelftest::NAME, Work::default(), || {
+        Ok(unsafe {
+            TensorCoreSelftest {
+                a: &a_d,
+                bt: &bt_d,
+                zero_mask: ZERO_MASK,
+                plant: plant as i32,
+                tiles: &mut tiles,
+                frags: &mut frags,
+                d: &mut d,
+            }
+            .launch(stream, be.f(TensorCoreSelftest::NAME)?, cfg)
+        })
     })?;
     let tiles = drv(stream.clone_dtoh(&tiles), "self-test output")?;
     let frags = drv(stream.clone_dtoh(&frags), "self-test output")?;

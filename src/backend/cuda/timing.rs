@@ -1,9 +1,9 @@
-//! Timing on the device: `--trace`'s per-op CUDA events, event-timed repetitions for `asge bench`, and the
-//! vendor ceilings (cuBLAS SGEMM and HGEMM on random data, a device copy) that the bench compares against.
+//! Timing on the device: `--trace`'s per-op CUDA events, every kernel of a step timed alone (`asge bench`'s kernel
+//! table), event-timed repetitions for `asge bench`, and the vendor ceilings (cuBLAS SGEMM and HGEMM on random data, a device copy) that the bench compares against.
 //! Under the driver stand-in every time measures the host emulator, not a GPU; the bench labels it so.
 
 use super::{drv, CudaBackend};
-use crate::backend::DeviceSpan;
+use crate::backend::{DeviceSpan, KernelTime};
 use anyhow::{bail, Result};
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use cudarc::driver::CudaEvent;
@@ -15,6 +15,32 @@ pub struct GpuCeilings {
     pub hgemm_gflops: f64,
     pub copy_gbs: f64,
 }
+
+/// What one launch must do at the least: its useful FLOPs (the GEMMs' `2 M N K` with the real K, not the padded
+/// one; 0 for the kernels that only move data) and the bytes it must move (each operand read once and each
+/// result written once, at the precision it is stored in, split-K and pixel-slice partials included). A kernel
+/// table's rates divide these by the measured time; `tools/perf_model.py` computes the same two numbers from
+/// the shapes alone, and the GPU check compares them row by row.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Work {
+    pub flop: f64,
+    pub bytes: f64,
+}
+
+impl Work {
+    /// A GEMM: `flop` useful FLOPs, `bytes` moved.
+    pub fn gemm(flop: f64, bytes: f64) -> Work {
+        Work { flop, bytes }
+    }
+
+    /// A kernel that moves `bytes` (its arithmetic is not what bounds it).
+    pub fn bytes(bytes: f64) -> Work {
+        Work { flop: 0.0, bytes }
+    }
+}
+
+/// Every launch timed since [`CudaBackend::time_kernels`] turned kernel timing on.
+pub(super) type KernelLog = Vec<(&'static str, usize, Work, CudaEvent, CudaEvent)>;
 
 #[derive(Default)]
 pub(super) struct TimedOps {
@@ -59,6 +85,54 @@ impl CudaBackend {
         drop(timed);
         let start = self.streams[lane].record_event(Some(CU_EVENT_DEFAULT)).ok().map(|e| (e, name, lane));
         OpTimer { be: self, start }
+    }
+
+    /// Turns kernel timing on or off (see [`crate::backend::Backend::time_kernels`]); turning it on drops what
+    /// an earlier timing left untaken.
+    pub(super) fn set_kernel_timing(&self, on: bool) {
+        *self.kernel_log.lock().unwrap() = on.then(Vec::new);
+        self.kernel_timing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn kernel_timing(&self) -> bool {
+        self.kernel_timing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Launches one kernel through `go` with events around it when kernel timing is on, then waits for it, so
+    /// that it runs alone on the GPU and its time is its own (no other lane's kernel beside it, no queue ahead of
+    /// it). `layer` is where the launch belongs (the trainer's site, 1-based).
+    pub(super) fn timed_launch(
+        &self,
+        kernel: &'static str,
+        layer: usize,
+        work: Work,
+        go: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let stream = self.stream();
+        let start = drv(stream.record_event(Some(CU_EVENT_DEFAULT)), "event")?;
+        go()?;
+        let end = drv(stream.record_event(Some(CU_EVENT_DEFAULT)), "event")?;
+        drv(stream.synchronize(), "synchronize")?;
+        if let Some(log) = self.kernel_log.lock().unwrap().as_mut() {
+            log.push((kernel, layer, work, start, end));
+        }
+        Ok(())
+    }
+
+    /// The kernels timed since kernel timing was turned on or last taken, in launch order.
+    pub(super) fn kernel_times(&self) -> Result<Vec<KernelTime>> {
+        let log = std::mem::take(self.kernel_log.lock().unwrap().get_or_insert_with(Vec::new));
+        log.into_iter()
+            .map(|(kernel, layer, w, start, end)| {
+                Ok(KernelTime {
+                    kernel,
+                    layer,
+                    us: drv(start.elapsed_ms(&end), "event timing")? as f64 * 1e3,
+                    flop: w.flop,
+                    bytes: w.bytes,
+                })
+            })
+            .collect()
     }
 
     /// The ops timed since the last call, on the device's clock.

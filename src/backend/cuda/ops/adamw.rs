@@ -4,7 +4,7 @@
 use super::super::args::launch::AdamwF32;
 use super::super::args::DevOut;
 use super::super::buf::Data;
-use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf};
+use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf, Work};
 use crate::backend::{check, AdamWStep};
 use anyhow::Result;
 
@@ -32,17 +32,21 @@ pub fn run(
         None => (None, None),
     };
     // SAFETY: check::adamw bounds every buffer to len; the copy is an fp16 buffer of >= len or null.
-    be.launched("adamw_f32", unsafe {
-        AdamwF32 {
-            p: &mut *ps,
-            g: grad.f32("gradient")?,
-            m: m.f32_mut("exp_avg")?,
-            v: v.f32_mut("exp_avg_sq")?,
-            copy: f16_copy,
-            n: len as i32,
-            hp: &hp,
-        }
-        .launch(be.stream(), be.f("adamw_f32")?, cfg(geometry::adamw(len)))
+    // p, m and v read and written, g read (f32), and the fp16 copy written.
+    let work = Work::bytes((4 * 7 + 2 * f16_copy.is_some() as usize) as f64 * len as f64);
+    be.launch("adamw_f32", work, || {
+        Ok(unsafe {
+            AdamwF32 {
+                p: &mut *ps,
+                g: grad.f32("gradient")?,
+                m: m.f32_mut("exp_avg")?,
+                v: v.f32_mut("exp_avg_sq")?,
+                copy: f16_copy,
+                n: len as i32,
+                hp: &hp,
+            }
+            .launch(be.stream(), be.f("adamw_f32")?, cfg(geometry::adamw(len)))
+        })
     })?;
     if let Some(c) = f32_copy {
         drv(be.stream().memcpy_dtod(&ps.slice(0..len), &mut c.slice_mut(0..len)), "copy weights")?;

@@ -2,7 +2,7 @@
 //! statistics and dL/ds, and each head's gradient.
 
 use super::super::args::launch::{HeadsGradF32, HeadsLogitsF32, HeadsSoftmaxF32};
-use super::super::{grid1, CudaBackend, CudaBuf};
+use super::super::{grid1, CudaBackend, CudaBuf, Work};
 use crate::backend::check;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -38,43 +38,54 @@ pub fn run(
     let stream = be.stream();
     for (&(f, c), &(w, bias)) in feats.iter().zip(heads) {
         // SAFETY: check::fusion_heads bounds every head's features, weight and bias; one thread per (sample, class).
-        be.launched("heads_logits_f32", unsafe {
-            HeadsLogitsF32 {
-                f: f.f32("head features")?,
-                w: w.f32("head weight")?,
-                bias: bias.f32("head bias")?,
-                s: &mut *logits,
-                B: b,
-                N: n,
-                C: c as i32,
-            }
-            .launch(stream, be.f("heads_logits_f32")?, grid1(batch * classes))
+        // The features and the head's weights read, the logits read and written.
+        let work = Work::bytes(4.0 * (batch * c + classes * c + 2 * batch * classes) as f64);
+        be.launch("heads_logits_f32", work, || {
+            Ok(unsafe {
+                HeadsLogitsF32 {
+                    f: f.f32("head features")?,
+                    w: w.f32("head weight")?,
+                    bias: bias.f32("head bias")?,
+                    s: &mut *logits,
+                    B: b,
+                    N: n,
+                    C: c as i32,
+                }
+                .launch(stream, be.f("heads_logits_f32")?, grid1(batch * classes))
+            })
         })?;
     }
     let mut slot = be.head_scratch();
     let ds = be.scratch(&mut slot, batch * classes)?;
     // SAFETY: one thread per sample; ds holds batch * classes floats.
-    be.launched("heads_softmax_f32", unsafe {
-        HeadsSoftmaxF32 { s: &*logits, labels, ds: &mut *ds, stats: stats.f32_mut("stats")?, B: b, N: n }.launch(
-            stream,
-            be.f("heads_softmax_f32")?,
-            grid1(batch),
-        )
+    // The logits and labels read, dL/ds written.
+    be.launch("heads_softmax_f32", Work::bytes(4.0 * (2 * batch * classes + batch) as f64), || {
+        Ok(unsafe {
+            HeadsSoftmaxF32 { s: &*logits, labels, ds: &mut *ds, stats: stats.f32_mut("stats")?, B: b, N: n }.launch(
+                stream,
+                be.f("heads_softmax_f32")?,
+                grid1(batch),
+            )
+        })
     })?;
     if let Some(grads) = grads {
         for ((gw, gb), &(f, c)) in grads.iter_mut().zip(feats) {
             // SAFETY: check::fusion_heads bounds every gradient; one thread per (class, feature).
-            be.launched("heads_grad_f32", unsafe {
-                HeadsGradF32 {
-                    f: f.f32("head features")?,
-                    ds: &*ds,
-                    dw: gw.f32_mut("head weight gradient")?,
-                    db: gb.f32_mut("head bias gradient")?,
-                    B: b,
-                    N: n,
-                    C: c as i32,
-                }
-                .launch(stream, be.f("heads_grad_f32")?, grid1(classes * c))
+            // The features and dL/ds read, the head's gradients written.
+            let work = Work::bytes(4.0 * (batch * c + batch * classes + classes * c + classes) as f64);
+            be.launch("heads_grad_f32", work, || {
+                Ok(unsafe {
+                    HeadsGradF32 {
+                        f: f.f32("head features")?,
+                        ds: &*ds,
+                        dw: gw.f32_mut("head weight gradient")?,
+                        db: gb.f32_mut("head bias gradient")?,
+                        B: b,
+                        N: n,
+                        C: c as i32,
+                    }
+                    .launch(stream, be.f("heads_grad_f32")?, grid1(classes * c))
+                })
             })?;
         }
     }

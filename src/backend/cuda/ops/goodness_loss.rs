@@ -2,7 +2,7 @@
 //! dL/dg, one block per sample.
 
 use super::super::args::launch::GoodnessLossF32;
-use super::super::{cfg, CudaBackend, CudaBuf};
+use super::super::{cfg, CudaBackend, CudaBuf, Work};
 use crate::backend::check;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -49,20 +49,24 @@ pub fn run(
         None => None,
     };
     // SAFETY: check::goodness_loss bounds every extent; without a gradient dg is null and the kernel never touches it.
-    be.launched("goodness_loss_f32", unsafe {
-        GoodnessLossF32 {
-            g: g.f32("goodness")?,
-            pw: proj_w.f32("projection")?,
-            pb: proj_b.f32("projection bias")?,
-            labels,
-            logits: logits.f32_mut("logits")?,
-            dg: dg.map(|d| d as &mut dyn super::super::args::DevOut<f32>),
-            stats: stats.f32_mut("stats")?,
-            B: batch as i32,
-            D: dim as i32,
-            N: classes as i32,
-            with_grad,
-        }
-        .launch(be.stream(), be.f("goodness_loss_f32")?, cfg((batch as u32, 1, 1)))
+    // g read (and dL/dg written), the projection read, the logits written.
+    let work = Work::bytes(4.0 * (batch * dim * (1 + with_grad as usize) + dim * classes + batch * classes) as f64);
+    be.launch("goodness_loss_f32", work, || {
+        Ok(unsafe {
+            GoodnessLossF32 {
+                g: g.f32("goodness")?,
+                pw: proj_w.f32("projection")?,
+                pb: proj_b.f32("projection bias")?,
+                labels,
+                logits: logits.f32_mut("logits")?,
+                dg: dg.map(|d| d as &mut dyn super::super::args::DevOut<f32>),
+                stats: stats.f32_mut("stats")?,
+                B: batch as i32,
+                D: dim as i32,
+                N: classes as i32,
+                with_grad,
+            }
+            .launch(be.stream(), be.f("goodness_loss_f32")?, cfg((batch as u32, 1, 1)))
+        })
     })
 }

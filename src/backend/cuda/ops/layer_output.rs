@@ -9,7 +9,7 @@ use super::super::args::launch::{
     LayerOutputF16, LayerOutputF32, LayerOutputNhwcF16, LayerOutputSumsqF16, LayerOutputSumsqF32,
 };
 use super::super::args::{DevIn, DevOut};
-use super::super::{cfg, geometry, operand_precision, CudaBackend, CudaBuf};
+use super::super::{cfg, geometry, operand_precision, CudaBackend, CudaBuf, Work};
 use crate::backend::{check, Dropout, Precision};
 use crate::model::PoolKind;
 use anyhow::Result;
@@ -64,36 +64,45 @@ pub fn run(
     let mut guard = be.layout_scratch();
     let part = be.scratch(&mut guard.sumsq, batch * slices)?;
     let stream = be.stream();
+    // What the passes move: y read twice, the per-slice sums written and read, the output and the pooled
+    // features written.
+    let eb = match precision {
+        Precision::F32 => 4.0,
+        Precision::F16 => 2.0,
+    };
+    let (y_len, out_len) = ((batch * c * h * w) as f64, (batch * c * out_hw) as f64);
+    let (part_len, gap_len) = ((batch * slices) as f64, if use_gap == 1 { (batch * c) as f64 } else { 0.0 });
     // The two passes, in either precision (the kernels differ only in y's and the output's element type).
     macro_rules! passes {
         ($sumsq:ident, $store:ident, $y:expr, $dst:expr) => {{
             let y = $y;
             // SAFETY (both launches): check::layer_output bounds y, out and gap for `batch` samples (the grid's
             // x), part holds batch x slices floats (its y).
-            be.launched($sumsq::NAME, unsafe {
-                $sumsq { y, part: &mut *part, C: ci, H: hi, W: wi, pool: pool_i, p, key, use_dropout, CPB: cpb }.launch(
-                    stream,
-                    be.f($sumsq::NAME)?,
-                    launch_cfg,
-                )
+            be.launch($sumsq::NAME, Work::bytes(eb * y_len + 4.0 * part_len), || {
+                Ok(unsafe {
+                    $sumsq { y, part: &mut *part, C: ci, H: hi, W: wi, pool: pool_i, p, key, use_dropout, CPB: cpb }
+                        .launch(stream, be.f($sumsq::NAME)?, launch_cfg)
+                })
             })?;
-            be.launched($store::NAME, unsafe {
-                $store {
-                    y,
-                    part: &*part,
-                    out: $dst,
-                    gap,
-                    C: ci,
-                    H: hi,
-                    W: wi,
-                    pool: pool_i,
-                    p,
-                    key,
-                    use_dropout,
-                    use_gap,
-                    CPB: cpb,
-                }
-                .launch(stream, be.f($store::NAME)?, launch_cfg)
+            be.launch($store::NAME, Work::bytes(eb * (y_len + out_len) + 4.0 * (part_len + gap_len)), || {
+                Ok(unsafe {
+                    $store {
+                        y,
+                        part: &*part,
+                        out: $dst,
+                        gap,
+                        C: ci,
+                        H: hi,
+                        W: wi,
+                        pool: pool_i,
+                        p,
+                        key,
+                        use_dropout,
+                        use_gap,
+                        CPB: cpb,
+                    }
+                    .launch(stream, be.f($store::NAME)?, launch_cfg)
+                })
             })
         }};
     }

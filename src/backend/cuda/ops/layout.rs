@@ -6,7 +6,7 @@
 //! row on one lane; a copy made from another buffer, another shape or a buffer written since is made again).
 
 use super::super::args::launch::{KrscPadF16, NhwcPadF16};
-use super::super::{geometry, grid1, CudaBackend, CudaBuf, LayoutScratch};
+use super::super::{geometry, grid1, CudaBackend, CudaBuf, LayoutScratch, Work};
 use crate::backend::ConvShape;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -54,12 +54,15 @@ pub(in crate::backend::cuda) fn input(
     let xn = be.scratch(&mut scratch.x, len)?;
     let (bb, ci, h, w) = (s.batch as i32, s.c_in as i32, s.h as i32, s.w as i32);
     // SAFETY: the callers' checks bound x to B*C*H*W values, xn holds B*H*W*Cp; one thread per 8 channels.
-    be.launched("nhwc_pad_f16", unsafe {
-        NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: w, Cp: cp as i32 }.launch(
-            be.stream(),
-            be.f("nhwc_pad_f16")?,
-            grid1(len / 8),
-        )
+    let work = Work::bytes(2.0 * (s.x_len() + len) as f64);
+    be.launch("nhwc_pad_f16", work, || {
+        Ok(unsafe {
+            NhwcPadF16 { x, xn: &mut *xn, B: bb, C: ci, H: h, W: w, Cp: cp as i32 }.launch(
+                be.stream(),
+                be.f("nhwc_pad_f16")?,
+                grid1(len / 8),
+            )
+        })
     })?;
     scratch.x_from = Some(made_from);
     Ok(cp)
@@ -83,11 +86,13 @@ pub fn weights(be: &CudaBackend, s: &ConvShape, w: &CudaSlice<f16>, slot: &mut O
     let len = geometry::padded_weights_len(s.c_out, cp);
     let wn = be.scratch(slot, len)?;
     // SAFETY: check::conv_fwd bounds w to C_out*C*9 values, wn holds the padded length; one thread per value.
-    be.launched("krsc_pad_f16", unsafe {
-        KrscPadF16 { w, wn: &mut *wn, Cout: s.c_out as i32, C: s.c_in as i32, Cp: cp as i32 }.launch(
-            be.stream(),
-            be.f("krsc_pad_f16")?,
-            grid1(len),
-        )
+    be.launch("krsc_pad_f16", Work::bytes(2.0 * (s.w_len() + len) as f64), || {
+        Ok(unsafe {
+            KrscPadF16 { w, wn: &mut *wn, Cout: s.c_out as i32, C: s.c_in as i32, Cp: cp as i32 }.launch(
+                be.stream(),
+                be.f("krsc_pad_f16")?,
+                grid1(len),
+            )
+        })
     })
 }
