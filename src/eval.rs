@@ -1,6 +1,8 @@
 //! Prediction strategies and top-k accuracy (docs/method.md §13):
 //! - `last`: `argmax a_L`, the last layer's goodness through its fixed projection;
-//! - `best`: `argmax a_{l*}`, the single layer with the best validation accuracy (later layers can be dropped);
+//! - `best-layer` (`best` on the command line before, still accepted, and in the files' keys): `argmax a_{l*}`,
+//!   the single layer with the best validation accuracy (later layers can be dropped). Not to be confused with
+//!   `best.safetensors`, the checkpoint of the best epoch;
 //! - `fusion`: the trained linear heads on the pooled features of layers 2..L, logits summed.
 
 use crate::backend::Backend;
@@ -17,15 +19,30 @@ use std::sync::Arc;
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     Last,
+    #[value(name = "best-layer", alias = "best")]
     Best,
     Fusion,
     All,
+}
+
+impl Strategy {
+    /// The name a person reads (tables, messages): `best-layer` for [`Strategy::Best`], whose key in the files
+    /// (summary.json, the ONNX metadata) stays `best`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Strategy::Last => "last",
+            Strategy::Best => "best-layer",
+            Strategy::Fusion => "fusion",
+            Strategy::All => "all",
+        }
+    }
 }
 
 /// One prediction strategy (what `asge predict` and `asge export` take).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OneStrategy {
     Last,
+    #[value(name = "best-layer", alias = "best")]
     Best,
     Fusion,
 }
@@ -252,10 +269,12 @@ pub fn strategies(res: &EvalResult, which: Strategy, best_layer: usize) -> Resul
 
 /// A plain-text table of strategy results and per-layer accuracies.
 pub fn format_table(title: &str, rows: &[StrategyResult], res: &EvalResult) -> String {
-    let mut s = format!("{title}\n  strategy  layer   top-1    top-5\n");
+    let mut s = format!("{title}\n  strategy    layer   top-1    top-5\n");
     for r in rows {
         let layer = r.layer.map(|l| l.to_string()).unwrap_or_else(|| "2..L".into());
-        s += &format!("  {:<8}  {:>5}  {:>6.2}%  {:>6.2}%\n", r.strategy, layer, 100.0 * r.top1, 100.0 * r.top5);
+        // The files' key `best` reads as `best-layer` (the best epoch is the checkpoint's, not this row's).
+        let name = if r.strategy == "best" { "best-layer" } else { r.strategy.as_str() };
+        s += &format!("  {:<10}  {:>5}  {:>6.2}%  {:>6.2}%\n", name, layer, 100.0 * r.top1, 100.0 * r.top5);
     }
     s += "  per layer (top-1): ";
     s += &res

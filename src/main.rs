@@ -204,7 +204,7 @@ struct EvalArgs {
     /// (one sub-folder of PNG/JPEG images per class, named as the checkpoint's classes).
     #[arg(long, value_name = "DIR")]
     folder: Option<PathBuf>,
-    /// The predictions to report (all: last, best and fusion).
+    /// The predictions to report (all: last, best-layer and fusion; `best` is accepted for best-layer).
     #[arg(long, value_enum, default_value = "all")]
     strategy: Strategy,
     /// Images per forward pass.
@@ -241,7 +241,9 @@ struct PredictArgs {
     /// Image files (PNG, JPEG) or folders of them (walked recursively).
     #[arg(value_name = "IMAGE|FOLDER", required = true)]
     images: Vec<PathBuf>,
-    /// The prediction (default: fusion; last for a one-layer model).
+    /// The prediction: the last layer's, the best layer's on validation (best-layer; `best` is accepted), or the
+    /// fusion heads' [default: whichever of fusion and the best layer had the higher validation accuracy at the
+    /// checkpoint's epoch; fusion when the checkpoint records none; last for a one-layer model].
     #[arg(long, value_enum)]
     strategy: Option<eval::OneStrategy>,
     /// How many classes to show per image.
@@ -267,8 +269,8 @@ struct ExportArgs {
     /// onnx: the inference graph of one strategy; safetensors: the model's weights without optimizer state.
     #[arg(long, value_enum)]
     format: asge::export::Format,
-    /// ONNX only: the prediction the graph computes (default: fusion; last for a one-layer model). The graph holds
-    /// only the layers it reads.
+    /// ONNX only: the prediction the graph computes (the default as `asge predict`'s: the higher validation
+    /// accuracy of fusion and the best layer). The graph holds only the layers it reads.
     #[arg(long, value_enum)]
     strategy: Option<eval::OneStrategy>,
     /// The file to write (an existing file is replaced only when it is an earlier export of the same format).
@@ -489,8 +491,11 @@ fn predict_cmd(a: PredictArgs) -> Result<()> {
         device: &a.on.device,
         precision: a.on.precision,
     };
-    let (strategy, preds) = infer::predict(&a.checkpoint, &a.images, &o)?;
+    let (strategy, why, preds) = infer::predict(&a.checkpoint, &a.images, &o)?;
+    let answered = format!("strategy {} ({why})", strategy.label());
     if a.json {
+        // The JSON lines stay one object per image: which strategy answered goes to the log.
+        eprintln!("asge predict: {answered}");
         for p in &preds {
             println!("{}", serde_json::to_string(p)?);
         }
@@ -499,8 +504,7 @@ fn predict_cmd(a: PredictArgs) -> Result<()> {
     let names: Vec<String> = preds.iter().map(|p| p.image.display().to_string()).collect();
     let w = names.iter().map(|n| n.chars().count()).max().unwrap_or(5).clamp(5, 60);
     let k = preds.first().map_or(0, |p| p.top.len());
-    let strategy = serde_json::to_value(strategy)?.as_str().unwrap_or_default().to_string();
-    println!("{} (strategy {strategy}), the top {k} classes by probability", a.checkpoint.display());
+    println!("{}: {answered}; the top {k} classes by probability", a.checkpoint.display());
     for (name, p) in names.iter().zip(&preds) {
         let cells: Vec<String> =
             p.top.iter().map(|c| format!("{} {:.1}%", printable(&c.name), 100.0 * c.prob)).collect();

@@ -172,7 +172,7 @@ fn every_checkpoint_a_run_writes_loads_in_every_reader() {
             let (report, _) = infer::eval(&model, &data, &o).unwrap_or_else(|e| panic!("{what}: eval: {e:#}"));
             assert_eq!(report.test.len(), 3, "{what}: every strategy");
             let p = PredictOptions { strategy: None, top: 2, batch: 4, device: "cpu", precision: Precision::F32 };
-            let (_, preds) = infer::predict(&ck, std::slice::from_ref(&picture), &p)
+            let (_, _, preds) = infer::predict(&ck, std::slice::from_ref(&picture), &p)
                 .unwrap_or_else(|e| panic!("{what}: predict: {e:#}"));
             assert_eq!(preds.len(), 1, "{what}");
             let strategy = [Strategy::Last, Strategy::Best, Strategy::Fusion][i % 3];

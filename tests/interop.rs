@@ -198,6 +198,19 @@ fn predict_and_eval_on_image_files_equal_eval_on_the_test_set() {
     // The table names the class and its probability.
     let table = ok(&["predict", "--checkpoint", s(&m.plain), s(&files[0]), "--top", "3"]);
     assert!(table.contains("00000.png") && table.contains('%'), "{table}");
+    // Without --strategy the one with the higher validation accuracy in the checkpoint's state answers (fusion's
+    // against the best layer's), says why, and predicts as asking for it does.
+    let (_, meta) = read_tensors(&m.plain);
+    let state: serde_json::Value = serde_json::from_str(meta["asge.state"].as_str().unwrap()).unwrap();
+    let fusion = state["best_val"].as_f64().unwrap();
+    let number = state["best_layer_number"].as_u64().unwrap() as usize;
+    let layer = state["best_layer_acc"][number - 1].as_f64().unwrap();
+    let want = if layer > fusion { "best-layer" } else { "fusion" };
+    let head = table.lines().next().unwrap();
+    assert!(head.contains(&format!("strategy {want} (the higher validation top-1")), "{head} ({layer} vs {fusion})");
+    let asked = ok(&["predict", "--checkpoint", s(&m.plain), s(&files[0]), "--top", "3", "--strategy", want]);
+    assert!(asked.lines().next().unwrap().contains(&format!("strategy {want} (as asked)")), "{asked}");
+    assert_eq!(table.lines().skip(1).collect::<Vec<_>>(), asked.lines().skip(1).collect::<Vec<_>>());
 }
 
 /// Writes test images `range` as an ImageFolder of grey PNGs.

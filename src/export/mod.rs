@@ -55,9 +55,9 @@ pub fn export(checkpoint: &Path, format: Format, strategy: Option<Strategy>, out
             )
         }
         Format::Onnx => {
-            let strategy = strategy.unwrap_or_else(|| model.default_strategy());
+            let (strategy, why) = model.strategy_or_default(strategy);
             if strategy == Strategy::All {
-                bail!("--strategy all: an ONNX export computes one strategy (last, best or fusion)");
+                bail!("--strategy all: an ONNX export computes one strategy (last, best-layer or fusion)");
             }
             model.check_strategy(strategy)?;
             let layer = match strategy {
@@ -68,20 +68,17 @@ pub fn export(checkpoint: &Path, format: Format, strategy: Option<Strategy>, out
                 _ => format!("layer {}", spec.layers.len()),
             };
             let doc = format!(
-                "asge {} {}: strategy {:?} ({layer}); input [N, {}, {}, {}] in [0, 1], output logits [N, {}]",
+                "asge {} {}: strategy {} ({layer}); input [N, {}, {}, {}] in [0, 1], output logits [N, {}]",
                 spec.arch,
                 checkpoint.display(),
-                strategy,
+                strategy.label(),
                 spec.in_channels,
                 spec.image_size,
                 spec.image_size,
                 spec.classes
             );
             let bytes = onnx::build(spec, &model.params, &model.input, strategy, model.best_layer, &doc);
-            (
-                bytes,
-                format!("ONNX opset {}, strategy {} ({layer})", onnx::OPSET, format!("{strategy:?}").to_lowercase()),
-            )
+            (bytes, format!("ONNX opset {}, strategy {} ({layer}; {why})", onnx::OPSET, strategy.label()))
         }
     };
     output.write(&bytes)?;

@@ -69,14 +69,47 @@ impl Model {
         Ok(())
     }
 
-    /// The strategy a prediction uses when none is asked for: fusion (what validation selects the checkpoint
-    /// by), or last for a one-layer model.
-    pub fn default_strategy(&self) -> Strategy {
-        if self.spec.layers.len() >= 2 {
-            Strategy::Fusion
-        } else {
-            Strategy::Last
+    /// The strategy a prediction uses when none is asked for, and why (see [`default_strategy`]).
+    pub fn default_strategy(&self) -> (Strategy, String) {
+        default_strategy(self.spec.layers.len(), self.state.as_ref())
+    }
+
+    /// The strategy asked for, or the default and why ([`Model::default_strategy`]).
+    pub fn strategy_or_default(&self, asked: Option<Strategy>) -> (Strategy, String) {
+        match asked {
+            Some(s) => (s, "as asked".into()),
+            None => self.default_strategy(),
         }
+    }
+}
+
+/// The strategy a prediction of a `layers`-layer model with run state `state` uses when none is asked for, and
+/// why: of fusion and the best layer, the one with the higher validation accuracy the state records for its
+/// epoch (fusion on a tie); fusion as the fallback when it records none (no validation set, or an exported or
+/// foreign file); last for a one-layer model (no fusion heads, and its only layer is the best).
+pub fn default_strategy(layers: usize, state: Option<&TrainState>) -> (Strategy, String) {
+    if layers < 2 {
+        return (Strategy::Last, "the model has one layer".into());
+    }
+    let recorded = state.and_then(|s| Some((s.best_val?, *s.best_layer_acc.get(s.best_layer)?, s.best_layer + 1)));
+    match recorded {
+        Some((fusion, layer, number)) if layer > fusion => (
+            Strategy::Best,
+            format!(
+                "the higher validation top-1 at the checkpoint's epoch: layer {number} {:.2}%, fusion {:.2}%",
+                100.0 * layer,
+                100.0 * fusion
+            ),
+        ),
+        Some((fusion, layer, number)) => (
+            Strategy::Fusion,
+            format!(
+                "the higher validation top-1 at the checkpoint's epoch: fusion {:.2}%, best layer ({number}) {:.2}%",
+                100.0 * fusion,
+                100.0 * layer
+            ),
+        ),
+        None => (Strategy::Fusion, "the fallback: the checkpoint records no validation accuracy to choose by".into()),
     }
 }
 
@@ -433,7 +466,8 @@ pub fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// `asge predict`: the top classes of every image, with the strategy asked for.
-pub fn predict(path: &Path, images: &[PathBuf], o: &PredictOptions) -> Result<(Strategy, Vec<Prediction>)> {
+/// Returns the strategy that answered, why it did (asked for, or the default's reason), and the predictions.
+pub fn predict(path: &Path, images: &[PathBuf], o: &PredictOptions) -> Result<(Strategy, String, Vec<Prediction>)> {
     if o.top == 0 {
         bail!("--top 0: at least one class");
     }
@@ -441,9 +475,9 @@ pub fn predict(path: &Path, images: &[PathBuf], o: &PredictOptions) -> Result<(S
         bail!("--batch 0: the batch needs at least one image");
     }
     let model = Model::open(path)?;
-    let strategy = o.strategy.unwrap_or_else(|| model.default_strategy());
+    let (strategy, why) = model.strategy_or_default(o.strategy);
     if strategy == Strategy::All {
-        bail!("--strategy all: predict takes one of last, best, fusion");
+        bail!("--strategy all: predict takes one of last, best-layer, fusion");
     }
     model.check_strategy(strategy)?;
     let files = image_files(images)?;
@@ -494,5 +528,36 @@ pub fn predict(path: &Path, images: &[PathBuf], o: &PredictOptions) -> Result<(S
             Prediction { image, top }
         })
         .collect();
-    Ok((strategy, preds))
+    Ok((strategy, why, preds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_strategy_is_the_higher_validation_accuracy() {
+        let state = |fusion: Option<f64>, layers: Vec<f64>, best: usize| TrainState {
+            best_val: fusion,
+            best_layer_acc: layers,
+            best_layer: best,
+            ..Default::default()
+        };
+        // The quickstart's case: the best layer beats fusion.
+        let s = state(Some(0.9765), vec![0.90, 0.9844, 0.97], 1);
+        let (strategy, why) = default_strategy(3, Some(&s));
+        assert_eq!(strategy, Strategy::Best);
+        assert!(why.contains("layer 2 98.44%, fusion 97.65%"), "{why}");
+        // Fusion ahead, and on a tie.
+        assert_eq!(default_strategy(3, Some(&state(Some(0.98), vec![0.9, 0.97, 0.96], 1))).0, Strategy::Fusion);
+        assert_eq!(default_strategy(3, Some(&state(Some(0.97), vec![0.9, 0.97, 0.96], 1))).0, Strategy::Fusion);
+        // No validation recorded (no state, or a run without a validation set): fusion, said to be the fallback.
+        for st in [None, Some(state(None, vec![0.9, 0.99, 0.9], 1))] {
+            let (strategy, why) = default_strategy(3, st.as_ref());
+            assert_eq!(strategy, Strategy::Fusion);
+            assert!(why.contains("fallback"), "{why}");
+        }
+        // One layer: last, whatever the state says.
+        assert_eq!(default_strategy(1, Some(&state(Some(0.5), vec![0.6], 0))).0, Strategy::Last);
+    }
 }
