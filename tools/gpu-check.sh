@@ -40,10 +40,10 @@ DEADLINE=${ASGE_GPU_CHECK_DEADLINE:-300}
 build() {
   set -e
   rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/bin" "$BUNDLE/data/mnist" "$BUNDLE/kernel-cache"
-  cargo build --release --bin asge --example dump_cubin
+  cargo build --release --locked --bin asge --example dump_cubin
   # The test binary of tests/cuda.rs (its path is printed by cargo as an executable artifact).
   local exe
-  exe=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
+  exe=$(cargo test --release --locked --test cuda --no-run --message-format=json 2>/dev/null \
     | python3 -c "import json,sys
 for l in sys.stdin:
     m = json.loads(l)

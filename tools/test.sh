@@ -32,23 +32,23 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Benchmarks once each in test mode (they must keep compiling and running; the CUDA ones skip without a GPU),
 # then every test; the last line sums every test binary's result.
-cargo test --release --benches 2>&1 | tee "$log"
+cargo test --release --locked --benches 2>&1 | tee "$log"
 tests=()
 for f in tests/*.rs; do
   n=$(basename "$f" .rs)
   case "$n" in cuda | cuda_train) ;; *) tests+=(--test "$n") ;; esac
 done
-cargo test --release --lib --bins "${tests[@]}" 2>&1 | tee -a "$log"
+cargo test --release --locked --lib --bins "${tests[@]}" 2>&1 | tee -a "$log"
 if [ "${ASGE_CUDA_TESTS:-standin}" = gpu ]; then
-  cargo test --release --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 | tee -a "$log"
+  cargo test --release --locked --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 | tee -a "$log"
 else
-  ASGE_CUDA_STANDIN=1 cargo test --release --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
+  ASGE_CUDA_STANDIN=1 cargo test --release --locked --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
     tee -a "$log"
 fi
 if [ "${ASGE_CUDA_TESTS:-standin}" != gpu ]; then
   # The conv parity again with the stand-in's tensor cores accumulating by truncation (every addition rounded
   # toward zero), as Hopper's do: the tolerances must cover it (tests/cuda.rs says why they do).
-  ASGE_CUDA_STANDIN=1 ASGE_STANDIN_MMA_ROUNDING=truncate cargo test --release --test cuda -- --include-ignored \
+  ASGE_CUDA_STANDIN=1 ASGE_STANDIN_MMA_ROUNDING=truncate cargo test --release --locked --test cuda -- --include-ignored \
     --nocapture --exact conv_fwd_and_wgrad_match_cpu 2>&1 | tee -a "$log"
   # The GPU check's own logic (its steps, limits, parsing and missing tools) under the stand-in: the summary must
   # end, and name each fp16 GEMM kernel as passed.
