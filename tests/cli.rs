@@ -89,6 +89,8 @@ fn train_then_eval_from_the_command_line() {
     for s in ["last", "best", "fusion", "top-1"] {
         assert!(stdout.contains(s), "{stdout}");
     }
+    // Four steps at the released recipe's lr: far too short, and said so at the start (also with --quiet).
+    assert!(err.contains("asge: warning: --lr 0.0002 over 4 steps"), "{err}");
     let ck = out.join("run/best.safetensors");
     let json = out.join("eval.json");
     let (code, stdout, err) = asge(&[

@@ -508,6 +508,19 @@ impl<'c, B: Backend> Run<'c, B> {
                 net.backend().name()
             ),
         );
+        // A run far too short for its lr trains to near chance and looks broken: say so before it starts.
+        let mut init_std: Vec<f64> = spec.layers.iter().map(|l| (2.0 / (9 * l.c_in) as f64).sqrt()).collect();
+        init_std.sort_by(f64::total_cmp);
+        let steps_per_epoch = train_idx.len().div_ceil(batch.max(1));
+        if let Some(w) = super::schedule::short_run_warning(
+            cfg.lr,
+            cfg.lr_min,
+            cfg.epochs,
+            steps_per_epoch,
+            init_std[init_std.len() / 2],
+        ) {
+            eprintln!("{w}");
+        }
         let events = super::tensorboard::EventWriter::create(&folder.dir)?;
         say(
             opts,
