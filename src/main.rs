@@ -393,7 +393,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
     for key in ["dataset", "data"] {
         if !given.iter().any(|k| k == key) && !file.as_ref().is_some_and(|f| f.contains_key(key)) {
             anyhow::bail!(
-                "{} is required for a new run (mnist, fashion-mnist, cifar10, cifar100, idx, imagenet; and the data \
+                "{} is required for a new run (mnist, fashion-mnist, cifar10, cifar100, idx, shards; and the data \
                  folder), on the command line or in a --config file",
                 config::flag(key)
             );

@@ -116,11 +116,11 @@ fn every_checkpoint_a_run_writes_loads_in_every_reader() {
         case(Cifar100, &c100, "vgg8", 0.125, None, Fp16),
         case(Idx, &idx, "vgg11", 0.125, None, Fp32),
         // Shards stored at 16 px: a crop above the stored side (upsampling), at it, and below it.
-        case(Imagenet, &s16, "vgg8", 0.125, Some(32), Fp32),
-        case(Imagenet, &s16, "vgg-imagenet", 0.125, Some(48), Fp16),
-        case(Imagenet, &s16, "vgg8", 0.125, Some(16), Fp32),
-        case(Imagenet, &s40, "vgg11", 0.125, Some(32), Fp16),
-        case(Imagenet, &s40, "vgg-imagenet", 0.25, None, Fp32),
+        case(Shards, &s16, "vgg8", 0.125, Some(32), Fp32),
+        case(Shards, &s16, "vgg-imagenet", 0.125, Some(48), Fp16),
+        case(Shards, &s16, "vgg8", 0.125, Some(16), Fp32),
+        case(Shards, &s40, "vgg11", 0.125, Some(32), Fp16),
+        case(Shards, &s40, "vgg-imagenet", 0.25, None, Fp32),
     ];
     let picture = root.join("picture.png");
     png(&picture, 37, 3);
@@ -144,7 +144,7 @@ fn every_checkpoint_a_run_writes_loads_in_every_reader() {
             batch: 8,
             limit_train: Some(40),
             limit_test: Some(12),
-            val: if c.dataset == Imagenet { None } else { Some(8) },
+            val: if c.dataset == Shards { None } else { Some(8) },
             ..Default::default()
         };
         let out = root.join(format!("run{i}"));
@@ -157,7 +157,7 @@ fn every_checkpoint_a_run_writes_loads_in_every_reader() {
             let what = format!("{what}: {name}");
             let model = Model::open(&ck).unwrap_or_else(|e| panic!("{what}: {e:#}"));
             let data = match c.dataset {
-                Imagenet => EvalData::Folder(c.data.join("val")),
+                Shards => EvalData::Folder(c.data.join("val")),
                 kind => EvalData::Builtin { kind, dir: c.data.clone() },
             };
             let o = EvalOptions {

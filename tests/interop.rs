@@ -260,6 +260,15 @@ fn a_shard_trained_model_predicts_on_files_as_it_evaluates_its_shards() {
         "--out",
         s(&run),
     ]);
+    // `imagenet` is the shard dataset's old name: accepted, and recorded as `shards`. The run validates on 1/10
+    // of the training shards (40 of 400, seeded), not on nothing, and its plot names the data's folder.
+    let config = read_json(&run.join("config.json"));
+    assert_eq!((config["train"]["dataset"].as_str(), config["train"]["val"].as_u64()), (Some("shards"), Some(40)));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let epoch: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(epoch["val_fusion_acc"].as_f64().is_some(), "no validation: {epoch}");
+    let svg = std::fs::read_to_string(run.join("curves.svg")).unwrap();
+    assert!(svg.contains("on data (shards)"), "the plot's title does not name the data's folder");
     let ck = run.join("best.safetensors");
     let (a, b) = (dir.join("a.json"), dir.join("b.json"));
     let dump = dir.join("val.logits.safetensors");
@@ -267,10 +276,10 @@ fn a_shard_trained_model_predicts_on_files_as_it_evaluates_its_shards() {
     ok(&["eval", "--checkpoint", s(&ck), "--folder", s(&data.join("val")), "--json", s(&b), "--quiet"]);
     let (a, b) = (read_json(&a), read_json(&b));
     assert_eq!(a["test"], b["test"]);
-    assert_eq!((a["dataset"].as_str(), b["dataset"].as_str()), (Some("imagenet"), Some("shards")));
+    assert_eq!((a["dataset"].as_str(), b["dataset"].as_str()), (Some("shards"), Some("shards")));
     let (t, _) = read_tensors(&dump);
     let want = argmax_rows(&t["fusion"].1, 10);
-    let out = ok(&["predict", "--checkpoint", s(&ck), s(&dir.join("val-img")), "--json"]);
+    let out = ok(&["predict", "--checkpoint", s(&ck), s(&dir.join("val-img")), "--json", "--strategy", "fusion"]);
     let got: Vec<(String, usize)> = out
         .lines()
         .map(|l| {

@@ -158,7 +158,7 @@ fn vgg_imagenet_trains_from_shards_with_a_trace() {
     write_shards(&root, &data.join("train"), &opts(40)).unwrap();
     write_shards(&root, &data.join("val"), &opts(40)).unwrap();
     let cfg = TrainConfig {
-        dataset: DatasetKind::Imagenet,
+        dataset: DatasetKind::Shards,
         data: data.clone(),
         model: "vgg-imagenet".into(),
         width: 0.125,

@@ -14,6 +14,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The largest default validation split of a shard dataset.
+pub const MAX_DEFAULT_VAL: usize = 50_000;
+
 /// Side of the square images every model sees (the released code resizes MNIST to 32x32).
 pub const IMAGE_SIZE: usize = 32;
 
@@ -26,8 +29,11 @@ pub enum DatasetKind {
     Cifar100,
     /// Any IDX pair named like MNIST's (`train-*`, `t10k-*`, raw or .gz), resized to 32x32.
     Idx,
-    /// Shards made by `asge shard`: `DIR/train` and `DIR/val` (or `DIR/test`).
-    Imagenet,
+    /// Shards made by `asge shard` from any ImageFolder (ImageNet's or a user's own): `DIR/train` and `DIR/val`
+    /// (or `DIR/test`). `imagenet`, its name before, is still accepted (on the command line and in config files).
+    #[value(alias = "imagenet")]
+    #[serde(alias = "imagenet")]
+    Shards,
 }
 
 impl DatasetKind {
@@ -38,16 +44,35 @@ impl DatasetKind {
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
             DatasetKind::Idx => "idx",
-            DatasetKind::Imagenet => "imagenet",
+            DatasetKind::Shards => "shards",
         }
     }
 
-    /// Validation share of the training file in the released code (10k of 60k; 5k of 50k).
+    /// The name a run records its data under (the data identity a resume checks): [`DatasetKind::name`], but
+    /// `imagenet` for shards, as runs recorded it before the name changed, so that they still resume.
+    pub fn identity_name(self) -> &'static str {
+        match self {
+            DatasetKind::Shards => "imagenet",
+            k => k.name(),
+        }
+    }
+
+    /// Validation share of the training file in the released code (10k of 60k; 5k of 50k); for shards 1/10 of
+    /// the training shards, as CIFAR's.
     pub fn default_val_fraction(self) -> f64 {
         match self {
-            DatasetKind::Cifar10 | DatasetKind::Cifar100 => 0.1,
-            DatasetKind::Imagenet => 0.0,
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Shards => 0.1,
             _ => 1.0 / 6.0,
+        }
+    }
+
+    /// The default validation split of `n` training images (`--val` unset): the share above, and for shards at
+    /// most [`MAX_DEFAULT_VAL`] images (ImageNet's 1.28 M would give 128,000).
+    pub fn default_val(self, n: usize) -> usize {
+        let v = (n as f64 * self.default_val_fraction()).round() as usize;
+        match self {
+            DatasetKind::Shards => v.min(MAX_DEFAULT_VAL),
+            _ => v,
         }
     }
 }
@@ -144,7 +169,7 @@ pub fn load(kind: DatasetKind, dir: &Path, limit_train: Option<usize>, limit_tes
         );
     }
     let (mut train, mut test, names_dir) = match kind {
-        DatasetKind::Imagenet => bail!("--dataset imagenet reads shards (asge shard), not an in-memory dataset"),
+        DatasetKind::Shards => bail!("--dataset shards reads shard folders (asge shard), not an in-memory dataset"),
         DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Idx => {
             let (a, b) = load_idx_pair(kind, dir)?;
             (a, b, None)

@@ -38,7 +38,8 @@ pub struct TrainConfig {
     /// Keep the first N images of the test file.
     #[arg(long, value_name = "N", help_heading = "Data")]
     pub limit_test: Option<usize>,
-    /// Validation images split from the training file (default: the released split, 1/6 or 1/10; 0: none).
+    /// Validation images split from the training file (default: the released split, 1/6 or 1/10; shards: 1/10 of
+    /// the training shards, at most 50,000; 0: none).
     #[arg(long, value_name = "N", help_heading = "Data")]
     pub val: Option<usize>,
     /// Batches in file order (no per-epoch shuffle).
@@ -47,7 +48,7 @@ pub struct TrainConfig {
     /// Training augmentation: the dataset's released-recipe one, or none.
     #[arg(long, value_enum, default_value = "default", help_heading = "Data")]
     pub augment: AugmentChoice,
-    /// With --dataset imagenet, the side the model sees (random-resized crops for training, centre crops for
+    /// With --dataset shards, the side the model sees (random-resized crops for training, centre crops for
     /// evaluation; default: the shards' size).
     #[arg(long, value_name = "PIXELS", help_heading = "Data")]
     pub image_size: Option<usize>,
@@ -150,8 +151,8 @@ impl TrainConfig {
 
     pub(crate) fn augmentation(&self, input_size: usize) -> Augment {
         match (self.augment, self.dataset) {
-            (AugmentChoice::Default, DatasetKind::Imagenet) => Augment::ResizedCrop(input_size),
-            (_, DatasetKind::Imagenet) => Augment::CenterCrop(input_size),
+            (AugmentChoice::Default, DatasetKind::Shards) => Augment::ResizedCrop(input_size),
+            (_, DatasetKind::Shards) => Augment::CenterCrop(input_size),
             (AugmentChoice::None, _) => Augment::None,
             (_, DatasetKind::FashionMnist) => Augment::Flip,
             (_, DatasetKind::Cifar10 | DatasetKind::Cifar100) => Augment::Cifar,

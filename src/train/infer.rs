@@ -310,8 +310,8 @@ fn open_eval_data(
 ) -> Result<(Arc<dyn ImageSource>, String, PathBuf)> {
     let spec = &model.spec;
     let (source, name, dir): (Arc<dyn ImageSource>, String, PathBuf) = match data {
-        EvalData::Builtin { kind: DatasetKind::Imagenet, dir } => {
-            (open_shards(dir)?.1, DatasetKind::Imagenet.name().into(), dir.clone())
+        EvalData::Builtin { kind: DatasetKind::Shards, dir } => {
+            (open_shards(dir)?.1, DatasetKind::Shards.name().into(), dir.clone())
         }
         EvalData::Builtin { kind, dir } => {
             (Arc::new(data::load(*kind, dir, Some(0), limit)?.test), kind.name().into(), dir.clone())

@@ -1,7 +1,9 @@
-//! `curves.svg` in the run folder: three panels over the epochs, accuracy (validation when the run has it,
-//! training otherwise), loss (training, and validation dashed) and the learning rate, for every layer's projection
-//! and the fusion heads. Every point has a marker (a one-epoch run is not blank), both axes have ticks, the y
-//! axes are scaled to the data, and the layers' colours are Tableau's ten (then repeated with a dash). Plain SVG,
+//! `curves.svg` in the run folder: panels over the epochs for every layer's projection and the fusion heads:
+//! top-1 accuracy in percent, as the console prints it (validation when the run has it, training otherwise), the
+//! training loss, the validation loss (when the run validates) and the learning rate. Every point has a marker (a
+//! one-epoch run is not blank), both axes have ticks, the y axes are scaled to the data, and the layers' colours
+//! are Tableau's ten (then repeated with a dash). Layer 1, far below the others in most runs, would squash them
+//! into a band: where they would fill less than a quarter of the axis it gets a panel of its own. Plain SVG,
 //! no dependencies; opens in any browser.
 
 use super::run::EpochMetrics;
@@ -46,21 +48,39 @@ struct Series {
     width: f64,
 }
 
-/// A panel at vertical offset `top`: axes with ticks, the series, a legend (when `legend`).
-fn panel(s: &mut String, top: f64, title: &str, series: &[Series], epochs: f64, legend: bool) {
-    let pw = W - LEFT - RIGHT;
-    let all: Vec<f64> = series.iter().flat_map(|x| x.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).collect();
-    let (mut lo, mut hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    if !lo.is_finite() {
-        (lo, hi) = (0.0, 1.0);
-    }
+/// The smallest and largest finite values of `series` (`None` when there are none).
+fn extent(series: &[Series]) -> Option<(f64, f64)> {
+    let all = series.iter().flat_map(|x| x.points.iter().map(|p| p.1)).filter(|v| v.is_finite());
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    lo.is_finite().then_some((lo, hi))
+}
+
+/// A panel's y range: the data's extent with 5% to spare (10% of the value, or 1, when it is flat).
+fn y_range(series: &[Series]) -> (f64, f64) {
+    let Some((lo, hi)) = extent(series) else { return (0.0, 1.0) };
     if hi - lo < 1e-12 {
         let pad = if hi.abs() > 0.0 { hi.abs() * 0.1 } else { 1.0 };
-        (lo, hi) = (lo - pad, hi + pad);
+        (lo - pad, hi + pad)
     } else {
         let pad = (hi - lo) * 0.05;
-        (lo, hi) = (lo - pad, hi + pad);
+        (lo - pad, hi + pad)
     }
+}
+
+/// True when the first series (layer 1) lies below all the others and, on one axis with them, would squash
+/// them into a band of less than a quarter of its height.
+fn first_apart(series: &[Series]) -> bool {
+    match (extent(&series[..series.len().min(1)]), extent(series.get(1..).unwrap_or_default())) {
+        (Some((first_lo, first_hi)), Some((lo, hi))) => first_hi < lo && hi - lo < 0.25 * (hi - first_lo),
+        _ => false,
+    }
+}
+
+/// A panel at vertical offset `top`: axes with ticks (the y range from `series`), the series, a legend (when
+/// `legend`).
+fn panel(s: &mut String, top: f64, title: &str, series: &[Series], epochs: f64, legend: bool) {
+    let pw = W - LEFT - RIGHT;
+    let (lo, hi) = y_range(series);
     let x = |e: f64| LEFT + pw * if epochs > 1.0 { (e - 1.0) / (epochs - 1.0) } else { 0.5 };
     let y = |v: f64| top + PANEL_H * (1.0 - (v - lo) / (hi - lo));
     let _ = writeln!(s, "<text x=\"{LEFT}\" y=\"{:.1}\" font-size=\"13\">{title}</text>", top - 8.0);
@@ -80,6 +100,9 @@ fn panel(s: &mut String, top: f64, title: &str, series: &[Series], epochs: f64, 
             label(t)
         );
     }
+    // The x axis's name at its right end, clear of the tick labels.
+    let _ =
+        writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#555\">epoch</text>", LEFT + pw + 8.0, top + PANEL_H + 16.0);
     for t in ticks(1.0, epochs, 8).into_iter().filter(|t| t.fract() == 0.0) {
         let _ = writeln!(
             s,
@@ -125,61 +148,73 @@ fn panel(s: &mut String, top: f64, title: &str, series: &[Series], epochs: f64, 
 /// The SVG text for the metrics so far.
 pub fn curves_svg(metrics: &[EpochMetrics], title: &str) -> String {
     let val = !metrics.is_empty() && metrics.iter().all(|m| m.val_layer_acc.is_some());
+    let val_loss = val && metrics.iter().all(|m| m.val_layer_loss.is_some());
     let layers = metrics.first().map(|m| m.train_layer_acc.len()).unwrap_or(0);
     let epochs = metrics.last().map_or(1, |m| m.epoch).max(1) as f64;
     let style = |l: usize| (COLOURS[l % COLOURS.len()], l >= COLOURS.len());
     let pts = |f: &dyn Fn(&EpochMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
         metrics.iter().filter_map(|m| f(m).map(|v| (m.epoch as f64, v))).collect()
     };
-    let mut acc = Vec::new();
-    let mut loss = Vec::new();
-    for l in 0..layers {
-        let (colour, dashed) = style(l);
-        let a = if val {
-            pts(&|m| m.val_layer_acc.as_ref().and_then(|v| v.get(l)).copied())
-        } else {
-            pts(&|m| m.train_layer_acc.get(l).copied())
+    // Per layer, then fusion: accuracy (in percent), training loss, validation loss.
+    let (mut acc, mut loss, mut vloss) = (Vec::new(), Vec::new(), Vec::new());
+    let series = |name: &str, points, l: Option<usize>| {
+        let (colour, dashed, width) = match l {
+            Some(l) => (style(l).0, style(l).1, 1.5),
+            None => ("#000", false, 3.0),
         };
-        acc.push(Series { name: format!("layer {}", l + 1), points: a, colour, dashed, width: 1.5 });
-        loss.push(Series {
-            name: format!("layer {}", l + 1),
-            points: pts(&|m| m.train_layer_loss.get(l).copied()),
-            colour,
-            dashed,
-            width: 1.5,
-        });
+        Series { name: name.into(), points, colour, dashed, width }
+    };
+    for l in 0..layers {
+        let name = format!("layer {}", l + 1);
+        let a = if val {
+            pts(&|m| m.val_layer_acc.as_ref().and_then(|v| v.get(l)).map(|a| 100.0 * a))
+        } else {
+            pts(&|m| m.train_layer_acc.get(l).map(|a| 100.0 * a))
+        };
+        acc.push(series(&name, a, Some(l)));
+        loss.push(series(&name, pts(&|m| m.train_layer_loss.get(l).copied()), Some(l)));
+        vloss.push(series(&name, pts(&|m| m.val_layer_loss.as_ref().and_then(|v| v.get(l)).copied()), Some(l)));
     }
     let fusion_acc = if val { pts(&|m| m.val_fusion_acc) } else { pts(&|m| m.train_fusion_acc) };
     if !fusion_acc.is_empty() {
-        acc.push(Series { name: "fusion".into(), points: fusion_acc, colour: "#000", dashed: false, width: 3.0 });
-        loss.push(Series {
-            name: "fusion".into(),
-            points: pts(&|m| m.train_fusion_loss),
-            colour: "#000",
-            dashed: false,
-            width: 3.0,
-        });
+        let pct = fusion_acc.into_iter().map(|(e, a)| (e, 100.0 * a)).collect();
+        acc.push(series("fusion", pct, None));
+        loss.push(series("fusion", pts(&|m| m.train_fusion_loss), None));
+        vloss.push(series("fusion", pts(&|m| m.val_fusion_loss), None));
     }
     let lr =
         vec![Series { name: "lr".into(), points: pts(&|m| Some(m.lr)), colour: "#333", dashed: false, width: 1.5 }];
-    let h = TOP + 3.0 * PANEL_H + 2.0 * GAP + 40.0;
+    let which = if val { "validation" } else { "training" };
+    let mut panels: Vec<(String, Vec<Series>, bool)> = Vec::new();
+    if layers >= 2 && first_apart(&acc) {
+        let first = acc.remove(0);
+        panels.push((format!("top-1 accuracy, % ({which}), layers 2.. and fusion"), acc, true));
+        panels.push((format!("top-1 accuracy, % ({which}), layer 1 on its own scale"), vec![first], true));
+    } else {
+        panels.push((format!("top-1 accuracy, % ({which})"), acc, true));
+    }
+    panels.push(("training loss (cross-entropy)".into(), loss, false));
+    if val_loss {
+        panels.push(("validation loss (cross-entropy)".into(), vloss, false));
+    }
+    panels.push(("learning rate".into(), lr, false));
+    let h = TOP + 14.0 + panels.len() as f64 * (PANEL_H + GAP);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"16\" font-size=\"14\">{title}</text>\n"
+         <text x=\"{LEFT}\" y=\"16\" font-size=\"14\">{}</text>\n",
+        xml_text(title)
     );
-    let which = if val { "validation" } else { "training" };
-    panel(&mut s, TOP + 14.0, &format!("top-1 accuracy ({which})"), &acc, epochs, true);
-    panel(&mut s, TOP + 14.0 + PANEL_H + GAP, "training loss (cross-entropy)", &loss, epochs, false);
-    panel(&mut s, TOP + 14.0 + 2.0 * (PANEL_H + GAP), "learning rate", &lr, epochs, false);
-    let _ = writeln!(
-        s,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">epoch</text>",
-        LEFT + (W - LEFT - RIGHT) / 2.0,
-        h - 6.0
-    );
+    for (i, (name, series, legend)) in panels.iter().enumerate() {
+        panel(&mut s, TOP + 14.0 + i as f64 * (PANEL_H + GAP), name, series, epochs, *legend);
+    }
     s.push_str("</svg>\n");
     s
+}
+
+/// `t` as SVG text: `&`, `<` and `>` escaped (a title names the user's data folder).
+fn xml_text(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -209,7 +244,7 @@ mod tests {
         let svg = curves_svg(&[m(1, 0.5)], "t");
         // One marker per series and panel: 10 layers + fusion in accuracy and loss, and the lr.
         assert_eq!(svg.matches("<circle").count(), 11 + 11 + 1);
-        for p in ["top-1 accuracy (training)", "training loss", "learning rate"] {
+        for p in ["top-1 accuracy, % (training)", "training loss", "learning rate"] {
             assert!(svg.contains(p), "{p}");
         }
         // Ten layers, ten colours.
@@ -217,6 +252,48 @@ mod tests {
             assert!(svg.contains(c), "{c}");
         }
         assert!(svg.contains(">1</text>"), "an epoch tick");
+    }
+
+    /// The y tick labels of the panel titled `title` (up to the next panel's title).
+    fn tick_labels(svg: &str, title: &str) -> Vec<f64> {
+        let start = svg.find(title).unwrap_or_else(|| panic!("no panel {title}"));
+        let rest = &svg[start + title.len()..];
+        let end = rest.find("font-size=\"13\"").unwrap_or(rest.len());
+        rest[..end].split("text-anchor=\"end\">").skip(1).filter_map(|t| t.split('<').next()?.parse().ok()).collect()
+    }
+
+    #[test]
+    fn layer_one_far_below_gets_its_own_scale_and_accuracy_reads_in_percent() {
+        // Layer 1 at 10-12%, the others and fusion at 95-99% (validation), over three epochs.
+        let metrics: Vec<EpochMetrics> = (1..=3)
+            .map(|e| {
+                let mut x = m(e, 0.0);
+                let mut acc = vec![0.95 + 0.01 * e as f64; 10];
+                acc[0] = 0.10 + 0.01 * e as f64;
+                x.val_layer_acc = Some(acc);
+                x.val_fusion_acc = Some(0.96 + 0.01 * e as f64);
+                x.val_layer_loss = Some(vec![0.5; 10]);
+                x.val_fusion_loss = Some(0.4);
+                x
+            })
+            .collect();
+        let svg = curves_svg(&metrics, "vgg8 on <mine> & co");
+        // The main panel spans the others' 96-99% (with 5% spare), in percent, not 10-99% or 0-1.
+        let main = tick_labels(&svg, "layers 2.. and fusion");
+        assert!(main.iter().all(|&t| (95.0..=100.0).contains(&t)) && main.len() >= 3, "{main:?}");
+        let first = tick_labels(&svg, "layer 1 on its own scale");
+        assert!(first.iter().all(|&t| (10.0..=14.0).contains(&t)) && !first.is_empty(), "{first:?}");
+        // A validation-loss panel; the title escaped; "epoch" beside each x axis, never under a tick label.
+        assert!(svg.contains("validation loss (cross-entropy)"));
+        assert!(svg.contains("vgg8 on &lt;mine&gt; &amp; co"));
+        assert_eq!(svg.matches(">epoch</text>").count(), 5);
+        // Close layers share one panel.
+        let mut close = metrics.clone();
+        for x in &mut close {
+            x.val_layer_acc.as_mut().unwrap()[0] = 0.9;
+        }
+        let svg = curves_svg(&close, "t");
+        assert!(!svg.contains("own scale") && svg.contains("top-1 accuracy, % (validation)"));
     }
 
     #[test]

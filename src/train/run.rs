@@ -176,7 +176,7 @@ pub struct Sources {
     pub input: InputSpec,
 }
 
-/// Opens `--dataset imagenet`'s shard folders: `DIR/train` and `DIR/val` (or `DIR/test`).
+/// Opens `--dataset shards`' folders: `DIR/train` and `DIR/val` (or `DIR/test`).
 pub(crate) fn open_shards(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
     let train =
         ShardSet::open(&dir.join("train")).with_context(|| format!("--data {}: the training shards", dir.display()))?;
@@ -204,7 +204,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
 /// from `--model` (whose JSON file may have changed since): it must fit the data.
 fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources, ModelSpec)> {
     cfg.validate()?;
-    let sources = if cfg.dataset == DatasetKind::Imagenet {
+    let sources = if cfg.dataset == DatasetKind::Shards {
         let (train, test) = open_shards(&cfg.data)?;
         let t = cfg.image_size.unwrap_or(train.size());
         if t == 0 || t > model::MAX_IMAGE_SIDE {
@@ -226,7 +226,7 @@ fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources,
         Sources { train, test, input_size: t, eval_aug: Augment::CenterCrop(t), input }
     } else {
         if cfg.image_size.is_some_and(|s| s != data::IMAGE_SIZE) {
-            bail!("--image-size: only --dataset imagenet takes another size; {} is 32x32", cfg.dataset.name());
+            bail!("--image-size: only --dataset shards takes another size; {} is 32x32", cfg.dataset.name());
         }
         let splits = data::load(cfg.dataset, &cfg.data, cfg.limit_train, cfg.limit_test)?;
         let size = splits.train.size;
@@ -401,7 +401,13 @@ impl<'c, B: Backend> Run<'c, B> {
         // The in-memory readers applied the limits already; the shards apply them here (the first N records).
         let n = sources.train.len().min(cfg.limit_train.unwrap_or(usize::MAX));
         let n_test = sources.test.len().min(cfg.limit_test.unwrap_or(usize::MAX));
-        let val = cfg.val.unwrap_or_else(|| (n as f64 * cfg.dataset.default_val_fraction()).round() as usize);
+        let val = match cfg.val {
+            Some(v) => v,
+            // Runs record the split they resolved; a shard run that recorded none is from before shards had a
+            // default validation split, when they had none.
+            None if start == RunStart::Resume && cfg.dataset == DatasetKind::Shards => 0,
+            None => cfg.dataset.default_val(n),
+        };
         let (train_idx, val_idx) = data::split(n, val, cfg.seed)?;
         // A batch larger than the training set runs as one smaller batch (as PyTorch's DataLoader does), and the
         // workspace is sized for the images that exist.
@@ -685,7 +691,7 @@ impl<'c, B: Backend> Run<'c, B> {
         } else {
             // Validation images get the training augmentation, as in the released code, except on ImageNet
             // shards, where validation is the evaluation transform.
-            let val_aug = if cfg.dataset == DatasetKind::Imagenet { self.sources.eval_aug } else { aug };
+            let val_aug = if cfg.dataset == DatasetKind::Shards { self.sources.eval_aug } else { aug };
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
             let train = self.sources.train.clone();
             let label = format!("validate {}/{}", epoch + 1, cfg.epochs);
@@ -720,7 +726,7 @@ impl<'c, B: Backend> Run<'c, B> {
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
         append_metrics(&self.folder.dir.join("metrics.jsonl"), &m)?;
         self.events.scalars((epoch + 1) as i64, m.wall_time, &super::tensorboard::epoch_scalars(&m))?;
-        write_curves(&self.folder.dir, &format!("{} on {}", self.spec.arch, cfg.dataset.name()))?;
+        write_curves(&self.folder.dir, &plot_title(&self.spec.arch, cfg))?;
         say(opts, epoch_line(&m));
 
         // Model selection (released code): the best validation accuracy of the fusion prediction (of the only
@@ -906,7 +912,7 @@ fn data_identity(kind: DatasetKind, s: &Sources) -> DataIdentity {
         }
     }
     DataIdentity {
-        kind: kind.name().into(),
+        kind: kind.identity_name().into(),
         train_images: s.train.len(),
         test_images: s.test.len(),
         channels: s.train.channels(),
@@ -914,6 +920,13 @@ fn data_identity(kind: DatasetKind, s: &Sources) -> DataIdentity {
         classes: s.train.classes(),
         records: format!("{h:016x}"),
     }
+}
+
+/// True when a run config's option `key` has the same value in two spellings: equal JSON, or two names of one
+/// dataset (`imagenet`, the shard dataset's name before `shards`).
+fn same_option(key: &str, a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    let kind = |v: &serde_json::Value| serde_json::from_value::<DatasetKind>(v.clone()).ok();
+    a == b || (key == "dataset" && kind(a).is_some() && kind(a) == kind(b))
 }
 
 /// Questions a resume before it continues: the checkpoint's own run config (`asge.config`) must be the folder's
@@ -939,7 +952,8 @@ fn check_resume(
         .flatten()
         // An option the checkpoint does not list is one added to asge after it was written: not compared.
         .filter(|(k, v)| {
-            !super::config::RESUMABLE.contains(&k.as_str()) && theirs.get(k.as_str()).is_some_and(|t| t != *v)
+            !super::config::RESUMABLE.contains(&k.as_str())
+                && theirs.get(k.as_str()).is_some_and(|t| !same_option(k, t, v))
         })
         .map(|(k, _)| k.clone())
         .collect();
@@ -1168,6 +1182,16 @@ fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
 }
 
 /// Redraws `curves.svg` from `metrics.jsonl`.
+/// The plot's title: the model and the data, by the folder it came from where that says more than the kind
+/// (`vgg8 on mnist`, `vgg-imagenet on my-photos (shards)`).
+fn plot_title(arch: &str, cfg: &TrainConfig) -> String {
+    let folder = cfg.data.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    match cfg.dataset {
+        DatasetKind::Shards if !folder.is_empty() => format!("{arch} on {folder} (shards)"),
+        kind => format!("{arch} on {}", kind.name()),
+    }
+}
+
 fn write_curves(out: &Path, title: &str) -> Result<()> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
     let metrics: Vec<EpochMetrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -1220,4 +1244,24 @@ fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
         body.push('\n');
     }
     files::write_atomic(path, body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_run_recorded_under_the_shard_datasets_old_name_is_the_same_run() {
+        // config.json written as `imagenet` reads back as shards and is written as `shards`: a resume compares
+        // the two spellings as one option value.
+        assert!(same_option("dataset", &json!("imagenet"), &json!("shards")));
+        assert!(!same_option("dataset", &json!("imagenet"), &json!("mnist")));
+        assert!(!same_option("model", &json!("imagenet"), &json!("shards")));
+        assert!(same_option("lr", &json!(2e-4), &json!(2e-4)) && !same_option("lr", &json!(2e-4), &json!(1e-3)));
+        assert_eq!(DatasetKind::Shards.identity_name(), "imagenet");
+        // The shard default split: 1/10, at most 50,000.
+        assert_eq!((DatasetKind::Shards.default_val(400), DatasetKind::Shards.default_val(1_281_167)), (40, 50_000));
+        assert_eq!(DatasetKind::Cifar10.default_val(50_000), 5_000);
+    }
 }
