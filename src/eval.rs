@@ -201,6 +201,9 @@ pub struct Report {
     /// Epochs the checkpoint was trained for, and the epoch it is from (the best validation accuracy).
     pub epochs: usize,
     pub best_epoch: usize,
+    /// The epoch after which `--early-stop` ended the run (absent when it ran its schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_early: Option<usize>,
     /// The best validation (fusion) accuracy, when the run had a validation set.
     pub best_val: Option<f64>,
     pub test: Vec<StrategyResult>,

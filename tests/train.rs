@@ -279,3 +279,31 @@ fn pipelined_steps_report_the_same_statistics_one_call_later() {
     assert_eq!(piped.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(net.eval_logits(&x_eval, &labels_eval).unwrap().fusion, direct_eval, "weights after the steps");
 }
+
+#[test]
+fn early_stop_ends_a_run_whose_validation_stalls_and_keeps_counting_across_a_resume() {
+    // An lr so small that no prediction changes: epoch 1 sets the best validation accuracy, and no later epoch
+    // beats it (only a strictly better one counts). With a patience of 2 the run ends after epoch 3 of 6, even
+    // when it is stopped after epoch 2 and resumed (a count that restarted on resume would train epochs 3 and 4).
+    let (mut cfg, out) = tiny("early-stop");
+    cfg.epochs = 6;
+    cfg.lr = 1e-12;
+    cfg.lr_min = 0.0;
+    cfg.early_stop = Some(2);
+    let quiet = RunOptions { quiet: true, ..Default::default() };
+    let stopped = run::train(&cfg, &out, RunStart::Fresh, RunOptions { stop_after: Some(2), ..quiet }).unwrap();
+    assert!(stopped.is_none(), "stopped after epoch 2, before the test");
+    let s = run::train(&cfg, &out, RunStart::Resume, quiet).unwrap().expect("the test ran");
+    assert_eq!((s.stopped_early, s.best_epoch, s.epochs), (Some(3), 1, 6));
+    let epochs = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(epochs, 3, "epochs trained");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["stopped_early"], 3);
+    // Without validation there is nothing to watch.
+    let (mut none, out2) = tiny("early-stop-noval");
+    none.early_stop = Some(2);
+    none.val = Some(0);
+    let e = format!("{:#}", run::train(&none, &out2, RunStart::Fresh, quiet).unwrap_err());
+    assert!(e.contains("--early-stop needs a validation set"), "{e}");
+}

@@ -96,6 +96,11 @@ pub struct TrainConfig {
     /// Epochs, and the cosine schedule's length.
     #[arg(long, default_value_t = 100, help_heading = "Schedule")]
     pub epochs: usize,
+    /// Stop when the validation accuracy that selects the best checkpoint (fusion's; the only layer's in a
+    /// one-layer model) has not improved for PATIENCE epochs; the test then runs on the best checkpoint. The
+    /// count survives --resume. Needs a validation set.
+    #[arg(long, value_name = "PATIENCE", help_heading = "Schedule")]
+    pub early_stop: Option<usize>,
 
     /// cpu, cuda or cuda:N (ASGE_CUDA_LANES=N puts every layer on its own CUDA stream).
     #[arg(long, default_value = "cpu", help_heading = "Device")]
@@ -118,7 +123,7 @@ impl Default for TrainConfig {
 
 /// The options a resumed run may change: how long it trains, where, and where its data now is. Any other would
 /// change the run it continues.
-pub const RESUMABLE: &[&str] = &["epochs", "device", "precision", "data"];
+pub const RESUMABLE: &[&str] = &["epochs", "early_stop", "device", "precision", "data"];
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
@@ -127,6 +132,12 @@ impl TrainConfig {
         }
         if self.epochs == 0 {
             bail!("--epochs 0: a run needs at least one epoch (the cosine schedule spans --epochs)");
+        }
+        if self.early_stop == Some(0) {
+            bail!("--early-stop 0: the patience is a number of epochs without improvement, at least 1");
+        }
+        if self.early_stop.is_some() && self.val == Some(0) {
+            bail!("--early-stop needs a validation set to watch, and --val 0 gives none");
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("--dropout {}: must be in [0, 1)", self.dropout);

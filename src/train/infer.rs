@@ -229,6 +229,7 @@ fn run_eval<B: Backend>(
         params_trainable: spec.conv_params() + spec.head_params(),
         epochs: state.epochs_done,
         best_epoch: state.best_epoch,
+        stopped_early: None,
         best_val: state.best_val,
         test: rows,
         test_layer_top1: res.layer_acc(),

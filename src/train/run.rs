@@ -313,19 +313,34 @@ fn train_inner(cfg: &TrainConfig, out: &Path, start: RunStart, opts: RunOptions)
     with_backend!(&cfg.device, cfg.precision, |make| {
         let mut run = Run::start(cfg, out, start, opts, &make)?;
         let end = opts.stop_after.map_or(cfg.epochs, |n| n.min(cfg.epochs));
+        let mut stopped_early = run.early_stop_due();
         for epoch in run.state.epochs_done..end {
+            if stopped_early.is_some() {
+                break;
+            }
             if run.epoch(epoch)? == EpochEnd::Stopped {
                 return Ok(None);
             }
+            stopped_early = run.early_stop_due();
         }
-        if end < cfg.epochs {
+        if let Some(at) = stopped_early {
+            say(
+                opts,
+                format!(
+                    "asge: --early-stop {}: no better validation accuracy since epoch {}; stopped after epoch {at} of {}",
+                    cfg.early_stop.unwrap_or_default(),
+                    run.state.best_epoch,
+                    cfg.epochs
+                ),
+            );
+        } else if end < cfg.epochs {
             say(
                 opts,
                 format!("asge: stopped after epoch {end} of {}; continue with --resume {}", cfg.epochs, out.display()),
             );
             return Ok(None);
         }
-        match run.final_test(&make) {
+        match run.final_test(&make, stopped_early) {
             Ok(summary) => Ok(Some(summary)),
             Err(e) if interrupt::is_interrupted(&e) => {
                 eprintln!(
@@ -409,6 +424,11 @@ impl<'c, B: Backend> Run<'c, B> {
             None => cfg.dataset.default_val(n),
         };
         let (train_idx, val_idx) = data::split(n, val, cfg.seed)?;
+        if cfg.early_stop.is_some() && val_idx.is_empty() {
+            bail!(
+                "--early-stop needs a validation set to watch, and this run has none (--val, or more training images)"
+            );
+        }
         // A batch larger than the training set runs as one smaller batch (as PyTorch's DataLoader does), and the
         // workspace is sized for the images that exist.
         let batch = cfg.batch.min(train_idx.len());
@@ -767,8 +787,18 @@ impl<'c, B: Backend> Run<'c, B> {
         Ok(EpochEnd::Done)
     }
 
-    /// The test evaluation of the best checkpoint, printed and written to `summary.json`.
-    pub fn final_test(self, make_backend: &impl Fn() -> Result<B>) -> Result<Summary> {
+    /// With `--early-stop PATIENCE`: the last epoch trained, when the selection's validation accuracy has not
+    /// improved for PATIENCE epochs since the best (the state's count, so a resumed run goes on counting).
+    pub fn early_stop_due(&self) -> Option<usize> {
+        let patience = self.cfg.early_stop?;
+        let done = self.state.epochs_done;
+        (self.state.best_val.is_some() && done < self.cfg.epochs && done - self.state.best_epoch >= patience)
+            .then_some(done)
+    }
+
+    /// The test evaluation of the best checkpoint, printed and written to `summary.json`; `stopped_early`: the
+    /// epoch `--early-stop` ended the run after.
+    pub fn final_test(self, make_backend: &impl Fn() -> Result<B>, stopped_early: Option<usize>) -> Result<Summary> {
         let (cfg, spec) = (self.cfg, &self.spec);
         self.sources.test.verify()?;
         let best_path = self.best_path();
@@ -788,7 +818,11 @@ impl<'c, B: Backend> Run<'c, B> {
             Some((self.opts.display(), "test")),
         )?;
         let rows = eval::strategies(&res, Strategy::All, best_state.best_layer)?;
-        let title = format!("test ({} images), best epoch {} of {}", self.n_test, best_state.best_epoch, cfg.epochs);
+        let ran = match stopped_early {
+            Some(at) => format!("{at} (stopped early; --epochs {})", cfg.epochs),
+            None => cfg.epochs.to_string(),
+        };
+        let title = format!("test ({} images), best epoch {} of {ran}", self.n_test, best_state.best_epoch);
         println!("{}", eval::format_table(&title, &rows, &res));
         let summary = Summary {
             format: "asge-summary".into(),
@@ -799,6 +833,7 @@ impl<'c, B: Backend> Run<'c, B> {
             params_trainable: spec.conv_params() + spec.head_params(),
             epochs: cfg.epochs,
             best_epoch: best_state.best_epoch,
+            stopped_early,
             best_val: best_state.best_val,
             test: rows,
             test_layer_top1: res.layer_acc(),
