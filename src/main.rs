@@ -183,6 +183,11 @@ struct TrainArgs {
     /// Also write every step's per-layer losses and accuracy counts to steps.jsonl in the run folder.
     #[arg(long, help_heading = "Output")]
     log_steps: bool,
+    /// TensorBoard: every this many steps, a point of each layer's and the fusion heads' training loss (their
+    /// mean since the last point) and of the lr, on the step axis (the `steps/` charts; 0: none, only the
+    /// per-epoch curves). The run's options always go to TensorBoard's HParams table.
+    #[arg(long, value_name = "STEPS", default_value_t = asge::train::run::DEFAULT_TB_EVERY, help_heading = "Output")]
+    tb_every: u64,
     /// Write a Chrome trace (JSON, opens in Perfetto) of the loader and every layer per batch.
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     trace: Option<PathBuf>,
@@ -359,6 +364,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
         stop_at_step: None,
         log_every: Some(a.log_every),
         log_steps: a.log_steps,
+        tb_every: Some(a.tb_every),
     };
     if let Some(path) = &a.trace {
         asge::trace::enable(path);

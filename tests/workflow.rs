@@ -165,6 +165,9 @@ fn tensorboard_reads_every_layers_curves_and_the_lr() {
             "--quiet",
             "--threads",
             "2",
+            "--tb-every",
+            "3",
+            "--log-steps",
         ],
     );
     // TensorBoard's own reader, on the run folder as `tensorboard --logdir` would read it.
@@ -201,6 +204,59 @@ print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags
         assert_eq!(series(&format!("val_loss/layer{}", l + 1)), want(&|m| m["val_layer_loss"][l].as_f64().unwrap()));
     }
     assert_eq!(series("val_accuracy/fusion"), want(&|m| m["val_fusion_acc"].as_f64().unwrap()));
+    // Every 3 steps (16 in all: 512 training images at batch 64, 2 epochs): the mean training loss of the steps
+    // since the last point, per layer and for the heads, and the lr, as steps.jsonl has them step by step.
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(sb.join("run/steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 16);
+    let windows: Vec<&[serde_json::Value]> = steps.chunks_exact(3).collect();
+    let mean = |w: &[serde_json::Value], f: &dyn Fn(&serde_json::Value) -> f64| -> f32 {
+        let n: f64 = w.iter().map(|s| s["images"].as_f64().unwrap()).sum();
+        (w.iter().map(|s| f(s) * s["images"].as_f64().unwrap()).sum::<f64>() / n) as f32
+    };
+    let at = |f: &dyn Fn(&[serde_json::Value]) -> f32| -> Vec<(i64, f32)> {
+        windows.iter().map(|w| (w[2]["step"].as_i64().unwrap(), f(w))).collect()
+    };
+    for l in 0..7 {
+        assert_eq!(
+            series(&format!("steps/train_loss/layer{}", l + 1)),
+            at(&|w| mean(w, &|s| s["layer_loss"][l].as_f64().unwrap()))
+        );
+    }
+    assert_eq!(series("steps/train_loss/fusion"), at(&|w| mean(w, &|s| s["head_loss"].as_f64().unwrap())));
+    assert_eq!(series("steps/lr"), at(&|w| w[2]["lr"].as_f64().unwrap() as f32));
+    // The run's options in TensorBoard's HParams table: the plugin's own parser reads the session's start (every
+    // option of config.json with a value) and its end (success).
+    let hparams = r#"
+import json, sys
+from google.protobuf import json_format
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
+ea = EventAccumulator(sys.argv[1]); ea.Reload()
+content = ea.PluginTagToContent(metadata.PLUGIN_NAME)
+start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+print(json.dumps({"hparams": {k: json_format.MessageToDict(v) for k, v in start.hparams.items()},
+                  "start": start.start_time_secs, "status": end.status, "end": end.end_time_secs}))
+"#;
+    let got: serde_json::Value = serde_json::from_str(&python(hparams, &[sb.join("run").to_str().unwrap()])).unwrap();
+    let train = &config(&sb.join("run"))["train"];
+    let shown = got["hparams"].as_object().unwrap();
+    for (k, v) in train.as_object().unwrap() {
+        if v.is_null() {
+            assert!(!shown.contains_key(k), "{k} is null but shown");
+        } else if v.is_number() {
+            assert_eq!(shown[k].as_f64(), v.as_f64(), "hparam {k}");
+        } else {
+            assert_eq!(&shown[k], v, "hparam {k}");
+        }
+    }
+    assert_eq!((got["hparams"]["lr"].as_f64(), got["hparams"]["dataset"].as_str()), (Some(2e-4), Some("mnist")));
+    assert_eq!(got["status"], 1, "STATUS_SUCCESS");
+    assert!(got["end"].as_f64().unwrap() >= got["start"].as_f64().unwrap());
 }
 
 /// Without a terminal (a job log), `--log-every` plain lines with the epoch's and the run's ETA; the run folder

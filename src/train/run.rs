@@ -98,7 +98,13 @@ pub struct RunOptions {
     pub log_every: Option<f64>,
     /// Write every step's losses and accuracy counts to `steps.jsonl` (`--log-steps`).
     pub log_steps: bool,
+    /// TensorBoard points of the training loss per layer and the lr every this many steps (`--tb-every`; `None`:
+    /// [`DEFAULT_TB_EVERY`]; 0: none, the per-epoch curves only).
+    pub tb_every: Option<u64>,
 }
+
+/// `--tb-every`'s default: a point every 50 steps (8 an epoch of 50,000 images at batch 128).
+pub const DEFAULT_TB_EVERY: u64 = 50;
 
 impl RunOptions {
     fn display(&self) -> Display {
@@ -117,6 +123,11 @@ impl RunOptions {
         }
         Ok(())
     }
+}
+
+/// Seconds since the Unix epoch (TensorBoard's wall time).
+fn wall_time_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn say(opts: RunOptions, msg: impl AsRef<str>) {
@@ -384,6 +395,16 @@ pub struct Run<'c, B: Backend> {
     train_images: usize,
     /// The run's TensorBoard event file (a new one per start or resume).
     events: super::tensorboard::EventWriter,
+    /// The steps' training losses since the last per-step TensorBoard point (`--tb-every`).
+    tb_steps: StepLosses,
+}
+
+/// Per-image training losses of some steps, summed (their mean goes to TensorBoard every `--tb-every` steps).
+#[derive(Default)]
+struct StepLosses {
+    images: usize,
+    layer_loss: Vec<f64>,
+    head_loss: f64,
 }
 
 impl<'c, B: Backend> Run<'c, B> {
@@ -547,7 +568,9 @@ impl<'c, B: Backend> Run<'c, B> {
         ) {
             eprintln!("{w}");
         }
-        let events = super::tensorboard::EventWriter::create(&folder.dir)?;
+        let mut events = super::tensorboard::EventWriter::create(&folder.dir)?;
+        // The run's options as its row of TensorBoard's HParams table.
+        events.session_start(&config_json["train"], "", wall_time_now())?;
         say(
             opts,
             format!(
@@ -590,13 +613,42 @@ impl<'c, B: Backend> Run<'c, B> {
             train_seconds: 0.0,
             train_images: 0,
             events,
+            tb_steps: StepLosses::default(),
         })
     }
 
-    /// With `--log-steps`: one line of `steps.jsonl` for a step's statistics (they arrive one call after the step,
-    /// see `Net::train_step_pipelined`).
-    fn log_step(&self, s: Option<&super::StepStats>, epoch: usize, lr: f64) -> Result<()> {
-        let Some(s) = s.filter(|_| self.opts.log_steps) else { return Ok(()) };
+    /// A step's statistics (they arrive one call after the step, see `Net::train_step_pipelined`): with
+    /// `--log-steps` a line of `steps.jsonl`, and every `--tb-every` steps a TensorBoard point of the mean
+    /// training loss per layer and of the fusion heads since the last point, and the lr (tags `steps/...`, on
+    /// the optimizer step's axis).
+    fn log_step(&mut self, s: Option<&super::StepStats>, epoch: usize, lr: f64) -> Result<()> {
+        let Some(s) = s else { return Ok(()) };
+        let every = self.opts.tb_every.unwrap_or(DEFAULT_TB_EVERY);
+        if every > 0 {
+            let acc = &mut self.tb_steps;
+            acc.layer_loss.resize(s.layer_loss.len(), 0.0);
+            for (a, l) in acc.layer_loss.iter_mut().zip(&s.layer_loss) {
+                *a += l * s.batch as f64;
+            }
+            acc.head_loss += s.head_loss * s.batch as f64;
+            acc.images += s.batch;
+            if s.step.is_multiple_of(every) && acc.images > 0 {
+                let acc = std::mem::take(&mut self.tb_steps);
+                let n = acc.images as f64;
+                let mut v: Vec<(String, f64)> = acc
+                    .layer_loss
+                    .iter()
+                    .enumerate()
+                    .map(|(l, x)| (format!("steps/train_loss/layer{}", l + 1), x / n))
+                    .collect();
+                v.push(("steps/train_loss/fusion".into(), acc.head_loss / n));
+                v.push(("steps/lr".into(), lr));
+                self.events.scalars(s.step as i64, wall_time_now(), &v)?;
+            }
+        }
+        if !self.opts.log_steps {
+            return Ok(());
+        }
         let row = serde_json::json!({
             "step": s.step,
             "epoch": epoch + 1,
@@ -848,6 +900,8 @@ impl<'c, B: Backend> Run<'c, B> {
         };
         let path = self.folder.dir.join("summary.json");
         files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        let mut events = self.events;
+        events.session_end(super::tensorboard::SessionStatus::Success, wall_time_now())?;
         say(
             self.opts,
             format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.folder.dir.display()),
@@ -1172,9 +1226,7 @@ impl EpochSums {
             val_fusion_loss: val.filter(|_| fusion).map(|v| v.fusion.loss()),
             images_per_s: self.images as f64 / seconds,
             seconds,
-            wall_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            wall_time: wall_time_now(),
         }
     }
 }

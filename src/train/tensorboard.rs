@@ -5,8 +5,18 @@
 //! of TFRecords (`u64` length, its masked CRC-32C, the bytes, their masked CRC-32C; all little-endian), each an
 //! `Event` protobuf message: `wall_time` (field 1, double), `step` (2, int64), then either `file_version` (3,
 //! string: "brain.Event:2" in the first record) or `summary` (5), a `Summary` of repeated `Value`s, each a `tag`
-//! (1, string) and a `simple_value` (2, float). `tests/workflow.rs` reads a run's file back with the tensorboard
-//! Python package's own reader.
+//! (1, string) and a `simple_value` (2, float).
+//!
+//! The run's options go to TensorBoard's HParams table as the hparams plugin's summaries
+//! (`tensorboard/plugins/hparams`): a `Value` with the tag `_hparams_/session_start_info` (at the run's start)
+//! or `_hparams_/session_end_info` (at its end), its `metadata` (9) a `SummaryMetadata` whose `plugin_data` (1)
+//! names the plugin `hparams` (1) and holds as `content` (2) an `HParamsPluginData` (version 0;
+//! `session_start_info` (3): the options as a map (1) of name to `google.protobuf.Value` (a double (2), a string
+//! (3) or a bool (4)), the group name (4) and the start time (5); `session_end_info` (4): the status (1) and the
+//! end time (2)), and a `tensor` (8), the empty float tensor the plugin's own writer puts there. The experiment
+//! (which options and metrics to show) is left for TensorBoard to infer from the runs, so that every run folder
+//! under one `--logdir` joins the table. `tests/workflow.rs` reads a run's file back with the tensorboard Python
+//! package's own reader and its hparams parser.
 
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -44,6 +54,32 @@ fn event(wall_time: f64, step: i64, rest: &[u8]) -> Vec<u8> {
     varint(step as u64, &mut e);
     e.extend_from_slice(rest);
     e
+}
+
+/// `google.protobuf.Value` of a run option: a number, a string or a bool (`None`: not shown, e.g. null).
+fn proto_value(v: &serde_json::Value) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match v {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Bool(b) => {
+            out.push(0x20); // field 4, varint
+            out.push(*b as u8);
+        }
+        serde_json::Value::Number(n) => {
+            out.push(0x11); // field 2, fixed64
+            out.extend_from_slice(&n.as_f64()?.to_le_bytes());
+        }
+        serde_json::Value::String(s) => field_bytes(0x1a, s.as_bytes(), &mut out),
+        other => field_bytes(0x1a, other.to_string().as_bytes(), &mut out),
+    }
+    Some(out)
+}
+
+/// The hparams plugin's status of a finished run (`tensorboard.hparams.Status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionStatus {
+    Success = 1,
+    Failure = 2,
 }
 
 /// An event file being appended to.
@@ -89,6 +125,57 @@ impl EventWriter {
         r.extend_from_slice(data);
         r.extend_from_slice(&masked_crc(data).to_le_bytes());
         self.file.write_all(&r).with_context(|| format!("{}: write failed", self.path.display()))
+    }
+
+    /// One summary `Value` of the hparams plugin: `tag`, and `data` (an `HParamsPluginData` field, encoded) as its
+    /// metadata's content.
+    fn hparams_event(&mut self, tag: &str, wall_time: f64, data: &[u8]) -> Result<()> {
+        let mut plugin = Vec::new();
+        field_bytes(0x0a, b"hparams", &mut plugin);
+        field_bytes(0x12, data, &mut plugin); // content: version 0 (the default, not written) and the data
+        let mut metadata = Vec::new();
+        field_bytes(0x0a, &plugin, &mut metadata);
+        let mut value = Vec::new();
+        field_bytes(0x0a, tag.as_bytes(), &mut value);
+        // The empty float tensor: dtype DT_FLOAT (1), shape [0].
+        field_bytes(0x42, &[0x08, 0x01, 0x12, 0x02, 0x12, 0x00], &mut value);
+        field_bytes(0x4a, &metadata, &mut value);
+        let mut summary = Vec::new();
+        field_bytes(0x0a, &value, &mut summary);
+        let mut rest = Vec::new();
+        field_bytes(0x2a, &summary, &mut rest);
+        self.record(&event(wall_time, 0, &rest))?;
+        self.file.sync_data().with_context(|| format!("{}: sync failed", self.path.display()))
+    }
+
+    /// The run's options (`hparams`: a JSON object; null values are left out) as the HParams table's row for
+    /// this run, in group `group`.
+    pub fn session_start(&mut self, hparams: &serde_json::Value, group: &str, wall_time: f64) -> Result<()> {
+        let mut info = Vec::new();
+        for (name, v) in hparams.as_object().into_iter().flatten() {
+            if let Some(value) = proto_value(v) {
+                let mut entry = Vec::new();
+                field_bytes(0x0a, name.as_bytes(), &mut entry);
+                field_bytes(0x12, &value, &mut entry);
+                field_bytes(0x0a, &entry, &mut info);
+            }
+        }
+        field_bytes(0x22, group.as_bytes(), &mut info);
+        info.push(0x29); // start_time_secs, field 5, fixed64
+        info.extend_from_slice(&wall_time.to_le_bytes());
+        let mut data = Vec::new();
+        field_bytes(0x1a, &info, &mut data);
+        self.hparams_event("_hparams_/session_start_info", wall_time, &data)
+    }
+
+    /// The end of the run's HParams session, with its status.
+    pub fn session_end(&mut self, status: SessionStatus, wall_time: f64) -> Result<()> {
+        let mut info = vec![0x08, status as u8]; // status, field 1, varint
+        info.push(0x11); // end_time_secs, field 2, fixed64
+        info.extend_from_slice(&wall_time.to_le_bytes());
+        let mut data = Vec::new();
+        field_bytes(0x22, &info, &mut data);
+        self.hparams_event("_hparams_/session_end_info", wall_time, &data)
     }
 
     /// One event of scalars at `step` (each a tag and its value), flushed to the file.
