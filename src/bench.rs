@@ -499,7 +499,7 @@ pub fn format_report(r: &BenchReport) -> String {
             format!("{:.1} GB/s", row.rate / 1e9)
         };
         // The same columns with or without ceilings (a `-` for the share), so that scripts read them alike.
-        let pct = if r.gemm_ceiling_gflops.is_none() { "-".to_string() } else { format!("{:.1}%", row.pct_of_ceiling) };
+        let pct = if r.gemm_ceiling_gflops.is_none() { "-".to_string() } else { share(row.unit, row.pct_of_ceiling) };
         s += &format!(
             "{:<22} {:>5} {:>10.3} {:>14} {:>9}{}\n",
             row.op,
@@ -509,6 +509,9 @@ pub fn format_report(r: &BenchReport) -> String {
             pct,
             row.kernel.map(|k| format!("  {k}")).unwrap_or_default()
         );
+    }
+    if r.rows.iter().any(|row| row.unit == "B/s" && row.pct_of_ceiling > 100.0) {
+        s += IN_CACHE_NOTE;
     }
     let achieved = r.flop_per_image * r.images_per_s / 1e9;
     s += &format!(
@@ -529,6 +532,22 @@ pub fn format_report(r: &BenchReport) -> String {
     s
 }
 
+/// A row's share of its ceiling, as printed: a memory-bound op past the copy ceiling (measured on 1 GiB or 256 MiB,
+/// so DRAM's) moved data that stayed in the caches, and its share says nothing: `in cache`, with
+/// [`IN_CACHE_NOTE`] below the table.
+fn share(unit: &str, pct: f64) -> String {
+    if unit == "B/s" && pct > 100.0 {
+        "in cache".into()
+    } else {
+        format!("{pct:.1}%")
+    }
+}
+
+/// The note under a table with an `in cache` row.
+const IN_CACHE_NOTE: &str =
+    "in cache: a memory-bound op faster than the copy ceiling (DRAM's): its data fits in the caches \
+                             (its rate is in the JSON)\n";
+
 /// The kernel table: every kernel of a step by layer, timed alone, with the work it must do and its rate.
 pub fn format_kernels(r: &BenchReport) -> String {
     let who = if r.emulated { "the stand-in's emulator, NOT a GPU" } else { "CUDA events" };
@@ -547,7 +566,7 @@ pub fn format_kernels(r: &BenchReport) -> String {
         } else {
             format!("{:.1} GB/s", k.rate / 1e9)
         };
-        let pct = k.pct_of_ceiling.map_or("-".to_string(), |p| format!("{p:.1}%"));
+        let pct = k.pct_of_ceiling.map_or("-".to_string(), |p| share(k.unit, p));
         s += &format!(
             "{:<6} {:<24} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>16} {:>8}\n",
             layer,
@@ -559,6 +578,9 @@ pub fn format_kernels(r: &BenchReport) -> String {
             achieved,
             pct
         );
+    }
+    if r.kernels.iter().any(|k| k.unit == "B/s" && k.pct_of_ceiling.is_some_and(|p| p > 100.0)) {
+        s += IN_CACHE_NOTE;
     }
     let sum_us: f64 = r.kernels.iter().map(|k| k.us).sum();
     let launches: f64 = r.kernels.iter().map(|k| k.launches).sum();
@@ -596,6 +618,11 @@ mod tests {
         // AdamW: 400 KB in 2 us = 200 GB/s, 200% of a 100 GB/s copy.
         assert_eq!((rows[1].us, rows[1].bytes, rows[1].unit), (2.0, 4e5, "B/s"));
         assert!((rows[1].pct_of_ceiling.unwrap() - 200.0).abs() < 1e-9);
+        // A memory-bound share past 100% reads "in cache"; a GEMM's does not.
+        assert_eq!(
+            (share("B/s", 200.0), share("B/s", 80.0), share("FLOP/s", 120.0)),
+            ("in cache".into(), "80.0%".into(), "120.0%".into())
+        );
         // Without ceilings: no share.
         assert!(kernel_rows(&times, 2, f64::NAN, f64::NAN).iter().all(|r| r.pct_of_ceiling.is_none()));
     }

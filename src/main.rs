@@ -82,6 +82,8 @@ struct ShardArgs {
     /// Side of the stored square images.
     #[arg(long)]
     size: usize,
+    /// How an image becomes S x S: its short side resized to S and the centre cropped (torchvision's
+    /// Resize + CenterCrop), or both sides resized to S (the aspect ratio changes).
     #[arg(long, value_enum, default_value = "short-side")]
     resize: asge::data::imagefolder::ResizeMode,
     /// Decoding threads (default: every core).
@@ -92,6 +94,7 @@ struct ShardArgs {
     shard_mb: usize,
     #[command(flatten)]
     decode: ImageArgs,
+    /// No progress bar and no summary line (errors still print).
     #[arg(long)]
     quiet: bool,
 }
@@ -113,15 +116,19 @@ struct DeviceArgs {
 struct BenchArgs {
     #[command(flatten)]
     on: DeviceArgs,
+    /// The model whose layer shapes are timed: vgg8, vgg11, vgg-imagenet, or an architecture JSON file.
     #[arg(long, default_value = "vgg8")]
     model: String,
+    /// Channel multiplier, as train's --width.
     #[arg(long, default_value_t = 1.0)]
     width: f64,
+    /// Images per step.
     #[arg(long, default_value_t = 128)]
     batch: usize,
     /// Input channels (1: MNIST-like, 3: CIFAR-like).
     #[arg(long, default_value_t = 3)]
     channels: usize,
+    /// Classes (the projections' and the heads' outputs).
     #[arg(long, default_value_t = 10)]
     classes: usize,
     /// Timed repetitions per op; the median is reported.

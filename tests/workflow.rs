@@ -125,12 +125,22 @@ fn help_reads_with_headings_and_the_required_flags() {
     assert!(out.contains("asge train --resume RUN"), "{out}");
     // No doc-link syntax leaks into the help.
     assert!(!out.contains("[`") && !out.contains("`]"), "{out}");
-    // Every flag has a description: the line after a flag's is text, not the next flag or a blank.
-    let lines: Vec<&str> = out.lines().collect();
-    for (i, l) in lines.iter().enumerate() {
-        if l.trim_start().starts_with("--") || l.trim_start().starts_with("-h,") {
-            let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or("");
-            assert!(!next.is_empty() && !next.starts_with('-'), "a flag without a description: {l}");
+    // Every flag of every command has a description: the line after a flag's is text, not the next flag, a blank
+    // or only its default.
+    for cmd in ["train", "eval", "predict", "export", "bench", "shard", "info"] {
+        let (out, _) = ok(Path::new("."), &[cmd, "--help"]);
+        let lines: Vec<&str> = out.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if t.starts_with("--") || t.starts_with("-h,") {
+                // A short help puts the description on the flag's line, after two spaces; a long one below it.
+                let beside = t.split("  ").filter(|p| !p.trim().is_empty()).count() > 1;
+                let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or("");
+                assert!(
+                    beside || (!next.is_empty() && !next.starts_with('-') && !next.starts_with('[')),
+                    "asge {cmd}: a flag without a description: {l}"
+                );
+            }
         }
     }
     assert!(out.contains("[default: 100]") && out.contains("[default: 0.0002]"), "{out}");

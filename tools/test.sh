@@ -32,7 +32,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Benchmarks once each in test mode (they must keep compiling and running; the CUDA ones skip without a GPU),
 # then every test; the last line sums every test binary's result.
-cargo test --release --locked --benches 2>&1 | tee "$log"
+# (--bench for each: --benches would also run the library's unit tests, which run below, and count them twice.)
+benches=()
+for f in benches/*.rs; do benches+=(--bench "$(basename "$f" .rs)"); done
+cargo test --release --locked "${benches[@]}" 2>&1 | tee "$log"
 tests=()
 for f in tests/*.rs; do
   n=$(basename "$f" .rs)
@@ -83,4 +86,10 @@ tools/sass-stats.sh --check 2>&1 | tee -a "$log"
 grep -E '^test result:' "$log" | awk '
   { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
   END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }'
-grep -o 'ran on: .*' "$log" | sort | uniq -c | sed 's/^ */CUDA tests: /' || true
+# The CUDA tests: how many distinct tests of the two binaries ran (the truncation rerun repeats one), and on
+# what (each prints the device it ran on).
+awk '/Running tests\/cuda(_train)?\.rs/ { cuda = 1; next }
+  cuda && /^test result:/ { cuda = 0 }
+  cuda && /^test [A-Za-z0-9_:]+ \.\.\. / { seen[$2] = 1 }
+  END { n = 0; for (t in seen) n++; printf "CUDA tests: %d ran on: ", n }' "$log"
+grep -o 'ran on: .*' "$log" | sed 's/^ran on: //' | sort -u | paste -sd, - || true

@@ -15,6 +15,12 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 /// NVRTC options every kernel is compiled with. No fast math: the parity tests compare against f32 CPU math.
 pub const OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
 
+/// How to get NVRTC, for the errors that need it (the CUDA backend compiles its kernels at run time, on a GPU and
+/// under the driver stand-in alike).
+pub const GET_NVRTC: &str = "Get it from the CUDA toolkit (its lib64) or from PyPI without one: \
+    `pip install --target ~/.cache/asge-nvrtc nvidia-cuda-nvrtc==13.0.88`, then \
+    `export LD_LIBRARY_PATH=~/.cache/asge-nvrtc/nvidia/cu13/lib:$LD_LIBRARY_PATH`";
+
 /// True when libnvrtc can be opened (never panics).
 pub fn available() -> bool {
     // SAFETY: only tries to dlopen the library.
@@ -54,7 +60,7 @@ pub const MIN_VERSION: i32 = 13000;
 /// builtins library next to it (NVRTC loads `libnvrtc-builtins.so.<major>.<minor>` from its own folder).
 pub fn check_library() -> Result<()> {
     let Some((name, path)) = library_path() else {
-        bail!("no NVRTC library (libnvrtc.so.13); put the CUDA toolkit's lib64 (or the nvidia-cuda-nvrtc wheel's lib) on LD_LIBRARY_PATH");
+        bail!("no NVRTC library (libnvrtc.so.13). {GET_NVRTC}");
     };
     let v = version().unwrap_or(0);
     if v < MIN_VERSION {
@@ -196,7 +202,7 @@ fn compile_cubin_with(module: &str, source: &str, arch: &str, extra: &[&str]) ->
     use cudarc::nvrtc::{result, sys};
     use std::ffi::{CStr, CString};
     if !available() {
-        bail!("NVRTC (libnvrtc.so) cannot be loaded");
+        bail!("NVRTC (libnvrtc.so.13) cannot be loaded. {GET_NVRTC}");
     }
     let src = CString::new(source).context("kernel source holds a NUL byte")?;
     let name = CString::new(format!("{module}.cu")).context("kernel name")?;
@@ -242,7 +248,7 @@ fn compile_cubin_with(module: &str, source: &str, arch: &str, extra: &[&str]) ->
 /// Compiles one module for `arch` (e.g. `sm_90`) with NVRTC.
 pub fn compile(module: &str, source: &str, arch: &str) -> Result<Ptx> {
     if !available() {
-        bail!("NVRTC (libnvrtc.so) cannot be loaded");
+        bail!("NVRTC (libnvrtc.so.13) cannot be loaded. {GET_NVRTC}");
     }
     let opts = CompileOptions {
         arch: Some(Box::leak(arch.to_string().into_boxed_str())),
@@ -312,7 +318,8 @@ pub fn compile_cached_in(
     }
     if !available() {
         bail!(
-            "kernel {module}.cu: not in the kernel cache ({}) for {arch}, and no NVRTC (libnvrtc.so.13) to compile it",
+            "kernel {module}.cu: not in the kernel cache ({}) for {arch}, and no NVRTC (libnvrtc.so.13) to compile it. \
+             {GET_NVRTC}",
             dir.map(|d| d.display().to_string()).unwrap_or_else(|| "none".into())
         );
     }
