@@ -38,6 +38,11 @@ fn two_steps_match_pytorch() {
         assert!((stats.head_loss - w).abs() <= 1e-4 * w.abs(), "step {step} heads: loss {} vs {w}", stats.head_loss);
     }
 
+    // tools/bits.sh hashes the weights after the two steps (the engine's own bits, as against PyTorch's here).
+    if let Some(out) = std::env::var_os("ASGE_BITS_DIR") {
+        let path = std::path::Path::new(&out).join("fixture.safetensors");
+        checkpoint::save_params(&path, &spec, &net.params().unwrap()).unwrap();
+    }
     let after_path = dir.join("after2.safetensors");
     let after = checkpoint::load(&after_path).unwrap();
     let want = after.params_for(&after_path, &spec).unwrap();
