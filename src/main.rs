@@ -299,6 +299,11 @@ fn main() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
+        // A reader that closed the pipe (`asge info | head`): not a bug; end quietly, as other tools do, with the
+        // shell's status for SIGPIPE. Every command writes its files before it prints (none is lost).
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("asge: internal error (a bug; please report it): {msg}{at}");
     }));
@@ -489,8 +494,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             report.test_images
         ),
     };
-    println!("{}", eval::format_table(&title, &report.test, &res));
+    // The JSON first: a closed stdout (`| head`) loses no file.
     json_out.write(serde_json::to_string_pretty(&report)?.as_bytes())?;
+    println!("{}", eval::format_table(&title, &report.test, &res));
     eprintln!("wrote {}", json_path.display());
     Ok(())
 }

@@ -135,3 +135,20 @@ fn train_then_eval_from_the_command_line() {
 }
 
 // Ctrl-C and SIGTERM mid-epoch: tests/bad_input.rs (sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical).
+
+#[test]
+fn a_reader_that_closes_the_pipe_ends_the_command_quietly() {
+    // `asge info | head -1`: the reader is gone before asge prints. That is no bug of asge's: no "internal error",
+    // the shell's status for a broken pipe (141), nothing on stderr.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asge"))
+        .arg("info")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("internal error"), "{err}");
+}

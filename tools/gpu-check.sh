@@ -24,7 +24,7 @@
 #                                        7. PyTorch channels-last fp16 autocast at width 1 (when present)  25 s
 #                                        8. 8 streams, and the step without its graph                     10 + 10 s
 #                                        9. fp32 rows, while time is left
-#   tools/gpu-check.sh dry-run --out DIR here, without a GPU: the same sequence under the CUDA driver stand-in at
+#   tools/gpu-check.sh dry-run [--out DIR] here, without a GPU: the same sequence under the CUDA driver stand-in at
 #                                        small sizes (tools/test.sh runs it), so that the script itself (its
 #                                        quoting, deadline, parsing, missing tools) is tested; its times are the
 #                                        stand-in's emulator's, and it says so on every timed line
@@ -339,5 +339,5 @@ case $cmd in
   # Under the stand-in every limit is doubled: the emulator is slow, and the sizes are small.
   dry-run) dry=1; scale=2; stand_in_tag="  [stand-in emulator time, not a GPU's]"; check ;;
   sanitize) sanitize ;;
-  *) echo "usage: tools/gpu-check.sh build | run [--out DIR] | dry-run --out DIR | sanitize [--out DIR]" >&2; exit 2 ;;
+  *) echo "usage: tools/gpu-check.sh build | run [--out DIR] | dry-run [--out DIR] | sanitize [--out DIR]" >&2; exit 2 ;;
 esac

@@ -702,7 +702,7 @@ impl<'c, B: Backend> Run<'c, B> {
         let label = format!("epoch {}/{}", epoch + 1, cfg.epochs);
         let mut pb = Progress::new(opts.display(), label, n_batches as u64, skip as u64, later as u64);
         let t0 = Instant::now();
-        let seconds_before = sums.seconds;
+        let (seconds_before, images_before) = (sums.seconds, sums.images);
         let aug_key = rng::derive(rng::derive(cfg.seed, AUGMENT), epoch as u64);
         let start = skip * self.batch;
         let rest = order[start.min(order.len())..].to_vec();
@@ -719,7 +719,8 @@ impl<'c, B: Backend> Run<'c, B> {
             sums.add_checked(s, epoch)?;
             self.state.batches_done += 1;
             if sums.images > 0 {
-                pb.set(self.state.batches_done as u64, &sums.status(t0.elapsed().as_secs_f64(), &self.spec));
+                let status = sums.status(t0.elapsed().as_secs_f64(), images_before, &self.spec);
+                pb.set(self.state.batches_done as u64, &status);
             }
             let periodic = opts.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
             let signal = interrupt::received();
@@ -875,7 +876,7 @@ impl<'c, B: Backend> Run<'c, B> {
             None => cfg.epochs.to_string(),
         };
         let title = format!("test ({} images), best epoch {} of {ran}", self.n_test, best_state.best_epoch);
-        println!("{}", eval::format_table(&title, &rows, &res));
+        let table = eval::format_table(&title, &rows, &res);
         let summary = Summary {
             format: "asge-summary".into(),
             checkpoint: "best.safetensors".into(),
@@ -902,6 +903,8 @@ impl<'c, B: Backend> Run<'c, B> {
         files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
         let mut events = self.events;
         events.session_end(super::tensorboard::SessionStatus::Success, wall_time_now())?;
+        // Printed once everything is written: a closed stdout (`| head`) loses no file.
+        println!("{table}");
         say(
             self.opts,
             format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.folder.dir.display()),
@@ -1195,11 +1198,13 @@ impl EpochSums {
     }
 
     /// The progress message: images/s, the last layer's running loss and accuracy, and the fusion accuracy.
-    fn status(&self, seconds: f64, spec: &ModelSpec) -> String {
+    /// The progress line: the rate of the images trained in `seconds` since `before` of them were (a resumed
+    /// epoch's restored sums are not this process's work), the epoch's loss and accuracy so far.
+    fn status(&self, seconds: f64, before: usize, spec: &ModelSpec) -> String {
         let n = self.images.max(1) as f64;
         let mut s = format!(
             "{:.0} img/s  loss {:.3}  acc L{} {:.2}%",
-            self.images as f64 / seconds.max(1e-9),
+            self.images.saturating_sub(before) as f64 / seconds.max(1e-9),
             self.layer_loss.last().copied().unwrap_or(0.0) / n,
             spec.layers.len(),
             100.0 * self.layer_correct.last().copied().unwrap_or(0) as f64 / n,
@@ -1350,5 +1355,14 @@ mod tests {
         // The shard default split: 1/10, at most 50,000.
         assert_eq!((DatasetKind::Shards.default_val(400), DatasetKind::Shards.default_val(1_281_167)), (40, 50_000));
         assert_eq!(DatasetKind::Cifar10.default_val(50_000), 5_000);
+    }
+
+    #[test]
+    fn a_resumed_epochs_rate_counts_only_the_images_trained_since() {
+        // 900 images restored from a mid-epoch checkpoint, 100 trained in the last second: 100 img/s, not 1000.
+        let mut sums = EpochSums::new(1);
+        sums.images = 1000;
+        let spec = crate::model::resolve("vgg8", 1, 32, 10, &Default::default()).unwrap();
+        assert!(sums.status(1.0, 900, &spec).starts_with("100 img/s"), "{}", sums.status(1.0, 900, &spec));
     }
 }
