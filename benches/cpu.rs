@@ -7,7 +7,7 @@
 //! `cargo test --benches` (each once, as CI does).
 
 use asge::backend::cpu::CpuBackend;
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::backend::{AdamWStep, ConvShape, Dropout};
 use asge::model::{self, ModelOptions, Params};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -46,35 +46,80 @@ fn ops(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("conv_goodness_fwd", &layer), |b| {
                 b.iter(|| {
                     r = (r + 1) % ROTATE;
-                    be.conv_goodness_fwd(&s, &grid, spec.goodness, &xs[r], &w, &bias, &mut y, &mut gd).unwrap();
+                    asge::ops::conv_goodness_fwd::run(
+                        &be,
+                        asge::ops::conv_goodness_fwd::Args {
+                            s: &s,
+                            grid: &grid,
+                            reduce: spec.goodness,
+                            x: &xs[r],
+                            w: &w,
+                            b: &bias,
+                            y: &mut y,
+                            g: &mut gd,
+                        },
+                    )
+                    .unwrap();
                 })
             });
             let proj = randn(d * 10, 7);
             let (mut logits, mut stats) = (vec![0.0; BATCH * 10], vec![0.0; 2]);
-            be.goodness_loss(
-                BATCH,
-                d,
-                10,
-                &gd,
-                &proj,
-                &[0.0; 10].to_vec(),
-                &labels,
-                &mut logits,
-                Some(&mut dg),
-                &mut stats,
+            asge::ops::goodness_loss::run(
+                &be,
+                asge::ops::goodness_loss::Args {
+                    batch: BATCH,
+                    dim: d,
+                    classes: 10,
+                    g: &gd,
+                    proj_w: &proj,
+                    proj_b: &[0.0; 10].to_vec(),
+                    labels: &labels,
+                    logits: &mut logits,
+                    dg: Some(&mut dg),
+                    stats: &mut stats,
+                },
             )
             .unwrap();
             let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; l.c_out]);
             g.bench_function(BenchmarkId::new("conv_goodness_wgrad", &layer), |b| {
-                b.iter(|| be.conv_goodness_wgrad(&s, &grid, spec.goodness, &xs[0], &y, &dg, &mut dw, &mut db).unwrap())
+                b.iter(|| {
+                    asge::ops::conv_goodness_wgrad::run(
+                        &be,
+                        asge::ops::conv_goodness_wgrad::Args {
+                            s: &s,
+                            grid: &grid,
+                            reduce: spec.goodness,
+                            x: &xs[0],
+                            y: &y,
+                            dg: &dg,
+                            dw: &mut dw,
+                            db: &mut db,
+                        },
+                    )
+                    .unwrap()
+                })
             });
 
             g.throughput(Throughput::Bytes(4 * (2 * BATCH * d + d * 10) as u64));
             let pb = vec![0.0f32; 10];
             g.bench_function(BenchmarkId::new("goodness_loss", &layer), |b| {
                 b.iter(|| {
-                    be.goodness_loss(BATCH, d, 10, &gd, &proj, &pb, &labels, &mut logits, Some(&mut dg), &mut stats)
-                        .unwrap()
+                    asge::ops::goodness_loss::run(
+                        &be,
+                        asge::ops::goodness_loss::Args {
+                            batch: BATCH,
+                            dim: d,
+                            classes: 10,
+                            g: &gd,
+                            proj_w: &proj,
+                            proj_b: &pb,
+                            labels: &labels,
+                            logits: &mut logits,
+                            dg: Some(&mut dg),
+                            stats: &mut stats,
+                        },
+                    )
+                    .unwrap()
                 })
             });
             let (ho, wo) = l.out_hw();
@@ -85,7 +130,21 @@ fn ops(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("layer_output", &layer), |b| {
                 b.iter(|| {
                     let drop = Some(Dropout { p: 0.1, key: 3 });
-                    be.layer_output(BATCH, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap)).unwrap()
+                    asge::ops::layer_output::run(
+                        &be,
+                        asge::ops::layer_output::Args {
+                            batch: BATCH,
+                            c: l.c_out,
+                            h: l.h,
+                            w: l.w,
+                            pool,
+                            dropout: drop,
+                            y: &y,
+                            out: &mut out,
+                            gap: Some(&mut gap),
+                        },
+                    )
+                    .unwrap()
                 })
             });
             let mut p = w.clone();
@@ -93,7 +152,21 @@ fn ops(c: &mut Criterion) {
             let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
             g.throughput(Throughput::Bytes(4 * 7 * s.w_len() as u64));
             g.bench_function(BenchmarkId::new("adamw", &layer), |b| {
-                b.iter(|| be.adamw(s.w_len(), &mut p, &dw, &mut m, &mut v, &h, None).unwrap())
+                b.iter(|| {
+                    asge::ops::adamw::run(
+                        &be,
+                        asge::ops::adamw::Args {
+                            len: s.w_len(),
+                            p: &mut p,
+                            grad: &dw,
+                            m: &mut m,
+                            v: &mut v,
+                            h: &h,
+                            copy: None,
+                        },
+                    )
+                    .unwrap()
+                })
             });
             black_box((&y, &gd, &out));
         }

@@ -81,7 +81,20 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let x = &xs[k as usize % ROTATE];
-                    be.conv_goodness_fwd(&s, &grid, spec.goodness, x, &w, &bias, &mut y, &mut gd).unwrap()
+                    asge::ops::conv_goodness_fwd::run(
+                        &be,
+                        asge::ops::conv_goodness_fwd::Args {
+                            s: &s,
+                            grid: &grid,
+                            reduce: spec.goodness,
+                            x,
+                            w: &w,
+                            b: &bias,
+                            y: &mut y,
+                            g: &mut gd,
+                        },
+                    )
+                    .unwrap()
                 })
             })
         });
@@ -89,7 +102,20 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let x = &xs[k as usize % ROTATE];
-                    be.conv_goodness_wgrad(&s, &grid, spec.goodness, x, &y, &dg, &mut dw, &mut db).unwrap()
+                    asge::ops::conv_goodness_wgrad::run(
+                        &be,
+                        asge::ops::conv_goodness_wgrad::Args {
+                            s: &s,
+                            grid: &grid,
+                            reduce: spec.goodness,
+                            x,
+                            y: &y,
+                            dg: &dg,
+                            dw: &mut dw,
+                            db: &mut db,
+                        },
+                    )
+                    .unwrap()
                 })
             })
         });
@@ -102,17 +128,20 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
         g.bench_function(BenchmarkId::new(format!("goodness_loss_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |_| {
-                    be.goodness_loss(
-                        BATCH,
-                        d,
-                        10,
-                        &gd,
-                        &proj,
-                        &proj_b,
-                        &labels,
-                        &mut logits,
-                        Some(&mut dgo),
-                        &mut stats,
+                    asge::ops::goodness_loss::run(
+                        &be,
+                        asge::ops::goodness_loss::Args {
+                            batch: BATCH,
+                            dim: d,
+                            classes: 10,
+                            g: &gd,
+                            proj_w: &proj,
+                            proj_b: &proj_b,
+                            labels: &labels,
+                            logits: &mut logits,
+                            dg: Some(&mut dgo),
+                            stats: &mut stats,
+                        },
                     )
                     .unwrap()
                 })
@@ -127,7 +156,21 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
                     let drop = Some(Dropout { p: 0.1, key: k });
-                    be.layer_output(BATCH, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap)).unwrap()
+                    asge::ops::layer_output::run(
+                        &be,
+                        asge::ops::layer_output::Args {
+                            batch: BATCH,
+                            c: l.c_out,
+                            h: l.h,
+                            w: l.w,
+                            pool,
+                            dropout: drop,
+                            y: &y,
+                            out: &mut out,
+                            gap: Some(&mut gap),
+                        },
+                    )
+                    .unwrap()
                 })
             })
         });
@@ -142,7 +185,19 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                 event_time(&be, iters, |k| {
                     let h =
                         AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: k + 1 };
-                    be.adamw(s.w_len(), &mut master, &dw, &mut m, &mut v, &h, copy.as_mut()).unwrap()
+                    asge::ops::adamw::run(
+                        &be,
+                        asge::ops::adamw::Args {
+                            len: s.w_len(),
+                            p: &mut master,
+                            grad: &dw,
+                            m: &mut m,
+                            v: &mut v,
+                            h: &h,
+                            copy: copy.as_mut(),
+                        },
+                    )
+                    .unwrap()
                 })
             })
         });

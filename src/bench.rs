@@ -365,14 +365,56 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         let (mut dw, mut db) = (be.zeros(s.w_len())?, be.zeros(l.c_out)?);
         let (mut logits, mut stats) = (be.zeros(b * n)?, be.zeros(2)?);
         let flop = 2.0 * (l.conv_macs() * b) as f64;
-        let ms = timed(&mut || be.conv_goodness_fwd(&s, &grid, spec.goodness, &x, &w_op, &bias, &mut y, &mut g))?;
+        let ms = timed(&mut || {
+            crate::ops::conv_goodness_fwd::run(
+                &be,
+                crate::ops::conv_goodness_fwd::Args {
+                    s: &s,
+                    grid: &grid,
+                    reduce: spec.goodness,
+                    x: &x,
+                    w: &w_op,
+                    b: &bias,
+                    y: &mut y,
+                    g: &mut g,
+                },
+            )
+        })?;
         let kernels = be.conv_kernels(&s);
         rows.push(BenchRow { kernel: kernels.map(|k| k[0]), ..compute("conv_goodness_fwd", i + 1, ms, flop) });
         let ms = timed(&mut || {
-            be.goodness_loss(b, d, n, &g, &proj, &proj_b, &labels_dev, &mut logits, Some(&mut dg), &mut stats)
+            crate::ops::goodness_loss::run(
+                &be,
+                crate::ops::goodness_loss::Args {
+                    batch: b,
+                    dim: d,
+                    classes: n,
+                    g: &g,
+                    proj_w: &proj,
+                    proj_b: &proj_b,
+                    labels: &labels_dev,
+                    logits: &mut logits,
+                    dg: Some(&mut dg),
+                    stats: &mut stats,
+                },
+            )
         })?;
         rows.push(memory("goodness_loss", i + 1, ms, 4.0 * (2 * b * d + d * n) as f64));
-        let ms = timed(&mut || be.conv_goodness_wgrad(&s, &grid, spec.goodness, &x, &y, &dg, &mut dw, &mut db))?;
+        let ms = timed(&mut || {
+            crate::ops::conv_goodness_wgrad::run(
+                &be,
+                crate::ops::conv_goodness_wgrad::Args {
+                    s: &s,
+                    grid: &grid,
+                    reduce: spec.goodness,
+                    x: &x,
+                    y: &y,
+                    dg: &dg,
+                    dw: &mut dw,
+                    db: &mut db,
+                },
+            )
+        })?;
         rows.push(BenchRow { kernel: kernels.map(|k| k[1]), ..compute("conv_goodness_wgrad", i + 1, ms, flop) });
         let (mut m, mut v) = (be.zeros(s.w_len())?, be.zeros(s.w_len())?);
         let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
@@ -381,7 +423,20 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             Precision::F32 => (None, 0.0),
             Precision::F16 => (Some(&mut w_op), 2.0),
         };
-        let ms = timed(&mut || be.adamw(s.w_len(), &mut w, &dw, &mut m, &mut v, &h, copy.as_deref_mut()))?;
+        let ms = timed(&mut || {
+            crate::ops::adamw::run(
+                &be,
+                crate::ops::adamw::Args {
+                    len: s.w_len(),
+                    p: &mut w,
+                    grad: &dw,
+                    m: &mut m,
+                    v: &mut v,
+                    h: &h,
+                    copy: copy.as_deref_mut(),
+                },
+            )
+        })?;
         rows.push(memory("adamw", i + 1, ms, (4.0 * 7.0 + copy_bytes) * s.w_len() as f64));
         let (ho, wo) = l.out_hw();
         let out_len = b * l.c_out * ho * wo;
@@ -390,7 +445,20 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         let pool = l.pool.then_some(spec.pool_kind);
         let ms = timed(&mut || {
             let drop = Some(Dropout { p: 0.1, key: 7 });
-            be.layer_output(b, l.c_out, l.h, l.w, pool, drop, &y, &mut out, Some(&mut gap))
+            crate::ops::layer_output::run(
+                &be,
+                crate::ops::layer_output::Args {
+                    batch: b,
+                    c: l.c_out,
+                    h: l.h,
+                    w: l.w,
+                    pool,
+                    dropout: drop,
+                    y: &y,
+                    out: &mut out,
+                    gap: Some(&mut gap),
+                },
+            )
         })?;
         rows.push(memory("layer_output", i + 1, ms, ob * (s.y_len() + out_len) as f64 + 4.0 * (b * l.c_out) as f64));
         layer_input = Some(out);

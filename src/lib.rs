@@ -22,6 +22,7 @@ pub mod export;
 pub mod files;
 pub mod limits;
 pub mod model;
+pub mod ops;
 pub mod rng;
 pub mod trace;
 pub mod train;

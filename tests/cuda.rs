@@ -309,12 +309,38 @@ fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Wor
         let d = s.c_out * grid.cells();
         let (x, w, b, dg) = conv_inputs(case, i);
         let (mut y, mut gd) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
-        c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut gd).unwrap();
+        asge::ops::conv_goodness_fwd::run(
+            &c,
+            asge::ops::conv_goodness_fwd::Args {
+                s: &s,
+                grid: &grid,
+                reduce: case.reduce,
+                x: &x,
+                w: &w,
+                b: &b,
+                y: &mut y,
+                g: &mut gd,
+            },
+        )
+        .unwrap();
         let (xd, wd, bd) = (operand(g, &x, 0), operand(g, &w, 0), dev(g, &b, 0));
         let (mut yd, mut gdd) = (operand(g, &[], s.y_len()), dev(g, &[], s.batch * d));
         g.synchronize().unwrap();
         let t0 = std::time::Instant::now();
-        g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gdd).unwrap();
+        asge::ops::conv_goodness_fwd::run(
+            g,
+            asge::ops::conv_goodness_fwd::Args {
+                s: &s,
+                grid: &grid,
+                reduce: case.reduce,
+                x: &xd,
+                w: &wd,
+                b: &bd,
+                y: &mut yd,
+                g: &mut gdd,
+            },
+        )
+        .unwrap();
         let y_gpu = g.read(&yd, s.y_len()).unwrap();
         seconds += t0.elapsed().as_secs_f64();
         worst.y = worst.y.max(close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5));
@@ -323,13 +349,39 @@ fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Wor
 
         let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
         // Both sides read the GPU's y (checked above), as the GPU does in training.
-        c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y_gpu, &dg, &mut dw, &mut db).unwrap();
+        asge::ops::conv_goodness_wgrad::run(
+            &c,
+            asge::ops::conv_goodness_wgrad::Args {
+                s: &s,
+                grid: &grid,
+                reduce: case.reduce,
+                x: &x,
+                y: &y_gpu,
+                dg: &dg,
+                dw: &mut dw,
+                db: &mut db,
+            },
+        )
+        .unwrap();
         let dgd = dev(g, &dg, 0);
         let (mut dwd, mut dbd) = (dev(g, &[], s.w_len()), dev(g, &[], s.c_out));
         g.synchronize().unwrap();
         let reused = g.input_copies_reused();
         let t0 = std::time::Instant::now();
-        g.conv_goodness_wgrad(&s, &grid, case.reduce, &xd, &yd, &dgd, &mut dwd, &mut dbd).unwrap();
+        asge::ops::conv_goodness_wgrad::run(
+            g,
+            asge::ops::conv_goodness_wgrad::Args {
+                s: &s,
+                grid: &grid,
+                reduce: case.reduce,
+                x: &xd,
+                y: &yd,
+                dg: &dgd,
+                dw: &mut dwd,
+                db: &mut dbd,
+            },
+        )
+        .unwrap();
         g.synchronize().unwrap();
         // In fp16 the weight gradient reads the forward's channels-last copy of x.
         assert_eq!(g.input_copies_reused() - reused, (precision == Precision::F16) as usize, "{what}");
@@ -491,27 +543,105 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     let check = |g: &CudaBackend, xd: &CudaBuf, yd: &CudaBuf, host_x: &[f32], what: &str| {
         let mut dwd = dev(g, &[], s.w_len());
         let mut dbd = dev(g, &[], s.c_out);
-        g.conv_goodness_wgrad(&s, &grid, case.reduce, xd, yd, &dgd, &mut dwd, &mut dbd).unwrap();
+        asge::ops::conv_goodness_wgrad::run(
+            g,
+            asge::ops::conv_goodness_wgrad::Args {
+                s: &s,
+                grid: &grid,
+                reduce: case.reduce,
+                x: xd,
+                y: yd,
+                dg: &dgd,
+                dw: &mut dwd,
+                db: &mut dbd,
+            },
+        )
+        .unwrap();
         let y = g.read(yd, s.y_len()).unwrap();
         let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
-        c.conv_goodness_wgrad(&s, &grid, case.reduce, &host_x.to_vec(), &y, &dg, &mut dw, &mut db).unwrap();
+        asge::ops::conv_goodness_wgrad::run(
+            &c,
+            asge::ops::conv_goodness_wgrad::Args {
+                s: &s,
+                grid: &grid,
+                reduce: case.reduce,
+                x: &host_x.to_vec(),
+                y: &y,
+                dg: &dg,
+                dw: &mut dw,
+                db: &mut db,
+            },
+        )
+        .unwrap();
         close(&format!("{what} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
     };
     // x written after the forward: the copy is stale and is made again.
-    g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gd).unwrap();
+    asge::ops::conv_goodness_fwd::run(
+        &g,
+        asge::ops::conv_goodness_fwd::Args {
+            s: &s,
+            grid: &grid,
+            reduce: case.reduce,
+            x: &xd,
+            w: &wd,
+            b: &bd,
+            y: &mut yd,
+            g: &mut gd,
+        },
+    )
+    .unwrap();
     g.write(&mut xd, &x2).unwrap();
     let reused = g.input_copies_reused();
     check(&g, &xd, &yd, &x2, "x written since the forward");
     assert_eq!(g.input_copies_reused(), reused, "a copy of x's old contents was reused");
     // Another buffer's forward in between: the copy is the other buffer's.
     g.write(&mut xd, &x).unwrap();
-    g.conv_goodness_fwd(&s, &grid, case.reduce, &xd, &wd, &bd, &mut yd, &mut gd).unwrap();
+    asge::ops::conv_goodness_fwd::run(
+        &g,
+        asge::ops::conv_goodness_fwd::Args {
+            s: &s,
+            grid: &grid,
+            reduce: case.reduce,
+            x: &xd,
+            w: &wd,
+            b: &bd,
+            y: &mut yd,
+            g: &mut gd,
+        },
+    )
+    .unwrap();
     let mut y_other = operand(&g, &[], s.y_len());
-    g.conv_goodness_fwd(&s, &grid, case.reduce, &other, &wd, &bd, &mut y_other, &mut gd).unwrap();
+    asge::ops::conv_goodness_fwd::run(
+        &g,
+        asge::ops::conv_goodness_fwd::Args {
+            s: &s,
+            grid: &grid,
+            reduce: case.reduce,
+            x: &other,
+            w: &wd,
+            b: &bd,
+            y: &mut y_other,
+            g: &mut gd,
+        },
+    )
+    .unwrap();
     check(&g, &xd, &yd, &x, "another forward in between");
     assert_eq!(g.input_copies_reused(), reused, "another buffer's copy was reused");
     // Right after its own forward: reused, and still right.
-    g.conv_goodness_fwd(&s, &grid, case.reduce, &other, &wd, &bd, &mut y_other, &mut gd).unwrap();
+    asge::ops::conv_goodness_fwd::run(
+        &g,
+        asge::ops::conv_goodness_fwd::Args {
+            s: &s,
+            grid: &grid,
+            reduce: case.reduce,
+            x: &other,
+            w: &wd,
+            b: &bd,
+            y: &mut y_other,
+            g: &mut gd,
+        },
+    )
+    .unwrap();
     check(&g, &other, &y_other, &x2, "right after the forward");
     assert_eq!(g.input_copies_reused(), reused + 1, "the forward's copy was not reused");
 }
@@ -527,12 +657,42 @@ fn loss_output_heads_adamw_match_cpu() {
         let pb = randn(classes, 1.0 / (classes as f64).sqrt(), 3);
         let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % classes as u32).collect();
         let (mut lg, mut dg, mut st) = (vec![0.0; batch * classes], vec![0.0; batch * dim], vec![0.0; 2]);
-        c.goodness_loss(batch, dim, classes, &gin, &pw, &pb, &labels, &mut lg, Some(&mut dg), &mut st).unwrap();
+        asge::ops::goodness_loss::run(
+            &c,
+            asge::ops::goodness_loss::Args {
+                batch,
+                dim,
+                classes,
+                g: &gin,
+                proj_w: &pw,
+                proj_b: &pb,
+                labels: &labels,
+                logits: &mut lg,
+                dg: Some(&mut dg),
+                stats: &mut st,
+            },
+        )
+        .unwrap();
         let (gd, pwd, pbd) = (dev(&g, &gin, 0), dev(&g, &pw, 0), dev(&g, &pb, 0));
         let ld = g.labels(&labels).unwrap();
         let (mut lgd, mut dgd, mut std_) =
             (dev(&g, &[], batch * classes), dev(&g, &[], batch * dim), g.zeros(2).unwrap());
-        g.goodness_loss(batch, dim, classes, &gd, &pwd, &pbd, &ld, &mut lgd, Some(&mut dgd), &mut std_).unwrap();
+        asge::ops::goodness_loss::run(
+            &g,
+            asge::ops::goodness_loss::Args {
+                batch,
+                dim,
+                classes,
+                g: &gd,
+                proj_w: &pwd,
+                proj_b: &pbd,
+                labels: &ld,
+                logits: &mut lgd,
+                dg: Some(&mut dgd),
+                stats: &mut std_,
+            },
+        )
+        .unwrap();
         close("logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
         close("dL/dg", &g.read(&dgd, batch * dim).unwrap(), &dg, 1e-4, 1e-5);
         let sg = g.read(&std_, 2).unwrap();
@@ -548,10 +708,38 @@ fn loss_output_heads_adamw_match_cpu() {
             let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
             let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
             let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
-            c.layer_output(batch, ch, h, h, pool, dropout, &y, &mut out, Some(&mut gap)).unwrap();
+            asge::ops::layer_output::run(
+                &c,
+                asge::ops::layer_output::Args {
+                    batch,
+                    c: ch,
+                    h,
+                    w: h,
+                    pool,
+                    dropout,
+                    y: &y,
+                    out: &mut out,
+                    gap: Some(&mut gap),
+                },
+            )
+            .unwrap();
             let yd = operand(&g, &y, 0);
             let (mut od, mut gd) = (operand(&g, &[], out.len()), dev(&g, &[], gap.len()));
-            g.layer_output(batch, ch, h, h, pool, dropout, &yd, &mut od, Some(&mut gd)).unwrap();
+            asge::ops::layer_output::run(
+                &g,
+                asge::ops::layer_output::Args {
+                    batch,
+                    c: ch,
+                    h,
+                    w: h,
+                    pool,
+                    dropout,
+                    y: &yd,
+                    out: &mut od,
+                    gap: Some(&mut gd),
+                },
+            )
+            .unwrap();
             // Same dropout mask bit for bit; the RMS is a reduction over <= 18k values; the pooled features are
             // f32 in both precisions.
             close(&what, &g.read(&od, out.len()).unwrap(), &out, store_rtol, 1e-6);
@@ -569,8 +757,20 @@ fn loss_output_heads_adamw_match_cpu() {
         let f: Vec<_> = fd.iter().zip(dims).collect();
         let h: Vec<_> = wd.iter().zip(&bd).collect();
         let mut gr: Vec<_> = gg.iter_mut().map(|(a, b)| (a, b)).collect();
-        g.fusion_heads(batch, classes, &f, &h, &g.labels(&labels).unwrap(), &mut lgd, Some(&mut gr), &mut std_)
-            .unwrap();
+        asge::ops::fusion_heads::run(
+            &g,
+            asge::ops::fusion_heads::Args {
+                batch,
+                classes,
+                feats: &f,
+                heads: &h,
+                labels: &g.labels(&labels).unwrap(),
+                logits: &mut lgd,
+                grads: Some(&mut gr),
+                stats: &mut std_,
+            },
+        )
+        .unwrap();
     }
     close("head logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
     let sg = g.read(&std_, 2).unwrap();
@@ -588,8 +788,24 @@ fn loss_output_heads_adamw_match_cpu() {
     let (mut copy, mut copyd) = (vec![0.0; n], operand(&g16, &[], n));
     for t in 1..=3 {
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
-        c16.adamw(n, &mut p, &gr, &mut m, &mut v, &h, Some(&mut copy)).unwrap();
-        g.adamw(n, &mut pd, &grd, &mut md, &mut vd, &h, Some(&mut copyd)).unwrap();
+        asge::ops::adamw::run(
+            &c16,
+            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, h: &h, copy: Some(&mut copy) },
+        )
+        .unwrap();
+        asge::ops::adamw::run(
+            &g,
+            asge::ops::adamw::Args {
+                len: n,
+                p: &mut pd,
+                grad: &grd,
+                m: &mut md,
+                v: &mut vd,
+                h: &h,
+                copy: Some(&mut copyd),
+            },
+        )
+        .unwrap();
     }
     // Elementwise and the same formula: equal to an ulp or two of the 0.1-sized weights; the fp16 copy to one
     // fp16 ulp.

@@ -15,7 +15,7 @@ mod common;
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::geometry;
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
+use asge::backend::{AdamWStep, ConvShape, Dropout, Precision};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
 use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
 use std::path::PathBuf;
@@ -398,11 +398,37 @@ fn conv_kernels_match_the_cpu_reference() {
             let (x, w, b, dg) = conv_inputs(&case, i);
             let (y_gpu, g_gpu, dw_gpu, db_gpu) = gpu_conv(p, kernels, &s, &grid, case.reduce, &x, &w, &b, &dg);
             let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
-            c.conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g).unwrap();
+            asge::ops::conv_goodness_fwd::run(
+                &c,
+                asge::ops::conv_goodness_fwd::Args {
+                    s: &s,
+                    grid: &grid,
+                    reduce: case.reduce,
+                    x: &x,
+                    w: &w,
+                    b: &b,
+                    y: &mut y,
+                    g: &mut g,
+                },
+            )
+            .unwrap();
             close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5);
             close(&format!("{what} goodness"), &g_gpu, &g, store_rtol, 1e-5);
             let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
-            c.conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y_gpu, &dg, &mut dw, &mut db).unwrap();
+            asge::ops::conv_goodness_wgrad::run(
+                &c,
+                asge::ops::conv_goodness_wgrad::Args {
+                    s: &s,
+                    grid: &grid,
+                    reduce: case.reduce,
+                    x: &x,
+                    y: &y_gpu,
+                    dg: &dg,
+                    dw: &mut dw,
+                    db: &mut db,
+                },
+            )
+            .unwrap();
             close(&format!("{what} dW"), &dw_gpu, &dw, 1e-3, 1e-4);
             close(&format!("{what} db"), &db_gpu, &db, 1e-3, 1e-4);
         }
@@ -418,7 +444,22 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
         let pb = randn(classes, 1.0 / (classes as f64).sqrt(), 3);
         let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % classes as u32).collect();
         let (mut lg, mut dg, mut st) = (vec![0.0; batch * classes], vec![0.0; batch * dim], vec![0.0; 2]);
-        c.goodness_loss(batch, dim, classes, &g, &pw, &pb, &labels, &mut lg, Some(&mut dg), &mut st).unwrap();
+        asge::ops::goodness_loss::run(
+            &c,
+            asge::ops::goodness_loss::Args {
+                batch,
+                dim,
+                classes,
+                g: &g,
+                proj_w: &pw,
+                proj_b: &pb,
+                labels: &labels,
+                logits: &mut lg,
+                dg: Some(&mut dg),
+                stats: &mut st,
+            },
+        )
+        .unwrap();
         let (mut lg2, mut dg2, mut st2) = (vec![f32::NAN; lg.len()], vec![f32::NAN; dg.len()], vec![0.0f32; 2]);
         launch!(
             "goodness_loss_f32",
@@ -450,7 +491,21 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
             let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
             let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
-            c.layer_output(batch, ch, h, h, pool, dropout, &y, &mut out, Some(&mut gap)).unwrap();
+            asge::ops::layer_output::run(
+                &c,
+                asge::ops::layer_output::Args {
+                    batch,
+                    c: ch,
+                    h,
+                    w: h,
+                    pool,
+                    dropout,
+                    y: &y,
+                    out: &mut out,
+                    gap: Some(&mut gap),
+                },
+            )
+            .unwrap();
             let pool_i = match pool {
                 None => 0,
                 Some(PoolKind::Avg) => 1,
@@ -645,7 +700,11 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
     let (mut p2, mut m2, mut v2, mut copy2) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n], vec![NAN16; n]);
     for t in 1..=3 {
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
-        c16.adamw(n, &mut p, &gr, &mut m, &mut v, &h, Some(&mut copy)).unwrap();
+        asge::ops::adamw::run(
+            &c16,
+            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, h: &h, copy: Some(&mut copy) },
+        )
+        .unwrap();
         // The kernel reads the step's scalars from memory (the backend's step parameters).
         let k = h.scalars();
         let hp = [k.decay, k.w1, k.b2, k.w2, k.step_size, k.bc2_sqrt, k.eps];

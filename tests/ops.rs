@@ -446,7 +446,7 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     // alone gives. The test asks for < 1e-3 scaled and a 10x gain from the scale: without the scale, or with a
     // wrong one, the two errors are alike.
     use asge::backend::cpu::CpuBackend;
-    use asge::backend::{round_f16, Backend, Precision};
+    use asge::backend::{round_f16, Precision};
     let s = ConvShape { batch: 32, c_in: 8, c_out: 16, h: 56, w: 56 };
     let grid = PatchGrid::new(2, 56, 56);
     let (d, n) = (s.c_out * grid.cells(), 1000);
@@ -458,10 +458,38 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     let labels: Vec<u32> = (0..s.batch as u32).map(|i| (i * 37) % n as u32).collect();
     let be = CpuBackend::new().with_precision(Precision::F16);
     let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
-    be.conv_goodness_fwd(&s, &grid, GoodnessReduce::Mean, &x, &w, &b, &mut y, &mut g).unwrap();
+    asge::ops::conv_goodness_fwd::run(
+        &be,
+        asge::ops::conv_goodness_fwd::Args {
+            s: &s,
+            grid: &grid,
+            reduce: GoodnessReduce::Mean,
+            x: &x,
+            w: &w,
+            b: &b,
+            y: &mut y,
+            g: &mut g,
+        },
+    )
+    .unwrap();
     assert!(y.iter().all(|&v| round_f16(v) == v), "the fp16 path stores y in fp16");
     let (mut logits, mut dg, mut stats) = (vec![0.0; s.batch * n], vec![0.0; s.batch * d], vec![0.0; 2]);
-    be.goodness_loss(s.batch, d, n, &g, &pw, &pb, &labels, &mut logits, Some(&mut dg), &mut stats).unwrap();
+    asge::ops::goodness_loss::run(
+        &be,
+        asge::ops::goodness_loss::Args {
+            batch: s.batch,
+            dim: d,
+            classes: n,
+            g: &g,
+            proj_w: &pw,
+            proj_b: &pb,
+            labels: &labels,
+            logits: &mut logits,
+            dg: Some(&mut dg),
+            stats: &mut stats,
+        },
+    )
+    .unwrap();
     let xr: Vec<f32> = x.iter().map(|&v| round_f16(v)).collect();
     let grad = |scale: Option<f32>| {
         let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
@@ -480,6 +508,19 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     assert_eq!(db16, db32, "the bias gradient sums the unrounded dz");
     // And through the backend: the same numbers.
     let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
-    be.conv_goodness_wgrad(&s, &grid, GoodnessReduce::Mean, &x, &y, &dg, &mut dw, &mut db).unwrap();
+    asge::ops::conv_goodness_wgrad::run(
+        &be,
+        asge::ops::conv_goodness_wgrad::Args {
+            s: &s,
+            grid: &grid,
+            reduce: GoodnessReduce::Mean,
+            x: &x,
+            y: &y,
+            dg: &dg,
+            dw: &mut dw,
+            db: &mut db,
+        },
+    )
+    .unwrap();
     assert_eq!(dw, dw16);
 }

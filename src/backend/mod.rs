@@ -5,12 +5,14 @@
 //! `[B, C * P * P]` flattened channel-major (`c * P^2 + i * P + j`), projections `[D, N]`, heads `[N, C]`.
 //! No op computes an input gradient: a layer's input is a constant to it.
 
-pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
+use crate::model::{GoodnessReduce, PatchGrid};
+use crate::ops::{
+    adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked, Len,
+};
 use anyhow::Result;
 
 /// Where the conv operands live: layer inputs, conv outputs and the weights' compute copy. Every sum (GEMM
@@ -175,13 +177,16 @@ pub const STATS_LEN: usize = 2;
 /// The ops of one ASGE training step. `Buf` is a device buffer of f32; lengths are given by the shapes, so a
 /// buffer may be longer than an op needs (buffers are sized for the largest batch, the last batch is smaller).
 pub trait Backend: Send + Sync {
-    type Buf: Send + Sync;
-    type Labels: Send + Sync;
+    type Buf: Send + Sync + Len;
+    type Labels: Send + Sync + Len;
     /// A read queued by [`Backend::queue_read`], collected by [`Backend::collect_read`].
     type PendingRead: Send;
 
     /// A short description, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
+
+    /// The backend's kind as errors name it (`cpu`, `cuda`).
+    fn kind(&self) -> &'static str;
 
     /// Waits until every op queued so far has finished (a no-op where ops run synchronously).
     fn synchronize(&self) -> Result<()> {
@@ -317,98 +322,12 @@ pub trait Backend: Send + Sync {
     fn labels(&self, labels: &[u32]) -> Result<Self::Labels>;
     fn write_labels(&self, dst: &mut Self::Labels, labels: &[u32]) -> Result<()>;
 
-    /// `y = relu(conv3x3(x, W) + b)` and the patch goodness
-    /// `g[b, c*P^2 + i*P + j] = reduce_{(h,w) in bin_ij} y[b,c,h,w]^2` (mean or sum over the bin).
-    #[allow(clippy::too_many_arguments)]
-    fn conv_goodness_fwd(
-        &self,
-        s: &ConvShape,
-        grid: &PatchGrid,
-        reduce: GoodnessReduce,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        b: &Self::Buf,
-        y: &mut Self::Buf,
-        g: &mut Self::Buf,
-    ) -> Result<()>;
-
-    /// `a = g R + r`, softmax cross-entropy against `labels`, written logits `a` `[B, N]`,
-    /// `dL/dg = (softmax(a) - onehot(y)) R^T / B` when `dg` is given, and `[loss_sum, correct]` added to `stats`.
-    #[allow(clippy::too_many_arguments)]
-    fn goodness_loss(
-        &self,
-        batch: usize,
-        dim: usize,
-        classes: usize,
-        g: &Self::Buf,
-        proj_w: &Self::Buf,
-        proj_b: &Self::Buf,
-        labels: &Self::Labels,
-        logits: &mut Self::Buf,
-        dg: Option<&mut Self::Buf>,
-        stats: &mut Self::Buf,
-    ) -> Result<()>;
-
-    /// `dL/dW`, `dL/db` of the conv from `x`, `y` and `dL/dg`, with
-    /// `dL/dz[b,c,h,w] = 1[y > 0] * 2 y * sum_{bins (i,j) containing (h,w)} dL/dg[b,c,i,j] / |bin_ij|`
-    /// (no `/ |bin|` for the sum reduction) produced on the fly. Overwrites `dw` and `db`.
-    #[allow(clippy::too_many_arguments)]
-    fn conv_goodness_wgrad(
-        &self,
-        s: &ConvShape,
-        grid: &PatchGrid,
-        reduce: GoodnessReduce,
-        x: &Self::Buf,
-        y: &Self::Buf,
-        dg: &Self::Buf,
-        dw: &mut Self::Buf,
-        db: &mut Self::Buf,
-    ) -> Result<()>;
-
-    /// The layer's output from `y` `[B, C, H, W]`: optional 2x2 pool (floor, like `AvgPool2d(2)`), optional
-    /// dropout, then the per-sample RMS norm `o / (sqrt(mean_{c,h,w} o^2) + e^-50)`, into `out`. When `gap` is
-    /// given, it receives the global average pool of `out`, `[B, C]` (the fusion heads' features).
-    #[allow(clippy::too_many_arguments)]
-    fn layer_output(
-        &self,
-        batch: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        pool: Option<PoolKind>,
-        dropout: Option<Dropout>,
-        y: &Self::Buf,
-        out: &mut Self::Buf,
-        gap: Option<&mut Self::Buf>,
-    ) -> Result<()>;
-
-    /// Fusion heads: `s = sum_k feats[k] W_k^T + b_k` into `logits` `[B, N]`, softmax CE into `stats`, and when
-    /// `grads` is given, `dL/dW_k`, `dL/db_k` (overwritten) for every head `k`.
-    #[allow(clippy::too_many_arguments)]
-    fn fusion_heads(
-        &self,
-        batch: usize,
-        classes: usize,
-        feats: &[(&Self::Buf, usize)],
-        heads: &[(&Self::Buf, &Self::Buf)],
-        labels: &Self::Labels,
-        logits: &mut Self::Buf,
-        grads: Option<&mut [(&mut Self::Buf, &mut Self::Buf)]>,
-        stats: &mut Self::Buf,
-    ) -> Result<()>;
-
-    /// One AdamW step on the first `len` elements: `p *= 1 - lr wd`; `m = lerp(m, g, 1 - b1)`;
-    /// `v = b2 v + (1 - b2) g^2`; `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`; and, when
-    /// `copy` is given (an [`Backend::operand_zeros`] buffer), the new `p` stored into it in the same pass.
-    #[allow(clippy::too_many_arguments)]
-    fn adamw(
-        &self,
-        len: usize,
-        p: &mut Self::Buf,
-        grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
-        h: &AdamWStep,
-        copy: Option<&mut Self::Buf>,
-    ) -> Result<()>;
+    /// The fused ops of a step (`crate::ops`: each op's formula, arguments and checks). They take their
+    /// arguments checked: call them through the op's `run` (`ops::adamw::run(be, args)`), which checks first.
+    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Self::Buf>>) -> Result<()>;
+    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
+    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Self::Buf>>) -> Result<()>;
+    fn layer_output(&self, a: Checked<layer_output::Args<'_, Self::Buf>>) -> Result<()>;
+    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
+    fn adamw(&self, a: Checked<adamw::Args<'_, Self::Buf>>) -> Result<()>;
 }

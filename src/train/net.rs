@@ -54,7 +54,18 @@ impl<B: Backend> Param<B> {
 
     fn step(&mut self, be: &B, h: &AdamWStep) -> Result<()> {
         let copy = self.compute.as_mut();
-        be.adamw(self.len, &mut self.value, &self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, h, copy)
+        crate::ops::adamw::run(
+            be,
+            crate::ops::adamw::Args {
+                len: self.len,
+                p: &mut self.value,
+                grad: &self.grad,
+                m: &mut self.exp_avg,
+                v: &mut self.exp_avg_sq,
+                h,
+                copy,
+            },
+        )
     }
 }
 
@@ -397,26 +408,77 @@ impl<B: Backend> Net<B> {
         let track = crate::trace::layer(li);
         let span = crate::trace::span("conv_goodness_fwd", track, step);
         let (w, b) = (layer.conv_w.operand(), &layer.conv_b.value);
-        be.conv_goodness_fwd(&s, &layer.grid, reduce, x, w, b, &mut sc.y, &mut sc.g)?;
+        crate::ops::conv_goodness_fwd::run(
+            be,
+            crate::ops::conv_goodness_fwd::Args {
+                s: &s,
+                grid: &layer.grid,
+                reduce,
+                x,
+                w,
+                b,
+                y: &mut sc.y,
+                g: &mut sc.g,
+            },
+        )?;
         std::mem::drop(span);
         let span = crate::trace::span("goodness_loss", track, step);
         let dg = train.is_some().then_some(&mut sc.dg);
         let (d, n) = (spec.goodness_dim(), self.spec.classes);
         let (pw, pb) = (&layer.proj_w, &layer.proj_b);
         let stats = &mut ws.stats[ws.stats_set][li];
-        be.goodness_loss(batch, d, n, &sc.g, pw, pb, &ws.labels, &mut sc.logits, dg, stats)?;
+        crate::ops::goodness_loss::run(
+            be,
+            crate::ops::goodness_loss::Args {
+                batch,
+                dim: d,
+                classes: n,
+                g: &sc.g,
+                proj_w: pw,
+                proj_b: pb,
+                labels: &ws.labels,
+                logits: &mut sc.logits,
+                dg,
+                stats,
+            },
+        )?;
         std::mem::drop(span);
         // The output first: on a GPU the next layer's lane can start while this one computes its update.
         let span = crate::trace::span("layer_output", track, step);
         let pool = spec.pool.then_some(self.spec.pool_kind);
         let gap = (li >= 1).then_some(&mut ws.gap[li]);
         let dropout = train.and_then(|t| t.1);
-        be.layer_output(batch, spec.c_out, spec.h, spec.w, pool, dropout, &sc.y, x_next, gap)?;
+        crate::ops::layer_output::run(
+            be,
+            crate::ops::layer_output::Args {
+                batch,
+                c: spec.c_out,
+                h: spec.h,
+                w: spec.w,
+                pool,
+                dropout,
+                y: &sc.y,
+                out: x_next,
+                gap,
+            },
+        )?;
         std::mem::drop(span);
         if let Some((h, _)) = train {
             let span = crate::trace::span("conv_goodness_wgrad", track, step);
             let (dw, db) = (&mut layer.conv_w.grad, &mut layer.conv_b.grad);
-            be.conv_goodness_wgrad(&s, &layer.grid, reduce, x, &sc.y, &sc.dg, dw, db)?;
+            crate::ops::conv_goodness_wgrad::run(
+                be,
+                crate::ops::conv_goodness_wgrad::Args {
+                    s: &s,
+                    grid: &layer.grid,
+                    reduce,
+                    x,
+                    y: &sc.y,
+                    dg: &sc.dg,
+                    dw,
+                    db,
+                },
+            )?;
             std::mem::drop(span);
             let _span = crate::trace::span("adamw", track, step);
             layer.conv_w.step(be, h)?;
@@ -436,15 +498,18 @@ impl<B: Backend> Net<B> {
             grads.push((&mut w.grad, &mut b.grad));
         }
         let grads = if with_grads { Some(&mut grads[..]) } else { None };
-        self.be.fusion_heads(
-            batch,
-            self.spec.classes,
-            &feats,
-            &heads,
-            &ws.labels,
-            &mut ws.head_logits,
-            grads,
-            ws.stats[ws.stats_set].last_mut().expect("the heads' stats slot"),
+        crate::ops::fusion_heads::run(
+            &self.be,
+            crate::ops::fusion_heads::Args {
+                batch,
+                classes: self.spec.classes,
+                feats: &feats,
+                heads: &heads,
+                labels: &ws.labels,
+                logits: &mut ws.head_logits,
+                grads,
+                stats: ws.stats[ws.stats_set].last_mut().expect("the heads' stats slot"),
+            },
         )
     }
 

@@ -155,7 +155,6 @@ pub struct HeadsCase {
 }
 
 pub fn heads_case() -> HeadsCase {
-    use asge::backend::Backend;
     let (batch, classes, dims) = (5, 10, [32usize, 64]);
     let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
     let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
@@ -168,9 +167,18 @@ pub fn heads_case() -> HeadsCase {
         let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
         let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
         let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = grads.iter_mut().map(|(a, b)| (a, b)).collect();
-        asge::backend::cpu::CpuBackend::new()
-            .fusion_heads(batch, classes, &f, &h, &labels, &mut logits, Some(&mut gr), &mut stats)
-            .unwrap();
+        let cpu = asge::backend::cpu::CpuBackend::new();
+        let args = asge::ops::fusion_heads::Args {
+            batch,
+            classes,
+            feats: &f,
+            heads: &h,
+            labels: &labels,
+            logits: &mut logits,
+            grads: Some(&mut gr),
+            stats: &mut stats,
+        };
+        asge::ops::fusion_heads::run(&cpu, args).unwrap();
     }
     HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits, stats, grads }
 }

@@ -10,8 +10,8 @@
 pub mod conv;
 pub mod ops;
 
-use super::{check, round_f16, AdamWStep, Backend, ConvShape, Dropout, Precision};
-use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
+use super::{round_f16, Backend, Precision};
+use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use anyhow::Result;
 
 /// The CPU backend. Threads come from rayon's global pool (`--threads` sizes it).
@@ -55,7 +55,7 @@ fn rounded(v: &[f32]) -> Vec<f32> {
 }
 
 fn fits(what: &str, have: usize, need: usize) -> Result<()> {
-    check::fits("cpu", what, have, need)
+    crate::ops::fits("cpu", what, have, need)
 }
 
 impl Backend for CpuBackend {
@@ -77,6 +77,10 @@ impl Backend for CpuBackend {
             Precision::F32 => format!("cpu ({} threads)", rayon::current_num_threads()),
             Precision::F16 => format!("cpu ({} threads, fp16 emulated)", rayon::current_num_threads()),
         }
+    }
+
+    fn kind(&self) -> &'static str {
+        "cpu"
     }
 
     fn precision(&self) -> Precision {
@@ -116,18 +120,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn conv_goodness_fwd(
-        &self,
-        s: &ConvShape,
-        grid: &PatchGrid,
-        reduce: GoodnessReduce,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        b: &Vec<f32>,
-        y: &mut Vec<f32>,
-        g: &mut Vec<f32>,
-    ) -> Result<()> {
-        check::conv_fwd("cpu", s, grid, x.len(), w.len(), b.len(), y.len(), g.len())?;
+    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Vec<f32>>>) -> Result<()> {
+        let conv_goodness_fwd::Args { s, grid, reduce, x, w, b, y, g } = a.into_inner();
         if self.f16() {
             let (x, w) = (rounded(&x[..s.x_len()]), rounded(&w[..s.w_len()]));
             conv::conv_goodness_fwd(s, grid, reduce, &x, &w, b, y, g, true);
@@ -137,37 +131,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn goodness_loss(
-        &self,
-        batch: usize,
-        dim: usize,
-        classes: usize,
-        g: &Vec<f32>,
-        proj_w: &Vec<f32>,
-        proj_b: &Vec<f32>,
-        labels: &Vec<u32>,
-        logits: &mut Vec<f32>,
-        dg: Option<&mut Vec<f32>>,
-        stats: &mut Vec<f32>,
-    ) -> Result<()> {
-        let dg_len = dg.as_ref().map(|d| d.len());
-        let lens = (g.len(), proj_w.len(), proj_b.len(), labels.len(), logits.len());
-        check::goodness_loss("cpu", batch, dim, classes, lens.0, lens.1, lens.2, lens.3, lens.4, dg_len, stats.len())?;
+    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
+        let goodness_loss::Args { batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
         ops::goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
     }
 
-    fn conv_goodness_wgrad(
-        &self,
-        s: &ConvShape,
-        grid: &PatchGrid,
-        reduce: GoodnessReduce,
-        x: &Vec<f32>,
-        y: &Vec<f32>,
-        dg: &Vec<f32>,
-        dw: &mut Vec<f32>,
-        db: &mut Vec<f32>,
-    ) -> Result<()> {
-        check::conv_wgrad("cpu", s, grid, x.len(), y.len(), dg.len(), dw.len(), db.len())?;
+    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Vec<f32>>>) -> Result<()> {
+        let conv_goodness_wgrad::Args { s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
         if self.f16() {
             let x = rounded(&x[..s.x_len()]);
             let scale = super::dz_scale(s.batch, grid, reduce);
@@ -178,21 +148,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn layer_output(
-        &self,
-        batch: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        pool: Option<PoolKind>,
-        dropout: Option<Dropout>,
-        y: &Vec<f32>,
-        out: &mut Vec<f32>,
-        gap: Option<&mut Vec<f32>>,
-    ) -> Result<()> {
-        let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
-        let gap_len = gap.as_ref().map(|g| g.len());
-        check::layer_output("cpu", batch, c, h, w, pool.is_some(), y.len(), out.len(), gap_len)?;
+    fn layer_output(&self, a: Checked<layer_output::Args<'_, Vec<f32>>>) -> Result<()> {
+        let a = a.into_inner();
+        let (ho, wo) = a.out_hw();
+        let layer_output::Args { batch, c, h, w, pool, dropout, y, out, gap } = a;
         ops::layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
         if self.f16() {
             out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));
@@ -200,29 +159,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn fusion_heads(
-        &self,
-        batch: usize,
-        classes: usize,
-        feats: &[(&Vec<f32>, usize)],
-        heads: &[(&Vec<f32>, &Vec<f32>)],
-        labels: &Vec<u32>,
-        logits: &mut Vec<f32>,
-        grads: Option<&mut [(&mut Vec<f32>, &mut Vec<f32>)]>,
-        stats: &mut Vec<f32>,
-    ) -> Result<()> {
-        check::fusion_heads(
-            "cpu",
-            batch,
-            classes,
-            feats,
-            heads,
-            grads.as_deref(),
-            labels.len(),
-            logits.len(),
-            stats.len(),
-            Vec::len,
-        )?;
+    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
+        let fusion_heads::Args { batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
         let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
         let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();
         let mut grads: Option<Vec<(&mut [f32], &mut [f32])>> =
@@ -230,17 +168,8 @@ impl Backend for CpuBackend {
         ops::fusion_heads(batch, classes, &feats, &heads, labels, logits, grads.as_deref_mut(), stats)
     }
 
-    fn adamw(
-        &self,
-        len: usize,
-        p: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        h: &AdamWStep,
-        copy: Option<&mut Vec<f32>>,
-    ) -> Result<()> {
-        check::adamw("cpu", len, p.len(), grad.len(), m.len(), v.len(), copy.as_ref().map(|c| c.len()))?;
+    fn adamw(&self, a: Checked<adamw::Args<'_, Vec<f32>>>) -> Result<()> {
+        let adamw::Args { len, p, grad, m, v, h, copy } = a.into_inner();
         ops::adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], h);
         if let Some(copy) = copy {
             let f16 = self.f16();

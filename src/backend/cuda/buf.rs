@@ -137,3 +137,15 @@ impl CudaBuf {
         }
     }
 }
+
+impl crate::ops::Len for CudaBuf {
+    fn len(&self) -> usize {
+        CudaBuf::len(self)
+    }
+}
+
+impl crate::ops::Len for cudarc::driver::CudaSlice<u32> {
+    fn len(&self) -> usize {
+        cudarc::driver::CudaSlice::len(self)
+    }
+}

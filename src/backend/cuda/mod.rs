@@ -39,8 +39,9 @@ pub use buf::CudaBuf;
 use buf::Data;
 pub use timing::{GpuCeilings, Work};
 
-use super::{AdamWStep, Backend, ConvShape, DeviceSpan, Dropout, KernelTime, Precision, StepMode};
-use crate::model::{GoodnessReduce, PatchGrid, PoolKind};
+use super::{AdamWStep, Backend, ConvShape, DeviceSpan, KernelTime, Precision, StepMode};
+use crate::model::{GoodnessReduce, PatchGrid};
+use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PinnedHostSlice,
@@ -278,7 +279,7 @@ fn operand_precision(parts: &[(&str, &CudaBuf)]) -> Result<Precision> {
 }
 
 fn fits(what: &str, have: usize, need: usize) -> Result<()> {
-    super::check::fits("cuda", what, have, need)
+    crate::ops::fits("cuda", what, have, need)
 }
 
 impl CudaBackend {
@@ -611,6 +612,10 @@ impl Backend for CudaBackend {
         format!("{} {}", self.name, self.precision.as_str())
     }
 
+    fn kind(&self) -> &'static str {
+        "cuda"
+    }
+
     fn precision(&self) -> Precision {
         self.precision
     }
@@ -872,92 +877,30 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn conv_goodness_fwd(
-        &self,
-        s: &ConvShape,
-        grid: &PatchGrid,
-        reduce: GoodnessReduce,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        b: &CudaBuf,
-        y: &mut CudaBuf,
-        g: &mut CudaBuf,
-    ) -> Result<()> {
-        ops::conv_goodness_fwd::run(self, s, grid, reduce, x, w, b, y, g)
+    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, CudaBuf>>) -> Result<()> {
+        ops::conv_goodness_fwd::run(self, a)
     }
 
-    fn goodness_loss(
-        &self,
-        batch: usize,
-        dim: usize,
-        classes: usize,
-        g: &CudaBuf,
-        proj_w: &CudaBuf,
-        proj_b: &CudaBuf,
-        labels: &CudaSlice<u32>,
-        logits: &mut CudaBuf,
-        dg: Option<&mut CudaBuf>,
-        stats: &mut CudaBuf,
-    ) -> Result<()> {
-        ops::goodness_loss::run(self, batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats)
+    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
+        ops::goodness_loss::run(self, a)
     }
 
-    fn conv_goodness_wgrad(
-        &self,
-        s: &ConvShape,
-        grid: &PatchGrid,
-        reduce: GoodnessReduce,
-        x: &CudaBuf,
-        y: &CudaBuf,
-        dg: &CudaBuf,
-        dw: &mut CudaBuf,
-        db: &mut CudaBuf,
-    ) -> Result<()> {
-        ops::conv_goodness_wgrad::run(self, s, grid, reduce, x, y, dg, dw, db)
+    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, CudaBuf>>) -> Result<()> {
+        ops::conv_goodness_wgrad::run(self, a)
     }
 
-    fn layer_output(
-        &self,
-        batch: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        pool: Option<PoolKind>,
-        dropout: Option<Dropout>,
-        y: &CudaBuf,
-        out: &mut CudaBuf,
-        gap: Option<&mut CudaBuf>,
-    ) -> Result<()> {
-        ops::layer_output::run(self, batch, c, h, w, pool, dropout, y, out, gap)?;
+    fn layer_output(&self, a: Checked<layer_output::Args<'_, CudaBuf>>) -> Result<()> {
+        ops::layer_output::run(self, a)?;
         // The next layer's input and the heads' features are written: in a captured step, the hand-off to the
         // lane that reads them (graph.rs).
         self.capture_hand_off()
     }
 
-    fn fusion_heads(
-        &self,
-        batch: usize,
-        classes: usize,
-        feats: &[(&CudaBuf, usize)],
-        heads: &[(&CudaBuf, &CudaBuf)],
-        labels: &CudaSlice<u32>,
-        logits: &mut CudaBuf,
-        grads: Option<&mut [(&mut CudaBuf, &mut CudaBuf)]>,
-        stats: &mut CudaBuf,
-    ) -> Result<()> {
-        ops::fusion_heads::run(self, batch, classes, feats, heads, labels, logits, grads, stats)
+    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
+        ops::fusion_heads::run(self, a)
     }
 
-    fn adamw(
-        &self,
-        len: usize,
-        p: &mut CudaBuf,
-        grad: &CudaBuf,
-        m: &mut CudaBuf,
-        v: &mut CudaBuf,
-        h: &AdamWStep,
-        copy: Option<&mut CudaBuf>,
-    ) -> Result<()> {
-        ops::adamw::run(self, len, p, grad, m, v, h, copy)
+    fn adamw(&self, a: Checked<adamw::Args<'_, CudaBuf>>) -> Result<()> {
+        ops::adamw::run(self, a)
     }
 }

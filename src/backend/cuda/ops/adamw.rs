@@ -5,22 +5,13 @@ use super::super::args::launch::AdamwF32;
 use super::super::args::DevOut;
 use super::super::buf::Data;
 use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf, Work};
-use crate::backend::{check, AdamWStep};
+use crate::ops::adamw::Args;
+use crate::ops::Checked;
 use anyhow::Result;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    be: &CudaBackend,
-    len: usize,
-    p: &mut CudaBuf,
-    grad: &CudaBuf,
-    m: &mut CudaBuf,
-    v: &mut CudaBuf,
-    h: &AdamWStep,
-    copy: Option<&mut CudaBuf>,
-) -> Result<()> {
+pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
+    let Args { len, p, grad, m, v, h, copy } = a.into_inner();
     let _timer = be.time_op("adamw");
-    check::adamw("cuda", len, p.len(), grad.len(), m.len(), v.len(), copy.as_ref().map(|c| c.len()))?;
     // The scalars from the step's parameters (the current lane's slot; written now if they differ).
     let mut params = be.step_params.lock().unwrap();
     let hp = be.adamw_slot(&mut params, be.lane_index(), &h.scalars())?;
@@ -31,7 +22,7 @@ pub fn run(
         Some(Data::F32(c)) => (None, Some(c)),
         None => (None, None),
     };
-    // SAFETY: check::adamw bounds every buffer to len; the copy is an fp16 buffer of >= len or null.
+    // SAFETY: the op's checks (crate::ops::adamw) bound every buffer to len; the copy is an fp16 buffer of >= len or null.
     // p, m and v read and written, g read (f32), and the fp16 copy written.
     let work = Work::bytes((4 * 7 + 2 * f16_copy.is_some() as usize) as f64 * len as f64);
     be.launch("adamw_f32", work, || {

@@ -8,25 +8,16 @@ use super::super::args::launch::{
     PatchGoodnessF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf, Work};
-use crate::backend::{check, ConvShape, Precision};
-use crate::model::{GoodnessReduce, PatchGrid};
+use crate::backend::Precision;
+use crate::model::GoodnessReduce;
+use crate::ops::conv_goodness_fwd::Args;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    be: &CudaBackend,
-    s: &ConvShape,
-    grid: &PatchGrid,
-    reduce: GoodnessReduce,
-    x: &CudaBuf,
-    w: &CudaBuf,
-    b: &CudaBuf,
-    y: &mut CudaBuf,
-    g: &mut CudaBuf,
-) -> Result<()> {
+pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
+    let Args { s, grid, reduce, x, w, b, y, g } = a.into_inner();
     let _timer = be.time_op("conv_goodness_fwd");
-    check::conv_fwd("cuda", s, grid, x.len(), w.len(), b.len(), y.len(), g.len())?;
     let g_len = s.batch * s.c_out * grid.cells();
     let precision = operand_precision(&[("x", x), ("conv weight", w), ("y", &*y)])?;
     index32(s)?;
@@ -47,7 +38,7 @@ pub fn run(
             let (x, w) = (x.f32("x")?, w.f32("conv weight")?);
             let taps = be.tap_table(s)?;
             let work = Work::gemm(flop, 4.0 * (s.x_len() + s.w_len() + s.c_out + s.y_len()) as f64);
-            // SAFETY: check::conv_fwd bounds every extent the kernel's signature states for this shape.
+            // SAFETY: the op's checks (crate::ops::conv_goodness_fwd) bound every extent the kernel's signature states for this shape.
             be.launch(kernel.name, work, || {
                 Ok(unsafe {
                     ConvGoodnessFwdF32 { x, w, bias, taps: &*taps, y: &mut *ys, B: bb, Cin: ci, Cout: co, H: h, W: ww }
@@ -81,7 +72,7 @@ pub fn run(
             let gpart = be.scratch(&mut scratch.gpart, gpart_len)?;
             let nb_i = nb as i32;
             // SAFETY (the three branches): xn, wn and the table hold the padded extents of this shape, y and bias
-            // are bounded by check::conv_fwd; the launch's shared memory is the kernel's (opted in at load where
+            // are bounded by the op's checks (crate::ops::conv_goodness_fwd); the launch's shared memory is the kernel's (opted in at load where
             // above 48 KB).
             if splits > 1 {
                 // Split-K: partial tiles (f32, written and read back), then their ordered sum with the bias and
@@ -109,7 +100,7 @@ pub fn run(
                     })
                 })?;
                 // SAFETY: part holds splits * C_out * N floats, gpart the partials of this grid of tiles, y and
-                // bias are bounded by check::conv_fwd.
+                // bias are bounded by the op's checks (crate::ops::conv_goodness_fwd).
                 let sum = Work::bytes(part_bytes + 4.0 * s.c_out as f64 + y_bytes + gpart_bytes);
                 be.launch("conv_fwd_splitk_f16", sum, || {
                     Ok(unsafe {

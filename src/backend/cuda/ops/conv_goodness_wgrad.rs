@@ -6,25 +6,15 @@ use super::super::args::launch::{
     ConvGoodnessWgradF32, ConvWgradNhwcF16, ConvWgradNhwcF16L, DgPerCellF32, DzF16, WgradReduceF32, WgradReduceNhwcF32,
 };
 use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf, Work};
-use crate::backend::{check, dz_scale, ConvShape, Precision};
-use crate::model::{GoodnessReduce, PatchGrid};
+use crate::backend::{dz_scale, Precision};
+use crate::ops::conv_goodness_wgrad::Args;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    be: &CudaBackend,
-    s: &ConvShape,
-    grid: &PatchGrid,
-    reduce: GoodnessReduce,
-    x: &CudaBuf,
-    y: &CudaBuf,
-    dg: &CudaBuf,
-    dw: &mut CudaBuf,
-    db: &mut CudaBuf,
-) -> Result<()> {
+pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
+    let Args { s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
     let _timer = be.time_op("conv_goodness_wgrad");
-    check::conv_wgrad("cuda", s, grid, x.len(), y.len(), dg.len(), dw.len(), db.len())?;
     let precision = operand_precision(&[("x", x), ("y", y)])?;
     index32(s)?;
     let kernel = geometry::wgrad_choice(s, precision, be.tiles());
@@ -62,7 +52,7 @@ pub fn run(
         Precision::F32 => {
             let (x, y) = (x.f32("x")?, y.f32("y")?);
             let taps = be.tap_table(s)?;
-            // SAFETY: check::conv_wgrad bounds x, y and dL/dg; part holds gz * (M*K + M) floats for gz = grid.z.
+            // SAFETY: the op's checks (crate::ops::conv_goodness_wgrad) bound x, y and dL/dg; part holds gz * (M*K + M) floats for gz = grid.z.
             // x, y and dL/dg / |bin| read; the slices' partials written.
             let work = Work::gemm(flop, 4.0 * (s.x_len() + s.y_len() + q_len) as f64 + part_w_bytes + part_b_bytes);
             be.launch(kernel.name, work, || {
@@ -113,7 +103,7 @@ pub fn run(
             // dz, [NHWC_MP(C_out)][WG_NP(N)], and the input channels-last: the forward's copy when the lane's
             // scratch still holds it (ops/layout.rs), else made again.
             let dz = be.scratch(&mut layout.dz, s.c_out.next_multiple_of(128) * geometry::wgrad_pixels(s))?;
-            // SAFETY: y holds B*C_out*H*W values and q B*C_out*P*P (check::conv_wgrad), dz its padded extent, and
+            // SAFETY: y holds B*C_out*H*W values and q B*C_out*P*P (the op's checks (crate::ops::conv_goodness_wgrad)), dz its padded extent, and
             // part_b dz_grid.x * C_out floats; one block per channel and 2048 pixels.
             // y (fp16) and dL/dg / |bin| read; dz (fp16, [NHWC_MP(C_out)][WG_NP(N)], zero rows included) and the bias
             // partials written.

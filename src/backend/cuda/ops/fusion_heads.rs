@@ -3,41 +3,20 @@
 
 use super::super::args::launch::{HeadsGradF32, HeadsLogitsF32, HeadsSoftmaxF32};
 use super::super::{grid1, CudaBackend, CudaBuf, Work};
-use crate::backend::check;
+use crate::ops::fusion_heads::Args;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    be: &CudaBackend,
-    batch: usize,
-    classes: usize,
-    feats: &[(&CudaBuf, usize)],
-    heads: &[(&CudaBuf, &CudaBuf)],
-    labels: &CudaSlice<u32>,
-    logits: &mut CudaBuf,
-    grads: Option<&mut [(&mut CudaBuf, &mut CudaBuf)]>,
-    stats: &mut CudaBuf,
-) -> Result<()> {
+pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
+    let Args { batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
     let _timer = be.time_op("fusion_heads");
-    check::fusion_heads(
-        "cuda",
-        batch,
-        classes,
-        feats,
-        heads,
-        grads.as_deref(),
-        labels.len(),
-        logits.len(),
-        stats.len(),
-        CudaBuf::len,
-    )?;
     let logits = logits.f32_mut("head logits")?;
     be.zero(logits, batch * classes)?;
     let (b, n) = (batch as i32, classes as i32);
     let stream = be.stream();
     for (&(f, c), &(w, bias)) in feats.iter().zip(heads) {
-        // SAFETY: check::fusion_heads bounds every head's features, weight and bias; one thread per (sample, class).
+        // SAFETY: the op's checks (crate::ops::fusion_heads) bound every head's features, weight and bias; one thread per (sample, class).
         // The features and the head's weights read, the logits read and written.
         let work = Work::bytes(4.0 * (batch * c + classes * c + 2 * batch * classes) as f64);
         be.launch("heads_logits_f32", work, || {
@@ -70,7 +49,7 @@ pub fn run(
     })?;
     if let Some(grads) = grads {
         for ((gw, gb), &(f, c)) in grads.iter_mut().zip(feats) {
-            // SAFETY: check::fusion_heads bounds every gradient; one thread per (class, feature).
+            // SAFETY: the op's checks (crate::ops::fusion_heads) bound every gradient; one thread per (class, feature).
             // The features and dL/ds read, the head's gradients written.
             let work = Work::bytes(4.0 * (batch * c + batch * classes + classes * c + classes) as f64);
             be.launch("heads_grad_f32", work, || {

@@ -3,42 +3,17 @@
 
 use super::super::args::launch::GoodnessLossF32;
 use super::super::{cfg, CudaBackend, CudaBuf, Work};
-use crate::backend::check;
+use crate::ops::goodness_loss::Args;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
 /// The most classes the loss kernel holds in shared memory (kernels/goodness_loss.cu, MAX_CLASSES).
 pub const MAX_CLASSES: usize = 4096;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    be: &CudaBackend,
-    batch: usize,
-    dim: usize,
-    classes: usize,
-    g: &CudaBuf,
-    proj_w: &CudaBuf,
-    proj_b: &CudaBuf,
-    labels: &CudaSlice<u32>,
-    logits: &mut CudaBuf,
-    dg: Option<&mut CudaBuf>,
-    stats: &mut CudaBuf,
-) -> Result<()> {
+pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
+    let Args { batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
     let _timer = be.time_op("goodness_loss");
-    let dg_len = dg.as_ref().map(|d| d.len());
-    check::goodness_loss(
-        "cuda",
-        batch,
-        dim,
-        classes,
-        g.len(),
-        proj_w.len(),
-        proj_b.len(),
-        labels.len(),
-        logits.len(),
-        dg_len,
-        stats.len(),
-    )?;
     anyhow::ensure!(
         classes <= MAX_CLASSES,
         "cuda backend: {classes} classes; the loss kernel takes at most {MAX_CLASSES}"
@@ -48,7 +23,7 @@ pub fn run(
         Some(d) => Some(d.f32_mut("dL/dg")?),
         None => None,
     };
-    // SAFETY: check::goodness_loss bounds every extent; without a gradient dg is null and the kernel never touches it.
+    // SAFETY: the op's checks (crate::ops::goodness_loss) bound every extent; without a gradient dg is null and the kernel never touches it.
     // g read (and dL/dg written), the projection read, the logits written.
     let work = Work::bytes(4.0 * (batch * dim * (1 + with_grad as usize) + dim * classes + batch * classes) as f64);
     be.launch("goodness_loss_f32", work, || {

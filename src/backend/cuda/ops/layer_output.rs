@@ -10,25 +10,15 @@ use super::super::args::launch::{
 };
 use super::super::args::{DevIn, DevOut};
 use super::super::{cfg, geometry, operand_precision, CudaBackend, CudaBuf, Work};
-use crate::backend::{check, Dropout, Precision};
+use crate::backend::Precision;
 use crate::model::PoolKind;
+use crate::ops::layer_output::Args;
+use crate::ops::Checked;
 use anyhow::Result;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    be: &CudaBackend,
-    batch: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    pool: Option<PoolKind>,
-    dropout: Option<Dropout>,
-    y: &CudaBuf,
-    out: &mut CudaBuf,
-    gap: Option<&mut CudaBuf>,
-) -> Result<()> {
+pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
+    let Args { batch, c, h, w, pool, dropout, y, out, gap } = a.into_inner();
     let _timer = be.time_op("layer_output");
-    check::layer_output("cuda", batch, c, h, w, pool.is_some(), y.len(), out.len(), gap.as_ref().map(|g| g.len()))?;
     let precision = operand_precision(&[("y", y), ("layer output", &*out)])?;
     let pool_i: i32 = match pool {
         None => 0,
@@ -76,7 +66,7 @@ pub fn run(
     macro_rules! passes {
         ($sumsq:ident, $store:ident, $y:expr, $dst:expr) => {{
             let y = $y;
-            // SAFETY (both launches): check::layer_output bounds y, out and gap for `batch` samples (the grid's
+            // SAFETY (both launches): the op's checks (crate::ops::layer_output) bound y, out and gap for `batch` samples (the grid's
             // x), part holds batch x slices floats (its y).
             be.launch($sumsq::NAME, Work::bytes(eb * y_len + 4.0 * part_len), || {
                 Ok(unsafe {

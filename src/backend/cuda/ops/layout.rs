@@ -85,7 +85,7 @@ pub fn weights(be: &CudaBackend, s: &ConvShape, w: &CudaSlice<f16>, slot: &mut O
     let cp = geometry::padded_channels(s.c_in);
     let len = geometry::padded_weights_len(s.c_out, cp);
     let wn = be.scratch(slot, len)?;
-    // SAFETY: check::conv_fwd bounds w to C_out*C*9 values, wn holds the padded length; one thread per value.
+    // SAFETY: the forward's checks (crate::ops::conv_goodness_fwd) bounds w to C_out*C*9 values, wn holds the padded length; one thread per value.
     be.launch("krsc_pad_f16", Work::bytes(2.0 * (s.w_len() + len) as f64), || {
         Ok(unsafe {
             KrscPadF16 { w, wn: &mut *wn, Cout: s.c_out as i32, C: s.c_in as i32, Cp: cp as i32 }.launch(

@@ -1,6 +1,5 @@
-//! The backend's ops, one file per kernel source (`kernels/<op>.cu`): each checks its arguments (the checks
-//! every backend makes, [`crate::backend::check`], then this backend's own limits), picks the kernel for the
-//! shape and precision, and launches it through the wrapper generated from the kernel's signature
+//! The backend's ops, one file per kernel source (`kernels/<op>.cu`): each takes its arguments checked by the op
+//! (`crate::ops`), adds this backend's own limits, picks the kernel for the shape and precision, and launches it through the wrapper generated from the kernel's signature
 //! ([`super::args::launch`]).
 
 pub mod adamw;

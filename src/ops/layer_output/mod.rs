@@ -1,0 +1,53 @@
+//! `layer_output`: the layer's output from `y` `[B, C, H, W]`: optional 2x2 pool (floor, like `AvgPool2d(2)`),
+//! optional dropout, then the per-sample RMS norm `o / (sqrt(mean_{c,h,w} o^2) + e^-50)`, into `out`; when `gap`
+//! is given, the global average pool of `out`, `[B, C]` (the fusion heads' features; docs/method.md §7-§8).
+
+use super::{fits, Checked, Len};
+use crate::backend::{Backend, Dropout};
+use crate::model::PoolKind;
+use anyhow::{ensure, Result};
+
+/// y `[B, C, H, W]`; writes out `[B, C, H', W']` (halved by a pool) and the pooled features `[B, C]`.
+pub struct Args<'a, B> {
+    pub batch: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub pool: Option<PoolKind>,
+    pub dropout: Option<Dropout>,
+    pub y: &'a B,
+    pub out: &'a mut B,
+    pub gap: Option<&'a mut B>,
+}
+
+impl<B> Args<'_, B> {
+    /// The output's spatial size: halved (floor) by a pool.
+    pub fn out_hw(&self) -> (usize, usize) {
+        if self.pool.is_some() {
+            (self.h / 2, self.w / 2)
+        } else {
+            (self.h, self.w)
+        }
+    }
+}
+
+impl<B: Len> Args<'_, B> {
+    /// Every buffer holds what the op reads or writes for its shape; a pooled map is at least 2x2.
+    pub fn check(&self, be: &str) -> Result<()> {
+        let (batch, c, h, w) = (self.batch, self.c, self.h, self.w);
+        ensure!(self.pool.is_none() || (h >= 2 && w >= 2), "{be} backend: a 2x2 pool of a {h}x{w} map");
+        let (ho, wo) = self.out_hw();
+        fits(be, "y", self.y.len(), batch * c * h * w)?;
+        fits(be, "layer output", self.out.len(), batch * c * ho * wo)?;
+        if let Some(gap) = &self.gap {
+            fits(be, "pooled features", gap.len(), batch * c)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the op on `be` after its checks.
+pub fn run<Be: Backend + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
+    a.check(be.kind())?;
+    be.layer_output(Checked(a))
+}
