@@ -134,7 +134,7 @@ extern "C" __global__ void dz_f16(
 }
 
 // conv_wgrad_nhwc_f16{,_l}: dW[m][k] = sum_n dz[m][n] col[n][k], k = (kh*3 + kw)*Cp + ci over the channels-last
-// input (kernels/layout.cu: the copy the layer's forward made, reused: src/backend/cuda/ops/layout.rs), on the
+// input (kernels/layout.cu: the copy the layer's forward made, reused: src/backend/cuda/layout.rs), on the
 // tensor cores: a plain implicit GEMM with the forward's cp.async pipeline.
 // Block tile TM = 32 MI channels x TN = 32 NI columns of K, the pixels walked TK (32 or 64) at a time through S stages of
 // dynamic shared memory: A = dz [m][pixel] (pixels contiguous, as the MMA's reduction index: ldmatrix), B = the

@@ -515,7 +515,7 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             let use_drop = dropout.is_some() as i32;
             let mut gap2 = vec![f32::NAN; gap.len()];
             // The backend's split of each sample over blocks, the slices' sums of squares, then the store: in fp16
-            // channels-last where C is a multiple of 8 (ops/layer_output.rs), read back here in NCHW order.
+            // channels-last where C is a multiple of 8 (ops/layer_output/cuda.rs), read back here in NCHW order.
             let nhwc = p == Precision::F16 && ch.is_multiple_of(8);
             let (cpb, slices) = if nhwc {
                 geometry::layer_output_split_nhwc(ch, ho * wo)

@@ -17,7 +17,7 @@ pub(crate) type LayoutMark = Arc<Mutex<Option<[usize; 4]>>>;
 /// accesses so far) tells a cache of something derived from the buffer whether the buffer may have changed since:
 /// every way to write it goes through `&mut self` here, and each advances the count.
 ///
-/// An fp16 layer output is stored channels-last (`[B, H, W, C]`, see ops/layer_output.rs), which the next layer's
+/// An fp16 layer output is stored channels-last (`[B, H, W, C]`, see ops/layer_output/cuda.rs), which the next layer's
 /// conv reads as it is; the buffer says so ([`channels_last`](CudaBuf::channels_last): its logical `[B, C, H, W]`)
 /// until the next write of any other kind. The accessors of NCHW data refuse such a buffer, and the backend's
 /// `read` returns it in the logical NCHW order, so nothing reads it in the wrong order. A step graph that writes

@@ -39,7 +39,7 @@ use std::sync::atomic::Ordering;
 pub const KEY_SLOTS: usize = 256;
 
 /// The device buffers of the per-step values and what each slot holds now.
-pub(super) struct StepParams {
+pub(crate) struct StepParams {
     /// Per lane, AdamW's `{decay, w1, b2, w2, step_size, bc2_sqrt, eps}` at 8-float strides.
     hp: CudaSlice<f32>,
     hp_held: Vec<Option<[u32; 7]>>,
@@ -108,7 +108,7 @@ impl CudaBackend {
     }
 
     /// Makes lane `lane`'s AdamW slot hold `s` (a copy queued on that lane when it does not), and returns it.
-    pub(super) fn adamw_slot<'a>(
+    pub(crate) fn adamw_slot<'a>(
         &self,
         sp: &'a mut StepParams,
         lane: usize,
@@ -131,7 +131,7 @@ impl CudaBackend {
     }
 
     /// Makes site `site`'s dropout slot hold `key` (a copy queued on the site's lane when it does not).
-    pub(super) fn key_slot<'a>(&self, sp: &'a mut StepParams, site: usize, key: u64) -> Result<CudaView<'a, u64>> {
+    pub(crate) fn key_slot<'a>(&self, sp: &'a mut StepParams, site: usize, key: u64) -> Result<CudaView<'a, u64>> {
         anyhow::ensure!(site < KEY_SLOTS, "cuda backend: more than {KEY_SLOTS} layers");
         if sp.keys_held[site] != Some(key) {
             if self.capturing() {
@@ -319,7 +319,7 @@ impl CudaBackend {
 
     /// Marks `out`, just written, as `shape` stored channels-last; while a step is captured, also records the mark
     /// for each replay to set again.
-    pub(super) fn mark_channels_last(&self, out: &mut CudaBuf, shape: [usize; 4]) {
+    pub(crate) fn mark_channels_last(&self, out: &mut CudaBuf, shape: [usize; 4]) {
         let mark = out.set_channels_last(shape);
         if self.capturing() {
             self.graphs.lock().unwrap().capture_marks.push((mark, shape));

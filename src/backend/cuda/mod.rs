@@ -4,8 +4,9 @@
 //! [`CudaBackend::new`] probes for the driver, NVRTC and a device before the first cudarc call, so a machine
 //! without them gets one clear error instead of cudarc's panic.
 //!
-//! Layout: [`ops`] holds one file per kernel source (`ops/<op>.rs` for `kernels/<op>.cu`), [`args`] the launch
-//! wrappers generated from the kernels' signatures, [`buf`] the buffer type, [`geometry`] the launch geometry,
+//! Layout: each op's launcher lives in its op's folder (`src/ops/<op>/cuda.rs` for `kernels/<op>.cu`), with the
+//! op's arguments and checks; here are what they share: [`args`] the launch wrappers generated from the kernels'
+//! signatures, [`layout`] the fp16 GEMMs' channels-last copies, [`buf`] the buffer type, [`geometry`] the launch geometry,
 //! [`timing`] events and ceilings, [`nvrtc`] the compiler and its cache, [`standin`] the driver stand-in that runs
 //! all of this without a GPU.
 //!
@@ -29,8 +30,8 @@ pub mod args;
 pub mod buf;
 pub mod geometry;
 mod graph;
+pub mod layout;
 pub mod nvrtc;
-pub mod ops;
 pub mod selftest;
 pub mod standin;
 pub mod timing;
@@ -107,7 +108,7 @@ pub struct CudaBackend {
     /// when the read was queued, a device gather buffer and two pinned host buffers.
     readback: Mutex<Readback>,
     rb_stream: Arc<CudaStream>,
-    lane: std::sync::atomic::AtomicUsize,
+    pub(crate) lane: std::sync::atomic::AtomicUsize,
     funcs: HashMap<&'static str, CudaFunction>,
     /// The fusion heads' `dL/ds`, grown on demand.
     head_scratch: Mutex<Option<CudaSlice<f32>>>,
@@ -135,15 +136,15 @@ pub struct CudaBackend {
     tiles: geometry::Tiles,
     /// The per-step values kernels read from the device, the captured step graphs, and whether lane 0 is
     /// capturing one (graph.rs).
-    step_params: Mutex<graph::StepParams>,
+    pub(crate) step_params: Mutex<graph::StepParams>,
     graphs: Mutex<graph::StepGraphs>,
     capturing: std::sync::atomic::AtomicBool,
     /// With several lanes: the events that order them in a captured step and around a graph's launch.
     lane_events: Mutex<graph::LaneEvents>,
-    /// Weight gradients that used the forward's channels-last input copy (for tests: ops/layout.rs).
+    /// Weight gradients that used the forward's channels-last input copy (for tests: backend/cuda/layout.rs).
     input_copies_reused: std::sync::atomic::AtomicUsize,
     /// fp16 convs (forward or weight gradient) that read their input as the previous layer's output stored it,
-    /// channels-last, with no copy (for tests: ops/layout.rs).
+    /// channels-last, with no copy (for tests: backend/cuda/layout.rs).
     inputs_read_as_stored: std::sync::atomic::AtomicUsize,
     /// Step graphs allowed (`ASGE_CUDA_GRAPHS=0` or [`CudaBackend::without_step_graphs`] turn them off).
     graphs_allowed: bool,
@@ -155,19 +156,19 @@ type Tables<K, V> = Mutex<HashMap<K, Arc<V>>>;
 /// A lane's scratch: the fp16 forward's channels-last copies of a layer's input and weights (kernels/layout.cu),
 /// and the partials of the ops it runs.
 #[derive(Default)]
-struct LayoutScratch {
-    x: Option<CudaSlice<half::f16>>,
-    /// What `x` holds the copy of: the input buffer's version and the layer's shape (ops/layout.rs).
+pub(crate) struct LayoutScratch {
+    pub(crate) x: Option<CudaSlice<half::f16>>,
+    /// What `x` holds the copy of: the input buffer's version and the layer's shape (backend/cuda/layout.rs).
     x_from: Option<((u64, u64), ConvShape)>,
-    w: Option<CudaSlice<half::f16>>,
+    pub(crate) w: Option<CudaSlice<half::f16>>,
     /// The weight gradient's dL/dz (scaled), `[NHWC_MP(C_out)][WG_NP(N)]`.
-    dz: Option<CudaSlice<half::f16>>,
+    pub(crate) dz: Option<CudaSlice<half::f16>>,
     /// The split forward's f32 partial tiles.
-    part: Option<CudaSlice<f32>>,
+    pub(crate) part: Option<CudaSlice<f32>>,
     /// The fp16 forward's goodness partials per tile (kernels/conv_goodness_fwd.cu, `tile_goodness`).
-    gpart: Option<CudaSlice<f32>>,
+    pub(crate) gpart: Option<CudaSlice<f32>>,
     /// The layer output's per-slice sums of squares (kernels/layer_output.cu).
-    sumsq: Option<CudaSlice<f32>>,
+    pub(crate) sumsq: Option<CudaSlice<f32>>,
 }
 
 /// A patch grid's cell table and divisors on the device (see `geometry::cell_table`).
@@ -223,7 +224,7 @@ fn pinned<'a, T: cudarc::driver::DeviceRepr>(
 }
 
 /// The conv kernels index x, y and dL/dg with 32-bit integers.
-fn index32(s: &ConvShape) -> Result<()> {
+pub(crate) fn index32(s: &ConvShape) -> Result<()> {
     anyhow::ensure!(
         s.x_len().max(s.y_len()) < 1 << 31,
         "cuda backend: a batch of {} {}x{}x{} inputs to {} channels is too large for the conv kernels (2^31 \
@@ -237,15 +238,15 @@ fn index32(s: &ConvShape) -> Result<()> {
     Ok(())
 }
 
-fn cfg(grid_dim: (u32, u32, u32)) -> LaunchConfig {
+pub(crate) fn cfg(grid_dim: (u32, u32, u32)) -> LaunchConfig {
     LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn grid1(n: usize) -> LaunchConfig {
+pub(crate) fn grid1(n: usize) -> LaunchConfig {
     cfg(geometry::grid1(n))
 }
 
-fn drv<T>(r: Result<T, DriverError>, what: &str) -> Result<T> {
+pub(crate) fn drv<T>(r: Result<T, DriverError>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("cuda: {what}: {e:?}"))
 }
 
@@ -263,7 +264,7 @@ fn wait_for_streams<'a>(
 }
 
 /// The dtype the conv operands `(x, w, y)` agree on, or an error naming the odd one out.
-fn operand_precision(parts: &[(&str, &CudaBuf)]) -> Result<Precision> {
+pub(crate) fn operand_precision(parts: &[(&str, &CudaBuf)]) -> Result<Precision> {
     let p = parts[0].1.precision();
     for (what, b) in parts {
         if b.precision() != p {
@@ -439,7 +440,7 @@ impl CudaBackend {
         drv(self.stream().alloc_zeros::<f32>(len.max(1)), "alloc")
     }
 
-    fn lane_index(&self) -> usize {
+    pub(crate) fn lane_index(&self) -> usize {
         self.lane.load(std::sync::atomic::Ordering::Relaxed) % self.streams.len()
     }
 
@@ -458,7 +459,7 @@ impl CudaBackend {
         &self.streams
     }
 
-    fn f(&self, name: &str) -> Result<&CudaFunction> {
+    pub(crate) fn f(&self, name: &str) -> Result<&CudaFunction> {
         self.funcs.get(name).with_context(|| format!("kernel {name} is not loaded"))
     }
 
@@ -473,7 +474,7 @@ impl CudaBackend {
     /// error naming the kernel and its layer. With `ASGE_CUDA_SYNC=1` the stream is synchronised first, so an
     /// error the kernel itself causes is reported here and not at a later call. With kernel timing on
     /// ([`Backend::time_kernels`]) the launch is timed alone, with `work` beside its time.
-    fn launch(
+    pub(crate) fn launch(
         &self,
         kernel: &'static str,
         work: Work,
@@ -497,7 +498,7 @@ impl CudaBackend {
     }
 
     /// A scratch buffer of at least `len` values in `slot`, reallocated when too small.
-    fn scratch<'a, T: cudarc::driver::DeviceRepr>(
+    pub(crate) fn scratch<'a, T: cudarc::driver::DeviceRepr>(
         &self,
         slot: &'a mut Option<CudaSlice<T>>,
         len: usize,
@@ -513,26 +514,26 @@ impl CudaBackend {
     }
 
     /// How many fp16 weight gradients used the forward's channels-last copy of their input instead of making
-    /// it again (ops/layout.rs).
+    /// it again (backend/cuda/layout.rs).
     pub fn input_copies_reused(&self) -> usize {
         self.input_copies_reused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many fp16 convs (forwards and weight gradients) read a channels-last layer output as their input, with
-    /// no copy (ops/layout.rs).
+    /// no copy (backend/cuda/layout.rs).
     pub fn inputs_read_as_stored(&self) -> usize {
         self.inputs_read_as_stored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn layout_scratch(&self) -> MutexGuard<'_, LayoutScratch> {
+    pub(crate) fn layout_scratch(&self) -> MutexGuard<'_, LayoutScratch> {
         self.layout_scratch[self.lane_index()].lock().unwrap()
     }
 
-    fn wgrad_scratch(&self) -> MutexGuard<'_, Option<CudaSlice<f32>>> {
+    pub(crate) fn wgrad_scratch(&self) -> MutexGuard<'_, Option<CudaSlice<f32>>> {
         self.wgrad_scratch[self.lane_index()].lock().unwrap()
     }
 
-    fn head_scratch(&self) -> MutexGuard<'_, Option<CudaSlice<f32>>> {
+    pub(crate) fn head_scratch(&self) -> MutexGuard<'_, Option<CudaSlice<f32>>> {
         self.head_scratch.lock().unwrap()
     }
 
@@ -544,7 +545,7 @@ impl CudaBackend {
     }
 
     /// The layer's tap table on the device (see `geometry::tap_table`), built on first use.
-    fn tap_table(&self, s: &ConvShape) -> Result<Arc<CudaSlice<i32>>> {
+    pub(crate) fn tap_table(&self, s: &ConvShape) -> Result<Arc<CudaSlice<i32>>> {
         let key = (s.c_in, s.h, s.w);
         let mut tables = self.tap_tables.lock().unwrap();
         if let Some(t) = tables.get(&key) {
@@ -557,7 +558,7 @@ impl CudaBackend {
     }
 
     /// The fp16 forward's chunk table on the device (see `geometry::nhwc_tap_table`), built on first use.
-    fn nhwc_tap_table(&self, cp: usize, s: &ConvShape) -> Result<Arc<CudaSlice<i32>>> {
+    pub(crate) fn nhwc_tap_table(&self, cp: usize, s: &ConvShape) -> Result<Arc<CudaSlice<i32>>> {
         let key = (cp, s.h, s.w);
         let mut tables = self.nhwc_tables.lock().unwrap();
         if let Some(t) = tables.get(&key) {
@@ -570,7 +571,7 @@ impl CudaBackend {
     }
 
     /// The fp16 weight gradient's pixel table on the device (see `geometry::pixel_masks`), built on first use.
-    fn pixel_masks(&self, s: &ConvShape) -> Result<Arc<CudaSlice<u16>>> {
+    pub(crate) fn pixel_masks(&self, s: &ConvShape) -> Result<Arc<CudaSlice<u16>>> {
         let key = (s.batch, s.h, s.w);
         let mut tables = self.pixel_tables.lock().unwrap();
         if let Some(t) = tables.get(&key) {
@@ -582,7 +583,7 @@ impl CudaBackend {
     }
 
     /// The grid's cell table and divisors on the device (see `geometry::cell_table`), built on first use.
-    fn cell_table(&self, grid: &PatchGrid, reduce: GoodnessReduce) -> Result<Arc<CellTable>> {
+    pub(crate) fn cell_table(&self, grid: &PatchGrid, reduce: GoodnessReduce) -> Result<Arc<CellTable>> {
         let key = (grid.h, grid.w, grid.p, reduce == GoodnessReduce::Mean);
         let mut tables = self.cell_tables.lock().unwrap();
         if let Some(t) = tables.get(&key) {
@@ -595,7 +596,7 @@ impl CudaBackend {
     }
 
     /// Zeroes the first `len` values (the head logits, which the heads accumulate into).
-    fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
+    pub(crate) fn zero(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
         if len > 0 {
             drv(self.stream().memset_zeros(&mut buf.slice_mut(0..len)), "memset")?;
         }
@@ -878,29 +879,29 @@ impl Backend for CudaBackend {
     }
 
     fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, CudaBuf>>) -> Result<()> {
-        ops::conv_goodness_fwd::run(self, a)
+        conv_goodness_fwd::cuda::run(self, a)
     }
 
     fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-        ops::goodness_loss::run(self, a)
+        goodness_loss::cuda::run(self, a)
     }
 
     fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, CudaBuf>>) -> Result<()> {
-        ops::conv_goodness_wgrad::run(self, a)
+        conv_goodness_wgrad::cuda::run(self, a)
     }
 
     fn layer_output(&self, a: Checked<layer_output::Args<'_, CudaBuf>>) -> Result<()> {
-        ops::layer_output::run(self, a)?;
+        layer_output::cuda::run(self, a)?;
         // The next layer's input and the heads' features are written: in a captured step, the hand-off to the
         // lane that reads them (graph.rs).
         self.capture_hand_off()
     }
 
     fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-        ops::fusion_heads::run(self, a)
+        fusion_heads::cuda::run(self, a)
     }
 
     fn adamw(&self, a: Checked<adamw::Args<'_, CudaBuf>>) -> Result<()> {
-        ops::adamw::run(self, a)
+        adamw::cuda::run(self, a)
     }
 }

@@ -52,7 +52,7 @@ pub(super) struct TimedOps {
 const MAX_TIMED_OPS: usize = 20_000;
 
 /// Records an op's end event when dropped (see [`CudaBackend::time_op`]).
-pub(super) struct OpTimer<'a> {
+pub(crate) struct OpTimer<'a> {
     be: &'a CudaBackend,
     start: Option<(CudaEvent, &'static str, usize)>,
 }
@@ -70,7 +70,7 @@ impl Drop for OpTimer<'_> {
 impl CudaBackend {
     /// Times the op issued until the returned guard drops, with CUDA events on the current lane's stream,
     /// when `--trace` is on (a no-op otherwise).
-    pub(super) fn time_op(&self, name: &'static str) -> OpTimer<'_> {
+    pub(crate) fn time_op(&self, name: &'static str) -> OpTimer<'_> {
         if !crate::trace::is_on() {
             return OpTimer { be: self, start: None };
         }

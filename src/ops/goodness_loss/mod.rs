@@ -2,6 +2,9 @@
 //! `dL/dg = (softmax(a) - onehot(y)) R^T / B` when `dg` is given, and `[loss_sum, correct]` added to `stats`
 //! (docs/method.md §6).
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
 use super::{fits, Checked, Len};
 use crate::backend::{Backend, STATS_LEN};
 use anyhow::{ensure, Result};

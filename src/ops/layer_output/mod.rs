@@ -2,6 +2,9 @@
 //! optional dropout, then the per-sample RMS norm `o / (sqrt(mean_{c,h,w} o^2) + e^-50)`, into `out`; when `gap`
 //! is given, the global average pool of `out`, `[B, C]` (the fusion heads' features; docs/method.md §7-§8).
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
 use super::{fits, Checked, Len};
 use crate::backend::{Backend, Dropout};
 use crate::model::PoolKind;

@@ -1,9 +1,9 @@
 //! `goodness_loss` (kernels/goodness_loss.cu): the fixed projection, softmax cross-entropy, its statistics and
 //! dL/dg, one block per sample.
 
-use super::super::args::launch::GoodnessLossF32;
-use super::super::{cfg, CudaBackend, CudaBuf, Work};
-use crate::ops::goodness_loss::Args;
+use super::Args;
+use crate::backend::cuda::args::launch::GoodnessLossF32;
+use crate::backend::cuda::{cfg, CudaBackend, CudaBuf, Work};
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -34,7 +34,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> R
                 pb: proj_b.f32("projection bias")?,
                 labels,
                 logits: logits.f32_mut("logits")?,
-                dg: dg.map(|d| d as &mut dyn super::super::args::DevOut<f32>),
+                dg: dg.map(|d| d as &mut dyn crate::backend::cuda::args::DevOut<f32>),
                 stats: stats.f32_mut("stats")?,
                 B: batch as i32,
                 D: dim as i32,

@@ -1,11 +1,11 @@
 //! `adamw` (kernels/adamw.cu): decoupled weight decay and Adam on the f32 master weights, writing the fp16
 //! operand copy in the same pass.
 
-use super::super::args::launch::AdamwF32;
-use super::super::args::DevOut;
-use super::super::buf::Data;
-use super::super::{cfg, drv, geometry, CudaBackend, CudaBuf, Work};
-use crate::ops::adamw::Args;
+use super::Args;
+use crate::backend::cuda::args::launch::AdamwF32;
+use crate::backend::cuda::args::DevOut;
+use crate::backend::cuda::buf::Data;
+use crate::backend::cuda::{cfg, drv, geometry, CudaBackend, CudaBuf, Work};
 use crate::ops::Checked;
 use anyhow::Result;
 

@@ -1,9 +1,9 @@
 //! `fusion_heads` (kernels/fusion_heads.cu): the heads' summed logits, softmax cross-entropy with its
 //! statistics and dL/ds, and each head's gradient.
 
-use super::super::args::launch::{HeadsGradF32, HeadsLogitsF32, HeadsSoftmaxF32};
-use super::super::{grid1, CudaBackend, CudaBuf, Work};
-use crate::ops::fusion_heads::Args;
+use super::Args;
+use crate::backend::cuda::args::launch::{HeadsGradF32, HeadsLogitsF32, HeadsSoftmaxF32};
+use crate::backend::cuda::{grid1, CudaBackend, CudaBuf, Work};
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;

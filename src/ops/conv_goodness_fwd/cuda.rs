@@ -3,14 +3,14 @@
 //! tile order by `goodness_tiles_f32`. In fp16 the conv reads channels-last copies of x and W (kernels/layout.cu),
 //! made here: the rest of the backend keeps PyTorch's layouts.
 
-use super::super::args::launch::{
+use super::Args;
+use crate::backend::cuda::args::launch::{
     ConvFwdNhwcF16, ConvFwdNhwcF16L, ConvFwdNhwcF16Sk, ConvFwdSplitkF16, ConvGoodnessFwdF32, GoodnessTilesF32,
     PatchGoodnessF32,
 };
-use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf, Work};
+use crate::backend::cuda::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf, Work};
 use crate::backend::Precision;
 use crate::model::GoodnessReduce;
-use crate::ops::conv_goodness_fwd::Args;
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
@@ -61,8 +61,8 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
             let w = w.f16("conv weight")?;
             let mut guard = be.layout_scratch();
             let scratch = &mut *guard;
-            let cp = super::layout::input(be, s, x, scratch, false)?;
-            super::layout::weights(be, s, w, &mut scratch.w)?;
+            let cp = crate::backend::cuda::layout::input(be, s, x, scratch, false)?;
+            crate::backend::cuda::layout::weights(be, s, w, &mut scratch.w)?;
             let taps = be.nhwc_tap_table(cp, s)?;
             let (nb, gpart_len) = geometry::goodness_partials(s, grid, &kernel);
             // The channels-last input and weights read, y written (fp16), the goodness partials written (f32).
@@ -82,7 +82,8 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
                 let split_cfg = LaunchConfig { grid_dim: (gx, gy, splits as u32), ..launch_cfg };
                 let part = be.scratch(&mut scratch.part, splits * s.c_out * n)?;
                 let part_bytes = 4.0 * (splits * s.c_out * n) as f64;
-                let (xn, wn) = (super::layout::operand(x, &scratch.x)?, scratch.w.as_ref().expect("just filled"));
+                let (xn, wn) =
+                    (crate::backend::cuda::layout::operand(x, &scratch.x)?, scratch.w.as_ref().expect("just filled"));
                 be.launch(k.name, Work::gemm(flop, operands - 4.0 * s.c_out as f64 + part_bytes), || {
                     Ok(unsafe {
                         ConvFwdNhwcF16Sk {
@@ -121,7 +122,8 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
                     })
                 })?;
             } else {
-                let (xn, wn) = (super::layout::operand(x, &scratch.x)?, scratch.w.as_ref().expect("just filled"));
+                let (xn, wn) =
+                    (crate::backend::cuda::layout::operand(x, &scratch.x)?, scratch.w.as_ref().expect("just filled"));
                 be.launch(kernel.name, Work::gemm(flop, operands + y_bytes + gpart_bytes), || {
                     Ok(unsafe {
                         if kernel.name == ConvFwdNhwcF16L::NAME {

@@ -2,12 +2,12 @@
 //! pixel slices and the deterministic reduction of the slices. In f32 one implicit GEMM computes dL/dz while its
 //! tiles load; in fp16 dL/dz is computed once (`dz_f16`), and the GEMM runs over it and the channels-last input.
 
-use super::super::args::launch::{
+use super::Args;
+use crate::backend::cuda::args::launch::{
     ConvGoodnessWgradF32, ConvWgradNhwcF16, ConvWgradNhwcF16L, DgPerCellF32, DzF16, WgradReduceF32, WgradReduceNhwcF32,
 };
-use super::super::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf, Work};
+use crate::backend::cuda::{cfg, geometry, grid1, index32, operand_precision, CudaBackend, CudaBuf, Work};
 use crate::backend::{dz_scale, Precision};
-use crate::ops::conv_goodness_wgrad::Args;
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
@@ -101,7 +101,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
             let masks = be.pixel_masks(s)?;
             let mut layout = be.layout_scratch();
             // dz, [NHWC_MP(C_out)][WG_NP(N)], and the input channels-last: the forward's copy when the lane's
-            // scratch still holds it (ops/layout.rs), else made again.
+            // scratch still holds it (backend/cuda/layout.rs), else made again.
             let dz = be.scratch(&mut layout.dz, s.c_out.next_multiple_of(128) * geometry::wgrad_pixels(s))?;
             // SAFETY: y holds B*C_out*H*W values and q B*C_out*P*P (the op's checks (crate::ops::conv_goodness_wgrad)), dz its padded extent, and
             // part_b dz_grid.x * C_out floats; one block per channel and 2048 pixels.
@@ -127,8 +127,9 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
                     .launch(stream, be.f("dz_f16")?, cfg(geometry::dz_grid(s)))
                 })
             })?;
-            super::layout::input(be, s, x, &mut layout, true)?;
-            let (dz, xn) = (layout.dz.as_ref().expect("just filled"), super::layout::operand(x, &layout.x)?);
+            crate::backend::cuda::layout::input(be, s, x, &mut layout, true)?;
+            let (dz, xn) =
+                (layout.dz.as_ref().expect("just filled"), crate::backend::cuda::layout::operand(x, &layout.x)?);
             let launch_cfg = LaunchConfig { shared_mem_bytes: kernel.smem, ..cfg(split.grid) };
             let (cpi, inv_scale) = (cp as i32, 1.0 / scale);
             // SAFETY: dz, xn, the chunk and pixel tables hold the padded extents of this shape; part holds

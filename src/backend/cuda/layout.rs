@@ -1,12 +1,12 @@
 //! `layout` (kernels/layout.cu): the fp16 GEMMs' channels-last copies of a layer's input and weights, into the
 //! lane's layout scratch. An input that the previous layer's output stored channels-last already
-//! (`CudaBuf::channels_last`, ops/layer_output.rs) is read as it is; the others (the batch's input, whose 1 or 3
+//! (`CudaBuf::channels_last`, ops/layer_output/cuda.rs) is read as it is; the others (the batch's input, whose 1 or 3
 //! channels are padded to 8, and layers whose channel count is not a multiple of 8) are copied once per layer and
 //! step: the forward makes the copy, the weight gradient after it reuses it (the trainer runs a layer's ops in a
 //! row on one lane; a copy made from another buffer, another shape or a buffer written since is made again).
 
-use super::super::args::launch::{KrscPadF16, NhwcPadF16};
-use super::super::{geometry, grid1, CudaBackend, CudaBuf, LayoutScratch, Work};
+use super::args::launch::{KrscPadF16, NhwcPadF16};
+use super::{geometry, grid1, CudaBackend, CudaBuf, LayoutScratch, Work};
 use crate::backend::ConvShape;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -17,7 +17,7 @@ use half::f16;
 /// the copy already there is used as it is when it was made from this very buffer, unchanged since (its
 /// [`version`](CudaBuf::version)), for this shape: the weight gradient's case, after the layer's forward on the
 /// same lane made it.
-pub(in crate::backend::cuda) fn input(
+pub(crate) fn input(
     be: &CudaBackend,
     s: &ConvShape,
     x: &CudaBuf,
@@ -70,10 +70,7 @@ pub(in crate::backend::cuda) fn input(
 
 /// The conv's channels-last input after [`input`]: `x` itself where it is stored so, else the copy in `copy` (the
 /// lane's `LayoutScratch::x`).
-pub(in crate::backend::cuda) fn operand<'a>(
-    x: &'a CudaBuf,
-    copy: &'a Option<CudaSlice<f16>>,
-) -> Result<&'a CudaSlice<f16>> {
+pub(crate) fn operand<'a>(x: &'a CudaBuf, copy: &'a Option<CudaSlice<f16>>) -> Result<&'a CudaSlice<f16>> {
     if x.channels_last().is_some() {
         return x.f16_any_layout("x");
     }

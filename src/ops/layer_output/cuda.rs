@@ -2,17 +2,17 @@
 //! features: each sample's channels split over blocks (`geometry::layer_output_split`), its slices' sums of
 //! squares, then the store with the pooled features. In fp16, where C is a multiple of 8 (every VGG8 width from
 //! 0.125 up), the store is channels-last, `[B, Ho, Wo, C]`: the next layer's conv reads its input as it is, with
-//! no channels-last copy (ops/layout.rs), and the buffer says so (`CudaBuf::channels_last`). Elsewhere (fp32, odd
+//! no channels-last copy (backend/cuda/layout.rs), and the buffer says so (`CudaBuf::channels_last`). Elsewhere (fp32, odd
 //! channel counts) it is NCHW.
 
-use super::super::args::launch::{
+use super::Args;
+use crate::backend::cuda::args::launch::{
     LayerOutputF16, LayerOutputF32, LayerOutputNhwcF16, LayerOutputSumsqF16, LayerOutputSumsqF32,
 };
-use super::super::args::{DevIn, DevOut};
-use super::super::{cfg, geometry, operand_precision, CudaBackend, CudaBuf, Work};
+use crate::backend::cuda::args::{DevIn, DevOut};
+use crate::backend::cuda::{cfg, geometry, operand_precision, CudaBackend, CudaBuf, Work};
 use crate::backend::Precision;
 use crate::model::PoolKind;
-use crate::ops::layer_output::Args;
 use crate::ops::Checked;
 use anyhow::Result;
 
