@@ -6,7 +6,6 @@
 
 mod common;
 
-use asge::backend::cpu::{conv, ops};
 use asge::backend::{AdamWStep, ConvShape, Dropout};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
 use common::randn;
@@ -113,7 +112,7 @@ fn conv_goodness_fwd_matches_naive_f64() {
         let b = randn(s.c_out, 0.1, 30 + ci as u64);
         let mut y = vec![f32::NAN; s.y_len()];
         let mut g = vec![f32::NAN; s.batch * s.c_out * grid.cells()];
-        conv::conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g, false);
+        asge::ops::conv_goodness_fwd::cpu::conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g, false);
         let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         let bf: Vec<f64> = b.iter().map(|&v| v as f64).collect();
         let y_ref = conv_ref(&s, &x, &wf, &bf);
@@ -132,7 +131,19 @@ fn goodness_loss_matches_naive_and_finite_differences() {
     let mut logits = vec![0.0; batch * classes];
     let mut dg = vec![0.0; batch * dim];
     let mut stats = vec![0.0; 2];
-    ops::goodness_loss(batch, dim, classes, &g, &pw, &pb, &labels, &mut logits, Some(&mut dg), &mut stats).unwrap();
+    asge::ops::goodness_loss::cpu::goodness_loss(
+        batch,
+        dim,
+        classes,
+        &g,
+        &pw,
+        &pb,
+        &labels,
+        &mut logits,
+        Some(&mut dg),
+        &mut stats,
+    )
+    .unwrap();
     let gf: Vec<f64> = g.iter().map(|&v| v as f64).collect();
     let l0 = loss_ref(&gf, batch, dim, classes, &pw, &pb, &labels);
     assert!((stats[0] as f64 / batch as f64 - l0).abs() < 1e-5 * l0.abs(), "loss {} vs {l0}", stats[0] / 3.0);
@@ -156,7 +167,18 @@ fn goodness_loss_matches_naive_and_finite_differences() {
         assert!((dg[k] as f64 - fd).abs() <= 1e-6 + 1e-4 * fd.abs(), "dg[{k}] = {} vs finite difference {fd}", dg[k]);
     }
     // Wrong labels are an error, not a panic.
-    let err = ops::goodness_loss(batch, dim, classes, &g, &pw, &pb, &[3, 0, 10], &mut logits, None, &mut stats);
+    let err = asge::ops::goodness_loss::cpu::goodness_loss(
+        batch,
+        dim,
+        classes,
+        &g,
+        &pw,
+        &pb,
+        &[3, 0, 10],
+        &mut logits,
+        None,
+        &mut stats,
+    );
     assert!(err.unwrap_err().to_string().contains("out of range"));
 }
 
@@ -176,12 +198,33 @@ fn conv_wgrad_matches_finite_differences_of_the_layer_loss() {
 
         let mut y = vec![0.0; s.y_len()];
         let mut g = vec![0.0; s.batch * dim];
-        conv::conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g, false);
+        asge::ops::conv_goodness_fwd::cpu::conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g, false);
         let (mut logits, mut dg, mut stats) = (vec![0.0; s.batch * classes], vec![0.0; s.batch * dim], vec![0.0; 2]);
-        ops::goodness_loss(s.batch, dim, classes, &g, &pw, &pb, &labels, &mut logits, Some(&mut dg), &mut stats)
-            .unwrap();
+        asge::ops::goodness_loss::cpu::goodness_loss(
+            s.batch,
+            dim,
+            classes,
+            &g,
+            &pw,
+            &pb,
+            &labels,
+            &mut logits,
+            Some(&mut dg),
+            &mut stats,
+        )
+        .unwrap();
         let (mut dw, mut db) = (vec![f32::NAN; s.w_len()], vec![f32::NAN; s.c_out]);
-        conv::conv_goodness_wgrad(&s, &grid, case.reduce, &x, &y, &dg, &mut dw, &mut db, None);
+        asge::ops::conv_goodness_wgrad::cpu::conv_goodness_wgrad(
+            &s,
+            &grid,
+            case.reduce,
+            &x,
+            &y,
+            &dg,
+            &mut dw,
+            &mut db,
+            None,
+        );
 
         let loss = |wf: &[f64], bf: &[f64]| {
             let y = conv_ref(&s, &x, wf, bf);
@@ -223,15 +266,35 @@ fn wgrad_is_independent_of_chunking_and_batch_split() {
     let b = vec![0.0; s.c_out];
     let mut y = vec![0.0; s.y_len()];
     let mut g = vec![0.0; s.batch * 64];
-    conv::conv_goodness_fwd(&s, &grid, GoodnessReduce::Mean, &x, &w, &b, &mut y, &mut g, false);
+    asge::ops::conv_goodness_fwd::cpu::conv_goodness_fwd(
+        &s,
+        &grid,
+        GoodnessReduce::Mean,
+        &x,
+        &w,
+        &b,
+        &mut y,
+        &mut g,
+        false,
+    );
     let dg = randn(s.batch * 64, 1.0, 3);
     let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; 16]);
-    conv::conv_goodness_wgrad(&s, &grid, GoodnessReduce::Mean, &x, &y, &dg, &mut dw, &mut db, None);
+    asge::ops::conv_goodness_wgrad::cpu::conv_goodness_wgrad(
+        &s,
+        &grid,
+        GoodnessReduce::Mean,
+        &x,
+        &y,
+        &dg,
+        &mut dw,
+        &mut db,
+        None,
+    );
     let half = ConvShape { batch: 10, ..s };
     let (mut dw1, mut db1, mut dw2, mut db2) =
         (vec![0.0; s.w_len()], vec![0.0; 16], vec![0.0; s.w_len()], vec![0.0; 16]);
     let (xh, yh, gh) = (s.x_len() / 2, s.y_len() / 2, 10 * 64);
-    conv::conv_goodness_wgrad(
+    asge::ops::conv_goodness_wgrad::cpu::conv_goodness_wgrad(
         &half,
         &grid,
         GoodnessReduce::Mean,
@@ -242,7 +305,7 @@ fn wgrad_is_independent_of_chunking_and_batch_split() {
         &mut db1,
         None,
     );
-    conv::conv_goodness_wgrad(
+    asge::ops::conv_goodness_wgrad::cpu::conv_goodness_wgrad(
         &half,
         &grid,
         GoodnessReduce::Mean,
@@ -266,7 +329,7 @@ fn layer_output_pools_drops_and_normalises() {
             let (ho, wo) = if pool.is_some() { (3, 3) } else { (6, 6) };
             let mut out = vec![f32::NAN; batch * c * ho * wo];
             let mut gap = vec![f32::NAN; batch * c];
-            ops::layer_output(batch, c, h, w, pool, dropout, &y, &mut out, Some(&mut gap));
+            asge::ops::layer_output::cpu::layer_output(batch, c, h, w, pool, dropout, &y, &mut out, Some(&mut gap));
             // Reference in f64.
             let per = c * ho * wo;
             let mut zeros = 0;
@@ -357,7 +420,17 @@ fn fusion_heads_match_finite_differences() {
     let mut grads: Vec<(&mut [f32], &mut [f32])> =
         gw.iter_mut().zip(gb.iter_mut()).map(|(w, b)| (w.as_mut_slice(), b.as_mut_slice())).collect();
     let (mut logits, mut stats) = (vec![0.0; batch * classes], vec![0.0; 2]);
-    ops::fusion_heads(batch, classes, &fref, &href, &labels, &mut logits, Some(&mut grads), &mut stats).unwrap();
+    asge::ops::fusion_heads::cpu::fusion_heads(
+        batch,
+        classes,
+        &fref,
+        &href,
+        &labels,
+        &mut logits,
+        Some(&mut grads),
+        &mut stats,
+    )
+    .unwrap();
     let wf: Vec<Vec<f64>> = ws.iter().map(|w| w.iter().map(|&v| v as f64).collect()).collect();
     let bf: Vec<Vec<f64>> = bs.iter().map(|w| w.iter().map(|&v| v as f64).collect()).collect();
     let l0 = loss_f64(&wf, &bf);
@@ -391,7 +464,7 @@ fn adamw_matches_pytorch_formula_in_f64() {
     for t in 1..=5u64 {
         let g = randn(n, 0.01, 10 + t);
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
-        ops::adamw(&mut p, &g, &mut m, &mut v, &h);
+        asge::ops::adamw::cpu::adamw(&mut p, &g, &mut m, &mut v, &h);
         for i in 0..n {
             let gi = g[i] as f64;
             pf[i] *= 1.0 - h.lr * h.weight_decay;
@@ -407,7 +480,7 @@ fn adamw_matches_pytorch_formula_in_f64() {
     // The first step moves every weight by ~lr (Adam's normalised step), after the decay.
     let mut q = vec![0.5f32];
     let h = AdamWStep { lr: 1e-3, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
-    ops::adamw(&mut q, &[3.0], &mut [0.0], &mut [0.0], &h);
+    asge::ops::adamw::cpu::adamw(&mut q, &[3.0], &mut [0.0], &mut [0.0], &h);
     assert!((q[0] - 0.499).abs() < 1e-6, "{}", q[0]);
 }
 
@@ -423,7 +496,17 @@ fn goodness_is_flattened_channel_major() {
     let mut w = vec![0.0f32; s.w_len()];
     w[2 * 9 + 4] = 2.0;
     let (mut y, mut g) = (vec![0.0; s.y_len()], vec![0.0; 48]);
-    conv::conv_goodness_fwd(&s, &grid, GoodnessReduce::Mean, &x, &w, &[0.0; 3], &mut y, &mut g, false);
+    asge::ops::conv_goodness_fwd::cpu::conv_goodness_fwd(
+        &s,
+        &grid,
+        GoodnessReduce::Mean,
+        &x,
+        &w,
+        &[0.0; 3],
+        &mut y,
+        &mut g,
+        false,
+    );
     let nonzero: Vec<usize> = g.iter().enumerate().filter(|(_, &v)| v != 0.0).map(|(i, _)| i).collect();
     assert_eq!(nonzero, vec![40]);
     assert_eq!(g[40], 4.0 / 4.0); // y = 2 -> y^2 = 4, over a 2x2 bin
@@ -493,7 +576,17 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     let xr: Vec<f32> = x.iter().map(|&v| round_f16(v)).collect();
     let grad = |scale: Option<f32>| {
         let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
-        conv::conv_goodness_wgrad(&s, &grid, GoodnessReduce::Mean, &xr, &y, &dg, &mut dw, &mut db, scale);
+        asge::ops::conv_goodness_wgrad::cpu::conv_goodness_wgrad(
+            &s,
+            &grid,
+            GoodnessReduce::Mean,
+            &xr,
+            &y,
+            &dg,
+            &mut dw,
+            &mut db,
+            scale,
+        );
         (dw, db)
     };
     let (dw32, db32) = grad(None);

@@ -1,6 +1,5 @@
-//! The convolution on the CPU: im2col + GEMM (the `gemm` crate's AVX-512/AVX2 kernels), with bias, ReLU and
-//! the patch goodness fused into the pass that scatters the GEMM result, and the weight gradient whose
-//! `dL/dz` is produced chunk by chunk from `y` and `dL/dg`, never stored for the whole batch.
+//! What the CPU convolutions share (`crate::ops::conv_goodness_fwd::cpu`, `crate::ops::conv_goodness_wgrad::cpu`):
+//! im2col and its transpose, the `gemm` crate's AVX-512/AVX2 GEMM, thread-local scratch, and the work split.
 //!
 //! Work split: the batch is cut into chunks of whole samples, about `TARGET_COLS` output pixels each (at least
 //! eight chunks when the batch allows, so that every core has work). Chunks run in parallel on rayon; each
@@ -8,23 +7,20 @@
 //! The weight gradient sums per-group partials (a fixed number of groups, in a fixed order), so a run gives
 //! the same bits whatever the thread count.
 
-use crate::backend::ConvShape;
-use crate::model::{GoodnessReduce, PatchGrid};
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Output pixels (GEMM columns) per chunk: large enough to amortise packing the weights, small enough that
 /// the column matrix stays in the L2/L3 caches.
-const TARGET_COLS: usize = 1024;
+pub(crate) const TARGET_COLS: usize = 1024;
 /// Fixed number of weight-gradient partial sums (bounded memory, thread-count-independent results).
-const WGRAD_GROUPS: usize = 16;
+pub(crate) const WGRAD_GROUPS: usize = 16;
 
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Runs `f` with two thread-local scratch buffers of at least the given lengths (contents unspecified).
-fn with_scratch<R>(a_len: usize, b_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(crate) fn with_scratch<R>(a_len: usize, b_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
         let (a, b) = &mut *guard;
@@ -118,8 +114,9 @@ pub fn im2col_t(x: &[f32], n_samples: usize, c_in: usize, h: usize, w: usize, co
 }
 
 /// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` with explicit row/column strides, single-threaded.
+// A GEMM's shape, strides and operands, as the gemm crate takes them.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(crate) fn sgemm(
     m: usize,
     n: usize,
     k: usize,
@@ -160,171 +157,5 @@ fn sgemm(
             false,
             gemm::Parallelism::None,
         );
-    }
-}
-
-/// The goodness of one `[H, W]` map: `g[i*P + j] = reduce_{bin_ij} y^2`.
-pub fn patch_goodness(ymap: &[f32], grid: &PatchGrid, reduce: GoodnessReduce, g: &mut [f32]) {
-    let (p, w) = (grid.p, grid.w);
-    for (i, &(r0, r1)) in grid.rows.iter().enumerate() {
-        for (j, &(c0, c1)) in grid.cols.iter().enumerate() {
-            let mut acc = 0.0f32;
-            for r in r0..r1 {
-                acc += super::ops::sum_squares(&ymap[r * w + c0..r * w + c1]);
-            }
-            g[i * p + j] = match reduce {
-                GoodnessReduce::Mean => acc / grid.area(i, j) as f32,
-                GoodnessReduce::Sum => acc,
-            };
-        }
-    }
-}
-
-/// `dz[h,w] = 1[y > 0] * sum_{bins containing (h,w)} (dg_ij / |bin_ij|) * 2 y` for one map (no `/|bin|` for sum).
-pub fn goodness_dz(ymap: &[f32], dg: &[f32], grid: &PatchGrid, reduce: GoodnessReduce, dz: &mut [f32]) {
-    let (p, w) = (grid.p, grid.w);
-    if !grid.is_partition() {
-        dz.fill(0.0);
-    }
-    for (i, &(r0, r1)) in grid.rows.iter().enumerate() {
-        for (j, &(c0, c1)) in grid.cols.iter().enumerate() {
-            let dpool = match reduce {
-                GoodnessReduce::Mean => dg[i * p + j] / grid.area(i, j) as f32,
-                GoodnessReduce::Sum => dg[i * p + j],
-            };
-            for r in r0..r1 {
-                let ys = &ymap[r * w + c0..r * w + c1];
-                let ds = &mut dz[r * w + c0..r * w + c1];
-                if grid.is_partition() {
-                    for (d, &y) in ds.iter_mut().zip(ys) {
-                        *d = if y > 0.0 { dpool * (2.0 * y) } else { 0.0 };
-                    }
-                } else {
-                    for (d, &y) in ds.iter_mut().zip(ys) {
-                        if y > 0.0 {
-                            *d += dpool * (2.0 * y);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Forward: `y = relu(conv3x3(x, W) + b)`, `g` = patch goodness of `y`. With `round_y`, `y` is stored rounded
-/// to binary16 and the goodness summed from the stored values (the fp16 path).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_goodness_fwd(
-    s: &ConvShape,
-    grid: &PatchGrid,
-    reduce: GoodnessReduce,
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    y: &mut [f32],
-    g: &mut [f32],
-    round_y: bool,
-) {
-    let hw = s.h * s.w;
-    let k = s.c_in * 9;
-    let d = s.c_out * grid.cells();
-    let spc = samples_per_chunk(s.batch, hw, 8);
-    let (x, w, b) = (&x[..s.x_len()], &w[..s.w_len()], &b[..s.c_out]);
-    y[..s.y_len()]
-        .par_chunks_mut(spc * s.c_out * hw)
-        .zip(g[..s.batch * d].par_chunks_mut(spc * d))
-        .enumerate()
-        .for_each(|(chunk, (y_chunk, g_chunk))| {
-            let n_s = y_chunk.len() / (s.c_out * hw);
-            let n = n_s * hw;
-            let x_chunk = &x[chunk * spc * s.c_in * hw..][..n_s * s.c_in * hw];
-            with_scratch(k * n, s.c_out * n, |col, out| {
-                im2col(x_chunk, n_s, s.c_in, s.h, s.w, col);
-                sgemm(s.c_out, n, k, out, n, false, w, k, 1, col, n, 1);
-                // Epilogue: bias + ReLU, scattered into [B, C, H, W], and the goodness of each map.
-                for si in 0..n_s {
-                    for c in 0..s.c_out {
-                        let src = &out[c * n + si * hw..][..hw];
-                        let dst = &mut y_chunk[(si * s.c_out + c) * hw..][..hw];
-                        let bias = b[c];
-                        for (o, &v) in dst.iter_mut().zip(src) {
-                            *o = (v + bias).max(0.0);
-                        }
-                        if round_y {
-                            dst.iter_mut().for_each(|o| *o = crate::backend::round_f16(*o));
-                        }
-                        patch_goodness(dst, grid, reduce, &mut g_chunk[si * d + c * grid.cells()..][..grid.cells()]);
-                    }
-                }
-            });
-        });
-}
-
-/// Weight gradient: `dW = dz x_col^T`, `db = sum dz`, with `dz` from [`goodness_dz`] chunk by chunk. With
-/// `dz_scale = Some(S)` (the fp16 path), the GEMM multiplies `round_f16(dz * S)` and `dW` is divided by `S`;
-/// `db` sums the unrounded `dz`.
-#[allow(clippy::too_many_arguments)]
-pub fn conv_goodness_wgrad(
-    s: &ConvShape,
-    grid: &PatchGrid,
-    reduce: GoodnessReduce,
-    x: &[f32],
-    y: &[f32],
-    dg: &[f32],
-    dw: &mut [f32],
-    db: &mut [f32],
-    dz_scale: Option<f32>,
-) {
-    let hw = s.h * s.w;
-    let k = s.c_in * 9;
-    let d = s.c_out * grid.cells();
-    let spc = samples_per_chunk(s.batch, hw, 2);
-    let n_chunks = s.batch.div_ceil(spc);
-    let groups = n_chunks.min(WGRAD_GROUPS);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..groups)
-        .into_par_iter()
-        .map(|group| {
-            let mut dw_acc = vec![0.0f32; s.c_out * k];
-            let mut db_acc = vec![0.0f32; s.c_out];
-            let chunks = (group * n_chunks / groups)..((group + 1) * n_chunks / groups);
-            for chunk in chunks {
-                let s0 = chunk * spc;
-                let n_s = spc.min(s.batch - s0);
-                let n = n_s * hw;
-                with_scratch(k * n, s.c_out * n, |col, dz| {
-                    im2col_t(&x[s0 * s.c_in * hw..][..n_s * s.c_in * hw], n_s, s.c_in, s.h, s.w, col);
-                    for si in 0..n_s {
-                        for c in 0..s.c_out {
-                            let ymap = &y[((s0 + si) * s.c_out + c) * hw..][..hw];
-                            let dgc = &dg[(s0 + si) * d + c * grid.cells()..][..grid.cells()];
-                            let dzr = &mut dz[c * n + si * hw..][..hw];
-                            goodness_dz(ymap, dgc, grid, reduce, dzr);
-                            db_acc[c] += super::ops::sum(dzr);
-                            if let Some(scale) = dz_scale {
-                                dzr.iter_mut().for_each(|d| *d = crate::backend::round_f16(*d * scale));
-                            }
-                        }
-                    }
-                    // dW[c, kk] += sum_n dz[c, n] * col_t[n, kk]
-                    sgemm(s.c_out, k, n, &mut dw_acc, k, true, dz, n, 1, col, k, 1);
-                });
-            }
-            (dw_acc, db_acc)
-        })
-        .collect();
-    let (dw, db) = (&mut dw[..s.w_len()], &mut db[..s.c_out]);
-    dw.fill(0.0);
-    db.fill(0.0);
-    for (pw, pb) in &partials {
-        for (a, &v) in dw.iter_mut().zip(pw) {
-            *a += v;
-        }
-        for (a, &v) in db.iter_mut().zip(pb) {
-            *a += v;
-        }
-    }
-    if let Some(scale) = dz_scale {
-        let inv = 1.0 / scale;
-        dw.iter_mut().for_each(|a| *a *= inv);
     }
 }

@@ -44,13 +44,13 @@ impl CpuBackend {
         CpuBackend { precision, ..self }
     }
 
-    fn f16(&self) -> bool {
+    pub(crate) fn f16(&self) -> bool {
         self.precision == Precision::F16
     }
 }
 
 /// `v` with every value rounded to binary16 (what an fp16 operand holds).
-fn rounded(v: &[f32]) -> Vec<f32> {
+pub(crate) fn rounded(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| round_f16(x)).collect()
 }
 
@@ -121,62 +121,26 @@ impl Backend for CpuBackend {
     }
 
     fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Vec<f32>>>) -> Result<()> {
-        let conv_goodness_fwd::Args { s, grid, reduce, x, w, b, y, g } = a.into_inner();
-        if self.f16() {
-            let (x, w) = (rounded(&x[..s.x_len()]), rounded(&w[..s.w_len()]));
-            conv::conv_goodness_fwd(s, grid, reduce, &x, &w, b, y, g, true);
-        } else {
-            conv::conv_goodness_fwd(s, grid, reduce, x, w, b, y, g, false);
-        }
-        Ok(())
+        conv_goodness_fwd::cpu::run(self, a)
     }
 
     fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-        let goodness_loss::Args { batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
-        ops::goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
+        goodness_loss::cpu::run(a)
     }
 
     fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Vec<f32>>>) -> Result<()> {
-        let conv_goodness_wgrad::Args { s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
-        if self.f16() {
-            let x = rounded(&x[..s.x_len()]);
-            let scale = super::dz_scale(s.batch, grid, reduce);
-            conv::conv_goodness_wgrad(s, grid, reduce, &x, y, dg, dw, db, Some(scale));
-        } else {
-            conv::conv_goodness_wgrad(s, grid, reduce, x, y, dg, dw, db, None);
-        }
-        Ok(())
+        conv_goodness_wgrad::cpu::run(self, a)
     }
 
     fn layer_output(&self, a: Checked<layer_output::Args<'_, Vec<f32>>>) -> Result<()> {
-        let a = a.into_inner();
-        let (ho, wo) = a.out_hw();
-        let layer_output::Args { batch, c, h, w, pool, dropout, y, out, gap } = a;
-        ops::layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
-        if self.f16() {
-            out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));
-        }
-        Ok(())
+        layer_output::cpu::run(self, a)
     }
 
     fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-        let fusion_heads::Args { batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
-        let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
-        let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();
-        let mut grads: Option<Vec<(&mut [f32], &mut [f32])>> =
-            grads.map(|g| g.iter_mut().map(|(w, b)| (w.as_mut_slice(), b.as_mut_slice())).collect());
-        ops::fusion_heads(batch, classes, &feats, &heads, labels, logits, grads.as_deref_mut(), stats)
+        fusion_heads::cpu::run(a)
     }
 
     fn adamw(&self, a: Checked<adamw::Args<'_, Vec<f32>>>) -> Result<()> {
-        let adamw::Args { len, p, grad, m, v, h, copy } = a.into_inner();
-        ops::adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], h);
-        if let Some(copy) = copy {
-            let f16 = self.f16();
-            for (c, &v) in copy[..len].iter_mut().zip(&p[..len]) {
-                *c = if f16 { round_f16(v) } else { v };
-            }
-        }
-        Ok(())
+        adamw::cpu::run(self, a)
     }
 }

@@ -3,6 +3,7 @@
 //! `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`; and, when `copy` is given (a conv operand
 //! buffer), the new `p` stored into it in the same pass.
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

@@ -1,6 +1,7 @@
 //! `conv_goodness_fwd`: `y = relu(conv3x3(x, W) + b)` and the patch goodness
 //! `g[b, c*P^2 + i*P + j] = reduce_{(h,w) in bin_ij} y[b,c,h,w]^2` (mean or sum over the bin; docs/method.md §2-§4).
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

@@ -2,6 +2,7 @@
 //! `dL/dz[b,c,h,w] = 1[y > 0] * 2 y * sum_{bins (i,j) containing (h,w)} dL/dg[b,c,i,j] / |bin_ij|` (no `/ |bin|`
 //! for the sum reduction) produced on the fly (docs/method.md §5). Overwrites `dw` and `db`.
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

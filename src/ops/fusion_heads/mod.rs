@@ -1,6 +1,7 @@
 //! `fusion_heads`: `s = sum_k feats[k] W_k^T + b_k` into the logits `[B, N]`, softmax cross-entropy into `stats`,
 //! and when `grads` is given, `dL/dW_k`, `dL/db_k` (overwritten) for every head `k` (docs/method.md §7).
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

@@ -2,6 +2,7 @@
 //! `dL/dg = (softmax(a) - onehot(y)) R^T / B` when `dg` is given, and `[loss_sum, correct]` added to `stats`
 //! (docs/method.md §6).
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

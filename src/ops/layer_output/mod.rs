@@ -2,6 +2,7 @@
 //! optional dropout, then the per-sample RMS norm `o / (sqrt(mean_{c,h,w} o^2) + e^-50)`, into `out`; when `gap`
 //! is given, the global average pool of `out`, `[B, C]` (the fusion heads' features; docs/method.md §7-§8).
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
