@@ -570,7 +570,7 @@ impl<'c, B: Backend> Run<'c, B> {
         }
         let mut events = super::tensorboard::EventWriter::create(&folder.dir)?;
         // The run's options as its row of TensorBoard's HParams table.
-        events.session_start(&config_json["train"], "", wall_time_now())?;
+        events.hparams_start(&config_json["train"], "", wall_time_now())?;
         say(
             opts,
             format!(
@@ -902,7 +902,7 @@ impl<'c, B: Backend> Run<'c, B> {
         let path = self.folder.dir.join("summary.json");
         files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
         let mut events = self.events;
-        events.session_end(super::tensorboard::SessionStatus::Success, wall_time_now())?;
+        events.hparams_end(super::tensorboard::RunStatus::Success, wall_time_now())?;
         // Printed once everything is written: a closed stdout (`| head`) loses no file.
         println!("{table}");
         say(

@@ -77,7 +77,7 @@ fn proto_value(v: &serde_json::Value) -> Option<Vec<u8>> {
 
 /// The hparams plugin's status of a finished run (`tensorboard.hparams.Status`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SessionStatus {
+pub enum RunStatus {
     Success = 1,
     Failure = 2,
 }
@@ -150,7 +150,7 @@ impl EventWriter {
 
     /// The run's options (`hparams`: a JSON object; null values are left out) as the HParams table's row for
     /// this run, in group `group`.
-    pub fn session_start(&mut self, hparams: &serde_json::Value, group: &str, wall_time: f64) -> Result<()> {
+    pub fn hparams_start(&mut self, hparams: &serde_json::Value, group: &str, wall_time: f64) -> Result<()> {
         let mut info = Vec::new();
         for (name, v) in hparams.as_object().into_iter().flatten() {
             if let Some(value) = proto_value(v) {
@@ -168,8 +168,8 @@ impl EventWriter {
         self.hparams_event("_hparams_/session_start_info", wall_time, &data)
     }
 
-    /// The end of the run's HParams session, with its status.
-    pub fn session_end(&mut self, status: SessionStatus, wall_time: f64) -> Result<()> {
+    /// The end of the run in the HParams table, with its status.
+    pub fn hparams_end(&mut self, status: RunStatus, wall_time: f64) -> Result<()> {
         let mut info = vec![0x08, status as u8]; // status, field 1, varint
         info.push(0x11); // end_time_secs, field 2, fixed64
         info.extend_from_slice(&wall_time.to_le_bytes());
