@@ -125,41 +125,32 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
                 let (xn, wn) =
                     (crate::backend::cuda::layout::operand(x, &scratch.x)?, scratch.w.as_ref().expect("just filled"));
                 be.launch(kernel.name, Work::gemm(flop, operands + y_bytes + gpart_bytes), || {
+                    // The two tiles take the same arguments.
+                    macro_rules! tile {
+                        ($k:ident) => {
+                            $k {
+                                x: xn,
+                                w: wn,
+                                bias,
+                                taps: &*taps,
+                                y: &mut *ys,
+                                gpart: &mut *gpart,
+                                B: bb,
+                                Cp: cp,
+                                Cout: co,
+                                H: h,
+                                W: ww,
+                                P: p,
+                                NB: nb_i,
+                            }
+                            .launch(stream, f, launch_cfg)
+                        };
+                    }
                     Ok(unsafe {
                         if kernel.name == ConvFwdNhwcF16L::NAME {
-                            ConvFwdNhwcF16L {
-                                x: xn,
-                                w: wn,
-                                bias,
-                                taps: &*taps,
-                                y: &mut *ys,
-                                gpart: &mut *gpart,
-                                B: bb,
-                                Cp: cp,
-                                Cout: co,
-                                H: h,
-                                W: ww,
-                                P: p,
-                                NB: nb_i,
-                            }
-                            .launch(stream, f, launch_cfg)
+                            tile!(ConvFwdNhwcF16L)
                         } else {
-                            ConvFwdNhwcF16 {
-                                x: xn,
-                                w: wn,
-                                bias,
-                                taps: &*taps,
-                                y: &mut *ys,
-                                gpart: &mut *gpart,
-                                B: bb,
-                                Cp: cp,
-                                Cout: co,
-                                H: h,
-                                W: ww,
-                                P: p,
-                                NB: nb_i,
-                            }
-                            .launch(stream, f, launch_cfg)
+                            tile!(ConvFwdNhwcF16)
                         }
                     })
                 })?;

@@ -137,39 +137,31 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
             // dz's real rows and the channels-last input read; the slices' partials written.
             let work = Work::gemm(flop, 2.0 * (s.c_out * geometry::wgrad_pixels(s) + n * cp) as f64 + part_w_bytes);
             let r = be.launch(kernel.name, work, || {
+                // The two tiles take the same arguments.
+                macro_rules! tile {
+                    ($k:ident) => {
+                        $k {
+                            dz,
+                            x: xn,
+                            taps: &*taps,
+                            pmask: &*masks,
+                            part: &mut part_w,
+                            B: bb,
+                            Cp: cpi,
+                            Cout: co,
+                            H: h,
+                            W: ww,
+                            chunk,
+                            inv_scale,
+                        }
+                        .launch(stream, f, launch_cfg)
+                    };
+                }
                 Ok(unsafe {
                     if kernel.name == ConvWgradNhwcF16L::NAME {
-                        ConvWgradNhwcF16L {
-                            dz,
-                            x: xn,
-                            taps: &*taps,
-                            pmask: &*masks,
-                            part: &mut part_w,
-                            B: bb,
-                            Cp: cpi,
-                            Cout: co,
-                            H: h,
-                            W: ww,
-                            chunk,
-                            inv_scale,
-                        }
-                        .launch(stream, f, launch_cfg)
+                        tile!(ConvWgradNhwcF16L)
                     } else {
-                        ConvWgradNhwcF16 {
-                            dz,
-                            x: xn,
-                            taps: &*taps,
-                            pmask: &*masks,
-                            part: &mut part_w,
-                            B: bb,
-                            Cp: cpi,
-                            Cout: co,
-                            H: h,
-                            W: ww,
-                            chunk,
-                            inv_scale,
-                        }
-                        .launch(stream, f, launch_cfg)
+                        tile!(ConvWgradNhwcF16)
                     }
                 })
             });
