@@ -7,7 +7,7 @@
 //! `cargo test --benches` (each once, as CI does).
 
 use asge::backend::cpu::CpuBackend;
-use asge::backend::{AdamWStep, ConvShape, Dropout};
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
 use asge::model::{self, ModelOptions, Params};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -151,6 +151,7 @@ fn ops(c: &mut Criterion) {
             let (mut m, mut v) = (vec![0.0; s.w_len()], vec![0.0; s.w_len()]);
             let h = AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
             g.throughput(Throughput::Bytes(4 * 7 * s.w_len() as u64));
+            be.prepare_step(&h.scalars(), &[]).unwrap();
             g.bench_function(BenchmarkId::new("adamw", &layer), |b| {
                 b.iter(|| {
                     asge::ops::adamw::run(
@@ -161,7 +162,6 @@ fn ops(c: &mut Criterion) {
                             grad: &dw,
                             m: &mut m,
                             v: &mut v,
-                            h: &h,
                             copy: None,
                         },
                     )

@@ -185,6 +185,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                 event_time(&be, iters, |k| {
                     let h =
                         AdamWStep { lr: 1e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: k + 1 };
+                    be.prepare_step(&h.scalars(), &[]).unwrap();
                     asge::ops::adamw::run(
                         &be,
                         asge::ops::adamw::Args {
@@ -193,7 +194,6 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                             grad: &dw,
                             m: &mut m,
                             v: &mut v,
-                            h: &h,
                             copy: copy.as_mut(),
                         },
                     )

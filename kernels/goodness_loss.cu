@@ -5,7 +5,6 @@
 // values (N reductions; N is 10 or 100 here); thread 0 does the softmax and the loss; then the block writes
 // the D entries of dg. Shared memory: 2 * N floats (logits, dL/da), N <= MAX_CLASSES (the host checks). The
 // loss and the count are added to `stats` with atomics.
-#define MAX_CLASSES 4096
 extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
     const float* __restrict__ g /*[B*D]*/, const float* __restrict__ pw /*[D*N]*/,
     const float* __restrict__ pb /*[N]*/, const unsigned int* __restrict__ labels /*[B]*/,

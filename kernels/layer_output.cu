@@ -67,7 +67,7 @@ __device__ __forceinline__ void layer_output(
     T* ob = out + (long)b * per;
     float ss = 0.0f;
     for (int s = 0; s < (int)gridDim.y; ++s) ss += part[(long)b * gridDim.y + s];
-    const float denom = sqrtf(ss / (float)per) + 1.9287498479639178e-22f;
+    const float denom = sqrtf(ss / (float)per) + RMS_EPS;
     const int c0 = blockIdx.y * CPB, c1 = min(C, c0 + CPB);
     auto value = [&](int i) {
         const float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout) / denom;
@@ -145,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_output_nhwc_f16(
     const unsigned long long k = use_dropout ? *key : 0ull;
     float ss = 0.0f;
     for (int s = 0; s < (int)gridDim.y; ++s) ss += part[(long)b * gridDim.y + s];
-    const float denom = sqrtf(ss / (float)per) + 1.9287498479639178e-22f;
+    const float denom = sqrtf(ss / (float)per) + RMS_EPS;
     const int c0 = blockIdx.y * CPB, c1 = min(C, c0 + CPB), G = (c1 - c0) / 8, R = (int)blockDim.x / G;
     const int g = (int)threadIdx.x % G, r = (int)threadIdx.x / G, c = c0 + 8 * g;
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};

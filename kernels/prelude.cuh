@@ -229,14 +229,20 @@ __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], const
 #endif
 
 // The fp16 forward's padded weights (kernels/layout.cu): [NHWC_MP(C_out)][NHWC_KP(Cp)], rows and K rounded up
-// to the largest block tile (128 channels) and K step (64), zero-filled, so that the pipelined kernels load
-// whole tiles without bound checks; its chunk table has NHWC_TAPS(Cp) entries (0 past 9 Cp: no tap).
-#define NHWC_MP(Cout) (((Cout) + 127) / 128 * 128)
-#define NHWC_KP(Cp) ((9 * (Cp) + 63) / 64 * 64)
-// The chunk table's length: K rounded up to 256 (the weight gradient's widest column tile), in 8-wide chunks.
-#define NHWC_TAPS(Cp) ((9 * (Cp) + 255) / 256 * 32)
-// The weight gradient's dz rows, [NHWC_MP(C_out)][WG_NP(N)]: N pixels rounded up to the largest pixel step (64).
-#define WG_NP(N) (((N) + 63) / 64 * 64)
+// to the largest block tile (PAD_ROWS channels) and K step (PAD_K), zero-filled, so that the pipelined kernels
+// load whole tiles without bound checks; its chunk table has NHWC_TAPS(Cp) entries (0 past 9 Cp: no tap). The
+// PAD_* constants come from src/kernel_abi.rs, as does everything the host sizes these buffers by.
+#define ROUND_UP(n, to) (((n) + (to) - 1) / (to) * (to))
+#define NHWC_MP(Cout) ROUND_UP(Cout, PAD_ROWS)
+#define NHWC_KP(Cp) ROUND_UP(9 * (Cp), PAD_K)
+// The chunk table's length: K rounded up to PAD_TAPS (the weight gradient's widest column tile), in 8-wide chunks.
+#define NHWC_TAPS(Cp) (ROUND_UP(9 * (Cp), PAD_TAPS) / 8)
+// The weight gradient's dz rows, [NHWC_MP(C_out)][WG_NP(N)]: N pixels rounded up to the largest pixel step.
+#define WG_NP(N) ROUND_UP(N, PAD_PIXELS)
+// Only in the extents of the signatures' pointers (build.rs; the stand-in checks them): the f32 kernels' tap
+// table, K = 9 C_in rounded up to PAD_TAPS and at least PAD_TAPS; a layer output's pixels, pooled or not.
+#define TAPS(Cin) (ROUND_UP(9 * (Cin), PAD_TAPS) > PAD_TAPS ? ROUND_UP(9 * (Cin), PAD_TAPS) : PAD_TAPS)
+#define OUT_HW(H, W, pool) ((pool) ? ((H) / 2) * ((W) / 2) : (H) * (W))
 
 // The block tile of the fp16 GEMM kernels: OUT[TM x TN] += A[TM x TK] * B[TK x TN] per K step, with TM = 32 MI
 // rows and TN = 32 NI columns, both operands in a stage of dynamic shared memory. A is stored [m][k] and, in the

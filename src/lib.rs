@@ -12,6 +12,8 @@
 //! - [`eval`]: the prediction strategies (last, best, fusion) and top-k accuracy.
 //! - [`export`]: ONNX and weights-only safetensors exports.
 //! - [`files`]: atomic writes with exclusive temporary files, folder locks, the run-folder guard.
+//! - [`kernel_abi`]: the constants and step-parameter struct Rust and the kernels share (build.rs writes them
+//!   into the kernels' header).
 //! - [`limits`]: checked sizes and memory estimates for everything a file or an option sizes.
 
 pub mod backend;
@@ -20,12 +22,12 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod files;
+pub mod infer;
+pub mod info;
+pub mod kernel_abi;
 pub mod limits;
 pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod trace;
 pub mod train;
-
-/// `exp(-50)`: the epsilon of the per-sample RMS norm, added *outside* the square root (released code).
-pub const RMS_EPS: f32 = 1.928_749_8e-22;

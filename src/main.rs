@@ -364,7 +364,7 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                 None => work(),
             }
         }
-        Cmd::Info(a) => info(a.self_test),
+        Cmd::Info(a) => asge::info::print(a.self_test),
     }
 }
 
@@ -382,41 +382,16 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
         asge::trace::enable(path);
     }
     run::install_interrupt_handler()?;
-    let given = config::given(m);
     if let Some(dir) = &a.resume {
         if a.out.as_ref().is_some_and(|o| o != dir) {
             anyhow::bail!("--out with --resume: a resumed run stays in its folder ({})", dir.display());
         }
-        let refused: Vec<String> =
-            given.iter().filter(|k| !config::RESUMABLE.contains(&k.as_str())).map(|k| config::flag(k)).collect();
-        if !refused.is_empty() {
-            anyhow::bail!(
-                "--resume {}: {} cannot change when a run resumes (the run would no longer be the one it continues); \
-                 a resumed run takes --epochs, --device, --precision and --data, and the output and checkpoint options",
-                dir.display(),
-                refused.join(", ")
-            );
-        }
-        let stored = run::load_run_config(dir)?;
-        let file = serde_json::to_value(&stored)?.as_object().cloned();
-        let mut cfg = config::merge(file, &a.cfg, m)?;
-        if given.iter().any(|k| k == "data") {
-            cfg.data = std::fs::canonicalize(&cfg.data)
-                .with_context(|| format!("--data {}: no such folder", cfg.data.display()))?;
-        }
+        config::check_resumable(dir, m)?;
+        let cfg = config::for_resume(run::load_run_config(dir)?, &a.cfg, m)?;
         run::train(&cfg, dir, RunStart::Resume, opts)?;
         return Ok(());
     }
-    let file = a.config.as_deref().map(config::read_config_file).transpose()?;
-    for key in ["dataset", "data"] {
-        if !given.iter().any(|k| k == key) && !file.as_ref().is_some_and(|f| f.contains_key(key)) {
-            anyhow::bail!(
-                "{} is required for a new run (mnist, fashion-mnist, cifar10, cifar100, idx, shards; and the data \
-                 folder), on the command line or in a --config file",
-                config::flag(key)
-            );
-        }
-    }
+    let file = config::new_run_file(a.config.as_deref(), m)?;
     let out = a.out.context("--out RUN is required (the run folder)")?;
     let cfg = config::merge(file, &a.cfg, m)?.with_absolute_paths()?;
     let start = if a.overwrite { RunStart::Overwrite } else { RunStart::Fresh };
@@ -425,46 +400,12 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    use asge::train::infer::{self, Dump, EvalData, EvalOptions, Model};
+    use asge::infer::{self, Dump, EvalData, EvalOptions, Model};
     // Read once: its run config fills --dataset and --data, then it is evaluated.
     asge::files::note_input(&a.checkpoint);
     let ck = asge::train::checkpoint::load(&a.checkpoint)?;
-    let data = match (a.folder.clone(), a.dataset, a.data.clone()) {
-        (Some(dir), _, _) => EvalData::Folder(dir),
-        (None, Some(kind), Some(dir)) => EvalData::Builtin { kind, dir },
-        (None, d, p) => {
-            // Fill what is missing from the run config stored in the checkpoint.
-            let trained =
-                ck.config.as_ref().and_then(|c| serde_json::from_value::<TrainConfig>(c.get("train")?.clone()).ok());
-            let why = || {
-                format!(
-                    "{}: no run config in the metadata; give --dataset and --data, or --folder",
-                    a.checkpoint.display()
-                )
-            };
-            let t = || trained.clone().with_context(why);
-            let kind = match d {
-                Some(d) => d,
-                None => t()?.dataset,
-            };
-            let dir = match p {
-                Some(p) => p,
-                None => t()?.data,
-            };
-            EvalData::Builtin { kind, dir }
-        }
-    };
-    let tag = match &data {
-        EvalData::Builtin { kind, .. } => kind.name().to_string(),
-        EvalData::Folder(dir) => std::fs::canonicalize(dir)
-            .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "folder".into()),
-    };
-    let json_path = a.json.clone().unwrap_or_else(|| {
-        let stem = a.checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        a.checkpoint.with_file_name(format!("{stem}.eval-{tag}.json"))
-    });
+    let data = EvalData::choose(&a.checkpoint, &ck, a.folder.clone(), a.dataset, a.data.clone())?;
+    let json_path = a.json.clone().unwrap_or_else(|| data.default_json_path(&a.checkpoint));
     let json_out =
         asge::files::Output { path: &json_path, flag: "--json", kind: "an asge eval result", ours: &is_eval_json };
     json_out.check()?;
@@ -482,18 +423,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     };
     let model = Model::from_checkpoint(&a.checkpoint, ck)?;
     let (report, res) = infer::eval(&model, &data, &o)?;
-    let title = match &data {
-        EvalData::Builtin { .. } => {
-            format!("{} on {} test ({} images)", a.checkpoint.display(), report.dataset, report.test_images)
-        }
-        EvalData::Folder(dir) => format!(
-            "{} on {} {} ({} images)",
-            a.checkpoint.display(),
-            report.dataset,
-            dir.display(),
-            report.test_images
-        ),
-    };
+    let title = data.title(&a.checkpoint, &report);
     // The JSON first: a closed stdout (`| head`) loses no file.
     json_out.write(serde_json::to_string_pretty(&report)?.as_bytes())?;
     println!("{}", eval::format_table(&title, &report.test, &res));
@@ -502,7 +432,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 }
 
 fn predict_cmd(a: PredictArgs) -> Result<()> {
-    use asge::train::infer::{self, PredictOptions};
+    use asge::infer::{self, PredictOptions};
     let o = PredictOptions {
         strategy: a.strategy.map(Into::into),
         top: a.top,
@@ -540,137 +470,7 @@ fn printable(s: &str) -> String {
 
 /// True for a regular file holding an earlier `asge eval` result (the only kind `eval` replaces).
 fn is_eval_json(path: &std::path::Path) -> bool {
-    json_format_is(path, "asge-eval")
-}
-
-/// True when `path` is a regular JSON file (under 16 MiB) whose `format` key is `format`: an earlier output of
-/// the kind a command may replace.
-fn json_format_is(path: &std::path::Path, format: &str) -> bool {
-    let Ok(meta) = path.symlink_metadata() else { return false };
-    meta.is_file()
-        && meta.len() < 1 << 24
-        && std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(format))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_self_test() -> Result<()> {
-    anyhow::bail!("--self-test: this build has no CUDA backend (build with the `cuda` feature)")
-}
-
-/// `asge info --self-test`: the tensor-core self-test on every device, one line each.
-#[cfg(feature = "cuda")]
-fn cuda_self_test() -> Result<()> {
-    use asge::backend::cuda::{self, selftest, CudaBackend};
-    let n = cuda::probe().context("--self-test")?;
-    let mut failed = 0;
-    for i in 0..n {
-        let be = CudaBackend::new(i).with_context(|| format!("--self-test: cuda:{i}"))?;
-        let r = selftest::run(&be, false).with_context(|| format!("--self-test: cuda:{i}"))?;
-        println!("self-test cuda:{i} ({}): {}", be.device_name(), r.verdict());
-        failed += !r.passed() as usize;
-    }
-    anyhow::ensure!(failed == 0, "--self-test: {failed} of {n} CUDA devices failed the tensor-core self-test");
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_info() {
-    println!("cuda: not in this build (the `cuda` feature is off)");
-}
-
-/// The file the loaded CUDA driver came from and its CUDA version (the stand-in names itself).
-#[cfg(feature = "cuda")]
-fn driver_library() -> String {
-    let mut version = 0;
-    // SAFETY: one out-parameter; probe() found the library.
-    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
-    // The library cudarc loaded: the first of its candidate names already in the process.
-    let mut file = "libcuda (path unknown)".to_string();
-    for name in cudarc::get_lib_name_candidates("cuda") {
-        let Ok(c) = std::ffi::CString::new(name) else { continue };
-        // SAFETY: RTLD_NOLOAD only returns a library already loaded; dlsym and dladdr on its handle, closed after.
-        unsafe {
-            let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
-            if h.is_null() {
-                continue;
-            }
-            let sym = libc::dlsym(h, c"cuInit".as_ptr());
-            let mut info: libc::Dl_info = std::mem::zeroed();
-            if !sym.is_null() && libc::dladdr(sym, &mut info) != 0 && !info.dli_fname.is_null() {
-                file = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
-            }
-            libc::dlclose(h);
-            break;
-        }
-    }
-    let what = if asge::backend::cuda::standin::active() { ", the asge CUDA stand-in (not a GPU)" } else { "" };
-    format!("{file}, CUDA {}.{}{what}", version / 1000, (version % 1000) / 10)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_info() {
-    use asge::backend::cuda::{self, nvrtc};
-    let mut archs = vec!["sm_80".to_string(), "sm_90".to_string()];
-    match cuda::probe() {
-        Ok(n) => {
-            println!("cuda driver: {}", driver_library());
-            for i in 0..n {
-                match cudarc::driver::CudaContext::new(i) {
-                    Ok(ctx) => {
-                        let (ma, mi) = ctx.compute_capability().unwrap_or((0, 0));
-                        println!("cuda:{i}: {} (sm_{ma}{mi})", ctx.name().unwrap_or_default());
-                        archs.push(format!("sm_{ma}{mi}"));
-                    }
-                    Err(e) => println!("cuda:{i}: cannot open ({e:?})"),
-                }
-            }
-        }
-        Err(e) => println!("cuda: unavailable: {e:#}"),
-    }
-    if !nvrtc::available() {
-        println!("nvrtc: unavailable (libnvrtc.so.13 not on the loader path): kernels not compiled");
-        return;
-    }
-    let v = nvrtc::version().unwrap_or(0);
-    let lib = nvrtc::library_path().map(|(name, path)| format!("{name} -> {path}")).unwrap_or_default();
-    println!("nvrtc: {}.{} ({lib})", v / 1000, (v % 1000) / 10);
-    if let Err(e) = nvrtc::check_library() {
-        println!("nvrtc: NOT USABLE: {e:#}");
-    }
-    if archs.is_empty() {
-        // No device: check the kernels for the architectures this project targets (A100, H100/H200).
-        println!("no CUDA device: compiling for sm_80 and sm_90");
-        archs = vec!["sm_80".into(), "sm_90".into()];
-    }
-    archs.sort();
-    archs.dedup();
-    for arch in archs {
-        for (module, r) in nvrtc::compile_all(&arch) {
-            match r {
-                Ok(()) => println!("kernel {module:<22} {arch}: ok"),
-                Err(e) => println!(
-                    "kernel {module:<22} {arch}: FAILED {}",
-                    format!("{e:#}").lines().take(3).collect::<Vec<_>>().join(" | ")
-                ),
-            }
-        }
-        // ptxas' report for the device's architecture: registers per thread, spills, local stack, static shared
-        // memory.
-        match nvrtc::resources(&arch) {
-            Ok(r) => {
-                for k in r {
-                    println!(
-                        "  {:<26} {arch}: {:>3} registers, {:>5} B shared, {} B spilled, {} B stack",
-                        k.kernel, k.registers, k.shared_bytes, k.spill_bytes, k.stack_bytes
-                    );
-                }
-            }
-            Err(e) => println!("  ptxas report for {arch}: {}", format!("{e:#}").lines().next().unwrap_or_default()),
-        }
-    }
+    asge::files::json_format_is(path, "asge-eval")
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
@@ -687,7 +487,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         kernel_steps: a.kernel_steps,
         precision: a.on.precision,
     };
-    let is_bench_json = |p: &std::path::Path| json_format_is(p, "asge-bench");
+    let is_bench_json = |p: &std::path::Path| asge::files::json_format_is(p, "asge-bench");
     let save = a.save.as_deref().map(|path| asge::files::Output {
         path,
         flag: "--save",
@@ -697,10 +497,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     if let Some(out) = &save {
         out.check()?;
     }
-    let r = match run::device(&a.on.device)? {
-        run::Device::Cpu => asge::bench::run_cpu(&o)?,
+    let r = match asge::backend::select::device(&a.on.device)? {
+        asge::backend::select::Device::Cpu => asge::bench::run_cpu(&o)?,
         #[cfg(feature = "cuda")]
-        run::Device::Cuda(n) => asge::bench::run_cuda(asge::backend::cuda::CudaBackend::new(n)?, &o)?,
+        asge::backend::select::Device::Cuda(n) => asge::bench::run_cuda(asge::backend::cuda::CudaBackend::new(n)?, &o)?,
     };
     if let Some(out) = &save {
         out.write(format!("{}\n", serde_json::to_string_pretty(&r)?).as_bytes())?;
@@ -709,29 +509,6 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         print!("{}", asge::bench::format_report(&r));
-    }
-    Ok(())
-}
-
-fn info(self_test: bool) -> Result<()> {
-    println!("asge {}", env!("CARGO_PKG_VERSION"));
-    println!("cpu: {} threads, f32, im2col + gemm", rayon::current_num_threads());
-    // The self-test first: seconds, where the compile and ptxas report below can take longer.
-    if self_test {
-        cuda_self_test()?;
-    }
-    cuda_info();
-    for (name, ch, classes) in [("vgg8", 1, 10), ("vgg8", 3, 10), ("vgg11", 3, 10), ("vgg11", 3, 100)] {
-        if let Ok(spec) = asge::model::resolve(name, ch, 32, classes, &Default::default()) {
-            println!(
-                "{name:>6} {ch}x32x32 N={classes:<3}: {} conv layers, conv params {}, heads {}, D = {:?}, {:.2} GMAC/image forward",
-                spec.layers.len(),
-                spec.conv_params(),
-                spec.head_params(),
-                spec.goodness_dims(),
-                spec.conv_macs() as f64 / 1e9
-            );
-        }
     }
     Ok(())
 }

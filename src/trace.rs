@@ -43,13 +43,23 @@ pub fn enable(path: &std::path::Path) {
         Some(Tracer { t0: Instant::now(), events: Vec::new(), path: path.to_path_buf(), layers: 0 });
 }
 
+/// A kernel timed on the device: its op, the lane (stream) it ran on, start and duration in microseconds on
+/// the device's own clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSpan {
+    pub name: &'static str,
+    pub lane: usize,
+    pub start_us: f64,
+    pub dur_us: f64,
+}
+
 /// True while tracing is on (backends use it to decide whether to time their kernels).
 pub fn is_on() -> bool {
     TRACER.lock().unwrap().is_some()
 }
 
 /// Adds kernels timed on a device (CUDA events): one track per lane (stream), on their own clock.
-pub fn add_device_spans(spans: &[crate::backend::DeviceSpan]) {
+pub fn add_device_spans(spans: &[DeviceSpan]) {
     if let Some(t) = TRACER.lock().unwrap().as_mut() {
         for s in spans {
             if t.events.len() >= MAX_EVENTS {

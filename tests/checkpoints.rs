@@ -14,7 +14,7 @@ use asge::data::DatasetKind;
 use asge::eval::Strategy;
 use asge::export::Format;
 use asge::files::RunStart;
-use asge::train::infer::{self, EvalData, EvalOptions, Model, PredictOptions};
+use asge::infer::{self, EvalData, EvalOptions, Model, PredictOptions};
 use asge::train::run::{self, RunOptions, TrainConfig};
 use std::path::{Path, PathBuf};
 

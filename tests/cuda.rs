@@ -788,22 +788,16 @@ fn loss_output_heads_adamw_match_cpu() {
     let (mut copy, mut copyd) = (vec![0.0; n], operand(&g16, &[], n));
     for t in 1..=3 {
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
+        c16.prepare_step(&h.scalars(), &[]).unwrap();
+        g.prepare_step(&h.scalars(), &[]).unwrap();
         asge::ops::adamw::run(
             &c16,
-            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, h: &h, copy: Some(&mut copy) },
+            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, copy: Some(&mut copy) },
         )
         .unwrap();
         asge::ops::adamw::run(
             &g,
-            asge::ops::adamw::Args {
-                len: n,
-                p: &mut pd,
-                grad: &grd,
-                m: &mut md,
-                v: &mut vd,
-                h: &h,
-                copy: Some(&mut copyd),
-            },
+            asge::ops::adamw::Args { len: n, p: &mut pd, grad: &grd, m: &mut md, v: &mut vd, copy: Some(&mut copyd) },
         )
         .unwrap();
     }

@@ -15,7 +15,7 @@ mod common;
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::geometry;
-use asge::backend::{AdamWStep, ConvShape, Dropout, Precision};
+use asge::backend::{AdamWScalars, AdamWStep, Backend, ConvShape, Dropout, Precision};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
 use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
 use std::path::PathBuf;
@@ -30,7 +30,9 @@ fn lib() -> &'static libloading::Library {
             PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("asge-kernels-emu-{}.so", std::process::id()));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let status = std::process::Command::new(&cxx)
-            .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", "-o"])
+            .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-w"])
+            .arg(format!("-I{}", env!("OUT_DIR")))
+            .arg("-o")
             .arg(&out)
             .arg(root.join("tests/emu/launch.cpp"))
             .status()
@@ -700,25 +702,25 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
     let (mut p2, mut m2, mut v2, mut copy2) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n], vec![NAN16; n]);
     for t in 1..=3 {
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
+        c16.prepare_step(&h.scalars(), &[]).unwrap();
         asge::ops::adamw::run(
             &c16,
-            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, h: &h, copy: Some(&mut copy) },
+            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, copy: Some(&mut copy) },
         )
         .unwrap();
         // The kernel reads the step's scalars from memory (the backend's step parameters).
-        let k = h.scalars();
-        let hp = [k.decay, k.w1, k.b2, k.w2, k.step_size, k.bc2_sqrt, k.eps];
+        let hp = h.scalars();
         launch!(
             "adamw_f32",
             geometry::adamw(n),
-            fn(*mut f32, *const f32, *mut f32, *mut f32, *mut u16, i32, *const f32),
+            fn(*mut f32, *const f32, *mut f32, *mut f32, *mut u16, i32, *const AdamWScalars),
             p2.as_mut_ptr(),
             gr.as_ptr(),
             m2.as_mut_ptr(),
             v2.as_mut_ptr(),
             copy2.as_mut_ptr(),
             n as i32,
-            hp.as_ptr()
+            &hp as *const AdamWScalars
         );
     }
     close("adamw", &p2, &p, 0.0, 1e-6);
@@ -811,6 +813,7 @@ fn the_emulation_bindings_agree_with_the_kernels_signatures() {
             "unsigned long long" => "u64",
             "unsigned" => "u32",
             "unsigned*" => "*mut u32",
+            "const AdamWScalars*" => "*const AdamWScalars",
             other => panic!("no Rust type for {other}"),
         }
     };

@@ -6,7 +6,8 @@
 
 mod common;
 
-use asge::backend::{AdamWStep, ConvShape, Dropout};
+use asge::backend::cpu::CpuBackend;
+use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
 use common::randn;
 
@@ -464,7 +465,7 @@ fn adamw_matches_pytorch_formula_in_f64() {
     for t in 1..=5u64 {
         let g = randn(n, 0.01, 10 + t);
         let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
-        asge::ops::adamw::cpu::adamw(&mut p, &g, &mut m, &mut v, &h);
+        asge::ops::adamw::cpu::adamw(&mut p, &g, &mut m, &mut v, &h.scalars());
         for i in 0..n {
             let gi = g[i] as f64;
             pf[i] *= 1.0 - h.lr * h.weight_decay;
@@ -480,7 +481,7 @@ fn adamw_matches_pytorch_formula_in_f64() {
     // The first step moves every weight by ~lr (Adam's normalised step), after the decay.
     let mut q = vec![0.5f32];
     let h = AdamWStep { lr: 1e-3, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
-    asge::ops::adamw::cpu::adamw(&mut q, &[3.0], &mut [0.0], &mut [0.0], &h);
+    asge::ops::adamw::cpu::adamw(&mut q, &[3.0], &mut [0.0], &mut [0.0], &h.scalars());
     assert!((q[0] - 0.499).abs() < 1e-6, "{}", q[0]);
 }
 
@@ -528,7 +529,6 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     // rounding is unbiased, so it averages down), the scaled one by ~2e-5, what the 2^-11 rounding of x and y
     // alone gives. The test asks for < 1e-3 scaled and a 10x gain from the scale: without the scale, or with a
     // wrong one, the two errors are alike.
-    use asge::backend::cpu::CpuBackend;
     use asge::backend::{round_f16, Precision};
     let s = ConvShape { batch: 32, c_in: 8, c_out: 16, h: 56, w: 56 };
     let grid = PatchGrid::new(2, 56, 56);
@@ -616,4 +616,25 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     )
     .unwrap();
     assert_eq!(dw, dw16);
+}
+
+/// AdamW's scalars reach a backend one way, `Backend::prepare_step`: an adamw before it is an error that says so
+/// (not a step with zeros), and after it the step is the formula's with those scalars.
+#[test]
+fn adamw_takes_the_scalars_the_step_prepared() {
+    let be = CpuBackend::new();
+    let (mut p, g, mut m, mut v) = (vec![0.5f32; 3], vec![3.0f32; 3], vec![0.0f32; 3], vec![0.0f32; 3]);
+    let step = |p: &mut Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>| {
+        asge::ops::adamw::run(&be, asge::ops::adamw::Args { len: 3, p, grad: &g, m, v, copy: None })
+    };
+    let e = step(&mut p, &mut m, &mut v).unwrap_err();
+    assert!(format!("{e:#}").contains("prepare_step"), "{e:#}");
+    assert_eq!(p, [0.5; 3], "a refused step changed the weights");
+    let h = AdamWStep { lr: 1e-3, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1 };
+    be.prepare_step(&h.scalars(), &[]).unwrap();
+    step(&mut p, &mut m, &mut v).unwrap();
+    let mut want = vec![0.5f32];
+    asge::ops::adamw::cpu::adamw(&mut want, &[3.0], &mut [0.0], &mut [0.0], &h.scalars());
+    assert_eq!(p, [want[0]; 3]);
+    assert!((p[0] - 0.499).abs() < 1e-6, "{}", p[0]);
 }

@@ -8,11 +8,14 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod select;
 
+pub use crate::kernel_abi::AdamWScalars;
 use crate::model::{GoodnessReduce, PatchGrid};
 use crate::ops::{
     adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked, Len,
 };
+use crate::trace::DeviceSpan;
 use anyhow::Result;
 
 /// Where the conv operands live: layer inputs, conv outputs and the weights' compute copy. Every sum (GEMM
@@ -107,16 +110,6 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
-/// A kernel timed on the device: its op, the lane (stream) it ran on, start and duration in microseconds on
-/// the device's own clock.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DeviceSpan {
-    pub name: &'static str,
-    pub lane: usize,
-    pub start_us: f64,
-    pub dur_us: f64,
-}
-
 /// One kernel launch timed on the device by itself ([`Backend::time_kernels`]): the kernel, the layer it served
 /// (1-based; the layer count + 1 for the fusion heads), its device time, and the useful FLOPs and the bytes it
 /// must move (see `backend::cuda::Work`).
@@ -129,23 +122,8 @@ pub struct KernelTime {
     pub bytes: f64,
 }
 
-/// The f32 scalars of one AdamW step, computed in f64 as PyTorch computes them in Python.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWScalars {
-    /// `1 - lr * wd`.
-    pub decay: f32,
-    /// `lr / (1 - b1^t)`.
-    pub step_size: f32,
-    /// `sqrt(1 - b2^t)`.
-    pub bc2_sqrt: f32,
-    /// `1 - b1`, `b2`, `1 - b2`, `eps`.
-    pub w1: f32,
-    pub b2: f32,
-    pub w2: f32,
-    pub eps: f32,
-}
-
 impl AdamWStep {
+    /// The step's f32 scalars, as the ops read them ([`Backend::prepare_step`]).
     pub fn scalars(&self) -> AdamWScalars {
         let t = self.step as i32;
         AdamWScalars {
@@ -205,13 +183,11 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Sets what changes from one training step to the next and the ops read from the device (AdamW's scalars
-    /// for `h`, the dropout key of each layer that drops), before the step is issued. A no-op where ops take them
-    /// as arguments (the CPU); the CUDA backend keeps them in device buffers, so that a recorded step graph reads
-    /// each step's values.
-    fn prepare_step(&self, _h: &AdamWStep, _dropout_keys: &[Option<u64>]) -> Result<()> {
-        Ok(())
-    }
+    /// Sets what changes from one training step to the next, before the step is issued: AdamW's scalars (the
+    /// one way they reach [`Backend::adamw`], which reads the last ones set) and the dropout key of each layer
+    /// that drops. The CUDA backend keeps them in device buffers, so that a recorded step graph reads each
+    /// step's values.
+    fn prepare_step(&self, adamw: &AdamWScalars, dropout_keys: &[Option<u64>]) -> Result<()>;
 
     /// Called before a training step's ops with a key naming everything that makes two steps' op sequences
     /// differ (the batch, the buffers); says whether to issue them ([`StepMode`]).

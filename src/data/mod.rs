@@ -325,7 +325,7 @@ pub fn to_input(pixels: &[u8], out: &mut [f32]) {
 /// In-place per-sample RMS norm (docs/method.md §2).
 pub fn rms_normalize(x: &mut [f32]) {
     let ms = x.iter().map(|&v| v * v).sum::<f32>() / x.len() as f32;
-    let denom = ms.sqrt() + crate::RMS_EPS;
+    let denom = ms.sqrt() + crate::kernel_abi::RMS_EPS;
     for v in x.iter_mut() {
         *v /= denom;
     }

@@ -26,6 +26,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const FORMAT: &str = "asge-shards";
 
@@ -442,6 +443,27 @@ impl ShardIndex {
 }
 
 impl ShardSet {
+    /// Opens `--dataset shards`' folders: `DIR/train` and `DIR/val` (or `DIR/test`).
+    pub fn open_train_test(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
+        let train = ShardSet::open(&dir.join("train"))
+            .with_context(|| format!("--data {}: the training shards", dir.display()))?;
+        let test_dir =
+            ["val", "test"].iter().map(|d| dir.join(d)).find(|d| d.join("index.json").is_file()).with_context(
+                || {
+                    format!(
+                    "--data {}: no val/ or test/ shard folder beside train/ (asge shard --input VAL_DIR --out {}/val)",
+                    dir.display(),
+                    dir.display()
+                )
+                },
+            )?;
+        let test = ShardSet::open(&test_dir)?;
+        if test.index.classes != train.index.classes {
+            bail!("{}: its classes differ from {}'s", test_dir.display(), dir.join("train").display());
+        }
+        Ok((Arc::new(train), Arc::new(test)))
+    }
+
     /// Opens and validates a shard folder: every file the index names exists with exactly the size it should have.
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("index.json");

@@ -7,13 +7,12 @@ pub mod proto;
 
 use crate::eval::Strategy;
 use crate::files;
+use crate::infer::Model;
 use crate::train::checkpoint;
-use crate::train::infer::Model;
 use anyhow::{bail, Result};
 use std::path::Path;
 
-/// The `format` metadata of a weights-only export.
-pub const WEIGHTS_FORMAT: &str = "asge-weights";
+pub use crate::train::checkpoint::WEIGHTS_FORMAT;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

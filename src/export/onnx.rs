@@ -16,7 +16,7 @@
 use super::proto::{self, field as f, Msg};
 use crate::data::input::InputSpec;
 use crate::eval::Strategy;
-use crate::model::{GoodnessReduce, ModelSpec, Params, PoolKind};
+use crate::model::{GoodnessReduce, ModelSpec, Params, PoolKind, Tensor};
 
 pub const OPSET: i64 = 17;
 pub const IR_VERSION: i64 = 8;
@@ -68,6 +68,11 @@ impl Graph {
         assert_eq!(dims.iter().product::<usize>(), data.len(), "{name}: shape and data");
         let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.init_raw(name, dims, proto::FLOAT, &raw)
+    }
+
+    /// A model tensor as an initializer, by its name and shape in the parameter table.
+    fn param(&mut self, spec: &ModelSpec, params: &Params, t: Tensor) -> String {
+        self.init_f32(&t.name(), &t.shape(spec), params.get(t))
     }
 
     fn init_i64(&mut self, name: &str, data: &[i64]) -> String {
@@ -148,13 +153,13 @@ pub fn build(
         Strategy::Fusion => (n_layers - 1, None),
         _ => (n_layers - 1, Some(n_layers - 1)),
     };
-    let eps = g.init_f32("rms_eps", &[], &[crate::RMS_EPS]);
+    let eps = g.init_f32("rms_eps", &[], &[crate::kernel_abi::RMS_EPS]);
     let mut x = g.rms_norm("image", &eps);
     let mut head_logits = Vec::new();
     let classes = spec.classes;
-    for (i, (l, p)) in spec.layers.iter().zip(&params.layers).enumerate().take(upto + 1) {
-        let w = g.init_f32(&format!("layers.{i}.conv.weight"), &[l.c_out, l.c_in, 3, 3], &p.conv_w);
-        let b = g.init_f32(&format!("layers.{i}.conv.bias"), &[l.c_out], &p.conv_b);
+    for (i, l) in spec.layers.iter().enumerate().take(upto + 1) {
+        let w = g.param(spec, params, Tensor::ConvW(i));
+        let b = g.param(spec, params, Tensor::ConvB(i));
         let z = g.node(
             "Conv",
             &[&x, &w, &b],
@@ -178,8 +183,8 @@ pub fn build(
             let cells = g.node("MatMul", &[&flat, &m], &[], None);
             let s2 = g.init_i64(&format!("layers.{i}.shape_d"), &[0, l.goodness_dim() as i64]);
             let good = g.node("Reshape", &[&cells, &s2], &[], None);
-            let r = g.init_f32(&format!("layers.{i}.proj.weight"), &[l.goodness_dim(), classes], &p.proj_w);
-            let rb = g.init_f32(&format!("layers.{i}.proj.bias"), &[classes], &p.proj_b);
+            let r = g.param(spec, params, Tensor::ProjW(i));
+            let rb = g.param(spec, params, Tensor::ProjB(i));
             g.node("Gemm", &[&good, &r, &rb], &[], Some("logits"));
             break;
         }
@@ -198,11 +203,10 @@ pub fn build(
         };
         x = g.rms_norm(&pooled, &eps);
         if read.is_none() && i >= 1 {
-            let h = &params.heads[i - 1];
             let feat =
                 g.node("ReduceMean", &[&x], &[("axes", Attr::Ints(vec![2, 3])), ("keepdims", Attr::Int(0))], None);
-            let hw = g.init_f32(&format!("heads.{i}.weight"), &[classes, l.c_out], &h.w);
-            let hb = g.init_f32(&format!("heads.{i}.bias"), &[classes], &h.b);
+            let hw = g.param(spec, params, Tensor::HeadW(i));
+            let hb = g.param(spec, params, Tensor::HeadB(i));
             head_logits.push(g.node("Gemm", &[&feat, &hw, &hb], &[("transB", Attr::Int(1))], None));
         }
     }

@@ -329,15 +329,80 @@ impl ModelSpec {
     }
 }
 
+/// One tensor of a model, by the 0-based index of the layer it belongs to: the parameter table, written once.
+/// Its name (PyTorch's, in checkpoints and exports), its shape, whether AdamW trains it, and where it sits in
+/// [`Params`] all come from here; [`ModelSpec::tensors`] lists a model's in the files' order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tensor {
+    /// `layers.{l}.conv.weight`, `[C_out, C_in, 3, 3]`.
+    ConvW(usize),
+    /// `layers.{l}.conv.bias`, `[C_out]`.
+    ConvB(usize),
+    /// `layers.{l}.proj.weight`, `[D_l, N]` (fixed).
+    ProjW(usize),
+    /// `layers.{l}.proj.bias`, `[N]` (fixed).
+    ProjB(usize),
+    /// `heads.{l}.weight`, `[N, C_l]`: the fusion head of layer `l` (layers 1.. have one).
+    HeadW(usize),
+    /// `heads.{l}.bias`, `[N]`.
+    HeadB(usize),
+}
+
+impl Tensor {
+    /// The tensor's name in checkpoints and exports.
+    pub fn name(self) -> String {
+        match self {
+            Tensor::ConvW(l) => format!("layers.{l}.conv.weight"),
+            Tensor::ConvB(l) => format!("layers.{l}.conv.bias"),
+            Tensor::ProjW(l) => format!("layers.{l}.proj.weight"),
+            Tensor::ProjB(l) => format!("layers.{l}.proj.bias"),
+            Tensor::HeadW(l) => format!("heads.{l}.weight"),
+            Tensor::HeadB(l) => format!("heads.{l}.bias"),
+        }
+    }
+
+    /// Its shape in `spec` (PyTorch's layout).
+    pub fn shape(self, spec: &ModelSpec) -> Vec<usize> {
+        let n = spec.classes;
+        match self {
+            Tensor::ConvW(l) => vec![spec.layers[l].c_out, spec.layers[l].c_in, 3, 3],
+            Tensor::ConvB(l) => vec![spec.layers[l].c_out],
+            Tensor::ProjW(l) => vec![spec.layers[l].goodness_dim(), n],
+            Tensor::ProjB(_) | Tensor::HeadB(_) => vec![n],
+            Tensor::HeadW(l) => vec![n, spec.layers[l].c_out],
+        }
+    }
+
+    /// Trained by AdamW (with optimizer state); the projection is fixed.
+    pub fn trained(self) -> bool {
+        !matches!(self, Tensor::ProjW(_) | Tensor::ProjB(_))
+    }
+
+    /// The index of layer `l`'s fusion head among the heads (layer 0 has none).
+    pub fn head_index(l: usize) -> usize {
+        l - 1
+    }
+}
+
+impl ModelSpec {
+    /// Every tensor of the model, in the files' order: per layer its conv weight and bias and its projection,
+    /// then the fusion heads.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let layers = (0..self.layers.len())
+            .flat_map(|l| [Tensor::ConvW(l), Tensor::ConvB(l), Tensor::ProjW(l), Tensor::ProjB(l)]);
+        layers.chain(self.head_layers().flat_map(|l| [Tensor::HeadW(l), Tensor::HeadB(l)])).collect()
+    }
+}
+
 /// Parameters of a model, host side, f32, in PyTorch layouts.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Params {
     pub layers: Vec<LayerParams>,
-    /// `heads[k]` belongs to layer `k + 1`.
+    /// `heads[Tensor::head_index(l)]` belongs to layer `l`.
     pub heads: Vec<HeadParams>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LayerParams {
     /// `[C_out, C_in, 3, 3]`.
     pub conv_w: Vec<f32>,
@@ -348,7 +413,7 @@ pub struct LayerParams {
     pub proj_b: Vec<f32>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct HeadParams {
     /// `[N, C_l]`.
     pub w: Vec<f32>,
@@ -356,6 +421,37 @@ pub struct HeadParams {
 }
 
 impl Params {
+    /// Empty tensors in the shape of `spec`'s table (one layer and head entry each), to be filled.
+    pub fn empty(spec: &ModelSpec) -> Params {
+        Params {
+            layers: vec![LayerParams::default(); spec.layers.len()],
+            heads: vec![HeadParams::default(); spec.head_layers().len()],
+        }
+    }
+
+    /// The values of tensor `t`.
+    pub fn get(&self, t: Tensor) -> &Vec<f32> {
+        match t {
+            Tensor::ConvW(l) => &self.layers[l].conv_w,
+            Tensor::ConvB(l) => &self.layers[l].conv_b,
+            Tensor::ProjW(l) => &self.layers[l].proj_w,
+            Tensor::ProjB(l) => &self.layers[l].proj_b,
+            Tensor::HeadW(l) => &self.heads[Tensor::head_index(l)].w,
+            Tensor::HeadB(l) => &self.heads[Tensor::head_index(l)].b,
+        }
+    }
+
+    /// The values of tensor `t`, to write.
+    pub fn get_mut(&mut self, t: Tensor) -> &mut Vec<f32> {
+        match t {
+            Tensor::ConvW(l) => &mut self.layers[l].conv_w,
+            Tensor::ConvB(l) => &mut self.layers[l].conv_b,
+            Tensor::ProjW(l) => &mut self.layers[l].proj_w,
+            Tensor::ProjB(l) => &mut self.layers[l].proj_b,
+            Tensor::HeadW(l) => &mut self.heads[Tensor::head_index(l)].w,
+            Tensor::HeadB(l) => &mut self.heads[Tensor::head_index(l)].b,
+        }
+    }
     /// Kaiming-normal (fan_in, ReLU gain: std = sqrt(2 / fan_in)) for every conv and head, zero biases,
     /// and the fixed projection and its bias drawn N(0, 1/N) (released code).
     pub fn init(spec: &ModelSpec, seed: u64) -> Params {

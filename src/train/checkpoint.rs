@@ -13,7 +13,7 @@ use super::net::Net;
 use crate::backend::Backend;
 use crate::data::input::InputSpec;
 use crate::files::write_atomic;
-use crate::model::{HeadParams, LayerParams, ModelSpec, Params};
+use crate::model::{ModelSpec, Params, Tensor};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -118,30 +118,11 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Shapes and names of a spec's tensors (without the optimizer state).
 pub fn tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let n = spec.classes;
-    let mut v = Vec::new();
-    for (i, l) in spec.layers.iter().enumerate() {
-        v.push((format!("layers.{i}.conv.weight"), vec![l.c_out, l.c_in, 3, 3]));
-        v.push((format!("layers.{i}.conv.bias"), vec![l.c_out]));
-        v.push((format!("layers.{i}.proj.weight"), vec![l.goodness_dim(), n]));
-        v.push((format!("layers.{i}.proj.bias"), vec![n]));
-    }
-    for i in spec.head_layers() {
-        v.push((format!("heads.{i}.weight"), vec![n, spec.layers[i].c_out]));
-        v.push((format!("heads.{i}.bias"), vec![n]));
-    }
-    v
+    spec.tensors().into_iter().map(|t| (t.name(), t.shape(spec))).collect()
 }
 
 fn flat_params(spec: &ModelSpec, p: &Params) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut data: Vec<&Vec<f32>> = Vec::new();
-    for l in &p.layers {
-        data.extend([&l.conv_w, &l.conv_b, &l.proj_w, &l.proj_b]);
-    }
-    for h in &p.heads {
-        data.extend([&h.w, &h.b]);
-    }
-    tensor_shapes(spec).into_iter().zip(data).map(|((name, shape), d)| (name, shape, d.clone())).collect()
+    spec.tensors().into_iter().map(|t| (t.name(), t.shape(spec), p.get(t).clone())).collect()
 }
 
 /// Metadata that describes the model, in the keys the reference fixtures use, plus `asge.model`.
@@ -257,12 +238,15 @@ pub fn save_params(path: &Path, spec: &ModelSpec, params: &Params) -> Result<()>
     write_atomic(path, &weights_only(spec, params, None, false)?)
 }
 
+/// The `format` metadata of a weights-only export (`asge export --format safetensors`).
+pub const WEIGHTS_FORMAT: &str = "asge-weights";
+
 /// A weights-only safetensors file (the model's tensors, no optimizer state) with the model table and, given,
 /// the input spec and class names in the metadata: `asge export --format safetensors`.
 pub fn weights_only(spec: &ModelSpec, params: &Params, input: Option<&InputSpec>, export: bool) -> Result<Vec<u8>> {
     let mut meta = model_metadata(spec);
     if export {
-        meta.insert("format".into(), crate::export::WEIGHTS_FORMAT.into());
+        meta.insert("format".into(), WEIGHTS_FORMAT.into());
     }
     if let Some(input) = input {
         meta.insert("asge.input".into(), serde_json::to_string(input)?);
@@ -386,7 +370,7 @@ impl Checkpoint {
         for (name, shape) in tensor_shapes(spec) {
             self.tensor_ref(path, &name, &shape)?;
         }
-        if self.params.contains_key(&format!("layers.{}.conv.weight", spec.layers.len())) {
+        if self.params.contains_key(&Tensor::ConvW(spec.layers.len()).name()) {
             bail!("{}: the checkpoint has more layers than the model ({})", path.display(), spec.layers.len());
         }
         Ok(())
@@ -395,24 +379,11 @@ impl Checkpoint {
     /// The parameters for `spec`, checking every name and shape.
     pub fn params_for(&self, path: &Path, spec: &ModelSpec) -> Result<Params> {
         self.check_fits(path, spec)?;
-        let mut layers = Vec::new();
-        let n = spec.classes;
-        for (i, l) in spec.layers.iter().enumerate() {
-            layers.push(LayerParams {
-                conv_w: self.tensor(path, &format!("layers.{i}.conv.weight"), &[l.c_out, l.c_in, 3, 3])?,
-                conv_b: self.tensor(path, &format!("layers.{i}.conv.bias"), &[l.c_out])?,
-                proj_w: self.tensor(path, &format!("layers.{i}.proj.weight"), &[l.goodness_dim(), n])?,
-                proj_b: self.tensor(path, &format!("layers.{i}.proj.bias"), &[n])?,
-            });
+        let mut params = Params::empty(spec);
+        for t in spec.tensors() {
+            *params.get_mut(t) = self.tensor(path, &t.name(), &t.shape(spec))?;
         }
-        let mut heads = Vec::new();
-        for i in spec.head_layers() {
-            heads.push(HeadParams {
-                w: self.tensor(path, &format!("heads.{i}.weight"), &[n, spec.layers[i].c_out])?,
-                b: self.tensor(path, &format!("heads.{i}.bias"), &[n])?,
-            });
-        }
-        Ok(Params { layers, heads })
+        Ok(params)
     }
 
     /// Puts the saved AdamW moments into `net`'s optimizer state.

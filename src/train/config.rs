@@ -287,6 +287,51 @@ pub fn merge(
     serde_json::from_value(v).context("the options")
 }
 
+/// Refuses, for `--resume DIR`, a command line that gives an option a resumed run cannot change.
+pub fn check_resumable(dir: &Path, m: &ArgMatches) -> Result<()> {
+    let refused: Vec<String> = given(m).iter().filter(|k| !RESUMABLE.contains(&k.as_str())).map(|k| flag(k)).collect();
+    if !refused.is_empty() {
+        bail!(
+            "--resume {}: {} cannot change when a run resumes (the run would no longer be the one it continues); \
+             a resumed run takes --epochs, --device, --precision and --data, and the output and checkpoint options",
+            dir.display(),
+            refused.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A resumed run's config: its `stored` options, then the command line's (a new `--data` made absolute).
+pub fn for_resume(stored: TrainConfig, flags: &TrainConfig, m: &ArgMatches) -> Result<TrainConfig> {
+    let file = serde_json::to_value(&stored)?.as_object().cloned();
+    let mut cfg = merge(file, flags, m)?;
+    if given(m).iter().any(|k| k == "data") {
+        cfg.data = std::fs::canonicalize(&cfg.data)
+            .with_context(|| format!("--data {}: no such folder", cfg.data.display()))?;
+    }
+    Ok(cfg)
+}
+
+/// A new run's `--config` file (`config_file`, read), after checking that `--dataset` and `--data` come from
+/// it or from the command line.
+pub fn new_run_file(
+    config_file: Option<&Path>,
+    m: &ArgMatches,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let file = config_file.map(read_config_file).transpose()?;
+    let given = given(m);
+    for key in ["dataset", "data"] {
+        if !given.iter().any(|k| k == key) && !file.as_ref().is_some_and(|f| f.contains_key(key)) {
+            bail!(
+                "{} is required for a new run (mnist, fashion-mnist, cifar10, cifar100, idx, shards; and the data \
+                 folder), on the command line or in a --config file",
+                flag(key)
+            );
+        }
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

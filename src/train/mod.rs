@@ -3,8 +3,8 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod infer;
 pub mod interrupt;
+pub mod metrics;
 pub mod net;
 pub mod plot;
 pub mod progress;

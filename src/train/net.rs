@@ -3,7 +3,7 @@
 //! evaluation forward.
 
 use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision, StepMode, STATS_LEN};
-use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid};
+use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid, Tensor};
 use anyhow::Result;
 
 /// AdamW hyperparameters shared by every optimizer of a run (docs/method.md §10).
@@ -52,7 +52,7 @@ impl<B: Backend> Param<B> {
         self.compute.as_ref().unwrap_or(&self.value)
     }
 
-    fn step(&mut self, be: &B, h: &AdamWStep) -> Result<()> {
+    fn step(&mut self, be: &B) -> Result<()> {
         let copy = self.compute.as_mut();
         crate::ops::adamw::run(
             be,
@@ -62,7 +62,6 @@ impl<B: Backend> Param<B> {
                 grad: &self.grad,
                 m: &mut self.exp_avg,
                 v: &mut self.exp_avg_sq,
-                h,
                 copy,
             },
         )
@@ -347,21 +346,21 @@ impl<B: Backend> Net<B> {
             dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) })
         };
         let keys: Vec<Option<u64>> = (0..self.layers.len()).map(|li| layer_dropout(li).map(|d| d.key)).collect();
-        self.be.prepare_step(&h, &keys)?;
+        self.be.prepare_step(&h.scalars(), &keys)?;
         // The step's ops depend on the batch size and on which activation and statistics buffers it uses: a
         // backend that records steps (CUDA graphs) keeps one recording per combination.
         let graph_key = (batch as u64) << 2 | (self.ws.parity as u64) << 1 | self.ws.stats_set as u64;
         let mode = self.be.begin_step(graph_key)?;
         if mode != StepMode::Replayed {
             for li in 0..self.layers.len() {
-                self.layer_pass(li, batch, step, Some((&h, layer_dropout(li))))?;
+                self.layer_pass(li, batch, step, Some(layer_dropout(li)))?;
             }
             let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
             self.be.set_lane(self.layers.len())?;
             self.heads_pass(batch, true)?;
             for head in &mut self.heads {
-                head.w.step(&self.be, &h)?;
-                head.b.step(&self.be, &h)?;
+                head.w.step(&self.be)?;
+                head.b.step(&self.be)?;
             }
             std::mem::drop(span);
             if mode == StepMode::Capture {
@@ -389,14 +388,9 @@ impl<B: Backend> Net<B> {
 
     /// Layer `li` on the batch in the workspace: forward with the fused goodness, the projection logits and
     /// loss; when training, the weight gradient and the AdamW step (after the forward, so the layer's output
-    /// comes from the pre-step weights); then the layer output, which becomes the next layer's input.
-    fn layer_pass(
-        &mut self,
-        li: usize,
-        batch: usize,
-        step: u64,
-        train: Option<(&AdamWStep, Option<Dropout>)>,
-    ) -> Result<()> {
+    /// comes from the pre-step weights); then the layer output, which becomes the next layer's input. `train`
+    /// is `None` to evaluate, else the layer's dropout (AdamW's scalars are the step's: `Backend::prepare_step`).
+    fn layer_pass(&mut self, li: usize, batch: usize, step: u64, train: Option<Option<Dropout>>) -> Result<()> {
         let spec = &self.spec.layers[li];
         let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
         let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
@@ -447,7 +441,7 @@ impl<B: Backend> Net<B> {
         let span = crate::trace::span("layer_output", track, step);
         let pool = spec.pool.then_some(self.spec.pool_kind);
         let gap = (li >= 1).then_some(&mut ws.gap[li]);
-        let dropout = train.and_then(|t| t.1);
+        let dropout = train.flatten();
         crate::ops::layer_output::run(
             be,
             crate::ops::layer_output::Args {
@@ -463,7 +457,7 @@ impl<B: Backend> Net<B> {
             },
         )?;
         std::mem::drop(span);
-        if let Some((h, _)) = train {
+        if train.is_some() {
             let span = crate::trace::span("conv_goodness_wgrad", track, step);
             let (dw, db) = (&mut layer.conv_w.grad, &mut layer.conv_b.grad);
             crate::ops::conv_goodness_wgrad::run(
@@ -481,8 +475,8 @@ impl<B: Backend> Net<B> {
             )?;
             std::mem::drop(span);
             let _span = crate::trace::span("adamw", track, step);
-            layer.conv_w.step(be, h)?;
-            layer.conv_b.step(be, h)?;
+            layer.conv_w.step(be)?;
+            layer.conv_b.step(be)?;
         }
         Ok(())
     }
@@ -577,31 +571,22 @@ impl<B: Backend> Net<B> {
 
     /// Every trained tensor with a name (`layers.0.conv.weight`, `heads.1.bias`, ...), for the optimizer state.
     pub fn named_params(&self) -> Vec<(String, &Param<B>)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            v.push((format!("layers.{i}.conv.weight"), &l.conv_w));
-            v.push((format!("layers.{i}.conv.bias"), &l.conv_b));
-        }
-        for (k, h) in self.heads.iter().enumerate() {
-            let i = k + 1;
-            v.push((format!("heads.{i}.weight"), &h.w));
-            v.push((format!("heads.{i}.bias"), &h.b));
-        }
-        v
+        let trained = self.spec.tensors().into_iter().filter(|t| t.trained());
+        trained.map(|t| (t.name(), trained_param(&self.layers, &self.heads, t))).collect()
     }
 
     /// Calls `f` on every trained tensor with its name, mutably, with the backend at hand, for its optimizer
     /// state (the values come from [`Net::new`], which also writes the conv weights' compute copies).
     pub fn for_each_param_mut(&mut self, mut f: impl FnMut(&B, &str, &mut Param<B>) -> Result<()>) -> Result<()> {
-        let be = &self.be;
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            f(be, &format!("layers.{i}.conv.weight"), &mut l.conv_w)?;
-            f(be, &format!("layers.{i}.conv.bias"), &mut l.conv_b)?;
-        }
-        for (k, h) in self.heads.iter_mut().enumerate() {
-            let i = k + 1;
-            f(be, &format!("heads.{i}.weight"), &mut h.w)?;
-            f(be, &format!("heads.{i}.bias"), &mut h.b)?;
+        for t in self.spec.tensors().into_iter().filter(|t| t.trained()) {
+            let p = match t {
+                Tensor::ConvW(l) => &mut self.layers[l].conv_w,
+                Tensor::ConvB(l) => &mut self.layers[l].conv_b,
+                Tensor::HeadW(l) => &mut self.heads[Tensor::head_index(l)].w,
+                Tensor::HeadB(l) => &mut self.heads[Tensor::head_index(l)].b,
+                Tensor::ProjW(_) | Tensor::ProjB(_) => unreachable!("the projection is not trained"),
+            };
+            f(&self.be, &t.name(), p)?;
         }
         Ok(())
     }
@@ -646,4 +631,28 @@ pub fn host_memory_estimate(spec: &ModelSpec, batch: usize, in_pixels: usize, wo
         values = values.saturating_add(scratch.saturating_mul(threads)).saturating_add(partials);
     }
     values.saturating_mul(4)
+}
+
+/// Refuses a workspace for `batch` images that would not fit in this machine's memory (before anything is
+/// allocated), naming the options that size it.
+pub fn ensure_memory(spec: &ModelSpec, batch: usize, input_size: usize, on_host: bool, what: &str) -> Result<()> {
+    let in_pixels = spec.in_channels.saturating_mul(input_size).saturating_mul(input_size);
+    let bytes = host_memory_estimate(spec, batch, in_pixels, on_host);
+    crate::limits::ensure_fits(
+        &format!("{what} ({} model, batch {batch})", spec.arch),
+        bytes,
+        "--batch, --width or --image-size (or the model's channel counts)",
+    )
+}
+
+/// The trained tensor `t` of a net's layers and heads (the parameter table's [`Tensor`]; the projection, fixed,
+/// is not one).
+fn trained_param<'a, B: Backend>(layers: &'a [Layer<B>], heads: &'a [Head<B>], t: Tensor) -> &'a Param<B> {
+    match t {
+        Tensor::ConvW(l) => &layers[l].conv_w,
+        Tensor::ConvB(l) => &layers[l].conv_b,
+        Tensor::HeadW(l) => &heads[Tensor::head_index(l)].w,
+        Tensor::HeadB(l) => &heads[Tensor::head_index(l)].b,
+        Tensor::ProjW(_) | Tensor::ProjB(_) => unreachable!("the projection is not trained"),
+    }
 }

@@ -6,7 +6,7 @@
 //! into a band: where they would fill less than a quarter of the axis it gets a panel of its own. Plain SVG,
 //! no dependencies; opens in any browser.
 
-use super::run::EpochMetrics;
+use super::metrics::EpochMetrics;
 use std::fmt::Write;
 
 const W: f64 = 760.0;

@@ -15,10 +15,11 @@
 
 use super::checkpoint::{self, TrainState};
 use super::interrupt;
-use super::net::{self, AdamW, Net};
+use super::metrics::EpochMetrics;
+use super::net::{ensure_memory, AdamW, Net};
 use super::progress::{Display, Progress};
 use super::schedule::cosine_lr;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::select::with_backend;
 use crate::backend::Backend;
 use crate::data::augment::Augment;
 use crate::data::imagefolder::ResizeMode;
@@ -28,7 +29,6 @@ use crate::data::shard::ShardSet;
 use crate::data::{self, DatasetKind, ImageSource};
 use crate::eval::{self, EvalResult, Strategy};
 use crate::files::{self, RunFolder, RunStart};
-use crate::limits;
 use crate::model::{self, ModelSpec, Params};
 use crate::rng::{self, Rng};
 use anyhow::{bail, Context, Result};
@@ -44,30 +44,6 @@ const SHUFFLE: u64 = 1;
 const AUGMENT: u64 = 2;
 const DROPOUT: u64 = 3;
 const VAL_AUGMENT: u64 = 4;
-
-/// Per-epoch metrics, one JSON line in `metrics.jsonl`. The fusion fields are absent for a one-layer model
-/// (it has no fusion heads).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    pub lr: f64,
-    pub train_layer_loss: Vec<f64>,
-    pub train_layer_acc: Vec<f64>,
-    pub train_fusion_loss: Option<f64>,
-    pub train_fusion_acc: Option<f64>,
-    pub val_layer_acc: Option<Vec<f64>>,
-    pub val_fusion_acc: Option<f64>,
-    /// Validation cross-entropy per layer (through its projection) and of the fusion heads.
-    #[serde(default)]
-    pub val_layer_loss: Option<Vec<f64>>,
-    #[serde(default)]
-    pub val_fusion_loss: Option<f64>,
-    pub images_per_s: f64,
-    pub seconds: f64,
-    /// When the epoch ended: seconds since the Unix epoch (what TensorBoard's wall time is).
-    #[serde(default)]
-    pub wall_time: f64,
-}
 
 /// `summary.json`: the test result of the best checkpoint (the schema `asge eval` writes too).
 pub type Summary = eval::Report;
@@ -136,47 +112,6 @@ fn say(opts: RunOptions, msg: impl AsRef<str>) {
     }
 }
 
-/// A `--device` value.
-pub enum Device {
-    Cpu,
-    #[cfg(feature = "cuda")]
-    Cuda(usize),
-}
-
-/// Parses `--device`: `cpu`, `cuda` or `cuda:N` (a clear error for anything else, or for cuda in a build
-/// without the CUDA backend).
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            #[cfg(feature = "cuda")]
-            return Ok(Device::Cuda(crate::backend::cuda::parse_device(d)?));
-            #[cfg(not(feature = "cuda"))]
-            bail!("--device {d}: this build has no CUDA backend (build with the `cuda` feature)")
-        }
-        d => bail!("--device {d}: unknown device (expected cpu, cuda or cuda:N)"),
-    }
-}
-
-/// Calls `$body` with `$be` bound to a maker of the backend `--device` names, in `precision` (the trainer is
-/// generic over backends).
-macro_rules! with_backend {
-    ($device:expr, $precision:expr, |$be:ident| $body:expr) => {
-        match device($device)? {
-            Device::Cpu => {
-                let $be = || -> Result<CpuBackend> { Ok(CpuBackend::new().with_precision($precision)) };
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let $be = || crate::backend::cuda::CudaBackend::new(n).map(|b| b.with_precision($precision));
-                $body
-            }
-        }
-    };
-}
-pub(crate) use with_backend;
-
 /// A run's data: the training and test sources, the input side the model sees, and the evaluation transform.
 pub struct Sources {
     pub train: Arc<dyn ImageSource>,
@@ -185,25 +120,6 @@ pub struct Sources {
     pub eval_aug: Augment,
     /// How an image file becomes an input like the training data, and the class names (kept in checkpoints).
     pub input: InputSpec,
-}
-
-/// Opens `--dataset shards`' folders: `DIR/train` and `DIR/val` (or `DIR/test`).
-pub(crate) fn open_shards(dir: &Path) -> Result<(Arc<ShardSet>, Arc<ShardSet>)> {
-    let train =
-        ShardSet::open(&dir.join("train")).with_context(|| format!("--data {}: the training shards", dir.display()))?;
-    let test_dir =
-        ["val", "test"].iter().map(|d| dir.join(d)).find(|d| d.join("index.json").is_file()).with_context(|| {
-            format!(
-                "--data {}: no val/ or test/ shard folder beside train/ (asge shard --input VAL_DIR --out {}/val)",
-                dir.display(),
-                dir.display()
-            )
-        })?;
-    let test = ShardSet::open(&test_dir)?;
-    if test.index.classes != train.index.classes {
-        bail!("{}: its classes differ from {}'s", test_dir.display(), dir.join("train").display());
-    }
-    Ok((Arc::new(train), Arc::new(test)))
 }
 
 /// Loads the data and resolves the model of a config.
@@ -216,7 +132,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(Sources, ModelSpec)> {
 fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources, ModelSpec)> {
     cfg.validate()?;
     let sources = if cfg.dataset == DatasetKind::Shards {
-        let (train, test) = open_shards(&cfg.data)?;
+        let (train, test) = ShardSet::open_train_test(&cfg.data)?;
         let t = cfg.image_size.unwrap_or(train.size());
         if t == 0 || t > model::MAX_IMAGE_SIDE {
             bail!("--image-size {t}: the model takes 1 to {} pixels a side", model::MAX_IMAGE_SIDE);
@@ -288,24 +204,6 @@ fn prepare_with(cfg: &TrainConfig, table: Option<ModelSpec>) -> Result<(Sources,
         }
     };
     Ok((sources, spec))
-}
-
-/// Refuses a workspace for `batch` images that would not fit in this machine's memory (before anything is
-/// allocated), naming the options that size it.
-pub(crate) fn ensure_memory(
-    spec: &ModelSpec,
-    batch: usize,
-    input_size: usize,
-    on_host: bool,
-    what: &str,
-) -> Result<()> {
-    let in_pixels = spec.in_channels.saturating_mul(input_size).saturating_mul(input_size);
-    let bytes = net::host_memory_estimate(spec, batch, in_pixels, on_host);
-    limits::ensure_fits(
-        &format!("{what} ({} model, batch {batch})", spec.arch),
-        bytes,
-        "--batch, --width or --image-size (or the model's channel counts)",
-    )
 }
 
 /// Trains a fresh run (or resumes or overwrites one, as `start` says) in `out`, then evaluates the best

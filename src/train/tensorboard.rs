@@ -200,7 +200,7 @@ impl EventWriter {
 
 /// The scalars of one epoch's metrics: every layer's training and validation loss and accuracy (layers counted
 /// from 1), the fusion heads', the learning rate and the throughput.
-pub fn epoch_scalars(m: &super::run::EpochMetrics) -> Vec<(String, f64)> {
+pub fn epoch_scalars(m: &super::metrics::EpochMetrics) -> Vec<(String, f64)> {
     let mut v = vec![("lr".to_string(), m.lr), ("images_per_s".to_string(), m.images_per_s)];
     let per_layer = |v: &mut Vec<(String, f64)>, what: &str, xs: &[f64]| {
         for (l, x) in xs.iter().enumerate() {

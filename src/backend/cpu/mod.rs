@@ -10,20 +10,22 @@
 pub mod conv;
 pub mod ops;
 
-use super::{round_f16, Backend, Precision};
+use super::{round_f16, AdamWScalars, Backend, Precision};
 use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use anyhow::Result;
 
 /// The CPU backend. Threads come from rayon's global pool (`--threads` sizes it).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CpuBackend {
     lanes: usize,
     precision: Precision,
+    /// AdamW's scalars for the step, as [`Backend::prepare_step`] last set them.
+    adamw: std::sync::Mutex<Option<AdamWScalars>>,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { lanes: 1, precision: Precision::F32 }
+        CpuBackend { lanes: 1, precision: Precision::F32, adamw: Default::default() }
     }
 }
 
@@ -46,6 +48,12 @@ impl CpuBackend {
 
     pub(crate) fn f16(&self) -> bool {
         self.precision == Precision::F16
+    }
+
+    /// AdamW's scalars for the step ([`Backend::prepare_step`]).
+    pub(crate) fn adamw_scalars(&self) -> Result<AdamWScalars> {
+        let s = *self.adamw.lock().unwrap();
+        s.ok_or_else(|| anyhow::anyhow!("cpu: adamw before the step's scalars were set (Backend::prepare_step)"))
     }
 }
 
@@ -89,6 +97,11 @@ impl Backend for CpuBackend {
 
     fn lanes(&self) -> usize {
         self.lanes
+    }
+
+    fn prepare_step(&self, adamw: &AdamWScalars, _dropout_keys: &[Option<u64>]) -> Result<()> {
+        *self.adamw.lock().unwrap() = Some(*adamw);
+        Ok(())
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {

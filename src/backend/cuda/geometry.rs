@@ -2,6 +2,7 @@
 //! host emulation of the kernels (tests/kernel_emulation.rs) runs the same grids.
 
 use crate::backend::{ConvShape, Precision};
+use crate::kernel_abi::{PAD_K, PAD_PIXELS, PAD_ROWS, PAD_TAPS};
 use crate::model::{GoodnessReduce, PatchGrid};
 
 /// Threads per block of every kernel.
@@ -196,15 +197,15 @@ pub fn padded_channels(c_in: usize) -> usize {
 }
 
 /// The length of the fp16 forward's padded weights `[C_out, 3, 3, cp]` (kernels/prelude.cuh, `NHWC_MP` and
-/// `NHWC_KP`): rows rounded up to 128, K = 9 cp up to 64.
+/// `NHWC_KP`): rows rounded up to `PAD_ROWS`, K = 9 cp up to `PAD_K`.
 pub fn padded_weights_len(c_out: usize, cp: usize) -> usize {
-    c_out.next_multiple_of(128) * (9 * cp).next_multiple_of(64)
+    c_out.next_multiple_of(PAD_ROWS) * (9 * cp).next_multiple_of(PAD_K)
 }
 
 /// The fp16 forward's chunk table (kernels/conv_goodness_fwd.cu, `conv_fwd_nhwc`) over NHWC maps of `w` columns
 /// and `cp` (padded) channels: entry j for k = 8 j = r*cp + ci (r = kh*3 + kw) is
 /// `((kh*w + kw)*cp + ci) << 9 | 1 << r`, the chunk's offset from the pixel's window origin and its tap bit; 0
-/// (no tap) from 9 cp up to K rounded up to 256 (`NHWC_TAPS`: the weight gradient's widest column tile).
+/// (no tap) from 9 cp up to K rounded up to `PAD_TAPS` (`NHWC_TAPS`: the weight gradient's widest column tile).
 pub fn nhwc_tap_table(cp: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
     assert!(cp.is_multiple_of(8), "padded channels");
     if (2 * w + 3) * cp >= 1 << 23 {
@@ -219,7 +220,7 @@ pub fn nhwc_tap_table(cp: usize, h: usize, w: usize) -> Result<Vec<i32>, String>
             ((((r / 3) * w + r % 3) * cp + ci) << 9 | 1 << r) as u32 as i32
         })
         .collect();
-    t.resize((9 * cp).next_multiple_of(256) / 8, 0);
+    t.resize((9 * cp).next_multiple_of(PAD_TAPS) / 8, 0);
     Ok(t)
 }
 
@@ -284,7 +285,7 @@ pub fn wgrad(s: &ConvShape, p: Precision) -> WgradSplit {
 
 /// The padded pixel count of the fp16 weight gradient's dz rows (`WG_NP`: a multiple of both pixel steps).
 pub fn wgrad_pixels(s: &ConvShape) -> usize {
-    (s.batch * s.h * s.w).next_multiple_of(64)
+    (s.batch * s.h * s.w).next_multiple_of(PAD_PIXELS)
 }
 
 /// The split for kernel `k`'s block tile.
@@ -300,7 +301,7 @@ pub fn wgrad_split(s: &ConvShape, k: &WgradKernel) -> WgradSplit {
 
 /// The fp16 weight gradient's dz pass (`dz_f16`): one block per channel (of `NHWC_MP(C_out)`) and 2048 pixels.
 pub fn dz_grid(s: &ConvShape) -> (u32, u32, u32) {
-    (wgrad_pixels(s).div_ceil(2048) as u32, s.c_out.next_multiple_of(128) as u32, 1)
+    (wgrad_pixels(s).div_ceil(2048) as u32, s.c_out.next_multiple_of(PAD_ROWS) as u32, 1)
 }
 
 /// The fp16 weight gradient's pixel table: per pixel n < `wgrad_pixels` the in-map mask of its 3x3 window's taps
@@ -322,7 +323,8 @@ pub fn pixel_masks(s: &ConvShape) -> Vec<u16> {
 
 /// The conv GEMMs' tap table (kernels/prelude.cuh, `tap_fetch`) for a 3x3 conv over `c_in` maps of `h` x `w`:
 /// entry k = ci*9 + r (r = kh*3 + kw) is `(ci*h*w + kh*w + kw) << 9 | 1 << r`; from 9 `c_in` on, up to the
-/// next multiple of 256 (the largest weight-gradient tap tile, a multiple of every K step), it is 0: no tap.
+/// next multiple of `PAD_TAPS` (the largest weight-gradient tap tile, a multiple of every K step; `TAPS`), it
+/// is 0: no tap.
 pub fn tap_table(c_in: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
     let k = c_in * 9;
     if c_in * h * w + 2 * w + 2 >= 1 << 23 {
@@ -337,7 +339,7 @@ pub fn tap_table(c_in: usize, h: usize, w: usize) -> Result<Vec<i32>, String> {
             (((ci * h * w + (r / 3) * w + r % 3) << 9) | 1 << r) as u32 as i32
         })
         .collect();
-    t.resize(k.next_multiple_of(256).max(256), 0);
+    t.resize(k.next_multiple_of(PAD_TAPS).max(PAD_TAPS), 0);
     Ok(t)
 }
 

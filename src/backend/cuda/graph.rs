@@ -2,7 +2,7 @@
 //!
 //! A training step issues the same kernels with the same arguments every step of a given shape; what changes is
 //! AdamW's scalars (the learning rate and the bias corrections) and the dropout keys. The kernels read those from
-//! small device buffers ([`StepParams`]: per lane AdamW's seven scalars, per layer the key), which the host fills
+//! small device buffers ([`StepParams`]: per lane AdamW's scalars, per layer the key), which the host fills
 //! before the step (`Backend::prepare_step`) with a copy queued on the lane that reads them; a slot is written only
 //! when its value changes, so an eager step issues one copy per lane and layer at most. With that, the step can be
 //! captured: `begin_step` runs a shape's first step eagerly (it allocates scratch and uploads tables, which a
@@ -28,7 +28,7 @@
 
 use super::buf::LayoutMark;
 use super::{drv, wait_for_streams, CudaBackend, CudaBuf};
-use crate::backend::{AdamWScalars, AdamWStep, StepMode};
+use crate::backend::{AdamWScalars, StepMode};
 use anyhow::{bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaView};
@@ -40,8 +40,8 @@ pub const KEY_SLOTS: usize = 256;
 
 /// The device buffers of the per-step values and what each slot holds now.
 pub(crate) struct StepParams {
-    /// Per lane, AdamW's `{decay, w1, b2, w2, step_size, bc2_sqrt, eps}` at 8-float strides.
-    hp: CudaSlice<f32>,
+    /// Per lane, AdamW's scalars, and their bits as last written.
+    hp: CudaSlice<AdamWScalars>,
     hp_held: Vec<Option<[u32; 7]>>,
     /// Per site (the layer index the trainer sets as the lane), the dropout key.
     keys: CudaSlice<u64>,
@@ -49,7 +49,7 @@ pub(crate) struct StepParams {
 }
 
 impl StepParams {
-    pub(super) fn new(be_lanes: usize, hp: CudaSlice<f32>, keys: CudaSlice<u64>) -> Self {
+    pub(super) fn new(be_lanes: usize, hp: CudaSlice<AdamWScalars>, keys: CudaSlice<u64>) -> Self {
         StepParams { hp, hp_held: vec![None; be_lanes], keys, keys_held: vec![None; KEY_SLOTS] }
     }
 }
@@ -98,8 +98,16 @@ pub(super) struct StepGraphs {
 // time; every use here is under the backend's mutex around StepGraphs.
 unsafe impl Send for StepGraphs {}
 
-fn scalars_array(s: &AdamWScalars) -> [f32; 7] {
-    [s.decay, s.w1, s.b2, s.w2, s.step_size, s.bc2_sqrt, s.eps]
+// SAFETY: a #[repr(C)] struct of plain f32 values, no padding or invalid bit patterns: a GPU may read it as
+// written on the host, and zeroed memory is a valid value.
+unsafe impl cudarc::driver::DeviceRepr for AdamWScalars {}
+unsafe impl cudarc::driver::ValidAsZeroBits for AdamWScalars {}
+
+/// The bits of AdamW's scalars: a slot is rewritten when any bit differs (`==` on f32 would take -0 for 0).
+fn scalar_bits(s: &AdamWScalars) -> [u32; 7] {
+    const _: () = assert!(std::mem::size_of::<AdamWScalars>() == 28);
+    // SAFETY: seven f32 fields in a #[repr(C)] struct (size checked above) have the layout of [u32; 7].
+    unsafe { std::mem::transmute::<AdamWScalars, [u32; 7]>(*s) }
 }
 
 impl CudaBackend {
@@ -107,15 +115,9 @@ impl CudaBackend {
         self.capturing.load(Ordering::Relaxed)
     }
 
-    /// Makes lane `lane`'s AdamW slot hold `s` (a copy queued on that lane when it does not), and returns it.
-    pub(crate) fn adamw_slot<'a>(
-        &self,
-        sp: &'a mut StepParams,
-        lane: usize,
-        s: &AdamWScalars,
-    ) -> Result<CudaView<'a, f32>> {
-        let vals = scalars_array(s);
-        let bits = vals.map(f32::to_bits);
+    /// Makes lane `lane`'s AdamW slot hold `s` (a copy queued on that lane when it does not).
+    fn set_adamw_slot(&self, sp: &mut StepParams, lane: usize, s: &AdamWScalars) -> Result<()> {
+        let bits = scalar_bits(s);
         if sp.hp_held[lane] != Some(bits) {
             if self.capturing() {
                 bail!(
@@ -123,11 +125,20 @@ impl CudaBackend {
                      the step)"
                 );
             }
-            let mut dst = sp.hp.slice_mut(lane * 8..lane * 8 + 7);
-            drv(self.streams[lane].memcpy_htod(&vals, &mut dst), "copy AdamW scalars")?;
+            let mut dst = sp.hp.slice_mut(lane..lane + 1);
+            drv(self.streams[lane].memcpy_htod(std::slice::from_ref(s), &mut dst), "copy AdamW scalars")?;
             sp.hp_held[lane] = Some(bits);
         }
-        Ok(sp.hp.slice(lane * 8..lane * 8 + 7))
+        Ok(())
+    }
+
+    /// Lane `lane`'s AdamW slot, which [`Backend::prepare_step`](crate::backend::Backend::prepare_step) filled.
+    pub(crate) fn adamw_slot<'a>(&self, sp: &'a StepParams, lane: usize) -> Result<CudaView<'a, AdamWScalars>> {
+        anyhow::ensure!(
+            sp.hp_held[lane].is_some(),
+            "cuda: adamw before the step's scalars were set (Backend::prepare_step)"
+        );
+        Ok(sp.hp.slice(lane..lane + 1))
     }
 
     /// Makes site `site`'s dropout slot hold `key` (a copy queued on the site's lane when it does not).
@@ -144,11 +155,10 @@ impl CudaBackend {
         Ok(sp.keys.slice(site..site + 1))
     }
 
-    pub(super) fn prepare_step_params(&self, h: &AdamWStep, keys: &[Option<u64>]) -> Result<()> {
+    pub(super) fn prepare_step_params(&self, s: &AdamWScalars, keys: &[Option<u64>]) -> Result<()> {
         let mut sp = self.step_params.lock().unwrap();
-        let s = h.scalars();
         for lane in 0..self.streams.len() {
-            self.adamw_slot(&mut sp, lane, &s)?;
+            self.set_adamw_slot(&mut sp, lane, s)?;
         }
         for (site, key) in keys.iter().enumerate() {
             if let Some(k) = key {

@@ -40,9 +40,10 @@ pub use buf::CudaBuf;
 use buf::Data;
 pub use timing::{GpuCeilings, Work};
 
-use super::{AdamWStep, Backend, ConvShape, DeviceSpan, KernelTime, Precision, StepMode};
+use super::{AdamWScalars, Backend, ConvShape, KernelTime, Precision, StepMode};
 use crate::model::{GoodnessReduce, PatchGrid};
 use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
+use crate::trace::DeviceSpan;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PinnedHostSlice,
@@ -79,6 +80,35 @@ pub fn probe() -> Result<usize> {
         bail!("the CUDA driver reports no device");
     }
     Ok(n as usize)
+}
+
+/// The file the loaded CUDA driver came from and its CUDA version (the stand-in names itself), once [`probe`]
+/// found a driver.
+pub fn driver_library() -> String {
+    let mut version = 0;
+    // SAFETY: one out-parameter; probe() found the library.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    // The library cudarc loaded: the first of its candidate names already in the process.
+    let mut file = "libcuda (path unknown)".to_string();
+    for name in cudarc::get_lib_name_candidates("cuda") {
+        let Ok(c) = std::ffi::CString::new(name) else { continue };
+        // SAFETY: RTLD_NOLOAD only returns a library already loaded; dlsym and dladdr on its handle, closed after.
+        unsafe {
+            let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+            if h.is_null() {
+                continue;
+            }
+            let sym = libc::dlsym(h, c"cuInit".as_ptr());
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            if !sym.is_null() && libc::dladdr(sym, &mut info) != 0 && !info.dli_fname.is_null() {
+                file = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+            }
+            libc::dlclose(h);
+            break;
+        }
+    }
+    let what = if standin::active() { ", the asge CUDA stand-in (not a GPU)" } else { "" };
+    format!("{file}, CUDA {}.{}{what}", version / 1000, (version % 1000) / 10)
 }
 
 /// Parses `cuda` or `cuda:N`.
@@ -358,7 +388,7 @@ impl CudaBackend {
         }
         let step_params = graph::StepParams::new(
             streams.len(),
-            drv(streams[0].alloc_zeros::<f32>(8 * streams.len()), "alloc step parameters")?,
+            drv(streams[0].alloc_zeros::<AdamWScalars>(streams.len()), "alloc step parameters")?,
             drv(streams[0].alloc_zeros::<u64>(graph::KEY_SLOTS), "alloc step parameters")?,
         );
         drv(streams[0].synchronize(), "alloc step parameters")?;
@@ -673,8 +703,8 @@ impl Backend for CudaBackend {
         Ok(drv(ea.elapsed_ms(eb), "event timing")? as f64)
     }
 
-    fn prepare_step(&self, h: &AdamWStep, dropout_keys: &[Option<u64>]) -> Result<()> {
-        self.prepare_step_params(h, dropout_keys)
+    fn prepare_step(&self, adamw: &AdamWScalars, dropout_keys: &[Option<u64>]) -> Result<()> {
+        self.prepare_step_params(adamw, dropout_keys)
     }
 
     fn begin_step(&self, key: u64) -> Result<StepMode> {

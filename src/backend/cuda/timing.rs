@@ -3,7 +3,8 @@
 //! Under the driver stand-in every time measures the host emulator, not a GPU; the bench labels it so.
 
 use super::{drv, CudaBackend};
-use crate::backend::{DeviceSpan, KernelTime};
+use crate::backend::KernelTime;
+use crate::trace::DeviceSpan;
 use anyhow::{bail, Result};
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use cudarc::driver::CudaEvent;

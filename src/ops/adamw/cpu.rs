@@ -3,14 +3,14 @@
 
 use super::Args;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{round_f16, AdamWStep};
+use crate::backend::{round_f16, AdamWScalars};
 use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
 
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
-    let Args { len, p, grad, m, v, h, copy } = a.into_inner();
-    adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], h);
+    let Args { len, p, grad, m, v, copy } = a.into_inner();
+    adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], &be.adamw_scalars()?);
     if let Some(copy) = copy {
         let f16 = be.f16();
         for (c, &v) in copy[..len].iter_mut().zip(&p[..len]) {
@@ -21,8 +21,8 @@ pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()>
 }
 
 /// AdamW, PyTorch's single-tensor algorithm, elementwise.
-pub fn adamw(p: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
-    let crate::backend::AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = h.scalars();
+pub fn adamw(p: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWScalars) {
+    let AdamWScalars { decay, step_size, bc2_sqrt, w1, b2, w2, eps } = *h;
     const CHUNK: usize = 16 * 1024;
     p.par_chunks_mut(CHUNK)
         .zip(grad.par_chunks(CHUNK))

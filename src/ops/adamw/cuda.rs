@@ -10,11 +10,11 @@ use crate::ops::Checked;
 use anyhow::Result;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { len, p, grad, m, v, h, copy } = a.into_inner();
+    let Args { len, p, grad, m, v, copy } = a.into_inner();
     let _timer = be.time_op("adamw");
-    // The scalars from the step's parameters (the current lane's slot; written now if they differ).
-    let mut params = be.step_params.lock().unwrap();
-    let hp = be.adamw_slot(&mut params, be.lane_index(), &h.scalars())?;
+    // The scalars from the step's parameters (the current lane's slot, which Backend::prepare_step filled).
+    let params = be.step_params.lock().unwrap();
+    let hp = be.adamw_slot(&params, be.lane_index())?;
     let ps = p.f32_mut("parameter")?;
     // The fp16 copy is written by the kernel; an f32 copy (an f32 backend's operand) is a device copy after it.
     let (f16_copy, f32_copy) = match copy.map(|c| c.data_mut()) {

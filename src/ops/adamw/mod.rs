@@ -1,14 +1,15 @@
 //! `adamw`: one AdamW step on the first `len` elements (PyTorch's semantics, docs/method.md §10):
 //! `p *= 1 - lr wd`; `m = lerp(m, g, 1 - b1)`; `v = b2 v + (1 - b2) g^2`;
 //! `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`; and, when `copy` is given (a conv operand
-//! buffer), the new `p` stored into it in the same pass.
+//! buffer), the new `p` stored into it in the same pass. The step's scalars are not an argument: they are the
+//! step's, set once by `Backend::prepare_step` (a captured CUDA step graph reads them from the device).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
 use super::{fits, Checked, Len};
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::Backend;
 use anyhow::Result;
 
 /// The parameter, its gradient, both moments and the optional operand copy, each of at least `len` values.
@@ -18,7 +19,6 @@ pub struct Args<'a, B> {
     pub grad: &'a B,
     pub m: &'a mut B,
     pub v: &'a mut B,
-    pub h: &'a AdamWStep,
     pub copy: Option<&'a mut B>,
 }
 

@@ -4,12 +4,10 @@
 use super::Args;
 use crate::backend::cuda::args::launch::GoodnessLossF32;
 use crate::backend::cuda::{cfg, CudaBackend, CudaBuf, Work};
+use crate::kernel_abi::MAX_CLASSES;
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
-
-/// The most classes the loss kernel holds in shared memory (kernels/goodness_loss.cu, MAX_CLASSES).
-pub const MAX_CLASSES: usize = 4096;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
     let Args { batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();

@@ -68,7 +68,7 @@ pub fn layer_output(
                 *v = if keep { *v * keep_scale } else { 0.0 };
             }
         }
-        let denom = (sum_squares(o) / per_out as f32).sqrt() + crate::RMS_EPS;
+        let denom = (sum_squares(o) / per_out as f32).sqrt() + crate::kernel_abi::RMS_EPS;
         for v in o.iter_mut() {
             *v /= denom;
         }

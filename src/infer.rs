@@ -2,11 +2,7 @@
 //! `--dump-logits`), and `asge predict` on image files. Both prepare images as the training data was prepared
 //! ([`InputSpec`], stored in the checkpoint) and run the same evaluation forward as validation and test.
 
-use super::checkpoint::{self, Checkpoint, TrainState};
-use super::net::{AdamW, Net};
-use super::progress::Display;
-use super::run::{device, ensure_memory, open_shards, with_backend, Device};
-use crate::backend::cpu::CpuBackend;
+use crate::backend::select::with_backend;
 use crate::backend::{Backend, Precision};
 use crate::data::augment::Augment;
 use crate::data::input::{InputResize, InputSpec};
@@ -16,6 +12,10 @@ use crate::data::{self, imagefolder, Dataset, DatasetKind, ImageSource};
 use crate::eval::{self, EvalResult, Report, Strategy};
 use crate::files;
 use crate::model::{ModelSpec, Params};
+use crate::train::checkpoint::{self, Checkpoint, TrainState};
+use crate::train::config::TrainConfig;
+use crate::train::net::{ensure_memory, AdamW, Net};
+use crate::train::progress::Display;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -121,6 +121,70 @@ pub enum EvalData {
     Folder(PathBuf),
 }
 
+impl EvalData {
+    /// What `asge eval` reads: `--folder`, or `--dataset` and `--data`, each one not given taken from the run
+    /// config stored in the checkpoint (read from `path`).
+    pub fn choose(
+        path: &Path,
+        ck: &Checkpoint,
+        folder: Option<PathBuf>,
+        dataset: Option<DatasetKind>,
+        data: Option<PathBuf>,
+    ) -> Result<EvalData> {
+        if let Some(dir) = folder {
+            return Ok(EvalData::Folder(dir));
+        }
+        if let (Some(kind), Some(dir)) = (dataset, data.clone()) {
+            return Ok(EvalData::Builtin { kind, dir });
+        }
+        let trained =
+            ck.config.as_ref().and_then(|c| serde_json::from_value::<TrainConfig>(c.get("train")?.clone()).ok());
+        let t = || {
+            trained.clone().with_context(|| {
+                format!("{}: no run config in the metadata; give --dataset and --data, or --folder", path.display())
+            })
+        };
+        let kind = match dataset {
+            Some(d) => d,
+            None => t()?.dataset,
+        };
+        let dir = match data {
+            Some(p) => p,
+            None => t()?.data,
+        };
+        Ok(EvalData::Builtin { kind, dir })
+    }
+
+    /// `--json`'s default: `STEM.eval-TAG.json` beside the checkpoint, TAG the dataset or the folder's name.
+    pub fn default_json_path(&self, checkpoint: &Path) -> PathBuf {
+        let tag = match self {
+            EvalData::Builtin { kind, .. } => kind.name().to_string(),
+            EvalData::Folder(dir) => std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "folder".into()),
+        };
+        let stem = checkpoint.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        checkpoint.with_file_name(format!("{stem}.eval-{tag}.json"))
+    }
+
+    /// The result table's title.
+    pub fn title(&self, checkpoint: &Path, report: &Report) -> String {
+        match self {
+            EvalData::Builtin { .. } => {
+                format!("{} on {} test ({} images)", checkpoint.display(), report.dataset, report.test_images)
+            }
+            EvalData::Folder(dir) => format!(
+                "{} on {} {} ({} images)",
+                checkpoint.display(),
+                report.dataset,
+                dir.display(),
+                report.test_images
+            ),
+        }
+    }
+}
+
 /// `--dump-logits FILE [--dump-inputs]`.
 pub struct Dump {
     pub path: PathBuf,
@@ -202,7 +266,7 @@ fn run_eval<B: Backend>(
     let mut done = 0usize;
     let best = model.best_layer;
     let res = {
-        let mut sink = |l: &[u32], logits: &super::net::EvalLogits| -> Result<()> {
+        let mut sink = |l: &[u32], logits: &crate::train::net::EvalLogits| -> Result<()> {
             if let Some(d) = &o.dump {
                 for (s, v) in dumped.iter_mut() {
                     v.extend_from_slice(eval::strategy_logits(logits, *s, best));
@@ -312,7 +376,7 @@ fn open_eval_data(
     let spec = &model.spec;
     let (source, name, dir): (Arc<dyn ImageSource>, String, PathBuf) = match data {
         EvalData::Builtin { kind: DatasetKind::Shards, dir } => {
-            (open_shards(dir)?.1, DatasetKind::Shards.name().into(), dir.clone())
+            (ShardSet::open_train_test(dir)?.1, DatasetKind::Shards.name().into(), dir.clone())
         }
         EvalData::Builtin { kind, dir } => {
             (Arc::new(data::load(*kind, dir, Some(0), limit)?.test), kind.name().into(), dir.clone())
@@ -490,7 +554,7 @@ pub fn predict(path: &Path, images: &[PathBuf], o: &PredictOptions) -> Result<(S
         ensure_memory(spec, batch, spec.image_size, be.buffers_on_host(), "prediction")?;
         let mut net = Net::new(be, spec.clone(), &model.params, AdamW::default(), batch)?;
         let mut all = Vec::new();
-        let mut sink = |_: &[u32], l: &super::net::EvalLogits| -> Result<()> {
+        let mut sink = |_: &[u32], l: &crate::train::net::EvalLogits| -> Result<()> {
             all.extend_from_slice(eval::strategy_logits(l, strategy, model.best_layer));
             Ok(())
         };

@@ -1,0 +1,48 @@
+//! Choosing a backend by `--device`: the one place that knows which backends a build has. The trainer,
+//! evaluation and prediction are generic over [`Backend`](super::Backend); [`with_backend!`] instantiates
+//! them for the device named.
+
+use anyhow::{bail, Result};
+
+/// A `--device` value.
+pub enum Device {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+/// Parses `--device`: `cpu`, `cuda` or `cuda:N` (a clear error for anything else, or for cuda in a build
+/// without the CUDA backend).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            #[cfg(feature = "cuda")]
+            return Ok(Device::Cuda(crate::backend::cuda::parse_device(d)?));
+            #[cfg(not(feature = "cuda"))]
+            bail!("--device {d}: this build has no CUDA backend (build with the `cuda` feature)")
+        }
+        d => bail!("--device {d}: unknown device (expected cpu, cuda or cuda:N)"),
+    }
+}
+
+/// Calls `$body` with `$be` bound to a maker of the backend `--device` names, in `precision` (the trainer is
+/// generic over backends).
+macro_rules! with_backend {
+    ($device:expr, $precision:expr, |$be:ident| $body:expr) => {
+        match $crate::backend::select::device($device)? {
+            $crate::backend::select::Device::Cpu => {
+                let $be = || -> anyhow::Result<$crate::backend::cpu::CpuBackend> {
+                    Ok($crate::backend::cpu::CpuBackend::new().with_precision($precision))
+                };
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::select::Device::Cuda(n) => {
+                let $be = || $crate::backend::cuda::CudaBackend::new(n).map(|b| b.with_precision($precision));
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_backend;
