@@ -7,7 +7,8 @@
 //! `cargo test --benches` (each once, as CI does).
 
 use asge::backend::cpu::CpuBackend;
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::backend::prelude::*;
+use asge::backend::{AdamWStep, ConvShape, Dropout};
 use asge::model::{self, ModelOptions, Params};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -18,9 +19,9 @@ use std::time::Duration;
 const BATCH: usize = 128;
 const ROTATE: usize = 3;
 
+/// Unit-normal inputs from `seed`.
 fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| r.normal() as f32).collect()
+    asge::rng::randn(n, 1.0, seed)
 }
 
 fn ops(c: &mut Criterion) {
@@ -49,6 +50,7 @@ fn ops(c: &mut Criterion) {
                     asge::ops::conv_goodness_fwd::run(
                         &be,
                         asge::ops::conv_goodness_fwd::Args {
+                            layer: 0,
                             s: &s,
                             grid: &grid,
                             reduce: spec.goodness,
@@ -67,6 +69,7 @@ fn ops(c: &mut Criterion) {
             asge::ops::goodness_loss::run(
                 &be,
                 asge::ops::goodness_loss::Args {
+                    layer: 0,
                     batch: BATCH,
                     dim: d,
                     classes: 10,
@@ -86,6 +89,7 @@ fn ops(c: &mut Criterion) {
                     asge::ops::conv_goodness_wgrad::run(
                         &be,
                         asge::ops::conv_goodness_wgrad::Args {
+                            layer: 0,
                             s: &s,
                             grid: &grid,
                             reduce: spec.goodness,
@@ -107,6 +111,7 @@ fn ops(c: &mut Criterion) {
                     asge::ops::goodness_loss::run(
                         &be,
                         asge::ops::goodness_loss::Args {
+                            layer: 0,
                             batch: BATCH,
                             dim: d,
                             classes: 10,
@@ -133,6 +138,7 @@ fn ops(c: &mut Criterion) {
                     asge::ops::layer_output::run(
                         &be,
                         asge::ops::layer_output::Args {
+                            layer: 0,
                             batch: BATCH,
                             c: l.c_out,
                             h: l.h,
@@ -157,6 +163,7 @@ fn ops(c: &mut Criterion) {
                     asge::ops::adamw::run(
                         &be,
                         asge::ops::adamw::Args {
+                            layer: 0,
                             len: s.w_len(),
                             p: &mut p,
                             grad: &dw,

@@ -7,9 +7,9 @@
 //! (the GPU machines have no Rust toolchain).
 
 use asge::backend::cuda::{self, CudaBackend};
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
+use asge::backend::prelude::*;
+use asge::backend::{AdamWStep, ConvShape, Dropout, Precision};
 use asge::model::{self, ModelOptions, Params};
-use asge::rng::Rng;
 use asge::train::{AdamW, Net};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
@@ -17,9 +17,9 @@ use std::time::Duration;
 const BATCH: usize = 128;
 const ROTATE: usize = 4;
 
+/// Unit-normal inputs from `seed`.
 fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| r.normal() as f32).collect()
+    asge::rng::randn(n, 1.0, seed)
 }
 
 fn gpu() -> Option<CudaBackend> {
@@ -84,6 +84,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                     asge::ops::conv_goodness_fwd::run(
                         &be,
                         asge::ops::conv_goodness_fwd::Args {
+                            layer: 0,
                             s: &s,
                             grid: &grid,
                             reduce: spec.goodness,
@@ -105,6 +106,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                     asge::ops::conv_goodness_wgrad::run(
                         &be,
                         asge::ops::conv_goodness_wgrad::Args {
+                            layer: 0,
                             s: &s,
                             grid: &grid,
                             reduce: spec.goodness,
@@ -131,6 +133,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                     asge::ops::goodness_loss::run(
                         &be,
                         asge::ops::goodness_loss::Args {
+                            layer: 0,
                             batch: BATCH,
                             dim: d,
                             classes: 10,
@@ -159,6 +162,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                     asge::ops::layer_output::run(
                         &be,
                         asge::ops::layer_output::Args {
+                            layer: 0,
                             batch: BATCH,
                             c: l.c_out,
                             h: l.h,
@@ -189,6 +193,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                     asge::ops::adamw::run(
                         &be,
                         asge::ops::adamw::Args {
+                            layer: 0,
                             len: s.w_len(),
                             p: &mut master,
                             grad: &dw,

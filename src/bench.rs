@@ -5,7 +5,6 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
 use crate::model::{self, ModelOptions, Params};
-use crate::rng::Rng;
 use crate::train::{AdamW, Net};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -46,7 +45,7 @@ pub struct BenchRow {
     pub kernel: Option<&'static str>,
 }
 
-/// One kernel of the step on a device, timed alone with its events (see [`crate::backend::Backend::time_kernels`]),
+/// One kernel of the step on a device, timed alone with its events (see [`crate::backend::Schedule::time_kernels`]),
 /// per step: all its launches at one layer added up.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelRow {
@@ -158,9 +157,9 @@ fn median_ms_after(warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
+/// Unit-normal inputs from `seed`.
 fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| r.normal() as f32).collect()
+    crate::rng::randn(n, 1.0, seed)
 }
 
 /// Best GFLOP/s of f32 GEMM through `gemm` (the backend's GEMM library) on all threads: the larger of one big
@@ -369,6 +368,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             crate::ops::conv_goodness_fwd::run(
                 &be,
                 crate::ops::conv_goodness_fwd::Args {
+                    layer: i,
                     s: &s,
                     grid: &grid,
                     reduce: spec.goodness,
@@ -386,6 +386,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             crate::ops::goodness_loss::run(
                 &be,
                 crate::ops::goodness_loss::Args {
+                    layer: i,
                     batch: b,
                     dim: d,
                     classes: n,
@@ -404,6 +405,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             crate::ops::conv_goodness_wgrad::run(
                 &be,
                 crate::ops::conv_goodness_wgrad::Args {
+                    layer: i,
                     s: &s,
                     grid: &grid,
                     reduce: spec.goodness,
@@ -428,6 +430,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             crate::ops::adamw::run(
                 &be,
                 crate::ops::adamw::Args {
+                    layer: i,
                     len: s.w_len(),
                     p: &mut w,
                     grad: &dw,
@@ -448,6 +451,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
             crate::ops::layer_output::run(
                 &be,
                 crate::ops::layer_output::Args {
+                    layer: i,
                     batch: b,
                     c: l.c_out,
                     h: l.h,

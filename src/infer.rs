@@ -3,7 +3,7 @@
 //! ([`InputSpec`], stored in the checkpoint) and run the same evaluation forward as validation and test.
 
 use crate::backend::select::with_backend;
-use crate::backend::{Backend, Precision};
+use crate::backend::{Backend, Device, Precision};
 use crate::data::augment::Augment;
 use crate::data::input::{InputResize, InputSpec};
 use crate::data::loader::make_pixels;

@@ -498,9 +498,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         out.check()?;
     }
     let r = match asge::backend::select::device(&a.on.device)? {
-        asge::backend::select::Device::Cpu => asge::bench::run_cpu(&o)?,
+        asge::backend::select::Choice::Cpu => asge::bench::run_cpu(&o)?,
         #[cfg(feature = "cuda")]
-        asge::backend::select::Device::Cuda(n) => asge::bench::run_cuda(asge::backend::cuda::CudaBackend::new(n)?, &o)?,
+        asge::backend::select::Choice::Cuda(n) => asge::bench::run_cuda(asge::backend::cuda::CudaBackend::new(n)?, &o)?,
     };
     if let Some(out) = &save {
         out.write(format!("{}\n", serde_json::to_string_pretty(&r)?).as_bytes())?;

@@ -28,6 +28,13 @@ pub fn derive(key: u64, label: u64) -> u64 {
     mix64(key ^ mix64(label.wrapping_add(0x9e37_79b9_7f4a_7c15)))
 }
 
+/// `n` values drawn N(0, std^2) from `seed`: the random inputs of the tests, `asge bench` and the criterion
+/// benches (one helper, so that a case means the same numbers in all three).
+pub fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| (r.normal() * std) as f32).collect()
+}
+
 /// Chris Wellons' `lowbias32`: a 32-bit integer hash with near-ideal avalanche, cheap on SIMD lanes and GPUs.
 #[inline(always)]
 pub fn lowbias32(mut x: u32) -> u32 {

@@ -24,7 +24,8 @@ mod common;
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::{self, nvrtc, CudaBackend, CudaBuf};
-use asge::backend::{AdamWStep, Backend, Dropout, Precision};
+use asge::backend::prelude::*;
+use asge::backend::{AdamWStep, Dropout, Precision};
 use asge::model::{self, ModelOptions, Params, PatchGrid};
 use asge::train::{AdamW, Net};
 use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
@@ -312,6 +313,7 @@ fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Wor
         asge::ops::conv_goodness_fwd::run(
             &c,
             asge::ops::conv_goodness_fwd::Args {
+                layer: 0,
                 s: &s,
                 grid: &grid,
                 reduce: case.reduce,
@@ -330,6 +332,7 @@ fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Wor
         asge::ops::conv_goodness_fwd::run(
             g,
             asge::ops::conv_goodness_fwd::Args {
+                layer: 0,
                 s: &s,
                 grid: &grid,
                 reduce: case.reduce,
@@ -352,6 +355,7 @@ fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Wor
         asge::ops::conv_goodness_wgrad::run(
             &c,
             asge::ops::conv_goodness_wgrad::Args {
+                layer: 0,
                 s: &s,
                 grid: &grid,
                 reduce: case.reduce,
@@ -371,6 +375,7 @@ fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Wor
         asge::ops::conv_goodness_wgrad::run(
             g,
             asge::ops::conv_goodness_wgrad::Args {
+                layer: 0,
                 s: &s,
                 grid: &grid,
                 reduce: case.reduce,
@@ -546,6 +551,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
         asge::ops::conv_goodness_wgrad::run(
             g,
             asge::ops::conv_goodness_wgrad::Args {
+                layer: 0,
                 s: &s,
                 grid: &grid,
                 reduce: case.reduce,
@@ -562,6 +568,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
         asge::ops::conv_goodness_wgrad::run(
             &c,
             asge::ops::conv_goodness_wgrad::Args {
+                layer: 0,
                 s: &s,
                 grid: &grid,
                 reduce: case.reduce,
@@ -579,6 +586,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     asge::ops::conv_goodness_fwd::run(
         &g,
         asge::ops::conv_goodness_fwd::Args {
+            layer: 0,
             s: &s,
             grid: &grid,
             reduce: case.reduce,
@@ -599,6 +607,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     asge::ops::conv_goodness_fwd::run(
         &g,
         asge::ops::conv_goodness_fwd::Args {
+            layer: 0,
             s: &s,
             grid: &grid,
             reduce: case.reduce,
@@ -614,6 +623,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     asge::ops::conv_goodness_fwd::run(
         &g,
         asge::ops::conv_goodness_fwd::Args {
+            layer: 0,
             s: &s,
             grid: &grid,
             reduce: case.reduce,
@@ -631,6 +641,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     asge::ops::conv_goodness_fwd::run(
         &g,
         asge::ops::conv_goodness_fwd::Args {
+            layer: 0,
             s: &s,
             grid: &grid,
             reduce: case.reduce,
@@ -660,6 +671,7 @@ fn loss_output_heads_adamw_match_cpu() {
         asge::ops::goodness_loss::run(
             &c,
             asge::ops::goodness_loss::Args {
+                layer: 0,
                 batch,
                 dim,
                 classes,
@@ -680,6 +692,7 @@ fn loss_output_heads_adamw_match_cpu() {
         asge::ops::goodness_loss::run(
             &g,
             asge::ops::goodness_loss::Args {
+                layer: 0,
                 batch,
                 dim,
                 classes,
@@ -711,6 +724,7 @@ fn loss_output_heads_adamw_match_cpu() {
             asge::ops::layer_output::run(
                 &c,
                 asge::ops::layer_output::Args {
+                    layer: 0,
                     batch,
                     c: ch,
                     h,
@@ -728,6 +742,7 @@ fn loss_output_heads_adamw_match_cpu() {
             asge::ops::layer_output::run(
                 &g,
                 asge::ops::layer_output::Args {
+                    layer: 0,
                     batch,
                     c: ch,
                     h,
@@ -760,6 +775,7 @@ fn loss_output_heads_adamw_match_cpu() {
         asge::ops::fusion_heads::run(
             &g,
             asge::ops::fusion_heads::Args {
+                layer: 0,
                 batch,
                 classes,
                 feats: &f,
@@ -792,12 +808,28 @@ fn loss_output_heads_adamw_match_cpu() {
         g.prepare_step(&h.scalars(), &[]).unwrap();
         asge::ops::adamw::run(
             &c16,
-            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, copy: Some(&mut copy) },
+            asge::ops::adamw::Args {
+                layer: 0,
+                len: n,
+                p: &mut p,
+                grad: &gr,
+                m: &mut m,
+                v: &mut v,
+                copy: Some(&mut copy),
+            },
         )
         .unwrap();
         asge::ops::adamw::run(
             &g,
-            asge::ops::adamw::Args { len: n, p: &mut pd, grad: &grd, m: &mut md, v: &mut vd, copy: Some(&mut copyd) },
+            asge::ops::adamw::Args {
+                layer: 0,
+                len: n,
+                p: &mut pd,
+                grad: &grd,
+                m: &mut md,
+                v: &mut vd,
+                copy: Some(&mut copyd),
+            },
         )
         .unwrap();
     }
@@ -1015,12 +1047,13 @@ fn standin_a_steps_statistics_arrive_while_the_next_step_is_still_queued() {
 
 #[test]
 #[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1): it holds a stream"]
-fn standin_a_read_on_another_lane_waits_for_the_step_graph() {
+fn standin_an_op_on_another_lane_waits_for_the_step_graph() {
     // A replayed step graph runs on lane 0 only, and cudarc's per-buffer events know nothing of what it writes
     // (tracking is off while capturing), so an eager op on another lane is ordered after the graph only by the
     // wait each side stream is given at its launch (graph.rs, meet_after_graph). Here lane 0 is held while a
-    // replay is queued, without waiting for its statistics; a read of the weights on lane 1 must then wait for the
-    // release (without that wait it returns the weights from before the step at once), and return the stepped ones.
+    // replay is queued, without waiting for its statistics; an op of layer 1 (lane 1) that reads the stepped
+    // weights must then wait for the release (without that wait it runs at once, on the weights from before the
+    // step), and compute from the stepped ones.
     let be = CudaBackend::with_lanes(0, 3).unwrap();
     assert!(be.is_standin(), "this test holds a stream, which only the stand-in can");
     let spec = model::resolve("vgg8", 1, 16, 10, &ModelOptions { width: 0.125, ..Default::default() }).unwrap();
@@ -1047,23 +1080,52 @@ fn standin_a_read_on_another_lane_waits_for_the_step_graph() {
     net.backend().synchronize().unwrap();
     let (x, l) = batch(9);
     eager.train_step(&x, &l, 1e-3, 4, None).unwrap();
+    // Layer 1's op below writes buffers of its own, made now: made behind the hold, they would order it after
+    // lane 0 by themselves.
+    let n = net.layers[0].conv_w.len;
+    let zeros = |be: &CudaBackend| {
+        let bufs = (be.zeros(n).unwrap(), be.zeros(n).unwrap(), be.zeros(n).unwrap());
+        be.synchronize().unwrap();
+        bufs
+    };
+    let (mut p, mut m, mut v) = zeros(net.backend());
     let lane0 = net.backend().streams()[0].clone();
     cuda::standin::hold_stream(&lane0, true).unwrap();
     assert!(net.train_step_pipelined(&x, &l, 1e-3, 4, None).unwrap().is_none());
     assert_eq!(net.backend().step_graph_counts(), (2, 1), "the sixth call was not a replay");
-    net.backend().set_lane(1).unwrap();
-    let reader = &mut net;
-    let read = std::thread::scope(|sc| {
-        let h = sc.spawn(move || reader.params());
-        // Two seconds is ~1000x what the unordered read takes; the ordered one cannot finish before the release.
+    // AdamW as the op of layer 1, with layer 0's conv weights, which the held graph writes, as its gradient; the
+    // same op on the eager net gives the values to expect.
+    let eager_be = eager.backend();
+    let want = {
+        let (mut p, mut m, mut v) = zeros(eager_be);
+        let grad = &eager.layers[0].conv_w.value;
+        asge::ops::adamw::run(
+            eager_be,
+            asge::ops::adamw::Args { layer: 1, len: n, p: &mut p, grad, m: &mut m, v: &mut v, copy: None },
+        )
+        .unwrap();
+        eager_be.read(&p, n).unwrap()
+    };
+    let be = net.backend();
+    let lane1 = be.streams()[1].clone();
+    let grad = &net.layers[0].conv_w.value;
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            asge::ops::adamw::run(
+                be,
+                asge::ops::adamw::Args { layer: 1, len: n, p: &mut p, grad, m: &mut m, v: &mut v, copy: None },
+            )
+            .unwrap();
+            lane1.synchronize().unwrap();
+        });
+        // Two seconds is ~1000x what the unordered op takes; the ordered one cannot finish before the release.
         std::thread::sleep(std::time::Duration::from_secs(2));
         let early = h.is_finished();
         cuda::standin::hold_stream(&lane0, false).unwrap();
-        let r = h.join().unwrap();
-        assert!(!early, "a read on lane 1 finished while the step graph it must follow was still held on lane 0");
-        r
+        h.join().unwrap();
+        assert!(!early, "an op on lane 1 finished while the step graph it must follow was still held on lane 0");
     });
-    assert_eq!(read.unwrap(), eager.params().unwrap(), "the weights read on lane 1 after the replayed step");
+    assert_eq!(be.read(&p, n).unwrap(), want, "layer 1's op on the weights after the replayed step");
     let s6 = net.flush_stats().unwrap().unwrap();
     assert_eq!(s6.step, 4);
 }

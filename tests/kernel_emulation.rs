@@ -15,7 +15,8 @@ mod common;
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::geometry;
-use asge::backend::{AdamWScalars, AdamWStep, Backend, ConvShape, Dropout, Precision};
+use asge::backend::prelude::*;
+use asge::backend::{AdamWScalars, AdamWStep, ConvShape, Dropout, Precision};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
 use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
 use std::path::PathBuf;
@@ -403,6 +404,7 @@ fn conv_kernels_match_the_cpu_reference() {
             asge::ops::conv_goodness_fwd::run(
                 &c,
                 asge::ops::conv_goodness_fwd::Args {
+                    layer: 0,
                     s: &s,
                     grid: &grid,
                     reduce: case.reduce,
@@ -420,6 +422,7 @@ fn conv_kernels_match_the_cpu_reference() {
             asge::ops::conv_goodness_wgrad::run(
                 &c,
                 asge::ops::conv_goodness_wgrad::Args {
+                    layer: 0,
                     s: &s,
                     grid: &grid,
                     reduce: case.reduce,
@@ -449,6 +452,7 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
         asge::ops::goodness_loss::run(
             &c,
             asge::ops::goodness_loss::Args {
+                layer: 0,
                 batch,
                 dim,
                 classes,
@@ -496,6 +500,7 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
             asge::ops::layer_output::run(
                 &c,
                 asge::ops::layer_output::Args {
+                    layer: 0,
                     batch,
                     c: ch,
                     h,
@@ -705,7 +710,15 @@ fn loss_output_heads_and_adamw_kernels_match_the_cpu_reference() {
         c16.prepare_step(&h.scalars(), &[]).unwrap();
         asge::ops::adamw::run(
             &c16,
-            asge::ops::adamw::Args { len: n, p: &mut p, grad: &gr, m: &mut m, v: &mut v, copy: Some(&mut copy) },
+            asge::ops::adamw::Args {
+                layer: 0,
+                len: n,
+                p: &mut p,
+                grad: &gr,
+                m: &mut m,
+                v: &mut v,
+                copy: Some(&mut copy),
+            },
         )
         .unwrap();
         // The kernel reads the step's scalars from memory (the backend's step parameters).

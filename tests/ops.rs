@@ -7,7 +7,8 @@
 mod common;
 
 use asge::backend::cpu::CpuBackend;
-use asge::backend::{AdamWStep, Backend, ConvShape, Dropout};
+use asge::backend::prelude::*;
+use asge::backend::{AdamWStep, ConvShape, Dropout};
 use asge::model::{GoodnessReduce, PatchGrid, PoolKind};
 use common::randn;
 
@@ -544,6 +545,7 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     asge::ops::conv_goodness_fwd::run(
         &be,
         asge::ops::conv_goodness_fwd::Args {
+            layer: 0,
             s: &s,
             grid: &grid,
             reduce: GoodnessReduce::Mean,
@@ -560,6 +562,7 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     asge::ops::goodness_loss::run(
         &be,
         asge::ops::goodness_loss::Args {
+            layer: 0,
             batch: s.batch,
             dim: d,
             classes: n,
@@ -604,6 +607,7 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     asge::ops::conv_goodness_wgrad::run(
         &be,
         asge::ops::conv_goodness_wgrad::Args {
+            layer: 0,
             s: &s,
             grid: &grid,
             reduce: GoodnessReduce::Mean,
@@ -618,14 +622,14 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
     assert_eq!(dw, dw16);
 }
 
-/// AdamW's scalars reach a backend one way, `Backend::prepare_step`: an adamw before it is an error that says so
+/// AdamW's scalars reach a backend one way, `Schedule::prepare_step`: an adamw before it is an error that says so
 /// (not a step with zeros), and after it the step is the formula's with those scalars.
 #[test]
 fn adamw_takes_the_scalars_the_step_prepared() {
     let be = CpuBackend::new();
     let (mut p, g, mut m, mut v) = (vec![0.5f32; 3], vec![3.0f32; 3], vec![0.0f32; 3], vec![0.0f32; 3]);
     let step = |p: &mut Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>| {
-        asge::ops::adamw::run(&be, asge::ops::adamw::Args { len: 3, p, grad: &g, m, v, copy: None })
+        asge::ops::adamw::run(&be, asge::ops::adamw::Args { layer: 0, len: 3, p, grad: &g, m, v, copy: None })
     };
     let e = step(&mut p, &mut m, &mut v).unwrap_err();
     assert!(format!("{e:#}").contains("prepare_step"), "{e:#}");

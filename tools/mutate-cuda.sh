@@ -74,7 +74,7 @@ M = [
             drv(s.wait(&ev.after), "stream wait")?;
         }""",
      "        let _ = &ev.after;",
-     "--test cuda standin_a_read_on_another_lane_waits_for_the_step_graph"),
+     "--test cuda standin_an_op_on_another_lane_waits_for_the_step_graph"),
     ("a captured layer output no longer hands its lane over (the next lane waits on the capture's fork)",
      "src/backend/cuda/graph.rs",
      """        drv(ev.hand_off[lane].record(&self.streams[lane]), "capture: record a hand-off")?;

@@ -110,7 +110,7 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
-/// One kernel launch timed on the device by itself ([`Backend::time_kernels`]): the kernel, the layer it served
+/// One kernel launch timed on the device by itself ([`Schedule::time_kernels`]): the kernel, the layer it served
 /// (1-based; the layer count + 1 for the fusion heads), its device time, and the useful FLOPs and the bytes it
 /// must move (see `backend::cuda::Work`).
 #[derive(Clone, Debug, PartialEq)]
@@ -123,7 +123,7 @@ pub struct KernelTime {
 }
 
 impl AdamWStep {
-    /// The step's f32 scalars, as the ops read them ([`Backend::prepare_step`]).
+    /// The step's f32 scalars, as the ops read them ([`Schedule::prepare_step`]).
     pub fn scalars(&self) -> AdamWScalars {
         let t = self.step as i32;
         AdamWScalars {
@@ -138,12 +138,12 @@ impl AdamWStep {
     }
 }
 
-/// How a backend runs the training step about to be issued ([`Backend::begin_step`]).
+/// How a backend runs the training step about to be issued ([`Schedule::begin_step`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepMode {
     /// Issue the step's ops; they run as issued.
     Eager,
-    /// Issue the step's ops; the backend records them and runs them as one graph at [`Backend::end_step`].
+    /// Issue the step's ops; the backend records them and runs them as one graph at [`Schedule::end_step`].
     Capture,
     /// The backend has launched the step's recorded graph: issue nothing.
     Replayed,
@@ -152,13 +152,14 @@ pub enum StepMode {
 /// Running loss and accuracy of a loss op: `[loss_sum, correct]`, added to by every call.
 pub const STATS_LEN: usize = 2;
 
-/// The ops of one ASGE training step. `Buf` is a device buffer of f32; lengths are given by the shapes, so a
-/// buffer may be longer than an op needs (buffers are sized for the largest batch, the last batch is smaller).
-pub trait Backend: Send + Sync {
+/// What a device is: its buffers (allocation, upload, read), the precision of its conv operands. A
+/// [`Backend`] is a device with the [`Ops`] and a [`Schedule`]. `Buf` is a device buffer of f32 (or of the operand
+/// precision); lengths are given by the shapes, so a buffer may be longer than an op needs (buffers are sized
+/// for the largest batch, the last batch is smaller). Memory operations run in issue order with the ops: on a
+/// GPU on the first lane, ordered with the others by the buffers they share.
+pub trait Device: Send + Sync {
     type Buf: Send + Sync + Len;
     type Labels: Send + Sync + Len;
-    /// A read queued by [`Backend::queue_read`], collected by [`Backend::collect_read`].
-    type PendingRead: Send;
 
     /// A short description, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
@@ -166,10 +167,96 @@ pub trait Backend: Send + Sync {
     /// The backend's kind as errors name it (`cpu`, `cuda`).
     fn kind(&self) -> &'static str;
 
+    /// The precision of the conv operands (see [`Precision`]).
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+
+    /// True when the backend's buffers live in host memory (the CPU backend), so that the trainer counts them in
+    /// its memory estimate; a GPU backend's allocator checks device memory itself.
+    fn buffers_on_host(&self) -> bool {
+        true
+    }
+
     /// Waits until every op queued so far has finished (a no-op where ops run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+
+    /// A buffer whose contents are unspecified, for one that an op writes before anything reads it (a GPU skips
+    /// the zeroing; the CUDA stand-in fills it with NaN so that a read of what nobody wrote shows).
+    fn uninit(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+
+    /// [`Device::uninit`] for a conv operand.
+    fn operand_uninit(&self, len: usize) -> Result<Self::Buf> {
+        self.operand_zeros(len)
+    }
+
+    /// A zeroed buffer for a conv operand (a layer input, a conv output `y`, a weights' compute copy), stored
+    /// in [`Device::precision`]. [`Device::write`] rounds into it and [`Device::read`] widens from it.
+    fn operand_zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+
+    /// [`Device::operand_zeros`] holding `data` (rounded to the operand precision).
+    fn upload_operand(&self, data: &[f32]) -> Result<Self::Buf> {
+        let mut b = self.operand_zeros(data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+
+    /// Copy `data` into the first `data.len()` elements of `dst`.
+    fn write(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()>;
+
+    /// The first `len` elements of `src`.
+    fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
+
+    /// Zeroes the first `len` elements of `buf` (a GPU does it on the device, without a host copy).
+    fn fill_zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()> {
+        self.write(buf, &vec![0.0; len])
+    }
+
+    /// [`Device::write`] for a batch's input, which the ops issued next read: a GPU stages it through pinned
+    /// host memory and, with several lanes, copies it on its own stream, so the upload overlaps the compute still
+    /// queued (with one lane it is queued behind that compute, on the same stream).
+    fn write_input(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()> {
+        self.write(dst, data)
+    }
+
+    fn labels(&self, labels: &[u32]) -> Result<Self::Labels>;
+
+    fn write_labels(&self, dst: &mut Self::Labels, labels: &[u32]) -> Result<()>;
+}
+
+/// The fused ops of one ASGE training step (`crate::ops`: each op's formula, arguments and checks). They take
+/// their arguments checked: call them through the op's `run` (`ops::adamw::run(be, args)`), which checks first.
+/// Every op's arguments name the layer it belongs to, which on a GPU picks the lane it runs on.
+pub trait Ops: Device {
+    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Self::Buf>>) -> Result<()>;
+    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
+    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Self::Buf>>) -> Result<()>;
+    fn layer_output(&self, a: Checked<layer_output::Args<'_, Self::Buf>>) -> Result<()>;
+    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
+    fn adamw(&self, a: Checked<adamw::Args<'_, Self::Buf>>) -> Result<()>;
+
+    /// The kernels the conv forward and weight gradient run at this shape, where a backend picks among several
+    /// (the CUDA backend's tiles); for reports such as `asge bench`.
+    fn conv_kernels(&self, _s: &ConvShape) -> Option<[&'static str; 2]> {
+        None
+    }
+}
+
+/// How a step is run: the lanes the layers spread over, the values a step reads from the device
+/// ([`Schedule::prepare_step`]), recorded steps, the reads that overlap the next step, and the device's clock.
+pub trait Schedule: Device {
+    /// A read queued by [`Schedule::queue_read`], collected by [`Schedule::collect_read`].
+    type PendingRead: Send;
 
     /// Independent execution lanes (CUDA streams) the trainer may spread its layers over; 1 means every op
     /// runs in the order it was issued. With more than one, the trainer gives every layer its own buffers and
@@ -178,13 +265,8 @@ pub trait Backend: Send + Sync {
         1
     }
 
-    /// Directs the ops issued next to lane `lane % lanes()`.
-    fn set_lane(&self, _lane: usize) -> Result<()> {
-        Ok(())
-    }
-
     /// Sets what changes from one training step to the next, before the step is issued: AdamW's scalars (the
-    /// one way they reach [`Backend::adamw`], which reads the last ones set) and the dropout key of each layer
+    /// one way they reach [`Ops::adamw`], which reads the last ones set) and the dropout key of each layer
     /// that drops. The CUDA backend keeps them in device buffers, so that a recorded step graph reads each
     /// step's values.
     fn prepare_step(&self, adamw: &AdamWScalars, dropout_keys: &[Option<u64>]) -> Result<()>;
@@ -195,10 +277,19 @@ pub trait Backend: Send + Sync {
         Ok(StepMode::Eager)
     }
 
-    /// After a step's ops when [`Backend::begin_step`] said [`StepMode::Capture`]: runs what was recorded.
+    /// After a step's ops when [`Schedule::begin_step`] said [`StepMode::Capture`]: runs what was recorded.
     fn end_step(&self, _key: u64) -> Result<()> {
         Ok(())
     }
+
+    /// Queues a read of the first `len` elements of each of `srcs`, ordered after every op issued so far on
+    /// every lane and before nothing else: a GPU gathers them on the device and copies them into pinned host memory
+    /// on a stream of its own, so the step issued next runs while the copy waits for this one. [`Schedule::collect_read`]
+    /// returns the values, waiting for that copy only.
+    fn queue_read(&self, srcs: &[&Self::Buf], len: usize) -> Result<Self::PendingRead>;
+
+    /// The values of a [`Schedule::queue_read`], in order.
+    fn collect_read(&self, pending: Self::PendingRead) -> Result<Vec<Vec<f32>>>;
 
     /// The kernels timed on the device since the last call, while `--trace` is on (none on the CPU, whose ops
     /// the host-side trace already times).
@@ -212,15 +303,9 @@ pub trait Backend: Send + Sync {
         Ok(false)
     }
 
-    /// The kernels timed since [`Backend::time_kernels`] turned timing on or since the last call, in launch order.
+    /// The kernels timed since [`Schedule::time_kernels`] turned timing on or since the last call, in launch order.
     fn take_kernel_times(&self) -> Result<Vec<KernelTime>> {
         Ok(Vec::new())
-    }
-
-    /// True when the backend's buffers live in host memory (the CPU backend), so that the trainer counts them in
-    /// its memory estimate; a GPU backend's allocator checks device memory itself.
-    fn buffers_on_host(&self) -> bool {
-        true
     }
 
     /// Milliseconds per call of `f` measured by the device itself (a GPU's events around the calls, after
@@ -230,80 +315,23 @@ pub trait Backend: Send + Sync {
     }
 
     /// Records a point in the device's timeline (an event on the step's stream) and returns its handle, or `None`
-    /// where the host's clock is the measure (the CPU). [`Backend::device_elapsed_ms`] measures between two.
+    /// where the host's clock is the measure (the CPU). [`Schedule::device_elapsed_ms`] measures between two.
     fn device_mark(&self) -> Result<Option<usize>> {
         Ok(None)
     }
 
-    /// Milliseconds of device time from mark `a` to mark `b` (both from [`Backend::device_mark`]); waits for `b`.
+    /// Milliseconds of device time from mark `a` to mark `b` (both from [`Schedule::device_mark`]); waits for `b`.
     fn device_elapsed_ms(&self, _a: usize, _b: usize) -> Result<f64> {
         anyhow::bail!("this backend keeps no device timeline")
     }
-
-    /// The precision of the conv operands (see [`Precision`]).
-    fn precision(&self) -> Precision {
-        Precision::F32
-    }
-
-    /// The kernels the conv forward and weight gradient run at this shape, where a backend picks among several
-    /// (the CUDA backend's tiles); for reports such as `asge bench`.
-    fn conv_kernels(&self, _s: &ConvShape) -> Option<[&'static str; 2]> {
-        None
-    }
-
-    fn zeros(&self, len: usize) -> Result<Self::Buf>;
-    /// A buffer whose contents are unspecified, for one that an op writes before anything reads it (a GPU skips
-    /// the zeroing; the CUDA stand-in fills it with NaN so that a read of what nobody wrote shows).
-    fn uninit(&self, len: usize) -> Result<Self::Buf> {
-        self.zeros(len)
-    }
-    /// [`Backend::uninit`] for a conv operand.
-    fn operand_uninit(&self, len: usize) -> Result<Self::Buf> {
-        self.operand_zeros(len)
-    }
-    /// A zeroed buffer for a conv operand (a layer input, a conv output `y`, a weights' compute copy), stored
-    /// in [`Backend::precision`]. [`Backend::write`] rounds into it and [`Backend::read`] widens from it.
-    fn operand_zeros(&self, len: usize) -> Result<Self::Buf> {
-        self.zeros(len)
-    }
-
-    /// [`Backend::operand_zeros`] holding `data` (rounded to the operand precision).
-    fn upload_operand(&self, data: &[f32]) -> Result<Self::Buf> {
-        let mut b = self.operand_zeros(data.len())?;
-        self.write(&mut b, data)?;
-        Ok(b)
-    }
-    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
-    /// Copy `data` into the first `data.len()` elements of `dst`.
-    fn write(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()>;
-    /// The first `len` elements of `src`.
-    fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
-    /// Zeroes the first `len` elements of `buf` (a GPU does it on the device, without a host copy).
-    fn fill_zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()> {
-        self.write(buf, &vec![0.0; len])
-    }
-    /// Queues a read of the first `len` elements of each of `srcs`, ordered after every op issued so far on
-    /// every lane and before nothing else: a GPU gathers them on the device and copies them into pinned host memory
-    /// on a stream of its own, so the step issued next runs while the copy waits for this one. [`Backend::collect_read`]
-    /// returns the values, waiting for that copy only.
-    fn queue_read(&self, srcs: &[&Self::Buf], len: usize) -> Result<Self::PendingRead>;
-    /// The values of a [`Backend::queue_read`], in order.
-    fn collect_read(&self, pending: Self::PendingRead) -> Result<Vec<Vec<f32>>>;
-    /// [`Backend::write`] for a batch's input, which the ops issued next read: a GPU stages it through pinned
-    /// host memory and, with several lanes, copies it on its own stream, so the upload overlaps the compute still
-    /// queued (with one lane it is queued behind that compute, on the same stream).
-    fn write_input(&self, dst: &mut Self::Buf, data: &[f32]) -> Result<()> {
-        self.write(dst, data)
-    }
-    fn labels(&self, labels: &[u32]) -> Result<Self::Labels>;
-    fn write_labels(&self, dst: &mut Self::Labels, labels: &[u32]) -> Result<()>;
-
-    /// The fused ops of a step (`crate::ops`: each op's formula, arguments and checks). They take their
-    /// arguments checked: call them through the op's `run` (`ops::adamw::run(be, args)`), which checks first.
-    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Self::Buf>>) -> Result<()>;
-    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
-    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Self::Buf>>) -> Result<()>;
-    fn layer_output(&self, a: Checked<layer_output::Args<'_, Self::Buf>>) -> Result<()>;
-    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
-    fn adamw(&self, a: Checked<adamw::Args<'_, Self::Buf>>) -> Result<()>;
 }
+
+/// A device with the ops and a schedule: what the trainer, evaluation and the benchmarks are written against.
+pub trait Backend: Device + Ops + Schedule {}
+
+/// The backend traits, for code that calls their methods on a concrete backend (`use asge::backend::prelude::*`).
+pub mod prelude {
+    pub use super::{Backend, Device, Ops, Schedule};
+}
+
+impl<T: Device + Ops + Schedule> Backend for T {}

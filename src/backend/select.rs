@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 
 /// A `--device` value.
-pub enum Device {
+pub enum Choice {
     Cpu,
     #[cfg(feature = "cuda")]
     Cuda(usize),
@@ -13,12 +13,12 @@ pub enum Device {
 
 /// Parses `--device`: `cpu`, `cuda` or `cuda:N` (a clear error for anything else, or for cuda in a build
 /// without the CUDA backend).
-pub fn device(name: &str) -> Result<Device> {
+pub fn device(name: &str) -> Result<Choice> {
     match name {
-        "cpu" => Ok(Device::Cpu),
+        "cpu" => Ok(Choice::Cpu),
         d if d == "cuda" || d.starts_with("cuda:") => {
             #[cfg(feature = "cuda")]
-            return Ok(Device::Cuda(crate::backend::cuda::parse_device(d)?));
+            return Ok(Choice::Cuda(crate::backend::cuda::parse_device(d)?));
             #[cfg(not(feature = "cuda"))]
             bail!("--device {d}: this build has no CUDA backend (build with the `cuda` feature)")
         }
@@ -31,14 +31,14 @@ pub fn device(name: &str) -> Result<Device> {
 macro_rules! with_backend {
     ($device:expr, $precision:expr, |$be:ident| $body:expr) => {
         match $crate::backend::select::device($device)? {
-            $crate::backend::select::Device::Cpu => {
+            $crate::backend::select::Choice::Cpu => {
                 let $be = || -> anyhow::Result<$crate::backend::cpu::CpuBackend> {
                     Ok($crate::backend::cpu::CpuBackend::new().with_precision($precision))
                 };
                 $body
             }
             #[cfg(feature = "cuda")]
-            $crate::backend::select::Device::Cuda(n) => {
+            $crate::backend::select::Choice::Cuda(n) => {
                 let $be = || $crate::backend::cuda::CudaBackend::new(n).map(|b| b.with_precision($precision));
                 $body
             }

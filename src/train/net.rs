@@ -52,11 +52,13 @@ impl<B: Backend> Param<B> {
         self.compute.as_ref().unwrap_or(&self.value)
     }
 
-    fn step(&mut self, be: &B) -> Result<()> {
+    /// One AdamW step of this tensor of `layer` (the layer count for a fusion head).
+    fn step(&mut self, be: &B, layer: usize) -> Result<()> {
         let copy = self.compute.as_mut();
         crate::ops::adamw::run(
             be,
             crate::ops::adamw::Args {
+                layer,
                 len: self.len,
                 p: &mut self.value,
                 grad: &self.grad,
@@ -290,7 +292,6 @@ impl<B: Backend> Net<B> {
             l0.h,
             l0.w
         );
-        self.be.set_lane(0)?;
         let a0 = self.ws.act(0);
         self.be.write_input(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
@@ -356,11 +357,10 @@ impl<B: Backend> Net<B> {
                 self.layer_pass(li, batch, step, Some(layer_dropout(li)))?;
             }
             let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
-            self.be.set_lane(self.layers.len())?;
             self.heads_pass(batch, true)?;
             for head in &mut self.heads {
-                head.w.step(&self.be)?;
-                head.b.step(&self.be)?;
+                head.w.step(&self.be, self.layers.len())?;
+                head.b.step(&self.be, self.layers.len())?;
             }
             std::mem::drop(span);
             if mode == StepMode::Capture {
@@ -389,12 +389,11 @@ impl<B: Backend> Net<B> {
     /// Layer `li` on the batch in the workspace: forward with the fused goodness, the projection logits and
     /// loss; when training, the weight gradient and the AdamW step (after the forward, so the layer's output
     /// comes from the pre-step weights); then the layer output, which becomes the next layer's input. `train`
-    /// is `None` to evaluate, else the layer's dropout (AdamW's scalars are the step's: `Backend::prepare_step`).
+    /// is `None` to evaluate, else the layer's dropout (AdamW's scalars are the step's: `Schedule::prepare_step`).
     fn layer_pass(&mut self, li: usize, batch: usize, step: u64, train: Option<Option<Dropout>>) -> Result<()> {
         let spec = &self.spec.layers[li];
         let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
         let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
-        be.set_lane(li)?;
         let (a_in, a_out, k) = (ws.act(li), ws.act(li + 1), ws.scratch_of(li));
         let (x, x_next) = pair(&mut ws.acts, a_in, a_out);
         let sc = &mut ws.scratch[k];
@@ -405,6 +404,7 @@ impl<B: Backend> Net<B> {
         crate::ops::conv_goodness_fwd::run(
             be,
             crate::ops::conv_goodness_fwd::Args {
+                layer: li,
                 s: &s,
                 grid: &layer.grid,
                 reduce,
@@ -424,6 +424,7 @@ impl<B: Backend> Net<B> {
         crate::ops::goodness_loss::run(
             be,
             crate::ops::goodness_loss::Args {
+                layer: li,
                 batch,
                 dim: d,
                 classes: n,
@@ -445,6 +446,7 @@ impl<B: Backend> Net<B> {
         crate::ops::layer_output::run(
             be,
             crate::ops::layer_output::Args {
+                layer: li,
                 batch,
                 c: spec.c_out,
                 h: spec.h,
@@ -463,6 +465,7 @@ impl<B: Backend> Net<B> {
             crate::ops::conv_goodness_wgrad::run(
                 be,
                 crate::ops::conv_goodness_wgrad::Args {
+                    layer: li,
                     s: &s,
                     grid: &layer.grid,
                     reduce,
@@ -475,8 +478,8 @@ impl<B: Backend> Net<B> {
             )?;
             std::mem::drop(span);
             let _span = crate::trace::span("adamw", track, step);
-            layer.conv_w.step(be)?;
-            layer.conv_b.step(be)?;
+            layer.conv_w.step(be, li)?;
+            layer.conv_b.step(be, li)?;
         }
         Ok(())
     }
@@ -495,6 +498,7 @@ impl<B: Backend> Net<B> {
         crate::ops::fusion_heads::run(
             &self.be,
             crate::ops::fusion_heads::Args {
+                layer: self.layers.len(),
                 batch,
                 classes: self.spec.classes,
                 feats: &feats,
@@ -517,7 +521,6 @@ impl<B: Backend> Net<B> {
             let k = self.ws.scratch_of(li);
             out.layers.push(self.be.read(&self.ws.scratch[k].logits, batch * n)?);
         }
-        self.be.set_lane(self.layers.len())?;
         self.heads_pass(batch, false)?;
         out.fusion = self.be.read(&self.ws.head_logits, batch * n)?;
         Ok(out)

@@ -31,11 +31,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// `n` values drawn N(0, std^2) from `seed`.
-pub fn randn(n: usize, std: f64, seed: u64) -> Vec<f32> {
-    let mut r = asge::rng::Rng::new(seed);
-    (0..n).map(|_| (r.normal() * std) as f32).collect()
-}
+pub use asge::rng::randn;
 
 /// `|got - want| <= atol + rtol * |want|` elementwise, with `atol = atol_rel * max |want|`; a NaN (an output a
 /// kernel never wrote into a poisoned buffer) fails. Returns the worst ratio of error to tolerance (1 would be
@@ -169,6 +165,7 @@ pub fn heads_case() -> HeadsCase {
         let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = grads.iter_mut().map(|(a, b)| (a, b)).collect();
         let cpu = asge::backend::cpu::CpuBackend::new();
         let args = asge::ops::fusion_heads::Args {
+            layer: 0,
             batch,
             classes,
             feats: &f,

@@ -10,7 +10,7 @@
 pub mod conv;
 pub mod ops;
 
-use super::{round_f16, AdamWScalars, Backend, Precision};
+use super::{round_f16, AdamWScalars, Device, Ops, Precision, Schedule};
 use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use anyhow::Result;
 
@@ -19,7 +19,7 @@ use anyhow::Result;
 pub struct CpuBackend {
     lanes: usize,
     precision: Precision,
-    /// AdamW's scalars for the step, as [`Backend::prepare_step`] last set them.
+    /// AdamW's scalars for the step, as [`Schedule::prepare_step`] last set them.
     adamw: std::sync::Mutex<Option<AdamWScalars>>,
 }
 
@@ -50,10 +50,10 @@ impl CpuBackend {
         self.precision == Precision::F16
     }
 
-    /// AdamW's scalars for the step ([`Backend::prepare_step`]).
+    /// AdamW's scalars for the step ([`Schedule::prepare_step`]).
     pub(crate) fn adamw_scalars(&self) -> Result<AdamWScalars> {
         let s = *self.adamw.lock().unwrap();
-        s.ok_or_else(|| anyhow::anyhow!("cpu: adamw before the step's scalars were set (Backend::prepare_step)"))
+        s.ok_or_else(|| anyhow::anyhow!("cpu: adamw before the step's scalars were set (Schedule::prepare_step)"))
     }
 }
 
@@ -66,19 +66,10 @@ fn fits(what: &str, have: usize, need: usize) -> Result<()> {
     crate::ops::fits("cpu", what, have, need)
 }
 
-impl Backend for CpuBackend {
+impl Device for CpuBackend {
     type Buf = Vec<f32>;
+
     type Labels = Vec<u32>;
-    /// The CPU's ops run when issued: the values are read when the read is queued.
-    type PendingRead = Vec<Vec<f32>>;
-
-    fn queue_read(&self, srcs: &[&Vec<f32>], len: usize) -> Result<Vec<Vec<f32>>> {
-        srcs.iter().map(|s| self.read(s, len)).collect()
-    }
-
-    fn collect_read(&self, pending: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
-        Ok(pending)
-    }
 
     fn name(&self) -> String {
         match self.precision {
@@ -93,15 +84,6 @@ impl Backend for CpuBackend {
 
     fn precision(&self) -> Precision {
         self.precision
-    }
-
-    fn lanes(&self) -> usize {
-        self.lanes
-    }
-
-    fn prepare_step(&self, adamw: &AdamWScalars, _dropout_keys: &[Option<u64>]) -> Result<()> {
-        *self.adamw.lock().unwrap() = Some(*adamw);
-        Ok(())
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
@@ -132,7 +114,9 @@ impl Backend for CpuBackend {
         dst.extend_from_slice(labels);
         Ok(())
     }
+}
 
+impl Ops for CpuBackend {
     fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Vec<f32>>>) -> Result<()> {
         conv_goodness_fwd::cpu::run(self, a)
     }
@@ -155,5 +139,27 @@ impl Backend for CpuBackend {
 
     fn adamw(&self, a: Checked<adamw::Args<'_, Vec<f32>>>) -> Result<()> {
         adamw::cpu::run(self, a)
+    }
+}
+
+impl Schedule for CpuBackend {
+    /// The CPU's ops run when issued: the values are read when the read is queued.
+    type PendingRead = Vec<Vec<f32>>;
+
+    fn queue_read(&self, srcs: &[&Vec<f32>], len: usize) -> Result<Vec<Vec<f32>>> {
+        srcs.iter().map(|s| self.read(s, len)).collect()
+    }
+
+    fn collect_read(&self, pending: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        Ok(pending)
+    }
+
+    fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    fn prepare_step(&self, adamw: &AdamWScalars, _dropout_keys: &[Option<u64>]) -> Result<()> {
+        *self.adamw.lock().unwrap() = Some(*adamw);
+        Ok(())
     }
 }

@@ -84,7 +84,7 @@ pub fn layer_output_split_nhwc(c: usize, out_hw: usize) -> (usize, usize) {
 }
 
 /// Samples of `c` channels on maps of `hw` values stored channels-last, `[B, hw, c]`, in NCHW order: how a
-/// channels-last activation is read back (`Backend::read`, and the emulation test of the store).
+/// channels-last activation is read back (`Device::read`, and the emulation test of the store).
 pub fn nchw_from_nhwc(v: &[f32], c: usize, hw: usize) -> Vec<f32> {
     (0..v.len()).map(|i| v[(i / (c * hw) * hw + i % hw) * c + i / hw % c]).collect()
 }

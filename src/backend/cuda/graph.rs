@@ -3,7 +3,7 @@
 //! A training step issues the same kernels with the same arguments every step of a given shape; what changes is
 //! AdamW's scalars (the learning rate and the bias corrections) and the dropout keys. The kernels read those from
 //! small device buffers ([`StepParams`]: per lane AdamW's scalars, per layer the key), which the host fills
-//! before the step (`Backend::prepare_step`) with a copy queued on the lane that reads them; a slot is written only
+//! before the step (`Schedule::prepare_step`) with a copy queued on the lane that reads them; a slot is written only
 //! when its value changes, so an eager step issues one copy per lane and layer at most. With that, the step can be
 //! captured: `begin_step` runs a shape's first step eagerly (it allocates scratch and uploads tables, which a
 //! capture may not), captures its second on lane 0 and launches the graph, and replays the graph from then on.
@@ -121,7 +121,7 @@ impl CudaBackend {
         if sp.hp_held[lane] != Some(bits) {
             if self.capturing() {
                 bail!(
-                    "cuda: AdamW's scalars changed inside a captured step (Backend::prepare_step sets them before \
+                    "cuda: AdamW's scalars changed inside a captured step (Schedule::prepare_step sets them before \
                      the step)"
                 );
             }
@@ -132,11 +132,11 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Lane `lane`'s AdamW slot, which [`Backend::prepare_step`](crate::backend::Backend::prepare_step) filled.
+    /// Lane `lane`'s AdamW slot, which [`Schedule::prepare_step`](crate::backend::Schedule::prepare_step) filled.
     pub(crate) fn adamw_slot<'a>(&self, sp: &'a StepParams, lane: usize) -> Result<CudaView<'a, AdamWScalars>> {
         anyhow::ensure!(
             sp.hp_held[lane].is_some(),
-            "cuda: adamw before the step's scalars were set (Backend::prepare_step)"
+            "cuda: adamw before the step's scalars were set (Schedule::prepare_step)"
         );
         Ok(sp.hp.slice(lane..lane + 1))
     }
@@ -146,7 +146,7 @@ impl CudaBackend {
         anyhow::ensure!(site < KEY_SLOTS, "cuda backend: more than {KEY_SLOTS} layers");
         if sp.keys_held[site] != Some(key) {
             if self.capturing() {
-                bail!("cuda: a dropout key changed inside a captured step (Backend::prepare_step sets them before the step)");
+                bail!("cuda: a dropout key changed inside a captured step (Schedule::prepare_step sets them before the step)");
             }
             let lane = site % self.streams.len();
             drv(self.streams[lane].memcpy_htod(&[key], &mut sp.keys.slice_mut(site..site + 1)), "copy dropout key")?;

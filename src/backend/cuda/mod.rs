@@ -11,7 +11,7 @@
 //! all of this without a GPU.
 //!
 //! Precision: buffers are [`CudaBuf`]s, f32 or fp16. [`CudaBackend::with_precision`] decides what
-//! [`Backend::operand_zeros`] allocates; the conv ops and the layer output pick their kernel by the dtype of the
+//! [`Device::operand_zeros`] allocates; the conv ops and the layer output pick their kernel by the dtype of the
 //! buffers they are given (`*_f32`, or `*_f16` on the tensor cores), and every other op is f32. An fp16 layer
 //! output whose channel count is a multiple of 8 is stored channels-last, which the buffer records
 //! ([`CudaBuf::channels_last`]); the next conv reads it as it is, and `read` returns it in NCHW order.
@@ -40,7 +40,7 @@ pub use buf::CudaBuf;
 use buf::Data;
 pub use timing::{GpuCeilings, Work};
 
-use super::{AdamWScalars, Backend, ConvShape, KernelTime, Precision, StepMode};
+use super::{AdamWScalars, ConvShape, Device, KernelTime, Ops, Precision, Schedule, StepMode};
 use crate::model::{GoodnessReduce, PatchGrid};
 use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use crate::trace::DeviceSpan;
@@ -134,10 +134,12 @@ pub struct CudaBackend {
     /// (the host fills one while the other's copy may still run).
     copy_stream: Option<Arc<CudaStream>>,
     staging: Mutex<Staging>,
-    /// The statistics readback ([`Backend::queue_read`]): its own stream, events marking where every lane stood
+    /// The statistics readback ([`Schedule::queue_read`]): its own stream, events marking where every lane stood
     /// when the read was queued, a device gather buffer and two pinned host buffers.
     readback: Mutex<Readback>,
     rb_stream: Arc<CudaStream>,
+    /// The layer of the op being launched ([`CudaBackend::enter_layer`], from the op's arguments): its lane is
+    /// `layer % lanes`, its dropout key's slot `layer`.
     pub(crate) lane: std::sync::atomic::AtomicUsize,
     funcs: HashMap<&'static str, CudaFunction>,
     /// The fusion heads' `dL/ds`, grown on demand.
@@ -155,10 +157,10 @@ pub struct CudaBackend {
     layout_scratch: Vec<Mutex<LayoutScratch>>,
     /// With `--trace`: every op's start and end events, and the event all times are measured from.
     timed: Mutex<timing::TimedOps>,
-    /// Per-kernel timing ([`Backend::time_kernels`]): on or off, and the launches timed so far.
+    /// Per-kernel timing ([`Schedule::time_kernels`]): on or off, and the launches timed so far.
     kernel_timing: std::sync::atomic::AtomicBool,
     kernel_log: Mutex<Option<timing::KernelLog>>,
-    /// The events of [`Backend::device_mark`], by handle.
+    /// The events of [`Schedule::device_mark`], by handle.
     marks: Mutex<Vec<cudarc::driver::CudaEvent>>,
     /// `ASGE_CUDA_SYNC=1`: synchronise and check after every launch.
     sync_each: bool,
@@ -474,9 +476,23 @@ impl CudaBackend {
         self.lane.load(std::sync::atomic::Ordering::Relaxed) % self.streams.len()
     }
 
-    /// The stream of the current lane: the ops issued now are launched on it.
+    /// The stream of the current lane: the op being issued is launched on it.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.streams[self.lane_index()]
+    }
+
+    /// Makes the lane of `layer` (the layer an op's arguments name; the layer count for the fusion heads) the
+    /// current one, for the op about to be launched: `layer % lanes`, which while several lanes are captured first
+    /// waits on the latest hand-off.
+    pub(crate) fn enter_layer(&self, layer: usize) -> Result<()> {
+        self.lane.store(layer, std::sync::atomic::Ordering::Relaxed);
+        self.capture_switch_lane(self.lane_index())
+    }
+
+    /// The stream memory operations ([`Device`]'s uploads, reads, fills) are queued on: the first lane's, where a
+    /// batch's input is written and a step graph is launched. cudarc's per-buffer events order it with the others.
+    fn memory_stream(&self) -> &Arc<CudaStream> {
+        &self.streams[0]
     }
 
     /// The statistics readback's stream (for tests that hold a stream in the stand-in).
@@ -503,7 +519,7 @@ impl CudaBackend {
     /// Launches `kernel` through `go` (which builds its arguments and launches it) and returns the result as an
     /// error naming the kernel and its layer. With `ASGE_CUDA_SYNC=1` the stream is synchronised first, so an
     /// error the kernel itself causes is reported here and not at a later call. With kernel timing on
-    /// ([`Backend::time_kernels`]) the launch is timed alone, with `work` beside its time.
+    /// ([`Schedule::time_kernels`]) the launch is timed alone, with `work` beside its time.
     pub(crate) fn launch(
         &self,
         kernel: &'static str,
@@ -634,10 +650,10 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
+impl Device for CudaBackend {
     type Buf = CudaBuf;
+
     type Labels = CudaSlice<u32>;
-    type PendingRead = PendingRead;
 
     fn name(&self) -> String {
         format!("{} {}", self.name, self.precision.as_str())
@@ -655,12 +671,6 @@ impl Backend for CudaBackend {
         false
     }
 
-    fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
-        let (fwd, splits) = geometry::conv_fwd_choice(s, self.precision, self.tiles);
-        let fwd = if splits > 1 { geometry::CONV_FWD_F16_SPLIT.name } else { fwd.name };
-        Some([fwd, geometry::wgrad_choice(s, self.precision, self.tiles).name])
-    }
-
     fn synchronize(&self) -> Result<()> {
         for s in self.streams.iter().chain(&self.copy_stream).chain([&self.rb_stream]) {
             drv(s.synchronize(), "synchronize")?;
@@ -668,13 +678,191 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn lanes(&self) -> usize {
-        self.streams.len()
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc_f32(len).map(CudaBuf::from)
     }
 
-    fn set_lane(&self, lane: usize) -> Result<()> {
-        self.lane.store(lane, std::sync::atomic::Ordering::Relaxed);
-        self.capture_switch_lane(self.lane_index())
+    fn uninit(&self, len: usize) -> Result<CudaBuf> {
+        // SAFETY: the trainer asks for uninitialised buffers only where a kernel writes before any read (the
+        // stand-in fills them with NaN, so a read of what nobody wrote shows).
+        drv(unsafe { self.memory_stream().alloc::<f32>(len.max(1)) }, "alloc").map(CudaBuf::from)
+    }
+
+    fn operand_zeros(&self, len: usize) -> Result<CudaBuf> {
+        match self.precision {
+            Precision::F32 => self.zeros(len),
+            Precision::F16 => {
+                drv(self.memory_stream().alloc_zeros::<half::f16>(len.max(1)), "alloc").map(CudaBuf::from)
+            }
+        }
+    }
+
+    fn operand_uninit(&self, len: usize) -> Result<CudaBuf> {
+        match self.precision {
+            Precision::F32 => self.uninit(len),
+            // SAFETY: as for uninit.
+            Precision::F16 => {
+                drv(unsafe { self.memory_stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from)
+            }
+        }
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        let mut b = self.uninit(data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    fn write(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
+        fits("destination", dst.len(), data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        match dst.data_mut() {
+            Data::F32(d) => {
+                drv(self.memory_stream().memcpy_htod(data, &mut d.slice_mut(0..data.len())), "copy to device")
+            }
+            Data::F16(d) => {
+                use half::slice::HalfFloatSliceExt;
+                let mut h = vec![half::f16::ZERO; data.len()];
+                h.convert_from_f32_slice(data);
+                drv(self.memory_stream().memcpy_htod(&h, &mut d.slice_mut(0..data.len())), "copy to device")
+            }
+        }
+    }
+
+    fn read(&self, src: &CudaBuf, len: usize) -> Result<Vec<f32>> {
+        fits("source", src.len(), len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let mark = src.channels_last();
+        if let Some([b, c, h, w]) = mark {
+            anyhow::ensure!(
+                len <= b * c * h * w && len.is_multiple_of(c * h * w),
+                "cuda backend: a read of {len} values of a channels-last [{b}, {c}, {h}, {w}] tensor (whole samples \
+                 only)"
+            );
+        }
+        let host = match src.data() {
+            Data::F32(s) => drv(self.memory_stream().clone_dtoh(&s.slice(0..len)), "copy to host")?,
+            Data::F16(s) => {
+                use half::slice::HalfFloatSliceExt;
+                drv(self.memory_stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec()
+            }
+        };
+        // A channels-last activation comes back in its logical NCHW order.
+        Ok(match mark {
+            Some([_, c, h, w]) => geometry::nchw_from_nhwc(&host, c, h * w),
+            None => host,
+        })
+    }
+
+    fn fill_zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
+        fits("buffer", buf.len(), len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let done = match buf.data_mut() {
+            Data::F32(d) => self.memory_stream().memset_zeros(&mut d.slice_mut(0..len)),
+            Data::F16(d) => self.memory_stream().memset_zeros(&mut d.slice_mut(0..len)),
+        };
+        drv(done, "memset")
+    }
+
+    fn write_input(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
+        fits("destination", dst.len(), data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.staging.lock().unwrap();
+        let st = &mut *st;
+        let i = st.next;
+        st.next ^= 1;
+        let n = data.len();
+        let stream = self.copy_stream.as_ref().unwrap_or(&self.streams[0]);
+        // This staging buffer's previous copy (two batches ago) must have run before the host refills it.
+        if let Some(e) = &st.copied[i] {
+            drv(e.synchronize(), "staging buffer")?;
+        }
+        match dst.data_mut() {
+            Data::F32(d) => {
+                let p = pinned(&self.ctx, &mut st.f32[i], n, false)?;
+                drv(p.as_mut_slice(), "pinned buffer")?.copy_from_slice(data);
+                drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")?;
+            }
+            Data::F16(d) => {
+                use half::slice::HalfFloatSliceExt;
+                let p = pinned(&self.ctx, &mut st.f16[i], n, false)?;
+                drv(p.as_mut_slice(), "pinned buffer")?.convert_from_f32_slice(data);
+                drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")?;
+            }
+        }
+        if st.copied[i].is_none() {
+            st.copied[i] = Some(drv(self.ctx.new_event(None), "event")?);
+        }
+        drv(st.copied[i].as_ref().expect("just made").record(stream), "event")
+    }
+
+    fn labels(&self, labels: &[u32]) -> Result<CudaSlice<u32>> {
+        // SAFETY: written below before any kernel reads it (an empty label buffer is never read).
+        let mut b = drv(unsafe { self.memory_stream().alloc::<u32>(labels.len().max(1)) }, "alloc")?;
+        if !labels.is_empty() {
+            drv(self.memory_stream().memcpy_htod(labels, &mut b.slice_mut(0..labels.len())), "copy labels")?;
+        }
+        Ok(b)
+    }
+
+    fn write_labels(&self, dst: &mut CudaSlice<u32>, labels: &[u32]) -> Result<()> {
+        if dst.len() < labels.len() {
+            *dst = self.labels(labels)?;
+        } else if !labels.is_empty() {
+            drv(self.memory_stream().memcpy_htod(labels, &mut dst.slice_mut(0..labels.len())), "copy labels")?;
+        }
+        Ok(())
+    }
+}
+
+impl Ops for CudaBackend {
+    fn conv_kernels(&self, s: &ConvShape) -> Option<[&'static str; 2]> {
+        let (fwd, splits) = geometry::conv_fwd_choice(s, self.precision, self.tiles);
+        let fwd = if splits > 1 { geometry::CONV_FWD_F16_SPLIT.name } else { fwd.name };
+        Some([fwd, geometry::wgrad_choice(s, self.precision, self.tiles).name])
+    }
+
+    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, CudaBuf>>) -> Result<()> {
+        conv_goodness_fwd::cuda::run(self, a)
+    }
+
+    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
+        goodness_loss::cuda::run(self, a)
+    }
+
+    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, CudaBuf>>) -> Result<()> {
+        conv_goodness_wgrad::cuda::run(self, a)
+    }
+
+    fn layer_output(&self, a: Checked<layer_output::Args<'_, CudaBuf>>) -> Result<()> {
+        layer_output::cuda::run(self, a)?;
+        // The next layer's input and the heads' features are written: in a captured step, the hand-off to the
+        // lane that reads them (graph.rs).
+        self.capture_hand_off()
+    }
+
+    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
+        fusion_heads::cuda::run(self, a)
+    }
+
+    fn adamw(&self, a: Checked<adamw::Args<'_, CudaBuf>>) -> Result<()> {
+        adamw::cuda::run(self, a)
+    }
+}
+
+impl Schedule for CudaBackend {
+    type PendingRead = PendingRead;
+
+    fn lanes(&self) -> usize {
+        self.streams.len()
     }
 
     fn device_time_ms(&self, warmup: usize, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
@@ -731,92 +919,6 @@ impl Backend for CudaBackend {
         self.kernel_times()
     }
 
-    fn zeros(&self, len: usize) -> Result<CudaBuf> {
-        self.alloc_f32(len).map(CudaBuf::from)
-    }
-
-    fn uninit(&self, len: usize) -> Result<CudaBuf> {
-        // SAFETY: the trainer asks for uninitialised buffers only where a kernel writes before any read (the
-        // stand-in fills them with NaN, so a read of what nobody wrote shows).
-        drv(unsafe { self.stream().alloc::<f32>(len.max(1)) }, "alloc").map(CudaBuf::from)
-    }
-
-    fn operand_zeros(&self, len: usize) -> Result<CudaBuf> {
-        match self.precision {
-            Precision::F32 => self.zeros(len),
-            Precision::F16 => drv(self.stream().alloc_zeros::<half::f16>(len.max(1)), "alloc").map(CudaBuf::from),
-        }
-    }
-
-    fn operand_uninit(&self, len: usize) -> Result<CudaBuf> {
-        match self.precision {
-            Precision::F32 => self.uninit(len),
-            // SAFETY: as for uninit.
-            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
-        }
-    }
-
-    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
-        let mut b = self.uninit(data.len())?;
-        self.write(&mut b, data)?;
-        Ok(b)
-    }
-
-    fn write(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
-        fits("destination", dst.len(), data.len())?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        match dst.data_mut() {
-            Data::F32(d) => drv(self.stream().memcpy_htod(data, &mut d.slice_mut(0..data.len())), "copy to device"),
-            Data::F16(d) => {
-                use half::slice::HalfFloatSliceExt;
-                let mut h = vec![half::f16::ZERO; data.len()];
-                h.convert_from_f32_slice(data);
-                drv(self.stream().memcpy_htod(&h, &mut d.slice_mut(0..data.len())), "copy to device")
-            }
-        }
-    }
-
-    fn read(&self, src: &CudaBuf, len: usize) -> Result<Vec<f32>> {
-        fits("source", src.len(), len)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let mark = src.channels_last();
-        if let Some([b, c, h, w]) = mark {
-            anyhow::ensure!(
-                len <= b * c * h * w && len.is_multiple_of(c * h * w),
-                "cuda backend: a read of {len} values of a channels-last [{b}, {c}, {h}, {w}] tensor (whole samples \
-                 only)"
-            );
-        }
-        let host = match src.data() {
-            Data::F32(s) => drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?,
-            Data::F16(s) => {
-                use half::slice::HalfFloatSliceExt;
-                drv(self.stream().clone_dtoh(&s.slice(0..len)), "copy to host")?.to_f32_vec()
-            }
-        };
-        // A channels-last activation comes back in its logical NCHW order.
-        Ok(match mark {
-            Some([_, c, h, w]) => geometry::nchw_from_nhwc(&host, c, h * w),
-            None => host,
-        })
-    }
-
-    fn fill_zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
-        fits("buffer", buf.len(), len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let done = match buf.data_mut() {
-            Data::F32(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
-            Data::F16(d) => self.stream().memset_zeros(&mut d.slice_mut(0..len)),
-        };
-        drv(done, "memset")
-    }
-
     fn queue_read(&self, srcs: &[&CudaBuf], len: usize) -> Result<PendingRead> {
         let f32s = srcs.iter().map(|s| s.f32("statistics")).collect::<Result<Vec<_>>>()?;
         for s in &f32s {
@@ -854,84 +956,5 @@ impl Backend for CudaBackend {
         let host = rb.pinned[p.slot].as_ref().context("cuda: a statistics read without its buffer")?;
         let all = drv(host.as_slice(), "statistics readback")?;
         Ok(all[..p.count * p.len].chunks(p.len.max(1)).map(<[f32]>::to_vec).collect())
-    }
-
-    fn write_input(&self, dst: &mut CudaBuf, data: &[f32]) -> Result<()> {
-        fits("destination", dst.len(), data.len())?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        let mut st = self.staging.lock().unwrap();
-        let st = &mut *st;
-        let i = st.next;
-        st.next ^= 1;
-        let n = data.len();
-        let stream = self.copy_stream.as_ref().unwrap_or(&self.streams[0]);
-        // This staging buffer's previous copy (two batches ago) must have run before the host refills it.
-        if let Some(e) = &st.copied[i] {
-            drv(e.synchronize(), "staging buffer")?;
-        }
-        match dst.data_mut() {
-            Data::F32(d) => {
-                let p = pinned(&self.ctx, &mut st.f32[i], n, false)?;
-                drv(p.as_mut_slice(), "pinned buffer")?.copy_from_slice(data);
-                drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")?;
-            }
-            Data::F16(d) => {
-                use half::slice::HalfFloatSliceExt;
-                let p = pinned(&self.ctx, &mut st.f16[i], n, false)?;
-                drv(p.as_mut_slice(), "pinned buffer")?.convert_from_f32_slice(data);
-                drv(stream.memcpy_htod(&*p, &mut d.slice_mut(0..n)), "copy input to device")?;
-            }
-        }
-        if st.copied[i].is_none() {
-            st.copied[i] = Some(drv(self.ctx.new_event(None), "event")?);
-        }
-        drv(st.copied[i].as_ref().expect("just made").record(stream), "event")
-    }
-
-    fn labels(&self, labels: &[u32]) -> Result<CudaSlice<u32>> {
-        // SAFETY: written below before any kernel reads it (an empty label buffer is never read).
-        let mut b = drv(unsafe { self.stream().alloc::<u32>(labels.len().max(1)) }, "alloc")?;
-        if !labels.is_empty() {
-            drv(self.stream().memcpy_htod(labels, &mut b.slice_mut(0..labels.len())), "copy labels")?;
-        }
-        Ok(b)
-    }
-
-    fn write_labels(&self, dst: &mut CudaSlice<u32>, labels: &[u32]) -> Result<()> {
-        if dst.len() < labels.len() {
-            *dst = self.labels(labels)?;
-        } else if !labels.is_empty() {
-            drv(self.stream().memcpy_htod(labels, &mut dst.slice_mut(0..labels.len())), "copy labels")?;
-        }
-        Ok(())
-    }
-
-    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, CudaBuf>>) -> Result<()> {
-        conv_goodness_fwd::cuda::run(self, a)
-    }
-
-    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-        goodness_loss::cuda::run(self, a)
-    }
-
-    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, CudaBuf>>) -> Result<()> {
-        conv_goodness_wgrad::cuda::run(self, a)
-    }
-
-    fn layer_output(&self, a: Checked<layer_output::Args<'_, CudaBuf>>) -> Result<()> {
-        layer_output::cuda::run(self, a)?;
-        // The next layer's input and the heads' features are written: in a captured step, the hand-off to the
-        // lane that reads them (graph.rs).
-        self.capture_hand_off()
-    }
-
-    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-        fusion_heads::cuda::run(self, a)
-    }
-
-    fn adamw(&self, a: Checked<adamw::Args<'_, CudaBuf>>) -> Result<()> {
-        adamw::cuda::run(self, a)
     }
 }

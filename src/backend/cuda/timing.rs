@@ -88,7 +88,7 @@ impl CudaBackend {
         OpTimer { be: self, start }
     }
 
-    /// Turns kernel timing on or off (see [`crate::backend::Backend::time_kernels`]); turning it on drops what
+    /// Turns kernel timing on or off (see [`crate::backend::Schedule::time_kernels`]); turning it on drops what
     /// an earlier timing left untaken.
     pub(super) fn set_kernel_timing(&self, on: bool) {
         *self.kernel_log.lock().unwrap() = on.then(Vec::new);

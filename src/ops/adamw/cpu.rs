@@ -9,7 +9,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
-    let Args { len, p, grad, m, v, copy } = a.into_inner();
+    let Args { layer: _, len, p, grad, m, v, copy } = a.into_inner();
     adamw(&mut p[..len], &grad[..len], &mut m[..len], &mut v[..len], &be.adamw_scalars()?);
     if let Some(copy) = copy {
         let f16 = be.f16();

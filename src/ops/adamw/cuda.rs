@@ -10,9 +10,10 @@ use crate::ops::Checked;
 use anyhow::Result;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { len, p, grad, m, v, copy } = a.into_inner();
+    let Args { layer, len, p, grad, m, v, copy } = a.into_inner();
+    be.enter_layer(layer)?;
     let _timer = be.time_op("adamw");
-    // The scalars from the step's parameters (the current lane's slot, which Backend::prepare_step filled).
+    // The scalars from the step's parameters (the current lane's slot, which Schedule::prepare_step filled).
     let params = be.step_params.lock().unwrap();
     let hp = be.adamw_slot(&params, be.lane_index())?;
     let ps = p.f32_mut("parameter")?;

@@ -2,18 +2,20 @@
 //! `p *= 1 - lr wd`; `m = lerp(m, g, 1 - b1)`; `v = b2 v + (1 - b2) g^2`;
 //! `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`; and, when `copy` is given (a conv operand
 //! buffer), the new `p` stored into it in the same pass. The step's scalars are not an argument: they are the
-//! step's, set once by `Backend::prepare_step` (a captured CUDA step graph reads them from the device).
+//! step's, set once by `Schedule::prepare_step` (a captured CUDA step graph reads them from the device).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
 use super::{fits, Checked, Len};
-use crate::backend::Backend;
+use crate::backend::Ops;
 use anyhow::Result;
 
 /// The parameter, its gradient, both moments and the optional operand copy, each of at least `len` values.
 pub struct Args<'a, B> {
+    /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
+    pub layer: usize,
     pub len: usize,
     pub p: &'a mut B,
     pub grad: &'a B,
@@ -37,7 +39,7 @@ impl<B: Len> Args<'_, B> {
 }
 
 /// Runs the op on `be` after its checks.
-pub fn run<Be: Backend + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
+pub fn run<Be: Ops + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
     a.check(be.kind())?;
     be.adamw(Checked(a))
 }

@@ -12,7 +12,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
-    let Args { s, grid, reduce, x, w, b, y, g } = a.into_inner();
+    let Args { layer: _, s, grid, reduce, x, w, b, y, g } = a.into_inner();
     if be.f16() {
         let (x, w) = (rounded(&x[..s.x_len()]), rounded(&w[..s.w_len()]));
         conv_goodness_fwd(s, grid, reduce, &x, &w, b, y, g, true);

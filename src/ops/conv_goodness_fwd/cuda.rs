@@ -16,7 +16,8 @@ use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { s, grid, reduce, x, w, b, y, g } = a.into_inner();
+    let Args { layer, s, grid, reduce, x, w, b, y, g } = a.into_inner();
+    be.enter_layer(layer)?;
     let _timer = be.time_op("conv_goodness_fwd");
     let g_len = s.batch * s.c_out * grid.cells();
     let precision = operand_precision(&[("x", x), ("conv weight", w), ("y", &*y)])?;

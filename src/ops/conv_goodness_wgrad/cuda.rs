@@ -13,7 +13,8 @@ use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
+    let Args { layer, s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
+    be.enter_layer(layer)?;
     let _timer = be.time_op("conv_goodness_wgrad");
     let precision = operand_precision(&[("x", x), ("y", y)])?;
     index32(s)?;

@@ -7,12 +7,14 @@ pub mod cpu;
 pub(crate) mod cuda;
 
 use super::{fits, grid_fits, Checked, Len};
-use crate::backend::{Backend, ConvShape};
+use crate::backend::{ConvShape, Ops};
 use crate::model::{GoodnessReduce, PatchGrid};
 use anyhow::Result;
 
 /// x, y and dL/dg as the forward's x, y and g; writes dL/dW `[C_out, C_in, 3, 3]` and dL/db `[C_out]`.
 pub struct Args<'a, B> {
+    /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
+    pub layer: usize,
     pub s: &'a ConvShape,
     pub grid: &'a PatchGrid,
     pub reduce: GoodnessReduce,
@@ -37,7 +39,7 @@ impl<B: Len> Args<'_, B> {
 }
 
 /// Runs the op on `be` after its checks.
-pub fn run<Be: Backend + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
+pub fn run<Be: Ops + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
     a.check(be.kind())?;
     be.conv_goodness_wgrad(Checked(a))
 }

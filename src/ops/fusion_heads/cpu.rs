@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 pub(crate) fn run(a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-    let Args { batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
+    let Args { layer: _, batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
     let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
     let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();
     let mut grads: Option<Vec<(&mut [f32], &mut [f32])>> =

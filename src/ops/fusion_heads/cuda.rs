@@ -9,7 +9,8 @@ use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-    let Args { batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
+    let Args { layer, batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
+    be.enter_layer(layer)?;
     let _timer = be.time_op("fusion_heads");
     let logits = logits.f32_mut("head logits")?;
     be.zero(logits, batch * classes)?;

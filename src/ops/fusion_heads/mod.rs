@@ -6,13 +6,15 @@ pub mod cpu;
 pub(crate) mod cuda;
 
 use super::{fits, Checked, Len};
-use crate::backend::{Backend, STATS_LEN};
+use crate::backend::{Ops, STATS_LEN};
 use anyhow::{ensure, Result};
 
 /// Per head its features `[B, C_k]` (with `C_k`), weight `[N, C_k]` and bias `[N]` (and their gradients),
 /// labels `[B]`, logits `[B, N]`, the stats slot. Head `k` reads layer `k + 2` (layers count from 1; layer 1
 /// has no head).
 pub struct Args<'a, B, L> {
+    /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
+    pub layer: usize,
     pub batch: usize,
     pub classes: usize,
     pub feats: &'a [(&'a B, usize)],
@@ -60,7 +62,7 @@ impl<B: Len, L: Len> Args<'_, B, L> {
 }
 
 /// Runs the op on `be` after its checks.
-pub fn run<Be: Backend + ?Sized>(be: &Be, a: Args<'_, Be::Buf, Be::Labels>) -> Result<()> {
+pub fn run<Be: Ops + ?Sized>(be: &Be, a: Args<'_, Be::Buf, Be::Labels>) -> Result<()> {
     a.check(be.kind())?;
     be.fusion_heads(Checked(a))
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 pub(crate) fn run(a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-    let Args { batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
+    let Args { layer: _, batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
     goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
 }
 

@@ -10,7 +10,8 @@ use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-    let Args { batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
+    let Args { layer, batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
+    be.enter_layer(layer)?;
     let _timer = be.time_op("goodness_loss");
     anyhow::ensure!(
         classes <= MAX_CLASSES,

@@ -7,12 +7,14 @@ pub mod cpu;
 pub(crate) mod cuda;
 
 use super::{fits, Checked, Len};
-use crate::backend::{Backend, STATS_LEN};
+use crate::backend::{Ops, STATS_LEN};
 use anyhow::{ensure, Result};
 
 /// g and dL/dg `[B, D]`, the projection `[D, N]` and its bias `[N]`, labels `[B]`, logits `[B, N]`, the stats
 /// slot.
 pub struct Args<'a, B, L> {
+    /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
+    pub layer: usize,
     pub batch: usize,
     pub dim: usize,
     pub classes: usize,
@@ -46,7 +48,7 @@ impl<B: Len, L: Len> Args<'_, B, L> {
 }
 
 /// Runs the op on `be` after its checks.
-pub fn run<Be: Backend + ?Sized>(be: &Be, a: Args<'_, Be::Buf, Be::Labels>) -> Result<()> {
+pub fn run<Be: Ops + ?Sized>(be: &Be, a: Args<'_, Be::Buf, Be::Labels>) -> Result<()> {
     a.check(be.kind())?;
     be.goodness_loss(Checked(a))
 }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
     let a = a.into_inner();
     let (ho, wo) = a.out_hw();
-    let Args { batch, c, h, w, pool, dropout, y, out, gap } = a;
+    let Args { layer: _, batch, c, h, w, pool, dropout, y, out, gap } = a;
     layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
     if be.f16() {
         out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));

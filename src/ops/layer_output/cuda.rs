@@ -17,7 +17,8 @@ use crate::ops::Checked;
 use anyhow::Result;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { batch, c, h, w, pool, dropout, y, out, gap } = a.into_inner();
+    let Args { layer, batch, c, h, w, pool, dropout, y, out, gap } = a.into_inner();
+    be.enter_layer(layer)?;
     let _timer = be.time_op("layer_output");
     let precision = operand_precision(&[("y", y), ("layer output", &*out)])?;
     let pool_i: i32 = match pool {

@@ -7,12 +7,14 @@ pub mod cpu;
 pub(crate) mod cuda;
 
 use super::{fits, Checked, Len};
-use crate::backend::{Backend, Dropout};
+use crate::backend::{Dropout, Ops};
 use crate::model::PoolKind;
 use anyhow::{ensure, Result};
 
 /// y `[B, C, H, W]`; writes out `[B, C, H', W']` (halved by a pool) and the pooled features `[B, C]`.
 pub struct Args<'a, B> {
+    /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
+    pub layer: usize,
     pub batch: usize,
     pub c: usize,
     pub h: usize,
@@ -51,7 +53,7 @@ impl<B: Len> Args<'_, B> {
 }
 
 /// Runs the op on `be` after its checks.
-pub fn run<Be: Backend + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
+pub fn run<Be: Ops + ?Sized>(be: &Be, a: Args<'_, Be::Buf>) -> Result<()> {
     a.check(be.kind())?;
     be.layer_output(Checked(a))
 }
