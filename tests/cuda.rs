@@ -25,10 +25,10 @@ mod common;
 use asge::backend::cpu::CpuBackend;
 use asge::backend::cuda::{self, nvrtc, CudaBackend, CudaBuf};
 use asge::backend::prelude::*;
-use asge::backend::{AdamWStep, Dropout, Precision};
+use asge::backend::Precision;
 use asge::model::{self, ModelOptions, Params, PatchGrid};
 use asge::train::{AdamW, Net};
-use common::{close, conv_cases, conv_inputs, conv_output, heads_case, output_cases, randn, HeadsCase};
+use common::{close, conv_cases, conv_inputs, randn};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
@@ -657,186 +657,26 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     assert_eq!(g.input_copies_reused(), reused + 1, "the forward's copy was not reused");
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
-fn loss_output_heads_adamw_match_cpu() {
-    let g = gpu();
-    let c = CpuBackend::new();
-    for (batch, dim, classes) in [(1, 16, 10), (3, 1000, 10), (33, 512, 100)] {
-        let gin: Vec<f32> = randn(batch * dim, 1.0, 1).iter().map(|v| v.abs()).collect();
-        let pw = randn(dim * classes, 1.0 / (classes as f64).sqrt(), 2);
-        let pb = randn(classes, 1.0 / (classes as f64).sqrt(), 3);
-        let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % classes as u32).collect();
-        let (mut lg, mut dg, mut st) = (vec![0.0; batch * classes], vec![0.0; batch * dim], vec![0.0; 2]);
-        asge::ops::goodness_loss::run(
-            &c,
-            asge::ops::goodness_loss::Args {
-                layer: 0,
-                batch,
-                dim,
-                classes,
-                g: &gin,
-                proj_w: &pw,
-                proj_b: &pb,
-                labels: &labels,
-                logits: &mut lg,
-                dg: Some(&mut dg),
-                stats: &mut st,
-            },
-        )
-        .unwrap();
-        let (gd, pwd, pbd) = (dev(&g, &gin, 0), dev(&g, &pw, 0), dev(&g, &pb, 0));
-        let ld = g.labels(&labels).unwrap();
-        let (mut lgd, mut dgd, mut std_) =
-            (dev(&g, &[], batch * classes), dev(&g, &[], batch * dim), g.zeros(2).unwrap());
-        asge::ops::goodness_loss::run(
-            &g,
-            asge::ops::goodness_loss::Args {
-                layer: 0,
-                batch,
-                dim,
-                classes,
-                g: &gd,
-                proj_w: &pwd,
-                proj_b: &pbd,
-                labels: &ld,
-                logits: &mut lgd,
-                dg: Some(&mut dgd),
-                stats: &mut std_,
-            },
-        )
-        .unwrap();
-        close("logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
-        close("dL/dg", &g.read(&dgd, batch * dim).unwrap(), &dg, 1e-4, 1e-5);
-        let sg = g.read(&std_, 2).unwrap();
-        close("loss", &sg[..1], &st[..1], 1e-4, 0.0);
-        assert_eq!(sg[1], st[1], "correct count");
+/// Each op's parity check, written once in its folder (`src/ops/<op>/parity.rs`: the cases, the CPU reference
+/// in the backend's precision, the tolerances argued there), run here in both precisions on a GPU or the
+/// stand-in. The conv ops' checks are `conv_fwd_and_wgrad_match_cpu` and the variant tests above.
+mod parity {
+    use super::{gpu, PRECISIONS};
+
+    macro_rules! parity_tests {
+        ($($op:ident),* $(,)?) => {$(
+            #[test]
+            #[ignore = "needs a CUDA GPU or the stand-in (ASGE_CUDA_STANDIN=1)"]
+            fn $op() {
+                for precision in PRECISIONS {
+                    let be = gpu().with_precision(precision);
+                    asge::ops::$op::parity::check(&be).unwrap_or_else(|e| panic!("{}: {e:#}", precision.as_str()));
+                }
+            }
+        )*};
     }
-    for precision in PRECISIONS {
-        let (g, c) = (gpu().with_precision(precision), CpuBackend::new().with_precision(precision));
-        let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
-        for (batch, ch, h, pool, drop) in output_cases() {
-            let what = format!("{} layer output {batch}x{ch}x{h}", precision.as_str());
-            let y = conv_output(batch * ch * h * h, precision);
-            let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
-            let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
-            let (mut out, mut gap) = (vec![0.0; batch * ch * ho * wo], vec![0.0; batch * ch]);
-            asge::ops::layer_output::run(
-                &c,
-                asge::ops::layer_output::Args {
-                    layer: 0,
-                    batch,
-                    c: ch,
-                    h,
-                    w: h,
-                    pool,
-                    dropout,
-                    y: &y,
-                    out: &mut out,
-                    gap: Some(&mut gap),
-                },
-            )
-            .unwrap();
-            let yd = operand(&g, &y, 0);
-            let (mut od, mut gd) = (operand(&g, &[], out.len()), dev(&g, &[], gap.len()));
-            asge::ops::layer_output::run(
-                &g,
-                asge::ops::layer_output::Args {
-                    layer: 0,
-                    batch,
-                    c: ch,
-                    h,
-                    w: h,
-                    pool,
-                    dropout,
-                    y: &yd,
-                    out: &mut od,
-                    gap: Some(&mut gd),
-                },
-            )
-            .unwrap();
-            // Same dropout mask bit for bit; the RMS is a reduction over <= 18k values; the pooled features are
-            // f32 in both precisions.
-            close(&what, &g.read(&od, out.len()).unwrap(), &out, store_rtol, 1e-6);
-            close(&format!("{what} gap"), &g.read(&gd, gap.len()).unwrap(), &gap, 1e-4, 1e-6);
-        }
-    }
-    let g = gpu();
-    let HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits: lg, stats: st, grads: cg } = heads_case();
-    let fd: Vec<_> = feats.iter().map(|f| dev(&g, f, 0)).collect();
-    let wd: Vec<_> = ws.iter().map(|w| dev(&g, w, 0)).collect();
-    let bd: Vec<_> = bs.iter().map(|b| dev(&g, b, 0)).collect();
-    let mut gg: Vec<_> = dims.iter().map(|&c| (dev(&g, &[], classes * c), dev(&g, &[], classes))).collect();
-    let (mut lgd, mut std_) = (dev(&g, &[], batch * classes), g.zeros(2).unwrap());
-    {
-        let f: Vec<_> = fd.iter().zip(dims).collect();
-        let h: Vec<_> = wd.iter().zip(&bd).collect();
-        let mut gr: Vec<_> = gg.iter_mut().map(|(a, b)| (a, b)).collect();
-        asge::ops::fusion_heads::run(
-            &g,
-            asge::ops::fusion_heads::Args {
-                layer: 0,
-                batch,
-                classes,
-                feats: &f,
-                heads: &h,
-                labels: &g.labels(&labels).unwrap(),
-                logits: &mut lgd,
-                grads: Some(&mut gr),
-                stats: &mut std_,
-            },
-        )
-        .unwrap();
-    }
-    close("head logits", &g.read(&lgd, batch * classes).unwrap(), &lg, 1e-4, 1e-5);
-    let sg = g.read(&std_, 2).unwrap();
-    close("head loss", &sg[..1], &st[..1], 1e-4, 0.0);
-    assert_eq!(sg[1], st[1], "head correct count");
-    for (k, ((gw, gb), (cw, cb))) in gg.iter().zip(&cg).enumerate() {
-        close(&format!("head {k} dW"), &g.read(gw, cw.len()).unwrap(), cw, 1e-4, 1e-5);
-        close(&format!("head {k} db"), &g.read(gb, cb.len()).unwrap(), cb, 1e-4, 1e-5);
-    }
-    let n = 100_003;
-    let (p0, gr) = (randn(n, 0.1, 7), randn(n, 0.01, 8));
-    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
-    let (mut pd, grd, mut md, mut vd) = (dev(&g, &p0, 0), dev(&g, &gr, 0), g.zeros(n).unwrap(), g.zeros(n).unwrap());
-    let (c16, g16) = (CpuBackend::new().with_precision(Precision::F16), gpu().with_precision(Precision::F16));
-    let (mut copy, mut copyd) = (vec![0.0; n], operand(&g16, &[], n));
-    for t in 1..=3 {
-        let h = AdamWStep { lr: 2e-4, weight_decay: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: t };
-        c16.prepare_step(&h.scalars(), &[]).unwrap();
-        g.prepare_step(&h.scalars(), &[]).unwrap();
-        asge::ops::adamw::run(
-            &c16,
-            asge::ops::adamw::Args {
-                layer: 0,
-                len: n,
-                p: &mut p,
-                grad: &gr,
-                m: &mut m,
-                v: &mut v,
-                copy: Some(&mut copy),
-            },
-        )
-        .unwrap();
-        asge::ops::adamw::run(
-            &g,
-            asge::ops::adamw::Args {
-                layer: 0,
-                len: n,
-                p: &mut pd,
-                grad: &grd,
-                m: &mut md,
-                v: &mut vd,
-                copy: Some(&mut copyd),
-            },
-        )
-        .unwrap();
-    }
-    // Elementwise and the same formula: equal to an ulp or two of the 0.1-sized weights; the fp16 copy to one
-    // fp16 ulp.
-    close("adamw", &g.read(&pd, n).unwrap(), &p, 0.0, 1e-6);
-    close("adamw fp16 copy", &g16.read(&copyd, n).unwrap(), &copy, 1.1e-3, 0.0);
+
+    parity_tests!(goodness_loss, layer_output, fusion_heads, adamw);
 }
 
 /// The batch of the VGG8 step tests: 64 on a GPU; 16 under the stand-in, whose emulator runs ~1 GFLOP/s (still

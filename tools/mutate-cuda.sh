@@ -44,7 +44,9 @@ M = [
         match self.precision {
             Precision::F32 => self.uninit(len),
             // SAFETY: as for uninit.
-            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
+            Precision::F16 => {
+                drv(unsafe { self.memory_stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from)
+            }
         }
     }""",
      """    fn operand_uninit(&self, len: usize) -> Result<CudaBuf> {
@@ -55,7 +57,7 @@ M = [
         }
         let r = match self.precision {
             Precision::F32 => self.uninit(len),
-            Precision::F16 => drv(unsafe { self.stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
+            Precision::F16 => drv(unsafe { self.memory_stream().alloc::<half::f16>(len.max(1)) }, "alloc").map(CudaBuf::from),
         };
         if untracked {
             unsafe { self.ctx.enable_event_tracking() };
@@ -85,7 +87,7 @@ M = [
      "kernels/layer_output.cu",
      "st16(out + ((long)b * hw + px) * C + c,",
      "st16(out + ((long)b * hw + px) * C + c0,",
-     "--test cuda loss_output_heads_adamw_match_cpu"),
+     "--test cuda parity::layer_output"),
     ("a layer output stored channels-last but not marked so (the next layer copies it as if NCHW)",
      "src/ops/layer_output/cuda.rs",
      "be.mark_channels_last(out, [batch, c, ho, wo]);",

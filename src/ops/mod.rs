@@ -13,6 +13,8 @@ pub mod conv_goodness_wgrad;
 pub mod fusion_heads;
 pub mod goodness_loss;
 pub mod layer_output;
+#[doc(hidden)]
+pub mod parity;
 
 use crate::backend::ConvShape;
 use crate::model::PatchGrid;

@@ -33,35 +33,9 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 pub use asge::rng::randn;
 
-/// `|got - want| <= atol + rtol * |want|` elementwise, with `atol = atol_rel * max |want|`; a NaN (an output a
-/// kernel never wrote into a poisoned buffer) fails. Returns the worst ratio of error to tolerance (1 would be
-/// the edge), so that a near miss can be reported as one.
+/// [`asge::ops::parity::close`], panicking with its message: the worst ratio of error to tolerance.
 pub fn close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol_rel: f32) -> f32 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
-    let atol = atol_rel * scale;
-    let mut bad = Vec::new();
-    let mut worst = 0.0f32;
-    for (i, (&g, &c)) in got.iter().zip(want).enumerate() {
-        let tol = atol + rtol * c.abs();
-        let ok = (g - c).abs() <= tol;
-        if !ok {
-            bad.push(format!("[{i}] got {g} want {c}"));
-        }
-        if tol > 0.0 {
-            worst = worst.max((g - c).abs() / tol);
-        } else if g != c {
-            worst = f32::INFINITY;
-        }
-    }
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} differ (worst error/tolerance {worst:.2}), first: {:?}",
-        bad.len(),
-        want.len(),
-        &bad[..bad.len().min(5)]
-    );
-    worst
+    asge::ops::parity::close(what, got, want, rtol, atol_rel).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A convolution with its patch grid, for the kernel parity tests.
@@ -104,80 +78,6 @@ pub fn conv_cases(vgg_batch: usize) -> Vec<ConvCase> {
         // rows wider than either fp16 forward tile: a cell's rows are runs in tiles that skip the tiles between
         ConvCase { s: asge::backend::ConvShape { batch: 2, c_in: 3, c_out: 8, h: 3, w: 300 }, p: 2, reduce: Sum },
     ]
-}
-
-/// The layer-output cases: (batch, channels, side, pool, dropout p): no pool, avg pool with dropout, rms pool
-/// on an odd side with heavy dropout, and many channels of small maps (several blocks a sample, a thread a
-/// channel).
-#[allow(clippy::type_complexity)]
-pub fn output_cases() -> Vec<(usize, usize, usize, Option<asge::model::PoolKind>, Option<f32>)> {
-    use asge::model::PoolKind::{Avg, Rms};
-    vec![
-        (3, 5, 7, None, None),
-        (2, 70, 16, Some(Avg), Some(0.1)),
-        (4, 9, 9, Some(Rms), Some(0.5)),
-        (2, 600, 4, Some(Avg), Some(0.1)),
-        // Multiples of 8 channels: the fp16 CUDA store is channels-last (one block of 8 channels a sample slice,
-        // then a pooled odd-sized map).
-        (2, 64, 16, None, Some(0.2)),
-        (3, 16, 12, Some(Rms), None),
-    ]
-}
-
-/// A layer output's input as the conv stores it: non-negative, and fp16-representable in the fp16 path.
-pub fn conv_output(len: usize, precision: asge::backend::Precision) -> Vec<f32> {
-    randn(len, 1.0, 5)
-        .iter()
-        .map(|v| match precision {
-            asge::backend::Precision::F32 => v.max(0.0),
-            asge::backend::Precision::F16 => asge::backend::round_f16(v.max(0.0)),
-        })
-        .collect()
-}
-
-/// Two fusion heads (32 and 64 features, batch 5, 10 classes) and the CPU reference's results on them.
-pub struct HeadsCase {
-    pub batch: usize,
-    pub classes: usize,
-    pub dims: [usize; 2],
-    pub feats: Vec<Vec<f32>>,
-    pub ws: Vec<Vec<f32>>,
-    pub bs: Vec<Vec<f32>>,
-    pub labels: Vec<u32>,
-    pub logits: Vec<f32>,
-    pub stats: Vec<f32>,
-    /// `(dW, db)` per head.
-    pub grads: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-pub fn heads_case() -> HeadsCase {
-    let (batch, classes, dims) = (5, 10, [32usize, 64]);
-    let feats: Vec<Vec<f32>> = dims.iter().map(|&c| randn(batch * c, 1.0, c as u64)).collect();
-    let ws: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes * c, 0.2, 100 + c as u64)).collect();
-    let bs: Vec<Vec<f32>> = dims.iter().map(|&c| randn(classes, 0.2, 200 + c as u64)).collect();
-    let labels: Vec<u32> = vec![0, 3, 9, 1, 1];
-    let mut grads: Vec<(Vec<f32>, Vec<f32>)> =
-        dims.iter().map(|&c| (vec![0.0; classes * c], vec![0.0; classes])).collect();
-    let (mut logits, mut stats) = (vec![0.0; batch * classes], vec![0.0; 2]);
-    {
-        let f: Vec<(&Vec<f32>, usize)> = feats.iter().zip(dims).collect();
-        let h: Vec<(&Vec<f32>, &Vec<f32>)> = ws.iter().zip(&bs).collect();
-        let mut gr: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = grads.iter_mut().map(|(a, b)| (a, b)).collect();
-        let cpu = asge::backend::cpu::CpuBackend::new();
-        let args = asge::ops::fusion_heads::Args {
-            layer: 0,
-            batch,
-            classes,
-            feats: &f,
-            heads: &h,
-            labels: &labels,
-            logits: &mut logits,
-            grads: Some(&mut gr),
-            stats: &mut stats,
-        };
-        asge::ops::fusion_heads::run(&cpu, args).unwrap();
-    }
-    HeadsCase { batch, classes, dims, feats, ws, bs, labels, logits, stats, grads }
 }
 
 /// Runs the `asge` binary this test build made (in `cwd`, or here): exit code, stdout, stderr.

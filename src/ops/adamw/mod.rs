@@ -7,6 +7,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[doc(hidden)]
+pub mod parity;
 
 use super::{fits, Checked, Len};
 use crate::backend::Ops;
