@@ -238,6 +238,9 @@ pub fn eval(model: &Model, data: &EvalData, o: &EvalOptions) -> Result<(Report, 
     with_backend!(o.device, o.precision, |make| run_eval(model, make()?, &source, n, &dataset, &dir, o))
 }
 
+/// The evaluation on a backend `with_backend!` made: the model, the backend (moved into the net), the images with
+/// their count, name and folder (as the report names them), and the options.
+// The arguments are what the macro's arm has at hand; a struct for one call would only rename them.
 #[allow(clippy::too_many_arguments)]
 fn run_eval<B: Backend>(
     model: &Model,

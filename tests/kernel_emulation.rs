@@ -101,6 +101,7 @@ fn from_f16(v: &[u16]) -> Vec<f32> {
 const NAN16: u16 = 0x7e00;
 
 /// The conv forward, patch goodness and weight gradient of the CUDA backend, in `p`, on the host: (y, g, dW, dB).
+// The two ops' parameters together (shape, grid, reduction, x, w, b, dL/dg) and the variant pair under test.
 #[allow(clippy::too_many_arguments)]
 fn gpu_conv(
     p: Precision,

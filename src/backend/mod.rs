@@ -12,9 +12,7 @@ pub mod select;
 
 pub use crate::kernel_abi::AdamWScalars;
 use crate::model::{GoodnessReduce, PatchGrid};
-use crate::ops::{
-    adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked, Len,
-};
+use crate::ops::{Checked, Len};
 use crate::trace::DeviceSpan;
 use anyhow::Result;
 
@@ -234,16 +232,21 @@ pub trait Device: Send + Sync {
     fn write_labels(&self, dst: &mut Self::Labels, labels: &[u32]) -> Result<()>;
 }
 
+/// The methods of [`Ops`], one per op of `crate::ops::for_each_op!`.
+macro_rules! ops_methods {
+    ($($op:ident<$($t:ident),*>),* $(,)?) => {
+        $(
+            #[doc = concat!("`crate::ops::", stringify!($op), "` (see its folder).")]
+            fn $op(&self, a: Checked<crate::ops::$op::Args<'_, $(Self::$t),*>>) -> Result<()>;
+        )*
+    };
+}
+
 /// The fused ops of one ASGE training step (`crate::ops`: each op's formula, arguments and checks). They take
 /// their arguments checked: call them through the op's `run` (`ops::adamw::run(be, args)`), which checks first.
 /// Every op's arguments name the layer it belongs to, which on a GPU picks the lane it runs on.
 pub trait Ops: Device {
-    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Self::Buf>>) -> Result<()>;
-    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
-    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Self::Buf>>) -> Result<()>;
-    fn layer_output(&self, a: Checked<layer_output::Args<'_, Self::Buf>>) -> Result<()>;
-    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Self::Buf, Self::Labels>>) -> Result<()>;
-    fn adamw(&self, a: Checked<adamw::Args<'_, Self::Buf>>) -> Result<()>;
+    crate::ops::for_each_op!(ops_methods);
 
     /// The kernels the conv forward and weight gradient run at this shape, where a backend picks among several
     /// (the CUDA backend's tiles); for reports such as `asge bench`.
@@ -251,6 +254,34 @@ pub trait Ops: Device {
         None
     }
 }
+
+/// A backend's implementation of every op: the op folder's `$backend::run` (`cpu`, `cuda`), named by the list.
+macro_rules! ops_impl {
+    ($backend:ident: $($op:ident<$($t:ident),*>),* $(,)?) => {
+        $(
+            fn $op(&self, a: crate::ops::Checked<crate::ops::$op::Args<'_, $(<Self as crate::backend::Device>::$t),*>>) -> anyhow::Result<()> {
+                crate::ops::$op::$backend::run(self, a)
+            }
+        )*
+    };
+}
+pub(crate) use ops_impl;
+
+macro_rules! cpu_ops {
+    ($($list:tt)*) => {
+        crate::backend::ops_impl!(cpu: $($list)*);
+    };
+}
+pub(crate) use cpu_ops;
+
+#[cfg(feature = "cuda")]
+macro_rules! cuda_ops {
+    ($($list:tt)*) => {
+        crate::backend::ops_impl!(cuda: $($list)*);
+    };
+}
+#[cfg(feature = "cuda")]
+pub(crate) use cuda_ops;
 
 /// How a step is run: the lanes the layers spread over, the values a step reads from the device
 /// ([`Schedule::prepare_step`]), recorded steps, the reads that overlap the next step, and the device's clock.

@@ -7,12 +7,29 @@
 //! Buffers are checked by their lengths in values ([`Len`]), so one check serves the CPU's vectors and the
 //! GPU's buffers.
 
-pub mod adamw;
-pub mod conv_goodness_fwd;
-pub mod conv_goodness_wgrad;
-pub mod fusion_heads;
-pub mod goodness_loss;
-pub mod layer_output;
+/// Every op, listed once, with the backend types its arguments take: its folder's module below, its method in
+/// `backend::Ops` and each backend's implementation of it (`cpu::run`, `cuda::run` in the folder) are generated
+/// from this list. Adding an op is a folder, its kernel, and a line here.
+macro_rules! for_each_op {
+    ($then:path) => {
+        $then! {
+            adamw<Buf>,
+            conv_goodness_fwd<Buf>,
+            conv_goodness_wgrad<Buf>,
+            fusion_heads<Buf, Labels>,
+            goodness_loss<Buf, Labels>,
+            layer_output<Buf>,
+        }
+    };
+}
+pub(crate) use for_each_op;
+
+macro_rules! op_modules {
+    ($($op:ident<$($t:ident),*>),* $(,)?) => {
+        $(pub mod $op;)*
+    };
+}
+for_each_op!(op_modules);
 #[doc(hidden)]
 pub mod parity;
 

@@ -11,7 +11,6 @@ pub mod conv;
 pub mod ops;
 
 use super::{round_f16, AdamWScalars, Device, Ops, Precision, Schedule};
-use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use anyhow::Result;
 
 /// The CPU backend. Threads come from rayon's global pool (`--threads` sizes it).
@@ -117,29 +116,7 @@ impl Device for CpuBackend {
 }
 
 impl Ops for CpuBackend {
-    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, Vec<f32>>>) -> Result<()> {
-        conv_goodness_fwd::cpu::run(self, a)
-    }
-
-    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-        goodness_loss::cpu::run(a)
-    }
-
-    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, Vec<f32>>>) -> Result<()> {
-        conv_goodness_wgrad::cpu::run(self, a)
-    }
-
-    fn layer_output(&self, a: Checked<layer_output::Args<'_, Vec<f32>>>) -> Result<()> {
-        layer_output::cpu::run(self, a)
-    }
-
-    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-        fusion_heads::cpu::run(a)
-    }
-
-    fn adamw(&self, a: Checked<adamw::Args<'_, Vec<f32>>>) -> Result<()> {
-        adamw::cpu::run(self, a)
-    }
+    crate::ops::for_each_op!(crate::backend::cpu_ops);
 }
 
 impl Schedule for CpuBackend {

@@ -222,7 +222,7 @@ impl CudaBackend {
 
     /// While several lanes are captured: the current lane has written a layer's output (the next layer's input
     /// and the heads' features), which the lane the trainer switches to next waits for.
-    pub(super) fn capture_hand_off(&self) -> Result<()> {
+    pub(crate) fn capture_hand_off(&self) -> Result<()> {
         if !self.lanes_captured() {
             return Ok(());
         }

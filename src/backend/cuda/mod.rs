@@ -42,7 +42,6 @@ pub use timing::{GpuCeilings, Work};
 
 use super::{AdamWScalars, ConvShape, Device, KernelTime, Ops, Precision, Schedule, StepMode};
 use crate::model::{GoodnessReduce, PatchGrid};
-use crate::ops::{adamw, conv_goodness_fwd, conv_goodness_wgrad, fusion_heads, goodness_loss, layer_output, Checked};
 use crate::trace::DeviceSpan;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{
@@ -830,32 +829,7 @@ impl Ops for CudaBackend {
         Some([fwd, geometry::wgrad_choice(s, self.precision, self.tiles).name])
     }
 
-    fn conv_goodness_fwd(&self, a: Checked<conv_goodness_fwd::Args<'_, CudaBuf>>) -> Result<()> {
-        conv_goodness_fwd::cuda::run(self, a)
-    }
-
-    fn goodness_loss(&self, a: Checked<goodness_loss::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-        goodness_loss::cuda::run(self, a)
-    }
-
-    fn conv_goodness_wgrad(&self, a: Checked<conv_goodness_wgrad::Args<'_, CudaBuf>>) -> Result<()> {
-        conv_goodness_wgrad::cuda::run(self, a)
-    }
-
-    fn layer_output(&self, a: Checked<layer_output::Args<'_, CudaBuf>>) -> Result<()> {
-        layer_output::cuda::run(self, a)?;
-        // The next layer's input and the heads' features are written: in a captured step, the hand-off to the
-        // lane that reads them (graph.rs).
-        self.capture_hand_off()
-    }
-
-    fn fusion_heads(&self, a: Checked<fusion_heads::Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-        fusion_heads::cuda::run(self, a)
-    }
-
-    fn adamw(&self, a: Checked<adamw::Args<'_, CudaBuf>>) -> Result<()> {
-        adamw::cuda::run(self, a)
-    }
+    crate::ops::for_each_op!(crate::backend::cuda_ops);
 }
 
 impl Schedule for CudaBackend {

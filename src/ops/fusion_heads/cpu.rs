@@ -2,12 +2,13 @@
 //! head's gradient, in parallel over its classes.
 
 use super::Args;
+use crate::backend::cpu::CpuBackend;
 use crate::backend::cpu::ops::{add_stats, check_labels, softmax_ce};
 use crate::ops::Checked;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-pub(crate) fn run(a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
+pub(crate) fn run(_be: &CpuBackend, a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
     let Args { layer: _, batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
     let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
     let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();

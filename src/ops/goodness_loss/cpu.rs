@@ -1,12 +1,13 @@
 //! The CPU reference of `goodness_loss`: one pass per sample, in parallel, the statistics summed in order.
 
 use super::Args;
+use crate::backend::cpu::CpuBackend;
 use crate::backend::cpu::ops::{add_stats, check_labels, softmax_ce};
 use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
 
-pub(crate) fn run(a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
+pub(crate) fn run(_be: &CpuBackend, a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
     let Args { layer: _, batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
     goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
 }

@@ -109,5 +109,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
     if channels_last {
         be.mark_channels_last(out, [batch, c, ho, wo]);
     }
-    Ok(())
+    // The next layer's input and the heads' features are written: in a captured step, the hand-off to the lane
+    // that reads them (graph.rs).
+    be.capture_hand_off()
 }
