@@ -8,8 +8,10 @@ pub mod metrics;
 pub mod net;
 pub mod plot;
 pub mod progress;
+pub mod resume;
 pub mod run;
 pub mod schedule;
+pub mod sources;
 pub mod tensorboard;
 
 pub use net::{AdamW, Net, StepStats};

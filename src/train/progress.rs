@@ -130,6 +130,13 @@ impl Drop for Progress {
     }
 }
 
+/// A line for the user on stderr, unless `quiet`.
+pub fn say(quiet: bool, msg: impl AsRef<str>) {
+    if !quiet {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
