@@ -39,7 +39,7 @@ M = [
      "let _ = &rb.marks;",
      "--test cuda a_vgg8_training_step_matches_cpu_and_repeats"),
     ("with 8 lanes, one activation buffer left out of cudarc's cross-stream event tracking",
-     "src/backend/cuda/mod.rs",
+     "src/backend/cuda/memory.rs",
      """    fn operand_uninit(&self, len: usize) -> Result<CudaBuf> {
         match self.precision {
             Precision::F32 => self.uninit(len),
