@@ -8,7 +8,7 @@
 
 use asge::backend::cpu::CpuBackend;
 use asge::backend::prelude::*;
-use asge::backend::{AdamWStep, ConvShape, Dropout};
+use asge::backend::{AdamWScalars, AdamWStep, ConvShape};
 use asge::model::{self, ModelOptions, Params};
 use asge::rng::Rng;
 use asge::train::{AdamW, Net};
@@ -132,9 +132,11 @@ fn ops(c: &mut Criterion) {
             let mut gap = vec![0.0; BATCH * l.c_out];
             let pool = l.pool.then_some(spec.pool_kind);
             g.throughput(Throughput::Bytes(4 * (s.y_len() + out.len()) as u64));
+            // Layer 0's dropout key, the step's.
+            be.prepare_step(&AdamWScalars::default(), &[Some(3)]).unwrap();
             g.bench_function(BenchmarkId::new("layer_output", &layer), |b| {
                 b.iter(|| {
-                    let drop = Some(Dropout { p: 0.1, key: 3 });
+                    let drop = Some(0.1);
                     asge::ops::layer_output::run(
                         &be,
                         asge::ops::layer_output::Args {

@@ -8,7 +8,7 @@
 
 use asge::backend::cuda::{self, CudaBackend};
 use asge::backend::prelude::*;
-use asge::backend::{AdamWStep, ConvShape, Dropout, Precision};
+use asge::backend::{AdamWScalars, AdamWStep, ConvShape, Precision};
 use asge::model::{self, ModelOptions, Params};
 use asge::train::{AdamW, Net};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -158,7 +158,9 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
         g.bench_function(BenchmarkId::new(format!("layer_output_{p}"), &layer), |b| {
             b.iter_custom(|iters| {
                 event_time(&be, iters, |k| {
-                    let drop = Some(Dropout { p: 0.1, key: k });
+                    // A new key every step, as training makes them: the step's, set before it.
+                    be.prepare_step(&AdamWScalars::default(), &[Some(k)]).unwrap();
+                    let drop = Some(0.1);
                     asge::ops::layer_output::run(
                         &be,
                         asge::ops::layer_output::Args {

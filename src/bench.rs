@@ -3,7 +3,7 @@
 //! backend uses, all threads; a large memory copy).
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision};
+use crate::backend::{AdamWScalars, AdamWStep, Backend, ConvShape, Precision};
 use crate::model::{self, ModelOptions, Params};
 use crate::train::{AdamW, Net};
 use anyhow::{Context, Result};
@@ -446,8 +446,12 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
         let mut out = be.operand_zeros(out_len)?;
         let mut gap = be.zeros(b * l.c_out)?;
         let pool = l.pool.then_some(spec.pool_kind);
+        // The layer's dropout key, the step's (as a training step sets it).
+        let mut keys = vec![None; i + 1];
+        keys[i] = Some(7);
+        be.prepare_step(&AdamWScalars::default(), &keys)?;
         let ms = timed(&mut || {
-            let drop = Some(Dropout { p: 0.1, key: 7 });
+            let drop = Some(0.1);
             crate::ops::layer_output::run(
                 &be,
                 crate::ops::layer_output::Args {

@@ -642,3 +642,36 @@ fn adamw_takes_the_scalars_the_step_prepared() {
     assert_eq!(p, [want[0]; 3]);
     assert!((p[0] - 0.499).abs() < 1e-6, "{}", p[0]);
 }
+
+/// A layer's dropout key reaches a backend one way too, `Schedule::prepare_step` (per layer): a layer output with
+/// dropout before it is an error naming the layer, and after it the mask is the one that key draws.
+#[test]
+fn layer_output_takes_the_dropout_key_the_step_prepared() {
+    let be = CpuBackend::new();
+    let (batch, c, h) = (2, 3, 4);
+    let y: Vec<f32> = randn(batch * c * h * h, 1.0, 9).iter().map(|v| v.abs() + 0.01).collect();
+    let mut out = vec![0.0f32; y.len()];
+    let run = |out: &mut Vec<f32>| {
+        let a = asge::ops::layer_output::Args {
+            layer: 1,
+            batch,
+            c,
+            h,
+            w: h,
+            pool: None,
+            dropout: Some(0.5),
+            y: &y,
+            out,
+            gap: None,
+        };
+        asge::ops::layer_output::run(&be, a)
+    };
+    let e = run(&mut out).unwrap_err();
+    assert!(format!("{e:#}").contains("layer 2's dropout") && format!("{e:#}").contains("prepare_step"), "{e:#}");
+    be.prepare_step(&Default::default(), &[None, Some(77)]).unwrap();
+    run(&mut out).unwrap();
+    let mut want = vec![0.0f32; y.len()];
+    let d = Some(Dropout { p: 0.5, key: 77 });
+    asge::ops::layer_output::cpu::layer_output(batch, c, h, h, None, d, &y, &mut want, None);
+    assert_eq!(out, want);
+}

@@ -2,7 +2,7 @@
 //! against [`Backend`]: the training step (forward sweep with every layer's local update) and the
 //! evaluation forward.
 
-use crate::backend::{AdamWStep, Backend, ConvShape, Dropout, Precision, StepMode, STATS_LEN};
+use crate::backend::{AdamWStep, Backend, ConvShape, Precision, StepMode, STATS_LEN};
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid, Tensor};
 use anyhow::Result;
 
@@ -343,10 +343,10 @@ impl<B: Backend> Net<B> {
             eps: self.adamw.eps,
             step,
         };
-        let layer_dropout = |li: usize| {
-            dropout.filter(|d| d.0 > 0.0).map(|(p, key)| Dropout { p, key: crate::rng::derive(key, li as u64) })
-        };
-        let keys: Vec<Option<u64>> = (0..self.layers.len()).map(|li| layer_dropout(li).map(|d| d.key)).collect();
+        // Each layer's dropout key: the step's (set once, by prepare_step); the ops take only the probability.
+        let dropout = dropout.filter(|d| d.0 > 0.0);
+        let keys: Vec<Option<u64>> =
+            (0..self.layers.len()).map(|li| dropout.map(|(_, key)| crate::rng::derive(key, li as u64))).collect();
         self.be.prepare_step(&h.scalars(), &keys)?;
         // The step's ops depend on the batch size and on which activation and statistics buffers it uses: a
         // backend that records steps (CUDA graphs) keeps one recording per combination.
@@ -354,7 +354,7 @@ impl<B: Backend> Net<B> {
         let mode = self.be.begin_step(graph_key)?;
         if mode != StepMode::Replayed {
             for li in 0..self.layers.len() {
-                self.layer_pass(li, batch, step, Some(layer_dropout(li)))?;
+                self.layer_pass(li, batch, step, Some(dropout.map(|d| d.0)))?;
             }
             let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
             self.heads_pass(batch, true)?;
@@ -389,8 +389,9 @@ impl<B: Backend> Net<B> {
     /// Layer `li` on the batch in the workspace: forward with the fused goodness, the projection logits and
     /// loss; when training, the weight gradient and the AdamW step (after the forward, so the layer's output
     /// comes from the pre-step weights); then the layer output, which becomes the next layer's input. `train`
-    /// is `None` to evaluate, else the layer's dropout (AdamW's scalars are the step's: `Schedule::prepare_step`).
-    fn layer_pass(&mut self, li: usize, batch: usize, step: u64, train: Option<Option<Dropout>>) -> Result<()> {
+    /// is `None` to evaluate, else the dropout probability (AdamW's scalars and the dropout key are the step's:
+    /// `Schedule::prepare_step`).
+    fn layer_pass(&mut self, li: usize, batch: usize, step: u64, train: Option<Option<f32>>) -> Result<()> {
         let spec = &self.spec.layers[li];
         let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
         let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);

@@ -20,11 +20,13 @@ pub struct CpuBackend {
     precision: Precision,
     /// AdamW's scalars for the step, as [`Schedule::prepare_step`] last set them.
     adamw: std::sync::Mutex<Option<AdamWScalars>>,
+    /// Each layer's dropout key for the step, as [`Schedule::prepare_step`] last set them.
+    dropout_keys: std::sync::Mutex<Vec<Option<u64>>>,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { lanes: 1, precision: Precision::F32, adamw: Default::default() }
+        CpuBackend { lanes: 1, precision: Precision::F32, adamw: Default::default(), dropout_keys: Default::default() }
     }
 }
 
@@ -47,6 +49,17 @@ impl CpuBackend {
 
     pub(crate) fn f16(&self) -> bool {
         self.precision == Precision::F16
+    }
+
+    /// Layer `layer`'s dropout key for the step ([`Schedule::prepare_step`]).
+    pub(crate) fn dropout_key(&self, layer: usize) -> Result<u64> {
+        let key = self.dropout_keys.lock().unwrap().get(layer).copied().flatten();
+        key.ok_or_else(|| {
+            anyhow::anyhow!(
+                "cpu: layer {}'s dropout before the step's dropout key was set (Schedule::prepare_step)",
+                layer + 1
+            )
+        })
     }
 
     /// AdamW's scalars for the step ([`Schedule::prepare_step`]).
@@ -135,8 +148,9 @@ impl Schedule for CpuBackend {
         self.lanes
     }
 
-    fn prepare_step(&self, adamw: &AdamWScalars, _dropout_keys: &[Option<u64>]) -> Result<()> {
+    fn prepare_step(&self, adamw: &AdamWScalars, dropout_keys: &[Option<u64>]) -> Result<()> {
         *self.adamw.lock().unwrap() = Some(*adamw);
+        *self.dropout_keys.lock().unwrap() = dropout_keys.to_vec();
         Ok(())
     }
 }

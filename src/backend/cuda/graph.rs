@@ -142,7 +142,7 @@ impl CudaBackend {
     }
 
     /// Makes site `site`'s dropout slot hold `key` (a copy queued on the site's lane when it does not).
-    pub(crate) fn key_slot<'a>(&self, sp: &'a mut StepParams, site: usize, key: u64) -> Result<CudaView<'a, u64>> {
+    fn set_key_slot(&self, sp: &mut StepParams, site: usize, key: u64) -> Result<()> {
         anyhow::ensure!(site < KEY_SLOTS, "cuda backend: more than {KEY_SLOTS} layers");
         if sp.keys_held[site] != Some(key) {
             if self.capturing() {
@@ -152,6 +152,17 @@ impl CudaBackend {
             drv(self.streams[lane].memcpy_htod(&[key], &mut sp.keys.slice_mut(site..site + 1)), "copy dropout key")?;
             sp.keys_held[site] = Some(key);
         }
+        Ok(())
+    }
+
+    /// Layer `site`'s dropout slot, which [`Schedule::prepare_step`](crate::backend::Schedule::prepare_step)
+    /// filled.
+    pub(crate) fn key_slot<'a>(&self, sp: &'a StepParams, site: usize) -> Result<CudaView<'a, u64>> {
+        anyhow::ensure!(
+            sp.keys_held.get(site).is_some_and(Option::is_some),
+            "cuda: layer {}'s dropout before the step's dropout key was set (Schedule::prepare_step)",
+            site + 1
+        );
         Ok(sp.keys.slice(site..site + 1))
     }
 
@@ -162,7 +173,7 @@ impl CudaBackend {
         }
         for (site, key) in keys.iter().enumerate() {
             if let Some(k) = key {
-                self.key_slot(&mut sp, site, *k)?;
+                self.set_key_slot(&mut sp, site, *k)?;
             }
         }
         Ok(())

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
     let a = a.into_inner();
     let (ho, wo) = a.out_hw();
-    let Args { layer: _, batch, c, h, w, pool, dropout, y, out, gap } = a;
+    let Args { layer, batch, c, h, w, pool, dropout, y, out, gap } = a;
+    let dropout = dropout.map(|p| be.dropout_key(layer).map(|key| Dropout { p, key })).transpose()?;
     layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
     if be.f16() {
         out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));

@@ -26,12 +26,11 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
         Some(PoolKind::Avg) => 1,
         Some(PoolKind::Rms) => 2,
     };
-    // The key from the step's parameters (the slot of the layer the trainer set as the lane); null without
+    // The key from the step's parameters (the layer's slot, which Schedule::prepare_step filled); null without
     // dropout.
-    let mut params = be.step_params.lock().unwrap();
-    let site = be.lane.load(std::sync::atomic::Ordering::Relaxed);
+    let params = be.step_params.lock().unwrap();
     let (p, key, use_dropout) = match dropout {
-        Some(d) => (d.p, Some(be.key_slot(&mut params, site, d.key)?), 1i32),
+        Some(p) => (p, Some(be.key_slot(&params, layer)?), 1i32),
         None => (0.0f32, None, 0i32),
     };
     let key = key.as_ref().map(|k| k as &dyn DevIn<u64>);

@@ -9,7 +9,7 @@ pub(crate) mod cuda;
 pub mod parity;
 
 use super::{fits, Checked, Len};
-use crate::backend::{Dropout, Ops};
+use crate::backend::Ops;
 use crate::model::PoolKind;
 use anyhow::{ensure, Result};
 
@@ -22,7 +22,8 @@ pub struct Args<'a, B> {
     pub h: usize,
     pub w: usize,
     pub pool: Option<PoolKind>,
-    pub dropout: Option<Dropout>,
+    /// Dropout's probability; its key is the step's for this layer (`Schedule::prepare_step`).
+    pub dropout: Option<f32>,
     pub y: &'a B,
     pub out: &'a mut B,
     pub gap: Option<&'a mut B>,

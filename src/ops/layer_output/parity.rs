@@ -3,7 +3,7 @@
 
 use super::{run, Args};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{round_f16, Backend, Dropout, Precision};
+use crate::backend::{round_f16, AdamWScalars, Backend, Precision};
 use crate::model::PoolKind::{self, Avg, Rms};
 use crate::ops::parity::{close, poisoned, poisoned_operand};
 use crate::rng::randn;
@@ -42,8 +42,9 @@ fn outputs<B: Backend>(
     let y = be.upload_operand(&conv_output(batch * c * h * h, be.precision()))?;
     let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
     let (mut out, mut gap) = (poisoned_operand(be, batch * c * ho * wo)?, poisoned(be, batch * c)?);
-    let dropout = drop.map(|p| Dropout { p, key: 0x1234_5678_9abc_def0 });
-    let a = Args { layer: 0, batch, c, h, w: h, pool, dropout, y: &y, out: &mut out, gap: Some(&mut gap) };
+    // Layer 0's dropout key, the step's.
+    be.prepare_step(&AdamWScalars::default(), &[Some(0x1234_5678_9abc_def0)])?;
+    let a = Args { layer: 0, batch, c, h, w: h, pool, dropout: drop, y: &y, out: &mut out, gap: Some(&mut gap) };
     run(be, a)?;
     Ok([be.read(&out, batch * c * ho * wo)?, be.read(&gap, batch * c)?])
 }
