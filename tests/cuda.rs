@@ -293,120 +293,30 @@ struct Worst {
     db: f32,
 }
 
-/// Runs the conv forward and weight gradient of every case on `g` and on the CPU reference in `g`'s precision,
-/// and checks them (the tolerances are argued in the module notes and below). Returns the worst ratios and the
+/// Runs the conv ops' parity checks (`src/ops/conv_goodness_{fwd,wgrad}/parity.rs`: the cases' forward, then
+/// the weight gradient from the device's output, against the CPU reference in `g`'s precision) on every case,
+/// and checks that an fp16 weight gradient reads the forward's input copy. Returns the worst ratios and the
 /// GFLOP and seconds spent on the device.
 fn conv_parity(g: &CudaBackend, cases: &[common::ConvCase], label: &str) -> (Worst, f64, f64) {
+    use asge::ops::{conv_goodness_fwd, conv_goodness_wgrad};
     let precision = g.precision();
-    let c = CpuBackend::new().with_precision(precision);
-    // A stored fp16 value may sit one ulp from the emulation's, a mean of their squares two (see the module notes).
-    let store_rtol = if precision == Precision::F16 { 1.1e-3 } else { 1e-4 };
-    let goodness_rtol = if precision == Precision::F16 { 2e-3 } else { 1e-4 };
     let (mut worst, mut flop, mut seconds) = (Worst::default(), 0.0f64, 0.0f64);
     for (i, case) in cases.iter().enumerate() {
         let what = format!("{} {label} case {i}", precision.as_str());
-        let s = case.s;
-        let grid = PatchGrid::new(case.p, s.h, s.w);
-        let d = s.c_out * grid.cells();
-        let (x, w, b, dg) = conv_inputs(case, i);
-        let (mut y, mut gd) = (vec![0.0; s.y_len()], vec![0.0; s.batch * d]);
-        asge::ops::conv_goodness_fwd::run(
-            &c,
-            asge::ops::conv_goodness_fwd::Args {
-                layer: 0,
-                s: &s,
-                grid: &grid,
-                reduce: case.reduce,
-                x: &x,
-                w: &w,
-                b: &b,
-                y: &mut y,
-                g: &mut gd,
-            },
-        )
-        .unwrap();
-        let (xd, wd, bd) = (operand(g, &x, 0), operand(g, &w, 0), dev(g, &b, 0));
-        let (mut yd, mut gdd) = (operand(g, &[], s.y_len()), dev(g, &[], s.batch * d));
-        g.synchronize().unwrap();
-        let t0 = std::time::Instant::now();
-        asge::ops::conv_goodness_fwd::run(
-            g,
-            asge::ops::conv_goodness_fwd::Args {
-                layer: 0,
-                s: &s,
-                grid: &grid,
-                reduce: case.reduce,
-                x: &xd,
-                w: &wd,
-                b: &bd,
-                y: &mut yd,
-                g: &mut gdd,
-            },
-        )
-        .unwrap();
-        let y_gpu = g.read(&yd, s.y_len()).unwrap();
-        seconds += t0.elapsed().as_secs_f64();
-        worst.y = worst.y.max(close(&format!("{what} y"), &y_gpu, &y, store_rtol, 1e-5));
-        let g_gpu = g.read(&gdd, s.batch * d).unwrap();
-        worst.goodness = worst.goodness.max(close(&format!("{what} goodness"), &g_gpu, &gd, goodness_rtol, 1e-5));
-
-        let (mut dw, mut db) = (vec![0.0; s.w_len()], vec![0.0; s.c_out]);
-        // Both sides read the GPU's y (checked above), as the GPU does in training.
-        asge::ops::conv_goodness_wgrad::run(
-            &c,
-            asge::ops::conv_goodness_wgrad::Args {
-                layer: 0,
-                s: &s,
-                grid: &grid,
-                reduce: case.reduce,
-                x: &x,
-                y: &y_gpu,
-                dg: &dg,
-                dw: &mut dw,
-                db: &mut db,
-            },
-        )
-        .unwrap();
-        let dgd = dev(g, &dg, 0);
-        let (mut dwd, mut dbd) = (dev(g, &[], s.w_len()), dev(g, &[], s.c_out));
-        g.synchronize().unwrap();
+        let (f, fwd) = conv_goodness_fwd::parity::check_case(g, case, i, &what).unwrap_or_else(|e| panic!("{e:#}"));
         let reused = g.input_copies_reused();
-        let t0 = std::time::Instant::now();
-        asge::ops::conv_goodness_wgrad::run(
-            g,
-            asge::ops::conv_goodness_wgrad::Args {
-                layer: 0,
-                s: &s,
-                grid: &grid,
-                reduce: case.reduce,
-                x: &xd,
-                y: &yd,
-                dg: &dgd,
-                dw: &mut dwd,
-                db: &mut dbd,
-            },
-        )
-        .unwrap();
-        g.synchronize().unwrap();
+        let w = conv_goodness_wgrad::parity::check_case(g, case, i, &fwd, &what).unwrap_or_else(|e| panic!("{e:#}"));
         // In fp16 the weight gradient reads the forward's channels-last copy of x.
         assert_eq!(g.input_copies_reused() - reused, (precision == Precision::F16) as usize, "{what}");
-        seconds += t0.elapsed().as_secs_f64();
+        let s = case.s;
+        seconds += f.seconds + w.seconds;
         flop += 4.0 * (s.batch * s.h * s.w * s.c_out * s.c_in * 9) as f64;
-        // The reduction runs over B*H*W (up to 32k) pixels: roundoff grows with sqrt(N); 1e-3 relative. In fp16
-        // the scaled dz rounds identically on both sides except where the f32 dz differs in its last bit and
-        // straddles an fp16 rounding boundary (~2^-13 of the terms, each off by one fp16 ulp).
-        //
-        // Tensor cores that accumulate by truncation (Hopper's) lose up to one f32 ulp of the running sum per
-        // addition instead of half, always toward zero, so the error no longer cancels: over a slice's n
-        // accumulations it is at most n * 2^-23 of the running sums' magnitude. A slice holds at most a few
-        // thousand pixels (`geometry::wgrad_split` cuts the pixels for ~512 blocks; 16 pixels an MMA step), so n
-        // stays below ~300 and the bound below ~4e-5 of the partial sums: inside rtol 1e-3 unless cancellation
-        // makes a sum ~25x smaller than its partial sums, which the absolute floor (1e-4 of the largest dW)
-        // covers. The stand-in reruns this test with every addition truncated (ASGE_STANDIN_MMA_ROUNDING=truncate,
-        // a pessimistic model: the hardware truncates once per group of products), and the printed worst ratios
-        // show the margin that is left.
-        worst.dw = worst.dw.max(close(&format!("{what} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4));
-        worst.db = worst.db.max(close(&format!("{what} db"), &g.read(&dbd, s.c_out).unwrap(), &db, 1e-3, 1e-4));
+        worst = Worst {
+            y: worst.y.max(f.y),
+            goodness: worst.goodness.max(f.goodness),
+            dw: worst.dw.max(w.dw),
+            db: worst.db.max(w.db),
+        };
     }
     (worst, flop, seconds)
 }
@@ -659,7 +569,8 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
 
 /// Each op's parity check, written once in its folder (`src/ops/<op>/parity.rs`: the cases, the CPU reference
 /// in the backend's precision, the tolerances argued there), run here in both precisions on a GPU or the
-/// stand-in. The conv ops' checks are `conv_fwd_and_wgrad_match_cpu` and the variant tests above.
+/// stand-in. The conv ops' checks run in `conv_fwd_and_wgrad_match_cpu` and the variant tests above (through
+/// `conv_parity`, which adds the fp16 input copy's reuse and the device's time).
 mod parity {
     use super::{gpu, PRECISIONS};
 

@@ -2,6 +2,8 @@
 //! `g[b, c*P^2 + i*P + j] = reduce_{(h,w) in bin_ij} y[b,c,h,w]^2` (mean or sum over the bin; docs/method.md §2-§4).
 
 pub mod cpu;
+#[doc(hidden)]
+pub mod parity;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

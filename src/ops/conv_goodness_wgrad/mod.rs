@@ -3,6 +3,8 @@
 //! for the sum reduction) produced on the fly (docs/method.md §5). Overwrites `dw` and `db`.
 
 pub mod cpu;
+#[doc(hidden)]
+pub mod parity;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
