@@ -269,7 +269,7 @@ const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::F16];
 /// Uploads `host`, or a NaN-poisoned buffer of `len` when `host` is empty (outputs must be fully written).
 fn dev(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
     if host.is_empty() {
-        be.upload(&vec![f32::NAN; len]).unwrap()
+        asge::ops::parity::poisoned(be, len).unwrap()
     } else {
         be.upload(host).unwrap()
     }
@@ -278,7 +278,7 @@ fn dev(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
 /// [`dev`] for a conv operand: stored in the backend's precision.
 fn operand(be: &CudaBackend, host: &[f32], len: usize) -> CudaBuf {
     if host.is_empty() {
-        be.upload_operand(&vec![f32::NAN; len]).unwrap()
+        asge::ops::parity::poisoned_operand(be, len).unwrap()
     } else {
         be.upload_operand(host).unwrap()
     }
@@ -455,6 +455,20 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
     let (mut xd, wd, bd, dgd) = (operand(&g, &x, 0), operand(&g, &w, 0), dev(&g, &b, 0), dev(&g, &dg, 0));
     let (mut yd, mut gd) = (operand(&g, &[], s.y_len()), dev(&g, &[], s.batch * s.c_out * grid.cells()));
     let other = operand(&g, &x2, 0);
+    let forward = |x: &CudaBuf, y: &mut CudaBuf, gd: &mut CudaBuf| {
+        let a = asge::ops::conv_goodness_fwd::Args {
+            layer: 0,
+            s: &s,
+            grid: &grid,
+            reduce: case.reduce,
+            x,
+            w: &wd,
+            b: &bd,
+            y,
+            g: gd,
+        };
+        asge::ops::conv_goodness_fwd::run(&g, a).unwrap();
+    };
     let check = |g: &CudaBackend, xd: &CudaBuf, yd: &CudaBuf, host_x: &[f32], what: &str| {
         let mut dwd = dev(g, &[], s.w_len());
         let mut dbd = dev(g, &[], s.c_out);
@@ -493,76 +507,20 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
         close(&format!("{what} dW"), &g.read(&dwd, s.w_len()).unwrap(), &dw, 1e-3, 1e-4);
     };
     // x written after the forward: the copy is stale and is made again.
-    asge::ops::conv_goodness_fwd::run(
-        &g,
-        asge::ops::conv_goodness_fwd::Args {
-            layer: 0,
-            s: &s,
-            grid: &grid,
-            reduce: case.reduce,
-            x: &xd,
-            w: &wd,
-            b: &bd,
-            y: &mut yd,
-            g: &mut gd,
-        },
-    )
-    .unwrap();
+    forward(&xd, &mut yd, &mut gd);
     g.write(&mut xd, &x2).unwrap();
     let reused = g.input_copies_reused();
     check(&g, &xd, &yd, &x2, "x written since the forward");
     assert_eq!(g.input_copies_reused(), reused, "a copy of x's old contents was reused");
     // Another buffer's forward in between: the copy is the other buffer's.
     g.write(&mut xd, &x).unwrap();
-    asge::ops::conv_goodness_fwd::run(
-        &g,
-        asge::ops::conv_goodness_fwd::Args {
-            layer: 0,
-            s: &s,
-            grid: &grid,
-            reduce: case.reduce,
-            x: &xd,
-            w: &wd,
-            b: &bd,
-            y: &mut yd,
-            g: &mut gd,
-        },
-    )
-    .unwrap();
+    forward(&xd, &mut yd, &mut gd);
     let mut y_other = operand(&g, &[], s.y_len());
-    asge::ops::conv_goodness_fwd::run(
-        &g,
-        asge::ops::conv_goodness_fwd::Args {
-            layer: 0,
-            s: &s,
-            grid: &grid,
-            reduce: case.reduce,
-            x: &other,
-            w: &wd,
-            b: &bd,
-            y: &mut y_other,
-            g: &mut gd,
-        },
-    )
-    .unwrap();
+    forward(&other, &mut y_other, &mut gd);
     check(&g, &xd, &yd, &x, "another forward in between");
     assert_eq!(g.input_copies_reused(), reused, "another buffer's copy was reused");
     // Right after its own forward: reused, and still right.
-    asge::ops::conv_goodness_fwd::run(
-        &g,
-        asge::ops::conv_goodness_fwd::Args {
-            layer: 0,
-            s: &s,
-            grid: &grid,
-            reduce: case.reduce,
-            x: &other,
-            w: &wd,
-            b: &bd,
-            y: &mut y_other,
-            g: &mut gd,
-        },
-    )
-    .unwrap();
+    forward(&other, &mut y_other, &mut gd);
     check(&g, &other, &y_other, &x2, "right after the forward");
     assert_eq!(g.input_copies_reused(), reused + 1, "the forward's copy was not reused");
 }

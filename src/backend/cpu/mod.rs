@@ -150,7 +150,9 @@ impl Schedule for CpuBackend {
 
     fn prepare_step(&self, adamw: &AdamWScalars, dropout_keys: &[Option<u64>]) -> Result<()> {
         *self.adamw.lock().unwrap() = Some(*adamw);
-        *self.dropout_keys.lock().unwrap() = dropout_keys.to_vec();
+        let mut keys = self.dropout_keys.lock().unwrap();
+        keys.clear();
+        keys.extend_from_slice(dropout_keys);
         Ok(())
     }
 }

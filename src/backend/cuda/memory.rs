@@ -137,7 +137,7 @@ impl Device for CudaBackend {
         let i = st.next;
         st.next ^= 1;
         let n = data.len();
-        let stream = self.copy_stream.as_ref().unwrap_or(&self.streams[0]);
+        let stream = self.copy_stream.as_ref().unwrap_or(self.memory_stream());
         // This staging buffer's previous copy (two batches ago) must have run before the host refills it.
         if let Some(e) = &st.copied[i] {
             drv(e.synchronize(), "staging buffer")?;

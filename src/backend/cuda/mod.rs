@@ -139,7 +139,7 @@ pub struct CudaBackend {
     rb_stream: Arc<CudaStream>,
     /// The layer of the op being launched ([`CudaBackend::enter_layer`], from the op's arguments): its lane is
     /// `layer % lanes`, its dropout key's slot `layer`.
-    pub(crate) lane: std::sync::atomic::AtomicUsize,
+    layer: std::sync::atomic::AtomicUsize,
     funcs: HashMap<&'static str, CudaFunction>,
     /// The fusion heads' `dL/ds`, grown on demand.
     head_scratch: Mutex<Option<CudaSlice<f32>>>,
@@ -407,7 +407,7 @@ impl CudaBackend {
             staging: Mutex::new(Staging::default()),
             readback: Mutex::new(Readback { marks, gather: None, pinned: [None, None], copied, next: 0 }),
             rb_stream,
-            lane: std::sync::atomic::AtomicUsize::new(0),
+            layer: std::sync::atomic::AtomicUsize::new(0),
             funcs,
             head_scratch: Mutex::new(None),
             tap_tables: Mutex::new(HashMap::new()),
@@ -472,7 +472,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn lane_index(&self) -> usize {
-        self.lane.load(std::sync::atomic::Ordering::Relaxed) % self.streams.len()
+        self.layer.load(std::sync::atomic::Ordering::Relaxed) % self.streams.len()
     }
 
     /// The stream of the current lane: the op being issued is launched on it.
@@ -484,7 +484,7 @@ impl CudaBackend {
     /// current one, for the op about to be launched: `layer % lanes`, which while several lanes are captured first
     /// waits on the latest hand-off.
     pub(crate) fn enter_layer(&self, layer: usize) -> Result<()> {
-        self.lane.store(layer, std::sync::atomic::Ordering::Relaxed);
+        self.layer.store(layer, std::sync::atomic::Ordering::Relaxed);
         self.capture_switch_lane(self.lane_index())
     }
 
@@ -511,8 +511,8 @@ impl CudaBackend {
     /// Where the current launch belongs, for errors: the trainer sets the lane to the layer (or, for the heads,
     /// to the layer count) whether or not the layers run on their own streams.
     fn site(&self) -> String {
-        let lane = self.lane.load(std::sync::atomic::Ordering::Relaxed);
-        format!("layer {} (lane {})", lane + 1, self.lane_index())
+        let layer = self.layer.load(std::sync::atomic::Ordering::Relaxed);
+        format!("layer {} (lane {})", layer + 1, self.lane_index())
     }
 
     /// Launches `kernel` through `go` (which builds its arguments and launches it) and returns the result as an
@@ -535,7 +535,7 @@ impl CudaBackend {
             Ok(())
         };
         if self.kernel_timing() && !self.capturing() {
-            let layer = self.lane.load(std::sync::atomic::Ordering::Relaxed) + 1;
+            let layer = self.layer.load(std::sync::atomic::Ordering::Relaxed) + 1;
             self.timed_launch(kernel, layer, work, run)
         } else {
             run()
