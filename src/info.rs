@@ -74,6 +74,8 @@ fn cuda_info() {
         }
         Err(e) => println!("cuda: unavailable: {e:#}"),
     }
+    // Only runs of several ranks need it (asge comm-check; one GPU never does).
+    println!("nccl: {}", crate::dist::nccl::describe());
     if !nvrtc::available() {
         println!("nvrtc: unavailable (libnvrtc.so.13 not on the loader path): kernels not compiled");
         return;

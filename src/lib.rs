@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod files;

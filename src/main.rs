@@ -43,6 +43,30 @@ enum Cmd {
     Bench(BenchArgs),
     /// Decode an ImageFolder (one sub-folder of JPEG/PNG images per class) into memory-mappable shards.
     Shard(ShardArgs),
+    /// Check NCCL between the ranks a launcher started (torchrun, Slurm's srun, mpirun, or --nproc N here), or
+    /// alone: exact all-reduce results at a few sizes, and the all-reduce's bus bandwidth.
+    #[command(name = "comm-check")]
+    CommCheck(CommCheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CommCheckArgs {
+    /// Start N ranks on this machine (one GPU each: LOCAL_RANK picks it), as torchrun --nproc-per-node would.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
+    /// Values (f32) per checked all-reduce, comma-separated.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "1000,1000000")]
+    sizes: Vec<usize>,
+    /// Timed all-reduces at the largest size.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    iters: usize,
+    /// Where the ranks meet: tcp:HOST:PORT (rank 0 listens) or file:PATH (on a file system every rank sees).
+    /// Default: MASTER_ADDR:MASTER_PORT, or under torchrun a file in the temporary folder (one machine).
+    #[arg(long, value_name = "WHERE")]
+    rendezvous: Option<String>,
+    /// Seconds a rank waits for the others (the rendezvous, each collective) before it fails.
+    #[arg(long, value_name = "SECONDS", default_value_t = asge::dist::DEFAULT_TIMEOUT_S)]
+    timeout: u64,
 }
 
 /// How image files are read: shared by shard, eval and predict.
@@ -313,7 +337,12 @@ fn main() {
     if let Err(e) = &result {
         // One clear line: the outermost context, then its causes.
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
+        // A rank of a launcher says which (only rank 0 prints progress; every rank prints its errors).
+        let rank = match asge::dist::World::from_env() {
+            Ok(Some(w)) if !chain.iter().any(|c| c.starts_with("rank ")) => w.prefix(),
+            _ => String::new(),
+        };
+        eprintln!("error: {rank}{}", chain.join(": "));
     }
     // After a signal the run has written its checkpoint; the exit code says which signal (130, 143, 129).
     if let Some(sig) = interrupt::received() {
@@ -365,10 +394,45 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             }
         }
         Cmd::Info(a) => asge::info::print(a.self_test),
+        Cmd::CommCheck(a) => comm_check(a, cli.threads),
     }
 }
 
+fn comm_check(a: CommCheckArgs, threads: Option<usize>) -> Result<()> {
+    anyhow::ensure!(a.timeout > 0, "--timeout 0: give the seconds a rank waits for the others");
+    anyhow::ensure!(!a.sizes.is_empty() && a.sizes.iter().all(|&n| n > 0), "--sizes: counts of at least 1");
+    anyhow::ensure!(a.sizes.iter().all(|&n| n <= 1 << 28), "--sizes: at most {} values (1 GiB)", 1 << 28);
+    if let Some(n) = a.nproc {
+        let args = asge::dist::launch::args_without(&["--nproc", "--threads"]);
+        let code = asge::dist::launch::run(n, &args, threads)?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let o = asge::dist::check::CheckOptions {
+            sizes: a.sizes,
+            iters: a.iters,
+            rendezvous: a.rendezvous,
+            timeout: std::time::Duration::from_secs(a.timeout),
+        };
+        asge::dist::check::run(&o)
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("asge comm-check: this build has no CUDA backend (built without the `cuda` feature)")
+}
+
 fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
+    if let Some(w) = asge::dist::World::from_env()? {
+        anyhow::bail!(
+            "{} started {} ranks: asge train runs in one process in this version (data-parallel training over NCCL \
+             is being built; `asge comm-check` checks the ranks' NCCL today)",
+            w.launcher.name(),
+            w.size
+        );
+    }
     let opts = RunOptions {
         quiet: a.quiet,
         stop_after: a.stop_after,

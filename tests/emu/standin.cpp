@@ -39,6 +39,9 @@
 //   wait on an event last recorded in a capture fails with CUDA_ERROR_CAPTURED_EVENT. cuGraphLaunch queues the
 //   graph's operations on the launching stream in a seeded random order among those its dependencies allow, so a
 //   dependency the capture missed shows as a wrong result.
+// - Devices: 8 alike, so that a rank's LOCAL_RANK maps as on an 8-GPU machine.
+// - NCCL: the functions asge calls, across processes on one machine through a shared-memory segment
+//   (standin/nccl.inc, standin/api_nccl.inc; docs/many-gpus.md).
 // - Everything else that cudarc's safe API can call is exported and fails with CUDA_ERROR_NOT_SUPPORTED and a
 //   message naming the function (a missing symbol would make cudarc panic).
 // What it cannot show: hardware semantics (the tensor cores' fragment layout as they read it, the memory model
@@ -180,6 +183,7 @@ KernelEntry entry(const char* name, void (*fn)(A...), ExtentsFn extents, int poi
 #include "standin/errors.inc"
 #include "standin/memory.inc"
 #include "standin/streams.inc"
+#include "standin/nccl.inc"
 
 // ---- the exported driver API -----------------------------------------------------------------------------
 
@@ -210,6 +214,7 @@ extern "C" {
 #include "standin/api_modules.inc"
 #include "standin/api_graphs.inc"
 #include "standin/hooks.inc"
+#include "standin/api_nccl.inc"
 
 }  // extern "C"
 #pragma GCC visibility pop

@@ -121,6 +121,14 @@ fn cache_dir() -> std::path::PathBuf {
     }
 }
 
+/// The loaded stand-in's handle (for its NCCL functions, `crate::dist::nccl`), when it is loaded.
+pub fn handle() -> Option<*mut libc::c_void> {
+    match HANDLE.get() {
+        Some(Ok(h)) => Some(*h as *mut libc::c_void),
+        _ => None,
+    }
+}
+
 /// A symbol of the loaded stand-in (its test hooks), or an error when it is not loaded.
 fn symbol(name: &CStr) -> Result<*mut libc::c_void> {
     let Some(Ok(h)) = HANDLE.get() else { bail!("the CUDA stand-in is not loaded") };
