@@ -71,6 +71,7 @@ fn ops(c: &mut Criterion) {
                 asge::ops::goodness_loss::Args {
                     layer: 0,
                     batch: BATCH,
+                    mean_over: BATCH,
                     dim: d,
                     classes: 10,
                     g: &gd,
@@ -113,6 +114,7 @@ fn ops(c: &mut Criterion) {
                         asge::ops::goodness_loss::Args {
                             layer: 0,
                             batch: BATCH,
+                            mean_over: BATCH,
                             dim: d,
                             classes: 10,
                             g: &gd,
@@ -142,6 +144,7 @@ fn ops(c: &mut Criterion) {
                         asge::ops::layer_output::Args {
                             layer: 0,
                             batch: BATCH,
+                            first_sample: 0,
                             c: l.c_out,
                             h: l.h,
                             w: l.w,

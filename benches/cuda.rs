@@ -135,6 +135,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                         asge::ops::goodness_loss::Args {
                             layer: 0,
                             batch: BATCH,
+                            mean_over: BATCH,
                             dim: d,
                             classes: 10,
                             g: &gd,
@@ -166,6 +167,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                         asge::ops::layer_output::Args {
                             layer: 0,
                             batch: BATCH,
+                            first_sample: 0,
                             c: l.c_out,
                             h: l.h,
                             w: l.w,

@@ -1,5 +1,6 @@
 // goodness_loss_f32: a = g R + r, softmax cross-entropy, [loss, correct] added to stats, and
-// dg = (softmax(a) - onehot(label)) R^T / B when with_grad.
+// dg = (softmax(a) - onehot(label)) R^T / M when with_grad: M is the batch the loss is a mean over, B in one process,
+// the global batch when B is one rank's share of it.
 //
 // Work split: one block of 256 threads per sample. Each class's logit is a block reduction over the D goodness
 // values (N reductions; N is 10 or 100 here); thread 0 does the softmax and the loss; then the block writes
@@ -9,7 +10,7 @@ extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
     const float* __restrict__ g /*[B*D]*/, const float* __restrict__ pw /*[D*N]*/,
     const float* __restrict__ pb /*[N]*/, const unsigned int* __restrict__ labels /*[B]*/,
     float* __restrict__ logits /*[B*N]*/, float* __restrict__ dg /*[B*D]?*/, float* __restrict__ stats /*[2]*/,
-    int B, int D, int N, int with_grad)
+    int B, int D, int N, int M, int with_grad)
 {
     __shared__ float sh[2 * MAX_CLASSES];
     float* a = sh;
@@ -26,7 +27,7 @@ extern "C" __global__ void __launch_bounds__(256) goodness_loss_f32(
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int n = 0; n < N; ++n) logits[(long)b * N + n] = a[n];
-        softmax_ce_row(a, N, (int)labels[b], 1.0f / (float)B, da, stats);
+        softmax_ce_row(a, N, (int)labels[b], 1.0f / (float)M, da, stats);
     }
     __syncthreads();
     if (with_grad)

@@ -1,6 +1,7 @@
 // layer_output_{f32,f16}: from y [B, C, H, W]: optional 2x2 pool (avg or rms, floor like AvgPool2d(2)), optional
-// dropout (keep when dropout_uniform(key, b*C*Ho*Wo + i) >= p, scale 1/(1-p): the CPU backend's mask, bit for
-// bit), per-sample RMS norm x / (sqrt(mean x^2) + e^-50), and the global average pool into gap [B, C].
+// dropout (keep when dropout_uniform(key, first + b*C*Ho*Wo + i) >= p, scale 1/(1-p): the CPU backend's mask, bit
+// for bit; `first` is the element index where this batch starts in the global batch of a data-parallel step, 0 in
+// one process), per-sample RMS norm x / (sqrt(mean x^2) + e^-50), and the global average pool into gap [B, C].
 // The f16 kernel reads y and stores the output in fp16; every sum, and the pooled features, stay f32.
 //
 // Work split: blockIdx.x is the sample (gridDim.x the batch: up to 2^31 - 1), and its channels are cut into
@@ -18,7 +19,7 @@
 template <typename T>
 __device__ __forceinline__ float pooled_dropped(
     const T* __restrict__ yb, int i, int b, int per, int H, int W, int Ho, int Wo, int pool, float p,
-    unsigned long long key, int use_dropout)
+    unsigned long long key, unsigned int first, int use_dropout)
 {
     int c = i / (Ho * Wo), r = i % (Ho * Wo), oi = r / Wo, oj = r % Wo;
     float v;
@@ -31,7 +32,7 @@ __device__ __forceinline__ float pooled_dropped(
         v = pool == 1 ? (q0 + q1 + q2 + q3) / 4.0f : sqrtf((q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) / 4.0f);
     }
     if (use_dropout) {
-        bool keep = dropout_uniform(key, (unsigned int)(b * per + i)) >= p;
+        bool keep = dropout_uniform(key, first + (unsigned int)(b * per + i)) >= p;
         v = keep ? v * (1.0f / (1.0f - p)) : 0.0f;
     }
     return v;
@@ -40,7 +41,7 @@ __device__ __forceinline__ float pooled_dropped(
 template <typename T>
 __device__ __forceinline__ void layer_output_sumsq(
     const T* __restrict__ y, float* __restrict__ part, int C, int H, int W, int pool, float p, unsigned long long key,
-    int use_dropout, int CPB)
+    unsigned int first, int use_dropout, int CPB)
 {
     __shared__ float scratch[32];
     const int b = blockIdx.x;
@@ -49,7 +50,7 @@ __device__ __forceinline__ void layer_output_sumsq(
     const int i0 = blockIdx.y * CPB * hw, i1 = min(C, ((int)blockIdx.y + 1) * CPB) * hw;
     float ss = 0.0f;
     for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
-        float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout);
+        float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, first, use_dropout);
         ss += v * v;
     }
     ss = block_sum(ss, scratch);
@@ -59,7 +60,8 @@ __device__ __forceinline__ void layer_output_sumsq(
 template <typename T>
 __device__ __forceinline__ void layer_output(
     const T* __restrict__ y, const float* __restrict__ part, T* __restrict__ out, float* __restrict__ gap, int C,
-    int H, int W, int pool, float p, unsigned long long key, int use_dropout, int use_gap, int CPB)
+    int H, int W, int pool, float p, unsigned long long key, unsigned int first, int use_dropout, int use_gap,
+    int CPB)
 {
     const int b = blockIdx.x;
     const int Ho = pool ? H / 2 : H, Wo = pool ? W / 2 : W, hw = Ho * Wo, per = C * hw;
@@ -70,7 +72,7 @@ __device__ __forceinline__ void layer_output(
     const float denom = sqrtf(ss / (float)per) + RMS_EPS;
     const int c0 = blockIdx.y * CPB, c1 = min(C, c0 + CPB);
     auto value = [&](int i) {
-        const float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, use_dropout) / denom;
+        const float v = pooled_dropped(yb, i, b, per, H, W, Ho, Wo, pool, p, key, first, use_dropout) / denom;
         st(&ob[i], v);
         return v;
     };
@@ -93,34 +95,36 @@ __device__ __forceinline__ void layer_output(
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_sumsq_f32(
     const float* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ part /*[gridDim.x*gridDim.y]*/, int C,
-    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int CPB)
+    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, unsigned int first,
+    int use_dropout, int CPB)
 {
-    layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, CPB);
+    layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, first, use_dropout, CPB);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_sumsq_f16(
     const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/, float* __restrict__ part /*[gridDim.x*gridDim.y]*/, int C,
-    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout, int CPB)
+    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, unsigned int first,
+    int use_dropout, int CPB)
 {
-    layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, CPB);
+    layer_output_sumsq(y, part, C, H, W, pool, p, use_dropout ? *key : 0ull, first, use_dropout, CPB);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f32(
     const float* __restrict__ y /*[gridDim.x*C*H*W]*/, const float* __restrict__ part /*[gridDim.x*gridDim.y]*/,
     float* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/, int C,
-    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
-    int use_gap, int CPB)
+    int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, unsigned int first,
+    int use_dropout, int use_gap, int CPB)
 {
-    layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap, CPB);
+    layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, first, use_dropout, use_gap, CPB);
 }
 
 extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
     const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/, const float* __restrict__ part /*[gridDim.x*gridDim.y]*/,
     f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
-    int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
-    int use_gap, int CPB)
+    int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, unsigned int first,
+    int use_dropout, int use_gap, int CPB)
 {
-    layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, use_dropout, use_gap, CPB);
+    layer_output(y, part, out, gap, C, H, W, pool, p, use_dropout ? *key : 0ull, first, use_dropout, use_gap, CPB);
 }
 
 // layer_output_nhwc_f16: layer_output_f16's store pass into channels-last out [B, Ho, Wo, C], the layout the next
@@ -135,8 +139,8 @@ extern "C" __global__ void __launch_bounds__(256) layer_output_f16(
 extern "C" __global__ void __launch_bounds__(256) layer_output_nhwc_f16(
     const f16_bits* __restrict__ y /*[gridDim.x*C*H*W]*/, const float* __restrict__ part /*[gridDim.x*gridDim.y]*/,
     f16_bits* __restrict__ out /*[gridDim.x*C*OUT_HW(H, W, pool)]*/, float* __restrict__ gap /*[gridDim.x*C]?*/,
-    int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, int use_dropout,
-    int use_gap, int CPB)
+    int C, int H, int W, int pool, float p, const unsigned long long* __restrict__ key /*[1]?*/, unsigned int first,
+    int use_dropout, int use_gap, int CPB)
 {
     __shared__ float rows[256 * 8];
     const int b = blockIdx.x;
@@ -155,7 +159,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_output_nhwc_f16(
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float v =
-                    pooled_dropped(yb, (c + j) * hw + px, b, per, H, W, Ho, Wo, pool, p, k, use_dropout) / denom;
+                    pooled_dropped(yb, (c + j) * hw + px, b, per, H, W, Ho, Wo, pool, p, k, first, use_dropout) / denom;
                 h[j] = f2h(v);
                 acc[j] += v;
             }

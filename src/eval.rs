@@ -155,19 +155,74 @@ pub fn evaluate_with<B: Backend>(
     progress: Option<(crate::train::progress::Display, &str)>,
     sink: &mut LogitSink<'_>,
 ) -> Result<EvalResult> {
+    let res = evaluate_part(net, data, indices, 0, aug, key, progress, sink)?;
+    check_finite(&res)?;
+    Ok(res)
+}
+
+/// [`evaluate`] with the work shared by the ranks of a data-parallel run: each evaluates its share of `indices`
+/// (with the random draws of their positions, so the same images as one process), and the counts and loss sums
+/// are added up over the ranks; every rank returns the whole result. A process alone evaluates everything. A
+/// signal does not stop it (the ranks agree on stopping elsewhere).
+pub fn evaluate_shared<B: Backend>(
+    net: &mut Net<B>,
+    data: &Arc<dyn ImageSource>,
+    indices: Vec<usize>,
+    aug: Augment,
+    key: u64,
+    progress: Option<(crate::train::progress::Display, &str)>,
+) -> Result<EvalResult> {
+    let ranks = net.backend().ranks();
+    if ranks == 1 {
+        return evaluate(net, data, indices, aug, key, progress);
+    }
+    let (rank, _) = crate::dist::place();
+    let part = crate::dist::share(indices.len(), ranks, rank);
+    let mine = indices[part.clone()].to_vec();
+    let mut res = evaluate_part(net, data, mine, part.start, aug, key, progress, &mut |_, _| Ok(()))?;
+    let tops: Vec<&mut TopK> = res.layers.iter_mut().chain([&mut res.fusion]).collect();
+    let mut v: Vec<f64> = tops
+        .iter()
+        .flat_map(|t| [t.top1 as f64, t.top5 as f64, t.total as f64, t.nonfinite as f64, t.loss_sum])
+        .collect();
+    net.backend().all_reduce_host(&mut v, crate::backend::Reduction::Sum)?;
+    for (t, s) in tops.into_iter().zip(v.chunks_exact(5)) {
+        (t.top1, t.top5, t.total, t.nonfinite, t.loss_sum) =
+            (s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize, s[4]);
+    }
+    check_finite(&res)?;
+    Ok(res)
+}
+
+/// The evaluation of `indices`, the first at position `first` of the pass (which keys its random draws), without
+/// the check of [`check_finite`].
+// The arguments one by one: evaluate_with and evaluate_shared each pass their own.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_part<B: Backend>(
+    net: &mut Net<B>,
+    data: &Arc<dyn ImageSource>,
+    indices: Vec<usize>,
+    first: usize,
+    aug: Augment,
+    key: u64,
+    progress: Option<(crate::train::progress::Display, &str)>,
+    sink: &mut LogitSink<'_>,
+) -> Result<EvalResult> {
+    let shared = net.backend().ranks() > 1;
     let classes = net.spec.classes;
     let mut res = EvalResult { layers: vec![TopK::default(); net.layers.len()], fusion: TopK::default() };
     let n_batches = indices.len().div_ceil(net.max_batch().max(1)) as u64;
     let mut pb = progress.map(|(d, label)| crate::train::progress::Progress::new(d, label, n_batches, 0, 0));
-    let mut batches = Prefetch::new(data.clone(), indices, 0, net.max_batch(), aug, key, 2);
+    let mut batches = Prefetch::new(data.clone(), indices, first, net.max_batch(), aug, key, 2);
     for (i, batch) in batches.by_ref().enumerate() {
         let batch = batch?;
         if let Some(pb) = &mut pb {
             pb.set(i as u64 + 1, "");
         }
-        if let Some(sig) = crate::train::interrupt::received() {
+        if let Some(sig) = crate::train::interrupt::received().filter(|_| !shared) {
             return Err(crate::train::interrupt::Interrupted(sig).into());
         }
+        crate::dist::beat();
         let logits = net.eval_logits(&batch.x, &batch.labels)?;
         for (acc, l) in res.layers.iter_mut().zip(&logits.layers) {
             acc.add(l, &batch.labels, classes);
@@ -176,13 +231,17 @@ pub fn evaluate_with<B: Backend>(
         sink(&batch.labels, &logits)?;
     }
     batches.finish()?;
-    // Non-finite logits mean broken weights or inputs: an accuracy computed around them would be a wrong number.
+    Ok(res)
+}
+
+/// Non-finite logits mean broken weights or inputs: an accuracy computed around them would be a wrong number.
+fn check_finite(res: &EvalResult) -> Result<()> {
     let bad = res.layers.iter().map(|t| t.nonfinite).chain([res.fusion.nonfinite]).enumerate().find(|(_, n)| *n > 0);
     if let Some((i, n)) = bad {
         let what = if i < res.layers.len() { format!("layer {}", i + 1) } else { "the fusion heads".into() };
         anyhow::bail!("{what} gave non-finite logits for {n} of {} images (broken weights or input)", res.fusion.total);
     }
-    Ok(res)
+    Ok(())
 }
 
 /// The test result of a checkpoint, in one schema for `summary.json` (written after training, with the training

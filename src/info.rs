@@ -1,7 +1,9 @@
 //! `asge info`: the build, the CPU, the CUDA driver and devices, NVRTC and each kernel's compile for the
 //! devices' architectures (with ptxas' resource report), and the built-in models' sizes.
 
-use anyhow::{Context, Result};
+#[cfg(feature = "cuda")]
+use anyhow::Context;
+use anyhow::Result;
 
 /// Prints the report; with `self_test`, first the tensor-core self-test on every CUDA device.
 pub fn print(self_test: bool) -> Result<()> {

@@ -222,6 +222,21 @@ struct TrainArgs {
     /// Write a Chrome trace (JSON, opens in Perfetto) of the loader and every layer per batch.
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     trace: Option<PathBuf>,
+    /// Start N ranks on this machine, one GPU each (LOCAL_RANK picks it), as torchrun --nproc-per-node would;
+    /// --batch stays the global batch (docs/many-gpus.md).
+    #[arg(long, value_name = "N", help_heading = "Many GPUs")]
+    nproc: Option<usize>,
+    /// How the ranks share the work: data (each rank trains on its share of every batch; the only mode so far).
+    #[arg(long, value_name = "MODE", default_value = "data", value_parser = ["data"], help_heading = "Many GPUs")]
+    parallel: String,
+    /// Where the ranks meet: tcp:HOST:PORT (rank 0 listens) or file:PATH (on a file system every rank sees).
+    /// Default: MASTER_ADDR:MASTER_PORT, or under torchrun a file in the temporary folder (one machine).
+    #[arg(long, value_name = "WHERE", help_heading = "Many GPUs")]
+    rendezvous: Option<String>,
+    /// Seconds a rank waits for the others (the rendezvous, each collective) before it fails; more than the
+    /// longest pause of rank 0 (writing a checkpoint).
+    #[arg(long, value_name = "SECONDS", default_value_t = asge::dist::DEFAULT_TIMEOUT_S, help_heading = "Many GPUs")]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -361,9 +376,16 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         anyhow::ensure!(n > 0, "--threads 0: at least one thread is needed");
         anyhow::ensure!(n <= MAX_THREADS, "--threads {n}: at most {MAX_THREADS}");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
+    } else if let Ok(Some(w)) = asge::dist::World::from_env() {
+        // The ranks of one machine share its cores (torchrun's OMP_NUM_THREADS=1 is not rayon's).
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let n = (cores / w.local_size.max(1)).max(1);
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.cmd {
-        Cmd::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand's matches")),
+        Cmd::Train(a) => {
+            train(*a, matches.subcommand_matches("train").expect("the train subcommand's matches"), cli.threads)
+        }
         Cmd::Eval(a) => {
             a.decode.apply()?;
             eval_cmd(a)
@@ -424,17 +446,22 @@ fn comm_check(a: CommCheckArgs, threads: Option<usize>) -> Result<()> {
     anyhow::bail!("asge comm-check: this build has no CUDA backend (built without the `cuda` feature)")
 }
 
-fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
-    if let Some(w) = asge::dist::World::from_env()? {
-        anyhow::bail!(
-            "{} started {} ranks: asge train runs in one process in this version (data-parallel training over NCCL \
-             is being built; `asge comm-check` checks the ranks' NCCL today)",
-            w.launcher.name(),
-            w.size
-        );
+fn train(a: TrainArgs, m: &clap::ArgMatches, threads: Option<usize>) -> Result<()> {
+    anyhow::ensure!(a.timeout > 0, "--timeout 0: give the seconds a rank waits for the others");
+    // Also in the --nproc launcher, which forwards the signals to its ranks.
+    run::install_interrupt_handler()?;
+    if let Some(n) = a.nproc {
+        let args = asge::dist::launch::args_without(&["--nproc", "--threads"]);
+        let code = asge::dist::launch::run(n, &args, threads)?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
     }
+    let world = asge::dist::World::from_env()?;
     let opts = RunOptions {
-        quiet: a.quiet,
+        // Only rank 0 prints progress.
+        quiet: a.quiet || world.as_ref().is_some_and(|w| w.rank != 0),
         stop_after: a.stop_after,
         checkpoint_every: a.checkpoint_every,
         stop_at_step: None,
@@ -445,22 +472,57 @@ fn train(a: TrainArgs, m: &clap::ArgMatches) -> Result<()> {
     if let Some(path) = &a.trace {
         asge::trace::enable(path);
     }
-    run::install_interrupt_handler()?;
     if let Some(dir) = &a.resume {
         if a.out.as_ref().is_some_and(|o| o != dir) {
             anyhow::bail!("--out with --resume: a resumed run stays in its folder ({})", dir.display());
         }
         config::check_resumable(dir, m)?;
         let cfg = config::for_resume(run::load_run_config(dir)?, &a.cfg, m)?;
-        run::train(&cfg, dir, RunStart::Resume, opts)?;
-        return Ok(());
+        return train_ranks(&cfg, dir, RunStart::Resume, opts, world.as_ref(), &a);
     }
     let file = config::new_run_file(a.config.as_deref(), m)?;
-    let out = a.out.context("--out RUN is required (the run folder)")?;
+    let out = a.out.clone().context("--out RUN is required (the run folder)")?;
     let cfg = config::merge(file, &a.cfg, m)?.with_absolute_paths()?;
     let start = if a.overwrite { RunStart::Overwrite } else { RunStart::Fresh };
-    run::train(&cfg, &out, start, opts)?;
-    Ok(())
+    train_ranks(&cfg, &out, start, opts, world.as_ref(), &a)
+}
+
+/// Trains in this process: alone, or as one rank of `world` (data parallel over NCCL: docs/many-gpus.md).
+fn train_ranks(
+    cfg: &TrainConfig,
+    out: &std::path::Path,
+    start: RunStart,
+    opts: RunOptions,
+    world: Option<&asge::dist::World>,
+    a: &TrainArgs,
+) -> Result<()> {
+    let Some(w) = world else {
+        run::train(cfg, out, start, opts)?;
+        return Ok(());
+    };
+    if !cfg.device.starts_with("cuda") {
+        anyhow::bail!(
+            "--device {}: {} started {} ranks, and several ranks train on GPUs only (--device cuda; each rank uses \
+             cuda:LOCAL_RANK)",
+            cfg.device,
+            w.launcher.name(),
+            w.size
+        );
+    }
+    if a.trace.is_some() {
+        anyhow::bail!("--trace with {} ranks: not supported yet; trace a run of one process", w.size);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let timeout = std::time::Duration::from_secs(a.timeout);
+        asge::dist::group::join(w, a.rendezvous.as_deref(), timeout)?;
+        let r = run::train(cfg, out, start, opts);
+        asge::dist::group::leave();
+        r?;
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("{} ranks: this build has no CUDA backend (built without the `cuda` feature)", w.size)
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {

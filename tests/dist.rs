@@ -1,11 +1,13 @@
 //! Many processes: the ranks a launcher starts, their rendezvous, NCCL between them and the faults, as a user
-//! runs them (the real binary, `asge comm-check`). In CI under the CUDA stand-in (ASGE_CUDA_STANDIN=1), whose NCCL
+//! runs them (the real binary: `asge comm-check` here, `asge train` in dist/train.rs). In CI under the CUDA stand-in (ASGE_CUDA_STANDIN=1), whose NCCL
 //! moves the data between the processes through shared memory (tests/emu/standin/nccl.inc); tools/test.sh runs
 //! this binary alone, one test at a time. Every collective's result is checked exactly by comm-check itself
 //! (sums of small integers: exact in f32 in any order).
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "dist/train.rs"]
+mod train;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -200,16 +202,6 @@ fn bad_launcher_variables_are_named() {
         let o = c.output().unwrap();
         assert!(!o.status.success() && text(&o).contains(want), "{vars:?}: {}", text(&o));
     }
-    // asge train runs one process in this version, and says so instead of training N copies.
-    let out = common::temp_dir("dist-train-refused");
-    let o = asge()
-        .args(["train", "--dataset", "mnist", "--data", "/nonexistent", "--out"])
-        .arg(out.join("run"))
-        .envs([("RANK", "0"), ("WORLD_SIZE", "2")])
-        .output()
-        .unwrap();
-    assert!(!o.status.success() && text(&o).contains("torchrun started 2 ranks"), "{}", text(&o));
-    assert!(!out.join("run").exists());
 }
 
 #[test]

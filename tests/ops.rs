@@ -135,6 +135,7 @@ fn goodness_loss_matches_naive_and_finite_differences() {
     let mut stats = vec![0.0; 2];
     asge::ops::goodness_loss::cpu::goodness_loss(
         batch,
+        batch,
         dim,
         classes,
         &g,
@@ -171,6 +172,7 @@ fn goodness_loss_matches_naive_and_finite_differences() {
     // Wrong labels are an error, not a panic.
     let err = asge::ops::goodness_loss::cpu::goodness_loss(
         batch,
+        batch,
         dim,
         classes,
         &g,
@@ -203,6 +205,7 @@ fn conv_wgrad_matches_finite_differences_of_the_layer_loss() {
         asge::ops::conv_goodness_fwd::cpu::conv_goodness_fwd(&s, &grid, case.reduce, &x, &w, &b, &mut y, &mut g, false);
         let (mut logits, mut dg, mut stats) = (vec![0.0; s.batch * classes], vec![0.0; s.batch * dim], vec![0.0; 2]);
         asge::ops::goodness_loss::cpu::goodness_loss(
+            s.batch,
             s.batch,
             dim,
             classes,
@@ -327,7 +330,7 @@ fn layer_output_pools_drops_and_normalises() {
     let (batch, c, h, w) = (3, 5, 6, 6);
     let y: Vec<f32> = randn(batch * c * h * w, 1.0, 9).iter().map(|v| v.abs() + 0.01).collect();
     for pool in [None, Some(PoolKind::Avg), Some(PoolKind::Rms)] {
-        for dropout in [None, Some(Dropout { p: 0.25, key: 77 })] {
+        for dropout in [None, Some(Dropout { p: 0.25, key: 77, first: 0 })] {
             let (ho, wo) = if pool.is_some() { (3, 3) } else { (6, 6) };
             let mut out = vec![f32::NAN; batch * c * ho * wo];
             let mut gap = vec![f32::NAN; batch * c];
@@ -423,6 +426,7 @@ fn fusion_heads_match_finite_differences() {
         gw.iter_mut().zip(gb.iter_mut()).map(|(w, b)| (w.as_mut_slice(), b.as_mut_slice())).collect();
     let (mut logits, mut stats) = (vec![0.0; batch * classes], vec![0.0; 2]);
     asge::ops::fusion_heads::cpu::fusion_heads(
+        batch,
         batch,
         classes,
         &fref,
@@ -564,6 +568,7 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
         asge::ops::goodness_loss::Args {
             layer: 0,
             batch: s.batch,
+            mean_over: s.batch,
             dim: d,
             classes: n,
             g: &g,
@@ -660,6 +665,7 @@ fn layer_output_takes_the_dropout_key_the_step_prepared() {
             w: h,
             pool: None,
             dropout: Some(0.5),
+            first_sample: 0,
             y: &y,
             out,
             gap: None,
@@ -671,7 +677,71 @@ fn layer_output_takes_the_dropout_key_the_step_prepared() {
     be.prepare_step(&Default::default(), &[None, Some(77)]).unwrap();
     run(&mut out).unwrap();
     let mut want = vec![0.0f32; y.len()];
-    let d = Some(Dropout { p: 0.5, key: 77 });
+    let d = Some(Dropout { p: 0.5, key: 77, first: 0 });
     asge::ops::layer_output::cpu::layer_output(batch, c, h, h, None, d, &y, &mut want, None);
     assert_eq!(out, want);
+}
+
+/// Data-parallel training: a rank's share of a batch (its first sample's index in the global batch, the loss a
+/// mean over the global batch) gives exactly the rows one process computes for the whole batch: the same dropout
+/// masks and the same dL/dg, bit for bit.
+#[test]
+fn a_share_of_a_batch_draws_the_whole_batchs_masks_and_gradients() {
+    use asge::backend::cpu::CpuBackend;
+    use asge::backend::prelude::*;
+    let be = CpuBackend::new();
+    let (batch, c, h, first) = (6, 3, 4, 2);
+    let per = c * h * h;
+    let y: Vec<f32> = randn(batch * per, 1.0, 9).iter().map(|v| v.abs() + 0.01).collect();
+    be.prepare_step(&Default::default(), &[Some(1234)]).unwrap();
+    let output = |rows: std::ops::Range<usize>, first_sample: usize| {
+        let yb = be.upload(&y[rows.start * per..rows.end * per]).unwrap();
+        let mut out = be.zeros(rows.len() * per).unwrap();
+        let a = asge::ops::layer_output::Args {
+            layer: 0,
+            batch: rows.len(),
+            c,
+            h,
+            w: h,
+            pool: None,
+            dropout: Some(0.5),
+            first_sample,
+            y: &yb,
+            out: &mut out,
+            gap: None,
+        };
+        asge::ops::layer_output::run(&be, a).unwrap();
+        be.read(&out, rows.len() * per).unwrap()
+    };
+    let whole = output(0..batch, 0);
+    assert_eq!(output(first..batch, first), whole[first * per..], "the share's masks");
+    // Without its offset the share would draw the first samples' masks: the test tells them apart.
+    assert_ne!(output(first..batch, 0), whole[first * per..]);
+
+    let (dim, classes) = (12, 10);
+    let g: Vec<f32> = randn(batch * dim, 1.0, 1).iter().map(|v| v.abs()).collect();
+    let (pw, pb) = (randn(dim * classes, 0.3, 2), randn(classes, 0.3, 3));
+    let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 3) % 10).collect();
+    let dg = |rows: std::ops::Range<usize>, mean_over: usize| {
+        let (n, mut logits, mut dg, mut stats) =
+            (rows.len(), vec![0.0; rows.len() * classes], vec![0.0; rows.len() * dim], vec![0.0; 2]);
+        asge::ops::goodness_loss::cpu::goodness_loss(
+            n,
+            mean_over,
+            dim,
+            classes,
+            &g[rows.start * dim..rows.end * dim],
+            &pw,
+            &pb,
+            &labels[rows],
+            &mut logits,
+            Some(&mut dg),
+            &mut stats,
+        )
+        .unwrap();
+        dg
+    };
+    let whole = dg(0..batch, batch);
+    assert_eq!(dg(first..batch, batch), whole[first * dim..], "the share's dL/dg");
+    assert_ne!(dg(first..batch, batch - first), whole[first * dim..]);
 }

@@ -89,11 +89,14 @@ impl ConvShape {
 }
 
 /// Dropout on a layer's output: element `i` (flat index in `[B, C, H', W']`) is kept when
-/// `rng::dropout_uniform(key, i) >= p`, and kept values are scaled by `1 / (1 - p)`.
+/// `rng::dropout_uniform(key, first + i) >= p` (wrapping), and kept values are scaled by `1 / (1 - p)`. `first` is
+/// where the batch starts in the step's global batch (one rank's share of it in data-parallel training, so that
+/// it draws the masks one process would; 0 in one process).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     pub p: f32,
     pub key: u64,
+    pub first: u32,
 }
 
 /// One AdamW step's hyperparameters (PyTorch semantics: decoupled decay `p *= 1 - lr * wd`, then Adam with
@@ -283,6 +286,13 @@ macro_rules! cuda_ops {
 #[cfg(feature = "cuda")]
 pub(crate) use cuda_ops;
 
+/// How [`Schedule::all_reduce_host`] combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    Sum,
+    Max,
+}
+
 /// How a step is run: the lanes the layers spread over, the values a step reads from the device
 /// ([`Schedule::prepare_step`]), recorded steps, the reads that overlap the next step, and the device's clock.
 pub trait Schedule: Device {
@@ -321,6 +331,38 @@ pub trait Schedule: Device {
 
     /// The values of a [`Schedule::queue_read`], in order.
     fn collect_read(&self, pending: Self::PendingRead) -> Result<Vec<Vec<f32>>>;
+
+    /// The ranks this process trains with: its communicator's size (`crate::dist`), 1 for a process alone. With
+    /// more than one, the trainer sums every gradient and the step's statistics over the ranks
+    /// ([`Schedule::all_reduce_sum`]).
+    fn ranks(&self) -> usize {
+        1
+    }
+
+    /// Queues the sum over the ranks of the first `len` values of each buffer, in place, ordered after every op
+    /// issued so far; the ops issued after the next [`Schedule::join_collectives`] see the sums. Every rank issues
+    /// the same collectives in the same order. A GPU runs them on a communication stream of their own (NCCL), so
+    /// that they overlap the ops issued meanwhile (which must not touch these buffers). `layer` is the layer the
+    /// buffers belong to (the layer count for the fusion heads). Only a backend with a communicator has it.
+    fn all_reduce_sum(&self, layer: usize, _bufs: &mut [(&mut Self::Buf, usize)]) -> Result<()> {
+        anyhow::bail!(
+            "{} backend: layer {}'s gradients cannot be summed over ranks (several ranks need --device cuda)",
+            self.kind(),
+            layer + 1
+        )
+    }
+
+    /// Makes the ops issued next wait for every collective queued so far ([`Schedule::all_reduce_sum`]).
+    fn join_collectives(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Combines `values` over the ranks (the same length on every rank), in place, and waits for the result: the
+    /// validation and test counts, the weights' checksums. A process alone keeps its values.
+    fn all_reduce_host(&self, _values: &mut [f64], _op: Reduction) -> Result<()> {
+        anyhow::ensure!(self.ranks() == 1, "{} backend: no collectives across ranks", self.kind());
+        Ok(())
+    }
 
     /// The kernels timed on the device since the last call, while `--trace` is on (none on the CPU, whose ops
     /// the host-side trace already times).

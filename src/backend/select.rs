@@ -17,8 +17,12 @@ pub fn device(name: &str) -> Result<Choice> {
     match name {
         "cpu" => Ok(Choice::Cpu),
         d if d == "cuda" || d.starts_with("cuda:") => {
+            // One of several ranks: `cuda` is the rank's own GPU, cuda:LOCAL_RANK.
             #[cfg(feature = "cuda")]
-            return Ok(Choice::Cuda(crate::backend::cuda::parse_device(d)?));
+            return Ok(Choice::Cuda(match crate::dist::group::current() {
+                Some(g) if d == "cuda" => g.world.local_rank,
+                _ => crate::backend::cuda::parse_device(d)?,
+            }));
             #[cfg(not(feature = "cuda"))]
             bail!("--device {d}: this build has no CUDA backend (build with the `cuda` feature)")
         }

@@ -391,6 +391,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
                 crate::ops::goodness_loss::Args {
                     layer: i,
                     batch: b,
+                    mean_over: b,
                     dim: d,
                     classes: n,
                     g: &g,
@@ -465,6 +466,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
                     w: l.w,
                     pool,
                     dropout: drop,
+                    first_sample: 0,
                     y: &y,
                     out: &mut out,
                     gap: Some(&mut gap),

@@ -97,12 +97,25 @@ impl Prefetch {
         key: u64,
         depth: usize,
     ) -> Self {
+        let batches = order.chunks(batch.max(1)).enumerate().map(|(i, c)| (start + i * batch, c.to_vec())).collect();
+        Self::batches(data, batches, aug, key, depth)
+    }
+
+    /// [`Prefetch::new`] for batches given one by one, each with the position of its first image in the epoch
+    /// (a rank's shares of the epoch's batches, in data-parallel training).
+    pub fn batches(
+        data: Arc<dyn ImageSource>,
+        batches: Vec<(usize, Vec<usize>)>,
+        aug: Augment,
+        key: u64,
+        depth: usize,
+    ) -> Self {
         let (tx, rx) = sync_channel(depth.max(1));
-        let expected = order.len().div_ceil(batch.max(1));
+        let expected = batches.len();
         let worker = std::thread::Builder::new().name("asge-loader".into()).spawn(move || {
-            for (i, chunk) in order.chunks(batch.max(1)).enumerate() {
+            for (i, (first, chunk)) in batches.iter().enumerate() {
                 let span = crate::trace::span("prepare batch", crate::trace::LOADER, i as u64);
-                let first = start + i * batch;
+                let first = *first;
                 let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     make_batch(data.as_ref(), chunk, aug, key, first)
                 }));

@@ -3,11 +3,10 @@
 //! all-reduce (bus bandwidth as nccl-tests reports it: `2 (n - 1) / n` times the bytes over the time).
 //! Rank 0 prints; a rank whose result is wrong says so and the command fails.
 
-use super::nccl::{self, Comm, Reduce};
-use super::rendezvous::{self, Rendezvous};
-use super::{Watchdog, World};
-use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaContext, DevicePtrMut};
+use super::nccl::Reduce;
+use super::World;
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::DevicePtrMut;
 use std::time::{Duration, Instant};
 
 pub struct CheckOptions {
@@ -32,34 +31,18 @@ pub fn run(o: &CheckOptions) -> Result<()> {
             println!("{s}");
         }
     };
-    crate::backend::cuda::probe().with_context(|| format!("{}--device cuda:{}", world.prefix(), world.local_rank))?;
-    let ctx = CudaContext::new(world.local_rank)
-        .map_err(|e| anyhow::anyhow!("{}cuda:{}: cannot create a context ({e:?})", world.prefix(), world.local_rank))?;
-    ctx.bind_to_thread().map_err(|e| anyhow::anyhow!("bind the context ({e:?})"))?;
-    let nccl = nccl::load()?;
-    say(format!("NCCL: {} (NCCL {})", nccl.file, nccl.version));
-    let rdv = match &o.rendezvous {
-        Some(r) => rendezvous::parse(r)?,
-        None if size == 1 => Rendezvous::File(Default::default()),
-        None => rendezvous::default_for(&world)?,
-    };
-    let id =
-        if size == 1 { nccl.unique_id()? } else { rendezvous::exchange(&rdv, &world, o.timeout, || nccl.unique_id())? };
+    let group = super::group::join(&world, o.rendezvous.as_deref(), o.timeout)?;
+    say(format!("NCCL: {} (NCCL {})", group.nccl.file, group.nccl.version));
     if size == 1 {
         say("1 rank(s) (alone: no launcher's variables), no rendezvous".into());
     } else {
-        say(format!("{size} rank(s) ({}), rendezvous {rdv}", world.launcher.name()));
+        say(format!("{size} rank(s) ({}), rendezvous {}", world.launcher.name(), group.rendezvous));
     }
-    let comm = std::sync::Arc::new(Comm::init(nccl, &id, rank, size)?);
-    if size > 1 {
-        rendezvous::finish(&rdv, &world);
-    }
-    let dog = Watchdog::start(comm.clone(), o.timeout, world.rank);
-    let stream = ctx.new_stream().map_err(|e| anyhow::anyhow!("a stream ({e:?})"))?;
+    let (comm, stream) = (&group.comm, &group.stream);
     let sync = |what: &str| -> Result<()> {
         stream.synchronize().map_err(|e| anyhow::anyhow!("{what}: {e:?}"))?;
         comm.async_error()?;
-        dog.beat();
+        group.beat();
         Ok(())
     };
     let mut wrong = Vec::new();
@@ -68,7 +51,7 @@ pub fn run(o: &CheckOptions) -> Result<()> {
         for (op, name) in [(Reduce::Sum, "sum"), (Reduce::Max, "max")] {
             let mut buf = stream.clone_htod(&host).map_err(|e| anyhow::anyhow!("upload ({e:?})"))?;
             {
-                let (ptr, _sync) = buf.device_ptr_mut(&stream);
+                let (ptr, _sync) = buf.device_ptr_mut(stream);
                 // SAFETY: `buf` holds n f32 values and nothing else uses it until the stream synchronises.
                 unsafe { comm.all_reduce_raw::<f32>(ptr, n, op, stream.cu_stream()) }?;
             }
@@ -95,7 +78,7 @@ pub fn run(o: &CheckOptions) -> Result<()> {
         let mut buf = stream.alloc_zeros::<f32>(n).map_err(|e| anyhow::anyhow!("alloc ({e:?})"))?;
         let t = Instant::now();
         for _ in 0..o.iters {
-            let (ptr, _sync) = buf.device_ptr_mut(&stream);
+            let (ptr, _sync) = buf.device_ptr_mut(stream);
             // SAFETY: `buf` holds n f32 values, used only by these collectives, in order on one stream.
             unsafe { comm.all_reduce_raw::<f32>(ptr, n, Reduce::Sum, stream.cu_stream()) }?;
         }
@@ -113,7 +96,9 @@ pub fn run(o: &CheckOptions) -> Result<()> {
             bus / 1e9
         ));
     }
-    ensure!(dog.failure().is_none(), "{}", dog.failure().unwrap_or_default());
+    ensure!(group.failure().is_none(), "{}", group.failure().unwrap_or_default());
     say(format!("comm-check: ok on {size} rank(s)"));
+    drop(group);
+    super::group::leave();
     Ok(())
 }

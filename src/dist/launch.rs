@@ -17,9 +17,15 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn signal(c: &Child, sig: i32) {
-    // SAFETY: kill(2) on a child this process started and has not yet reaped.
-    unsafe { libc::kill(c.id() as i32, sig) };
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child this process started and whose exit it has not seen (its waiter has not reaped it).
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// The exit code a shell would report: the process's own, or 128 + the signal that killed it.
+fn code_of(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(1))
 }
 
 /// Starts `n` ranks of this program with `args` (the command line without `--nproc`) and waits for them. Returns
@@ -35,7 +41,7 @@ pub fn run(n: usize, args: &[OsString], threads: Option<usize>) -> Result<i32> {
     let port = free_port()?;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let per = threads.unwrap_or((cores / n).max(1));
-    let mut children: Vec<Option<Child>> = Vec::new();
+    let mut children: Vec<Child> = Vec::new();
     for rank in 0..n {
         let mut cmd = Command::new(&exe);
         cmd.arg("--threads").arg(per.to_string()).args(args);
@@ -47,71 +53,71 @@ pub fn run(n: usize, args: &[OsString], threads: Option<usize>) -> Result<i32> {
             .env("MASTER_PORT", port.to_string())
             .env(NPROC_VAR, "nproc");
         match cmd.spawn() {
-            Ok(c) => children.push(Some(c)),
+            Ok(c) => children.push(c),
             Err(e) => {
-                for c in children.iter().flatten() {
-                    signal(c, libc::SIGKILL);
+                for c in &mut children {
+                    let _ = c.kill();
+                    let _ = c.wait();
                 }
                 return Err(e).with_context(|| format!("--nproc: starting rank {rank} ({})", exe.display()));
             }
         }
     }
+    // One waiter per rank reports its exit the moment it happens, so the first failure is the first in time.
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, mut c) in children.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((rank, c.wait()));
+        });
+    }
+    drop(tx);
+    let mut running: Vec<bool> = vec![true; n];
+    let to_running = |running: &[bool], sig: i32| {
+        for (rank, _) in running.iter().enumerate().filter(|(_, r)| **r) {
+            signal(pids[rank], sig);
+        }
+    };
     let mut first_failure: Option<(usize, i32)> = None;
     let mut forwarded = false;
     let (mut term_at, mut kill_at): (Option<Instant>, Option<Instant>) = (None, None);
-    loop {
-        let mut running = 0;
-        for (rank, slot) in children.iter_mut().enumerate() {
-            let Some(c) = slot else { continue };
-            match c.try_wait() {
-                Ok(Some(status)) => {
-                    let code = status.code().unwrap_or_else(|| {
-                        use std::os::unix::process::ExitStatusExt;
-                        128 + status.signal().unwrap_or(1)
-                    });
-                    if code != 0 && first_failure.is_none() {
-                        first_failure = Some((rank, code));
-                    }
-                    *slot = None;
+    while running.iter().any(|r| *r) {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((rank, status)) => {
+                running[rank] = false;
+                let code = status.map(code_of).with_context(|| format!("--nproc: waiting for rank {rank}"))?;
+                if code != 0 && first_failure.is_none() {
+                    eprintln!("asge: rank {rank} failed (exit code {code})");
+                    first_failure = Some((rank, code));
                 }
-                Ok(None) => running += 1,
-                Err(e) => return Err(e).with_context(|| format!("--nproc: waiting for rank {rank}")),
+                continue;
             }
-        }
-        if running == 0 {
-            break;
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         // A signal to the launcher: every rank gets SIGTERM once (each checkpoints and stops at the same step).
         if crate::train::run::was_interrupted() && !forwarded {
             forwarded = true;
-            for c in children.iter().flatten() {
-                signal(c, libc::SIGTERM);
-            }
+            to_running(&running, libc::SIGTERM);
         }
         // A failed rank: the others get 5 s to notice it through NCCL and say so themselves, then SIGTERM, then
         // 30 s later SIGKILL.
-        if let Some((rank, code)) = first_failure {
+        if first_failure.is_some() {
             let now = Instant::now();
             match (term_at, kill_at) {
                 (None, _) => {
-                    eprintln!("asge: rank {rank} failed (exit code {code}); stopping the other ranks");
+                    eprintln!("asge: stopping the other ranks");
                     term_at = Some(now + Duration::from_secs(5));
                 }
                 (Some(t), None) if now > t => {
-                    for c in children.iter().flatten() {
-                        signal(c, libc::SIGTERM);
-                    }
+                    to_running(&running, libc::SIGTERM);
                     kill_at = Some(now + Duration::from_secs(30));
                 }
-                (_, Some(t)) if now > t => {
-                    for c in children.iter().flatten() {
-                        signal(c, libc::SIGKILL);
-                    }
-                }
+                (_, Some(t)) if now > t => to_running(&running, libc::SIGKILL),
                 _ => {}
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(first_failure.map_or(0, |(_, code)| code))
 }

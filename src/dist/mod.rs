@@ -4,14 +4,19 @@
 
 #[cfg(feature = "cuda")]
 pub mod check;
+#[cfg(feature = "cuda")]
+pub mod group;
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
 
 use anyhow::{bail, Context, Result};
+#[cfg(feature = "cuda")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "cuda")]
 use std::sync::{Arc, Mutex};
+#[cfg(feature = "cuda")]
 use std::time::{Duration, Instant};
 
 /// What started the ranks.
@@ -135,6 +140,30 @@ impl World {
     pub fn prefix(&self) -> String {
         format!("rank {}: ", self.rank)
     }
+}
+
+/// This process's rank and the number of ranks: `(0, 1)` for a process alone.
+pub fn place() -> (usize, usize) {
+    #[cfg(feature = "cuda")]
+    if let Some(g) = group::current() {
+        return (g.world.rank, g.world.size);
+    }
+    (0, 1)
+}
+
+/// Rank `rank`'s share of `len` items split over `ranks` as evenly as possible (the first `len % ranks` ranks
+/// get one more), as a range: the shares are contiguous and in rank order.
+pub fn share(len: usize, ranks: usize, rank: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (len / ranks.max(1), len % ranks.max(1));
+    let first = rank * base + rank.min(extra);
+    first..first + base + usize::from(rank < extra)
+}
+
+/// Progress, for the watchdog of the process's rank (a no-op for a process alone): a step, a batch or a
+/// collective finished.
+pub fn beat() {
+    #[cfg(feature = "cuda")]
+    group::beat();
 }
 
 /// `--timeout`'s default in seconds: how long a rank waits for the others (at the rendezvous, in a collective)

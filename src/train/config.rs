@@ -14,6 +14,17 @@ use clap::{ArgMatches, Args, FromArgMatches};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// `--lr-schedule`: when the cosine moves (see `train::schedule`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Once per epoch (the released recipe: PyTorch's CosineAnnealingLR stepped each epoch).
+    #[default]
+    Epoch,
+    /// Every step, over all the run's steps (large global batches; with --warmup-epochs).
+    Step,
+}
+
 /// `--augment`: the dataset's released-recipe augmentation, or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -83,6 +94,13 @@ pub struct TrainConfig {
     /// The learning rate the cosine reaches at the end of the schedule.
     #[arg(long, default_value_t = 1e-5, help_heading = "Optimisation")]
     pub lr_min: f64,
+    /// When the cosine moves: each epoch (the released recipe) or each step.
+    #[arg(long, value_enum, default_value = "epoch", help_heading = "Optimisation")]
+    pub lr_schedule: LrSchedule,
+    /// Raise the lr linearly, step by step, from lr/steps to the schedule's over this many epochs (large global
+    /// batches: docs/many-gpus.md). 0: none (the released recipe).
+    #[arg(long, value_name = "EPOCHS", default_value_t = 0.0, help_heading = "Optimisation")]
+    pub warmup_epochs: f64,
     /// AdamW's decoupled weight decay, on every parameter.
     #[arg(long, default_value_t = 1e-3, help_heading = "Optimisation")]
     pub weight_decay: f64,
@@ -150,6 +168,9 @@ impl TrainConfig {
         }
         if self.lr_min > self.lr {
             bail!("--lr-min {} is above --lr {}: the cosine schedule would raise the rate", self.lr_min, self.lr);
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0 && self.warmup_epochs <= self.epochs as f64) {
+            bail!("--warmup-epochs {}: must be between 0 and --epochs ({})", self.warmup_epochs, self.epochs);
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("--weight-decay {}: must be a non-negative number", self.weight_decay);

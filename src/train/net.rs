@@ -86,12 +86,17 @@ pub struct Head<B: Backend> {
     pub b: Param<B>,
 }
 
-/// Per-step losses and accuracy counts: one entry per layer, plus the fusion heads.
+/// Per-step losses and accuracy counts: one entry per layer, plus the fusion heads. With several ranks they are
+/// the whole global batch's (summed over the ranks).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepStats {
     /// The optimizer step these statistics belong to.
     pub step: u64,
+    /// The step's images: the global batch.
     pub batch: usize,
+    /// The ranks that asked to stop with this step ([`Net::vote_stop`]): every rank reads the same count, so all
+    /// stop after the same step.
+    pub stop_votes: usize,
     pub layer_loss: Vec<f64>,
     pub layer_correct: Vec<usize>,
     pub head_loss: f64,
@@ -125,8 +130,9 @@ struct Workspace<B: Backend> {
     gap: Vec<B::Buf>,
     head_logits: B::Buf,
     labels: B::Labels,
-    /// `[loss_sum, correct]` per layer, and the fusion heads' last, in two sets: a step writes
-    /// `stats[stats_set]` while the previous step's set waits to be read (see `Net::train_step_pipelined`).
+    /// `[loss_sum, correct]` per layer, then the fusion heads', then the step's `[stop votes, 0]`, in two sets: a
+    /// step writes `stats[stats_set]` while the previous step's set waits to be read (see
+    /// `Net::train_step_pipelined`). With several ranks they are summed over the ranks in the step.
     stats: [Vec<B::Buf>; 2],
     stats_set: usize,
     max_batch: usize,
@@ -137,6 +143,16 @@ struct PendingStats<R> {
     read: R,
     batch: usize,
     step: u64,
+}
+
+/// The part of a step's global batch this process trains on: the index of its first sample and the global
+/// batch's size. In data-parallel training every rank trains on its share, the losses are means over the global
+/// batch (so the ranks' gradients sum to the global batch's gradient) and the dropout masks are keyed by the
+/// global sample index (so a share draws the masks one process would).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub first: usize,
+    pub global: usize,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -180,6 +196,10 @@ pub struct Net<B: Backend> {
     be: B,
     /// The step `train_step_pipelined` queued last, until its statistics are returned.
     pending: Option<PendingStats<B::PendingRead>>,
+    /// The next step's share of its global batch ([`Net::set_share`]); `None`: the whole batch.
+    share: Option<Share>,
+    /// This rank asks to stop with the next step ([`Net::vote_stop`]).
+    stop_vote: bool,
 }
 
 impl<B: Backend> Net<B> {
@@ -239,7 +259,7 @@ impl<B: Backend> Net<B> {
             })
             .collect::<Result<_>>()?;
         // Zeroed at the start of every step (load_batch).
-        let stats_set = || (0..=spec.layers.len()).map(|_| be.uninit(STATS_LEN)).collect::<Result<Vec<_>>>();
+        let stats_set = || (0..spec.layers.len() + 2).map(|_| be.uninit(STATS_LEN)).collect::<Result<Vec<_>>>();
         let ws = Workspace {
             acts,
             scratch,
@@ -253,7 +273,7 @@ impl<B: Backend> Net<B> {
             stats_set: 0,
             max_batch,
         };
-        Ok(Net { spec, layers, heads, adamw, ws, be, pending: None })
+        Ok(Net { spec, layers, heads, adamw, ws, be, pending: None, share: None, stop_vote: false })
     }
 
     pub fn backend(&self) -> &B {
@@ -267,11 +287,13 @@ impl<B: Backend> Net<B> {
     /// A queued step's statistics: waits for the step's read (`queue_read`), not for what was queued after it.
     fn read_stats(&self, p: PendingStats<B::PendingRead>) -> Result<StepStats> {
         let mut read = self.be.collect_read(p.read)?;
+        let flags = read.pop().expect("the step's flags slot");
         let heads = read.pop().expect("the heads' stats slot");
         let per_sample = |s: &[f32]| s[0] as f64 / p.batch as f64;
         Ok(StepStats {
             step: p.step,
             batch: p.batch,
+            stop_votes: flags[0].round() as usize,
             head_loss: per_sample(&heads),
             head_correct: heads[1].round() as usize,
             layer_loss: read.iter().map(|s| per_sample(s)).collect(),
@@ -298,10 +320,25 @@ impl<B: Backend> Net<B> {
         let a0 = self.ws.act(0);
         self.be.write_input(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
-        for slot in &mut self.ws.stats[self.ws.stats_set] {
+        let set = &mut self.ws.stats[self.ws.stats_set];
+        let (flags, slots) = set.split_last_mut().expect("the step's flags slot");
+        for slot in slots {
             self.be.fill_zero(slot, STATS_LEN)?;
         }
+        self.be.write(flags, &[self.stop_vote as u8 as f32, 0.0])?;
         Ok(batch)
+    }
+
+    /// The next training step's share of its global batch (data-parallel training; see [`Share`]): kept until
+    /// changed; `None` trains on the whole batch.
+    pub fn set_share(&mut self, share: Option<Share>) {
+        self.share = share;
+    }
+
+    /// Whether this rank asks to stop with the next step: the steps' statistics count the ranks that did
+    /// ([`StepStats::stop_votes`]), the same count on every rank.
+    pub fn vote_stop(&mut self, stop: bool) {
+        self.stop_vote = stop;
     }
 
     /// One training step on a batch of normalised inputs `[B, C, S, S]` (docs/method.md §8): every layer's forward,
@@ -338,6 +375,13 @@ impl<B: Backend> Net<B> {
     ) -> Result<Option<StepStats>> {
         self.ws.parity = (step % 2) as usize;
         let batch = self.load_batch(x, labels)?;
+        let share = self.share.unwrap_or(Share { first: 0, global: batch });
+        anyhow::ensure!(
+            share.first.checked_add(batch).is_some_and(|end| end <= share.global),
+            "Net::train_step: a share of {batch} samples from sample {} of a global batch of {}",
+            share.first,
+            share.global
+        );
         let h = AdamWStep {
             lr,
             weight_decay: self.adamw.weight_decay,
@@ -353,31 +397,66 @@ impl<B: Backend> Net<B> {
         self.be.prepare_step(&h.scalars(), &keys)?;
         // The step's ops depend on the batch size and on which activation and statistics buffers it uses: a
         // backend that records steps (CUDA graphs) keeps one recording per combination.
-        let graph_key = (batch as u64) << 2 | (self.ws.parity as u64) << 1 | self.ws.stats_set as u64;
+        // (A share's place in the global batch is in its kernels' arguments too.)
+        let graph_key = [batch, self.ws.parity, self.ws.stats_set, share.first, share.global]
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &v| (h ^ v as u64).wrapping_mul(0x0100_0000_01b3));
         let mode = self.be.begin_step(graph_key)?;
         if mode != StepMode::Replayed {
-            for li in 0..self.layers.len() {
-                self.layer_pass(li, batch, step, Some(dropout.map(|d| d.0)))?;
+            let layers = self.layers.len();
+            for li in 0..layers {
+                self.layer_pass(li, batch, step, Some(dropout.map(|d| d.0)), share)?;
             }
             let span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
-            self.heads_pass(batch, true)?;
-            for head in &mut self.heads {
-                head.w.step(&self.be, self.layers.len())?;
-                head.b.step(&self.be, self.layers.len())?;
-            }
+            self.heads_pass(batch, true, share.global)?;
             std::mem::drop(span);
+            if self.be.ranks() > 1 {
+                self.reduce_and_update(step)?;
+            }
+            let _span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
+            for head in &mut self.heads {
+                head.w.step(&self.be, layers)?;
+                head.b.step(&self.be, layers)?;
+            }
+            if self.be.ranks() > 1 {
+                // The step's statistics and stop votes, summed over the ranks before the read below.
+                let mut slots: Vec<(&mut B::Buf, usize)> =
+                    self.ws.stats[self.ws.stats_set].iter_mut().map(|s| (s, STATS_LEN)).collect();
+                self.be.all_reduce_sum(layers, &mut slots)?;
+                self.be.join_collectives()?;
+            }
             if mode == StepMode::Capture {
                 self.be.end_step(graph_key)?;
             }
         }
         let slots: Vec<&B::Buf> = self.ws.stats[self.ws.stats_set].iter().collect();
-        let queued = PendingStats { read: self.be.queue_read(&slots, STATS_LEN)?, batch, step };
+        let queued = PendingStats { read: self.be.queue_read(&slots, STATS_LEN)?, batch: share.global, step };
         // The next step (or evaluation) writes the other set; this one is read first.
         self.ws.stats_set ^= 1;
         match self.pending.replace(queued) {
             Some(earlier) => self.read_stats(earlier).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Data-parallel training, after every layer's weight gradient and the heads': the heads' gradients summed over
+    /// the ranks (the layers' were queued as each was computed, so that their transfer overlaps the next layers'
+    /// work), then every layer's AdamW step once all sums are in. The heads' AdamW follows in the caller.
+    fn reduce_and_update(&mut self, step: u64) -> Result<()> {
+        let layers = self.layers.len();
+        let mut grads: Vec<(&mut B::Buf, usize)> = Vec::with_capacity(2 * self.heads.len());
+        for h in &mut self.heads {
+            grads.push((&mut h.w.grad, h.w.len));
+            grads.push((&mut h.b.grad, h.b.len));
+        }
+        self.be.all_reduce_sum(layers, &mut grads)?;
+        self.be.join_collectives()?;
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let _span = crate::trace::span("adamw", crate::trace::layer(li), step);
+            layer.conv_w.step(&self.be, li)?;
+            layer.conv_b.step(&self.be, li)?;
+        }
+        Ok(())
     }
 
     /// The statistics of the last step [`Net::train_step_pipelined`] queued and has not returned (waiting for
@@ -394,7 +473,16 @@ impl<B: Backend> Net<B> {
     /// comes from the pre-step weights); then the layer output, which becomes the next layer's input. `train`
     /// is `None` to evaluate, else the dropout probability (AdamW's scalars and the dropout key are the step's:
     /// `Schedule::prepare_step`).
-    fn layer_pass(&mut self, li: usize, batch: usize, step: u64, train: Option<Option<f32>>) -> Result<()> {
+    /// `share` is the batch's place in the step's global batch (its whole self when evaluating). With several
+    /// ranks the weight gradient's sum over the ranks is queued instead of the AdamW step (`reduce_and_update`).
+    fn layer_pass(
+        &mut self,
+        li: usize,
+        batch: usize,
+        step: u64,
+        train: Option<Option<f32>>,
+        share: Share,
+    ) -> Result<()> {
         let spec = &self.spec.layers[li];
         let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
         let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
@@ -430,6 +518,7 @@ impl<B: Backend> Net<B> {
             crate::ops::goodness_loss::Args {
                 layer: li,
                 batch,
+                mean_over: share.global,
                 dim: d,
                 classes: n,
                 g: &sc.g,
@@ -457,6 +546,7 @@ impl<B: Backend> Net<B> {
                 w: spec.w,
                 pool,
                 dropout,
+                first_sample: share.first,
                 y: &sc.y,
                 out: x_next,
                 gap,
@@ -481,14 +571,21 @@ impl<B: Backend> Net<B> {
                 },
             )?;
             std::mem::drop(span);
-            let _span = crate::trace::span("adamw", track, step);
-            layer.conv_w.step(be, li)?;
-            layer.conv_b.step(be, li)?;
+            if be.ranks() > 1 {
+                let _span = crate::trace::span("all-reduce", track, step);
+                let (w, b) = (&mut layer.conv_w, &mut layer.conv_b);
+                be.all_reduce_sum(li, &mut [(&mut w.grad, w.len), (&mut b.grad, b.len)])?;
+            } else {
+                let _span = crate::trace::span("adamw", track, step);
+                layer.conv_w.step(be, li)?;
+                layer.conv_b.step(be, li)?;
+            }
         }
         Ok(())
     }
 
-    fn heads_pass(&mut self, batch: usize, with_grads: bool) -> Result<()> {
+    /// The fusion heads on the workspace's batch; their loss is a mean over `mean_over` samples (the global batch).
+    fn heads_pass(&mut self, batch: usize, with_grads: bool, mean_over: usize) -> Result<()> {
         let ws = &mut self.ws;
         let feats: Vec<(&B::Buf, usize)> =
             self.spec.head_layers().map(|i| (&ws.gap[i], self.spec.layers[i].c_out)).collect();
@@ -504,13 +601,14 @@ impl<B: Backend> Net<B> {
             crate::ops::fusion_heads::Args {
                 layer: self.layers.len(),
                 batch,
+                mean_over,
                 classes: self.spec.classes,
                 feats: &feats,
                 heads: &heads,
                 labels: &ws.labels,
                 logits: &mut ws.head_logits,
                 grads,
-                stats: ws.stats[ws.stats_set].last_mut().expect("the heads' stats slot"),
+                stats: &mut ws.stats[ws.stats_set][self.layers.len()],
             },
         )
     }
@@ -521,11 +619,11 @@ impl<B: Backend> Net<B> {
         let n = self.spec.classes;
         let mut out = EvalLogits { layers: Vec::with_capacity(self.layers.len()), fusion: Vec::new() };
         for li in 0..self.layers.len() {
-            self.layer_pass(li, batch, 0, None)?;
+            self.layer_pass(li, batch, 0, None, Share { first: 0, global: batch })?;
             let k = self.ws.scratch_of(li);
             out.layers.push(self.be.read(&self.ws.scratch[k].logits, batch * n)?);
         }
-        self.heads_pass(batch, false)?;
+        self.heads_pass(batch, false, batch)?;
         out.fusion = self.be.read(&self.ws.head_logits, batch * n)?;
         Ok(out)
     }

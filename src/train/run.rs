@@ -22,7 +22,7 @@ use super::metrics::{
 use super::net::{ensure_memory, AdamW, Net};
 use super::progress::{Display, Progress};
 use super::resume::{check_resume, data_identity, load_run_file, resume_point};
-use super::schedule::cosine_lr;
+use super::schedule::{cosine_lr, lr_at};
 use super::sources::{prepare_with, Sources};
 use crate::backend::select::with_backend;
 use crate::backend::Backend;
@@ -175,11 +175,17 @@ pub enum EpochEnd {
     Stopped,
 }
 
-/// A training run in progress (see the module notes).
+/// A training run in progress (see the module notes). One of several ranks (data parallel) trains on its share of
+/// every batch; rank 0 alone holds the run folder and writes to it.
 pub struct Run<'c, B: Backend> {
     cfg: &'c TrainConfig,
     opts: RunOptions,
-    folder: RunFolder,
+    /// The run folder, taken (rank 0 only), and its path.
+    #[allow(dead_code)]
+    folder: Option<RunFolder>,
+    dir: PathBuf,
+    rank: usize,
+    ranks: usize,
     sources: Sources,
     spec: ModelSpec,
     net: Net<B>,
@@ -193,8 +199,8 @@ pub struct Run<'c, B: Backend> {
     adamw: AdamW,
     train_seconds: f64,
     train_images: usize,
-    /// The run's TensorBoard event file (a new one per start or resume).
-    events: super::tensorboard::EventWriter,
+    /// The run's TensorBoard event file (a new one per start or resume; rank 0's).
+    events: Option<super::tensorboard::EventWriter>,
     /// The steps' training losses since the last per-step TensorBoard point (`--tb-every`).
     tb_steps: StepLosses,
 }
@@ -208,12 +214,64 @@ struct StepLosses {
 }
 
 impl<'c, B: Backend> Run<'c, B> {
+    /// Rank 0, or a process alone: the one that writes the run folder.
+    fn lead(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// With several ranks: checks that every rank holds the same weights (they must: the same sums, the same
+    /// updates), comparing a hash of every trained tensor across the ranks; a difference is an error naming the
+    /// tensor. Every rank calls it at the same points (each epoch, before each checkpoint).
+    fn check_same_weights(&self) -> Result<()> {
+        if self.ranks == 1 {
+            return Ok(());
+        }
+        let be = self.net.backend();
+        let named = self.net.named_params();
+        let mut local = Vec::with_capacity(4 * named.len());
+        // For the tests of this check: the named rank hashes its first tensor as if one bit of it differed.
+        let planted = std::env::var("ASGE_TEST_WEIGHTS_DIFFER_ON_RANK").is_ok_and(|r| r == self.rank.to_string());
+        for (i, (_, p)) in named.iter().enumerate() {
+            let v = be.read(&p.value, p.len)?;
+            let h = v.iter().fold(rng::FNV_OFFSET, |h, x| rng::fnv1a(h, &x.to_bits().to_le_bytes()));
+            let h = if planted && i == 0 { rng::fnv1a(h, &[1]) } else { h };
+            let (hi, lo) = ((h >> 32) as f64, (h & 0xffff_ffff) as f64);
+            local.extend([hi, lo, -hi, -lo]);
+        }
+        // The maxima of the hashes and of their negatives: equal to this rank's on every rank only when all agree.
+        let mut all = local.clone();
+        be.all_reduce_host(&mut all, crate::backend::Reduction::Max)?;
+        for (i, (name, _)) in named.iter().enumerate() {
+            let (mine, max) = (&local[4 * i..4 * i + 2], &all[4 * i..4 * i + 4]);
+            if max[0] != mine[0] || max[1] != mine[1] || -max[2] != mine[0] || -max[3] != mine[1] {
+                bail!(
+                    "the ranks' weights differ at {name} after step {} (they must stay identical: a faulty GPU or \
+                     link, or ranks that did not run the same program)",
+                    self.state.step
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// With several ranks: true on every rank when a signal reached any of them (every rank calls it at the same
+    /// point); alone, whether one reached this process.
+    fn agreed_signal(&self) -> Result<Option<i32>> {
+        let mine = interrupt::received();
+        if self.ranks == 1 {
+            return Ok(mine);
+        }
+        let mut v = [mine.map_or(0.0, |s| s as f64)];
+        self.net.backend().all_reduce_host(&mut v, crate::backend::Reduction::Max)?;
+        Ok((v[0] > 0.0).then_some(mine.unwrap_or(v[0] as i32)))
+    }
+
     fn last_path(&self) -> PathBuf {
-        self.folder.dir.join("last.safetensors")
+        self.dir.join("last.safetensors")
     }
 
     fn best_path(&self) -> PathBuf {
-        self.folder.dir.join("best.safetensors")
+        self.dir.join("best.safetensors")
     }
 
     /// A step's statistics (they arrive one call after the step, see `Net::train_step_pipelined`): with
@@ -222,6 +280,9 @@ impl<'c, B: Backend> Run<'c, B> {
     /// the optimizer step's axis).
     fn log_step(&mut self, s: Option<&super::StepStats>, epoch: usize, lr: f64) -> Result<()> {
         let Some(s) = s else { return Ok(()) };
+        if !self.lead() {
+            return Ok(());
+        }
         let every = self.opts.tb_every.unwrap_or(DEFAULT_TB_EVERY);
         if every > 0 {
             let acc = &mut self.tb_steps;
@@ -242,7 +303,9 @@ impl<'c, B: Backend> Run<'c, B> {
                     .collect();
                 v.push(("steps/train_loss/fusion".into(), acc.head_loss / n));
                 v.push(("steps/lr".into(), lr));
-                self.events.scalars(s.step as i64, wall_time_now(), &v)?;
+                if let Some(events) = &mut self.events {
+                    events.scalars(s.step as i64, wall_time_now(), &v)?;
+                }
             }
         }
         if !self.opts.log_steps {
@@ -258,11 +321,15 @@ impl<'c, B: Backend> Run<'c, B> {
             "head_loss": s.head_loss,
             "head_correct": s.head_correct,
         });
-        append_line(&self.folder.dir.join("steps.jsonl"), &row.to_string())
+        append_line(&self.dir.join("steps.jsonl"), &row.to_string())
     }
 
     /// Writes `last.safetensors` with the running sums of an unfinished epoch (a mid-epoch checkpoint).
     fn save_mid_epoch(&mut self, sums: &EpochSums) -> Result<()> {
+        self.check_same_weights()?;
+        if !self.lead() {
+            return Ok(());
+        }
         self.state.partial_epoch = Some(serde_json::to_value(sums)?);
         let r = checkpoint::save(&self.last_path(), &self.net, &self.state, &self.config_json);
         self.state.partial_epoch = None;
@@ -275,12 +342,13 @@ impl<'c, B: Backend> Run<'c, B> {
         let (cfg, opts) = (self.cfg, self.opts);
         self.sources.train.verify()?;
         let layers = self.spec.layers.len();
-        let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
         let mut order = self.train_idx.clone();
         if cfg.shuffle {
             Rng::new(rng::derive(rng::derive(cfg.seed, SHUFFLE), epoch as u64)).shuffle(&mut order);
         }
         let n_batches = order.len().div_ceil(self.batch);
+        // The step's lr (per epoch in the released recipe; see train::schedule); the metrics report the last one.
+        let mut lr = lr_at(cfg, epoch, self.state.batches_done.min(n_batches.saturating_sub(1)), n_batches);
         // A mid-epoch checkpoint resumes at its batch, with the epoch's sums so far.
         // A checkpoint at batch n_batches is one written during validation: the epoch's training is complete and
         // only its validation (and what follows) is run again.
@@ -303,17 +371,35 @@ impl<'c, B: Backend> Run<'c, B> {
         let t0 = Instant::now();
         let (seconds_before, images_before) = (sums.seconds, sums.images);
         let aug_key = rng::derive(rng::derive(cfg.seed, AUGMENT), epoch as u64);
-        let start = skip * self.batch;
-        let rest = order[start.min(order.len())..].to_vec();
+        // The batches left in the epoch, and this rank's share of each: its images, their positions in the epoch
+        // (which key their augmentation) and its place in the global batch.
+        let (mut mine, mut shares) = (Vec::new(), Vec::new());
+        for k in skip..n_batches {
+            let global = k * self.batch..((k + 1) * self.batch).min(order.len());
+            let part = crate::dist::share(global.len(), self.ranks, self.rank);
+            let first = global.start + part.start;
+            mine.push((first, order[first..first + part.len()].to_vec()));
+            shares.push(super::net::Share { first: part.start, global: global.len() });
+        }
         let aug = cfg.augmentation(self.sources.input_size);
-        let mut batches = Prefetch::new(self.sources.train.clone(), rest, start, self.batch, aug, aug_key, 3);
-        for item in batches.by_ref() {
+        let mut batches = Prefetch::batches(self.sources.train.clone(), mine, aug, aug_key, 3);
+        for (k, item) in batches.by_ref().enumerate() {
             let batch = item?;
+            lr = lr_at(cfg, epoch, self.state.batches_done, n_batches);
             self.state.step += 1;
             let step = self.state.step;
             let drop_key = rng::derive(rng::derive(cfg.seed, DROPOUT), step);
+            let wants_stop = opts.stop_at_step == Some(step) || interrupt::received().is_some();
+            if self.ranks > 1 {
+                // The ranks agree on a stop through the step's statistics: every rank reads the same votes, a step
+                // later, and all stop after the same step.
+                self.net.set_share(Some(shares[k]));
+                self.net.vote_stop(wants_stop);
+            }
             let s =
                 self.net.train_step_pipelined(&batch.x, &batch.labels, lr, step, Some((cfg.dropout_p(), drop_key)))?;
+            crate::dist::beat();
+            let votes = s.as_ref().map_or(0, |s| s.stop_votes);
             self.log_step(s.as_ref(), epoch, lr)?;
             sums.add_checked(s, epoch)?;
             self.state.batches_done += 1;
@@ -323,7 +409,7 @@ impl<'c, B: Backend> Run<'c, B> {
             }
             let periodic = opts.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
             let signal = interrupt::received();
-            let stop = opts.stop_at_step == Some(step) || signal.is_some();
+            let stop = if self.ranks > 1 { votes > 0 } else { wants_stop };
             if (periodic || stop) && self.state.batches_done < n_batches {
                 let s = self.net.flush_stats()?;
                 self.log_step(s.as_ref(), epoch, lr)?;
@@ -333,12 +419,16 @@ impl<'c, B: Backend> Run<'c, B> {
                 if stop {
                     pb.finish();
                     let why = signal.map_or("stopped".to_string(), |s| format!("{}: stopped", interrupt::name(s)));
-                    eprintln!(
+                    let why =
+                        if signal.is_none() && self.ranks > 1 { "another rank stopped: stopped".into() } else { why };
+                    if self.lead() {
+                        eprintln!(
                         "asge: {why} at step {step} (epoch {}, batch {} of {n_batches}) with a checkpoint; continue with --resume {}",
                         epoch + 1,
                         self.state.batches_done,
-                        self.folder.dir.display()
-                    );
+                        self.dir.display()
+                        );
+                    }
                     return Ok(EpochEnd::Stopped);
                 }
             }
@@ -367,7 +457,8 @@ impl<'c, B: Backend> Run<'c, B> {
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
             let train = self.sources.train.clone();
             let label = format!("validate {}/{}", epoch + 1, cfg.epochs);
-            match eval::evaluate(
+            // With several ranks each validates its share, and the counts are summed.
+            match eval::evaluate_shared(
                 &mut self.net,
                 &train,
                 self.val_idx.clone(),
@@ -385,7 +476,7 @@ impl<'c, B: Backend> Run<'c, B> {
                          --resume {} validates it again and continues",
                         interrupt::name(interrupt::received().unwrap_or(interrupt::REQUESTED_STOP)),
                         epoch + 1,
-                        self.folder.dir.display()
+                        self.dir.display()
                     );
                     return Ok(EpochEnd::Stopped);
                 }
@@ -396,9 +487,11 @@ impl<'c, B: Backend> Run<'c, B> {
         self.train_seconds += seconds;
         self.train_images += sums.images;
         let m = sums.metrics(epoch + 1, lr, seconds, val_res.as_ref());
-        append_metrics(&self.folder.dir.join("metrics.jsonl"), &m)?;
-        self.events.scalars((epoch + 1) as i64, m.wall_time, &super::tensorboard::epoch_scalars(&m))?;
-        write_curves(&self.folder.dir, &plot_title(&self.spec.arch, cfg))?;
+        if let Some(events) = &mut self.events {
+            append_metrics(&self.dir.join("metrics.jsonl"), &m)?;
+            events.scalars((epoch + 1) as i64, m.wall_time, &super::tensorboard::epoch_scalars(&m))?;
+            write_curves(&self.dir, &plot_title(&self.spec.arch, cfg))?;
+        }
         say(opts, epoch_line(&m));
 
         // Model selection (released code): the best validation accuracy of the fusion prediction (of the only
@@ -411,29 +504,37 @@ impl<'c, B: Backend> Run<'c, B> {
         };
         self.state.epochs_done = epoch + 1;
         interrupt::test_phase("checkpoint");
+        self.check_same_weights()?;
         if improved {
             let layer_acc = val_res.as_ref().map(EvalResult::layer_acc).unwrap_or_else(|| m.train_layer_acc.clone());
             self.state.best_val = score;
             self.state.best_epoch = epoch + 1;
             self.state.best_layer = eval::argmax(&layer_acc);
             self.state.best_layer_acc = layer_acc;
-            checkpoint::save(&self.best_path(), &self.net, &self.state, &self.config_json)?;
+            if self.lead() {
+                checkpoint::save(&self.best_path(), &self.net, &self.state, &self.config_json)?;
+            }
             if let Some(s) = score {
                 say(opts, format!("asge: new best: epoch {} at {:.2}% validation top-1", epoch + 1, 100.0 * s));
             }
         }
-        checkpoint::save(&self.last_path(), &self.net, &self.state, &self.config_json)?;
+        if self.lead() {
+            checkpoint::save(&self.last_path(), &self.net, &self.state, &self.config_json)?;
+        }
         if crate::trace::is_on() {
             crate::trace::add_device_spans(&self.net.backend().take_device_spans()?);
         }
         crate::trace::flush(layers)?;
-        if let Some(sig) = interrupt::received() {
-            eprintln!(
-                "asge: {}: stopped after epoch {} with a checkpoint; continue with --resume {}",
-                interrupt::name(sig),
-                epoch + 1,
-                self.folder.dir.display()
-            );
+        // With several ranks, also the point after which the others may read what rank 0 wrote.
+        if let Some(sig) = self.agreed_signal()? {
+            if self.lead() {
+                eprintln!(
+                    "asge: {}: stopped after epoch {} with a checkpoint; continue with --resume {}",
+                    interrupt::name(sig),
+                    epoch + 1,
+                    self.dir.display()
+                );
+            }
             return Ok(EpochEnd::Stopped);
         }
         Ok(EpochEnd::Done)
@@ -454,14 +555,22 @@ impl<'c, B: Backend> Run<'c, B> {
         let (cfg, spec) = (self.cfg, &self.spec);
         self.sources.test.verify()?;
         let best_path = self.best_path();
-        let best = checkpoint::load(&best_path).context("the run has no best.safetensors")?;
+        let best = checkpoint::load(&best_path).with_context(|| match self.ranks {
+            1 => "the run has no best.safetensors".to_string(),
+            n => format!(
+                "rank {}: every one of the {n} ranks reads the run's best.safetensors for the test: the run folder \
+                 must be on a file system every machine sees",
+                self.rank
+            ),
+        })?;
         let best_state = best.state.clone().unwrap_or_default();
         let params = best.params_for(&best_path, spec)?;
-        let batch = cfg.batch.min(self.n_test);
+        // Each rank tests its share (with several ranks), in batches of its share of --batch.
+        let batch = cfg.batch.min(self.n_test).div_ceil(self.ranks).max(1);
         drop(self.net);
         let mut net = Net::new(make_backend()?, spec.clone(), &params, self.adamw, batch)?;
         let test = self.sources.test.clone();
-        let res = eval::evaluate(
+        let res = eval::evaluate_shared(
             &mut net,
             &test,
             (0..self.n_test).collect(),
@@ -498,16 +607,16 @@ impl<'c, B: Backend> Run<'c, B> {
                 0.0
             }),
         };
-        let path = self.folder.dir.join("summary.json");
+        let Some(mut events) = self.events else {
+            // Not rank 0: rank 0 writes the summary and prints the table.
+            return Ok(summary);
+        };
+        let path = self.dir.join("summary.json");
         files::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
-        let mut events = self.events;
         events.hparams_end(super::tensorboard::RunStatus::Success, wall_time_now())?;
         // Printed once everything is written: a closed stdout (`| head`) loses no file.
         println!("{table}");
-        say(
-            self.opts,
-            format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.folder.dir.display()),
-        );
+        say(self.opts, format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.dir.display()));
         Ok(summary)
     }
 }

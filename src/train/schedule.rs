@@ -1,11 +1,39 @@
-//! `CosineAnnealingLR(T_max = epochs, eta_min)`, stepped once per epoch (docs/method.md §10):
-//! `lr_e = eta_min + (lr_0 - eta_min) * (1 + cos(pi * e / T)) / 2`.
+//! The learning rate of every step. The released recipe: `CosineAnnealingLR(T_max = epochs, eta_min)`, stepped
+//! once per epoch (docs/method.md §10): `lr_e = eta_min + (lr_0 - eta_min) * (1 + cos(pi * e / T)) / 2`. For large
+//! global batches (docs/many-gpus.md), `--lr-schedule step` moves the same cosine every step (`e` becomes the step
+//! over the steps per epoch, a fraction), and `--warmup-epochs W` multiplies the first `W` epochs' steps by a
+//! linear ramp, `(s + 1) / (W * steps per epoch)` for step `s` counted from 0, so the first step takes a
+//! fraction of the lr and the ramp meets the schedule at the end of the warmup. The lr is never changed otherwise
+//! (not with the number of GPUs).
 
-pub fn cosine_lr(lr0: f64, eta_min: f64, epoch: usize, t_max: usize) -> f64 {
+use super::config::{LrSchedule, TrainConfig};
+
+/// The lr of step `batch` (0-based) of epoch `epoch` (0-based) of a run of `steps_per_epoch` steps an epoch.
+pub fn lr_at(cfg: &TrainConfig, epoch: usize, batch: usize, steps_per_epoch: usize) -> f64 {
+    let per = steps_per_epoch.max(1) as f64;
+    let base = match cfg.lr_schedule {
+        LrSchedule::Epoch => cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs),
+        LrSchedule::Step => cosine_at(cfg.lr, cfg.lr_min, epoch as f64 + batch as f64 / per, cfg.epochs),
+    };
+    let warmup_steps = cfg.warmup_epochs * per;
+    let s = (epoch as f64) * per + batch as f64;
+    if s + 1.0 < warmup_steps {
+        base * (s + 1.0) / warmup_steps
+    } else {
+        base
+    }
+}
+
+/// The cosine at a fractional epoch `t` of `t_max`.
+fn cosine_at(lr0: f64, eta_min: f64, t: f64, t_max: usize) -> f64 {
     if t_max == 0 {
         return lr0;
     }
-    eta_min + (lr0 - eta_min) * (1.0 + (std::f64::consts::PI * epoch as f64 / t_max as f64).cos()) / 2.0
+    eta_min + (lr0 - eta_min) * (1.0 + (std::f64::consts::PI * t / t_max as f64).cos()) / 2.0
+}
+
+pub fn cosine_lr(lr0: f64, eta_min: f64, epoch: usize, t_max: usize) -> f64 {
+    cosine_at(lr0, eta_min, epoch as f64, t_max)
 }
 
 /// The most an AdamW-trained weight can move over epochs `from..epochs` of `steps_per_epoch` steps: AdamW
@@ -65,5 +93,35 @@ mod tests {
         assert!(short_run_warning(2e-4, 1e-5, 100, 391, typical).is_none());
         assert!(short_run_warning(2e-4, 1e-5, 1, 469, typical).is_none());
         assert!((summed_lr(2e-4, 1e-5, 100, 391) - 391.0 * 100.0 * 1.0595e-4).abs() < 0.01);
+    }
+
+    fn cfg(schedule: LrSchedule, warmup: f64) -> TrainConfig {
+        TrainConfig {
+            lr: 1e-3,
+            lr_min: 0.0,
+            epochs: 4,
+            lr_schedule: schedule,
+            warmup_epochs: warmup,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_released_schedule_is_unchanged_and_warmup_ramps_per_step() {
+        let c = cfg(LrSchedule::Epoch, 0.0);
+        for (e, b) in [(0, 0), (1, 3), (3, 9)] {
+            assert_eq!(lr_at(&c, e, b, 10), cosine_lr(1e-3, 0.0, e, 4), "epoch {e} batch {b}");
+        }
+        // Per step: the cosine of the fractional epoch, so mid-epoch values lie between the epochs' own.
+        let s = cfg(LrSchedule::Step, 0.0);
+        assert_eq!(lr_at(&s, 1, 0, 10), cosine_lr(1e-3, 0.0, 1, 4));
+        let mid = lr_at(&s, 1, 5, 10);
+        assert!(mid < cosine_lr(1e-3, 0.0, 1, 4) && mid > cosine_lr(1e-3, 0.0, 2, 4), "{mid}");
+        // A warmup of 1.5 epochs of 10 steps: step s takes (s + 1) / 15 of the schedule's lr, then the schedule.
+        let w = cfg(LrSchedule::Step, 1.5);
+        assert!((lr_at(&w, 0, 0, 10) - lr_at(&s, 0, 0, 10) / 15.0).abs() < 1e-18);
+        assert!((lr_at(&w, 1, 2, 10) - lr_at(&s, 1, 2, 10) * 13.0 / 15.0).abs() < 1e-18);
+        assert_eq!(lr_at(&w, 1, 4, 10), lr_at(&s, 1, 4, 10));
+        assert_eq!(lr_at(&w, 3, 9, 10), lr_at(&s, 3, 9, 10));
     }
 }

@@ -179,6 +179,21 @@ pub struct CudaBackend {
     inputs_read_as_stored: std::sync::atomic::AtomicUsize,
     /// Step graphs allowed (`ASGE_CUDA_GRAPHS=0` or [`CudaBackend::without_step_graphs`] turn them off).
     graphs_allowed: bool,
+    /// With several ranks: the process's communicator (`crate::dist::group`) and the stream its collectives run on.
+    comm: Option<Comm>,
+}
+
+/// The collectives' side of a backend in a run of several ranks: NCCL's communicator, one stream for all its
+/// collectives (in the same order on every rank), the events that order that stream with lane 0, and whether a
+/// collective was queued since the last join.
+struct Comm {
+    group: Arc<crate::dist::group::Group>,
+    stream: Arc<CudaStream>,
+    /// Recorded on lane 0 before a collective (the stream waits on it) and on the stream after the last one
+    /// (lane 0 waits on it: [`Schedule::join_collectives`]).
+    before: CudaEvent,
+    after: CudaEvent,
+    pending: std::sync::atomic::AtomicBool,
 }
 
 /// Device tables built once per shape and shared by every call (and lane) after.
@@ -394,6 +409,31 @@ impl CudaBackend {
         );
         drv(streams[0].synchronize(), "alloc step parameters")?;
         let lane_events = graph::LaneEvents::new(&ctx, streams.len())?;
+        let comm = match crate::dist::group::current() {
+            Some(group) if group.world.size > 1 => {
+                if streams.len() > 1 {
+                    bail!(
+                        "ASGE_CUDA_LANES={}: several lanes are not yet supported with several ranks; leave it unset",
+                        streams.len()
+                    );
+                }
+                if group.world.local_rank != ordinal {
+                    bail!(
+                        "--device cuda:{ordinal}: rank {} joined its ranks on cuda:{} (its LOCAL_RANK)",
+                        group.world.rank,
+                        group.world.local_rank
+                    );
+                }
+                Some(Comm {
+                    stream: group.stream.clone(),
+                    group,
+                    before: drv(ctx.new_event(None), "event")?,
+                    after: drv(ctx.new_event(None), "event")?,
+                    pending: std::sync::atomic::AtomicBool::new(false),
+                })
+            }
+            _ => None,
+        };
         Ok(CudaBackend {
             ordinal,
             precision: Precision::F32,
@@ -427,6 +467,7 @@ impl CudaBackend {
             input_copies_reused: std::sync::atomic::AtomicUsize::new(0),
             inputs_read_as_stored: std::sync::atomic::AtomicUsize::new(0),
             graphs_allowed: !std::env::var("ASGE_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            comm,
         })
     }
 
@@ -666,6 +707,69 @@ impl Schedule for CudaBackend {
         self.streams.len()
     }
 
+    fn ranks(&self) -> usize {
+        self.comm.as_ref().map_or(1, |c| c.group.world.size)
+    }
+
+    fn all_reduce_sum(&self, layer: usize, bufs: &mut [(&mut CudaBuf, usize)]) -> Result<()> {
+        let Some(c) = &self.comm else {
+            bail!("cuda backend: layer {}'s gradients: this process has no communicator (one rank)", layer + 1)
+        };
+        // After everything lane 0 (the only lane with several ranks) has queued: the buffers' last writers.
+        drv(c.before.record(&self.streams[0]), "event")?;
+        drv(c.stream.wait(&c.before), "stream wait")?;
+        let comm = &c.group.comm;
+        comm.group(|| {
+            for (buf, len) in bufs.iter_mut() {
+                let s = buf.f32_mut("an all-reduced buffer")?;
+                fits("all-reduced buffer", s.len(), *len)?;
+                let (ptr, _sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(s, &c.stream);
+                // SAFETY: `s` holds at least `len` f32 values (checked); lane 0 touches it again only after
+                // join_collectives, which waits for this stream.
+                unsafe { comm.all_reduce_raw::<f32>(ptr, *len, crate::dist::nccl::Reduce::Sum, c.stream.cu_stream()) }
+                    .with_context(|| format!("the all-reduce of layer {}'s buffers", layer + 1))?;
+            }
+            Ok(())
+        })?;
+        c.pending.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn join_collectives(&self) -> Result<()> {
+        let Some(c) = &self.comm else { return Ok(()) };
+        if c.pending.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            drv(c.after.record(&c.stream), "event")?;
+            drv(self.streams[0].wait(&c.after), "stream wait")?;
+        }
+        Ok(())
+    }
+
+    fn all_reduce_host(&self, values: &mut [f64], op: super::Reduction) -> Result<()> {
+        let Some(c) = &self.comm else { return Ok(()) };
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut buf = drv(c.stream.clone_htod(values), "copy to the device")?;
+        {
+            let (ptr, _sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut buf, &c.stream);
+            let op = match op {
+                super::Reduction::Sum => crate::dist::nccl::Reduce::Sum,
+                super::Reduction::Max => crate::dist::nccl::Reduce::Max,
+            };
+            // SAFETY: `buf` holds values.len() f64 values, used by nothing else until the copy back below.
+            unsafe { c.group.comm.all_reduce_raw::<f64>(ptr, values.len(), op, c.stream.cu_stream()) }?;
+        }
+        let back = c.stream.clone_dtoh(&buf).and_then(|v| c.stream.synchronize().map(|_| v));
+        let back = back.map_err(|e| match c.group.failure() {
+            Some(why) => anyhow::anyhow!("{why}"),
+            None => anyhow::anyhow!("cuda: an all-reduce across ranks: {e:?}"),
+        })?;
+        c.group.comm.async_error()?;
+        values.copy_from_slice(&back);
+        c.group.beat();
+        Ok(())
+    }
+
     fn device_time_ms(&self, warmup: usize, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
         self.time_ms(warmup, reps, f).map(Some)
     }
@@ -753,7 +857,16 @@ impl Schedule for CudaBackend {
     fn collect_read(&self, p: PendingRead) -> Result<Vec<Vec<f32>>> {
         let rb = self.readback.lock().unwrap();
         // Waits for this copy only, not for the work queued after it.
-        drv(rb.copied[p.slot].synchronize(), "statistics readback")?;
+        if let Err(e) = rb.copied[p.slot].synchronize() {
+            // With several ranks, a collective the watchdog aborted (a lost rank) is the cause to name.
+            if let Some(why) = self.comm.as_ref().and_then(|c| c.group.failure()) {
+                bail!("{why}");
+            }
+            return drv(Err(e), "statistics readback");
+        }
+        if let Some(c) = &self.comm {
+            c.group.beat();
+        }
         let host = rb.pinned[p.slot].as_ref().context("cuda: a statistics read without its buffer")?;
         let all = drv(host.as_slice(), "statistics readback")?;
         Ok(all[..p.count * p.len].chunks(p.len.max(1)).map(<[f32]>::to_vec).collect())

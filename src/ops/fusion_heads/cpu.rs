@@ -9,12 +9,12 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 pub(crate) fn run(_be: &CpuBackend, a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-    let Args { layer: _, batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
+    let Args { layer: _, batch, mean_over, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
     let feats: Vec<(&[f32], usize)> = feats.iter().map(|&(f, c)| (f.as_slice(), c)).collect();
     let heads: Vec<(&[f32], &[f32])> = heads.iter().map(|&(w, b)| (w.as_slice(), b.as_slice())).collect();
     let mut grads: Option<Vec<(&mut [f32], &mut [f32])>> =
         grads.map(|g| g.iter_mut().map(|(w, b)| (w.as_mut_slice(), b.as_mut_slice())).collect());
-    fusion_heads(batch, classes, &feats, &heads, labels, logits, grads.as_deref_mut(), stats)
+    fusion_heads(batch, mean_over, classes, &feats, &heads, labels, logits, grads.as_deref_mut(), stats)
 }
 
 /// Fusion heads: logits `s = sum_k f_k W_k^T + b_k`, CE, and the head gradients.
@@ -23,6 +23,7 @@ pub(crate) fn run(_be: &CpuBackend, a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) ->
 #[allow(clippy::too_many_arguments)]
 pub fn fusion_heads(
     batch: usize,
+    mean_over: usize,
     classes: usize,
     feats: &[(&[f32], usize)],
     heads: &[(&[f32], &[f32])],
@@ -35,7 +36,7 @@ pub fn fusion_heads(
     if feats.len() != heads.len() {
         bail!("{} feature sets for {} fusion heads", feats.len(), heads.len());
     }
-    let scale = 1.0 / batch as f32;
+    let scale = 1.0 / mean_over as f32;
     let mut ds = vec![0.0f32; batch * classes];
     let logits = &mut logits[..batch * classes];
     let per_sample: Vec<(f64, bool)> = logits

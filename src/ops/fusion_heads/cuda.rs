@@ -9,7 +9,7 @@ use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-    let Args { layer, batch, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
+    let Args { layer, batch, mean_over, classes, feats, heads, labels, logits, grads, stats } = a.into_inner();
     be.enter_layer(layer)?;
     let _timer = be.time_op("fusion_heads");
     let logits = logits.f32_mut("head logits")?;
@@ -41,11 +41,16 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> R
     // The logits and labels read, dL/ds written.
     be.launch("heads_softmax_f32", Work::bytes(4.0 * (2 * batch * classes + batch) as f64), || {
         Ok(unsafe {
-            HeadsSoftmaxF32 { s: &*logits, labels, ds: &mut *ds, stats: stats.f32_mut("stats")?, B: b, N: n }.launch(
-                stream,
-                be.f("heads_softmax_f32")?,
-                grid1(batch),
-            )
+            HeadsSoftmaxF32 {
+                s: &*logits,
+                labels,
+                ds: &mut *ds,
+                stats: stats.f32_mut("stats")?,
+                B: b,
+                N: n,
+                M: i32::try_from(mean_over)?,
+            }
+            .launch(stream, be.f("heads_softmax_f32")?, grid1(batch))
         })
     })?;
     if let Some(grads) = grads {

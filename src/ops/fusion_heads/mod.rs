@@ -18,6 +18,9 @@ pub struct Args<'a, B, L> {
     /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
     pub layer: usize,
     pub batch: usize,
+    /// The batch the loss is a mean over: `batch` in one process, the global batch when this is one rank's
+    /// share of it (data-parallel training), so that the ranks' gradients sum to the global batch's.
+    pub mean_over: usize,
     pub classes: usize,
     pub feats: &'a [(&'a B, usize)],
     pub heads: &'a [(&'a B, &'a B)],
@@ -31,6 +34,7 @@ impl<B: Len, L: Len> Args<'_, B, L> {
     /// As many feature sets (and gradient pairs) as heads, and every buffer holds what the op reads or writes.
     pub fn check(&self, be: &str) -> Result<()> {
         let (batch, classes) = (self.batch, self.classes);
+        ensure!(self.mean_over >= batch, "{be} backend: a loss of {batch} samples as a mean over {}", self.mean_over);
         let (feats, heads) = (self.feats, self.heads);
         ensure!(
             feats.len() == heads.len(),

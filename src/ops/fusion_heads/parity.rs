@@ -1,5 +1,5 @@
 //! The parity check of `fusion_heads`: two heads (32 and 64 features, batch 5, 10 classes), the CPU reference
-//! against a backend.
+//! against a backend, as one process's batch and as one rank's share of a batch of 20.
 
 use super::{run, Args};
 use crate::backend::cpu::CpuBackend;
@@ -26,7 +26,7 @@ pub fn inputs() -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
 
 /// The op on `be`: the summed logits, the statistics, and each head's `(dW, db)`.
 #[allow(clippy::type_complexity)]
-pub fn outputs<B: Backend>(be: &B) -> Result<(Vec<f32>, Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
+pub fn outputs<B: Backend>(be: &B, mean_over: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
     let (feats, ws, bs) = inputs();
     let up = |v: &Vec<Vec<f32>>| v.iter().map(|x| be.upload(x)).collect::<Result<Vec<_>>>();
     let (fd, wd, bd) = (up(&feats)?, up(&ws)?, up(&bs)?);
@@ -41,6 +41,7 @@ pub fn outputs<B: Backend>(be: &B) -> Result<(Vec<f32>, Vec<f32>, Vec<(Vec<f32>,
         let a = Args {
             layer: 0,
             batch: BATCH,
+            mean_over,
             classes: CLASSES,
             feats: &f,
             heads: &h,
@@ -63,13 +64,16 @@ pub fn outputs<B: Backend>(be: &B) -> Result<(Vec<f32>, Vec<f32>, Vec<(Vec<f32>,
 /// samples (1e-4 relative, a floor of 1e-5 of the largest); the count of correct predictions is exact.
 pub fn check<D: Backend>(dev: &D) -> Result<()> {
     let cpu = CpuBackend::new().with_precision(dev.precision());
-    let ((lg, st, grads), (lgd, std, gradsd)) = (outputs(&cpu)?, outputs(dev)?);
-    close("head logits", &lgd, &lg, 1e-4, 1e-5)?;
-    close("head loss", &std[..1], &st[..1], 1e-4, 0.0)?;
-    ensure!(std[1] == st[1], "head correct count: {} against {}", std[1], st[1]);
-    for (k, ((gw, gb), (cw, cb))) in gradsd.iter().zip(&grads).enumerate() {
-        close(&format!("head {k} dW"), gw, cw, 1e-4, 1e-5)?;
-        close(&format!("head {k} db"), gb, cb, 1e-4, 1e-5)?;
+    for mean_over in [BATCH, 4 * BATCH] {
+        let ((lg, st, grads), (lgd, std, gradsd)) = (outputs(&cpu, mean_over)?, outputs(dev, mean_over)?);
+        let what = |o: &str| format!("fusion heads (a mean over {mean_over}): {o}");
+        close(&what("logits"), &lgd, &lg, 1e-4, 1e-5)?;
+        close(&what("loss"), &std[..1], &st[..1], 1e-4, 0.0)?;
+        ensure!(std[1] == st[1], "{}: {} against {}", what("correct count"), std[1], st[1]);
+        for (k, ((gw, gb), (cw, cb))) in gradsd.iter().zip(&grads).enumerate() {
+            close(&what(&format!("head {k} dW")), gw, cw, 1e-4, 1e-5)?;
+            close(&what(&format!("head {k} db")), gb, cb, 1e-4, 1e-5)?;
+        }
     }
     Ok(())
 }

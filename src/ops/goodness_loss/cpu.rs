@@ -8,16 +8,18 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 pub(crate) fn run(_be: &CpuBackend, a: Checked<Args<'_, Vec<f32>, Vec<u32>>>) -> Result<()> {
-    let Args { layer: _, batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
-    goodness_loss(batch, dim, classes, g, proj_w, proj_b, labels, logits, dg.map(|d| d.as_mut_slice()), stats)
+    let Args { layer: _, batch, mean_over, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
+    let dg = dg.map(|d| d.as_mut_slice());
+    goodness_loss(batch, mean_over, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats)
 }
 
-/// `a = g R + r`; CE; `dg = (softmax(a) - onehot) R^T / B`.
+/// `a = g R + r`; CE; `dg = (softmax(a) - onehot) R^T / mean_over` (`mean_over` is `batch` in one process).
 // The arguments one by one: the dispatch above and tests/ops.rs call the reference math with slices and the
 // fp16 switches that the op's Args do not carry.
 #[allow(clippy::too_many_arguments)]
 pub fn goodness_loss(
     batch: usize,
+    mean_over: usize,
     dim: usize,
     classes: usize,
     g: &[f32],
@@ -29,7 +31,7 @@ pub fn goodness_loss(
     stats: &mut [f32],
 ) -> Result<()> {
     check_labels(labels, batch, classes)?;
-    let scale = 1.0 / batch as f32;
+    let scale = 1.0 / mean_over as f32;
     let (proj_w, proj_b) = (&proj_w[..dim * classes], &proj_b[..classes]);
     let row = |b: usize, a: &mut [f32], dg_row: Option<&mut [f32]>| {
         a.fill(0.0);

@@ -10,7 +10,7 @@ use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> Result<()> {
-    let Args { layer, batch, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
+    let Args { layer, batch, mean_over, dim, classes, g, proj_w, proj_b, labels, logits, dg, stats } = a.into_inner();
     be.enter_layer(layer)?;
     let _timer = be.time_op("goodness_loss");
     anyhow::ensure!(
@@ -38,6 +38,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf, CudaSlice<u32>>>) -> R
                 B: batch as i32,
                 D: dim as i32,
                 N: classes as i32,
+                M: i32::try_from(mean_over)?,
                 with_grad,
             }
             .launch(be.stream(), be.f("goodness_loss_f32")?, cfg((batch as u32, 1, 1)))

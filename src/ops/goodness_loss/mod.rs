@@ -1,5 +1,5 @@
 //! `goodness_loss`: `a = g R + r`, softmax cross-entropy against the labels, the logits `a` `[B, N]` written,
-//! `dL/dg = (softmax(a) - onehot(y)) R^T / B` when `dg` is given, and `[loss_sum, correct]` added to `stats`
+//! `dL/dg = (softmax(a) - onehot(y)) R^T / M` (`M`: `mean_over`, the batch in one process) when `dg` is given, and `[loss_sum, correct]` added to `stats`
 //! (docs/method.md §6).
 
 pub mod cpu;
@@ -18,6 +18,9 @@ pub struct Args<'a, B, L> {
     /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
     pub layer: usize,
     pub batch: usize,
+    /// The batch the loss is a mean over: `batch` in one process, the global batch when this is one rank's
+    /// share of it (data-parallel training), so that the ranks' gradients sum to the global batch's.
+    pub mean_over: usize,
     pub dim: usize,
     pub classes: usize,
     pub g: &'a B,
@@ -37,6 +40,7 @@ impl<B: Len, L: Len> Args<'_, B, L> {
             batch > 0 && dim > 0 && classes >= 2,
             "{be} backend: a loss over {batch} x {dim} for {classes} classes"
         );
+        ensure!(self.mean_over >= batch, "{be} backend: a loss of {batch} samples as a mean over {}", self.mean_over);
         fits(be, "goodness", self.g.len(), batch * dim)?;
         fits(be, "projection", self.proj_w.len(), dim * classes)?;
         fits(be, "projection bias", self.proj_b.len(), classes)?;

@@ -1,5 +1,6 @@
 //! The parity check of `goodness_loss`: the CPU reference against a backend, on one sample, a goodness longer
-//! than a block of threads, and 100 classes over an odd batch.
+//! than a block of threads, 100 classes over an odd batch, and one rank's share of a data-parallel batch (a mean
+//! over more samples than it holds).
 
 use super::{run, Args};
 use crate::backend::cpu::CpuBackend;
@@ -8,11 +9,11 @@ use crate::ops::parity::{close, poisoned};
 use crate::rng::randn;
 use anyhow::{ensure, Result};
 
-/// (batch, goodness dimension, classes).
-pub const CASES: [(usize, usize, usize); 3] = [(1, 16, 10), (3, 1000, 10), (33, 512, 100)];
+/// (batch, goodness dimension, classes, the batch the loss is a mean over).
+pub const CASES: [(usize, usize, usize, usize); 4] = [(1, 16, 10, 1), (3, 1000, 10, 3), (33, 512, 100, 33), (5, 64, 10, 15)];
 
 /// The op on `be` for one case: the logits, `dL/dg` and the statistics.
-fn outputs<B: Backend>(be: &B, (batch, dim, classes): (usize, usize, usize)) -> Result<[Vec<f32>; 3]> {
+fn outputs<B: Backend>(be: &B, (batch, dim, classes, mean_over): (usize, usize, usize, usize)) -> Result<[Vec<f32>; 3]> {
     let goodness: Vec<f32> = randn(batch * dim, 1.0, 1).iter().map(|v| v.abs()).collect();
     let std = 1.0 / (classes as f64).sqrt();
     let (g, proj_w, proj_b) =
@@ -22,6 +23,7 @@ fn outputs<B: Backend>(be: &B, (batch, dim, classes): (usize, usize, usize)) -> 
     let a = Args {
         layer: 0,
         batch,
+        mean_over,
         dim,
         classes,
         g: &g,

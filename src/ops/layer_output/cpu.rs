@@ -14,8 +14,10 @@ use rayon::prelude::*;
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
     let a = a.into_inner();
     let (ho, wo) = a.out_hw();
-    let Args { layer, batch, c, h, w, pool, dropout, y, out, gap } = a;
-    let dropout = dropout.map(|p| be.dropout_key(layer).map(|key| Dropout { p, key })).transpose()?;
+    let Args { layer, batch, c, h, w, pool, dropout, first_sample, y, out, gap } = a;
+    // The element index where this batch starts in the global batch, as the kernels take it (wrapping).
+    let first = first_sample.wrapping_mul(c * ho * wo) as u32;
+    let dropout = dropout.map(|p| be.dropout_key(layer).map(|key| Dropout { p, key, first })).transpose()?;
     layer_output(batch, c, h, w, pool, dropout, y, out, gap.map(|g| g.as_mut_slice()));
     if be.f16() {
         out[..batch * c * ho * wo].iter_mut().for_each(|v| *v = round_f16(*v));
@@ -61,9 +63,9 @@ pub fn layer_output(
                 }
             }
         }
-        if let Some(Dropout { p, key }) = dropout {
+        if let Some(Dropout { p, key, first }) = dropout {
             let keep_scale = 1.0 / (1.0 - p);
-            let base = (b * per_out) as u32;
+            let base = first.wrapping_add((b * per_out) as u32);
             for (i, v) in o.iter_mut().enumerate() {
                 let keep = rng::dropout_uniform(key, base.wrapping_add(i as u32)) >= p;
                 *v = if keep { *v * keep_scale } else { 0.0 };

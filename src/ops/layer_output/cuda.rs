@@ -17,7 +17,7 @@ use crate::ops::Checked;
 use anyhow::Result;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { layer, batch, c, h, w, pool, dropout, y, out, gap } = a.into_inner();
+    let Args { layer, batch, c, h, w, pool, dropout, first_sample, y, out, gap } = a.into_inner();
     be.enter_layer(layer)?;
     let _timer = be.time_op("layer_output");
     let precision = operand_precision(&[("y", y), ("layer output", &*out)])?;
@@ -43,6 +43,8 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
     let (ci, hi, wi) = (c as i32, h as i32, w as i32);
     let (ho, wo) = if pool.is_some() { (h / 2, w / 2) } else { (h, w) };
     let out_hw = ho * wo;
+    // Where the batch starts in the global batch's flat index (the masks' key; wrapping, as on the CPU).
+    let first = first_sample.wrapping_mul(c * out_hw) as u32;
     let channels_last = precision == Precision::F16 && c.is_multiple_of(8);
     let (cpb, slices) = if channels_last {
         geometry::layer_output_split_nhwc(c, out_hw)
@@ -70,7 +72,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
             // x), part holds batch x slices floats (its y).
             be.launch($sumsq::NAME, Work::bytes(eb * y_len + 4.0 * part_len), || {
                 Ok(unsafe {
-                    $sumsq { y, part: &mut *part, C: ci, H: hi, W: wi, pool: pool_i, p, key, use_dropout, CPB: cpb }
+                    $sumsq { y, part: &mut *part, C: ci, H: hi, W: wi, pool: pool_i, p, key, first, use_dropout, CPB: cpb }
                         .launch(stream, be.f($sumsq::NAME)?, launch_cfg)
                 })
             })?;
@@ -87,6 +89,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
                         pool: pool_i,
                         p,
                         key,
+                        first,
                         use_dropout,
                         use_gap,
                         CPB: cpb,

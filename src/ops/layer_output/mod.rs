@@ -24,6 +24,9 @@ pub struct Args<'a, B> {
     pub pool: Option<PoolKind>,
     /// Dropout's probability; its key is the step's for this layer (`Schedule::prepare_step`).
     pub dropout: Option<f32>,
+    /// The index of the batch's first sample in the step's global batch (a rank's share in data-parallel
+    /// training; 0 in one process): the masks are keyed by the global index (`backend::Dropout`).
+    pub first_sample: usize,
     pub y: &'a B,
     pub out: &'a mut B,
     pub gap: Option<&'a mut B>,
@@ -46,6 +49,11 @@ impl<B: Len> Args<'_, B> {
         let (batch, c, h, w) = (self.batch, self.c, self.h, self.w);
         ensure!(self.pool.is_none() || (h >= 2 && w >= 2), "{be} backend: a 2x2 pool of a {h}x{w} map");
         let (ho, wo) = self.out_hw();
+        ensure!(
+            self.dropout.is_none() || self.first_sample.checked_add(batch).is_some(),
+            "{be} backend: a batch at sample {}",
+            self.first_sample
+        );
         fits(be, "y", self.y.len(), batch * c * h * w)?;
         fits(be, "layer output", self.out.len(), batch * c * ho * wo)?;
         if let Some(gap) = &self.gap {

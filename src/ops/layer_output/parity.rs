@@ -34,31 +34,35 @@ pub fn conv_output(len: usize, precision: Precision) -> Vec<f32> {
     }
 }
 
-/// The op on `be` for one case: the output and the pooled features.
+/// The op on `be` for one case, as a batch starting at sample `first_sample` of a step's global batch: the output
+/// and the pooled features.
 fn outputs<B: Backend>(
     be: &B,
     (batch, c, h, pool, drop): (usize, usize, usize, Option<PoolKind>, Option<f32>),
+    first_sample: usize,
 ) -> Result<[Vec<f32>; 2]> {
     let y = be.upload_operand(&conv_output(batch * c * h * h, be.precision()))?;
     let (ho, wo) = if pool.is_some() { (h / 2, h / 2) } else { (h, h) };
     let (mut out, mut gap) = (poisoned_operand(be, batch * c * ho * wo)?, poisoned(be, batch * c)?);
     // Layer 0's dropout key, the step's.
     be.prepare_step(&AdamWScalars::default(), &[Some(0x1234_5678_9abc_def0)])?;
-    let a = Args { layer: 0, batch, c, h, w: h, pool, dropout: drop, y: &y, out: &mut out, gap: Some(&mut gap) };
+    let gap_out = Some(&mut gap);
+    let a = Args { layer: 0, batch, c, h, w: h, pool, dropout: drop, first_sample, y: &y, out: &mut out, gap: gap_out };
     run(be, a)?;
     Ok([be.read(&out, batch * c * ho * wo)?, be.read(&gap, batch * c)?])
 }
 
-/// Checks `dev` against the CPU reference: the same dropout mask bit for bit; the RMS is a reduction over at
-/// most 18k values (1e-4 relative); an fp16 store to one fp16 ulp (1.1e-3); the pooled features are f32 in
-/// both precisions.
+/// Checks `dev` against the CPU reference: the same dropout mask bit for bit (for a batch of its own, and, with
+/// dropout, as a rank's share starting at sample 5 of a global batch); the RMS is a reduction over at most 18k
+/// values (1e-4 relative); an fp16 store to one fp16 ulp (1.1e-3); the pooled features are f32 in both precisions.
 pub fn check<D: Backend>(dev: &D) -> Result<()> {
     let cpu = CpuBackend::new().with_precision(dev.precision());
     let store_rtol = if dev.precision() == Precision::F16 { 1.1e-3 } else { 1e-4 };
-    for case in CASES {
-        let ([out, gap], [outd, gapd]) = (outputs(&cpu, case)?, outputs(dev, case)?);
+    let shares = CASES.iter().filter(|c| c.4.is_some()).map(|&c| (c, 5));
+    for (case, first) in CASES.iter().map(|&c| (c, 0)).chain(shares) {
+        let ([out, gap], [outd, gapd]) = (outputs(&cpu, case, first)?, outputs(dev, case, first)?);
         let what = format!(
-            "{} layer output {}x{}x{} {:?} {:?}",
+            "{} layer output {}x{}x{} {:?} {:?} from sample {first}",
             dev.precision().as_str(),
             case.0,
             case.1,

@@ -15,7 +15,19 @@ impl<'c, B: Backend> Run<'c, B> {
     ) -> Result<Self> {
         cfg.validate()?;
         opts.validate()?;
-        if start != RunStart::Resume {
+        // One of several ranks (data parallel): only rank 0 takes the run folder and writes to it.
+        let (rank, ranks) = crate::dist::place();
+        let lead = rank == 0;
+        if ranks > 1 && !cfg.batch.is_multiple_of(ranks) {
+            bail!(
+                "--batch {}: the global batch is split evenly over the {ranks} ranks, so it must be a multiple of {ranks} \
+                 (the nearest: {} or {})",
+                cfg.batch,
+                cfg.batch / ranks * ranks,
+                cfg.batch.div_ceil(ranks) * ranks
+            );
+        }
+        if start != RunStart::Resume && lead {
             // Refuse an occupied folder before loading anything.
             RunFolder::check(out, start)?;
         }
@@ -41,6 +53,19 @@ impl<'c, B: Backend> Run<'c, B> {
         // A batch larger than the training set runs as one smaller batch (as PyTorch's DataLoader does), and the
         // workspace is sized for the images that exist.
         let batch = cfg.batch.min(train_idx.len());
+        if ranks > 1 {
+            let (n, last) = (train_idx.len(), train_idx.len() % batch.max(1));
+            if batch < ranks || (last > 0 && last < ranks) {
+                bail!(
+                    "{} training images in batches of {batch}: the last batch of an epoch has {} image(s), fewer than \
+                     the {ranks} ranks that share it; choose another --batch or --limit-train",
+                    n,
+                    if batch < ranks { batch } else { last }
+                );
+            }
+        }
+        // Each rank's workspace holds its share of a batch.
+        let local_batch = batch.div_ceil(ranks);
         // `--trace` may name neither an input (the data, noted as it was opened; --init) nor one of the run's own
         // files.
         if let Some(init) = cfg.init.as_ref().filter(|_| start != RunStart::Resume) {
@@ -51,10 +76,16 @@ impl<'c, B: Backend> Run<'c, B> {
             crate::trace::check()?;
         }
         let be = make_backend()?;
-        ensure_memory(&spec, batch, sources.input_size, be.buffers_on_host(), "training")?;
+        ensure_memory(&spec, local_batch, sources.input_size, be.buffers_on_host(), "training")?;
+        if be.ranks() != ranks {
+            bail!("--device {}: {ranks} ranks need a backend with their communicator (--device cuda)", cfg.device);
+        }
 
-        let folder = RunFolder::open(out, start)?;
-        let resume_from = if start == RunStart::Resume { resume_point(&folder.dir, &spec, opts.quiet)? } else { None };
+        let folder = if lead { Some(RunFolder::open(out, start)?) } else { None };
+        // The other ranks read the folder (to resume, and the best checkpoint for the final test): on one machine,
+        // or on a file system every machine sees.
+        let dir = folder.as_ref().map_or_else(|| out.to_path_buf(), |f| f.dir.clone());
+        let resume_from = if start == RunStart::Resume { resume_point(&dir, &spec, opts.quiet)? } else { None };
         let identity = data_identity(cfg.dataset, &sources);
         if let (Some(from), Some(stored)) = (&resume_from, &stored) {
             check_resume(from, stored, &identity, &cfg.data, train_idx.len().div_ceil(batch), opts.quiet)?;
@@ -68,7 +99,7 @@ impl<'c, B: Backend> Run<'c, B> {
             (Params::init(&spec, cfg.seed), TrainState::default(), None)
         };
         let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
-        let mut net = Net::new(be, spec.clone(), &params, adamw, batch)?;
+        let mut net = Net::new(be, spec.clone(), &params, adamw, local_batch)?;
         if let Some((path, ck)) = &ckpt {
             ck.restore_optimizer(path, &mut net)?;
         }
@@ -78,10 +109,12 @@ impl<'c, B: Backend> Run<'c, B> {
             serde_json::json!({ "train": resolved, "model": spec, "input": sources.input, "data": identity });
         // The checkpoints this run will write must load: one is checked now, before any training, with the reader's
         // own checks (a run must never end with checkpoints that --resume, eval, predict and export refuse).
-        let first = folder.dir.join("last.safetensors");
+        let first = dir.join("last.safetensors");
         checkpoint::check_readable(&checkpoint::encode(&first, &net, &state, &config_json)?, &first)
             .context("this run's checkpoints would not load; nothing was trained")?;
-        folder.clear_old_run()?;
+        if let Some(folder) = &folder {
+            folder.clear_old_run()?;
+        }
         if start == RunStart::Resume {
             if state.epochs_done > cfg.epochs {
                 bail!("--epochs {}: the run has already trained {} epochs", cfg.epochs, state.epochs_done);
@@ -94,15 +127,14 @@ impl<'c, B: Backend> Run<'c, B> {
                     state.epochs_done + 1
                 );
             }
-            truncate_metrics(&folder.dir.join("metrics.jsonl"), state.epochs_done)?;
-            truncate_steps(&folder.dir.join("steps.jsonl"), state.step)?;
+            if lead {
+                truncate_metrics(&dir.join("metrics.jsonl"), state.epochs_done)?;
+                truncate_steps(&dir.join("steps.jsonl"), state.step)?;
+            }
             // The options it continues with (--epochs, --device, --precision, --data may have changed).
             let (old, _) = stored.as_ref().expect("a resumed run's stored config");
-            if old != &resolved {
-                files::write_atomic(
-                    &folder.dir.join("config.json"),
-                    serde_json::to_string_pretty(&config_json)?.as_bytes(),
-                )?;
+            if old != &resolved && lead {
+                files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
             }
             if old.epochs != cfg.epochs && state.epochs_done < cfg.epochs {
                 let e = state.epochs_done;
@@ -119,17 +151,14 @@ impl<'c, B: Backend> Run<'c, B> {
                     ),
                 );
             }
-        } else {
-            files::write_atomic(
-                &folder.dir.join("config.json"),
-                serde_json::to_string_pretty(&config_json)?.as_bytes(),
-            )?;
-            files::write_atomic(&folder.dir.join("metrics.jsonl"), b"")?;
+        } else if lead {
+            files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+            files::write_atomic(&dir.join("metrics.jsonl"), b"")?;
         }
         say(
             opts,
             format!(
-                "asge: {} on {} ({} train / {} val / {} test), {} layers, {:.2}M trainable params, {} epochs, batch {}{}, {}",
+                "asge: {} on {} ({} train / {} val / {} test), {} layers, {:.2}M trainable params, {} epochs, batch {}{}, {}{}",
                 spec.arch,
                 cfg.dataset.name(),
                 train_idx.len(),
@@ -140,7 +169,12 @@ impl<'c, B: Backend> Run<'c, B> {
                 cfg.epochs,
                 batch,
                 if batch < cfg.batch { format!(" (--batch {} is more than the training set)", cfg.batch) } else { String::new() },
-                net.backend().name()
+                net.backend().name(),
+                if ranks > 1 {
+                    format!(", {ranks} ranks data-parallel ({} images each a step)", local_batch)
+                } else {
+                    String::new()
+                }
             ),
         );
         // A run far too short for its lr trains to near chance and looks broken: say so before it starts.
@@ -154,18 +188,21 @@ impl<'c, B: Backend> Run<'c, B> {
             steps_per_epoch,
             init_std[init_std.len() / 2],
         ) {
-            eprintln!("{w}");
+            if lead {
+                eprintln!("{w}");
+            }
         }
-        let mut events = crate::train::tensorboard::EventWriter::create(&folder.dir)?;
-        // The run's options as its row of TensorBoard's HParams table.
-        events.hparams_start(&config_json["train"], "", wall_time_now())?;
+        let events = if lead {
+            let mut events = crate::train::tensorboard::EventWriter::create(&dir)?;
+            // The run's options as its row of TensorBoard's HParams table.
+            events.hparams_start(&config_json["train"], "", wall_time_now())?;
+            Some(events)
+        } else {
+            None
+        };
         say(
             opts,
-            format!(
-                "asge: run folder {} (tensorboard --logdir {} shows its curves)",
-                folder.dir.display(),
-                folder.dir.display()
-            ),
+            format!("asge: run folder {} (tensorboard --logdir {} shows its curves)", dir.display(), dir.display()),
         );
         if start == RunStart::Resume {
             let per_epoch = train_idx.len().div_ceil(batch);
@@ -188,6 +225,9 @@ impl<'c, B: Backend> Run<'c, B> {
             cfg,
             opts,
             folder,
+            dir,
+            rank,
+            ranks,
             sources,
             spec,
             net,
