@@ -92,6 +92,7 @@ fn ops(c: &mut Criterion) {
                         asge::ops::conv_goodness_wgrad::Args {
                             layer: 0,
                             s: &s,
+                            mean_over: s.batch,
                             grid: &grid,
                             reduce: spec.goodness,
                             x: &xs[0],

@@ -108,6 +108,7 @@ fn ops(c: &mut Criterion, be: CudaBackend) {
                         asge::ops::conv_goodness_wgrad::Args {
                             layer: 0,
                             s: &s,
+                            mean_over: s.batch,
                             grid: &grid,
                             reduce: spec.goodness,
                             x,

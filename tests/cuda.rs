@@ -477,6 +477,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
             asge::ops::conv_goodness_wgrad::Args {
                 layer: 0,
                 s: &s,
+                mean_over: s.batch,
                 grid: &grid,
                 reduce: case.reduce,
                 x: xd,
@@ -494,6 +495,7 @@ fn the_weight_gradient_reuses_the_forwards_input_copy_only_while_it_is_current()
             asge::ops::conv_goodness_wgrad::Args {
                 layer: 0,
                 s: &s,
+                mean_over: s.batch,
                 grid: &grid,
                 reduce: case.reduce,
                 x: &host_x.to_vec(),

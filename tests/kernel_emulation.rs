@@ -390,6 +390,7 @@ fn conv_kernels_match_the_cpu_reference() {
                 asge::ops::conv_goodness_wgrad::Args {
                     layer: 0,
                     s: &s,
+                    mean_over: s.batch,
                     grid: &grid,
                     reduce: case.reduce,
                     x: &x,

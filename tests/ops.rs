@@ -614,6 +614,7 @@ fn fp16_weight_gradient_needs_and_gets_its_dz_scaling() {
         asge::ops::conv_goodness_wgrad::Args {
             layer: 0,
             s: &s,
+            mean_over: s.batch,
             grid: &grid,
             reduce: GoodnessReduce::Mean,
             x: &x,

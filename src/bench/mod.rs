@@ -411,6 +411,7 @@ pub fn run<B: Backend>(be: B, o: &BenchOptions, ceilings: Option<Ceilings>) -> R
                 crate::ops::conv_goodness_wgrad::Args {
                     layer: i,
                     s: &s,
+                    mean_over: s.batch,
                     grid: &grid,
                     reduce: spec.goodness,
                     x: &x,

@@ -18,8 +18,22 @@ fn free_port() -> Result<u16> {
 }
 
 fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a child this process started and whose exit it has not seen (its waiter has not reaped it).
+    // SAFETY: kill(2) on a child this process started and has not reaped (its waiter only watches, WNOWAIT), so the
+    // pid is still this child's, even once it exited.
     unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Blocks until child `pid` has exited, leaving it unreaped (a zombie keeps its pid), so that the launcher learns of
+/// each exit the moment it happens and still signals only its own children.
+fn watch_exit(pid: u32) {
+    loop {
+        // SAFETY: waitid(2) with WNOWAIT on our own child; `info` is an out-parameter.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
 }
 
 /// The exit code a shell would report: the process's own, or 128 + the signal that killed it.
@@ -63,16 +77,21 @@ pub fn run(n: usize, args: &[OsString], threads: Option<usize>) -> Result<i32> {
             }
         }
     }
-    // One waiter per rank reports its exit the moment it happens, so the first failure is the first in time.
+    // One watcher per rank reports its exit the moment it happens, so the first failure is the first in time; the
+    // launcher reaps it only then.
     let pids: Vec<u32> = children.iter().map(Child::id).collect();
     let (tx, rx) = std::sync::mpsc::channel();
-    for (rank, mut c) in children.into_iter().enumerate() {
+    for (rank, &pid) in pids.iter().enumerate() {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let _ = tx.send((rank, c.wait()));
+            watch_exit(pid);
+            let _ = tx.send(rank);
         });
     }
     drop(tx);
+    // After a signal was forwarded, a rank that stops for it (exit 128 + SIGHUP, SIGINT or SIGTERM) did what it
+    // was asked: its code is returned, but it does not make the launcher stop the others.
+    let mut signalled: Option<i32> = None;
     let mut running: Vec<bool> = vec![true; n];
     let to_running = |running: &[bool], sig: i32| {
         for (rank, _) in running.iter().enumerate().filter(|(_, r)| **r) {
@@ -84,10 +103,13 @@ pub fn run(n: usize, args: &[OsString], threads: Option<usize>) -> Result<i32> {
     let (mut term_at, mut kill_at): (Option<Instant>, Option<Instant>) = (None, None);
     while running.iter().any(|r| *r) {
         match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok((rank, status)) => {
+            Ok(rank) => {
                 running[rank] = false;
+                let status = children[rank].wait();
                 let code = status.map(code_of).with_context(|| format!("--nproc: waiting for rank {rank}"))?;
-                if code != 0 && first_failure.is_none() {
+                if forwarded && [129, 130, 143].contains(&code) {
+                    signalled.get_or_insert(code);
+                } else if code != 0 && first_failure.is_none() {
                     eprintln!("asge: rank {rank} failed (exit code {code})");
                     first_failure = Some((rank, code));
                 }
@@ -119,7 +141,7 @@ pub fn run(n: usize, args: &[OsString], threads: Option<usize>) -> Result<i32> {
             }
         }
     }
-    Ok(first_failure.map_or(0, |(_, code)| code))
+    Ok(first_failure.map(|(_, code)| code).or(signalled).unwrap_or(0))
 }
 
 /// This program's arguments without the options named (and their values: `--opt V` or `--opt=V`), for the

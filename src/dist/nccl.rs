@@ -188,6 +188,8 @@ pub struct Comm {
     comm: ncclComm_t,
     pub rank: usize,
     pub world: usize,
+    /// Set (before the call) once the communicator is aborted: NCCL frees it then, so no call may use it after.
+    aborted: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the communicator is used by one thread at a time (`&mut self` or the owner's lock); the watchdog's
@@ -226,7 +228,7 @@ impl Comm {
         // SAFETY: an out-parameter, the id by value, rank < world (checked by the caller).
         let r = unsafe { (nccl.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) };
         nccl.check(r, &format!("ncclCommInitRank (rank {rank} of {world})"), None)?;
-        Ok(Comm { nccl, comm, rank, world })
+        Ok(Comm { nccl, comm, rank, world, aborted: Default::default() })
     }
 
     /// Queues an in-place all-reduce of `len` values at `ptr` (device memory) on `stream`.
@@ -241,6 +243,7 @@ impl Comm {
             Reduce::Max => ncclRedOp_t::ncclMax,
             Reduce::Min => ncclRedOp_t::ncclMin,
         };
+        self.usable("ncclAllReduce")?;
         let p = ptr as *mut c_void;
         // SAFETY: the caller's contract; send and receive buffers are the same (in place), as NCCL allows.
         let r = unsafe { (self.nccl.all_reduce)(p, p, len, T::TYPE, op, self.comm, stream) };
@@ -252,6 +255,7 @@ impl Comm {
     /// # Safety
     /// As [`Comm::all_reduce_raw`].
     pub unsafe fn broadcast_raw<T: Element>(&self, ptr: u64, len: usize, root: usize, stream: Stream) -> Result<()> {
+        self.usable("ncclBroadcast")?;
         let p = ptr as *mut c_void;
         // SAFETY: the caller's contract.
         let r = unsafe { (self.nccl.broadcast)(p, p, len, T::TYPE, root as c_int, self.comm, stream) };
@@ -260,6 +264,7 @@ impl Comm {
 
     /// Runs `f` between `ncclGroupStart` and `ncclGroupEnd` (the collectives in it are issued together).
     pub fn group(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.usable("ncclGroupStart")?;
         // SAFETY: no arguments.
         self.nccl.check(unsafe { (self.nccl.group_start)() }, "ncclGroupStart", Some(self.comm))?;
         let r = f();
@@ -270,6 +275,7 @@ impl Comm {
 
     /// The communicator's asynchronous error (a peer gone, a network failure), if any.
     pub fn async_error(&self) -> Result<()> {
+        self.usable("ncclCommGetAsyncError")?;
         let mut e: Res = 0;
         // SAFETY: an out-parameter; NCCL allows this call from any thread.
         self.nccl.check(
@@ -282,8 +288,19 @@ impl Comm {
 
     /// Aborts the communicator's pending work (from the watchdog); the communicator is unusable after.
     pub fn abort(&self) {
+        if self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         // SAFETY: NCCL allows an abort from another thread; the result is ignored (there is nothing left to do).
         let _ = unsafe { (self.nccl.comm_abort)(self.comm) };
+    }
+
+    /// An error once the communicator is aborted (by the watchdog, after a lost rank or a timeout).
+    fn usable(&self, call: &str) -> Result<()> {
+        if self.aborted.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("NCCL: {call}: the communicator was aborted (a rank was lost or timed out; see the error above)");
+        }
+        Ok(())
     }
 }
 
@@ -291,7 +308,9 @@ impl Drop for Comm {
     fn drop(&mut self) {
         // SAFETY: the communicator this value owns; destroy after an asynchronous error would block, so abort then.
         unsafe {
-            if self.async_error().is_err() {
+            if self.aborted.load(std::sync::atomic::Ordering::SeqCst) {
+                // Freed by the abort.
+            } else if self.async_error().is_err() {
                 (self.nccl.comm_abort)(self.comm);
             } else {
                 (self.nccl.comm_destroy)(self.comm);

@@ -561,6 +561,7 @@ impl<B: Backend> Net<B> {
                 crate::ops::conv_goodness_wgrad::Args {
                     layer: li,
                     s: &s,
+                    mean_over: share.global,
                     grid: &layer.grid,
                     reduce,
                     x,

@@ -223,33 +223,14 @@ impl<'c, B: Backend> Run<'c, B> {
     /// updates), comparing a hash of every trained tensor across the ranks; a difference is an error naming the
     /// tensor. Every rank calls it at the same points (each epoch, before each checkpoint).
     fn check_same_weights(&self) -> Result<()> {
-        if self.ranks == 1 {
-            return Ok(());
-        }
-        let be = self.net.backend();
-        let named = self.net.named_params();
-        let mut local = Vec::with_capacity(4 * named.len());
-        // For the tests of this check: the named rank hashes its first tensor as if one bit of it differed.
-        let planted = std::env::var("ASGE_TEST_WEIGHTS_DIFFER_ON_RANK").is_ok_and(|r| r == self.rank.to_string());
-        for (i, (_, p)) in named.iter().enumerate() {
-            let v = be.read(&p.value, p.len)?;
-            let h = v.iter().fold(rng::FNV_OFFSET, |h, x| rng::fnv1a(h, &x.to_bits().to_le_bytes()));
-            let h = if planted && i == 0 { rng::fnv1a(h, &[1]) } else { h };
-            let (hi, lo) = ((h >> 32) as f64, (h & 0xffff_ffff) as f64);
-            local.extend([hi, lo, -hi, -lo]);
-        }
-        // The maxima of the hashes and of their negatives: equal to this rank's on every rank only when all agree.
-        let mut all = local.clone();
-        be.all_reduce_host(&mut all, crate::backend::Reduction::Max)?;
-        for (i, (name, _)) in named.iter().enumerate() {
-            let (mine, max) = (&local[4 * i..4 * i + 2], &all[4 * i..4 * i + 4]);
-            if max[0] != mine[0] || max[1] != mine[1] || -max[2] != mine[0] || -max[3] != mine[1] {
-                bail!(
-                    "the ranks' weights differ at {name} after step {} (they must stay identical: a faulty GPU or \
-                     link, or ranks that did not run the same program)",
-                    self.state.step
-                );
-            }
+        same_weights_on_every_rank(&self.net, self.rank, &format!("after step {}", self.state.step))
+    }
+
+    /// With several ranks, a point every rank reaches before any goes on (after rank 0 wrote a checkpoint that the
+    /// others' exit must not interrupt).
+    fn barrier(&self) -> Result<()> {
+        if self.ranks > 1 {
+            self.net.backend().all_reduce_host(&mut [0.0], crate::backend::Reduction::Sum)?;
         }
         Ok(())
     }
@@ -417,6 +398,8 @@ impl<'c, B: Backend> Run<'c, B> {
                 sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
                 self.save_mid_epoch(&sums)?;
                 if stop {
+                    // No rank exits (and has its launcher stop the others) before rank 0's checkpoint is written.
+                    self.barrier()?;
                     pb.finish();
                     let why = signal.map_or("stopped".to_string(), |s| format!("{}: stopped", interrupt::name(s)));
                     let why =
@@ -569,6 +552,8 @@ impl<'c, B: Backend> Run<'c, B> {
         let batch = cfg.batch.min(self.n_test).div_ceil(self.ranks).max(1);
         drop(self.net);
         let mut net = Net::new(make_backend()?, spec.clone(), &params, self.adamw, batch)?;
+        // Every rank read best.safetensors itself: the same file, the same weights?
+        same_weights_on_every_rank(&net, self.rank, "in best.safetensors as each rank read it")?;
         let test = self.sources.test.clone();
         let res = eval::evaluate_shared(
             &mut net,
@@ -619,4 +604,38 @@ impl<'c, B: Backend> Run<'c, B> {
         say(self.opts, format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.dir.display()));
         Ok(summary)
     }
+}
+
+/// With several ranks, checks that every rank holds the same weights in `net` (they must: the same sums, the same
+/// updates), comparing a hash of every trained tensor across the ranks; a difference is an error naming the
+/// tensor. Every rank calls it at the same points. `when` says which (`after step 120`).
+fn same_weights_on_every_rank<B: Backend>(net: &Net<B>, rank: usize, when: &str) -> Result<()> {
+    let be = net.backend();
+    if be.ranks() == 1 {
+        return Ok(());
+    }
+    let named = net.named_params();
+    let mut local = Vec::with_capacity(4 * named.len());
+    // For the tests of this check: the named rank hashes its first tensor as if one bit of it differed.
+    let planted = std::env::var("ASGE_TEST_WEIGHTS_DIFFER_ON_RANK").is_ok_and(|r| r == rank.to_string());
+    for (i, (_, p)) in named.iter().enumerate() {
+        let v = be.read(&p.value, p.len)?;
+        let h = v.iter().fold(rng::FNV_OFFSET, |h, x| rng::fnv1a(h, &x.to_bits().to_le_bytes()));
+        let h = if planted && i == 0 { rng::fnv1a(h, &[1]) } else { h };
+        let (hi, lo) = ((h >> 32) as f64, (h & 0xffff_ffff) as f64);
+        local.extend([hi, lo, -hi, -lo]);
+    }
+    // The maxima of the hashes and of their negatives: equal to this rank's on every rank only when all agree.
+    let mut all = local.clone();
+    be.all_reduce_host(&mut all, crate::backend::Reduction::Max)?;
+    for (i, (name, _)) in named.iter().enumerate() {
+        let (mine, max) = (&local[4 * i..4 * i + 2], &all[4 * i..4 * i + 4]);
+        if max[0] != mine[0] || max[1] != mine[1] || -max[2] != mine[0] || -max[3] != mine[1] {
+            bail!(
+                "the ranks' weights differ at {name} {when} (they must be identical: a faulty GPU or link, ranks \
+                 that did not run the same program, or a run folder that not every rank sees the same)"
+            );
+        }
+    }
+    Ok(())
 }

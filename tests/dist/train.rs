@@ -222,6 +222,25 @@ fn ranks_whose_weights_differ_a_killed_rank_and_the_cpu_are_refused() {
     let (o, t) = (o.as_ref().unwrap(), text(o.as_ref().unwrap()));
     assert!(!o.status.success() && t.contains("the ranks' weights differ at layers.0.conv.weight"), "{t}");
     assert!(!work().join("differ").join("last.safetensors").exists(), "{t}");
+    // Ranks that do not see the same data (here: told to use different numbers of images) stop before training.
+    let port = super::free_port().to_string();
+    let ranks: Vec<_> = [("0", "256"), ("1", "240")]
+        .into_iter()
+        .map(|(r, n)| {
+            let mut c = asge();
+            c.args(["train", "--dataset", "mnist", "--data"]).arg(common::data_dir().join("mnist"));
+            c.arg("--model").arg(work().join("model.json")).args(["--limit-train", n, "--val", "32", "--epochs", "1"]);
+            c.args(["--batch", "48", "--device", "cuda", "--timeout", "60", "--out"]).arg(work().join("unlike"));
+            c.envs([("SLURM_PROCID", r), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", r), ("MASTER_ADDR", "127.0.0.1")]);
+            c.env("MASTER_PORT", &port).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for r in ranks {
+        let o = r.wait_with_output().unwrap();
+        let t = text(&o);
+        assert!(!o.status.success() && t.contains("the 2 ranks do not start alike: the training images is"), "{t}");
+    }
     // A rank killed inside a collective: the other fails naming it, within seconds, not --timeout.
     let t0 = std::time::Instant::now();
     let o = train("killed", &["--epochs", "1", "--nproc", "2"]).env("ASGE_NCCL_STANDIN_KILL", "1:4").output().unwrap();

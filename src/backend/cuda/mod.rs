@@ -749,6 +749,9 @@ impl Schedule for CudaBackend {
         if values.is_empty() {
             return Ok(());
         }
+        // After every collective lane 0 has queued (a replayed step's), in the communicator's order.
+        drv(c.before.record(&self.streams[0]), "event")?;
+        drv(c.stream.wait(&c.before), "stream wait")?;
         let mut buf = drv(c.stream.clone_htod(values), "copy to the device")?;
         {
             let (ptr, _sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut buf, &c.stream);
@@ -764,6 +767,10 @@ impl Schedule for CudaBackend {
             Some(why) => anyhow::anyhow!("{why}"),
             None => anyhow::anyhow!("cuda: an all-reduce across ranks: {e:?}"),
         })?;
+        // An abort releases the waits with whatever the buffers held: not a result.
+        if let Some(why) = c.group.failure() {
+            bail!("{why}");
+        }
         c.group.comm.async_error()?;
         values.copy_from_slice(&back);
         c.group.beat();
@@ -865,6 +872,9 @@ impl Schedule for CudaBackend {
             return drv(Err(e), "statistics readback");
         }
         if let Some(c) = &self.comm {
+            if let Some(why) = c.group.failure() {
+                bail!("{why}");
+            }
             c.group.beat();
         }
         let host = rb.pinned[p.slot].as_ref().context("cuda: a statistics read without its buffer")?;

@@ -14,10 +14,10 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 pub(crate) fn run(be: &CpuBackend, a: Checked<Args<'_, Vec<f32>>>) -> Result<()> {
-    let Args { layer: _, s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
+    let Args { layer: _, s, mean_over, grid, reduce, x, y, dg, dw, db } = a.into_inner();
     if be.f16() {
         let x = rounded(&x[..s.x_len()]);
-        let scale = dz_scale(s.batch, grid, reduce);
+        let scale = dz_scale(mean_over, grid, reduce);
         conv_goodness_wgrad(s, grid, reduce, &x, y, dg, dw, db, Some(scale));
     } else {
         conv_goodness_wgrad(s, grid, reduce, x, y, dg, dw, db, None);

@@ -13,7 +13,7 @@ use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
-    let Args { layer, s, grid, reduce, x, y, dg, dw, db } = a.into_inner();
+    let Args { layer, s, mean_over, grid, reduce, x, y, dg, dw, db } = a.into_inner();
     be.enter_layer(layer)?;
     let _timer = be.time_op("conv_goodness_wgrad");
     let precision = operand_precision(&[("x", x), ("y", y)])?;
@@ -96,7 +96,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
             })
         }
         Precision::F16 => {
-            let scale = dz_scale(s.batch, grid, reduce);
+            let scale = dz_scale(mean_over, grid, reduce);
             let y = y.f16("y")?;
             let taps = be.nhwc_tap_table(cp, s)?;
             let masks = be.pixel_masks(s)?;

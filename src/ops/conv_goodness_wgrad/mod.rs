@@ -18,6 +18,9 @@ pub struct Args<'a, B> {
     /// The layer the op belongs to (0-based; the layer count for the fusion heads): on a GPU, its lane.
     pub layer: usize,
     pub s: &'a ConvShape,
+    /// The batch `dg`'s loss is a mean over (`s.batch` in one process, the global batch for a rank's share): the
+    /// fp16 path scales dL/dz by `backend::dz_scale` of it, so that a share rounds exactly as one process does.
+    pub mean_over: usize,
     pub grid: &'a PatchGrid,
     pub reduce: GoodnessReduce,
     pub x: &'a B,
@@ -31,6 +34,12 @@ impl<B: Len> Args<'_, B> {
     /// Every buffer holds what the op reads or writes for its shape, and the grid covers the map.
     pub fn check(&self, be: &str) -> Result<()> {
         let s = self.s;
+        anyhow::ensure!(
+            self.mean_over >= s.batch,
+            "{be} backend: a weight gradient of {} samples as a mean over {}",
+            s.batch,
+            self.mean_over
+        );
         grid_fits(be, s, self.grid)?;
         fits(be, "x", self.x.len(), s.x_len())?;
         fits(be, "y", self.y.len(), s.y_len())?;

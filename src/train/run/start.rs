@@ -221,6 +221,36 @@ impl<'c, B: Backend> Run<'c, B> {
                 ),
             );
         }
+        if ranks > 1 {
+            // Every rank read its own data, checkpoint and options: they must start at the same place with the same
+            // weights, or their collectives would not pair up.
+            let records = u64::from_str_radix(&identity.records, 16).unwrap_or(0);
+            let facts: [(&str, u64); 9] = [
+                ("the optimizer step", state.step),
+                ("the epochs done", state.epochs_done as u64),
+                ("the batches done in the epoch", state.batches_done as u64),
+                ("the training images", train_idx.len() as u64),
+                ("the validation images", val_idx.len() as u64),
+                ("the test images", n_test as u64),
+                ("the batch", batch as u64),
+                ("the data's records (hash, high half)", records >> 32),
+                ("the data's records (hash, low half)", records & 0xffff_ffff),
+            ];
+            let mine: Vec<f64> = facts.iter().flat_map(|&(_, v)| [v as f64, -(v as f64)]).collect();
+            let mut all = mine.clone();
+            net.backend().all_reduce_host(&mut all, crate::backend::Reduction::Max)?;
+            for (i, (what, v)) in facts.iter().enumerate() {
+                if all[2 * i] != mine[2 * i] || all[2 * i + 1] != mine[2 * i + 1] {
+                    bail!(
+                        "the {ranks} ranks do not start alike: {what} is {v} here, from {} to {} across the ranks (every \
+                         rank must see the same data and the same run folder)",
+                        -all[2 * i + 1],
+                        all[2 * i]
+                    );
+                }
+            }
+            super::same_weights_on_every_rank(&net, rank, "at the start")?;
+        }
         Ok(Run {
             cfg,
             opts,
