@@ -8,7 +8,7 @@
 #                                        code whose SASS CI checks, used by the run) and as PTX (the fallback)
 #   tools/gpu-check.sh run [--out DIR]   on the GPU machine, from the repository root with gpu-bundle/ in it
 #                                        (default DIR: gpu-bundle/report): in order, each step with its own time
-#                                        limit, the limits summing to 4.5 minutes:
+#                                        limit, the limits summing to 4.75 minutes:
 #                                        1. nvidia-smi, the tensor-core self-test, asge info (libraries,
 #                                           device, registers)                                            20 s
 #                                        2. device parity: every op and every fp16 GEMM variant against
@@ -23,7 +23,8 @@
 #                                        6. one MNIST epoch in fp16                                        35 s
 #                                        7. PyTorch channels-last fp16 autocast at width 1 (when present)  25 s
 #                                        8. 8 streams, and the step without its graph                     10 + 10 s
-#                                        9. fp32 rows, while time is left
+#                                        9. NCCL, a world of one: it loads, exact sums (asge comm-check)   15 s
+#                                       10. fp32 rows, while time is left
 #   tools/gpu-check.sh dry-run [--out DIR] here, without a GPU: the same sequence under the CUDA driver stand-in at
 #                                        small sizes (tools/test.sh runs it), so that the script itself (its
 #                                        quoting, deadline, parsing, missing tools) is tested; its times are the
@@ -289,7 +290,19 @@ print(" ".join("%s:%s %.0f %s" % ("heads" if k["layer"] > r["layers"] else k["la
     --step-only > "$report/bench-cuda-fp16-eager.txt" 2>&1
   timed "bench cuda fp16 w$sw without the step graph: $(first "$report/bench-cuda-fp16-eager.txt" '^train step' "$(ended $?)")"
 
-  # 9. fp32, while time is left: the step, an epoch, and the authors' recipe in PyTorch (fp32 eager, TF32 as
+  # 9. NCCL on this machine, a world of one (several GPUs need it; one never does): the library asge finds
+  # (ASGE_NCCL, libnccl.so.2 on the loader path, or the nvidia-nccl wheel PyTorch installs) loads, and its
+  # all-reduce gives exact sums on the GPU. Under the stand-in, its NCCL.
+  local nccl=${ASGE_NCCL:-}
+  if [ -z "$nccl" ] && [ "$dry" = 0 ]; then
+    nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+    [ -f "$nccl" ] || nccl=""
+  fi
+  lim 15 env ${nccl:+ASGE_NCCL="$nccl"} "$B/asge" comm-check --sizes 1000,1000000 --iters 20 > "$report/comm-check.txt" 2>&1
+  local crc=$?
+  timed "nccl, a world of one: $(ended $crc); $(first "$report/comm-check.txt" '^NCCL:' "$(tail -1 "$report/comm-check.txt")"); $(first "$report/comm-check.txt" 'bus bandwidth' 'no timing')"
+
+  # 10. fp32, while time is left: the step, an epoch, and the authors' recipe in PyTorch (fp32 eager, TF32 as
   # PyTorch's defaults: its line says which).
   lim 15 "$B/asge" bench --device cuda --precision fp32 --width "${widths[0]}" --batch $batch --reps $reps --step-reps $steps --step-only \
     > "$report/bench-cuda-fp32.txt" 2>&1

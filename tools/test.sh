@@ -48,9 +48,10 @@ else
   ASGE_CUDA_STANDIN=1 cargo test --release --locked --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
     tee -a "$log"
 fi
-# Many processes (tests/dist.rs): ranks started by --nproc and by the launchers' variables, NCCL between them and
-# the faults. Under the stand-in, whose NCCL works across processes, one test at a time (each starts several
-# ranks); on a GPU machine they are reported as ignored (they need the stand-in).
+# Many processes (tests/dist.rs, tests/dist/train.rs): ranks started by --nproc, torchrun and the launchers'
+# variables, NCCL between them, the faults, and data-parallel training against one process (about 4.5 minutes on 2
+# cores). Under the stand-in, whose NCCL works across processes, one test at a time (each starts several ranks); on
+# a GPU machine they are reported as ignored (they need the stand-in).
 if [ "${ASGE_CUDA_TESTS:-standin}" = gpu ]; then
   cargo test --release --locked --test dist 2>&1 | tee -a "$log"
 else
@@ -72,6 +73,8 @@ if [ "${ASGE_CUDA_TESTS:-standin}" != gpu ]; then
   grep -qE '^self-test: self-test cuda:0 .*: passed' "$dry/out/summary.txt" ||
     { echo "gpu-check dry run: the tensor-core self-test did not pass"; exit 1; }
   grep -q '^== done in' "$dry/out/summary.txt" || { echo "gpu-check dry run: the summary did not end"; exit 1; }
+  grep -qE '^nccl, a world of one: ok; NCCL: ' "$dry/out/summary.txt" ||
+    { echo "gpu-check dry run: the NCCL step did not pass (see $dry/out/comm-check.txt)"; exit 1; }
   # The kernel table agrees with tools/perf_model.py row by row, and the comparison fails when one row's bytes
   # differ (a model or a launch that drifted).
   grep -qE '^  perf model: [0-9]+ kernel rows agree' "$dry/out/summary.txt" ||

@@ -148,8 +148,12 @@ fn load_once() -> Result<Nccl> {
     let mut v = 0;
     // SAFETY: one out-parameter.
     n.check(unsafe { (n.get_version)(&mut v) }, "ncclGetVersion", None)?;
-    // NCCL_VERSION_CODE: major * 10000 + minor * 100 + patch since 2.9.
-    n.version = format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100);
+    // NCCL_VERSION_CODE: major * 10000 + minor * 100 + patch since 2.9, major * 1000 + minor * 100 + patch before.
+    n.version = if v >= 10000 {
+        format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100)
+    } else {
+        format!("{}.{}.{}", v / 1000, (v % 1000) / 100, v % 100)
+    };
     Ok(n)
 }
 
