@@ -61,7 +61,7 @@ fn alone_the_library_loads_and_a_world_of_one_reduces() {
 
 #[test]
 #[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1)"]
-fn nproc_starts_two_and_three_ranks_whose_sums_are_exact() {
+fn nproc_starts_two_and_three_ranks_whose_sums_and_sends_are_exact() {
     for n in ["2", "3"] {
         // 300,000 values: more than one round of the stand-in's 1 MiB slots.
         let o = asge()
@@ -71,6 +71,7 @@ fn nproc_starts_two_and_three_ranks_whose_sums_are_exact() {
         let t = text(&o);
         assert!(o.status.success(), "--nproc {n}: {t}");
         assert!(t.contains(&format!("comm-check: ok on {n} rank(s)")), "{t}");
+        assert!(t.contains("send/receive of 1000 f32 values around the ring: exact"), "{t}");
         assert!(t.contains("--nproc), rendezvous tcp:127.0.0.1:"), "{t}");
         // Only rank 0 prints.
         assert_eq!(t.matches("comm-check: ok").count(), 1, "{t}");

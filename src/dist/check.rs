@@ -73,6 +73,31 @@ pub fn run(o: &CheckOptions) -> Result<()> {
         }
         say(format!("  all-reduce of {n} f32 values: sum and max exact on rank 0"));
     }
+    // Point to point (what layers placed on different GPUs pass on): every rank sends to the next one and receives
+    // from the previous one, in one group, and checks what arrived.
+    if size > 1 {
+        let n = 1000;
+        let (next, prev) = ((rank + 1) % size, (rank + size - 1) % size);
+        let mine: Vec<f32> = (0..n).map(|i| value(rank, i)).collect();
+        let out = stream.clone_htod(&mine).map_err(|e| anyhow::anyhow!("upload ({e:?})"))?;
+        let mut inb = stream.alloc_zeros::<f32>(n).map_err(|e| anyhow::anyhow!("alloc ({e:?})"))?;
+        {
+            let (src, _s) = cudarc::driver::DevicePtr::device_ptr(&out, stream);
+            let (dst, _d) = inb.device_ptr_mut(stream);
+            let cs = stream.cu_stream();
+            // SAFETY: both buffers hold n f32 values and nothing else uses them until the stream synchronises.
+            comm.group(|| unsafe {
+                comm.send_raw::<f32>(src, n, next, cs)?;
+                comm.recv_raw::<f32>(dst, n, prev, cs)
+            })?;
+        }
+        sync("send/receive")?;
+        let got = stream.clone_dtoh(&inb).map_err(|e| anyhow::anyhow!("read back ({e:?})"))?;
+        if let Some(i) = (0..n).find(|&i| got[i].to_bits() != value(prev, i).to_bits()) {
+            bail!("{}wrong values from rank {prev} (send/receive): index {i} is {}", world.prefix(), got[i]);
+        }
+        say(format!("  send/receive of {n} f32 values around the ring: exact on rank 0"));
+    }
     let n = o.sizes.iter().copied().max().unwrap_or(0);
     if n > 0 && o.iters > 0 {
         let mut buf = stream.alloc_zeros::<f32>(n).map_err(|e| anyhow::anyhow!("alloc ({e:?})"))?;

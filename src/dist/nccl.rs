@@ -23,6 +23,8 @@ type AllReduce =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, Stream) -> Res;
 type Broadcast =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, Stream) -> Res;
+type SendFn = unsafe extern "C" fn(*const c_void, usize, ncclDataType_t, c_int, ncclComm_t, Stream) -> Res;
+type RecvFn = unsafe extern "C" fn(*mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, Stream) -> Res;
 type Group = unsafe extern "C" fn() -> Res;
 type CommAsyncError = unsafe extern "C" fn(ncclComm_t, *mut Res) -> Res;
 type CommCall = unsafe extern "C" fn(ncclComm_t) -> Res;
@@ -39,6 +41,8 @@ pub struct Nccl {
     comm_init_rank: CommInitRank,
     all_reduce: AllReduce,
     broadcast: Broadcast,
+    send: SendFn,
+    recv: RecvFn,
     group_start: Group,
     group_end: Group,
     comm_get_async_error: CommAsyncError,
@@ -137,6 +141,8 @@ fn load_once() -> Result<Nccl> {
         comm_init_rank: bind!(c"ncclCommInitRank", CommInitRank),
         all_reduce: bind!(c"ncclAllReduce", AllReduce),
         broadcast: bind!(c"ncclBroadcast", Broadcast),
+        send: bind!(c"ncclSend", SendFn),
+        recv: bind!(c"ncclRecv", RecvFn),
         group_start: bind!(c"ncclGroupStart", Group),
         group_end: bind!(c"ncclGroupEnd", Group),
         comm_get_async_error: bind!(c"ncclCommGetAsyncError", CommAsyncError),
@@ -264,6 +270,29 @@ impl Comm {
         // SAFETY: the caller's contract.
         let r = unsafe { (self.nccl.broadcast)(p, p, len, T::TYPE, root as c_int, self.comm, stream) };
         self.nccl.check(r, "ncclBroadcast", Some(self.comm))
+    }
+
+    /// Queues a send of `len` values at `ptr` to rank `peer` on `stream` (point to point: the peer queues the
+    /// matching [`Comm::recv_raw`]; inside a [`Comm::group`] when the two ranks also receive from each other).
+    ///
+    /// # Safety
+    /// As [`Comm::all_reduce_raw`].
+    pub unsafe fn send_raw<T: Element>(&self, ptr: u64, len: usize, peer: usize, stream: Stream) -> Result<()> {
+        self.usable("ncclSend")?;
+        // SAFETY: the caller's contract.
+        let r = unsafe { (self.nccl.send)(ptr as *const c_void, len, T::TYPE, peer as c_int, self.comm, stream) };
+        self.nccl.check(r, "ncclSend", Some(self.comm))
+    }
+
+    /// Queues a receive of `len` values into `ptr` from rank `peer` on `stream` (see [`Comm::send_raw`]).
+    ///
+    /// # Safety
+    /// As [`Comm::all_reduce_raw`].
+    pub unsafe fn recv_raw<T: Element>(&self, ptr: u64, len: usize, peer: usize, stream: Stream) -> Result<()> {
+        self.usable("ncclRecv")?;
+        // SAFETY: the caller's contract.
+        let r = unsafe { (self.nccl.recv)(ptr as *mut c_void, len, T::TYPE, peer as c_int, self.comm, stream) };
+        self.nccl.check(r, "ncclRecv", Some(self.comm))
     }
 
     /// Runs `f` between `ncclGroupStart` and `ncclGroupEnd` (the collectives in it are issued together).
