@@ -3,8 +3,19 @@
 
 mod common;
 
+/// The binary as a user without a GPU runs it: never on the CUDA stand-in, even when the caller's environment
+/// turns it on (`--device cuda` must be refused here, not train on the emulator).
 fn asge(args: &[&str]) -> (i32, String, String) {
-    common::run_asge(None, args)
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_asge"))
+        .args(args)
+        .env_remove("ASGE_CUDA_STANDIN")
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 fn expect_error<S: AsRef<str> + std::fmt::Debug>(args: &[S], needle: &str) {
