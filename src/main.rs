@@ -420,17 +420,22 @@ fn run_cli(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     }
 }
 
+/// `--nproc N`: starts the N ranks of this command line on this machine and exits with the first failing one's code.
+fn launch_ranks(n: usize, threads: Option<usize>) -> Result<()> {
+    let args = asge::dist::launch::args_without(&["--nproc", "--threads"]);
+    let code = asge::dist::launch::run(n, &args, threads)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
 fn comm_check(a: CommCheckArgs, threads: Option<usize>) -> Result<()> {
     anyhow::ensure!(a.timeout > 0, "--timeout 0: give the seconds a rank waits for the others");
     anyhow::ensure!(!a.sizes.is_empty() && a.sizes.iter().all(|&n| n > 0), "--sizes: counts of at least 1");
     anyhow::ensure!(a.sizes.iter().all(|&n| n <= 1 << 28), "--sizes: at most {} values (1 GiB)", 1 << 28);
     if let Some(n) = a.nproc {
-        let args = asge::dist::launch::args_without(&["--nproc", "--threads"]);
-        let code = asge::dist::launch::run(n, &args, threads)?;
-        if code != 0 {
-            std::process::exit(code);
-        }
-        return Ok(());
+        return launch_ranks(n, threads);
     }
     #[cfg(feature = "cuda")]
     {
@@ -451,12 +456,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches, threads: Option<usize>) -> Result<(
     // Also in the --nproc launcher, which forwards the signals to its ranks.
     run::install_interrupt_handler()?;
     if let Some(n) = a.nproc {
-        let args = asge::dist::launch::args_without(&["--nproc", "--threads"]);
-        let code = asge::dist::launch::run(n, &args, threads)?;
-        if code != 0 {
-            std::process::exit(code);
-        }
-        return Ok(());
+        return launch_ranks(n, threads);
     }
     let world = asge::dist::World::from_env()?;
     let opts = RunOptions {

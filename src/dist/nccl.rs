@@ -67,16 +67,7 @@ pub fn load() -> Result<&'static Nccl> {
     }
 }
 
-fn dl_error() -> String {
-    // SAFETY: dlerror returns null or a C string owned by libc.
-    let e = unsafe { libc::dlerror() };
-    if e.is_null() {
-        "unknown dlopen error".into()
-    } else {
-        // SAFETY: non-null, NUL-terminated.
-        unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
-    }
-}
+use crate::backend::cuda::standin::dl_error;
 
 /// Opens the library: the stand-in's handle under `ASGE_CUDA_STANDIN=1`, else `ASGE_NCCL` or NCCL's names.
 fn open() -> Result<(*mut c_void, String)> {

@@ -321,11 +321,13 @@ impl<B: Backend> Net<B> {
         self.be.write_input(&mut self.ws.acts[a0], x)?;
         self.be.write_labels(&mut self.ws.labels, labels)?;
         let set = &mut self.ws.stats[self.ws.stats_set];
-        let (flags, slots) = set.split_last_mut().expect("the step's flags slot");
-        for slot in slots {
+        for slot in set.iter_mut() {
             self.be.fill_zero(slot, STATS_LEN)?;
         }
-        self.be.write(flags, &[self.stop_vote as u8 as f32, 0.0])?;
+        // The stop vote (zero, as the fill left it, unless this rank votes): no host copy a step otherwise.
+        if self.stop_vote {
+            self.be.write(set.last_mut().expect("the step's flags slot"), &[1.0, 0.0])?;
+        }
         Ok(batch)
     }
 

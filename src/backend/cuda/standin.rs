@@ -46,7 +46,8 @@ fn driver_candidates() -> Vec<String> {
     cudarc::get_lib_name_candidates("cuda").into_iter().chain(cudarc::get_lib_name_candidates("nvcuda")).collect()
 }
 
-fn dl_error() -> String {
+/// The last dlopen/dlsym error, as text (also NCCL's loader's).
+pub(crate) fn dl_error() -> String {
     // SAFETY: dlerror returns null or a valid C string owned by libc.
     let e = unsafe { libc::dlerror() };
     if e.is_null() {
