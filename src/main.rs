@@ -226,9 +226,14 @@ struct TrainArgs {
     /// --batch stays the global batch (docs/many-gpus.md).
     #[arg(long, value_name = "N", help_heading = "Many GPUs")]
     nproc: Option<usize>,
-    /// How the ranks share the work: data (each rank trains on its share of every batch; the only mode so far).
-    #[arg(long, value_name = "MODE", default_value = "data", value_parser = ["data"], help_heading = "Many GPUs")]
+    /// How the ranks share the work: data (each rank trains on its share of every batch) or layers (each rank
+    /// trains contiguous layers, pipelined across steps; the numbers of one process bit for bit).
+    #[arg(long, value_name = "MODE", default_value = "data", value_parser = ["data", "layers"], help_heading = "Many GPUs")]
     parallel: String,
+    /// With --parallel layers: the layers before each rank's first, for ranks 1, 2, ... (2,5: rank 0 trains
+    /// layers 1-2, rank 1 layers 3-5, rank 2 the rest). Default: the split that balances the layers' arithmetic.
+    #[arg(long, value_name = "B1,B2,...", value_delimiter = ',', help_heading = "Many GPUs")]
+    placement: Option<Vec<usize>>,
     /// Where the ranks meet: tcp:HOST:PORT (rank 0 listens) or file:PATH (on a file system every rank sees).
     /// Default: MASTER_ADDR:MASTER_PORT, or under torchrun a file in the temporary folder (one machine).
     #[arg(long, value_name = "WHERE", help_heading = "Many GPUs")]
@@ -458,6 +463,12 @@ fn train(a: TrainArgs, m: &clap::ArgMatches, threads: Option<usize>) -> Result<(
     if let Some(n) = a.nproc {
         return launch_ranks(n, threads);
     }
+    let parallel = match (a.parallel.as_str(), &a.placement) {
+        ("layers", p) => asge::dist::layers::Parallel::Layers(p.clone()),
+        (_, Some(_)) => anyhow::bail!("--placement places layers on ranks: it needs --parallel layers"),
+        _ => asge::dist::layers::Parallel::Data,
+    };
+    asge::dist::layers::set_parallel(parallel);
     let world = asge::dist::World::from_env()?;
     let opts = RunOptions {
         // Only rank 0 prints progress.

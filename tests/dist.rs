@@ -1,11 +1,14 @@
 //! Many processes: the ranks a launcher starts, their rendezvous, NCCL between them and the faults, as a user
-//! runs them (the real binary: `asge comm-check` here, `asge train` in dist/train.rs). In CI under the CUDA stand-in (ASGE_CUDA_STANDIN=1), whose NCCL
+//! runs them (the real binary: `asge comm-check` here, `asge train` in dist/train.rs, data parallel, and
+//! dist/layers.rs, layer parallel). In CI under the CUDA stand-in (ASGE_CUDA_STANDIN=1), whose NCCL
 //! moves the data between the processes through shared memory (tests/emu/standin/nccl.inc); tools/test.sh runs
 //! this binary alone, one test at a time. Every collective's result is checked exactly by comm-check itself
 //! (sums of small integers: exact in f32 in any order).
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "dist/layers.rs"]
+mod layers;
 #[path = "dist/train.rs"]
 mod train;
 

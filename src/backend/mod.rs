@@ -352,6 +352,25 @@ pub trait Schedule: Device {
         )
     }
 
+    /// Layer-parallel training: queues, in one group, the send of the first `len` values of each of `send` to rank
+    /// `next` and the receive of `recv`'s from rank `prev`, ordered after every op issued so far (like
+    /// [`Schedule::all_reduce_sum`], on the communication stream; the ops issued after the next
+    /// [`Schedule::join_collectives`] see what arrived). The buffers are sent as they are stored; a receive pairs
+    /// with the peer's send of the same size, in order.
+    fn exchange(
+        &self,
+        _send: &[(&Self::Buf, usize)],
+        _next: Option<usize>,
+        _recv: &mut [(&mut Self::Buf, usize)],
+        _prev: Option<usize>,
+    ) -> Result<()> {
+        anyhow::bail!("{} backend: no transfers between ranks (several ranks need --device cuda)", self.kind())
+    }
+
+    /// Says that `buf` now holds a layer output of logical shape `shape` (`[B, C, H, W]`) stored as this backend's
+    /// layer output stores it: one received from the previous rank of the layer pipeline.
+    fn received_output(&self, _buf: &mut Self::Buf, _shape: [usize; 4]) {}
+
     /// Makes the ops issued next wait for every collective queued so far ([`Schedule::all_reduce_sum`]).
     fn join_collectives(&self) -> Result<()> {
         Ok(())

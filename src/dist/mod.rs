@@ -7,6 +7,7 @@ pub mod check;
 #[cfg(feature = "cuda")]
 pub mod group;
 pub mod launch;
+pub mod layers;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;

@@ -220,6 +220,10 @@ impl Element for f64 {
 impl Element for u64 {
     const TYPE: ncclDataType_t = ncclDataType_t::ncclUint64;
 }
+/// Bytes, for transfers of any buffer (fp16 activations among them).
+impl Element for u8 {
+    const TYPE: ncclDataType_t = ncclDataType_t::ncclUint8;
+}
 
 impl Comm {
     /// Joins the communicator `id` as `rank` of `world` (every rank calls this; it returns once all have).

@@ -3,6 +3,7 @@
 //! evaluation forward.
 
 use crate::backend::{AdamWStep, Backend, ConvShape, Precision, StepMode, STATS_LEN};
+pub use crate::dist::layers::Stage;
 use crate::model::{HeadParams, LayerParams, ModelSpec, Params, PatchGrid, Tensor};
 use anyhow::Result;
 
@@ -127,14 +128,24 @@ struct Workspace<B: Backend> {
     concurrent: bool,
     /// The step's slot of the double buffer (with several lanes).
     parity: usize,
-    gap: Vec<B::Buf>,
+    /// In layer-parallel training, while a tick's layers run: the boundary whose activations arrived from the
+    /// previous rank, in their own buffer (`acts[2]`), so that the next tick's receive never overwrites what this
+    /// rank's output, sent in that same tick, still holds.
+    inbox: Option<usize>,
+    /// Each layer's pooled features for the fusion heads: one set, or two in layer-parallel training (the set a
+    /// tick's layers write and receive into, and the previous tick's, being sent on).
+    gap: Vec<Vec<B::Buf>>,
+    gap_set: usize,
     head_logits: B::Buf,
     labels: B::Labels,
     /// `[loss_sum, correct]` per layer, then the fusion heads', then the step's `[stop votes, 0]`, in two sets: a
     /// step writes `stats[stats_set]` while the previous step's set waits to be read (see
-    /// `Net::train_step_pipelined`). With several ranks they are summed over the ranks in the step.
-    stats: [Vec<B::Buf>; 2],
+    /// `Net::train_step_pipelined`). With several ranks they are summed over the ranks in the step. In
+    /// layer-parallel training a set per rank (at least two), step `s` in set `s % len`, each with its batch: a
+    /// step's statistics are summed once the last rank has trained it.
+    stats: Vec<Vec<B::Buf>>,
     stats_set: usize,
+    stats_batch: Vec<(u64, usize)>,
     max_batch: usize,
 }
 
@@ -143,6 +154,16 @@ struct PendingStats<R> {
     read: R,
     batch: usize,
     step: u64,
+}
+
+/// A step one rank of layer-parallel training works on in a tick ([`Net::pipeline_tick`]): its batch (the inputs
+/// are read on the first rank only), lr, optimizer step and dropout, as [`Net::train_step`] takes them.
+pub struct TickStep<'a> {
+    pub x: &'a [f32],
+    pub labels: &'a [u32],
+    pub lr: f64,
+    pub step: u64,
+    pub dropout: Option<(f32, u64)>,
 }
 
 /// The part of a step's global batch this process trains on: the index of its first sample and the global
@@ -158,7 +179,9 @@ pub struct Share {
 impl<B: Backend> Workspace<B> {
     /// The index in `acts` of the activations entering layer `boundary` (`boundary = L`: the last output).
     fn act(&self, boundary: usize) -> usize {
-        if self.concurrent {
+        if self.inbox == Some(boundary) {
+            2
+        } else if self.concurrent {
             2 * boundary + self.parity
         } else {
             boundary % 2
@@ -200,6 +223,10 @@ pub struct Net<B: Backend> {
     share: Option<Share>,
     /// This rank asks to stop with the next step ([`Net::vote_stop`]).
     stop_vote: bool,
+    /// Layer-parallel training: the layers this rank trains ([`Net::set_stage`]).
+    stage: Option<Stage>,
+    /// Layer-parallel training: the ticks run so far (their parity picks the pooled features' set).
+    tick: u64,
 }
 
 impl<B: Backend> Net<B> {
@@ -265,15 +292,58 @@ impl<B: Backend> Net<B> {
             scratch,
             concurrent,
             parity: 0,
+            inbox: None,
             // Written by layer_output (from layer 2 on) before the heads read them; the heads zero their logits.
-            gap: spec.layers.iter().map(|l| be.uninit(b * l.c_out)).collect::<Result<_>>()?,
+            gap: vec![spec.layers.iter().map(|l| be.uninit(b * l.c_out)).collect::<Result<_>>()?],
+            gap_set: 0,
             head_logits: be.uninit(b * n)?,
             labels: be.labels(&[])?,
-            stats: [stats_set()?, stats_set()?],
+            stats: vec![stats_set()?, stats_set()?],
             stats_set: 0,
+            stats_batch: vec![(0, 0); 2],
             max_batch,
         };
-        Ok(Net { spec, layers, heads, adamw, ws, be, pending: None, share: None, stop_vote: false })
+        Ok(Net {
+            spec,
+            layers,
+            heads,
+            adamw,
+            ws,
+            be,
+            pending: None,
+            share: None,
+            stop_vote: false,
+            stage: None,
+            tick: 0,
+        })
+    }
+
+    /// Makes this net one rank's part of layer-parallel training: it trains `stage`'s layers (and the fusion heads
+    /// on the last rank) through [`Net::pipeline_tick`] (docs/many-gpus.md).
+    pub fn set_stage(&mut self, stage: Stage) -> Result<()> {
+        let be = &self.be;
+        anyhow::ensure!(
+            !self.ws.concurrent,
+            "layer-parallel training runs one lane per rank (ASGE_CUDA_LANES=1): several lanes are not supported yet"
+        );
+        anyhow::ensure!(self.ws.gap.len() == 1 && self.stage.is_none(), "Net::set_stage: called twice");
+        let b = self.ws.max_batch;
+        let inbox = self.spec.layers.get(stage.lo).map_or(0, |l| l.c_in * l.h * l.w);
+        self.ws.acts.push(be.operand_uninit(b * inbox.max(1))?);
+        self.ws.gap.push(self.spec.layers.iter().map(|l| be.uninit(b * l.c_out)).collect::<Result<_>>()?);
+        let sets = stage.ranks.max(2);
+        while self.ws.stats.len() < sets {
+            let set = (0..self.spec.layers.len() + 2).map(|_| be.uninit(STATS_LEN)).collect::<Result<Vec<_>>>()?;
+            self.ws.stats.push(set);
+        }
+        self.ws.stats_batch = vec![(u64::MAX, 0); sets];
+        self.stage = Some(stage);
+        Ok(())
+    }
+
+    /// This rank's layers in layer-parallel training.
+    pub fn stage(&self) -> Option<Stage> {
+        self.stage
     }
 
     pub fn backend(&self) -> &B {
@@ -301,7 +371,9 @@ impl<B: Backend> Net<B> {
         })
     }
 
-    fn load_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<usize> {
+    /// Writes a batch's inputs (unless `input` is false: a later rank of the layer pipeline, whose inputs arrive from
+    /// the previous one) and labels, and zeroes the statistics set the step writes.
+    fn load_batch(&mut self, x: &[f32], labels: &[u32], input: bool) -> Result<usize> {
         let batch = labels.len();
         anyhow::ensure!(
             batch > 0 && batch <= self.ws.max_batch,
@@ -317,8 +389,10 @@ impl<B: Backend> Net<B> {
             l0.h,
             l0.w
         );
-        let a0 = self.ws.act(0);
-        self.be.write_input(&mut self.ws.acts[a0], x)?;
+        if input {
+            let a0 = self.ws.act(0);
+            self.be.write_input(&mut self.ws.acts[a0], x)?;
+        }
         self.be.write_labels(&mut self.ws.labels, labels)?;
         let set = &mut self.ws.stats[self.ws.stats_set];
         for slot in set.iter_mut() {
@@ -376,7 +450,8 @@ impl<B: Backend> Net<B> {
         dropout: Option<(f32, u64)>,
     ) -> Result<Option<StepStats>> {
         self.ws.parity = (step % 2) as usize;
-        let batch = self.load_batch(x, labels)?;
+        anyhow::ensure!(self.stage.is_none(), "Net::train_step: a layer-parallel rank trains through pipeline_tick");
+        let batch = self.load_batch(x, labels, true)?;
         let share = self.share.unwrap_or(Share { first: 0, global: batch });
         anyhow::ensure!(
             share.first.checked_add(batch).is_some_and(|end| end <= share.global),
@@ -384,19 +459,7 @@ impl<B: Backend> Net<B> {
             share.first,
             share.global
         );
-        let h = AdamWStep {
-            lr,
-            weight_decay: self.adamw.weight_decay,
-            beta1: self.adamw.beta1,
-            beta2: self.adamw.beta2,
-            eps: self.adamw.eps,
-            step,
-        };
-        // Each layer's dropout key: the step's (set once, by prepare_step); the ops take only the probability.
-        let dropout = dropout.filter(|d| d.0 > 0.0);
-        let keys: Vec<Option<u64>> =
-            (0..self.layers.len()).map(|li| dropout.map(|(_, key)| crate::rng::derive(key, li as u64))).collect();
-        self.be.prepare_step(&h.scalars(), &keys)?;
+        let dropout = self.prepare_step(lr, step, dropout)?;
         // The step's ops depend on the batch size and on which activation and statistics buffers it uses: a
         // backend that records steps (CUDA graphs) keeps one recording per combination.
         // (A share's place in the global batch is in its kernels' arguments too.)
@@ -434,11 +497,186 @@ impl<B: Backend> Net<B> {
         let slots: Vec<&B::Buf> = self.ws.stats[self.ws.stats_set].iter().collect();
         let queued = PendingStats { read: self.be.queue_read(&slots, STATS_LEN)?, batch: share.global, step };
         // The next step (or evaluation) writes the other set; this one is read first.
-        self.ws.stats_set ^= 1;
+        self.ws.stats_set = (self.ws.stats_set + 1) % self.ws.stats.len();
         match self.pending.replace(queued) {
             Some(earlier) => self.read_stats(earlier).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Sets step `step`'s AdamW scalars and each layer's dropout key (`Schedule::prepare_step`); returns the dropout
+    /// the ops apply, if any.
+    fn prepare_step(&self, lr: f64, step: u64, dropout: Option<(f32, u64)>) -> Result<Option<(f32, u64)>> {
+        let h = AdamWStep {
+            lr,
+            weight_decay: self.adamw.weight_decay,
+            beta1: self.adamw.beta1,
+            beta2: self.adamw.beta2,
+            eps: self.adamw.eps,
+            step,
+        };
+        // Each layer's dropout key: the step's (set once, by prepare_step); the ops take only the probability.
+        let dropout = dropout.filter(|d| d.0 > 0.0);
+        let keys: Vec<Option<u64>> =
+            (0..self.layers.len()).map(|li| dropout.map(|(_, key)| crate::rng::derive(key, li as u64))).collect();
+        self.be.prepare_step(&h.scalars(), &keys)?;
+        Ok(dropout)
+    }
+
+    /// Several ranks, each on its share of every batch.
+    fn data_parallel(&self) -> bool {
+        self.be.ranks() > 1 && self.stage.is_none()
+    }
+
+    /// One tick of layer-parallel training, which every rank runs at once (docs/many-gpus.md). First the pipeline
+    /// moves on: this rank sends the previous tick's output (and the pooled features of the layers up to it, for
+    /// the fusion heads) to the next rank and receives this tick's input from the previous one, in one group on the
+    /// communication stream. Then `work`, if any, is trained on this rank's layers: rank `r` works on step `s - r`
+    /// while rank 0 works on step `s`, so every layer sees the inputs and weights it would see in one process. Last,
+    /// `reduce`, the step the last rank has just finished, has its statistics summed over the ranks (each rank
+    /// holds its own layers'). Returns the statistics of the step the previous tick reduced (as
+    /// [`Net::train_step_pipelined`] returns the previous step's), `None` when it reduced none.
+    pub fn pipeline_tick(&mut self, work: Option<TickStep<'_>>, reduce: Option<u64>) -> Result<Option<StepStats>> {
+        let st = self.stage.ok_or_else(|| anyhow::anyhow!("Net::pipeline_tick: not a layer-parallel rank"))?;
+        self.tick += 1;
+        let now = (self.tick % 2) as usize;
+        self.exchange(st, now)?;
+        if let Some(w) = work {
+            self.tick_layers(st, now, w)?;
+        }
+        let queued = match reduce {
+            Some(step) => Some(self.reduce_stats(step)?),
+            None => None,
+        };
+        let earlier = match queued {
+            Some(q) => self.pending.replace(q),
+            None => self.pending.take(),
+        };
+        earlier.map(|p| self.read_stats(p)).transpose()
+    }
+
+    /// The pipeline's transfers of a tick (see [`Net::pipeline_tick`]): the previous tick's output and pooled
+    /// features out, this tick's in (into the inbox and the pooled-feature set `now`).
+    fn exchange(&mut self, st: Stage, now: usize) -> Result<()> {
+        let b = self.ws.max_batch;
+        let spec = &self.spec;
+        let per_sample = |boundary: usize| match spec.layers.get(boundary) {
+            Some(l) => l.c_in * l.h * l.w,
+            None => spec.layers.last().map_or(0, |l| l.c_out * l.out_hw().0 * l.out_hw().1),
+        };
+        let ws = &mut self.ws;
+        let (outputs, inbox) = ws.acts.split_at_mut(2);
+        let (sent, arriving) = pair(&mut ws.gap, now ^ 1, now);
+        let mut send: Vec<(&B::Buf, usize)> = Vec::new();
+        if !st.last() {
+            send.push((&outputs[st.hi % 2], b * per_sample(st.hi)));
+            send.extend(spec.head_layers().filter(|&i| i < st.hi).map(|i| (&sent[i], b * spec.layers[i].c_out)));
+        }
+        let mut recv: Vec<(&mut B::Buf, usize)> = Vec::new();
+        if st.rank > 0 {
+            recv.push((&mut inbox[0], b * per_sample(st.lo)));
+            let heads = spec.head_layers();
+            for (i, g) in arriving.iter_mut().enumerate().filter(|(i, _)| heads.contains(i) && *i < st.lo) {
+                recv.push((g, b * spec.layers[i].c_out));
+            }
+        }
+        let next = (!st.last()).then_some(st.rank + 1);
+        let prev = st.rank.checked_sub(1);
+        self.be.exchange(&send, next, &mut recv, prev)?;
+        self.be.join_collectives()
+    }
+
+    /// A tick's work on this rank's layers (see [`Net::pipeline_tick`]): the step's forward, losses and updates
+    /// of layers `st.lo..st.hi`, and of the fusion heads on the last rank.
+    fn tick_layers(&mut self, st: Stage, now: usize, w: TickStep<'_>) -> Result<()> {
+        let set = (w.step % self.ws.stats.len() as u64) as usize;
+        self.ws.stats_set = set;
+        let batch = self.load_batch(w.x, w.labels, st.rank == 0)?;
+        self.ws.stats_batch[set] = (w.step, batch);
+        let dropout = self.prepare_step(w.lr, w.step, w.dropout)?;
+        self.ws.gap_set = now;
+        if st.rank > 0 {
+            let l = &self.spec.layers[st.lo];
+            self.be.received_output(&mut self.ws.acts[2], [batch, l.c_in, l.h, l.w]);
+            self.ws.inbox = Some(st.lo);
+        }
+        let whole = Share { first: 0, global: batch };
+        let mut run = || -> Result<()> {
+            for li in st.lo..st.hi {
+                self.layer_pass(li, batch, w.step, Some(dropout.map(|d| d.0)), whole)?;
+            }
+            if st.last() {
+                let span = crate::trace::span("fusion heads", crate::trace::HEADS, w.step);
+                self.heads_pass(batch, true, batch)?;
+                let layers = self.layers.len();
+                for head in &mut self.heads {
+                    head.w.step(&self.be, layers)?;
+                    head.b.step(&self.be, layers)?;
+                }
+                drop(span);
+            }
+            Ok(())
+        };
+        let r = run();
+        self.ws.inbox = None;
+        r
+    }
+
+    /// Queues the sum over the ranks of step `step`'s statistics (each rank holds its layers') and their read.
+    fn reduce_stats(&mut self, step: u64) -> Result<PendingStats<B::PendingRead>> {
+        let set = (step % self.ws.stats.len() as u64) as usize;
+        let (held, batch) = self.ws.stats_batch[set];
+        anyhow::ensure!(
+            held == step,
+            "Net::pipeline_tick: step {step}'s statistics were overwritten (by step {held}'s)"
+        );
+        let mut slots: Vec<(&mut B::Buf, usize)> = self.ws.stats[set].iter_mut().map(|s| (s, STATS_LEN)).collect();
+        self.be.all_reduce_sum(self.layers.len(), &mut slots)?;
+        self.be.join_collectives()?;
+        let slots: Vec<&B::Buf> = self.ws.stats[set].iter().collect();
+        Ok(PendingStats { read: self.be.queue_read(&slots, STATS_LEN)?, batch, step })
+    }
+
+    /// Layer-parallel training: gives every rank every trained tensor's value and AdamW moments as their owner
+    /// (the rank that trains the layer; the last rank for the heads) holds them, for a checkpoint, an evaluation or
+    /// the check that every rank holds the same weights. Each tensor is summed over the ranks with every rank but
+    /// its owner contributing -0.0, which adds nothing to any value (-0.0 + x is x, +0.0 and NaN included), in
+    /// whatever order NCCL sums. The fp16 copies of the conv weights this rank does not train are made again from
+    /// the values. Call it with no tick's statistics pending (after the pipeline is drained).
+    pub fn gather_stage(&mut self) -> Result<()> {
+        let Some(st) = self.stage else { return Ok(()) };
+        anyhow::ensure!(self.pending.is_none(), "Net::gather_stage: a tick's statistics are still pending");
+        let be = &self.be;
+        let mine = |t: Tensor| match t {
+            Tensor::ConvW(l) | Tensor::ConvB(l) => (st.lo..st.hi).contains(&l),
+            _ => st.last(),
+        };
+        let trained: Vec<Tensor> = self.spec.tensors().into_iter().filter(|t| t.trained()).collect();
+        for &t in &trained {
+            if !mine(t) {
+                let p = trained_param_mut(&mut self.layers, &mut self.heads, t);
+                let nothing = vec![-0.0f32; p.len];
+                for buf in [&mut p.value, &mut p.exp_avg, &mut p.exp_avg_sq] {
+                    be.write(buf, &nothing)?;
+                }
+            }
+        }
+        let layers = self.layers.len();
+        let mut bufs: Vec<(&mut B::Buf, usize)> = Vec::with_capacity(3 * trained.len());
+        let params = self.layers.iter_mut().flat_map(|l| [&mut l.conv_w, &mut l.conv_b]);
+        for p in params.chain(self.heads.iter_mut().flat_map(|h| [&mut h.w, &mut h.b])) {
+            let len = p.len;
+            bufs.extend([(&mut p.value, len), (&mut p.exp_avg, len), (&mut p.exp_avg_sq, len)]);
+        }
+        be.all_reduce_sum(layers, &mut bufs)?;
+        be.join_collectives()?;
+        for (li, l) in self.layers.iter_mut().enumerate() {
+            if !(st.lo..st.hi).contains(&li) && l.conv_w.compute.is_some() {
+                let host = be.read(&l.conv_w.value, l.conv_w.len)?;
+                l.conv_w.compute = Some(be.upload_operand(&host)?);
+            }
+        }
+        Ok(())
     }
 
     /// Data-parallel training, after every layer's weight gradient and the heads': the heads' gradients summed over
@@ -487,6 +725,7 @@ impl<B: Backend> Net<B> {
     ) -> Result<()> {
         let spec = &self.spec.layers[li];
         let s = ConvShape { batch, c_in: spec.c_in, c_out: spec.c_out, h: spec.h, w: spec.w };
+        let data_parallel = self.data_parallel();
         let (be, ws, layer) = (&self.be, &mut self.ws, &mut self.layers[li]);
         let (a_in, a_out, k) = (ws.act(li), ws.act(li + 1), ws.scratch_of(li));
         let (x, x_next) = pair(&mut ws.acts, a_in, a_out);
@@ -536,7 +775,7 @@ impl<B: Backend> Net<B> {
         // The output first: on a GPU the next layer's lane can start while this one computes its update.
         let span = crate::trace::span("layer_output", track, step);
         let pool = spec.pool.then_some(self.spec.pool_kind);
-        let gap = (li >= 1).then_some(&mut ws.gap[li]);
+        let gap = (li >= 1).then_some(&mut ws.gap[ws.gap_set][li]);
         let dropout = train.flatten();
         crate::ops::layer_output::run(
             be,
@@ -574,7 +813,7 @@ impl<B: Backend> Net<B> {
                 },
             )?;
             std::mem::drop(span);
-            if be.ranks() > 1 {
+            if data_parallel {
                 let _span = crate::trace::span("all-reduce", track, step);
                 let (w, b) = (&mut layer.conv_w, &mut layer.conv_b);
                 be.all_reduce_sum(li, &mut [(&mut w.grad, w.len), (&mut b.grad, b.len)])?;
@@ -591,7 +830,7 @@ impl<B: Backend> Net<B> {
     fn heads_pass(&mut self, batch: usize, with_grads: bool, mean_over: usize) -> Result<()> {
         let ws = &mut self.ws;
         let feats: Vec<(&B::Buf, usize)> =
-            self.spec.head_layers().map(|i| (&ws.gap[i], self.spec.layers[i].c_out)).collect();
+            self.spec.head_layers().map(|i| (&ws.gap[ws.gap_set][i], self.spec.layers[i].c_out)).collect();
         let mut heads = Vec::with_capacity(self.heads.len());
         let mut grads = Vec::with_capacity(self.heads.len());
         for Head { w, b } in self.heads.iter_mut() {
@@ -618,7 +857,7 @@ impl<B: Backend> Net<B> {
 
     /// Evaluation forward (no dropout, no updates): every layer's projection logits and the fusion logits.
     pub fn eval_logits(&mut self, x: &[f32], labels: &[u32]) -> Result<EvalLogits> {
-        let batch = self.load_batch(x, labels)?;
+        let batch = self.load_batch(x, labels, true)?;
         let n = self.spec.classes;
         let mut out = EvalLogits { layers: Vec::with_capacity(self.layers.len()), fusion: Vec::new() };
         for li in 0..self.layers.len() {
@@ -687,16 +926,25 @@ impl<B: Backend> Net<B> {
     /// state (the values come from [`Net::new`], which also writes the conv weights' compute copies).
     pub fn for_each_param_mut(&mut self, mut f: impl FnMut(&B, &str, &mut Param<B>) -> Result<()>) -> Result<()> {
         for t in self.spec.tensors().into_iter().filter(|t| t.trained()) {
-            let p = match t {
-                Tensor::ConvW(l) => &mut self.layers[l].conv_w,
-                Tensor::ConvB(l) => &mut self.layers[l].conv_b,
-                Tensor::HeadW(l) => &mut self.heads[Tensor::head_index(l)].w,
-                Tensor::HeadB(l) => &mut self.heads[Tensor::head_index(l)].b,
-                Tensor::ProjW(_) | Tensor::ProjB(_) => unreachable!("the projection is not trained"),
-            };
+            let p = trained_param_mut(&mut self.layers, &mut self.heads, t);
             f(&self.be, &t.name(), p)?;
         }
         Ok(())
+    }
+}
+
+/// [`trained_param`], mutably.
+fn trained_param_mut<'a, B: Backend>(
+    layers: &'a mut [Layer<B>],
+    heads: &'a mut [Head<B>],
+    t: Tensor,
+) -> &'a mut Param<B> {
+    match t {
+        Tensor::ConvW(l) => &mut layers[l].conv_w,
+        Tensor::ConvB(l) => &mut layers[l].conv_b,
+        Tensor::HeadW(l) => &mut heads[Tensor::head_index(l)].w,
+        Tensor::HeadB(l) => &mut heads[Tensor::head_index(l)].b,
+        Tensor::ProjW(_) | Tensor::ProjB(_) => unreachable!("the projection is not trained"),
     }
 }
 

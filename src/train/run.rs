@@ -186,6 +186,8 @@ pub struct Run<'c, B: Backend> {
     dir: PathBuf,
     rank: usize,
     ranks: usize,
+    /// Layer-parallel training: this rank's layers.
+    stage: Option<super::net::Stage>,
     sources: Sources,
     spec: ModelSpec,
     net: Net<B>,
@@ -245,6 +247,17 @@ impl<'c, B: Backend> Run<'c, B> {
         let mut v = [mine.map_or(0.0, |s| s as f64)];
         self.net.backend().all_reduce_host(&mut v, crate::backend::Reduction::Max)?;
         Ok((v[0] > 0.0).then_some(mine.unwrap_or(v[0] as i32)))
+    }
+
+    /// How this run evaluates: split over the ranks (data parallel), or the whole set on every rank (alone; layer
+    /// parallel, whose numbers must be a single process's bit for bit, and whose ranks all hold the whole model
+    /// once it is gathered).
+    fn evaluate(&self) -> EvalFn<B> {
+        if self.stage.is_some() {
+            eval::evaluate
+        } else {
+            eval::evaluate_shared
+        }
     }
 
     fn last_path(&self) -> PathBuf {
@@ -307,6 +320,7 @@ impl<'c, B: Backend> Run<'c, B> {
 
     /// Writes `last.safetensors` with the running sums of an unfinished epoch (a mid-epoch checkpoint).
     fn save_mid_epoch(&mut self, sums: &EpochSums) -> Result<()> {
+        self.net.gather_stage()?;
         self.check_same_weights()?;
         if !self.lead() {
             return Ok(());
@@ -357,13 +371,21 @@ impl<'c, B: Backend> Run<'c, B> {
         let (mut mine, mut shares) = (Vec::new(), Vec::new());
         for k in skip..n_batches {
             let global = k * self.batch..((k + 1) * self.batch).min(order.len());
-            let part = crate::dist::share(global.len(), self.ranks, self.rank);
+            let part = match self.stage {
+                // Layer parallel: every rank trains every image of a step, on its own layers.
+                Some(_) => 0..global.len(),
+                None => crate::dist::share(global.len(), self.ranks, self.rank),
+            };
             let first = global.start + part.start;
             mine.push((first, order[first..first + part.len()].to_vec()));
             shares.push(super::net::Share { first: part.start, global: global.len() });
         }
         let aug = cfg.augmentation(self.sources.input_size);
         let mut batches = Prefetch::batches(self.sources.train.clone(), mine, aug, aug_key, 3);
+        let mut steps = Stepper::new(self.net.stage());
+        // With several ranks: the step after which every rank stops, once the ranks' stop votes arrived (a step
+        // later; in layer-parallel training after the last rank's, and the step rank 0 has reached by then).
+        let mut stop_at = None;
         for (k, item) in batches.by_ref().enumerate() {
             let batch = item?;
             lr = lr_at(cfg, epoch, self.state.batches_done, n_batches);
@@ -374,15 +396,19 @@ impl<'c, B: Backend> Run<'c, B> {
             if self.ranks > 1 {
                 // The ranks agree on a stop through the step's statistics: every rank reads the same votes, a step
                 // later, and all stop after the same step.
-                self.net.set_share(Some(shares[k]));
+                if steps.stage.is_none() {
+                    self.net.set_share(Some(shares[k]));
+                }
                 self.net.vote_stop(wants_stop);
             }
-            let s =
-                self.net.train_step_pipelined(&batch.x, &batch.labels, lr, step, Some((cfg.dropout_p(), drop_key)))?;
+            let dropout = Some((cfg.dropout_p(), drop_key));
+            let done = steps.step(&mut self.net, &batch.x, &batch.labels, lr, step, dropout)?;
             crate::dist::beat();
-            let votes = s.as_ref().map_or(0, |s| s.stop_votes);
-            self.log_step(s.as_ref(), epoch, lr)?;
-            sums.add_checked(s, epoch)?;
+            let votes: usize = done.iter().map(|s| s.stop_votes).sum();
+            for s in done {
+                self.log_step(Some(&s), epoch, lr)?;
+                sums.add_checked(Some(s), epoch)?;
+            }
             self.state.batches_done += 1;
             if sums.images > 0 {
                 let status = sums.status(t0.elapsed().as_secs_f64(), images_before, &self.spec);
@@ -390,11 +416,16 @@ impl<'c, B: Backend> Run<'c, B> {
             }
             let periodic = opts.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
             let signal = interrupt::received();
-            let stop = if self.ranks > 1 { votes > 0 } else { wants_stop };
+            if self.ranks > 1 && votes > 0 && stop_at.is_none() {
+                // Rank 0 is this rank's rank steps ahead in the layer pipeline (the same step otherwise).
+                stop_at = Some(step + steps.stage.map_or(0, |st| st.rank as u64));
+            }
+            let stop = if self.ranks > 1 { stop_at == Some(step) } else { wants_stop };
             if (periodic || stop) && self.state.batches_done < n_batches {
-                let s = self.net.flush_stats()?;
-                self.log_step(s.as_ref(), epoch, lr)?;
-                sums.add_checked(s, epoch)?;
+                for s in steps.drain(&mut self.net)? {
+                    self.log_step(Some(&s), epoch, lr)?;
+                    sums.add_checked(Some(s), epoch)?;
+                }
                 sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
                 self.save_mid_epoch(&sums)?;
                 if stop {
@@ -424,11 +455,14 @@ impl<'c, B: Backend> Run<'c, B> {
                 self.state.batches_done
             );
         }
-        let s = self.net.flush_stats()?;
-        self.log_step(s.as_ref(), epoch, lr)?;
-        sums.add_checked(s, epoch)?;
+        for s in steps.drain(&mut self.net)? {
+            self.log_step(Some(&s), epoch, lr)?;
+            sums.add_checked(Some(s), epoch)?;
+        }
         pb.finish();
         drop(pb);
+        // Layer-parallel: every rank gets every layer's weights, to validate and to check them.
+        self.net.gather_stage()?;
         let seconds = seconds_before + t0.elapsed().as_secs_f64();
         sums.seconds = seconds;
         let val_res = if self.val_idx.is_empty() {
@@ -440,8 +474,8 @@ impl<'c, B: Backend> Run<'c, B> {
             let key = rng::derive(rng::derive(cfg.seed, VAL_AUGMENT), epoch as u64);
             let train = self.sources.train.clone();
             let label = format!("validate {}/{}", epoch + 1, cfg.epochs);
-            // With several ranks each validates its share, and the counts are summed.
-            match eval::evaluate_shared(
+            // Data parallel: each rank validates its share, and the counts are summed.
+            match self.evaluate()(
                 &mut self.net,
                 &train,
                 self.val_idx.clone(),
@@ -548,14 +582,16 @@ impl<'c, B: Backend> Run<'c, B> {
         })?;
         let best_state = best.state.clone().unwrap_or_default();
         let params = best.params_for(&best_path, spec)?;
-        // Each rank tests its share (with several ranks), in batches of its share of --batch.
-        let batch = cfg.batch.min(self.n_test).div_ceil(self.ranks).max(1);
+        // Each rank tests its share (data parallel), in batches of its share of --batch.
+        let split = if self.stage.is_some() { 1 } else { self.ranks };
+        let batch = cfg.batch.min(self.n_test).div_ceil(split).max(1);
+        let evaluate = self.evaluate();
         drop(self.net);
         let mut net = Net::new(make_backend()?, spec.clone(), &params, self.adamw, batch)?;
         // Every rank read best.safetensors itself: the same file, the same weights?
         same_weights_on_every_rank(&net, self.rank, "in best.safetensors as each rank read it")?;
         let test = self.sources.test.clone();
-        let res = eval::evaluate_shared(
+        let res = evaluate(
             &mut net,
             &test,
             (0..self.n_test).collect(),
@@ -603,6 +639,87 @@ impl<'c, B: Backend> Run<'c, B> {
         println!("{table}");
         say(self.opts, format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.dir.display()));
         Ok(summary)
+    }
+}
+
+/// [`eval::evaluate`]'s signature (and [`eval::evaluate_shared`]'s).
+type EvalFn<B> = fn(
+    &mut Net<B>,
+    &std::sync::Arc<dyn data::ImageSource>,
+    Vec<usize>,
+    data::augment::Augment,
+    u64,
+    Option<(super::progress::Display, &str)>,
+) -> Result<EvalResult>;
+
+/// How a rank's training steps reach the net: one call a step ([`Net::train_step_pipelined`]: one process, data
+/// parallel), or the ticks of the layer pipeline ([`Net::pipeline_tick`]), where rank `r` works on the step rank 0
+/// worked on `r` ticks earlier. The pipeline runs in segments, from empty to empty: a segment's first step waits
+/// `r` ticks on rank `r` (the fill), and [`Stepper::drain`] runs the ticks that finish every step given (the
+/// drain), before a checkpoint or the end of an epoch.
+struct Stepper {
+    stage: Option<super::net::Stage>,
+    /// Whether a segment is under way, its ticks so far, and the optimizer step before its first step.
+    filled: bool,
+    tick: u64,
+    base: u64,
+}
+
+impl Stepper {
+    fn new(stage: Option<super::net::Stage>) -> Self {
+        Stepper { stage, filled: false, tick: 0, base: 0 }
+    }
+
+    /// Step `step` on this rank; returns the statistics of the steps that finished meanwhile, in order.
+    fn step<B: Backend>(
+        &mut self,
+        net: &mut Net<B>,
+        x: &[f32],
+        labels: &[u32],
+        lr: f64,
+        step: u64,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<Vec<super::StepStats>> {
+        let Some(st) = self.stage else {
+            return Ok(net.train_step_pipelined(x, labels, lr, step, dropout)?.into_iter().collect());
+        };
+        let mut done = Vec::new();
+        if !self.filled {
+            (self.filled, self.tick, self.base) = (true, 0, step - 1);
+            for _ in 0..st.rank {
+                done.extend(self.tick(net, st, None)?);
+            }
+        }
+        let work = super::net::TickStep { x, labels, lr, step, dropout };
+        done.extend(self.tick(net, st, Some(work))?);
+        Ok(done)
+    }
+
+    /// One tick; from the tick the last rank works on the segment's first step, the statistics of the step it
+    /// works on are summed.
+    fn tick<B: Backend>(
+        &mut self,
+        net: &mut Net<B>,
+        st: super::net::Stage,
+        work: Option<super::net::TickStep<'_>>,
+    ) -> Result<Option<super::StepStats>> {
+        let last = st.ranks as u64 - 1;
+        let reduce = (self.tick >= last).then(|| self.base + 1 + self.tick - last);
+        self.tick += 1;
+        net.pipeline_tick(work, reduce)
+    }
+
+    /// Finishes every step given so far on every rank; returns the statistics not returned yet, in order.
+    fn drain<B: Backend>(&mut self, net: &mut Net<B>) -> Result<Vec<super::StepStats>> {
+        let mut done = Vec::new();
+        if let Some(st) = self.stage.filter(|_| self.filled) {
+            for _ in st.rank + 1..st.ranks {
+                done.extend(self.tick(net, st, None)?);
+            }
+            self.filled = false;
+        }
+        done.extend(net.flush_stats()?);
+        Ok(done)
     }
 }
 

@@ -19,9 +19,9 @@ use std::sync::OnceLock;
 
 const MODEL: &str =
     r#"{"name": "small", "layers": [{"channels": 8}, {"channels": 16, "pool": true}, {"channels": 16}]}"#;
-const TOLERANCE: f32 = 1e-5;
+pub(super) const TOLERANCE: f32 = 1e-5;
 
-fn work() -> &'static PathBuf {
+pub(super) fn work() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = common::temp_dir("dist-train");
@@ -32,7 +32,7 @@ fn work() -> &'static PathBuf {
 
 /// `asge train` of the shared recipe into `out` (under the work folder), with `extra` options.
 /// (`--batch 48` and `--device cuda` unless `extra` gives them.)
-fn train(out: &str, extra: &[&str]) -> Command {
+pub(super) fn train(out: &str, extra: &[&str]) -> Command {
     let mut c = asge();
     c.args(["train", "--dataset", "mnist", "--data"]).arg(common::data_dir().join("mnist"));
     c.arg("--model").arg(work().join("model.json"));
@@ -47,7 +47,7 @@ fn train(out: &str, extra: &[&str]) -> Command {
     c
 }
 
-fn ok(c: &mut Command) -> String {
+pub(super) fn ok(c: &mut Command) -> String {
     let o = c.output().unwrap();
     let t = text(&o);
     assert!(o.status.success(), "{t}");
@@ -55,11 +55,20 @@ fn ok(c: &mut Command) -> String {
 }
 
 /// The single-process reference: two epochs.
-fn reference() -> &'static Path {
+pub(super) fn reference() -> &'static Path {
     static DONE: OnceLock<PathBuf> = OnceLock::new();
     DONE.get_or_init(|| {
         ok(&mut train("one", &["--epochs", "2"]));
         work().join("one")
+    })
+}
+
+/// The single-process reference in fp16: one epoch.
+pub(super) fn reference_fp16() -> &'static Path {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        ok(&mut train("one-fp16", &["--epochs", "1", "--precision", "fp16"]));
+        work().join("one-fp16")
     })
 }
 
@@ -87,7 +96,7 @@ fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
 }
 
 /// The largest difference between two runs' trained tensors.
-fn largest_difference(a: &Path, b: &Path) -> f32 {
+pub(super) fn largest_difference(a: &Path, b: &Path) -> f32 {
     let (wa, wb) = (weights(a), weights(b));
     let mut worst = 0f32;
     for ((ka, va), (kb, vb)) in wa.iter().zip(&wb) {
@@ -264,8 +273,7 @@ fn fp16_two_ranks_train_as_one_process_does() {
     // The same argument as in fp32: the forward is the same per sample, and the weight gradient's dL/dz is scaled
     // by a power of two chosen from the share's batch (half the global batch's: the same fp16 rounding, a binade
     // lower), so again only the order of the f32 sums differs.
-    ok(&mut train("one-fp16", &["--epochs", "1", "--precision", "fp16"]));
     ok(&mut train("two-fp16", &["--epochs", "1", "--precision", "fp16", "--nproc", "2"]));
-    let d = largest_difference(&work().join("one-fp16"), &work().join("two-fp16"));
+    let d = largest_difference(reference_fp16(), &work().join("two-fp16"));
     assert!(d <= TOLERANCE && d > 0.0, "2 ranks against one process in fp16: {d:e}");
 }

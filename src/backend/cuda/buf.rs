@@ -35,6 +35,39 @@ pub(crate) enum Data {
     F16(CudaSlice<half::f16>),
 }
 
+impl Data {
+    /// Bytes per value.
+    pub(crate) fn elem_bytes(&self) -> usize {
+        match self {
+            Data::F32(_) => 4,
+            Data::F16(_) => 2,
+        }
+    }
+
+    /// The device address, for a transfer on `stream` (NCCL), with cudarc's guard that orders it with the
+    /// buffer's other uses.
+    pub(crate) fn device_ptr<'a>(
+        &'a self,
+        stream: &'a Arc<cudarc::driver::CudaStream>,
+    ) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+        match self {
+            Data::F32(s) => cudarc::driver::DevicePtr::device_ptr(s, stream),
+            Data::F16(s) => cudarc::driver::DevicePtr::device_ptr(s, stream),
+        }
+    }
+
+    /// [`Data::device_ptr`] for a transfer that writes the buffer.
+    pub(crate) fn device_ptr_mut<'a>(
+        &'a mut self,
+        stream: &'a Arc<cudarc::driver::CudaStream>,
+    ) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+        match self {
+            Data::F32(s) => cudarc::driver::DevicePtrMut::device_ptr_mut(s, stream),
+            Data::F16(s) => cudarc::driver::DevicePtrMut::device_ptr_mut(s, stream),
+        }
+    }
+}
+
 impl From<CudaSlice<f32>> for CudaBuf {
     fn from(s: CudaSlice<f32>) -> Self {
         CudaBuf::new(Data::F32(s))

@@ -735,6 +735,50 @@ impl Schedule for CudaBackend {
         Ok(())
     }
 
+    fn exchange(
+        &self,
+        send: &[(&CudaBuf, usize)],
+        next: Option<usize>,
+        recv: &mut [(&mut CudaBuf, usize)],
+        prev: Option<usize>,
+    ) -> Result<()> {
+        let Some(c) = &self.comm else {
+            bail!("cuda backend: a transfer between ranks, and this process has no communicator")
+        };
+        drv(c.before.record(&self.streams[0]), "event")?;
+        drv(c.stream.wait(&c.before), "stream wait")?;
+        let (comm, cs) = (&c.group.comm, c.stream.cu_stream());
+        comm.group(|| {
+            for (peer, (buf, len)) in next.into_iter().flat_map(|p| send.iter().map(move |b| (p, b))) {
+                let size = buf.data().elem_bytes();
+                fits("sent buffer", buf.len(), *len)?;
+                let (ptr, _sync) = buf.data().device_ptr(&c.stream);
+                // SAFETY: the buffer holds at least `len` values of `size` bytes (checked); lane 0 writes it again
+                // only after join_collectives, which waits for this stream.
+                unsafe { comm.send_raw::<u8>(ptr, len * size, peer, cs) }.context("a layer pipeline's send")?;
+            }
+            if let Some(peer) = prev {
+                for (buf, len) in recv.iter_mut() {
+                    let size = buf.data().elem_bytes();
+                    fits("received buffer", buf.len(), *len)?;
+                    let (ptr, _sync) = buf.data_mut().device_ptr_mut(&c.stream);
+                    // SAFETY: as for the sends.
+                    unsafe { comm.recv_raw::<u8>(ptr, *len * size, peer, cs) }.context("a layer pipeline's receive")?;
+                }
+            }
+            Ok(())
+        })?;
+        c.pending.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn received_output(&self, buf: &mut CudaBuf, shape: [usize; 4]) {
+        // As ops/layer_output/cuda.rs stores an fp16 output: channels-last when its channels are a multiple of 8.
+        if buf.precision() == crate::backend::Precision::F16 && shape[1].is_multiple_of(8) {
+            self.mark_channels_last(buf, shape);
+        }
+    }
+
     fn join_collectives(&self) -> Result<()> {
         let Some(c) = &self.comm else { return Ok(()) };
         if c.pending.swap(false, std::sync::atomic::Ordering::Relaxed) {

@@ -2,6 +2,7 @@
 //! its optimizer state built or restored (a resumed run's from its checkpoint).
 
 use super::*;
+use crate::dist::layers::Parallel;
 
 impl<'c, B: Backend> Run<'c, B> {
     /// Checks the options, loads the data and the model, takes the run folder, and builds (or, resuming,
@@ -18,7 +19,8 @@ impl<'c, B: Backend> Run<'c, B> {
         // One of several ranks (data parallel): only rank 0 takes the run folder and writes to it.
         let (rank, ranks) = crate::dist::place();
         let lead = rank == 0;
-        if ranks > 1 && !cfg.batch.is_multiple_of(ranks) {
+        let layer_parallel = ranks > 1 && matches!(crate::dist::layers::parallel(), Parallel::Layers(_));
+        if ranks > 1 && !layer_parallel && !cfg.batch.is_multiple_of(ranks) {
             bail!(
                 "--batch {}: the global batch is split evenly over the {ranks} ranks, so it must be a multiple of {ranks} \
                  (the nearest: {} or {})",
@@ -53,7 +55,7 @@ impl<'c, B: Backend> Run<'c, B> {
         // A batch larger than the training set runs as one smaller batch (as PyTorch's DataLoader does), and the
         // workspace is sized for the images that exist.
         let batch = cfg.batch.min(train_idx.len());
-        if ranks > 1 {
+        if ranks > 1 && !layer_parallel {
             let (n, last) = (train_idx.len(), train_idx.len() % batch.max(1));
             if batch < ranks || (last > 0 && last < ranks) {
                 bail!(
@@ -64,8 +66,14 @@ impl<'c, B: Backend> Run<'c, B> {
                 );
             }
         }
-        // Each rank's workspace holds its share of a batch.
-        let local_batch = batch.div_ceil(ranks);
+        // Each rank's workspace holds its share of a batch (data parallel), or the batch.
+        let local_batch = if layer_parallel { batch } else { batch.div_ceil(ranks) };
+        let bounds = match crate::dist::layers::parallel() {
+            Parallel::Layers(manual) if layer_parallel => {
+                Some(crate::dist::layers::placement(&spec, ranks, manual.as_deref())?)
+            }
+            _ => None,
+        };
         // `--trace` may name neither an input (the data, noted as it was opened; --init) nor one of the run's own
         // files.
         if let Some(init) = cfg.init.as_ref().filter(|_| start != RunStart::Resume) {
@@ -100,6 +108,9 @@ impl<'c, B: Backend> Run<'c, B> {
         };
         let adamw = AdamW { weight_decay: cfg.weight_decay, ..AdamW::default() };
         let mut net = Net::new(be, spec.clone(), &params, adamw, local_batch)?;
+        if let Some(b) = &bounds {
+            net.set_stage(crate::dist::layers::stage(b, rank))?;
+        }
         if let Some((path, ck)) = &ckpt {
             ck.restore_optimizer(path, &mut net)?;
         }
@@ -170,7 +181,9 @@ impl<'c, B: Backend> Run<'c, B> {
                 batch,
                 if batch < cfg.batch { format!(" (--batch {} is more than the training set)", cfg.batch) } else { String::new() },
                 net.backend().name(),
-                if ranks > 1 {
+                if let Some(b) = &bounds {
+                    format!(", {}", crate::dist::layers::describe(&spec, b))
+                } else if ranks > 1 {
                     format!(", {ranks} ranks data-parallel ({} images each a step)", local_batch)
                 } else {
                     String::new()
@@ -258,6 +271,7 @@ impl<'c, B: Backend> Run<'c, B> {
             dir,
             rank,
             ranks,
+            stage: net.stage(),
             sources,
             spec,
             net,
