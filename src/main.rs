@@ -498,7 +498,7 @@ fn train(a: TrainArgs, m: &clap::ArgMatches, threads: Option<usize>) -> Result<(
     train_ranks(&cfg, &out, start, opts, world.as_ref(), &a)
 }
 
-/// Trains in this process: alone, or as one rank of `world` (data parallel over NCCL: docs/many-gpus.md).
+/// Trains in this process: alone, or as one rank of `world` (data or layer parallel over NCCL: docs/many-gpus.md).
 fn train_ranks(
     cfg: &TrainConfig,
     out: &std::path::Path,

@@ -48,9 +48,9 @@ else
   ASGE_CUDA_STANDIN=1 cargo test --release --locked --test cuda --test cuda_train -- --include-ignored --nocapture 2>&1 |
     tee -a "$log"
 fi
-# Many processes (tests/dist.rs, tests/dist/train.rs): ranks started by --nproc, torchrun and the launchers'
-# variables, NCCL between them, the faults, and data-parallel training against one process (about 4.5 minutes on 2
-# cores). Under the stand-in, whose NCCL works across processes, one test at a time (each starts several ranks); on
+# Many processes (tests/dist.rs, tests/dist/train.rs, tests/dist/layers.rs): ranks started by --nproc, torchrun and
+# the launchers' variables, NCCL between them, the faults, and data- and layer-parallel training against one process
+# (about 7 minutes on 2 cores). Under the stand-in, whose NCCL works across processes, one test at a time (each starts several ranks); on
 # a GPU machine they are reported as ignored (they need the stand-in).
 if [ "${ASGE_CUDA_TESTS:-standin}" = gpu ]; then
   cargo test --release --locked --test dist 2>&1 | tee -a "$log"

@@ -175,8 +175,8 @@ pub enum EpochEnd {
     Stopped,
 }
 
-/// A training run in progress (see the module notes). One of several ranks (data parallel) trains on its share of
-/// every batch; rank 0 alone holds the run folder and writes to it.
+/// A training run in progress (see the module notes). One of several ranks trains on its share of every batch (data
+/// parallel) or on its layers (layer parallel); rank 0 alone holds the run folder and writes to it.
 pub struct Run<'c, B: Backend> {
     cfg: &'c TrainConfig,
     opts: RunOptions,
