@@ -150,7 +150,7 @@ mod tests {
 
     #[test]
     fn balanced_split_minimises_the_largest_group() {
-        // VGG8-like: the third layer is the heaviest.
+        // Made-up shares, the third the largest.
         let costs = [0.05, 0.2, 0.35, 0.15, 0.15, 0.1];
         assert_eq!(balanced(&costs, 1), vec![0, 6]);
         assert_eq!(balanced(&costs, 2), vec![0, 3, 6]);

@@ -141,8 +141,8 @@ struct Workspace<B: Backend> {
     /// `[loss_sum, correct]` per layer, then the fusion heads', then the step's `[stop votes, 0]`, in two sets: a
     /// step writes `stats[stats_set]` while the previous step's set waits to be read (see
     /// `Net::train_step_pipelined`). With several ranks they are summed over the ranks in the step. In
-    /// layer-parallel training a set per rank (at least two), step `s` in set `s % len`, each with its batch: a
-    /// step's statistics are summed once the last rank has trained it.
+    /// layer-parallel training `ranks + 1` sets, step `s` in set `s % len`, each with its batch: a step's
+    /// statistics are summed once the last rank has trained it.
     stats: Vec<Vec<B::Buf>>,
     stats_set: usize,
     stats_batch: Vec<(u64, usize)>,
@@ -331,7 +331,9 @@ impl<B: Backend> Net<B> {
         let inbox = self.spec.layers.get(stage.lo).map_or(0, |l| l.c_in * l.h * l.w);
         self.ws.acts.push(be.operand_uninit(b * inbox.max(1))?);
         self.ws.gap.push(self.spec.layers.iter().map(|l| be.uninit(b * l.c_out)).collect::<Result<_>>()?);
-        let sets = stage.ranks.max(2);
+        // A set per step in flight, and one more: rank 0 zeroes step s's set while the read of step s - ranks's
+        // (queued in the previous tick, on the read stream, which lane 0 does not wait for) may still be running.
+        let sets = stage.ranks + 1;
         while self.ws.stats.len() < sets {
             let set = (0..self.spec.layers.len() + 2).map(|_| be.uninit(STATS_LEN)).collect::<Result<Vec<_>>>()?;
             self.ws.stats.push(set);

@@ -386,6 +386,8 @@ impl<'c, B: Backend> Run<'c, B> {
         // With several ranks: the step after which every rank stops, once the ranks' stop votes arrived (a step
         // later; in layer-parallel training after the last rank's, and the step rank 0 has reached by then).
         let mut stop_at = None;
+        // Whether any step's statistics so far carried a stop vote.
+        let mut voted = false;
         for (k, item) in batches.by_ref().enumerate() {
             let batch = item?;
             lr = lr_at(cfg, epoch, self.state.batches_done, n_batches);
@@ -405,6 +407,7 @@ impl<'c, B: Backend> Run<'c, B> {
             let done = steps.step(&mut self.net, &batch.x, &batch.labels, lr, step, dropout)?;
             crate::dist::beat();
             let votes: usize = done.iter().map(|s| s.stop_votes).sum();
+            voted |= votes > 0;
             for s in done {
                 self.log_step(Some(&s), epoch, lr)?;
                 sums.add_checked(Some(s), epoch)?;
@@ -422,10 +425,16 @@ impl<'c, B: Backend> Run<'c, B> {
             }
             let stop = if self.ranks > 1 { stop_at == Some(step) } else { wants_stop };
             if (periodic || stop) && self.state.batches_done < n_batches {
-                for s in steps.drain(&mut self.net)? {
+                let drained = steps.drain(&mut self.net)?;
+                voted |= drained.iter().any(|s| s.stop_votes > 0);
+                for s in drained {
                     self.log_step(Some(&s), epoch, lr)?;
                     sums.add_checked(Some(s), epoch)?;
                 }
+                // Drained, every rank has read the votes of every step up to this one, the same on every rank
+                // (before the drain, some had read fewer than others): a vote among them stops every rank here,
+                // whatever step each meant to stop after.
+                let stop = stop || (self.ranks > 1 && voted);
                 sums.seconds = seconds_before + t0.elapsed().as_secs_f64();
                 self.save_mid_epoch(&sums)?;
                 if stop {

@@ -44,8 +44,8 @@ impl Data {
         }
     }
 
-    /// The device address, for a transfer on `stream` (NCCL), with cudarc's guard that orders it with the
-    /// buffer's other uses.
+    /// The device address, for a transfer on `stream` (NCCL), with cudarc's guard (which records the use when
+    /// cudarc tracks events; with one lane it does not, and the caller orders the transfer with lane 0 itself).
     pub(crate) fn device_ptr<'a>(
         &'a self,
         stream: &'a Arc<cudarc::driver::CudaStream>,

@@ -753,8 +753,9 @@ impl Schedule for CudaBackend {
                 let size = buf.data().elem_bytes();
                 fits("sent buffer", buf.len(), *len)?;
                 let (ptr, _sync) = buf.data().device_ptr(&c.stream);
-                // SAFETY: the buffer holds at least `len` values of `size` bytes (checked); lane 0 writes it again
-                // only after join_collectives, which waits for this stream.
+                // SAFETY: the buffer holds at least `len` values of `size` bytes (checked); this stream waits for
+                // lane 0's work so far (`before`), and lane 0 writes the buffer again only after join_collectives,
+                // which waits for this stream (`after`): those events, not cudarc's, order it.
                 unsafe { comm.send_raw::<u8>(ptr, len * size, peer, cs) }.context("a layer pipeline's send")?;
             }
             if let Some(peer) = prev {
