@@ -307,3 +307,25 @@ fn early_stop_ends_a_run_whose_validation_stalls_and_keeps_counting_across_a_res
     let e = format!("{:#}", run::train(&none, &out2, RunStart::Fresh, quiet).unwrap_err());
     assert!(e.contains("--early-stop needs a validation set"), "{e}");
 }
+
+#[test]
+fn every_step_is_logged_with_the_lr_it_trained_with() {
+    // With the lr moving every step (--lr-schedule step, --warmup-epochs), steps.jsonl's and TensorBoard's lr is
+    // the step's own, though a step's statistics arrive a step later (a layer pipeline's, ranks steps later).
+    let (mut cfg, out) = tiny("step-lr");
+    cfg.lr_schedule = asge::train::config::LrSchedule::Step;
+    cfg.warmup_epochs = 1.0;
+    let opts = RunOptions { quiet: true, log_steps: true, ..Default::default() };
+    run::train(&cfg, &out, RunStart::Fresh, opts).unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let per_epoch = (640 - 128usize).div_ceil(64);
+    assert_eq!(rows.len(), 2 * per_epoch);
+    for (i, r) in rows.iter().enumerate() {
+        let want = asge::train::schedule::lr_at(&cfg, i / per_epoch, i % per_epoch, per_epoch);
+        assert_eq!((r["step"].as_u64().unwrap(), r["lr"].as_f64().unwrap()), (i as u64 + 1, want), "row {i}");
+    }
+}

@@ -388,6 +388,9 @@ impl<'c, B: Backend> Run<'c, B> {
         let mut stop_at = None;
         // Whether any step's statistics so far carried a stop vote.
         let mut voted = false;
+        // The lr of each step whose statistics have not arrived (they arrive a step later, or ranks steps later in
+        // the layer pipeline), for their log.
+        let mut lrs = std::collections::VecDeque::new();
         for (k, item) in batches.by_ref().enumerate() {
             let batch = item?;
             lr = lr_at(cfg, epoch, self.state.batches_done, n_batches);
@@ -403,13 +406,14 @@ impl<'c, B: Backend> Run<'c, B> {
                 }
                 self.net.vote_stop(wants_stop);
             }
+            lrs.push_back((step, lr));
             let dropout = Some((cfg.dropout_p(), drop_key));
             let done = steps.step(&mut self.net, &batch.x, &batch.labels, lr, step, dropout)?;
             crate::dist::beat();
             let votes: usize = done.iter().map(|s| s.stop_votes).sum();
             voted |= votes > 0;
             for s in done {
-                self.log_step(Some(&s), epoch, lr)?;
+                self.log_step(Some(&s), epoch, lr_of(&mut lrs, s.step, lr))?;
                 sums.add_checked(Some(s), epoch)?;
             }
             self.state.batches_done += 1;
@@ -428,7 +432,7 @@ impl<'c, B: Backend> Run<'c, B> {
                 let drained = steps.drain(&mut self.net)?;
                 voted |= drained.iter().any(|s| s.stop_votes > 0);
                 for s in drained {
-                    self.log_step(Some(&s), epoch, lr)?;
+                    self.log_step(Some(&s), epoch, lr_of(&mut lrs, s.step, lr))?;
                     sums.add_checked(Some(s), epoch)?;
                 }
                 // Drained, every rank has read the votes of every step up to this one, the same on every rank
@@ -465,7 +469,7 @@ impl<'c, B: Backend> Run<'c, B> {
             );
         }
         for s in steps.drain(&mut self.net)? {
-            self.log_step(Some(&s), epoch, lr)?;
+            self.log_step(Some(&s), epoch, lr_of(&mut lrs, s.step, lr))?;
             sums.add_checked(Some(s), epoch)?;
         }
         pb.finish();
@@ -649,6 +653,15 @@ impl<'c, B: Backend> Run<'c, B> {
         say(self.opts, format!("asge: run folder {} (summary.json, best.safetensors, curves.svg)", self.dir.display()));
         Ok(summary)
     }
+}
+
+/// The lr step `step` trained with, from `lrs` (the steps in flight, in order; the ones before it are dropped);
+/// `current` if it is not there.
+fn lr_of(lrs: &mut std::collections::VecDeque<(u64, f64)>, step: u64, current: f64) -> f64 {
+    while lrs.front().is_some_and(|&(s, _)| s < step) {
+        lrs.pop_front();
+    }
+    lrs.front().filter(|&&(s, _)| s == step).map_or(current, |&(_, lr)| lr)
 }
 
 /// [`eval::evaluate`]'s signature (and [`eval::evaluate_shared`]'s).
