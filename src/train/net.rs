@@ -935,6 +935,17 @@ impl<B: Backend> Net<B> {
     }
 }
 
+impl<B: Backend> Drop for Net<B> {
+    /// Waits for the work queued on the net's buffers before they are freed: a kernel still queued on another lane
+    /// must never run on freed memory (a fusion-heads kernel read a freed buffer once under the stand-in, in a
+    /// test that drops 3-lane nets and makes new ones).
+    fn drop(&mut self) {
+        if let Err(e) = self.be.synchronize() {
+            eprintln!("asge: waiting for the device before freeing a model's buffers: {e:#}");
+        }
+    }
+}
+
 /// [`trained_param`], mutably.
 fn trained_param_mut<'a, B: Backend>(
     layers: &'a mut [Layer<B>],
