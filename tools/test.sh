@@ -50,7 +50,7 @@ else
 fi
 # Many processes (tests/dist.rs, tests/dist/train.rs, tests/dist/layers.rs): ranks started by --nproc, torchrun and
 # the launchers' variables, NCCL between them, the faults, and data- and layer-parallel training against one process
-# (about 7 minutes on 2 cores). Under the stand-in, whose NCCL works across processes, one test at a time (each starts several ranks); on
+# (about 6.5 minutes on 2 cores). Under the stand-in, whose NCCL works across processes, one test at a time (each starts several ranks); on
 # a GPU machine they are reported as ignored (they need the stand-in).
 if [ "${ASGE_CUDA_TESTS:-standin}" = gpu ]; then
   cargo test --release --locked --test dist 2>&1 | tee -a "$log"
