@@ -255,12 +255,7 @@ impl<B: Backend> Net<B> {
         let b = max_batch;
         let concurrent = be.lanes() > 1;
         // Sizes of the activations entering each layer boundary, and of each layer's scratch.
-        let boundary: Vec<usize> = spec
-            .layers
-            .iter()
-            .map(|l| l.c_in * l.h * l.w)
-            .chain(spec.layers.last().map(|l| l.c_out * l.out_hw().0 * l.out_hw().1))
-            .collect();
+        let boundary: Vec<usize> = (0..=spec.layers.len()).map(|i| boundary_len(&spec, i)).collect();
         let scratch_of = |l: &crate::model::LayerSpec| (l.c_out * l.h * l.w, l.goodness_dim());
         let (acts, scratch) = if concurrent {
             let acts =
@@ -328,8 +323,7 @@ impl<B: Backend> Net<B> {
         );
         anyhow::ensure!(self.ws.gap.len() == 1 && self.stage.is_none(), "Net::set_stage: called twice");
         let b = self.ws.max_batch;
-        let inbox = self.spec.layers.get(stage.lo).map_or(0, |l| l.c_in * l.h * l.w);
-        self.ws.acts.push(be.operand_uninit(b * inbox.max(1))?);
+        self.ws.acts.push(be.operand_uninit(b * boundary_len(&self.spec, stage.lo))?);
         self.ws.gap.push(self.spec.layers.iter().map(|l| be.uninit(b * l.c_out)).collect::<Result<_>>()?);
         // A set per step in flight, and one more: rank 0 zeroes step s's set while the read of step s - ranks's
         // (queued in the previous tick, on the read stream, which lane 0 does not wait for) may still be running.
@@ -481,10 +475,7 @@ impl<B: Backend> Net<B> {
                 self.reduce_and_update(step)?;
             }
             let _span = crate::trace::span("fusion heads", crate::trace::HEADS, step);
-            for head in &mut self.heads {
-                head.w.step(&self.be, layers)?;
-                head.b.step(&self.be, layers)?;
-            }
+            self.heads_adamw()?;
             if self.be.ranks() > 1 {
                 // The step's statistics and stop votes, summed over the ranks before the read below.
                 let mut slots: Vec<(&mut B::Buf, usize)> =
@@ -562,10 +553,7 @@ impl<B: Backend> Net<B> {
     fn exchange(&mut self, st: Stage, now: usize) -> Result<()> {
         let b = self.ws.max_batch;
         let spec = &self.spec;
-        let per_sample = |boundary: usize| match spec.layers.get(boundary) {
-            Some(l) => l.c_in * l.h * l.w,
-            None => spec.layers.last().map_or(0, |l| l.c_out * l.out_hw().0 * l.out_hw().1),
-        };
+        let per_sample = |boundary: usize| boundary_len(spec, boundary);
         let ws = &mut self.ws;
         let (outputs, inbox) = ws.acts.split_at_mut(2);
         let (sent, arriving) = pair(&mut ws.gap, now ^ 1, now);
@@ -610,11 +598,7 @@ impl<B: Backend> Net<B> {
             if st.last() {
                 let span = crate::trace::span("fusion heads", crate::trace::HEADS, w.step);
                 self.heads_pass(batch, true, batch)?;
-                let layers = self.layers.len();
-                for head in &mut self.heads {
-                    head.w.step(&self.be, layers)?;
-                    head.b.step(&self.be, layers)?;
-                }
+                self.heads_adamw()?;
                 drop(span);
             }
             Ok(())
@@ -828,6 +812,16 @@ impl<B: Backend> Net<B> {
         Ok(())
     }
 
+    /// The fusion heads' AdamW step, on their gradients.
+    fn heads_adamw(&mut self) -> Result<()> {
+        let layers = self.layers.len();
+        for head in &mut self.heads {
+            head.w.step(&self.be, layers)?;
+            head.b.step(&self.be, layers)?;
+        }
+        Ok(())
+    }
+
     /// The fusion heads on the workspace's batch; their loss is a mean over `mean_over` samples (the global batch).
     fn heads_pass(&mut self, batch: usize, with_grads: bool, mean_over: usize) -> Result<()> {
         let ws = &mut self.ws;
@@ -883,14 +877,7 @@ impl<B: Backend> Net<B> {
             self.ws.concurrent || boundary + 1 >= layers.len(),
             "boundary {boundary}: with one lane only the last two layer boundaries' activations are kept"
         );
-        let per_sample = match layers.get(boundary) {
-            Some(l) => l.c_in * l.h * l.w,
-            None => {
-                let l = layers.last().expect("a net has layers");
-                let (ho, wo) = l.out_hw();
-                l.c_out * ho * wo
-            }
-        };
+        let per_sample = boundary_len(&self.spec, boundary);
         self.be.read(&self.ws.acts[self.ws.act(boundary)], batch * per_sample)
     }
 
@@ -943,6 +930,15 @@ impl<B: Backend> Drop for Net<B> {
         if let Err(e) = self.be.synchronize() {
             eprintln!("asge: waiting for the device before freeing a model's buffers: {e:#}");
         }
+    }
+}
+
+/// Values per sample of the activations at layer boundary `boundary` (0: the input, `l`: layer `l - 1`'s output,
+/// the layer count: the last output).
+fn boundary_len(spec: &ModelSpec, boundary: usize) -> usize {
+    match spec.layers.get(boundary) {
+        Some(l) => l.c_in * l.h * l.w,
+        None => spec.layers.last().map_or(0, |l| l.c_out * l.out_hw().0 * l.out_hw().1),
     }
 }
 

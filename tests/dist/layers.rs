@@ -97,30 +97,12 @@ fn fp16_layers_on_two_ranks_are_one_process_bit_for_bit() {
     assert_same_as(reference_fp16(), &work().join("layers-fp16"));
 }
 
-/// `asge train` of the shared recipe into `out` on 2 ranks in layer mode with `extra`, sent SIGTERM once rank 0
-/// has started (its handlers are in place); what it printed, once it exited with SIGTERM's code.
+/// `asge train` of the shared recipe into `out` on 2 ranks in layer mode with `extra`, signalled (see
+/// [`super::train::signalled`]).
 fn signalled(out: &str, extra: &[&str]) -> String {
-    use std::io::{BufRead, BufReader};
     let mut args = vec!["--epochs", "2", "--nproc", "2", "--parallel", "layers", "--log-every", "0"];
     args.extend(extra);
-    let mut c = train(out, &args);
-    let mut child = c.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        seen.push_str(&l);
-        seen.push('\n');
-        if l.contains("shows its curves") {
-            // SAFETY: kill(2) on the launcher this test started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            break;
-        }
-    }
-    seen.extend(lines.map(|l| l.unwrap() + "\n"));
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(143), "{seen}");
-    seen
+    super::train::signalled(&mut train(out, &args))
 }
 
 #[test]

@@ -63,6 +63,29 @@ pub(super) fn reference() -> &'static Path {
     })
 }
 
+/// Runs `c` (an `asge train` launcher), sends it SIGTERM once rank 0 has started (its handlers are in place), and
+/// returns what it printed, once it exited with SIGTERM's code.
+pub(super) fn signalled(c: &mut Command) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = c.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.contains("shows its curves") {
+            // SAFETY: kill(2) on the launcher this test started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            break;
+        }
+    }
+    seen.extend(lines.map(|l| l.unwrap() + "\n"));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{seen}");
+    seen
+}
+
 /// The single-process reference in fp16: one epoch.
 pub(super) fn reference_fp16() -> &'static Path {
     static DONE: OnceLock<PathBuf> = OnceLock::new();
@@ -196,27 +219,10 @@ fn torchrun_and_slurm_start_training_ranks_that_agree_with_nproc() {
 #[test]
 #[ignore = "needs the CUDA stand-in (ASGE_CUDA_STANDIN=1)"]
 fn sigterm_mid_epoch_stops_every_rank_at_one_step_and_the_resumed_run_is_the_same() {
-    use std::io::{BufRead, BufReader};
     let two = &two_ranks().0;
-    let mut c = train("two-signalled", &["--epochs", "2", "--nproc", "2", "--log-every", "0"]);
-    let mut child = c.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
-    // The signal to the launcher once rank 0 has started (its handlers are in place): every rank votes to stop
-    // with its next step, the ranks read the votes a step later, and all stop after that step.
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        seen.push_str(&l);
-        seen.push('\n');
-        if l.contains("shows its curves") {
-            // SAFETY: kill(2) on the launcher this test started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            break;
-        }
-    }
-    seen.extend(lines.map(|l| l.unwrap() + "\n"));
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(143), "{seen}");
+    // Every rank votes to stop with its next step, the ranks read the votes a step later, and all stop after that
+    // step.
+    let seen = signalled(&mut train("two-signalled", &["--epochs", "2", "--nproc", "2", "--log-every", "0"]));
     assert!(seen.contains("SIGTERM: stopped at step") && seen.contains("continue with --resume"), "{seen}");
     let t = ok(asge().args(["train", "--resume"]).arg(work().join("two-signalled")).args(["--nproc", "2"]));
     assert!(t.contains("resuming at epoch 1 of 2, step"), "{t}");

@@ -774,8 +774,8 @@ impl Schedule for CudaBackend {
     }
 
     fn received_output(&self, buf: &mut CudaBuf, shape: [usize; 4]) {
-        // As ops/layer_output/cuda.rs stores an fp16 output: channels-last when its channels are a multiple of 8.
-        if buf.precision() == crate::backend::Precision::F16 && shape[1].is_multiple_of(8) {
+        // As the layer output stored it on the rank that sent it.
+        if crate::ops::layer_output::cuda::stores_channels_last(buf.precision(), shape[1]) {
             self.mark_channels_last(buf, shape);
         }
     }

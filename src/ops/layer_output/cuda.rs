@@ -16,6 +16,11 @@ use crate::model::PoolKind;
 use crate::ops::Checked;
 use anyhow::Result;
 
+/// Whether a layer output of `c` channels is stored channels-last (fp16, channels a multiple of 8).
+pub(crate) fn stores_channels_last(precision: Precision, c: usize) -> bool {
+    precision == Precision::F16 && c.is_multiple_of(8)
+}
+
 pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
     let Args { layer, batch, c, h, w, pool, dropout, first_sample, y, out, gap } = a.into_inner();
     be.enter_layer(layer)?;
@@ -45,7 +50,7 @@ pub fn run(be: &CudaBackend, a: Checked<Args<'_, CudaBuf>>) -> Result<()> {
     let out_hw = ho * wo;
     // Where the batch starts in the global batch's flat index (the masks' key; wrapping, as on the CPU).
     let first = first_sample.wrapping_mul(c * out_hw) as u32;
-    let channels_last = precision == Precision::F16 && c.is_multiple_of(8);
+    let channels_last = stores_channels_last(precision, c);
     let (cpb, slices) = if channels_last {
         geometry::layer_output_split_nhwc(c, out_hw)
     } else {

@@ -19,7 +19,8 @@ impl<'c, B: Backend> Run<'c, B> {
         // One of several ranks (data parallel): only rank 0 takes the run folder and writes to it.
         let (rank, ranks) = crate::dist::place();
         let lead = rank == 0;
-        let layer_parallel = ranks > 1 && matches!(crate::dist::layers::parallel(), Parallel::Layers(_));
+        let parallel = crate::dist::layers::parallel();
+        let layer_parallel = ranks > 1 && matches!(parallel, Parallel::Layers(_));
         if ranks > 1 && !layer_parallel && !cfg.batch.is_multiple_of(ranks) {
             bail!(
                 "--batch {}: the global batch is split evenly over the {ranks} ranks, so it must be a multiple of {ranks} \
@@ -68,7 +69,7 @@ impl<'c, B: Backend> Run<'c, B> {
         }
         // Each rank's workspace holds its share of a batch (data parallel), or the batch.
         let local_batch = if layer_parallel { batch } else { batch.div_ceil(ranks) };
-        let bounds = match crate::dist::layers::parallel() {
+        let bounds = match parallel {
             Parallel::Layers(manual) if layer_parallel => {
                 Some(crate::dist::layers::placement(&spec, ranks, manual.as_deref())?)
             }
