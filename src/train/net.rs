@@ -537,10 +537,7 @@ impl<B: Backend> Net<B> {
         if let Some(w) = work {
             self.tick_layers(st, now, w)?;
         }
-        let queued = match reduce {
-            Some(step) => Some(self.reduce_stats(step)?),
-            None => None,
-        };
+        let queued = reduce.map(|step| self.reduce_stats(step)).transpose()?;
         let earlier = match queued {
             Some(q) => self.pending.replace(q),
             None => self.pending.take(),

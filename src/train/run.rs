@@ -186,8 +186,6 @@ pub struct Run<'c, B: Backend> {
     dir: PathBuf,
     rank: usize,
     ranks: usize,
-    /// Layer-parallel training: this rank's layers.
-    stage: Option<super::net::Stage>,
     sources: Sources,
     spec: ModelSpec,
     net: Net<B>,
@@ -253,7 +251,7 @@ impl<'c, B: Backend> Run<'c, B> {
     /// parallel, whose numbers must be a single process's bit for bit, and whose ranks all hold the whole model
     /// once it is gathered).
     fn evaluate(&self) -> EvalFn<B> {
-        if self.stage.is_some() {
+        if self.net.stage().is_some() {
             eval::evaluate
         } else {
             eval::evaluate_shared
@@ -371,7 +369,7 @@ impl<'c, B: Backend> Run<'c, B> {
         let (mut mine, mut shares) = (Vec::new(), Vec::new());
         for k in skip..n_batches {
             let global = k * self.batch..((k + 1) * self.batch).min(order.len());
-            let part = match self.stage {
+            let part = match self.net.stage() {
                 // Layer parallel: every rank trains every image of a step, on its own layers.
                 Some(_) => 0..global.len(),
                 None => crate::dist::share(global.len(), self.ranks, self.rank),
@@ -596,7 +594,7 @@ impl<'c, B: Backend> Run<'c, B> {
         let best_state = best.state.clone().unwrap_or_default();
         let params = best.params_for(&best_path, spec)?;
         // Each rank tests its share (data parallel), in batches of its share of --batch.
-        let split = if self.stage.is_some() { 1 } else { self.ranks };
+        let split = if self.net.stage().is_some() { 1 } else { self.ranks };
         let batch = cfg.batch.min(self.n_test).div_ceil(split).max(1);
         let evaluate = self.evaluate();
         drop(self.net);

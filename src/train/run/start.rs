@@ -272,7 +272,6 @@ impl<'c, B: Backend> Run<'c, B> {
             dir,
             rank,
             ranks,
-            stage: net.stage(),
             sources,
             spec,
             net,
